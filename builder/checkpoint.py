@@ -1,0 +1,249 @@
+"""Strict, lazy access to HF safetensors checkpoints (sharded with an index, or single-file).
+
+Headers are parsed here (8-byte little-endian length + JSON) rather than trusted to the
+reader, so that a truncated or corrupt shard is reported with its file name and what is
+wrong before any tensor is read. Tensor data is then read through `safetensors.safe_open`,
+which memory-maps the file: a 150 GB checkpoint costs nothing until a tensor is touched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .config import NVLMConfig, load_config
+from .errors import CheckpointError, PickleCheckpointError, ShapeMismatchError
+from .weight_map import Plan, plan
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# safetensors' own cap on the JSON header, beyond which a length field is garbage.
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+# safetensors dtype tag → (torch dtype name, bytes per element)
+DTYPES = {
+    "BF16": ("bfloat16", 2), "F16": ("float16", 2), "F32": ("float32", 4), "F64": ("float64", 8),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "I8": ("int8", 1), "U8": ("uint8", 1), "I16": ("int16", 2), "I32": ("int32", 4), "I64": ("int64", 8),
+    "BOOL": ("bool", 1),
+}
+FLOAT_WEIGHT_DTYPES = {"bfloat16", "float16", "float32"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shard: str  # file name inside the checkpoint directory
+    dtype: str  # torch dtype name
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
+    """Parse and validate one safetensors file's header against its size."""
+    size = path.stat().st_size
+    if size < 8:
+        raise CheckpointError(f"{path.name}: file is {size} bytes, too short to be safetensors (truncated download?)")
+    with path.open("rb") as fh:
+        (header_len,) = struct.unpack("<Q", fh.read(8))
+        if header_len > MAX_HEADER_BYTES or header_len > size - 8:
+            raise CheckpointError(
+                f"{path.name}: header length field says {header_len} bytes but the file has {size - 8} after it — "
+                "the file is truncated or not safetensors; re-download it"
+            )
+        raw = fh.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path.name}: header is not valid JSON ({e}); the file is corrupt, re-download it") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: header is not a JSON object; the file is corrupt")
+    header.pop("__metadata__", None)
+
+    data_len = size - 8 - header_len
+    infos, spans = {}, []
+    for name, entry in header.items():
+        try:
+            tag, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path.name}: header entry for {name!r} is malformed: {entry!r}") from None
+        if tag not in DTYPES:
+            raise CheckpointError(f"{path.name}: tensor {name!r} has unsupported dtype {tag!r}")
+        dtype, width = DTYPES[tag]
+        count = 1
+        for d in shape:
+            count *= d
+        if end - begin != count * width or begin < 0:
+            raise CheckpointError(
+                f"{path.name}: tensor {name!r} spans bytes [{begin}, {end}) but shape {list(shape)} × {tag} "
+                f"needs {count * width} bytes; the header is corrupt"
+            )
+        if end > data_len:
+            raise CheckpointError(
+                f"{path.name}: truncated — tensor {name!r} ends at byte {end} of the data section but the file "
+                f"holds only {data_len} data bytes ({size} bytes in all); re-download this shard"
+            )
+        infos[name] = TensorInfo(name, path.name, dtype, shape, end - begin)
+        spans.append((begin, end))
+    spans.sort()
+    covered = 0
+    for begin, end in spans:
+        if begin != covered:
+            raise CheckpointError(f"{path.name}: tensor data overlaps or leaves a gap at byte {covered}; corrupt header")
+        covered = end
+    if covered != data_len:
+        raise CheckpointError(
+            f"{path.name}: {data_len - covered} trailing bytes after the last tensor; the file is corrupt or was "
+            "written by an incompatible tool"
+        )
+    return infos
+
+
+def _refuse_pickle(directory: Path) -> None:
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise PickleCheckpointError(
+            f"{directory}: only pickle weight files found ({', '.join(pickles[:5])}). Pickle checkpoints can run "
+            "arbitrary code when loaded, so nvlm-trt refuses them. Convert once, in an environment you trust: "
+            "`model = AutoModel.from_pretrained(DIR, trust_remote_code=True, torch_dtype='auto'); "
+            "model.save_pretrained(OUT, safe_serialization=True)` — then copy the tokenizer files and point "
+            "nvlm-build at OUT."
+        )
+
+
+class Checkpoint:
+    """An NVLM checkpoint directory: config, tokenizer files and lazily read tensors."""
+
+    def __init__(self, directory: Path, config: NVLMConfig, tensors: dict[str, TensorInfo]):
+        self.directory = directory
+        self.config = config
+        self.tensors = tensors
+        self._handles: dict[str, object] = {}
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | Path, *, validate: bool = True) -> "Checkpoint":
+        directory = Path(path)
+        if not directory.is_dir():
+            raise CheckpointError(f"{directory} is not a directory; pass the checkpoint folder holding config.json")
+        config = load_config(directory)
+        tensors = cls._scan(directory)
+        ckpt = cls(directory, config, tensors)
+        if validate:
+            ckpt.validate()
+        return ckpt
+
+    @staticmethod
+    def _scan(directory: Path) -> dict[str, TensorInfo]:
+        index_path = directory / INDEX_FILE
+        shard_files = sorted(p.name for p in directory.glob("*.safetensors"))
+        if index_path.is_file():
+            return _scan_indexed(directory, index_path, shard_files)
+        if (directory / SINGLE_FILE).is_file():
+            return read_safetensors_header(directory / SINGLE_FILE)
+        if len(shard_files) > 1:
+            raise CheckpointError(
+                f"{directory}: {len(shard_files)} safetensors shards but no {INDEX_FILE}; the index is required "
+                "to know which shards belong to the checkpoint"
+            )
+        if len(shard_files) == 1:
+            return read_safetensors_header(directory / shard_files[0])
+        _refuse_pickle(directory)
+        raise CheckpointError(f"{directory}: no safetensors weights ({INDEX_FILE} or {SINGLE_FILE}) found")
+
+    # ------------------------------------------------------------------ checks
+
+    def validate(self) -> Plan:
+        """Weight map completeness, then shapes and dtypes against the config."""
+        result = plan(self.tensors, self.config)
+        for name, shape in result.expected_shapes().items():
+            info = self.tensors[name]
+            if info.shape != shape:
+                raise ShapeMismatchError(
+                    f"{info.shard}: tensor {name!r} has shape {list(info.shape)} but config.json implies "
+                    f"{list(shape)}; the config does not describe these weights"
+                )
+            if info.dtype not in FLOAT_WEIGHT_DTYPES:
+                raise ShapeMismatchError(
+                    f"{info.shard}: tensor {name!r} has dtype {info.dtype}; an unquantized NVLM checkpoint holds "
+                    f"{sorted(FLOAT_WEIGHT_DTYPES)} weights"
+                )
+        return result
+
+    # ------------------------------------------------------------------ access
+
+    @property
+    def shards(self) -> list[str]:
+        return sorted({t.shard for t in self.tensors.values()})
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def get(self, name: str):
+        """One tensor as a torch tensor, read through a memory map."""
+        from safetensors import safe_open
+
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.directory}: no tensor named {name!r}")
+        shard = self.tensors[name].shard
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(str(self.directory / shard), framework="pt")
+        return self._handles[shard].get_tensor(name)
+
+    def iter_tensors(self, names=None) -> Iterator[tuple[str, "object"]]:
+        """Tensors in on-disk order (shard by shard), so reads stream through each file once."""
+        wanted = self.tensors if names is None else {n: self.tensors[n] for n in names}
+        for name in sorted(wanted, key=lambda n: (wanted[n].shard, n)):
+            yield name, self.get(name)
+
+    def tokenizer_dir(self) -> Path:
+        return self.directory
+
+
+def _scan_indexed(directory: Path, index_path: Path, shard_files: list[str]) -> dict[str, TensorInfo]:
+    try:
+        index = json.loads(index_path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise CheckpointError(f"{index_path.name}: not a valid index (needs a JSON object 'weight_map')") from None
+
+    listed = sorted(set(weight_map.values()))
+    absent = [s for s in listed if not (directory / s).is_file()]
+    if absent:
+        raise CheckpointError(f"{index_path.name} lists shards that are not in {directory}: {', '.join(absent)}")
+
+    tensors: dict[str, TensorInfo] = {}
+    seen_in: dict[str, str] = {}
+    problems = []
+    for shard in listed:
+        for name, info in read_safetensors_header(directory / shard).items():
+            if name in seen_in:
+                problems.append(f"tensor {name!r} is stored twice ({seen_in[name]} and {shard})")
+                continue
+            seen_in[name] = shard
+            if name not in weight_map:
+                problems.append(f"{shard} holds tensor {name!r} that {index_path.name} does not list")
+            elif weight_map[name] != shard:
+                problems.append(f"{index_path.name} puts {name!r} in {weight_map[name]} but it is in {shard}")
+            tensors[name] = info
+    for name, shard in weight_map.items():
+        if name not in seen_in:
+            problems.append(f"{index_path.name} lists {name!r} in {shard} but that shard does not contain it")
+    if problems:
+        shown = "; ".join(problems[:10]) + (f"; … ({len(problems) - 10} more)" if len(problems) > 10 else "")
+        raise CheckpointError(f"{directory}: index and shards disagree — {shown}")
+    unlisted = sorted(set(shard_files) - set(listed))
+    if unlisted:
+        log.warning("ignoring safetensors files not named by the index: %s", ", ".join(unlisted))
+    return tensors

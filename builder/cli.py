@@ -1,0 +1,158 @@
+"""`nvlm-build`: the command-line entry point. Subcommands register themselves in COMMANDS."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import NVLMError
+
+log = logging.getLogger("nvlm")
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]):
+    def deco(fn):
+        COMMANDS[name] = Command(help, configure, fn)
+        return fn
+
+    return deco
+
+
+# --------------------------------------------------------------------------- demo-checkpoint
+
+
+def _demo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("out", help="directory to create")
+    p.add_argument("--variant", default="d", help="architecture family of the demo model (default: d)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+
+
+@command("demo-checkpoint", "write the embedded default: a tiny NVLM-D checkpoint in the released layout", _demo_args)
+def _demo(args) -> int:
+    from .demo_checkpoint import write_demo_checkpoint
+
+    out = write_demo_checkpoint(args.out, variant=args.variant, seed=args.seed, force=args.force)
+    print(f"wrote demo NVLM checkpoint (variant {args.variant}, seed {args.seed}) to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    from .inspect import DEFAULT_KV_TOKENS
+
+    p.add_argument("ckpt", help="checkpoint directory (or its config.json alone)")
+    p.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS,
+                   help=f"KV-cache budget in tokens for the memory plan (default: {DEFAULT_KV_TOKENS})")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema in docs/inspect.md)")
+
+
+@command("inspect", "describe a checkpoint and plan its H100 memory (works from config.json alone)", _inspect_args)
+def _inspect(args) -> int:
+    from .inspect import format_report, inspect
+
+    report = inspect(args.ckpt, kv_tokens=args.kv_tokens)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def _reference_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="NVLM checkpoint directory")
+    p.add_argument("--prompt", required=True, help="user message; put <image> where each image belongs")
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("--synthetic-tiles", type=int, default=0, metavar="N",
+                   help="instead of --image: one image of N random pre-normalized tiles (seeded)")
+    p.add_argument("--system", default=None, help="optional system message")
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+
+
+@command("reference", "generate greedily with the reference NVLM-D model (CPU PyTorch)", _reference_args)
+def _reference(args) -> int:
+    import time
+
+    import torch
+
+    from runtime.prompt import Message, build_prompt
+    from runtime.reference import NVLMDReference
+    from runtime.tokenizer import NVLMTokenizer
+
+    model = NVLMDReference.from_checkpoint(args.ckpt)
+    tok = NVLMTokenizer.from_dir(args.ckpt)
+    tok.check_vocab(model.cfg.llm.vocab_size)
+    pcfg = model.cfg.preprocess
+    if args.image and args.synthetic_tiles:
+        raise NVLMError("use either --image or --synthetic-tiles, not both")
+    tiles, pixel_values = [], None
+    if args.synthetic_tiles:
+        g = torch.Generator().manual_seed(args.seed)
+        pixel_values = torch.randn(args.synthetic_tiles, 3, pcfg.image_size, pcfg.image_size, generator=g)
+        tiles = [args.synthetic_tiles]
+    elif args.image:
+        from runtime.preprocess import preprocess_files
+
+        pixel_values, tiles = preprocess_files(args.image, pcfg)
+    messages = ([Message("system", args.system)] if args.system else []) + [Message("user", args.prompt)]
+    prompt = build_prompt(tok, messages, tiles, tokens_per_tile=pcfg.tokens_per_tile)
+    t0 = time.perf_counter()
+    result = model.generate(prompt.input_ids, pixel_values, image_token_id=tok.image_pad_id,
+                            max_new_tokens=args.max_new_tokens, eos_token_id=tok.im_end_id)
+    elapsed = time.perf_counter() - t0
+    out = {"prompt_tokens": len(prompt.input_ids), "image_tokens": prompt.num_image_tokens,
+           "tiles_per_image": list(tiles), "tokens": result.tokens, "text": tok.decode(result.tokens),
+           "finished": result.finished, "seconds": round(elapsed, 3)}
+    if args.json:
+        print(json.dumps(out))
+    else:
+        print(f"prompt: {out['prompt_tokens']} tokens ({out['image_tokens']} image tokens, tiles {out['tiles_per_image']})")
+        print(f"generated {len(result.tokens)} tokens in {elapsed:.2f}s: {result.tokens}")
+        print(f"text: {out['text']!r}")
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nvlm-build", description="Compile NVLM checkpoints for TensorRT-LLM "
+                                     "and Triton Inference Server.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, cmd in COMMANDS.items():
+        cmd.configure(sub.add_parser(name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command].run(args)
+    except NVLMError as e:
+        print(f"nvlm-build {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""The embedded default: a tiny, deterministic NVLM-D checkpoint in the released layout.
+
+Same file layout and config quirks as `nvidia/NVLM-D-72B` (nested config, `llm_config.model_type`
+"llama" with `architectures: ["Qwen2ForCausalLM"]`, `auto_map` to remote code, bf16 weights in
+several safetensors shards with an index, a Qwen2-style byte-level BPE tokenizer with ChatML and
+`<|vision_pad|>`), the real image geometry (448-pixel tiles, patch 14, 256 tokens per tile), and
+every LLM linear input dimension a multiple of 128 so that INT4-AWQ (block 128) applies, also at TP2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ConfigError
+from .fsutil import publish_dir
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                  "<|vision_pad|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Deterministic training text for the demo tokenizer: chat and image vocabulary, so that
+# prompts tokenize into a realistic mix of merged words and bytes.
+_CORPUS = """
+You are a helpful assistant. Describe the image in detail. What is shown in this picture?
+The image shows a red square, a blue circle and a green triangle on a white background.
+Read the text in the image. How many objects are there? Answer with a single word.
+The chart compares latency and throughput of the vision encoder and the language model.
+A photo of a cat sitting on a wooden table next to a cup of coffee in the morning light.
+<Image><tile_1><tile_2><tile_3><tile_4><tile_5><tile_6><tile_global_thumbnail></Image>
+user assistant system question answer tile image thumbnail picture document table figure
+"""
+
+
+@dataclass(frozen=True)
+class DemoDims:
+    vision_hidden: int = 64
+    vision_layers: int = 2
+    vision_heads: int = 4
+    vision_mlp: int = 256
+    llm_hidden: int = 256
+    llm_layers: int = 2
+    llm_heads: int = 4
+    llm_kv_heads: int = 2
+    llm_intermediate: int = 512
+    tokenizer_vocab: int = 512
+    max_position_embeddings: int = 8192
+
+
+# Presets by family; NVLM-X / NVLM-H add theirs when their converters exist.
+VARIANTS = {"d": DemoDims()}
+
+
+def build_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+    tok.train_from_iterator([_CORPUS] * 4, trainer=trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return tok
+
+
+def _round_up(n: int, k: int) -> int:
+    return (n + k - 1) // k * k
+
+
+def demo_config(dims: DemoDims, vocab_size: int, im_end_id: int, eot_id: int) -> dict:
+    return {
+        "_commit_hash": None,
+        "architectures": ["NVLM_D"],
+        "auto_map": {
+            "AutoConfig": "configuration_nvlm_d.NVLM_D_Config",
+            "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
+            "AutoModelForCausalLM": "modeling_nvlm_d.NVLM_D_Model",
+        },
+        "downsample_ratio": 0.5,
+        "dynamic_image_size": True,
+        "force_image_size": 448,
+        "llm_config": {
+            "architectures": ["Qwen2ForCausalLM"],
+            "attention_bias": True,
+            "attention_dropout": 0.0,
+            "bos_token_id": eot_id,
+            "eos_token_id": im_end_id,
+            "hidden_act": "silu",
+            "hidden_size": dims.llm_hidden,
+            "intermediate_size": dims.llm_intermediate,
+            "max_position_embeddings": dims.max_position_embeddings,
+            "mlp_bias": False,
+            "model_type": "llama",  # the released config's quirk, kept on purpose
+            "num_attention_heads": dims.llm_heads,
+            "num_hidden_layers": dims.llm_layers,
+            "num_key_value_heads": dims.llm_kv_heads,
+            "rms_norm_eps": 1e-06,
+            "rope_scaling": {"factor": 3.0, "type": "dynamic"},
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": False,
+            "torch_dtype": "bfloat16",
+            "use_cache": True,
+            "vocab_size": vocab_size,
+        },
+        "max_dynamic_patch": 6,
+        "min_dynamic_patch": 1,
+        "model_type": "NVLM_D",
+        "ps_version": "v2",
+        "select_layer": -1,
+        "template": "chatml",
+        "torch_dtype": "bfloat16",
+        "use_backbone_lora": 0,
+        "use_llm_lora": 0,
+        "use_thumbnail": True,
+        "vision_config": {
+            "architectures": ["InternVisionModel"],
+            "attention_dropout": 0.0,
+            "drop_path_rate": 0.0,
+            "dropout": 0.0,
+            "hidden_act": "gelu",
+            "hidden_size": dims.vision_hidden,
+            "image_size": 448,
+            "intermediate_size": dims.vision_mlp,
+            "layer_norm_eps": 1e-06,
+            "model_type": "intern_vit_6b",
+            "norm_type": "rms_norm",
+            "num_attention_heads": dims.vision_heads,
+            "num_channels": 3,
+            "num_hidden_layers": dims.vision_layers,
+            "patch_size": 14,
+            "qk_normalization": True,
+            "qkv_bias": False,
+            "torch_dtype": "bfloat16",
+            "use_flash_attn": True,
+        },
+    }
+
+
+def _init_tensor(name: str, shape: tuple[int, ...], gen):
+    """Deterministic weights with sane scales: norms and layer scales near 1, the rest small."""
+    import torch
+
+    leaf = name.rsplit(".", 1)[-1]
+    is_norm = "norm" in name and leaf == "weight" or name.endswith("mlp1.0.weight")
+    if is_norm or leaf in ("ls1", "ls2"):
+        return 1.0 + 0.05 * torch.randn(shape, generator=gen)
+    if leaf == "bias":
+        return 0.02 * torch.randn(shape, generator=gen)
+    fan_in = shape[-1] if len(shape) == 2 else max(1, int(torch.tensor(shape[1:]).prod()))
+    std = 0.02 if len(shape) != 2 else min(0.5, fan_in ** -0.5)
+    return std * torch.randn(shape, generator=gen)
+
+
+def write_demo_checkpoint(out: str | Path, *, variant: str = "d", seed: int = 0, num_shards: int = 2,
+                          force: bool = False) -> Path:
+    """Generate the embedded default into `out` (atomically: temp dir, then rename)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from .config import from_hf
+    from .weight_map import components_for
+
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown demo variant {variant!r}; available: {sorted(VARIANTS)}")
+    dims = VARIANTS[variant]
+    tok = build_tokenizer(dims.tokenizer_vocab)
+    vocab_size = _round_up(tok.get_vocab_size(), 128)
+    raw_cfg = demo_config(dims, vocab_size, tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>"))
+    cfg = from_hf(raw_cfg)
+
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for comp in components_for(cfg):
+        for source, _, shape in comp.expand(cfg):
+            tensors[source] = _init_tensor(source, shape, gen).to(torch.bfloat16).contiguous()
+
+    def write(tmp: Path) -> None:
+        (tmp / "config.json").write_text(json.dumps(raw_cfg, indent=2) + "\n")
+        tok.save(str(tmp / "tokenizer.json"))
+        (tmp / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "Qwen2Tokenizer", "model_max_length": dims.max_position_embeddings,
+            "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "bos_token": None,
+            "chat_template": CHAT_TEMPLATE, "add_prefix_space": False,
+        }, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps({
+            "eos_token_id": [raw_cfg["llm_config"]["eos_token_id"]], "do_sample": False}, indent=2) + "\n")
+        _write_shards(tensors, tmp, num_shards, save_file)
+
+    return publish_dir(Path(out), write, force=force)
+
+
+def _write_shards(tensors: dict, directory: Path, num_shards: int, save_file) -> None:
+    """Split in name order into `num_shards` files of about equal size, plus the index."""
+    names = sorted(tensors)
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    budget = total / num_shards
+    groups: list[list[str]] = [[]]
+    acc = 0
+    for n in names:
+        size = tensors[n].numel() * tensors[n].element_size()
+        if groups[-1] and acc + size > budget and len(groups) < num_shards:
+            groups.append([])
+            acc = 0
+        groups[-1].append(n)
+        acc += size
+    weight_map = {}
+    for k, group in enumerate(groups, 1):
+        fname = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        save_file({n: tensors[n] for n in group}, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update({n: fname for n in group})
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

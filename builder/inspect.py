@@ -1,0 +1,203 @@
+"""`nvlm-build inspect`: what a checkpoint is, and whether it fits H100s.
+
+Works from `config.json` alone: parameter counts come from the weight-map tables (the same
+tables that load and validate weights), so users can plan before downloading 150 GB. When
+weights are present, their shards, bytes and dtypes are reported too.
+
+Memory-plan conventions (stated in the output, see docs/inspect.md):
+- the LLM's linear weights take the format's bytes per parameter (bf16 2, fp8 1, int4-AWQ
+  0.5 plus one fp16 scale per 128-weight group); embeddings, lm_head, norms and biases stay
+  16-bit (modelopt's defaults leave lm_head unquantized);
+- LLM weights and KV heads are split evenly over TP ranks (KV heads replicated when TP
+  exceeds them); the vision encoder and projector run unsharded in 16-bit on GPU 0, so the
+  reported per-GPU figure is GPU 0's, the largest;
+- a fixed reserve covers activations, workspace and the CUDA context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import NVLMConfig, load_config
+from .weight_map import components_for
+
+SCHEMA = "nvlm-trt/inspect/v1"
+GIB = 1024**3
+H100_MEMORY_BYTES = 80 * GIB
+RESERVE_BYTES = 6 * GIB
+DEFAULT_KV_TOKENS = 32768  # e.g. 4 concurrent requests of 8k tokens, or 16 of 2k
+TP_SIZES = (1, 2, 4, 8)
+AWQ_GROUP = 128
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    name: str
+    linear_bytes_per_param: float
+    kv_dtype_bytes: int
+
+
+WEIGHT_FORMATS = {
+    "bf16": WeightFormat("bf16", 2.0, 2),
+    "fp8": WeightFormat("fp8", 1.0, 1),
+    # 4-bit weights + one fp16 scale per group of 128 input channels
+    "int4_awq": WeightFormat("int4_awq", 0.5 + 2.0 / AWQ_GROUP, 2),
+}
+
+
+@dataclass(frozen=True)
+class LLMBreakdown:
+    embedding: int
+    lm_head: int
+    linear: int  # 2-D weights inside decoder layers: what quantization touches
+    other: int  # norms and biases
+
+    @property
+    def total(self) -> int:
+        return self.embedding + self.lm_head + self.linear + self.other
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def llm_breakdown(cfg: NVLMConfig) -> LLMBreakdown:
+    parts = {"embedding": 0, "lm_head": 0, "linear": 0, "other": 0}
+    llm_map = next(c for c in components_for(cfg) if c.name == "llm")
+    for _, target, shape in llm_map.expand(cfg):
+        if "embed_tokens" in target:
+            key = "embedding"
+        elif target.startswith("lm_head"):
+            key = "lm_head"
+        elif len(shape) == 2:
+            key = "linear"
+        else:
+            key = "other"
+        parts[key] += _numel(shape)
+    return LLMBreakdown(**parts)
+
+
+def kv_bytes_per_token(cfg: NVLMConfig, dtype_bytes: int, tp: int = 1) -> int:
+    """K and V for every layer of one token, on one TP rank."""
+    kv_heads_per_rank = max(1, cfg.llm.num_kv_heads // tp)
+    return 2 * cfg.llm.num_layers * kv_heads_per_rank * cfg.llm.head_dim * dtype_bytes
+
+
+def memory_plan(cfg: NVLMConfig, kv_tokens: int = DEFAULT_KV_TOKENS,
+                gpu_bytes: int = H100_MEMORY_BYTES, reserve_bytes: int = RESERVE_BYTES) -> dict:
+    b = llm_breakdown(cfg)
+    vision_params = sum(c.num_params(cfg) for c in components_for(cfg) if c.name != "llm")
+    vision_bytes = 2 * vision_params
+    plans = []
+    for fmt in WEIGHT_FORMATS.values():
+        llm_bytes = int(b.linear * fmt.linear_bytes_per_param) + 2 * (b.embedding + b.lm_head + b.other)
+        for tp in TP_SIZES:
+            weights = llm_bytes // tp + vision_bytes
+            kv = kv_tokens * kv_bytes_per_token(cfg, fmt.kv_dtype_bytes, tp)
+            total = weights + kv + reserve_bytes
+            plans.append({
+                "weights": fmt.name, "kv_cache_dtype": "fp8" if fmt.kv_dtype_bytes == 1 else "bf16", "tp": tp,
+                "llm_weight_bytes": llm_bytes, "llm_weight_bytes_per_gpu": llm_bytes // tp,
+                "vision_weight_bytes": vision_bytes, "weight_bytes_per_gpu": weights,
+                "kv_cache_bytes_per_gpu": kv, "reserve_bytes": reserve_bytes, "total_bytes_per_gpu": total,
+                "fits": total <= gpu_bytes,
+                "max_kv_tokens": max(0, (gpu_bytes - weights - reserve_bytes)
+                                     // kv_bytes_per_token(cfg, fmt.kv_dtype_bytes, tp)),
+            })
+    return {
+        "gpu": "H100 80GB", "gpu_memory_bytes": gpu_bytes, "kv_budget_tokens": kv_tokens,
+        "kv_bytes_per_token": {"bf16": kv_bytes_per_token(cfg, 2), "fp8": kv_bytes_per_token(cfg, 1)},
+        "conventions": "LLM linear weights in the format; embeddings, lm_head, norms, biases 16-bit; "
+                       "vision+projector 16-bit unsharded on GPU 0; KV heads split over TP; "
+                       f"{reserve_bytes // GIB} GiB reserve",
+        "plans": plans,
+    }
+
+
+def inspect(path: str | Path, kv_tokens: int = DEFAULT_KV_TOKENS) -> dict:
+    path = Path(path)
+    cfg = load_config(path)
+    comps = []
+    for comp in components_for(cfg):
+        comps.append({"name": comp.name, "parameters": comp.num_params(cfg)})
+    b = llm_breakdown(cfg)
+    report = {
+        "schema": SCHEMA,
+        "checkpoint": str(path),
+        "architecture": cfg.architecture,
+        "family": cfg.family,
+        "vision_architecture": cfg.vision.architecture,
+        "llm_architecture": cfg.llm.architecture,
+        "dimensions": {
+            "vision": {"hidden": cfg.vision.hidden_size, "layers": cfg.vision.num_layers, "heads": cfg.vision.num_heads,
+                       "mlp": cfg.vision.intermediate_size, "image_size": cfg.vision.image_size,
+                       "patch_size": cfg.vision.patch_size},
+            "projector": {"input": cfg.projector.input_size, "hidden": cfg.projector.hidden_size,
+                          "output": cfg.projector.output_size},
+            "llm": {"hidden": cfg.llm.hidden_size, "layers": cfg.llm.num_layers, "heads": cfg.llm.num_heads,
+                    "kv_heads": cfg.llm.num_kv_heads, "intermediate": cfg.llm.intermediate_size,
+                    "vocab": cfg.llm.vocab_size, "rope_theta": cfg.llm.rope_theta},
+            "tokens_per_tile": cfg.preprocess.tokens_per_tile,
+            "max_tiles_per_image": cfg.preprocess.max_tiles_per_image,
+        },
+        "components": comps,
+        "llm_parameters": {"embedding": b.embedding, "lm_head": b.lm_head, "linear": b.linear, "other": b.other},
+        "total_parameters": sum(c["parameters"] for c in comps),
+        "weights": _weights_summary(path, cfg),
+        "memory_plan": memory_plan(cfg, kv_tokens),
+    }
+    return report
+
+
+def _weights_summary(path: Path, cfg: NVLMConfig) -> dict | None:
+    """Shards, bytes and dtypes per component when the weights are present (validated)."""
+    if not path.is_dir() or not any(path.glob("*.safetensors")):
+        return None
+    from .checkpoint import Checkpoint
+
+    ckpt = Checkpoint.open(path)
+    result = ckpt.validate()
+    per_comp = {}
+    for comp, rows in result.rows.items():
+        infos = [ckpt.tensors[src] for src, _, _ in rows]
+        dtypes: dict[str, int] = {}
+        for i in infos:
+            dtypes[i.dtype] = dtypes.get(i.dtype, 0) + _numel(i.shape)
+        per_comp[comp] = {"bytes": sum(i.nbytes for i in infos), "dtypes": dtypes}
+    return {"shards": ckpt.shards, "total_bytes": ckpt.total_bytes, "tensors": len(ckpt.tensors),
+            "components": per_comp}
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+def format_report(r: dict) -> str:
+    lines = [f"{r['checkpoint']}: {r['architecture']} ({r['family']}), vision {r['vision_architecture']}, "
+             f"LLM {r['llm_architecture']}",
+             f"parameters: {r['total_parameters'] / 1e9:,.3f} B"]
+    weights = r["weights"]
+    for c in r["components"]:
+        extra = ""
+        if weights:
+            w = weights["components"][c["name"]]
+            extra = f"  {_gb(w['bytes'])}  {', '.join(sorted(w['dtypes']))}"
+        lines.append(f"  {c['name']:<10} {c['parameters']:>16,d} params{extra}")
+    if weights:
+        lines.append(f"shards ({len(weights['shards'])}): {', '.join(weights['shards'])}")
+    else:
+        lines.append("weights: not present (config-only inspection)")
+    mp = r["memory_plan"]
+    lines.append(f"H100 80GB memory plan (KV budget {mp['kv_budget_tokens']:,} tokens; KV per token "
+                 f"{mp['kv_bytes_per_token']['bf16']:,} B bf16 / {mp['kv_bytes_per_token']['fp8']:,} B fp8):")
+    lines.append(f"  {'weights':<9}{'tp':>3}  {'weights/GPU':>14}  {'KV/GPU':>12}  {'total/GPU':>12}  fits")
+    for p in mp["plans"]:
+        lines.append(f"  {p['weights']:<9}{p['tp']:>3}  {_gb(p['weight_bytes_per_gpu']):>14}  "
+                     f"{_gb(p['kv_cache_bytes_per_gpu']):>12}  {_gb(p['total_bytes_per_gpu']):>12}  "
+                     f"{'yes' if p['fits'] else 'no'}")
+    lines.append(f"  ({mp['conventions']})")
+    return "\n".join(lines)

@@ -1,0 +1,1 @@
+"""nvlm-trt plugins: OpenAI Triton kernels and their TensorRT registrations."""

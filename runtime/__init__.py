@@ -1,0 +1,1 @@
+"""nvlm-trt runtime: the reference NVLM-D model, tokenizer and prompt construction."""

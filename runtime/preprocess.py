@@ -1,0 +1,155 @@
+"""NVLM dynamic high-resolution tiling, reproduced exactly (DESIGN.md §2.1).
+
+    image ─convert("RGB")─▶ choose grid (cols, rows) ─resize to (S·cols, S·rows), Pillow BICUBIC─▶
+    crop row-major ─(+ thumbnail: whole image resized to S×S, only when > 1 tile)─▶
+    x/255, ImageNet mean/std ─▶ pixel_values [T, 3, S, S] float32
+
+EXIF orientation is deliberately NOT applied: NVLM's reference pipeline does not call
+`ImageOps.exif_transpose`, so a rotated phone photo is tiled as stored. Matching training
+matters more than matching the photo viewer.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+
+from builder.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from builder.errors import InputError
+
+from .prompt import tile_tags
+
+ImageInput = Union["PIL.Image.Image", bytes, bytearray, str, Path]  # noqa: F821
+
+
+@dataclass(frozen=True)
+class Preprocessed:
+    pixel_values: np.ndarray  # [T, 3, S, S] float32
+    grid: tuple[int, int]  # (cols, rows) of the main tiles
+    tile_tags: list[str]  # prompt tags, one per tile, in order
+
+    @property
+    def num_tiles(self) -> int:
+        return self.pixel_values.shape[0]
+
+
+# --------------------------------------------------------------------------- grid choice
+
+
+def candidate_grids(min_tiles: int, max_tiles: int) -> list[tuple[int, int]]:
+    """(cols, rows) with min ≤ cols·rows ≤ max, in the reference's order.
+
+    The reference builds a Python set and sorts it by cols·rows with a stable sort, so among
+    equal products the set's iteration order decides. We build the same set the same way
+    (same insertion sequence) so that CPython iterates it identically.
+    """
+    grids = set(
+        (i, j)
+        for n in range(min_tiles, max_tiles + 1)
+        for i in range(1, n + 1)
+        for j in range(1, n + 1)
+        if min_tiles <= i * j <= max_tiles
+    )
+    return sorted(grids, key=lambda g: g[0] * g[1])
+
+
+def choose_grid(width: int, height: int, image_size: int, min_tiles: int, max_tiles: int) -> tuple[int, int]:
+    """Closest aspect ratio; on an exact tie the later (larger) grid wins only if the image's
+    area exceeds half of that grid's pixel area."""
+    aspect = width / height
+    best, best_diff = (1, 1), float("inf")
+    area = width * height
+    for cols, rows in candidate_grids(min_tiles, max_tiles):
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff:
+            best, best_diff = (cols, rows), diff
+        elif diff == best_diff and area > 0.5 * image_size * image_size * cols * rows:
+            best = (cols, rows)
+    return best
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def load_image(image: ImageInput, max_pixels: int | None = None):
+    """Decode and convert to RGB with Pillow, with typed errors for bad input."""
+    from PIL import Image, UnidentifiedImageError
+
+    limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    if isinstance(image, Image.Image):
+        img = image
+    else:
+        try:
+            if isinstance(image, (bytes, bytearray)):
+                if not image:
+                    raise InputError("image bytes are empty")
+                img = Image.open(io.BytesIO(bytes(image)))
+            else:
+                img = Image.open(Path(image))
+        except FileNotFoundError:
+            raise InputError(f"image file {image} not found") from None
+        except UnidentifiedImageError:
+            raise InputError("image bytes are not a format Pillow can decode (PNG, JPEG, WebP, …)") from None
+        except Image.DecompressionBombError as e:
+            raise InputError(f"image is too large: {e}") from None
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise InputError(f"image has zero size ({w}×{h})")
+    if limit is not None and w * h > limit:
+        raise InputError(f"image is {w}×{h} = {w * h:,} pixels, above the limit of {limit:,}; downscale it first")
+    try:
+        return img.convert("RGB")  # alpha dropped, not composited; P / LA / CMYK / I;16 via Pillow's own conversion
+    except (OSError, ValueError, SyntaxError) as e:
+        raise InputError(f"image data is corrupt or truncated: {e}") from None
+
+
+# --------------------------------------------------------------------------- tiling
+
+
+def tile_images(img, cfg: PreprocessConfig) -> tuple[list, tuple[int, int]]:
+    """Pillow tiles (S×S RGB) in prompt order, and the chosen grid."""
+    s = cfg.image_size
+    w, h = img.size
+    cols, rows = choose_grid(w, h, s, cfg.min_tiles, cfg.max_tiles)
+    resized = img.resize((s * cols, s * rows))  # Pillow's default filter: BICUBIC for RGB
+    tiles = [resized.crop(((k % cols) * s, (k // cols) * s, (k % cols + 1) * s, (k // cols + 1) * s))
+             for k in range(cols * rows)]
+    if cfg.use_thumbnail and len(tiles) != 1:
+        tiles.append(img.resize((s, s)))
+    return tiles, (cols, rows)
+
+
+def normalize_tiles(tiles_u8: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """[T, S, S, 3] uint8 → [T, 3, S, S] float32, as torchvision's ToTensor + Normalize compute it."""
+    x = tiles_u8.astype(np.float32) / np.float32(255.0)  # [T, S, S, 3]
+    x = (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))  # [T, 3, S, S]
+
+
+def default_config(image_size: int = 448, max_tiles: int = 6, use_thumbnail: bool = True,
+                   min_tiles: int = 1) -> PreprocessConfig:
+    return PreprocessConfig(image_size=image_size, min_tiles=min_tiles, max_tiles=max_tiles,
+                            use_thumbnail=use_thumbnail, dynamic_image_size=True, downsample_ratio=0.5,
+                            ps_version="v2", tokens_per_tile=256, template="chatml")
+
+
+def preprocess_image(image: ImageInput, *, image_size: int = 448, max_tiles: int = 6, use_thumbnail: bool = True,
+                     config: PreprocessConfig | None = None, max_pixels: int | None = None) -> Preprocessed:
+    """Reference NVLM preprocessing of one image. `config` (the checkpoint's typed
+    PreprocessConfig) overrides the keyword defaults."""
+    cfg = config or default_config(image_size, max_tiles, use_thumbnail)
+    tiles, grid = tile_images(load_image(image, max_pixels), cfg)
+    u8 = np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])  # [T, S, S, 3]
+    return Preprocessed(normalize_tiles(u8, cfg.mean, cfg.std), grid, tile_tags(len(tiles)))
+
+
+def preprocess_files(paths: Sequence[str | Path], cfg: PreprocessConfig):
+    """Several images → (torch pixel_values [ΣT, 3, S, S], tiles per image)."""
+    import torch
+
+    done = [preprocess_image(p, config=cfg) for p in paths]
+    return torch.from_numpy(np.concatenate([d.pixel_values for d in done])), [d.num_tiles for d in done]

@@ -1,0 +1,117 @@
+"""NVLM-D prompt construction: ChatML conversations with 1-D tile tags (DESIGN.md §2.2).
+
+The one implementation used by the reference model, calibration, the Triton preprocessing
+model and the clients. Each `<image>` placeholder becomes
+
+    <Image> + Σ_tags (tag + tokens_per_tile × <|vision_pad|>) + </Image>
+
+with tags `<tile_1>` … `<tile_{T-1}>`, `<tile_global_thumbnail>` (one-tile images get only the
+thumbnail tag). Tags are plain text: with Qwen2's tokenizer "<Image><tile" tokenizes as
+"<Image", "><", "tile", so tags must be tokenized in context, never as separate pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from builder.config import IMAGE_END, IMAGE_PAD, IMAGE_PLACEHOLDER, IMAGE_START, THUMBNAIL_TAG
+from builder.errors import InputError
+
+from .tokenizer import IM_END, IM_START, NVLMTokenizer
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    content: str
+
+
+def tile_tags(num_tiles: int) -> list[str]:
+    """Tags in prompt order for an image of `num_tiles` tiles (thumbnail included in the count)."""
+    if num_tiles < 1:
+        raise InputError(f"an image has at least one tile, got {num_tiles}")
+    return [f"<tile_{k}>" for k in range(1, num_tiles)] + [THUMBNAIL_TAG]
+
+
+def image_text(num_tiles: int, tokens_per_tile: int) -> str:
+    body = "".join(tag + IMAGE_PAD * tokens_per_tile for tag in tile_tags(num_tiles))
+    return IMAGE_START + body + IMAGE_END
+
+
+def render_chatml(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
+    """`<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn, then the assistant header."""
+    parts = []
+    for m in messages:
+        if m.role not in ROLES:
+            raise InputError(f"message role {m.role!r} is not one of {ROLES}")
+        if IM_START in m.content or IM_END in m.content:
+            raise InputError("message content must not contain the ChatML control tokens <|im_start|> / <|im_end|>")
+        parts.append(f"{IM_START}{m.role}\n{m.content}{IM_END}\n")
+    if add_generation_prompt:
+        parts.append(f"{IM_START}assistant\n")
+    return "".join(parts)
+
+
+def expand_images(text: str, tiles_per_image: Sequence[int], tokens_per_tile: int) -> str:
+    found = text.count(IMAGE_PLACEHOLDER)
+    if found != len(tiles_per_image):
+        raise InputError(
+            f"the prompt has {found} {IMAGE_PLACEHOLDER} placeholder(s) but {len(tiles_per_image)} image(s) were "
+            f"given; put one {IMAGE_PLACEHOLDER} where each image belongs"
+        )
+    if IMAGE_PAD in text.replace(IMAGE_PLACEHOLDER, ""):
+        raise InputError(f"the prompt text must not contain {IMAGE_PAD}; use {IMAGE_PLACEHOLDER} placeholders")
+    pieces = text.split(IMAGE_PLACEHOLDER)
+    out = [pieces[0]]
+    for tiles, rest in zip(tiles_per_image, pieces[1:]):
+        out += [image_text(tiles, tokens_per_tile), rest]
+    return "".join(out)
+
+
+@dataclass(frozen=True)
+class PromptInputs:
+    """Token ids of one prompt and where its image embeddings go.
+
+    `input_ids` hold the tokenizer's `<|vision_pad|>` id at image positions (the form the
+    reference model takes). `trtllm_input_ids(vocab_size)` gives TensorRT-LLM's form: the k-th
+    image position carries the fake id vocab_size + k, indexing row k of the
+    prompt-embedding table [num_image_tokens, hidden].
+    """
+
+    text: str
+    input_ids: tuple[int, ...]
+    image_positions: tuple[int, ...]  # [num_image_tokens], increasing
+    tiles_per_image: tuple[int, ...]
+
+    @property
+    def num_image_tokens(self) -> int:
+        return len(self.image_positions)
+
+    def trtllm_input_ids(self, vocab_size: int) -> list[int]:
+        ids = list(self.input_ids)
+        for k, pos in enumerate(self.image_positions):
+            ids[pos] = vocab_size + k
+        return ids
+
+
+def build_prompt(
+    tokenizer: NVLMTokenizer,
+    messages: Sequence[Message] | str,
+    tiles_per_image: Sequence[int] = (),
+    *,
+    tokens_per_tile: int,
+    add_generation_prompt: bool = True,
+) -> PromptInputs:
+    """Render, expand image placeholders and tokenize. A bare string is one user turn."""
+    if isinstance(messages, str):
+        messages = [Message("user", messages)]
+    text = expand_images(render_chatml(messages, add_generation_prompt), tiles_per_image, tokens_per_tile)
+    ids = tokenizer.encode(text)
+    positions = tuple(i for i, t in enumerate(ids) if t == tokenizer.image_pad_id)
+    expected = sum(tiles_per_image) * tokens_per_tile
+    if len(positions) != expected:  # would mean the tokenizer merged or split <|vision_pad|>
+        raise InputError(f"tokenized prompt has {len(positions)} image tokens, expected {expected}")
+    return PromptInputs(text, tuple(ids), positions, tuple(tiles_per_image))

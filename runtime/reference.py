@@ -1,0 +1,160 @@
+"""Reference NVLM-D in PyTorch: the ground truth every later stage is checked against.
+
+InternViT → drop CLS → pixel shuffle → `mlp1` gives [tiles, tokens_per_tile, llm_hidden]
+image embeddings, which replace the `<|vision_pad|>` token embeddings of the prompt in
+order; the language model is transformers' own `Qwen2ForCausalLM`, not a rewrite.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from builder.checkpoint import Checkpoint
+from builder.config import NVLMConfig, ProjectorConfig
+from builder.errors import CheckpointError, InputError
+
+from .internvit import InternViT
+
+log = logging.getLogger(__name__)
+
+
+class Projector(nn.Module):
+    """`mlp1`: LayerNorm → Linear → GELU → Linear, names as in the weight map."""
+
+    def __init__(self, cfg: ProjectorConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.input_size, eps=cfg.norm_eps)
+        self.fc1 = nn.Linear(cfg.input_size, cfg.hidden_size, bias=False)
+        self.fc2 = nn.Linear(cfg.hidden_size, cfg.output_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+def pixel_shuffle(x: torch.Tensor, ratio: float, version: str) -> torch.Tensor:
+    """Space-to-depth of InternVL/NVLM: [T, W, H, C] → [T, H·r, W·r, C/r²] (v1) or its transpose (v2).
+
+    The released code names the grid axes (W, H) although the tokens arrive row-major; the
+    arithmetic below is theirs, axis for axis, so that v1's transposed layout is reproduced.
+    """
+    t, w, h, c = x.shape
+    x = x.reshape(t, w, int(h * ratio), int(c / ratio))  # [T, W, H·r, C/r]
+    x = x.permute(0, 2, 1, 3)  # [T, H·r, W, C/r]
+    x = x.reshape(t, int(h * ratio), int(w * ratio), int(c / (ratio * ratio)))  # [T, H·r, W·r, C/r²]
+    if version == "v2":
+        x = x.permute(0, 2, 1, 3)  # [T, W·r, H·r, C/r²]: v2 swaps the grid axes back
+    return x.contiguous()
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]  # generated ids, the stop token included when it was produced
+    finished: bool  # stopped on the end token rather than the length limit
+
+
+class NVLMDReference(nn.Module):
+    def __init__(self, cfg: NVLMConfig):
+        super().__init__()
+        from transformers import Qwen2ForCausalLM
+
+        self.cfg = cfg
+        self.vision = InternViT(cfg.vision)
+        self.projector = Projector(cfg.projector)
+        # eager attention: deterministic and identical to a plain Qwen2ForCausalLM built the same way
+        self.llm = Qwen2ForCausalLM._from_config(cfg.llm.to_transformers(), attn_implementation="eager")
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32) -> "NVLMDReference":
+        ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
+        plan = ckpt.validate()
+        model = cls(ckpt.config)
+        modules = {"vision": model.vision, "projector": model.projector, "llm": model.llm}
+        for component, rows in plan.rows.items():
+            state = {target: ckpt.get(source).to(dtype) for source, target, _ in rows}
+            module = modules[component]
+            missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+            if ckpt.config.llm.tie_word_embeddings and component == "llm":
+                missing = [m for m in missing if m != "lm_head.weight"]
+            if missing or unexpected:
+                raise CheckpointError(f"{component}: could not place {unexpected} / missing {missing}")
+        if ckpt.config.llm.tie_word_embeddings:
+            model.llm.tie_weights()
+        return model.eval()
+
+    # ------------------------------------------------------------------ forward pieces
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.projector.fc1.weight.dtype
+
+    @torch.no_grad()
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[T, 3, S, S] normalized tiles → [T, tokens_per_tile, llm_hidden]."""
+        v, p = self.cfg.vision, self.cfg.preprocess
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (v.num_channels, p.image_size, p.image_size):
+            raise InputError(
+                f"pixel_values must be [tiles, {v.num_channels}, {p.image_size}, {p.image_size}], "
+                f"got {list(pixel_values.shape)}"
+            )
+        hidden = self.vision(pixel_values.to(self.dtype), self.cfg.select_layer)  # [T, 1+P, C]
+        hidden = hidden[:, 1:, :]  # [T, P, C]: the CLS token is dropped
+        side = v.patches_per_side
+        grid = hidden.reshape(hidden.shape[0], side, side, -1)  # [T, side, side, C]
+        shuffled = pixel_shuffle(grid, p.downsample_ratio, p.ps_version)  # [T, side·r, side·r, C/r²]
+        tokens = shuffled.reshape(shuffled.shape[0], -1, shuffled.shape[-1])  # [T, tokens_per_tile, C/r²]
+        return self.projector(tokens)  # [T, tokens_per_tile, llm_hidden]
+
+    def embed(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, image_token_id: int) -> torch.Tensor:
+        """Token embeddings with image rows scattered into the `image_token_id` positions, in order.
+
+        input_ids: [B, L]; image_embeds: [num_image_tokens, hidden] (all images of the batch, in order).
+        """
+        embeds = self.llm.get_input_embeddings()(input_ids)  # [B, L, hidden]
+        mask = input_ids == image_token_id  # [B, L]
+        count = int(mask.sum())
+        have = 0 if image_embeds is None else image_embeds.shape[0]
+        if count != have:
+            raise InputError(f"the prompt has {count} image token positions but {have} image embeddings were given")
+        if count:
+            embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_embeds.to(embeds.dtype))
+        return embeds
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+               image_token_id: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L] ids (+ tiles) → [B, L, vocab] logits."""
+        image_embeds = None
+        if pixel_values is not None and pixel_values.shape[0]:
+            image_embeds = self.encode_images(pixel_values).flatten(0, 1)  # [T·tokens, hidden]
+        embeds = self.embed(input_ids, image_embeds, image_token_id)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
+
+    @torch.no_grad()
+    def generate(self, input_ids: list[int] | torch.Tensor, pixel_values: torch.Tensor | None = None, *,
+                 image_token_id: int, max_new_tokens: int, eos_token_id: int | None) -> GenerationResult:
+        """Greedy decoding of one sequence with transformers' KV cache."""
+        from transformers import DynamicCache
+
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)  # [1, L]
+        image_embeds = None
+        if pixel_values is not None and pixel_values.shape[0]:
+            image_embeds = self.encode_images(pixel_values).flatten(0, 1)
+        embeds = self.embed(ids, image_embeds, image_token_id)  # [1, L, hidden]
+        cache = DynamicCache()
+        out = self.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        tokens: list[int] = []
+        for _ in range(max_new_tokens):
+            nxt = int(out.logits[0, -1].argmax())
+            tokens.append(nxt)
+            if eos_token_id is not None and nxt == eos_token_id:
+                return GenerationResult(tokens, True)
+            out = self.llm(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+        return GenerationResult(tokens, False)

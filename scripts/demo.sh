@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# README command 1: the main job end to end on the embedded default (a tiny NVLM-D checkpoint
+# that the project generates). Output goes to ${NVLM_DEMO_DIR:-demo_out}/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/bootstrap.sh
+OUT=${NVLM_DEMO_DIR:-demo_out}
+NB=".venv/bin/nvlm-build"
+mkdir -p "$OUT"
+
+echo "== 1. generate the embedded default checkpoint"
+$NB demo-checkpoint "$OUT/nvlm-d-demo" --force
+
+echo "== 2. inspect it (architecture, parameters, shards, H100 memory plan)"
+$NB inspect "$OUT/nvlm-d-demo"
+
+echo "== 3. reference NVLM-D, greedy, text-only prompt"
+$NB reference "$OUT/nvlm-d-demo" --prompt "Describe the image in detail." --max-new-tokens 12
+
+echo "== 4. reference NVLM-D, greedy, one synthetic 448x448 tile"
+$NB reference "$OUT/nvlm-d-demo" --prompt "<image>
+What is shown in this picture?" --synthetic-tiles 1 --max-new-tokens 12

@@ -1,0 +1,38 @@
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).parent / "fixtures"
+sys.path.insert(0, str(ROOT))
+
+
+@pytest.fixture(scope="session")
+def demo_ckpt(tmp_path_factory) -> Path:
+    """The embedded default, generated once per session (read-only: copy before mutating)."""
+    from builder.demo_checkpoint import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "nvlm-d-demo")
+
+
+@pytest.fixture(scope="session")
+def released_ckpt(tmp_path_factory) -> Path:
+    """A released-layout checkpoint written by the independent script in tests/."""
+    from tests.released_layout_writer import write
+
+    return Path(write(str(tmp_path_factory.mktemp("released") / "nvlm-d-other")))
+
+
+@pytest.fixture
+def demo_copy(demo_ckpt, tmp_path) -> Path:
+    dst = tmp_path / "ckpt"
+    shutil.copytree(demo_ckpt, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def config_72b() -> dict:
+    return json.loads((FIXTURES / "nvlm_d_72b_config.json").read_text())

@@ -1,0 +1,1 @@
+"""nvlm-trt Triton Inference Server model-repository generator."""
