@@ -43,3 +43,7 @@ class InputError(NVLMError):
 
 class TokenizerError(NVLMError):
     """The checkpoint's tokenizer files are missing or lack a token NVLM needs."""
+
+
+class EnvironmentMismatchError(NVLMError):
+    """An installed library behaves differently from what NVLM's reference requires."""

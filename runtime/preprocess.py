@@ -19,7 +19,7 @@ from typing import Sequence, Union
 import numpy as np
 
 from builder.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
-from builder.errors import InputError
+from builder.errors import EnvironmentMismatchError, InputError
 
 from .prompt import tile_tags
 
@@ -74,11 +74,36 @@ def choose_grid(width: int, height: int, image_size: int, min_tiles: int, max_ti
 
 # --------------------------------------------------------------------------- decoding
 
+_PILLOW_CHECKED = False
 
-def load_image(image: ImageInput, max_pixels: int | None = None):
-    """Decode and convert to RGB with Pillow, with typed errors for bad input."""
+
+def check_pillow() -> None:
+    """Refuse Pillow ≥ 13: it runs the vertical resize pass first when the height shrinks much
+    more than the width (python-pillow/Pillow#9549), so some aspect ratios get different tile
+    pixels from the horizontal-first order NVLM was trained with."""
+    global _PILLOW_CHECKED
+    if _PILLOW_CHECKED:
+        return
+    import PIL
+
+    major = int(PIL.__version__.split(".")[0])
+    if major >= 13:
+        raise EnvironmentMismatchError(
+            f"Pillow {PIL.__version__} is installed; NVLM's tiling needs Pillow < 13 (13 changed the order of "
+            "the resize passes and thereby the tile pixels). Install `pillow<13`."
+        )
+    _PILLOW_CHECKED = True
+
+
+
+def load_image(image: ImageInput, max_pixels: int | None = None, *, copy_rgb: bool = True):
+    """Decode and convert to RGB with Pillow, with typed errors for bad input.
+
+    `copy_rgb=False` returns an image that is already RGB as is (`convert` would only copy it).
+    """
     from PIL import Image, UnidentifiedImageError
 
+    check_pillow()
     limit = Image.MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     if isinstance(image, Image.Image):
         img = image
@@ -102,6 +127,9 @@ def load_image(image: ImageInput, max_pixels: int | None = None):
     if limit is not None and w * h > limit:
         raise InputError(f"image is {w}×{h} = {w * h:,} pixels, above the limit of {limit:,}; downscale it first")
     try:
+        img.load()  # decode now, so truncated data fails here with a typed error
+        if img.mode == "RGB" and not copy_rgb:
+            return img
         return img.convert("RGB")  # alpha dropped, not composited; P / LA / CMYK / I;16 via Pillow's own conversion
     except (OSError, ValueError, SyntaxError) as e:
         raise InputError(f"image data is corrupt or truncated: {e}") from None
@@ -147,9 +175,24 @@ def preprocess_image(image: ImageInput, *, image_size: int = 448, max_tiles: int
     return Preprocessed(normalize_tiles(u8, cfg.mean, cfg.std), grid, tile_tags(len(tiles)))
 
 
-def preprocess_files(paths: Sequence[str | Path], cfg: PreprocessConfig):
-    """Several images → (torch pixel_values [ΣT, 3, S, S], tiles per image)."""
+DEFAULT_MAX_IMAGES = 4
+
+
+def preprocess_images(images: Sequence[ImageInput], cfg: PreprocessConfig, *, max_images: int = DEFAULT_MAX_IMAGES,
+                      max_pixels: int | None = None, fast: bool = True) -> list[Preprocessed]:
+    """Several images of one request, each tiled on its own (the fast path by default; identical output)."""
+    if len(images) > max_images:
+        raise InputError(f"{len(images)} images given; at most {max_images} per request are allowed")
+    if fast:
+        from .preprocess_fast import preprocess_image_fast as run
+    else:
+        run = preprocess_image
+    return [run(img, config=cfg, max_pixels=max_pixels) for img in images]
+
+
+def preprocess_files(paths: Sequence[str | Path], cfg: PreprocessConfig, max_images: int = DEFAULT_MAX_IMAGES):
+    """Image files → (torch pixel_values [ΣT, 3, S, S], tiles per image)."""
     import torch
 
-    done = [preprocess_image(p, config=cfg) for p in paths]
+    done = preprocess_images(paths, cfg, max_images=max_images)
     return torch.from_numpy(np.concatenate([d.pixel_values for d in done])), [d.num_tiles for d in done]

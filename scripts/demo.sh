@@ -20,3 +20,7 @@ $NB reference "$OUT/nvlm-d-demo" --prompt "Describe the image in detail." --max-
 echo "== 4. reference NVLM-D, greedy, one synthetic 448x448 tile"
 $NB reference "$OUT/nvlm-d-demo" --prompt "<image>
 What is shown in this picture?" --synthetic-tiles 1 --max-new-tokens 12
+
+echo "== 5. reference NVLM-D on the bundled image: dynamic tiling (2x1 grid + thumbnail), tile tags, greedy"
+$NB reference "$OUT/nvlm-d-demo" --prompt "<image>
+What shapes are in this picture?" --image assets/demo_scene.png --max-new-tokens 12

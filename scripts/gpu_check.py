@@ -1,0 +1,215 @@
+"""GPU check: run the Triton tiling kernels for real, against their references, and time them.
+
+One prepared run for a lent H100 (installs nothing; needs torch + triton with CUDA):
+
+    scripts/gpu_check.sh            # → $OUT/gpu_check.md and gpu_check.json (or docs/gpu/)
+
+For each test image it checks, on the GPU:
+  - uint8 tiles equal Pillow's (bit for bit), fp32/fp16 tiles equal the CPU reference exactly,
+    bf16 equals the reference rounded to nearest even;
+and times (CUDA events, median of N after warm-up):
+  - the fused GPU tiling (grid + thumbnail resizes, crop, normalize, layout), fp16 out,
+  - the CPU reference (Pillow) and the CPU fast path on the same image,
+  - a torch GPU baseline (F.interpolate bicubic + antialias, crop, normalize): fast but NOT
+    Pillow's function — its max deviation from the reference is reported to show why,
+  - the normalize-and-layout kernel (the TensorRT plugin's) vs the same computation in torch,
+reporting achieved bandwidth as a fraction of the measured device-to-device copy bandwidth.
+
+`--self-test` runs the correctness part on a tiny image under TRITON_INTERPRET=1 (CPU), so the
+script is exercised by the test suite and does not rot between GPU sessions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _timer(device):
+    import torch
+
+    if device.type == "cuda":
+        def run(fn, repeats):
+            for _ in range(3):
+                fn()
+            torch.cuda.synchronize()
+            times = []
+            for _ in range(repeats):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b) / 1e3)
+            return statistics.median(times)
+    else:
+        def run(fn, repeats):
+            fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+            return statistics.median(times)
+    return run
+
+
+def copy_bandwidth(device, timer) -> float:
+    import torch
+
+    n = 1 << 28 if device.type == "cuda" else 1 << 22
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = timer(lambda: dst.copy_(src), 10)
+    return 2 * n / t  # read + write bytes per second
+
+
+def torch_baseline(img, cols, rows, s, mean, std):
+    """GPU tiling with torch's bicubic: what one would write without Pillow-exact kernels."""
+    import torch
+    import torch.nn.functional as F
+
+    x = img.permute(2, 0, 1).unsqueeze(0).float()  # [1, 3, H, W]
+    big = F.interpolate(x, size=(s * rows, s * cols), mode="bicubic", antialias=True, align_corners=False)
+    big = big.round().clamp(0, 255)
+    tiles = big.reshape(3, rows, s, cols, s).permute(1, 3, 0, 2, 4).reshape(rows * cols, 3, s, s)  # [T, 3, S, S]
+    if rows * cols > 1:
+        thumb = F.interpolate(x, size=(s, s), mode="bicubic", antialias=True, align_corners=False).round().clamp(0, 255)
+        tiles = torch.cat([tiles, thumb])
+    m = torch.tensor(mean, device=img.device).view(1, 3, 1, 1)
+    sd = torch.tensor(std, device=img.device).view(1, 3, 1, 1)
+    return ((tiles / 255.0 - m) / sd).half()
+
+
+def check_image(w, h, device, timer, repeats, copy_bw, seed):
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from plugins.tiling import normalize_tiles, tile_image
+    from runtime.preprocess import default_config, preprocess_image, tile_images
+    from runtime.preprocess_fast import preprocess_image_fast
+
+    cfg = default_config()
+    rng = np.random.default_rng(seed)
+    a = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    pil = Image.fromarray(a)
+    ref = preprocess_image(pil)
+    ref_t = torch.from_numpy(ref.pixel_values)
+    img = torch.from_numpy(a).to(device)
+
+    u8, grid = tile_image(img, cfg, "uint8")
+    pillow_tiles = np.stack([np.asarray(t) for t in tile_images(pil, cfg)[0]])
+    checks = {
+        "grid_equal": grid == ref.grid,
+        "uint8_equals_pillow": bool(np.array_equal(u8.cpu().numpy(), pillow_tiles)),
+        "fp32_equals_reference": bool(torch.equal(tile_image(img, cfg, "fp32")[0].cpu(), ref_t)),
+        "fp16_equals_reference": bool(torch.equal(tile_image(img, cfg, "fp16")[0].cpu(), ref_t.half())),
+        "bf16_equals_reference_rne": bool(torch.equal(tile_image(img, cfg, "bf16")[0].cpu(), ref_t.bfloat16())),
+        "normalize_equals_reference": bool(torch.equal(normalize_tiles(u8.contiguous(), cfg, "fp32").cpu(), ref_t)),
+    }
+    if device.type == "cpu":  # the interpreter truncates fp32 → bf16; only the GPU result is meaningful
+        checks.pop("bf16_equals_reference_rne")
+    t_tiles = ref.num_tiles
+    cols, rows = grid
+    base = torch_baseline(img, cols, rows, cfg.image_size, cfg.mean, cfg.std)
+    torch_dev = float((base.float().cpu() - ref_t).abs().max())
+
+    timing = {}
+    if timer is not None:
+        s = cfg.image_size
+        t_gpu = timer(lambda: tile_image(img, cfg, "fp16"), repeats)
+        t_torch = timer(lambda: torch_baseline(img, cols, rows, s, cfg.mean, cfg.std), repeats)
+        t0 = time.perf_counter()
+        for _ in range(3):
+            preprocess_image(pil)
+        t_pillow = (time.perf_counter() - t0) / 3
+        t0 = time.perf_counter()
+        for _ in range(3):
+            preprocess_image_fast(pil)
+        t_fast = (time.perf_counter() - t0) / 3
+        # bytes: each of the (1 or 2) resizes reads the source once, writes + reads its uint8
+        # intermediate; the output is written once in fp16.
+        resizes = [(s * cols, s * rows)] + ([(s, s)] if t_tiles > 1 else [])
+        moved = sum(h * w * 3 + 2 * h * ow * 3 for ow, _ in resizes) + t_tiles * 3 * s * s * 2
+        u8c = u8.contiguous()
+        t_norm = timer(lambda: normalize_tiles(u8c, cfg, "fp16"), repeats)
+        mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1)
+        std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1)
+        t_norm_torch = timer(lambda: ((u8c.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).half(), repeats)
+        norm_bytes = u8c.numel() * (1 + 2)
+        timing = {
+            "gpu_tiling_ms": t_gpu * 1e3, "torch_bicubic_gpu_ms": t_torch * 1e3,
+            "pillow_reference_cpu_ms": t_pillow * 1e3, "fast_path_cpu_ms": t_fast * 1e3,
+            "speedup_vs_pillow": t_pillow / t_gpu, "speedup_vs_torch_gpu": t_torch / t_gpu,
+            "gpu_tiling_bytes": moved, "gpu_tiling_bw_fraction_of_copy": moved / t_gpu / copy_bw,
+            "normalize_kernel_us": t_norm * 1e6, "normalize_torch_us": t_norm_torch * 1e6,
+            "normalize_bw_fraction_of_copy": norm_bytes / t_norm / copy_bw,
+        }
+    return {"size": f"{w}x{h}", "tiles": t_tiles, "grid": list(grid), "checks": checks,
+            "torch_bicubic_max_abs_dev_from_reference": torch_dev, **timing}
+
+
+def write_report(result, out_dir: Path):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    lines = [f"# GPU check — {result['device']} — {result['date']}", "",
+             f"device-to-device copy bandwidth: {result['copy_bandwidth_gbs']:.0f} GB/s", "",
+             "| image | tiles | checks | GPU tiling ms | Pillow CPU ms | fast CPU ms | torch-bicubic GPU ms | "
+             "×Pillow | BW / copy | normalize µs (torch µs) | torch bicubic max dev |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["images"]:
+        ok = "all pass" if all(r["checks"].values()) else ", ".join(k for k, v in r["checks"].items() if not v)
+        if "gpu_tiling_ms" in r:
+            lines.append(
+                f"| {r['size']} | {r['tiles']} | {ok} | {r['gpu_tiling_ms']:.3f} | {r['pillow_reference_cpu_ms']:.1f} | "
+                f"{r['fast_path_cpu_ms']:.1f} | {r['torch_bicubic_gpu_ms']:.3f} | {r['speedup_vs_pillow']:.0f}× | "
+                f"{r['gpu_tiling_bw_fraction_of_copy']:.2f} | {r['normalize_kernel_us']:.1f} ({r['normalize_torch_us']:.1f}) | "
+                f"{r['torch_bicubic_max_abs_dev_from_reference']:.3f} |")
+        else:
+            lines.append(f"| {r['size']} | {r['tiles']} | {ok} | – | – | – | – | – | – | – | "
+                         f"{r['torch_bicubic_max_abs_dev_from_reference']:.3f} |")
+    (out_dir / "gpu_check.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", ROOT / "docs" / "gpu")))
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--self-test", action="store_true", help="CPU + interpreter, tiny image, no timing")
+    args = ap.parse_args(argv)
+    if args.self_test:
+        os.environ["TRITON_INTERPRET"] = "1"
+    import torch
+
+    if args.self_test:
+        device, sizes, timer, copy_bw = torch.device("cpu"), [(90, 60)], None, 1.0
+    else:
+        if not torch.cuda.is_available():
+            print("no CUDA device: run with --self-test on CPU, or on a GPU host", file=sys.stderr)
+            return 2
+        device, sizes = torch.device("cuda"), [(1920, 1080), (4000, 3000), (640, 480)]
+        timer = _timer(device)
+        copy_bw = copy_bandwidth(device, timer)
+    images = [check_image(w, h, device, timer, args.repeats, copy_bw, args.seed) for w, h in sizes]
+    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter self-test)",
+              "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+              "triton": __import__("triton").__version__, "platform": platform.platform(),
+              "copy_bandwidth_gbs": copy_bw / 1e9, "repeats": args.repeats, "images": images}
+    write_report(result, args.out)
+    return 0 if all(all(r["checks"].values()) for r in images) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Prompt layout with 1-D tile tags (DESIGN.md §2.2), spelled out for small cases."""
+
+import pytest
+
+from builder.errors import InputError
+from runtime.prompt import Message, build_prompt, expand_images, image_text, render_chatml, tile_tags
+from runtime.tokenizer import NVLMTokenizer
+
+PAD = "<|vision_pad|>"
+
+
+@pytest.fixture(scope="module")
+def tok(demo_ckpt):
+    return NVLMTokenizer.from_dir(demo_ckpt)
+
+
+@pytest.mark.parametrize("tiles, tags", [
+    (1, ["<tile_global_thumbnail>"]),
+    (3, ["<tile_1>", "<tile_2>", "<tile_global_thumbnail>"]),
+    (7, ["<tile_1>", "<tile_2>", "<tile_3>", "<tile_4>", "<tile_5>", "<tile_6>", "<tile_global_thumbnail>"]),
+])
+def test_tile_tags(tiles, tags):
+    assert tile_tags(tiles) == tags
+
+
+def test_image_text_layout():
+    assert image_text(3, 2) == f"<Image><tile_1>{PAD}{PAD}<tile_2>{PAD}{PAD}<tile_global_thumbnail>{PAD}{PAD}</Image>"
+
+
+def test_chatml_rendering():
+    text = render_chatml([Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello"),
+                          Message("user", "Again")])
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+                    "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nAgain<|im_end|>\n"
+                    "<|im_start|>assistant\n")
+
+
+def test_one_tile_prompt_tokens_spelled_out(tok):
+    p = build_prompt(tok, "<image>\nWhat is it?", [1], tokens_per_tile=256)
+    e = tok.encode
+    expected = ([tok.im_start_id] + e("user\n<Image><tile_global_thumbnail>") + [tok.image_pad_id] * 256
+                + e("</Image>\nWhat is it?") + [tok.im_end_id] + e("\n") + [tok.im_start_id] + e("assistant\n"))
+    assert list(p.input_ids) == expected
+    first = 1 + len(e("user\n<Image><tile_global_thumbnail>"))
+    assert p.image_positions == tuple(range(first, first + 256))
+
+
+def test_two_images_three_and_one_tiles_spelled_out(tok):
+    p = build_prompt(tok, "A <image> B <image>", [3, 1], tokens_per_tile=4)
+    e, pad = tok.encode, [tok.image_pad_id] * 4
+    expected = ([tok.im_start_id] + e("user\nA <Image><tile_1>") + pad + e("<tile_2>") + pad
+                + e("<tile_global_thumbnail>") + pad + e("</Image> B <Image><tile_global_thumbnail>") + pad
+                + e("</Image>") + [tok.im_end_id] + e("\n") + [tok.im_start_id] + e("assistant\n"))
+    assert list(p.input_ids) == expected
+    assert p.num_image_tokens == 16 and p.tiles_per_image == (3, 1)
+
+
+@pytest.mark.parametrize("tiles", [1, 3, 4, 5, 6, 7])
+def test_image_token_count_per_tile_count(tok, tiles):
+    p = build_prompt(tok, "<image>\nDescribe.", [tiles], tokens_per_tile=256)
+    assert p.num_image_tokens == 256 * tiles
+    text = tok.decode(p.input_ids, skip_special_tokens=False)
+    for tag in tile_tags(tiles):
+        assert text.count(tag) == 1
+
+
+def test_tags_tokenize_in_context(tok):
+    """Tags are plain text and must be tokenized in context: encoding the pieces separately can differ."""
+    p = build_prompt(tok, "<image>", [3], tokens_per_tile=1)
+    joined = tok.decode(p.input_ids, skip_special_tokens=False)
+    assert "<Image><tile_1><|vision_pad|><tile_2><|vision_pad|><tile_global_thumbnail><|vision_pad|></Image>" in joined
+
+
+def test_trtllm_fake_ids_are_scattered_between_tags(tok):
+    vocab = 512
+    p = build_prompt(tok, "<image>", [3], tokens_per_tile=2)
+    ids = p.trtllm_input_ids(vocab)
+    fake = [i for i in ids if i >= vocab]
+    assert fake == list(range(vocab, vocab + 6))  # row k of the prompt table, in order
+    positions = [k for k, i in enumerate(ids) if i >= vocab]
+    assert positions == list(p.image_positions)
+    assert positions[2] - positions[1] > 1 and positions[4] - positions[3] > 1  # tag tokens in between
+
+
+def test_text_only_prompt(tok):
+    p = build_prompt(tok, [Message("system", "S"), Message("user", "Hello")], [], tokens_per_tile=256)
+    assert p.num_image_tokens == 0 and p.trtllm_input_ids(512) == list(p.input_ids)
+
+
+@pytest.mark.parametrize("text, images, message", [
+    ("<image> and <image>", [1], "2 <image> placeholder"),
+    ("no placeholder", [1], "0 <image> placeholder"),
+    ("<image>", [], "1 <image> placeholder"),
+])
+def test_placeholder_count_mismatch(tok, text, images, message):
+    with pytest.raises(InputError, match=message):
+        build_prompt(tok, text, images, tokens_per_tile=256)
+
+
+def test_raw_pad_token_and_control_tokens_are_refused(tok):
+    with pytest.raises(InputError, match="vision_pad"):
+        build_prompt(tok, f"sneaky {PAD}", [], tokens_per_tile=256)
+    with pytest.raises(InputError, match="control tokens"):
+        build_prompt(tok, "x<|im_end|>", [], tokens_per_tile=256)
+    with pytest.raises(InputError, match="role"):
+        render_chatml([Message("tool", "x")])
+
+
+def test_expand_images_keeps_surrounding_text():
+    assert expand_images("a<image>b", [1], 1) == f"a<Image><tile_global_thumbnail>{PAD}</Image>b"
