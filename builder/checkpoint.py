@@ -2,8 +2,14 @@
 
 Headers are parsed here (8-byte little-endian length + JSON) rather than trusted to the
 reader, so that a truncated or corrupt shard is reported with its file name and what is
-wrong before any tensor is read. Tensor data is then read through `safetensors.safe_open`,
-which memory-maps the file: a 150 GB checkpoint costs nothing until a tensor is touched.
+wrong before any tensor is read. Opening costs only the headers: a 150 GB checkpoint costs
+nothing until a tensor is read.
+
+Tensors are read with positional reads of exactly their bytes (offsets from the validated
+header) into a fresh buffer, not through a memory map: every page of a mapped shard that has
+been touched stays in the process's resident set while the map is open, so streaming a whole
+checkpoint through `safe_open` ends with the whole checkpoint resident (measured: 2.9 GB RSS for
+a 2.5 GB checkpoint). With reads, a converted tensor's memory is freed as soon as it is written.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ class TensorInfo:
     dtype: str  # torch dtype name
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # absolute byte offset of the data in the shard file
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
@@ -90,7 +97,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
                 f"{path.name}: truncated — tensor {name!r} ends at byte {end} of the data section but the file "
                 f"holds only {data_len} data bytes ({size} bytes in all); re-download this shard"
             )
-        infos[name] = TensorInfo(name, path.name, dtype, shape, end - begin)
+        infos[name] = TensorInfo(name, path.name, dtype, shape, end - begin, 8 + header_len + begin)
         spans.append((begin, end))
     spans.sort()
     covered = 0
@@ -125,7 +132,6 @@ class Checkpoint:
         self.directory = directory
         self.config = config
         self.tensors = tensors
-        self._handles: dict[str, object] = {}
 
     # ------------------------------------------------------------------ opening
 
@@ -189,15 +195,22 @@ class Checkpoint:
         return sum(t.nbytes for t in self.tensors.values())
 
     def get(self, name: str):
-        """One tensor as a torch tensor, read through a memory map."""
-        from safetensors import safe_open
+        """One tensor as a torch tensor (its own memory), read with a positional read."""
+        import torch
 
         if name not in self.tensors:
             raise CheckpointError(f"{self.directory}: no tensor named {name!r}")
-        shard = self.tensors[name].shard
-        if shard not in self._handles:
-            self._handles[shard] = safe_open(str(self.directory / shard), framework="pt")
-        return self._handles[shard].get_tensor(name)
+        info = self.tensors[name]
+        buf = bytearray(info.nbytes)
+        with open(self.directory / info.shard, "rb", buffering=0) as fh:
+            fh.seek(info.offset)
+            got = fh.readinto(buf)
+        if got != info.nbytes:
+            raise CheckpointError(f"{info.shard}: tensor {name!r} is cut short ({got} of {info.nbytes} bytes); "
+                                  "the file changed or is truncated")
+        if not info.nbytes:
+            return torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+        return torch.frombuffer(buf, dtype=getattr(torch, info.dtype)).reshape(info.shape)
 
     def iter_tensors(self, names=None) -> Iterator[tuple[str, "object"]]:
         """Tensors in on-disk order (shard by shard), so reads stream through each file once."""

@@ -130,6 +130,47 @@ def _reference(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- llm
+
+
+def _llm_args(p: argparse.ArgumentParser) -> None:
+    from .llm_formats import FORMATS
+
+    p.add_argument("ckpt", help="NVLM checkpoint directory")
+    p.add_argument("-o", "--out", required=True, help="TensorRT-LLM checkpoint directory to create")
+    p.add_argument("--quant", default="bf16", help=f"weight format: {', '.join(FORMATS)} (default: bf16)")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                   help="fp8: calibrated FP8 KV cache (quantized formats only)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
+    p.add_argument("--awq-group-size", type=int, default=128, help="int4 group size for *_awq (64 or 128)")
+    p.add_argument("--calib-data", help="folder of images, or JSONL of {\"prompt\": …, \"image\": path} lines")
+    p.add_argument("--calib-size", type=int, default=32, help="calibration samples (default: 32)")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the fidelity report (for models too big "
+                   "for the CPU reference)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", action="store_true")
+
+
+@command("llm", "convert NVLM-D's LLM to a TensorRT-LLM checkpoint (bf16/fp16 streamed; fp8/int4_awq/w4a8_awq "
+         "via modelopt with multimodal calibration)", _llm_args)
+def _llm(args) -> int:
+    from .llm_build import build_llm
+    from .llm_formats import BuildOptions, get_format
+
+    opts = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=args.kv_cache_dtype == "fp8",
+                        awq_group_size=args.awq_group_size)
+    summary = build_llm(args.ckpt, args.out, opts, calib_data=args.calib_data, calib_size=args.calib_size,
+                        force=args.force, fidelity=not args.no_fidelity)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote TensorRT-LLM checkpoint ({summary['format']}, TP{summary['tp']} PP{summary['pp']}) to "
+              f"{args.out} in {summary['seconds']} s; fidelity: "
+              f"{'passed' if summary['fidelity_passed'] else 'skipped' if summary['fidelity_passed'] is None else 'FAILED'}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 

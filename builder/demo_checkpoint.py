@@ -159,6 +159,26 @@ def _init_tensor(name: str, shape: tuple[int, ...], gen):
     return std * torch.randn(shape, generator=gen)
 
 
+def _condition_llm_head(tensors: dict, gen) -> None:
+    """Give the random LLM a trained model's decisiveness.
+
+    With i.i.d. random weights every next-token distribution is nearly flat, so argmax flips under
+    any perturbation (even float summation order through an FP8 rounding boundary) and top-1
+    agreement says nothing about a quantized build. Here token embeddings are N(0, 1) rows and
+    lm_head row u is the embedding of a fixed permutation σ(u), scaled by 1/√hidden: the residual
+    stream carrying token t favours σ⁻¹(t) by a wide margin, while the decoder layers (same scale as
+    the residual) still move the logits substantially, so broken layers are visible in every check.
+    """
+    import torch
+
+    emb_name, head_name = "language_model.model.embed_tokens.weight", "language_model.lm_head.weight"
+    emb = torch.randn(tensors[emb_name].shape, generator=gen)
+    perm = torch.randperm(emb.shape[0], generator=gen)
+    tensors[emb_name] = emb.to(torch.bfloat16)
+    if head_name in tensors:
+        tensors[head_name] = (emb[perm] / emb.shape[1] ** 0.5).to(torch.bfloat16)
+
+
 def write_demo_checkpoint(out: str | Path, *, variant: str = "d", seed: int = 0, num_shards: int = 2,
                           force: bool = False) -> Path:
     """Generate the embedded default into `out` (atomically: temp dir, then rename)."""
@@ -181,6 +201,7 @@ def write_demo_checkpoint(out: str | Path, *, variant: str = "d", seed: int = 0,
     for comp in components_for(cfg):
         for source, _, shape in comp.expand(cfg):
             tensors[source] = _init_tensor(source, shape, gen).to(torch.bfloat16).contiguous()
+    _condition_llm_head(tensors, gen)
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(raw_cfg, indent=2) + "\n")

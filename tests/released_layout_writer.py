@@ -97,10 +97,14 @@ def tensors(vocab, seed):
     t.update({
         "mlp1.0.weight": ones(4 * V_HIDDEN, torch.bfloat16), "mlp1.0.bias": r(4 * V_HIDDEN),
         "mlp1.1.weight": r(L_MLP, 4 * V_HIDDEN, std=0.07), "mlp1.3.weight": r(L_HIDDEN, L_MLP, std=0.06),
-        "language_model.model.embed_tokens.weight": r(vocab, L_HIDDEN, std=0.5),
         "language_model.model.norm.weight": ones(L_HIDDEN, torch.bfloat16),
-        "language_model.lm_head.weight": r(vocab, L_HIDDEN, std=0.09),
     })
+    # A decisive LM head, like a trained model's: lm_head row u is the embedding of token perm[u], so
+    # the residual stream of token t clearly prefers one next token (random heads give flat logits).
+    emb = torch.randn(vocab, L_HIDDEN, generator=g)
+    perm = torch.randperm(vocab, generator=g)
+    t["language_model.model.embed_tokens.weight"] = emb.to(torch.bfloat16)
+    t["language_model.lm_head.weight"] = (emb[perm] / L_HIDDEN ** 0.5).to(torch.bfloat16)
     d = L_HIDDEN // L_HEADS
     for i in range(L_LAYERS):
         p = f"language_model.model.layers.{i}."

@@ -1,0 +1,162 @@
+"""Multimodal calibration data: real NVLM prompts with image embeddings at the `<|vision_pad|>` positions.
+
+NVLM's decoder sees image tokens in production, and their activations differ in range from text
+tokens, so quantization scales are calibrated on what the engine will see: ChatML prompts with
+tile tags, tiled by the reference preprocessing, encoded by the reference vision tower, and fed to
+the LLM as `inputs_embeds`.
+
+Sources:
+- built-in (default): seeded synthetic scenes of varied sizes (so every tile count appears) with
+  varied questions, plus a few text-only prompts;
+- `--calib-data DIR`: every image in the folder, each with a default question;
+- `--calib-data FILE.jsonl`: lines `{"prompt": "...", "image": "path"}` (image optional, relative
+  paths resolve against the file's folder; `<image>` marks where it goes, else it is prepended).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from .errors import NVLMError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+DEFAULT_QUESTION = "<image>\nDescribe this image in detail."
+MIN_SAMPLES = 4
+QUESTIONS = [
+    "<image>\nDescribe this image in detail.",
+    "What objects are in <image>? List them with their colors.",
+    "<image>\nRead any text in the picture and explain the layout.",
+    "<image>\nHow many shapes are there, and where are they?",
+    "Compare the left and right halves of this image: <image>",
+]
+TEXT_PROMPTS = [
+    "Explain how a transformer language model generates text, step by step.",
+    "Write a short poem about the ocean at night.",
+    "What is 17 times 23? Show your work.",
+]
+# (width, height) cycling through tile counts 1, 3, 4, 5, 6, 7 under the 448 / 6-tile rules
+SCENE_SIZES = [(448, 448), (896, 448), (640, 1280), (1000, 1000), (1400, 700), (870, 696), (2000, 340)]
+
+
+class CalibrationDataError(NVLMError):
+    """The calibration data is unreadable, incomplete or too small."""
+
+
+@dataclass(frozen=True)
+class CalibSample:
+    prompt: str
+    image: object | None  # PIL image, path, or None for text-only
+
+
+def synthetic_scene(width: int, height: int, seed: int):
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    t = (x / max(width - 1, 1))[..., None]
+    bg = (c0 * (1 - t) + c1 * t + rng.normal(0, 6, (height, width, 3))).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(bg)
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 9))):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = int(rng.integers(width // 10 + 1, width // 3 + 2)), int(rng.integers(height // 10 + 1, height // 3 + 2))
+        color = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)((x0, y0, x0 + w, y0 + h), fill=color)
+    d.text((width // 10, height // 2), "NVLM calibration", fill=(0, 0, 0))
+    return img
+
+
+def builtin_samples(count: int, seed: int = 0) -> list[CalibSample]:
+    samples = []
+    for k in range(count):
+        if k % 4 == 3:
+            samples.append(CalibSample(TEXT_PROMPTS[k % len(TEXT_PROMPTS)], None))
+        else:
+            w, h = SCENE_SIZES[k % len(SCENE_SIZES)]
+            samples.append(CalibSample(QUESTIONS[k % len(QUESTIONS)], synthetic_scene(w, h, seed * 1000 + k)))
+    return samples
+
+
+def load_calib_data(path: str | Path) -> list[CalibSample]:
+    path = Path(path)
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise CalibrationDataError(f"{path}: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in the folder")
+        return [CalibSample(DEFAULT_QUESTION, p) for p in images]
+    if not path.is_file():
+        raise CalibrationDataError(f"--calib-data {path} does not exist")
+    samples, broken, missing = [], [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            prompt = row["prompt"]
+            if not isinstance(prompt, str) or not prompt:
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            broken.append(n)
+            continue
+        image = row.get("image")
+        if image is not None:
+            image = (path.parent / image) if not Path(image).is_absolute() else Path(image)
+            if not image.is_file():
+                missing.append(f"line {n}: {image}")
+                continue
+            if "<image>" not in prompt:
+                prompt = "<image>\n" + prompt
+        samples.append(CalibSample(prompt, image))
+    problems = []
+    if broken:
+        problems.append(f"lines {_ranges(broken)} are not JSON objects with a non-empty \"prompt\"")
+    if missing:
+        problems.append("images not found: " + "; ".join(missing[:10]))
+    if problems:
+        raise CalibrationDataError(f"{path}: " + "; ".join(problems))
+    return samples
+
+
+def _ranges(nums: list[int]) -> str:
+    return ", ".join(str(n) for n in nums[:20]) + (" …" if len(nums) > 20 else "")
+
+
+def select(samples: list[CalibSample], size: int) -> list[CalibSample]:
+    if len(samples) < MIN_SAMPLES:
+        raise CalibrationDataError(
+            f"only {len(samples)} calibration samples; at least {MIN_SAMPLES} are needed for stable scales "
+            f"(128–512 is typical for real models)")
+    return samples[:size]
+
+
+def embed_samples(samples: list[CalibSample], model, tokenizer, *, text_only: bool = False,
+                  max_tokens: int | None = None) -> Iterator:
+    """Yield inputs_embeds [1, L, hidden] for each sample (image embeddings scattered in).
+    `text_only=True` drops the images (and their placeholders): the text-only baseline."""
+    import torch
+
+    from runtime.preprocess import preprocess_images
+    from runtime.prompt import build_prompt
+
+    pcfg = model.cfg.preprocess
+    for s in samples:
+        image = None if text_only else s.image
+        prompt = s.prompt if image is not None else s.prompt.replace("<image>", "").strip()
+        tiles, pixel_values = [], None
+        if image is not None:
+            (pre,) = preprocess_images([image], pcfg, max_images=1)
+            tiles, pixel_values = [pre.num_tiles], torch.from_numpy(pre.pixel_values)
+        p = build_prompt(tokenizer, prompt, tiles, tokens_per_tile=pcfg.tokens_per_tile)
+        ids = torch.tensor([p.input_ids])
+        with torch.no_grad():
+            img = model.encode_images(pixel_values).flatten(0, 1) if pixel_values is not None else None
+            emb = model.embed(ids, img, tokenizer.image_pad_id)
+        if max_tokens:
+            emb = emb[:, :max_tokens]
+        yield emb

@@ -1,0 +1,168 @@
+"""`nvlm-build llm`: NVLM-D's Qwen2 decoder → TensorRT-LLM checkpoint, with a fidelity report.
+
+    validate options ─▶ resolve calibration data ─▶ (unquantized) stream shards → rank files
+                                                  └ (quantized) modelopt quantize with multimodal
+                                                    calibration → modelopt export → our config.json
+                     ─▶ reports/fidelity.json ─▶ nvlm_build.json ─▶ atomic publish
+
+Everything is written into a temporary directory beside OUT and renamed into place at the end,
+so an interrupted build never leaves an OUT that looks complete; an existing OUT is replaced
+only with --force. A build whose fidelity checks fail is not published (the report is kept next
+to OUT as OUT.fidelity-failed.json).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .calibration import builtin_samples, embed_samples, load_calib_data, select
+from .checkpoint import Checkpoint
+from .errors import NVLMError, OutputExistsError
+from .fsutil import publish_dir
+from .llm_formats import BuildOptions, validate
+from .trtllm_checkpoint import trtllm_config, write_unquantized
+
+log = logging.getLogger(__name__)
+
+
+class FidelityError(NVLMError):
+    """The built checkpoint does not compute what the reference computes."""
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=None)
+        return bar.update, bar.close
+    except ImportError:  # tqdm comes with transformers; keep working without it
+        return (lambda n: None), (lambda: None)
+
+
+def quantize(reference, opts: BuildOptions, embeds: list):
+    """modelopt fake-quantization of a copy of the reference LLM, calibrated on `embeds`."""
+    import modelopt.torch.quantization as mtq
+
+    model = copy.deepcopy(reference.llm).eval()
+    cfg = opts.fmt.modelopt_config(opts.kv_cache_fp8, opts.awq_group_size)
+
+    def forward_loop(m):
+        for emb in embeds:
+            m(inputs_embeds=emb)
+
+    with _quiet():
+        mtq.quantize(model, cfg, forward_loop=forward_loop)
+    return model
+
+
+@contextlib.contextmanager
+def _quiet():
+    """modelopt prints progress to stdout and warns that tensorrt_llm is absent (harmless on CPU);
+    keep both out of the user's output, but in the debug log."""
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        warnings.simplefilter("ignore")
+        yield
+    if buf.getvalue().strip():
+        log.debug("modelopt: %s", buf.getvalue().strip())
+
+
+def export(model, ckpt_cfg, opts: BuildOptions, out: Path) -> dict:
+    """modelopt's TensorRT-LLM export, then our config.json (modelopt 0.47 writes architecture
+    "QWenForCausalLM" without qwen_type, which TensorRT-LLM would build as Qwen-1).
+
+    The export runs on `model` itself, not a copy: it unifies the scales of layers that TensorRT-LLM
+    fuses (q/k/v, gate/up: shared input amax, max weight amax, averaged AWQ pre-quant scales) in
+    place, so that afterwards the fake-quantized model computes exactly what the checkpoint stores —
+    which is what the fidelity report compares against."""
+    import torch
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    with _quiet():
+        export_tensorrt_llm_checkpoint(model, decoder_type="qwen", dtype=torch.bfloat16,
+                                       export_dir=str(out), inference_tensor_parallel=opts.tp,
+                                       inference_pipeline_parallel=opts.pp)
+    exported = json.loads((out / "config.json").read_text())
+    q = exported["quantization"]
+    if q.get("quant_algo") != opts.fmt.quant_algo:
+        raise NVLMError(f"modelopt exported quant_algo {q.get('quant_algo')!r}, expected {opts.fmt.quant_algo!r}; "
+                        "this modelopt version is not supported")
+    if opts.kv_cache_fp8 and q.get("kv_cache_quant_algo") != "FP8":
+        raise NVLMError(f"modelopt exported kv_cache_quant_algo {q.get('kv_cache_quant_algo')!r}, expected 'FP8'")
+    config = trtllm_config(ckpt_cfg, opts, q)
+    config["producer"]["modelopt"] = exported.get("producer", {}).get("version")
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size: int = 32, force: bool = False,
+              fidelity: bool = True) -> dict:
+    """Build and publish; returns the summary written to OUT/nvlm_build.json."""
+    out = Path(out)
+    ckpt = Checkpoint.open(ckpt_path)
+    validate(ckpt.config, opts)
+    if out.exists() and not force:
+        raise OutputExistsError(f"{out} already exists; pass --force to replace it, or choose another output")
+    samples = None
+    if opts.fmt.quantized:  # resolve calibration data before any heavy work
+        samples = select(load_calib_data(calib_data) if calib_data else builtin_samples(max(calib_size, 4)), calib_size)
+    summary: dict = {}
+
+    def write(tmp: Path) -> None:
+        t0 = time.perf_counter()
+        reference = tokenizer = fake = None
+        if fidelity or opts.fmt.quantized:
+            from runtime.reference import NVLMDReference
+            from runtime.tokenizer import NVLMTokenizer
+
+            reference = NVLMDReference.from_checkpoint(ckpt)
+            tokenizer = NVLMTokenizer.from_dir(ckpt.directory)
+            tokenizer.check_vocab(ckpt.config.llm.vocab_size)
+        if opts.fmt.quantized:
+            log.info("calibrating %s on %d multimodal samples", opts.fmt.name, len(samples))
+            embeds = list(embed_samples(samples, reference, tokenizer))
+            fake = quantize(reference, opts, embeds)
+            config = export(fake, ckpt.config, opts, tmp)
+        else:
+            from .trtllm_checkpoint import count_tensors
+
+            update, close = _progress(count_tensors(ckpt, opts), f"converting to {opts.fmt.name}")
+            config = write_unquantized(ckpt, opts, tmp, progress=update)
+            close()
+        report = None
+        if fidelity:
+            from runtime.trtllm_executor import TRTLLMExecutor
+
+            from .fidelity import build_report
+
+            report = build_report(opts.fmt.name, opts.fmt.quantized, TRTLLMExecutor.load(tmp), reference, tokenizer, fake)
+            (tmp / "reports").mkdir()
+            (tmp / "reports" / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+            if not report["passed"]:
+                failed = out.with_name(out.name + ".fidelity-failed.json")
+                failed.write_text(json.dumps(report, indent=2) + "\n")
+                bad = [c["name"] for c in report["checks"] if not c["passed"]]
+                raise FidelityError(f"fidelity checks failed ({', '.join(bad)}); report kept in {failed}; "
+                                    "nothing was published")
+        summary.update({
+            "tool": "nvlm-trt", "version": __version__, "stage": "llm", "source": str(ckpt.directory),
+            "format": opts.fmt.name, "tp": opts.tp, "pp": opts.pp, "kv_cache_dtype": "fp8" if opts.kv_cache_fp8 else None,
+            "awq_group_size": opts.awq_group_size if opts.fmt.awq else None,
+            "calibration": None if samples is None else {
+                "source": str(calib_data) if calib_data else "builtin", "samples": len(samples),
+                "multimodal": sum(s.image is not None for s in samples)},
+            "quantization": config["quantization"], "fidelity_passed": None if report is None else report["passed"],
+            "seconds": round(time.perf_counter() - t0, 2),
+        })
+        (tmp / "nvlm_build.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+    publish_dir(out, write, force=force)
+    return summary

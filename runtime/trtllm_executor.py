@@ -1,0 +1,337 @@
+"""Reference executor of TensorRT-LLM checkpoints (CPU, PyTorch).
+
+This is NOT an engine: it is a plain PyTorch implementation of what a TensorRT-LLM engine built
+from a Qwen2 checkpoint computes, reading the checkpoint's own tensors in their stored formats.
+It serves the CPU Triton target (speaking the `tensorrtllm` backend's I/O contract) and the
+fidelity checks. Each rank's shard is executed as stored — column-parallel outputs concatenated,
+row-parallel partial products summed — so TP/PP checkpoints are exercised, not re-merged.
+
+Numerics (what the engine's kernels compute; arithmetic here in float32):
+- unquantized:  y = x Wᵀ (+ b)
+- FP8:          y = q8(x / a)·a · (W8·s)ᵀ, q8 = round to e4m3 with saturation at ±448
+- W4A16_AWQ:    y = (x ⊙ pqs) · (q4 · s_group)ᵀ, int4 packed two per int8 along the output dim
+- W4A8_AWQ:     y = q8((x ⊙ pqs) / a)·a · (q8(q4·s_group / s2)·s2)ᵀ
+- FP8 KV cache: K, V (after RoPE) stored as q8(k / s_kv), read back ·s_kv
+- prompt-embedding table: token ids ≥ vocab_size index rows (id − vocab_size) of the table
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from builder.errors import CheckpointError, InputError
+
+FP8_MAX = 448.0
+
+
+def q8(x: torch.Tensor) -> torch.Tensor:
+    """Round to float8 e4m3 (saturating) and back."""
+    return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """[out/2, in] int8 → [out, in] float in [-8, 7]: byte (p, i) holds rows 2p (low nibble), 2p+1 (high)."""
+    b = packed.view(torch.uint8).to(torch.int16)
+    lo = ((b & 0xF) ^ 8) - 8
+    hi = ((b >> 4) ^ 8) - 8
+    return torch.stack([lo, hi], dim=1).reshape(-1, packed.shape[1]).float()
+
+
+# --------------------------------------------------------------------------- linear formats
+
+
+class Linear:
+    """One rank's shard of a linear layer in its stored format; weights dequantized once at load."""
+
+    def __init__(self, get: Callable[[str], torch.Tensor | None], prefix: str, algo: str | None):
+        self.bias = get(prefix + "bias")
+        self.bias = None if self.bias is None else self.bias.float()
+        w = get(prefix + "weight")
+        self.pqs = self.act_scale = None
+        if algo is None or w.dtype in (torch.bfloat16, torch.float16, torch.float32):
+            self.w = w.float()
+        elif algo == "FP8":
+            self.w = w.float() * get(prefix + "weights_scaling_factor").float()
+            self.act_scale = get(prefix + "activation_scaling_factor").float()
+        elif algo in ("W4A16_AWQ", "W4A8_AWQ"):
+            q = unpack_int4(w)
+            s = get(prefix + "weights_scaling_factor").float()  # [out, in / group]
+            self.w = q * s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
+            self.pqs = get(prefix + "prequant_scaling_factor").float()
+            if algo == "W4A8_AWQ":
+                s2 = get(prefix + "weights_scaling_factor_2").float()
+                self.w = q8(self.w / s2) * s2
+                self.act_scale = get(prefix + "activation_scaling_factor").float()
+        else:
+            raise CheckpointError(f"quant_algo {algo!r} is not supported by the reference executor")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pqs is not None:
+            x = x * self.pqs
+        if self.act_scale is not None:
+            x = q8(x / self.act_scale) * self.act_scale
+        y = x @ self.w.T
+        return y if self.bias is None else y + self.bias
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+@dataclass
+class RankLayer:
+    """Layer j of one PP stage: one entry per TP rank for the sharded parts."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    qkv: list[Linear]
+    dense: list[Linear]
+    fc: list[Linear]
+    gate: list[Linear]
+    proj: list[Linear]
+    kv_scale: torch.Tensor | None
+
+
+@dataclass
+class KVCache:
+    keys: list[torch.Tensor] = field(default_factory=list)  # per layer [kv_heads, T, D] (fp8 when quantized)
+    values: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return 0 if not self.keys else self.keys[0].shape[1]
+
+
+class TRTLLMExecutor:
+    def __init__(self, directory: Path, config: dict, layers: list[RankLayer], embedding: torch.Tensor,
+                 final_norm: torch.Tensor, lm_head: torch.Tensor):
+        self.directory, self.config = directory, config
+        self.layers, self.embedding, self.final_norm, self.lm_head = layers, embedding, final_norm, lm_head
+        c = config
+        self.vocab_size = c["vocab_size"]
+        self.hidden_size = c["hidden_size"]
+        self.num_heads, self.num_kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+        self.head_dim = c.get("head_size") or self.hidden_size // self.num_heads
+        self.eps = c["norm_epsilon"]
+        self.tp = c["mapping"]["tp_size"]
+        q = c.get("quantization") or {}
+        self.kv_fp8 = q.get("kv_cache_quant_algo") == "FP8"
+        self.rotary_base = float(c.get("rotary_base", 10000.0))
+        self.rotary_scaling = c.get("rotary_scaling")
+        self.max_positions = c["max_position_embeddings"]
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "TRTLLMExecutor":
+        from safetensors import safe_open
+
+        directory = Path(directory)
+        cfg_file = directory / "config.json"
+        if not cfg_file.is_file():
+            raise CheckpointError(f"{cfg_file} not found: not a TensorRT-LLM checkpoint directory")
+        config = json.loads(cfg_file.read_text())
+        if config.get("architecture") not in ("Qwen2ForCausalLM", "QWenForCausalLM"):
+            raise CheckpointError(f"{cfg_file}: architecture {config.get('architecture')!r} is not a Qwen2 checkpoint")
+        m = config["mapping"]
+        tp, pp = m["tp_size"], m["pp_size"]
+        algo = (config.get("quantization") or {}).get("quant_algo")
+        ranks = []
+        for r in range(tp * pp):
+            f = directory / f"rank{r}.safetensors"
+            if not f.is_file():
+                raise CheckpointError(f"{f} missing: the config says world size {tp * pp}")
+            ranks.append(safe_open(str(f), framework="pt"))
+
+        def getter(rank):
+            keys = set(ranks[rank].keys())
+            return lambda name: ranks[rank].get_tensor(name) if name in keys else None
+
+        layers, per_stage = [], config["num_hidden_layers"] // pp
+        for p in range(pp):
+            gets = [getter(p * tp + t) for t in range(tp)]
+            for j in range(per_stage):
+                pre = f"transformer.layers.{j}."
+                kv = gets[0](pre + "attention.kv_cache_scaling_factor")
+                layers.append(RankLayer(
+                    input_norm=gets[0](pre + "input_layernorm.weight").float(),
+                    post_norm=gets[0](pre + "post_layernorm.weight").float(),
+                    qkv=[Linear(g, pre + "attention.qkv.", algo) for g in gets],
+                    dense=[Linear(g, pre + "attention.dense.", algo) for g in gets],
+                    fc=[Linear(g, pre + "mlp.fc.", algo) for g in gets],
+                    gate=[Linear(g, pre + "mlp.gate.", algo) for g in gets],
+                    proj=[Linear(g, pre + "mlp.proj.", algo) for g in gets],
+                    kv_scale=None if kv is None else kv.float()))
+                if any(lin.bias is not None for lin in layers[-1].dense + layers[-1].proj):
+                    # TensorRT-LLM adds a row-parallel bias once after the all-reduce; Qwen2 has none
+                    raise CheckpointError(f"{directory}: row-parallel biases (dense/proj) are not expected in Qwen2")
+        first = [getter(t) for t in range(tp)]
+        last = [getter((pp - 1) * tp + t) for t in range(tp)]
+        embedding = torch.cat([g("transformer.vocab_embedding.weight").float() for g in first])  # rows split over TP
+        lm_head = torch.cat([g("lm_head.weight").float() for g in last])
+        final_norm = last[0]("transformer.ln_f.weight").float()
+        return cls(directory, config, layers, embedding, final_norm, lm_head)
+
+    # ------------------------------------------------------------------ forward
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor, total_len: int) -> torch.Tensor:
+        """GPT-NeoX rotary embedding; x: [H, T, D]."""
+        d = self.head_dim
+        base = self.rotary_base
+        rs = self.rotary_scaling
+        if rs and rs.get("type") == "dynamic" and total_len > self.max_positions:
+            # dynamic NTK scaling, as transformers and TensorRT-LLM apply it past the trained length
+            factor = rs["factor"]
+            base = base * ((factor * total_len / self.max_positions) - (factor - 1)) ** (d / (d - 2))
+        elif rs and rs.get("type") not in (None, "dynamic"):
+            raise CheckpointError(f"rotary_scaling type {rs.get('type')!r} is not supported by the reference executor")
+        inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # [D/2]
+        ang = positions.float()[:, None] * inv[None, :]  # [T, D/2]
+        cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # [T, D]
+        x1, x2 = x[..., : d // 2], x[..., d // 2:]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    def _attention(self, layer: RankLayer, x: torch.Tensor, cache: KVCache, li: int, start: int) -> torch.Tensor:
+        t_len, d = x.shape[0], self.head_dim
+        nh, nkv = self.num_heads // self.tp, self.num_kv_heads // self.tp
+        qs, ks, vs = [], [], []
+        for lin in layer.qkv:  # column-parallel: each rank produces [q_r; k_r; v_r]
+            out = lin(x)  # [T, (nh + 2 nkv) D]
+            q, k, v = out.split([nh * d, nkv * d, nkv * d], dim=-1)
+            qs.append(q), ks.append(k), vs.append(v)
+        q = torch.cat(qs, -1).view(t_len, self.num_heads, d).transpose(0, 1)  # [H, T, D]
+        k = torch.cat(ks, -1).view(t_len, self.num_kv_heads, d).transpose(0, 1)  # [KV, T, D]
+        v = torch.cat(vs, -1).view(t_len, self.num_kv_heads, d).transpose(0, 1)
+        total = start + t_len
+        pos = torch.arange(start, total)
+        q, k = self._rope(q, pos, total), self._rope(k, pos, total)
+        if layer.kv_scale is not None and self.kv_fp8:
+            k = (k / layer.kv_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+            v = (v / layer.kv_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        if li < len(cache.keys):
+            cache.keys[li] = torch.cat([cache.keys[li], k], 1)
+            cache.values[li] = torch.cat([cache.values[li], v], 1)
+        else:
+            cache.keys.append(k)
+            cache.values.append(v)
+        k_all, v_all = cache.keys[li], cache.values[li]
+        if k_all.dtype == torch.float8_e4m3fn:
+            k_all, v_all = k_all.float() * layer.kv_scale, v_all.float() * layer.kv_scale
+        rep = self.num_heads // self.num_kv_heads
+        k_all, v_all = k_all.repeat_interleave(rep, 0), v_all.repeat_interleave(rep, 0)  # [H, S, D]
+        scores = q @ k_all.transpose(1, 2) / math.sqrt(d)  # [H, T, S]
+        causal = torch.arange(total)[None, :] <= pos[:, None]  # [T, S]
+        scores = scores.masked_fill(~causal, float("-inf"))
+        ctx = (scores.softmax(-1) @ v_all).transpose(0, 1).reshape(t_len, self.num_heads * d)  # [T, H·D]
+        # row-parallel: rank r's dense sees its own heads' context; partial outputs are summed
+        per = nh * d
+        return sum(lin(ctx[:, r * per:(r + 1) * per]) for r, lin in enumerate(layer.dense))
+
+    def _mlp(self, layer: RankLayer, x: torch.Tensor) -> torch.Tensor:
+        out = 0
+        for fc, gate, proj in zip(layer.fc, layer.gate, layer.proj):
+            h = torch.nn.functional.silu(fc(x)) * gate(x)  # fc = gate_proj (activated), gate = up_proj
+            out = out + proj(h)
+        return out
+
+    def embed(self, ids: Sequence[int], table: torch.Tensor | None) -> torch.Tensor:
+        ids_t = torch.as_tensor(list(ids), dtype=torch.long)
+        fake = ids_t >= self.vocab_size
+        if fake.any():
+            if table is None:
+                raise InputError("input_ids contain prompt-table ids (≥ vocab_size) but no prompt_embedding_table was given")
+            rows = ids_t[fake] - self.vocab_size
+            if int(rows.max()) >= table.shape[0]:
+                raise InputError(f"input id {int(ids_t[fake].max())} points past the {table.shape[0]}-row prompt table")
+        if (ids_t < 0).any():
+            raise InputError("input_ids must be non-negative")
+        x = self.embedding[ids_t.clamp(max=self.vocab_size - 1)]
+        if fake.any():
+            x = x.clone()
+            x[fake] = table[ids_t[fake] - self.vocab_size].float()
+        return x  # [T, hidden]
+
+    def forward(self, ids: Sequence[int], table: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
+        """Run new tokens through the model, extending `cache`; returns logits [T, vocab]."""
+        x = self.embed(ids, table)
+        start = cache.length
+        for li, layer in enumerate(self.layers):
+            x = x + self._attention(layer, rms_norm(x, layer.input_norm, self.eps), cache, li, start)
+            x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.eps))
+        return rms_norm(x, self.final_norm, self.eps) @ self.lm_head.T
+
+    # ------------------------------------------------------------------ generation
+
+    @torch.no_grad()
+    def generate(self, requests: Sequence["Request"], on_token: Callable[[int, int], None] | None = None) -> list["Result"]:
+        """Independent sequences (any lengths); `on_token(request_index, token)` streams tokens."""
+        return [self._generate_one(i, r, on_token) for i, r in enumerate(requests)]
+
+    def _generate_one(self, index: int, req: "Request", on_token) -> "Result":
+        if not req.input_ids:
+            raise InputError("input_ids is empty")
+        if req.max_new_tokens < 1:
+            raise InputError(f"request_output_len must be ≥ 1, got {req.max_new_tokens}")
+        g = torch.Generator().manual_seed(req.seed)
+        cache = KVCache()
+        logits = self.forward(req.input_ids, req.prompt_table, cache)[-1]
+        out: list[int] = []
+        for step in range(req.max_new_tokens):
+            if req.end_id is not None and step < req.min_length:
+                logits = logits.clone()
+                logits[req.end_id] = float("-inf")
+            tok = sample(logits, req.temperature, req.top_k, req.top_p, g)
+            out.append(tok)
+            if on_token:
+                on_token(index, tok)
+            if req.end_id is not None and tok == req.end_id:
+                return Result(out, "end_id")
+            logits = self.forward([tok], None, cache)[-1]
+        return Result(out, "length")
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g: torch.Generator) -> int:
+    """Greedy when temperature == 0 or top_k == 1; otherwise temperature, top-k, top-p sampling."""
+    if temperature <= 0 or top_k == 1:
+        return int(logits.argmax())
+    logits = logits.float() / temperature
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)
+    if 0 < top_p < 1:
+        sorted_p, idx = probs.sort(descending=True)
+        keep = sorted_p.cumsum(0) - sorted_p < top_p
+        mask = torch.zeros_like(probs, dtype=torch.bool)
+        mask[idx[keep]] = True
+        probs = torch.where(mask, probs, torch.zeros_like(probs))
+        probs = probs / probs.sum()
+    return int(torch.multinomial(probs, 1, generator=g))
+
+
+@dataclass
+class Request:
+    input_ids: list[int]  # fake ids ≥ vocab_size index prompt_table rows
+    max_new_tokens: int
+    prompt_table: torch.Tensor | None = None  # [num_image_tokens, hidden]
+    end_id: int | None = None
+    temperature: float = 0.0
+    top_k: int = 1
+    top_p: float = 0.0
+    seed: int = 0
+    min_length: int = 0
+
+
+@dataclass
+class Result:
+    tokens: list[int]
+    finish_reason: str  # "end_id" | "length"

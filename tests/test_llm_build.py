@@ -1,0 +1,211 @@
+"""`nvlm-build llm`: all five formats (and FP8 KV) on two independent checkpoints, TP/PP equivalence,
+the streaming converter against modelopt's export, and every refusal."""
+
+import copy
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from builder.checkpoint import Checkpoint
+from builder.cli import main
+from builder.config import from_hf
+from builder.errors import OutputExistsError
+from builder.llm_build import build_llm
+from builder.llm_formats import BuildOptions, UnsupportedCombinationError, get_format, validate
+from runtime.trtllm_executor import Request, TRTLLMExecutor
+
+FORMATS = [("bf16", False), ("fp16", False), ("fp8", False), ("fp8", True), ("int4_awq", False), ("w4a8_awq", False)]
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory, demo_ckpt, released_ckpt):
+    """Every format on both checkpoints, built once for the module."""
+    root = tmp_path_factory.mktemp("llm")
+    out = {}
+    for label, ckpt in (("demo", demo_ckpt), ("released", released_ckpt)):
+        for fmt, kv in FORMATS:
+            d = root / f"{label}-{fmt}{'-kv8' if kv else ''}"
+            build_llm(ckpt, d, BuildOptions(get_format(fmt), kv_cache_fp8=kv), calib_size=4)
+            out[(label, fmt, kv)] = d
+    return out
+
+
+@pytest.mark.parametrize("label", ["demo", "released"])
+@pytest.mark.parametrize("fmt, kv", FORMATS)
+def test_format_builds_loads_and_passes_fidelity(builds, label, fmt, kv):
+    d = builds[(label, fmt, kv)]
+    report = json.loads((d / "reports" / "fidelity.json").read_text())
+    assert report["passed"], report
+    assert {c["name"] for c in report["checks"]} >= (
+        {"greedy_tokens_vs_reference", "logits_vs_reference"} if fmt in ("bf16", "fp16")
+        else {"logits_vs_modelopt_fake_quant", "top1_vs_modelopt_fake_quant", "quantized_vs_unquantized_logits"})
+    cfg = json.loads((d / "config.json").read_text())
+    q = cfg["quantization"]
+    assert q["quant_algo"] == {"bf16": None, "fp16": None, "fp8": "FP8", "int4_awq": "W4A16_AWQ",
+                               "w4a8_awq": "W4A8_AWQ"}[fmt]
+    assert q["kv_cache_quant_algo"] == ("FP8" if kv else None)
+    if fmt.endswith("awq"):
+        assert q["group_size"] == 128 and q["pre_quant_scale"] is True and q["has_zero_point"] is False
+    assert "lm_head" in (q.get("exclude_modules") or ["lm_head"])
+    ex = TRTLLMExecutor.load(d)
+    res = ex.generate([Request([1, 2, 3, 4], 3)])[0]
+    assert len(res.tokens) == 3
+    summary = json.loads((d / "nvlm_build.json").read_text())
+    assert summary["format"] == fmt and summary["fidelity_passed"] is True
+    if fmt in ("fp8", "int4_awq", "w4a8_awq"):
+        assert summary["calibration"]["multimodal"] >= 3  # calibrated on image prompts, not text alone
+
+
+def test_stored_formats(builds):
+    def dtypes(d):
+        f = safe_open(str(d / "rank0.safetensors"), "pt")
+        return {k: f.get_tensor(k).dtype for k in f.keys()}
+
+    fp8 = dtypes(builds[("demo", "fp8", True)])
+    assert fp8["transformer.layers.0.attention.qkv.weight"] == torch.float8_e4m3fn
+    assert "transformer.layers.0.attention.kv_cache_scaling_factor" in fp8
+    awq = dtypes(builds[("demo", "int4_awq", False)])
+    assert awq["transformer.layers.0.mlp.proj.weight"] == torch.int8
+    assert "transformer.layers.0.mlp.proj.prequant_scaling_factor" in awq
+    assert awq["lm_head.weight"] == torch.bfloat16  # excluded from quantization
+    assert "transformer.layers.0.attention.dense.weights_scaling_factor_2" in dtypes(builds[("demo", "w4a8_awq", False)])
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_tp2_and_pp2_execute_to_the_same_tokens_as_tp1(tmp_path, demo_ckpt, fmt):
+    from builder.fidelity import prepare_prompts
+    from runtime.reference import NVLMDReference
+    from runtime.tokenizer import NVLMTokenizer
+
+    runs = prepare_prompts(NVLMDReference.from_checkpoint(demo_ckpt), NVLMTokenizer.from_dir(demo_ckpt))
+    tokens = {}
+    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
+        d = tmp_path / f"{fmt}-tp{tp}-pp{pp}"
+        build_llm(demo_ckpt, d, BuildOptions(get_format(fmt), tp=tp, pp=pp), calib_size=4)
+        cfg = json.loads((d / "config.json").read_text())
+        assert cfg["mapping"] == {"world_size": tp * pp, "tp_size": tp, "pp_size": pp}
+        assert len(list(d.glob("rank*.safetensors"))) == tp * pp
+        ex = TRTLLMExecutor.load(d)
+        tokens[(tp, pp)] = [ex.generate([Request(r.trt_ids, 6, r.table)])[0].tokens for r in runs]
+    assert tokens[(2, 1)] == tokens[(1, 1)] and tokens[(1, 2)] == tokens[(1, 1)]
+
+
+@pytest.mark.parametrize("tp, pp", [(1, 1), (2, 1), (1, 2)])
+def test_streaming_conversion_equals_modelopt_export(tmp_path, demo_ckpt, tp, pp):
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+
+    from runtime.reference import NVLMDReference
+
+    ours = tmp_path / "ours"
+    build_llm(demo_ckpt, ours, BuildOptions(get_format("bf16"), tp=tp, pp=pp), fidelity=False)
+    theirs = tmp_path / "modelopt"
+    llm = copy.deepcopy(NVLMDReference.from_checkpoint(demo_ckpt).llm).to(torch.bfloat16)
+    export_tensorrt_llm_checkpoint(llm, decoder_type="qwen", dtype=torch.bfloat16, export_dir=str(theirs),
+                                   inference_tensor_parallel=tp, inference_pipeline_parallel=pp)
+    for r in range(tp * pp):
+        a = safe_open(str(ours / f"rank{r}.safetensors"), "pt")
+        b = safe_open(str(theirs / f"rank{r}.safetensors"), "pt")
+        assert sorted(a.keys()) == sorted(b.keys())
+        for k in a.keys():
+            ta, tb = a.get_tensor(k), b.get_tensor(k)
+            assert ta.dtype == tb.dtype and torch.equal(ta, tb), k
+
+
+def test_fp16_streaming_matches_released_layout(tmp_path, released_ckpt):
+    d = tmp_path / "fp16"
+    build_llm(released_ckpt, d, BuildOptions(get_format("fp16")), fidelity=False)
+    f = safe_open(str(d / "rank0.safetensors"), "pt")
+    src = Checkpoint.open(released_ckpt)
+    w = src.get("language_model.model.layers.2.mlp.down_proj.weight")
+    assert torch.equal(f.get_tensor("transformer.layers.2.mlp.proj.weight"), w.to(torch.float16))
+    q, k, v = (src.get(f"language_model.model.layers.1.self_attn.{p}_proj.bias") for p in "qkv")
+    assert torch.equal(f.get_tensor("transformer.layers.1.attention.qkv.bias"), torch.cat([q, k, v]).half())
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_awq_group_size_versus_tp_on_72b(config_72b):
+    cfg = from_hf(config_72b)
+    with pytest.raises(UnsupportedCombinationError) as e:
+        validate(cfg, BuildOptions(get_format("int4_awq"), tp=8))
+    msg = str(e.value)
+    assert "3696" in msg and "multiple of 128" in msg and "TP1 with group 128" in msg
+    with pytest.raises(UnsupportedCombinationError, match="14784"):
+        validate(cfg, BuildOptions(get_format("int4_awq"), tp=2))
+    validate(cfg, BuildOptions(get_format("int4_awq"), tp=2, awq_group_size=64))  # 14784 = 231 × 64
+    validate(cfg, BuildOptions(get_format("fp8"), tp=8))
+    with pytest.raises(UnsupportedCombinationError, match="64 or 128|accepts"):
+        validate(cfg, BuildOptions(get_format("int4_awq"), awq_group_size=96))
+
+
+@pytest.mark.parametrize("opts, message", [
+    (dict(tp=3), "must divide the 64 attention heads"),
+    (dict(pp=3), "must divide the 80 layers"),
+    (dict(kv_cache_fp8=True), "calibrated KV scales"),
+])
+def test_invalid_combinations(config_72b, opts, message):
+    with pytest.raises(UnsupportedCombinationError, match=message):
+        validate(from_hf(config_72b), BuildOptions(get_format("bf16"), **opts))
+
+
+def test_unknown_quant_lists_formats(demo_ckpt, tmp_path, capsys):
+    assert main(["llm", str(demo_ckpt), "-o", str(tmp_path / "x"), "--quant", "int3"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown --quant 'int3'" in err and "w4a8_awq" in err
+
+
+def test_existing_output_is_refused_and_kept(demo_ckpt, tmp_path):
+    out = tmp_path / "llm"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError, match="--force"):
+        build_llm(demo_ckpt, out, BuildOptions(get_format("bf16")))
+    assert (out / "keep.txt").read_text() == "mine"
+
+
+def test_failed_build_leaves_nothing_that_looks_complete(demo_ckpt, tmp_path, monkeypatch):
+    import builder.llm_build as lb
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full (simulated)")
+
+    monkeypatch.setattr(lb, "write_unquantized", boom)
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_llm(demo_ckpt, tmp_path / "llm", BuildOptions(get_format("bf16")))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_calibration_data_errors(demo_ckpt, tmp_path):
+    from builder.calibration import CalibrationDataError
+
+    img = tmp_path / "a.png"
+    shutil.copy(__import__("tests.conftest", fromlist=["ROOT"]).ROOT / "assets" / "demo_scene.png", img)
+    jl = tmp_path / "calib.jsonl"
+    jl.write_text('{"prompt": "ok", "image": "a.png"}\nnot json\n{"image": "a.png"}\n'
+                  '{"prompt": "x", "image": "missing.png"}\n')
+    with pytest.raises(CalibrationDataError) as e:
+        build_llm(demo_ckpt, tmp_path / "o", BuildOptions(get_format("fp8")), calib_data=jl)
+    assert "lines 2, 3" in str(e.value) and "missing.png" in str(e.value)
+    jl.write_text('{"prompt": "Describe <image>.", "image": "a.png"}\n')
+    with pytest.raises(CalibrationDataError, match="only 1 calibration samples"):
+        build_llm(demo_ckpt, tmp_path / "o", BuildOptions(get_format("fp8")), calib_data=jl)
+    with pytest.raises(CalibrationDataError, match="no images"):
+        build_llm(demo_ckpt, tmp_path / "o", BuildOptions(get_format("fp8")), calib_data=tmp_path / "empty"
+                  if (tmp_path / "empty").mkdir() is None else None)
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_from_image_folder(demo_ckpt, tmp_path):
+    from builder.calibration import synthetic_scene
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k in range(4):
+        synthetic_scene(300 + 100 * k, 300, k).save(folder / f"{k}.png")
+    summary = build_llm(demo_ckpt, tmp_path / "o", BuildOptions(get_format("int4_awq")), calib_data=folder)
+    assert summary["calibration"] == {"source": str(folder), "samples": 4, "multimodal": 4}
+    assert summary["fidelity_passed"]
