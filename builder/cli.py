@@ -133,7 +133,7 @@ def _reference(args) -> int:
 # --------------------------------------------------------------------------- llm
 
 
-def _llm_args(p: argparse.ArgumentParser) -> None:
+def _llm_args_common(p: argparse.ArgumentParser) -> None:
     from .llm_formats import FORMATS
 
     p.add_argument("ckpt", help="NVLM checkpoint directory")
@@ -146,10 +146,14 @@ def _llm_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--awq-group-size", type=int, default=128, help="int4 group size for *_awq (64 or 128)")
     p.add_argument("--calib-data", help="folder of images, or JSONL of {\"prompt\": …, \"image\": path} lines")
     p.add_argument("--calib-size", type=int, default=32, help="calibration samples (default: 32)")
-    p.add_argument("--no-fidelity", action="store_true", help="skip the fidelity report (for models too big "
-                   "for the CPU reference)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true")
+
+
+def _llm_args(p: argparse.ArgumentParser) -> None:
+    _llm_args_common(p)
+    p.add_argument("--no-fidelity", action="store_true", help="skip the fidelity report (for models too big "
+                   "for the CPU reference)")
 
 
 @command("llm", "convert NVLM-D's LLM to a TensorRT-LLM checkpoint (bf16/fp16 streamed; fp8/int4_awq/w4a8_awq "
@@ -168,6 +172,75 @@ def _llm(args) -> int:
         print(f"wrote TensorRT-LLM checkpoint ({summary['format']}, TP{summary['tp']} PP{summary['pp']}) to "
               f"{args.out} in {summary['seconds']} s; fidelity: "
               f"{'passed' if summary['fidelity_passed'] else 'skipped' if summary['fidelity_passed'] is None else 'FAILED'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- vision
+
+
+def _vision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="NVLM checkpoint directory")
+    p.add_argument("-o", "--out", required=True, help="directory to create")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.add_argument("--vision-quant", choices=["fp8"], default=None, help="also write an FP8 Q/DQ encoder (modelopt)")
+    p.add_argument("--max-tiles", type=int, default=28, help="largest tile batch the engine should accept")
+    p.add_argument("--force", action="store_true")
+
+
+@command("vision", "export the vision encoder (InternViT → pixel shuffle → mlp1) to ONNX, checked with onnxruntime",
+         _vision_args)
+def _vision(args) -> int:
+    from pathlib import Path
+
+    from runtime.reference import NVLMDReference
+
+    from .fsutil import publish_dir
+    from .vision_export import export_vision
+
+    ref = NVLMDReference.from_checkpoint(args.ckpt)
+    info = {}
+    publish_dir(Path(args.out), lambda tmp: info.update(export_vision(
+        ref, tmp, dtype=args.dtype, vision_quant=args.vision_quant, max_tiles=args.max_tiles)), force=args.force)
+    checks = ", ".join(f"{k} {v['value']:.2e}" for k, v in info["checks"].items() if v["value"] is not None)
+    print(f"wrote {', '.join(info['files'])} to {args.out} ({args.dtype}); {checks or 'no onnxruntime check'}")
+    return 0
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    _llm_args_common(p)
+    p.add_argument("--target", choices=["auto", "trt", "reference"], default="auto",
+                   help="trt: build engines (GPU hosts); reference: portable artifacts only; auto: trt if possible")
+    p.add_argument("--vision-dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    p.add_argument("--vision-quant", choices=["fp8"], default=None)
+    p.add_argument("--max-tiles", type=int, default=7, help="tiles per image the engines must accept (default 7)")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-input-len", type=int, default=2048, help="text tokens per request besides image tokens")
+    p.add_argument("--max-output-len", type=int, default=1024)
+    p.add_argument("--resume", action="store_true", help="continue an interrupted build of the same options")
+
+
+@command("engine", "run every stage: validate, tokenizer, vision ONNX, LLM checkpoint, engines (GPU hosts), reports",
+         _engine_args)
+def _engine(args) -> int:
+    from pathlib import Path
+
+    from .engine_build import EngineBuildOptions, build_engine, format_summary
+    from .engines import EngineLimits
+    from .llm_formats import BuildOptions, get_format
+
+    llm = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=args.kv_cache_dtype == "fp8",
+                       awq_group_size=args.awq_group_size)
+    limits = EngineLimits(max_batch_size=args.max_batch_size, max_tiles_per_image=args.max_tiles,
+                          max_input_text_len=args.max_input_len, max_output_len=args.max_output_len)
+    opts = EngineBuildOptions(llm, target=args.target, vision_dtype=args.vision_dtype, vision_quant=args.vision_quant,
+                              limits=limits, calib_data=args.calib_data, calib_size=args.calib_size)
+    quiet = args.json
+    manifest = build_engine(args.ckpt, args.out, opts, resume=args.resume, force=args.force,
+                            progress=None if not quiet else (lambda m: None))
+    print(json.dumps(manifest) if args.json else format_summary(Path(args.out), manifest))
     return 0
 
 

@@ -104,7 +104,12 @@ class NVLMDReference(nn.Module):
                 f"pixel_values must be [tiles, {v.num_channels}, {p.image_size}, {p.image_size}], "
                 f"got {list(pixel_values.shape)}"
             )
-        hidden = self.vision(pixel_values.to(self.dtype), self.cfg.select_layer)  # [T, 1+P, C]
+        return self.encode_tiles(pixel_values.to(self.dtype))
+
+    def encode_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The vision pipeline itself (no checks, no grad mode): what the ONNX export traces."""
+        v, p = self.cfg.vision, self.cfg.preprocess
+        hidden = self.vision(pixel_values, self.cfg.select_layer)  # [T, 1+P, C]
         hidden = hidden[:, 1:, :]  # [T, P, C]: the CLS token is dropped
         side = v.patches_per_side
         grid = hidden.reshape(hidden.shape[0], side, side, -1)  # [T, side, side, C]

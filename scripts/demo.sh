@@ -25,6 +25,6 @@ echo "== 5. reference NVLM-D on the bundled image: dynamic tiling (2x1 grid + th
 $NB reference "$OUT/nvlm-d-demo" --prompt "<image>
 What shapes are in this picture?" --image assets/demo_scene.png --max-new-tokens 12
 
-echo "== 6. LLM -> TensorRT-LLM checkpoint: FP8 weights + FP8 KV cache, multimodal calibration, fidelity report"
-$NB llm "$OUT/nvlm-d-demo" -o "$OUT/llm-fp8" --quant fp8 --kv-cache-dtype fp8 --calib-size 8 --force
-.venv/bin/python -c "import json,sys; r=json.load(open(sys.argv[1])); print('fidelity passed:', r['passed']); [print(f\"  {c['name']:<34} {c['value']:.4f}  (threshold {c['threshold']})\") for c in r['checks']]" "$OUT/llm-fp8/reports/fidelity.json"
+echo "== 6. one command to a deployable build: nvlm-build engine (FP8 LLM + FP8 KV cache, fp16 vision ONNX)"
+$NB engine "$OUT/nvlm-d-demo" -o "$OUT/build-fp8" --quant fp8 --kv-cache-dtype fp8 --calib-size 8 --force
+.venv/bin/python -c "import json,sys; r=json.load(open(sys.argv[1])); print('fidelity passed:', r['passed']); [print(f\"  {c['component']:<7}{c['name']:<34} {c['value'] if c['value'] is None else round(c['value'], 5)}  (threshold {c['threshold']})\") for c in r['checks']]" "$OUT/build-fp8/reports/fidelity.json"

@@ -1,0 +1,217 @@
+"""GPU-host adapters: `trtllm-build` for the LLM checkpoint and the TensorRT vision engine.
+
+Thin on purpose: everything here is either a pure function that computes settings (unit-tested
+against documented expectations for NVLM-D-72B) or a lazily imported call into TensorRT /
+TensorRT-LLM that only runs on GPU hosts. Where those are absent, the build records the stage as
+pending and writes the exact commands to finish on a GPU host (engines/build_engines.sh).
+
+TensorRT-LLM's TensorRT-engine builder (`trtllm-build`) is legacy since 1.0 and was removed from
+the main line in 2026; releases up to the 1.2 line ship it. Capability is detected at run time
+(the builder module's presence), never from a version string.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shlex
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .config import NVLMConfig
+from .errors import NVLMError
+from .llm_formats import BuildOptions
+
+ENGINE_RELEASE = "TensorRT-LLM 1.2 (NGC container nvcr.io/nvidia/tensorrt-llm/release:1.2.x)"
+TOKENS_PER_TILE_NOTE = "max_multimodal_len = max_batch_size × max tiles per image × tokens per tile"
+
+
+class EngineToolError(NVLMError):
+    """TensorRT / TensorRT-LLM is missing or cannot build engines."""
+
+
+@dataclass(frozen=True)
+class Capability:
+    tensorrt: bool
+    tensorrt_llm: bool
+    engine_builder: bool  # trtllm-build / tensorrt_llm.commands.build present
+    gpu: bool
+    detail: str
+
+    @property
+    def can_build(self) -> bool:
+        return self.tensorrt and self.engine_builder and self.gpu
+
+
+def detect() -> Capability:
+    trt = importlib.util.find_spec("tensorrt") is not None
+    trtllm = importlib.util.find_spec("tensorrt_llm") is not None
+    builder = False
+    if trtllm:
+        try:
+            builder = importlib.util.find_spec("tensorrt_llm.commands.build") is not None
+        except (ImportError, ValueError):
+            builder = False
+    builder = builder or shutil.which("trtllm-build") is not None
+    gpu = False
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except ImportError:
+        pass
+    if not trt:
+        detail = "no TensorRT"
+    elif not trtllm:
+        detail = "no TensorRT-LLM"
+    elif not builder:
+        detail = (f"this TensorRT-LLM has no engine builder (removed from the main line in 2026); use {ENGINE_RELEASE}")
+    elif not gpu:
+        detail = "no CUDA GPU"
+    else:
+        detail = "TensorRT, TensorRT-LLM engine builder and a GPU present"
+    return Capability(trt, trtllm, builder, gpu, detail)
+
+
+# --------------------------------------------------------------------------- limits
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    max_batch_size: int = 8
+    max_tiles_per_image: int = 7  # 6 tiles + thumbnail
+    max_images_per_request: int = 1
+    max_input_text_len: int = 2048  # text tokens beside the image tokens
+    max_output_len: int = 1024
+    tokens_per_tile: int = 256
+
+    @property
+    def max_multimodal_len(self) -> int:
+        return self.max_batch_size * self.max_images_per_request * self.max_tiles_per_image * self.tokens_per_tile
+
+    @property
+    def max_image_tokens_per_request(self) -> int:
+        return self.max_images_per_request * self.max_tiles_per_image * self.tokens_per_tile
+
+    @property
+    def max_input_len(self) -> int:
+        return self.max_input_text_len + self.max_image_tokens_per_request
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.max_input_len + self.max_output_len
+
+    @property
+    def max_vision_tiles(self) -> int:
+        return self.max_batch_size * self.max_images_per_request * self.max_tiles_per_image
+
+
+# --------------------------------------------------------------------------- trtllm-build
+
+
+def trtllm_build_args(ckpt_dir: Path, engine_dir: Path, opts: BuildOptions, limits: EngineLimits) -> list[str]:
+    """The trtllm-build command line for one LLM checkpoint (TensorRT-LLM ≤ 1.2 flag names)."""
+    args = [
+        "trtllm-build",
+        "--checkpoint_dir", str(ckpt_dir),
+        "--output_dir", str(engine_dir),
+        "--gpt_attention_plugin", "auto",  # fused attention, paged KV, in-flight batching
+        "--gemm_plugin", "auto",  # picks the GEMM plugin for the checkpoint's dtype / quantization
+        "--kv_cache_type", "paged",
+        "--remove_input_padding", "enable",
+        "--context_fmha", "enable",
+        "--max_batch_size", str(limits.max_batch_size),
+        "--max_input_len", str(limits.max_input_len),
+        "--max_seq_len", str(limits.max_seq_len),
+        "--max_num_tokens", str(limits.max_batch_size * limits.max_input_len),
+        # prompt-embedding table rows for image tokens (alias of --max_prompt_embedding_table_size)
+        "--max_multimodal_len", str(limits.max_multimodal_len),
+        "--workers", str(opts.world_size),
+    ]
+    if opts.fmt.name == "fp8" and opts.kv_cache_fp8:
+        args += ["--use_fp8_context_fmha", "enable"]  # FP8 attention in the context phase (Hopper)
+    return args
+
+
+# --------------------------------------------------------------------------- vision engine
+
+
+@dataclass(frozen=True)
+class VisionEngineSettings:
+    onnx: str
+    engine: str
+    input_name: str
+    profile_min: tuple[int, int, int, int]
+    profile_opt: tuple[int, int, int, int]
+    profile_max: tuple[int, int, int, int]
+    precision_flags: tuple[str, ...]  # TensorRT BuilderFlag names
+    strongly_typed: bool  # FP8 Q/DQ graphs are built strongly typed
+    timing_cache: str
+    workspace_bytes: int
+    output_shape: tuple[int, int, int]  # [-1, tokens_per_tile, llm_hidden]
+    uint8_input_plugin: bool  # nvlm::normalize_tiles in front: clients send uint8 [T, S, S, 3]
+
+
+def vision_engine_settings(cfg: NVLMConfig, vision_dir: Path, engine_dir: Path, dtype: str,
+                           limits: EngineLimits, fp8: bool = False, uint8_input: bool = False) -> VisionEngineSettings:
+    s = cfg.preprocess.image_size
+    opt_tiles = min(cfg.preprocess.max_tiles_per_image, limits.max_vision_tiles)  # one full image
+    flags = {"fp16": ("FP16",), "bf16": ("BF16",), "fp32": ()}[dtype]
+    return VisionEngineSettings(
+        onnx=str(vision_dir / ("vision_encoder.fp8.onnx" if fp8 else "vision_encoder.onnx")),
+        engine=str(engine_dir / "vision_encoder.engine"),
+        input_name="pixel_values",
+        profile_min=(1, 3, s, s), profile_opt=(opt_tiles, 3, s, s), profile_max=(limits.max_vision_tiles, 3, s, s),
+        precision_flags=flags + (("FP8",) if fp8 else ()),
+        strongly_typed=fp8,
+        timing_cache=str(engine_dir / "vision_timing.cache"),
+        workspace_bytes=8 << 30,
+        output_shape=(-1, cfg.preprocess.tokens_per_tile, cfg.llm.hidden_size),
+        uint8_input_plugin=uint8_input,
+    )
+
+
+def build_vision_engine(settings: VisionEngineSettings) -> dict:
+    """TensorRT engine from the vision ONNX (GPU hosts). Returns what was built."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise EngineToolError("TensorRT is not installed; run on a GPU host (engines/build_engines.sh)") from None
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if settings.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(settings.onnx):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise EngineToolError(f"TensorRT could not parse {settings.onnx}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_bytes)
+    if not settings.strongly_typed:
+        for flag in settings.precision_flags:
+            config.set_flag(getattr(trt.BuilderFlag, flag))
+    cache_path = Path(settings.timing_cache)
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.exists() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+    if settings.uint8_input_plugin:
+        # plugins/trt_plugin.insert_normalize_plugin exists, but splicing it in front of the parsed
+        # graph has not been run on a GPU yet; refuse rather than build something untested.
+        raise EngineToolError("uint8 tile input (nvlm::normalize_tiles) is not enabled in engine builds yet")
+    profile = builder.create_optimization_profile()
+    profile.set_shape(settings.input_name, settings.profile_min, settings.profile_opt, settings.profile_max)
+    config.add_optimization_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise EngineToolError("TensorRT failed to build the vision engine (see the log above)")
+    Path(settings.engine).write_bytes(bytes(serialized))
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    out = network.get_output(0)
+    return {"engine": settings.engine, "output_shape": list(out.shape), "settings": asdict(settings)}
+
+
+def finish_script(commands: list[list[str]], extra: str = "") -> str:
+    lines = ["#!/usr/bin/env bash",
+             f"# Finish this build on a GPU host with TensorRT and an engine-capable TensorRT-LLM ({ENGINE_RELEASE}).",
+             "# Run from the build directory.", "set -euo pipefail", extra]
+    lines += [" ".join(shlex.quote(c) for c in cmd) for cmd in commands]
+    return "\n".join(line for line in lines if line is not None) + "\n"

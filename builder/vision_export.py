@@ -1,0 +1,182 @@
+"""`nvlm-build vision`: the vision encoder (InternViT → drop CLS → pixel shuffle → mlp1) as ONNX.
+
+    pixel_values [tiles, 3, 448, 448] ─▶ vision_encoder.onnx ─▶ image_embeds [tiles, 256, llm_hidden]
+
+The tile-batch dimension is dynamic (1 … max_batch × max tiles per image). The graph is traced
+from the reference model's own `encode_tiles`, so there is one implementation of the pipeline.
+Each export is checked with onnxruntime against the float32 reference on fresh random tiles.
+Optionally (`--vision-quant fp8`) NVIDIA Model Optimizer's ONNX quantization inserts FP8 Q/DQ
+nodes, calibrated on tiles of the built-in calibration scenes; its accuracy against the float32
+reference is measured and reported (TensorRT-LLM's own multimodal recipes keep the encoder in fp16;
+FP8 roughly halves InternViT-6B's compute, DESIGN.md §5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import NVLMError
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+FP8_OPSET = 19  # float8 Q/DQ needs opset 19
+EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a model at 2 GB; go external well before that
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# onnxruntime check thresholds (max |Δ| / max |ref| over fresh random tiles)
+CHECK_THRESHOLDS = {"fp32": 1e-4,  # same math, float32 both sides
+                    "fp16": 2e-2}  # fp16 weights and activations through 2+ transformer layers
+CHECK_TILES = 3
+
+
+class VisionExportError(NVLMError):
+    """The vision encoder could not be exported or does not match the reference."""
+
+
+class VisionEncoder(torch.nn.Module):
+    def __init__(self, reference):
+        super().__init__()
+        self.reference = reference
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.reference.encode_tiles(pixel_values)  # [T, 256, llm_hidden]
+
+
+def _save(model_proto, path: Path) -> list[str]:
+    import onnx
+
+    if model_proto.ByteSize() > EXTERNAL_DATA_BYTES:
+        data = path.name + ".data"
+        onnx.save_model(model_proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data, size_threshold=1024)
+        return [path.name, data]
+    onnx.save_model(model_proto, str(path))
+    return [path.name]
+
+
+def _ort_check(path: Path, reference, dtype: str, tiles: int, seed: int) -> float:
+    import onnxruntime as ort
+
+    s = reference.cfg.preprocess.image_size
+    x = torch.randn(tiles, 3, s, s, generator=torch.Generator().manual_seed(seed))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    inp = x.to(DTYPES[dtype]).numpy() if dtype != "bf16" else None
+    if inp is None:
+        raise VisionExportError("bf16 ONNX cannot be run by onnxruntime on CPU")
+    y = torch.from_numpy(sess.run(None, {"pixel_values": inp})[0].astype(np.float32))
+    with torch.no_grad():
+        r = reference.encode_tiles(x)
+    return float((y - r).abs().max() / r.abs().max())
+
+
+def calibration_tiles(reference, count: int = 4) -> np.ndarray:
+    """Tiles from the built-in calibration scenes, preprocessed exactly as in serving."""
+    from runtime.preprocess import preprocess_image
+
+    from .calibration import SCENE_SIZES, synthetic_scene
+
+    tiles = [preprocess_image(synthetic_scene(w, h, 100 + k), config=reference.cfg.preprocess).pixel_values
+             for k, (w, h) in enumerate(SCENE_SIZES[:count])]
+    return np.concatenate(tiles).astype(np.float32)
+
+
+def export_vision(reference, out: Path, *, dtype: str = "fp16", vision_quant: str | None = None,
+                  max_tiles: int = 28, seed: int = 0) -> dict:
+    """Write vision_encoder.onnx (+ .data), optional vision_encoder.fp8.onnx, and vision/config.json."""
+    if dtype not in DTYPES:
+        raise VisionExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if vision_quant not in (None, "fp8"):
+        raise VisionExportError(f"--vision-quant {vision_quant!r}: only 'fp8' is supported")
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = reference.cfg
+    s, hidden = cfg.preprocess.image_size, cfg.llm.hidden_size
+    wrapper = VisionEncoder(reference).eval()
+
+    def export(path: Path, torch_dtype, opset: int) -> list[str]:
+        import onnx
+
+        tmp = path.with_suffix(".trace.onnx")
+        model = VisionEncoder(_cast(reference, torch_dtype)).eval() if torch_dtype != torch.float32 else wrapper
+        dummy = torch.zeros(2, 3, s, s, dtype=torch_dtype)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (dummy,), str(tmp), input_names=["pixel_values"], output_names=["image_embeds"],
+                              dynamic_axes={"pixel_values": {0: "tiles"}, "image_embeds": {0: "tiles"}},
+                              opset_version=opset, dynamo=False)
+        proto = onnx.load(str(tmp))
+        tmp.unlink()
+        for extra in tmp.parent.glob(tmp.name + "*"):
+            extra.unlink()
+        return _save(proto, path)
+
+    files = export(out / "vision_encoder.onnx", DTYPES[dtype], OPSET)
+    checks = {}
+    if dtype in CHECK_THRESHOLDS:
+        rel = _ort_check(out / "vision_encoder.onnx", reference, dtype, CHECK_TILES, seed)
+        checks["onnx_vs_reference"] = {"metric": "max |Δ| / max |ref| on fresh random tiles (onnxruntime CPU)",
+                                       "value": rel, "threshold": CHECK_THRESHOLDS[dtype],
+                                       "passed": rel <= CHECK_THRESHOLDS[dtype]}
+        if rel > CHECK_THRESHOLDS[dtype]:
+            raise VisionExportError(f"exported {dtype} vision encoder deviates from the reference by {rel:.2e} "
+                                    f"(threshold {CHECK_THRESHOLDS[dtype]:.0e})")
+    else:
+        checks["onnx_vs_reference"] = {"metric": "not run: onnxruntime has no bf16 kernels on CPU", "value": None,
+                                       "threshold": None, "passed": True}
+    if vision_quant == "fp8":
+        files += _fp8(reference, out, export)
+        rel = _ort_check(out / "vision_encoder.fp8.onnx", reference, "fp32", CHECK_TILES, seed)
+        checks["fp8_vs_fp32_reference"] = {"metric": "max |Δ| / max |ref| on fresh random tiles (reported)",
+                                           "value": rel, "threshold": None, "passed": True}
+    info = {
+        "onnx": "vision_encoder.onnx", "fp8_onnx": "vision_encoder.fp8.onnx" if vision_quant else None,
+        "files": files, "dtype": dtype, "opset": OPSET, "vision_quant": vision_quant,
+        "input": {"name": "pixel_values", "shape": [-1, 3, s, s], "dtype": dtype},
+        "output": {"name": "image_embeds", "shape": [-1, cfg.preprocess.tokens_per_tile, hidden], "dtype": dtype},
+        "max_tiles": max_tiles, "checks": checks,
+    }
+    (out / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+def _cast(reference, dtype):
+    import copy
+
+    return copy.deepcopy(reference).to(dtype)
+
+
+def _fp8(reference, out: Path, export) -> list[str]:
+    """FP8 Q/DQ with modelopt's ONNX quantization, calibrated on real preprocessed tiles."""
+    src = out / "vision_encoder.fp32-for-fp8.onnx"
+    written = export(src, torch.float32, FP8_OPSET)
+    try:
+        from modelopt.onnx.quantization import quantize
+    except ImportError as e:
+        raise VisionExportError(f"--vision-quant fp8 needs modelopt's ONNX dependencies ({e}); install "
+                                "nvlm-trt[onnx]") from None
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf), _quiet_modelopt_logs():
+        warnings.simplefilter("ignore")
+        quantize(onnx_path=str(src), quantize_mode="fp8", calibration_data=calibration_tiles(reference),
+                 output_path=str(out / "vision_encoder.fp8.onnx"), calibration_eps=["cpu"])
+    for f in written:
+        (out / f).unlink(missing_ok=True)
+    return [p.name for p in out.glob("vision_encoder.fp8.onnx*")]
+
+
+@contextlib.contextmanager
+def _quiet_modelopt_logs():
+    logger = logging.getLogger("modelopt")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
