@@ -209,3 +209,12 @@ def test_calibration_from_image_folder(demo_ckpt, tmp_path):
     summary = build_llm(demo_ckpt, tmp_path / "o", BuildOptions(get_format("int4_awq")), calib_data=folder)
     assert summary["calibration"] == {"source": str(folder), "samples": 4, "multimodal": 4}
     assert summary["fidelity_passed"]
+
+
+def test_awq_group_size_64(tmp_path, released_ckpt):
+    d = tmp_path / "g64"
+    summary = build_llm(released_ckpt, d, BuildOptions(get_format("int4_awq"), awq_group_size=64), calib_size=4)
+    q = json.loads((d / "config.json").read_text())["quantization"]
+    assert q["group_size"] == 64 and summary["fidelity_passed"]
+    f = safe_open(str(d / "rank0.safetensors"), "pt")
+    assert tuple(f.get_slice("transformer.layers.0.mlp.proj.weights_scaling_factor").get_shape()) == (128, 256 // 64)
