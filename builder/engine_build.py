@@ -195,10 +195,13 @@ def _engines(ctx: Context, tmp: Path) -> dict:
                 "finish": "cd OUT && engines/build_engines.sh  (on a GPU host)"}
     import subprocess
 
-    subprocess.run(llm_cmd, cwd=ctx.root, check=True)
     from .engines import build_vision_engine
 
-    built = build_vision_engine(vis)
+    # Build into this stage's temporary folder (renamed to engines/ when done), reading the finished
+    # llm/ and vision/ stages by absolute path.
+    subprocess.run(trtllm_build_args(ctx.root / "llm", tmp / "llm", o.llm, o.limits), check=True)
+    built = build_vision_engine(vision_engine_settings(ctx.ckpt.config, ctx.root / "vision", tmp, o.vision_dtype,
+                                                       o.limits, fp8=o.vision_quant == "fp8"))
     return {"status": "built", "vision_output_shape": built["output_shape"]}
 
 

@@ -212,6 +212,7 @@ def build_vision_engine(settings: VisionEngineSettings) -> dict:
 def finish_script(commands: list[list[str]], extra: str = "") -> str:
     lines = ["#!/usr/bin/env bash",
              f"# Finish this build on a GPU host with TensorRT and an engine-capable TensorRT-LLM ({ENGINE_RELEASE}).",
-             "# Run from the build directory.", "set -euo pipefail", extra]
+             "# Run from the build directory, with nvlm-trt installed (the vision step imports builder.engines).",
+             "set -euo pipefail", extra]
     lines += [" ".join(shlex.quote(c) for c in cmd) for cmd in commands]
     return "\n".join(line for line in lines if line is not None) + "\n"
