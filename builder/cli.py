@@ -217,6 +217,7 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vision-quant", choices=["fp8"], default=None)
     p.add_argument("--max-tiles", type=int, default=7, help="tiles per image the engines must accept (default 7)")
     p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--max-images", type=int, default=1, help="images per request the deployment accepts")
     p.add_argument("--max-input-len", type=int, default=2048, help="text tokens per request besides image tokens")
     p.add_argument("--max-output-len", type=int, default=1024)
     p.add_argument("--resume", action="store_true", help="continue an interrupted build of the same options")
@@ -234,6 +235,7 @@ def _engine(args) -> int:
     llm = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=args.kv_cache_dtype == "fp8",
                        awq_group_size=args.awq_group_size)
     limits = EngineLimits(max_batch_size=args.max_batch_size, max_tiles_per_image=args.max_tiles,
+                          max_images_per_request=args.max_images,
                           max_input_text_len=args.max_input_len, max_output_len=args.max_output_len)
     opts = EngineBuildOptions(llm, target=args.target, vision_dtype=args.vision_dtype, vision_quant=args.vision_quant,
                               limits=limits, calib_data=args.calib_data, calib_size=args.calib_size)
@@ -241,6 +243,31 @@ def _engine(args) -> int:
     manifest = build_engine(args.ckpt, args.out, opts, resume=args.resume, force=args.force,
                             progress=None if not quiet else (lambda m: None))
     print(json.dumps(manifest) if args.json else format_summary(Path(args.out), manifest))
+    return 0
+
+
+# --------------------------------------------------------------------------- triton-repo
+
+
+def _repo_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("build", help="an nvlm-build engine output directory")
+    p.add_argument("-o", "--out", required=True, help="model repository directory to create")
+    p.add_argument("--target", choices=["trt", "reference"], default="reference")
+    p.add_argument("--force", action="store_true")
+
+
+@command("triton-repo", "write the Triton model repository for a build (target trt or reference)", _repo_args)
+def _repo(args) -> int:
+    from pathlib import Path
+
+    from triton_repo.generate import generate_repo
+
+    from .fsutil import publish_dir
+
+    models: list = []
+    publish_dir(Path(args.out), lambda tmp: models.extend(generate_repo(args.build, tmp, args.target)),
+                force=args.force)
+    print(f"wrote {args.target} repository with {', '.join(models)} to {args.out}")
     return 0
 
 

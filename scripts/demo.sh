@@ -28,3 +28,17 @@ What shapes are in this picture?" --image assets/demo_scene.png --max-new-tokens
 echo "== 6. one command to a deployable build: nvlm-build engine (FP8 LLM + FP8 KV cache, fp16 vision ONNX)"
 $NB engine "$OUT/nvlm-d-demo" -o "$OUT/build-fp8" --quant fp8 --kv-cache-dtype fp8 --calib-size 8 --force
 .venv/bin/python -c "import json,sys; r=json.load(open(sys.argv[1])); print('fidelity passed:', r['passed']); [print(f\"  {c['component']:<7}{c['name']:<34} {c['value'] if c['value'] is None else round(c['value'], 5)}  (threshold {c['threshold']})\") for c in r['checks']]" "$OUT/build-fp8/reports/fidelity.json"
+
+echo "== 7. serve the build on Triton (bundled CPU tritonserver, reference target), ask about the bundled image"
+PORT=$(( 21000 + RANDOM % 2000 ))
+.venv/bin/nvlm-serve "$OUT/build-fp8" --grpc-port $PORT --http-port $((PORT + 1)) --metrics-port $((PORT + 2)) \
+  --log-file "$OUT/tritonserver.log" > "$OUT/serve.out" 2>&1 &
+SERVE_PID=$!
+trap 'kill $SERVE_PID 2>/dev/null; wait $SERVE_PID 2>/dev/null' EXIT
+for _ in $(seq 1 120); do grep -q "^serving" "$OUT/serve.out" 2>/dev/null && break; kill -0 $SERVE_PID || { cat "$OUT/serve.out"; exit 1; }; sleep 0.5; done
+cat "$OUT/serve.out"
+.venv/bin/nvlm-client --url 127.0.0.1:$PORT --prompt "<image>
+What shapes are in this picture?" --image assets/demo_scene.png --max-tokens 12 --stream
+kill $SERVE_PID; wait $SERVE_PID || true
+trap - EXIT
+echo "== server stopped; log in $OUT/tritonserver.log"

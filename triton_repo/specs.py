@@ -146,26 +146,31 @@ ENTRY_INPUTS = (
     Tensor("frequency_penalty", "FP32", (1,), optional=True),
     Tensor("length_penalty", "FP32", (1,), optional=True),
 )
-ENTRY_OUTPUTS = (Tensor("text_output", "BYTES", (-1,)),)
+# text_output per tensorrtllm_backend; output_ids too, so clients and tests can check tokens exactly.
+ENTRY_OUTPUTS = (Tensor("text_output", "BYTES", (-1,)), Tensor("output_ids", "INT32", (-1,)))
 
 
 def model_specs(target: str, *, llm_hidden: int, max_batch_size: int, engine_dir: str | None = None,
-                kv_cache_free_gpu_mem_fraction: float = 0.9) -> list[ModelSpec]:
-    """Model configs of the repository for `target` ("trt" on GPU hosts, "reference" on CPU)."""
+                build_dir: str = "", kv_cache_free_gpu_mem_fraction: float = 0.9,
+                image_size: int = 448) -> list[ModelSpec]:
+    """Model configs of the repository for `target` ("trt" on GPU hosts, "reference" on CPU).
+    Python models find the build (tokenizer, preprocess.json, vision ONNX, llm checkpoint) through
+    their `build_dir` parameter."""
     if target not in ("trt", "reference"):
         raise RenderError(f"target {target!r}: choose trt or reference")
-    s = 448
+    s = image_size
+    py = {"build_dir": build_dir}
     vision = ModelSpec(
         "vision_encoder", backend="python" if target == "reference" else None,
         platform="tensorrt_plan" if target == "trt" else None, max_batch_size=0,
         inputs=(Tensor("pixel_values", "FP16" if target == "trt" else "FP32", (-1, 3, s, s)),),
         outputs=(Tensor("image_embeds", "FP16" if target == "trt" else "FP32", (-1, 256, llm_hidden)),),
-        instance_kind="KIND_GPU" if target == "trt" else "KIND_CPU")
+        instance_kind="KIND_GPU" if target == "trt" else "KIND_CPU", parameters={} if target == "trt" else py)
     llm_params = ({"gpt_model_type": "inflight_fused_batching", "gpt_model_path": engine_dir,
                    "batch_scheduler_policy": "guaranteed_no_evict",
                    "kv_cache_free_gpu_mem_fraction": kv_cache_free_gpu_mem_fraction,
                    "exclude_input_in_output": "true"}
-                  if target == "trt" else {"executor": "reference (runtime/trtllm_executor.py)"})
+                  if target == "trt" else {"executor": "reference (runtime/trtllm_executor.py)", **py})
     llm = ModelSpec(
         "tensorrt_llm", backend="tensorrtllm" if target == "trt" else "python", platform=None,
         max_batch_size=max_batch_size, inputs=TRTLLM_INPUTS, outputs=TRTLLM_OUTPUTS, decoupled=True,
@@ -174,13 +179,14 @@ def model_specs(target: str, *, llm_hidden: int, max_batch_size: int, engine_dir
         "preprocessing", backend="python", platform=None, max_batch_size=0,
         inputs=(Tensor("text_input", "BYTES", (1,)), Tensor("image_bytes", "BYTES", (-1,), optional=True)),
         outputs=(Tensor("input_ids", "INT32", (-1,)), Tensor("pixel_values", "FP32", (-1, 3, s, s)),
-                 Tensor("image_token_count", "INT32", (1,))))
+                 Tensor("image_token_count", "INT32", (1,))), parameters=py)
     post = ModelSpec(
         "postprocessing", backend="python", platform=None, max_batch_size=0,
-        inputs=(Tensor("output_ids", "INT32", (-1,)),), outputs=(Tensor("text_output", "BYTES", (-1,)),))
+        inputs=(Tensor("output_ids", "INT32", (-1,)),), outputs=(Tensor("text_output", "BYTES", (-1,)),),
+        parameters=py)
     # Entry point: BLS rather than an ensemble — images are optional per request (an ensemble would
     # run the vision step even with none), and streaming needs a decoupled model that forwards each
     # tensorrt_llm response as it arrives.
     entry = ModelSpec("nvlm", backend="python", platform=None, max_batch_size=0, inputs=ENTRY_INPUTS,
-                      outputs=ENTRY_OUTPUTS, decoupled=True)
+                      outputs=ENTRY_OUTPUTS, decoupled=True, instance_count=4, parameters=py)
     return [pre, vision, llm, post, entry]

@@ -1,0 +1,164 @@
+"""`nvlm-client`: ask an NVLM Triton deployment a question over gRPC (tritonclient), optionally streaming.
+
+    nvlm-client --url 127.0.0.1:8001 --prompt "What is in <image>?" --image cat.png [--stream] [--json]
+
+The entry model is decoupled, so both modes use the gRPC bidirectional stream; `--stream` prints
+text as each token arrives. Connection and server errors become one clear message (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import queue
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from builder.errors import NVLMError
+
+
+class ClientError(NVLMError):
+    """The server is unreachable or answered with an error."""
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: list[int]
+    seconds: float
+    time_to_first_token: float | None
+    chunks: list[str] = field(default_factory=list)
+
+
+class NVLMClient:
+    def __init__(self, url: str = "127.0.0.1:8001", model: str = "nvlm", timeout: float = 300.0):
+        import tritonclient.grpc as grpcclient
+
+        self.url, self.model, self.timeout = url, model, timeout
+        self._g = grpcclient
+        self.client = grpcclient.InferenceServerClient(url)
+
+    def check(self) -> None:
+        try:
+            ready = self.client.is_server_ready()
+        except Exception as e:  # noqa: BLE001 — tritonclient raises its own InferenceServerException
+            raise ClientError(f"cannot reach Triton at {self.url}: {e}") from None
+        if not ready:
+            raise ClientError(f"Triton at {self.url} is not ready")
+        try:
+            if not self.client.is_model_ready(self.model):
+                raise ClientError(f"model {self.model!r} is not ready on {self.url}")
+        except ClientError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise ClientError(f"model {self.model!r} is not available on {self.url}: {e}") from None
+
+    def _inputs(self, prompt, images, max_tokens, stream, temperature, top_k, top_p, seed, extra):
+        g = self._g
+
+        def add(name, dtype, arr):
+            t = g.InferInput(name, list(arr.shape), dtype)
+            t.set_data_from_numpy(arr)
+            return t
+
+        inputs = [add("text_input", "BYTES", np.array([prompt.encode()], dtype=object)),
+                  add("max_tokens", "INT32", np.array([max_tokens], np.int32)),
+                  add("stream", "BOOL", np.array([stream], bool)),
+                  add("temperature", "FP32", np.array([temperature], np.float32)),
+                  add("top_k", "INT32", np.array([top_k], np.int32)),
+                  add("top_p", "FP32", np.array([top_p], np.float32)),
+                  add("random_seed", "INT64", np.array([seed], np.int64))]
+        if images:
+            blobs = [Path(i).read_bytes() if isinstance(i, (str, Path)) else bytes(i) for i in images]
+            inputs.append(add("image_bytes", "BYTES", np.array(blobs, dtype=object)))
+        for name, (dtype, arr) in (extra or {}).items():
+            inputs.append(add(name, dtype, arr))
+        return inputs
+
+    def generate(self, prompt: str, images=(), *, max_tokens: int = 64, stream: bool = False,
+                 temperature: float = 0.0, top_k: int = 1, top_p: float = 0.0, seed: int = 0,
+                 on_text=None, extra: dict | None = None) -> Answer:
+        inputs = self._inputs(prompt, images, max_tokens, stream, temperature, top_k, top_p, seed, extra)
+        done: queue.Queue = queue.Queue()
+
+        def callback(result, error):
+            done.put((result, error))
+
+        t0 = time.perf_counter()
+        try:
+            self.client.start_stream(callback=callback)
+        except Exception as e:  # noqa: BLE001
+            raise ClientError(f"cannot reach Triton at {self.url}: {e}") from None
+        ttft, chunks, tokens = None, [], []
+        try:
+            self.client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
+            while True:
+                try:
+                    result, error = done.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise ClientError(f"no response from {self.model!r} within {self.timeout:.0f} s") from None
+                if error is not None:
+                    raise ClientError(f"server error: {error.message() if hasattr(error, 'message') else error}")
+                resp = result.get_response()
+                text = result.as_numpy("text_output")
+                if text is not None and text.size:
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    chunk = text.reshape(-1)[0].decode("utf-8", "replace")
+                    chunks.append(chunk)
+                    ids = result.as_numpy("output_ids")
+                    tokens += [] if ids is None else ids.reshape(-1).tolist()
+                    if on_text:
+                        on_text(chunk)
+                if resp.parameters.get("triton_final_response") and resp.parameters["triton_final_response"].bool_param:
+                    break
+        finally:
+            self.client.stop_stream()
+        return Answer("".join(chunks), tokens, time.perf_counter() - t0, ttft, chunks)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="nvlm-client", description="Ask an NVLM deployment on Triton (gRPC).")
+    ap.add_argument("--url", default="127.0.0.1:8001")
+    ap.add_argument("--model", default="nvlm")
+    ap.add_argument("--prompt", required=True, help="put <image> where each image belongs (else prepended)")
+    ap.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=1)
+    ap.add_argument("--top-p", type=float, default=0.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stream", action="store_true", help="print text as tokens arrive")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        for img in args.image:
+            if not Path(img).is_file():
+                raise ClientError(f"image {img} not found")
+        client = NVLMClient(args.url, args.model)
+        client.check()
+        printer = (lambda c: print(c, end="", flush=True)) if args.stream and not args.json else None
+        ans = client.generate(args.prompt, args.image, max_tokens=args.max_tokens, stream=args.stream,
+                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                              on_text=printer)
+    except NVLMError as e:
+        print(f"nvlm-client: error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(asdict(ans)))
+    else:
+        if not args.stream:
+            print(ans.text)
+        else:
+            print()
+        ttft = "-" if ans.time_to_first_token is None else f"{ans.time_to_first_token * 1e3:.0f} ms"
+        print(f"[{len(ans.tokens)} tokens in {ans.seconds * 1e3:.0f} ms; time to first token {ttft}]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

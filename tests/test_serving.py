@@ -1,0 +1,206 @@
+"""Served for real: the reference target's repository on the bundled CPU tritonserver, over gRPC.
+
+One server for the module (port range chosen per process to avoid clashes); every bad request is
+followed by a valid one; after shutdown no shared-memory segment or process is left.
+"""
+
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from builder.engine_build import EngineBuildOptions, build_engine
+from builder.llm_formats import BuildOptions, get_format
+from runtime.client import ClientError, NVLMClient
+from tests.conftest import ROOT
+
+IMAGE = ROOT / "assets" / "demo_scene.png"
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory, demo_ckpt):
+    out = tmp_path_factory.mktemp("serve") / "build"
+    from builder.engines import EngineLimits
+
+    opts = EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference", vision_dtype="fp32", calib_size=4,
+                              limits=EngineLimits(max_images_per_request=4))
+    build_engine(demo_ckpt, out, opts)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(build):
+    from triton_repo.server import TritonServer, _shm_segments
+
+    base = 20000 + (os.getpid() % 2000) * 3
+    before = _shm_segments()
+    srv = TritonServer(build / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2).start()
+    yield srv
+    srv.stop()
+    assert srv.proc.poll() is not None
+    assert _shm_segments() - before == set()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = NVLMClient(server.grpc_url)
+    c.check()
+    return c
+
+
+@pytest.fixture(scope="module")
+def local(build):
+    """The same request computed in-process: preprocessing, vision ONNX, reference executor."""
+    import json
+
+    import onnxruntime as ort
+
+    from builder.config import PreprocessConfig
+    from runtime.preprocess import preprocess_images
+    from runtime.prompt import build_prompt
+    from runtime.tokenizer import NVLMTokenizer
+    from runtime.trtllm_executor import Request, TRTLLMExecutor
+
+    ex = TRTLLMExecutor.load(build / "llm")
+    tok = NVLMTokenizer.from_dir(build / "tokenizer")
+    pre = json.loads((build / "preprocess.json").read_text())
+    cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()
+                              if k in PreprocessConfig.__dataclass_fields__})
+    sess = ort.InferenceSession(str(build / "vision" / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
+
+    def run(prompt, images, n):
+        done = preprocess_images([Path(i).read_bytes() for i in images], cfg, max_images=4) if images else []
+        if images and "<image>" not in prompt:
+            prompt = "<image>\n" * len(images) + prompt
+        p = build_prompt(tok, prompt, [d.num_tiles for d in done], tokens_per_tile=256)
+        table = None
+        if done:
+            emb = sess.run(None, {"pixel_values": np.concatenate([d.pixel_values for d in done])})[0]
+            table = torch.from_numpy(emb.reshape(-1, emb.shape[-1]).astype(np.float16).astype(np.float32))
+        req = Request(p.trtllm_input_ids(ex.vocab_size), n, table, end_id=tok.im_end_id)
+        return ex.generate([req])[0].tokens
+
+    return run
+
+
+@pytest.mark.parametrize("prompt, images", [
+    ("Write one sentence about the sea.", []),
+    ("What shapes are in this picture?", [IMAGE]),
+    ("Compare <image> and <image>.", [IMAGE, IMAGE]),
+])
+def test_greedy_answers_equal_reference_executor(client, local, prompt, images):
+    ans = client.generate(prompt, images, max_tokens=8)
+    assert ans.tokens == local(prompt, images, 8)
+    streamed = client.generate(prompt, images, max_tokens=8, stream=True)
+    assert streamed.tokens == ans.tokens and "".join(streamed.chunks) == ans.text
+    assert len(streamed.chunks) == len(ans.tokens)  # one response per token
+
+
+def test_sixteen_concurrent_streaming_clients(server, local):
+    expected = {p: local(p, [], 6) for p in ("Hello there.", "Describe a cat.")}
+    failures, results = [], []
+
+    def worker(k):
+        try:
+            c = NVLMClient(server.grpc_url)
+            for i in range(3):
+                prompt = ("Hello there.", "Describe a cat.")[(k + i) % 2]
+                ans = c.generate(prompt, max_tokens=6, stream=True)
+                results.append(ans.tokens == expected[prompt])
+        except Exception as e:  # noqa: BLE001
+            failures.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(16)]
+    [t.start() for t in threads]
+    [t.join(timeout=600) for t in threads]
+    assert not failures and len(results) == 48 and all(results)
+    assert NVLMClient(server.grpc_url).client.is_server_ready()
+
+
+def _raw(client, inputs):
+    """Send hand-built tensors to the entry model; returns the error message or None."""
+    import queue
+
+    g = client._g
+    q: queue.Queue = queue.Queue()
+    client.client.start_stream(callback=lambda result, error: q.put((result, error)))
+    try:
+        tensors = []
+        for name, dtype, arr in inputs:
+            t = g.InferInput(name, list(arr.shape), dtype)
+            t.set_data_from_numpy(arr)
+            tensors.append(t)
+        client.client.async_stream_infer("nvlm", tensors)
+        _, e = q.get(timeout=120)
+        return None if e is None else str(e)
+    finally:
+        client.client.stop_stream()
+
+
+TEXT = ("text_input", "BYTES", np.array([b"<image> hi"], dtype=object))
+MAXT = ("max_tokens", "INT32", np.array([4], np.int32))
+
+
+def _img(data):
+    return ("image_bytes", "BYTES", np.array(data, dtype=object))
+
+
+@pytest.mark.parametrize("inputs, message", [
+    ([MAXT], "text_input"),
+    ([("text_input", "INT32", np.array([1], np.int32)), MAXT], "data type|datatype|TYPE_STRING|BYTES"),
+    ([TEXT, MAXT, _img([b"not an image"])], "not a format Pillow can decode"),
+    ([TEXT, MAXT, _img([IMAGE.read_bytes()] * 5)], "at most"),
+    ([("text_input", "BYTES", np.array([b"no placeholder but two images"], dtype=object)), MAXT,
+      _img([IMAGE.read_bytes()] * 2)], None),  # placeholders are prepended, as NVLM-D's chat() does
+    ([("text_input", "BYTES", np.array([b"<image> <image> <image>"], dtype=object)), MAXT,
+      _img([IMAGE.read_bytes()])], "placeholder"),
+    ([("text_input", "BYTES", np.array([b"hi"], dtype=object)), ("max_tokens", "INT32", np.array([0], np.int32))],
+     "max_tokens must be"),
+    ([("text_input", "BYTES", np.array([b"hi"], dtype=object)), ("max_tokens", "INT32", np.array([100000], np.int32))],
+     "max_tokens must be"),
+    ([("text_input", "BYTES", np.array([b"hi " * 5000], dtype=object)), MAXT], "maximum input length"),
+    ([("text_input", "BYTES", np.array([b"hi"], dtype=object)), MAXT, ("beam_width", "INT32", np.array([2], np.int32))],
+     "beam_width"),
+])
+def test_bad_requests_then_a_valid_one(client, inputs, message):
+    err = _raw(client, inputs)
+    if message is None:
+        assert err is None
+    else:
+        assert err is not None and any(m in err for m in message.split("|")), err
+    assert len(client.generate("Still there?", max_tokens=2).tokens) == 2
+
+
+def test_unknown_model_and_unreachable_server(server):
+    c = NVLMClient(server.grpc_url, model="nope")
+    with pytest.raises(ClientError, match="nope"):
+        c.check()
+    with pytest.raises(ClientError, match="cannot reach"):
+        NVLMClient("127.0.0.1:1").check()
+
+
+def test_optional_benchmark_inputs_are_accepted(client):
+    extra = {"exclude_input_in_output": ("BOOL", np.array([True])), "min_length": ("INT32", np.array([3], np.int32)),
+             "return_log_probs": ("BOOL", np.array([False])), "repetition_penalty": ("FP32", np.array([1.0], np.float32))}
+    ans = client.generate("Hello there.", max_tokens=4, extra=extra)
+    assert len(ans.tokens) >= 3
+
+
+def test_http_generate_and_generate_stream(server, client):
+    import json
+
+    import requests
+
+    url = f"http://{server.host}:{server.http_port}/v2/models/nvlm"
+    r = requests.post(f"{url}/generate", json={"text_input": "Hello there.", "max_tokens": 4}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["output_ids"] == client.generate("Hello there.", max_tokens=4).tokens
+    r = requests.post(f"{url}/generate_stream", json={"text_input": "Hello there.", "max_tokens": 4, "stream": True},
+                      timeout=120)
+    events = [json.loads(line[len("data: "):]) for line in r.text.splitlines() if line.startswith("data: ")]
+    assert [e["output_ids"] for e in events] == body["output_ids"]
+    assert "".join(e["text_output"] for e in events) == body["text_output"]

@@ -1,0 +1,170 @@
+"""`nvlm-serve`: run the bundled CPU `tritonserver` (from the nvidia-pytriton wheel) on a build's repository.
+
+What the raw binary needs here (DESIGN.md §4): a backend directory holding the bundled Python
+backend plus the stub built for this interpreter's Python version; this venv's `bin` first on PATH
+(the stub finds its interpreter as `python3`); LD_LIBRARY_PATH with the wheel's bundled libraries and
+the interpreter's libdir; numpy < 2. The server binds loopback unless told otherwise, logs to a file,
+and on SIGTERM / Ctrl-C stops cleanly and removes the Python backend's shared-memory segments.
+On GPU hosts (target trt) serve the repository with NGC's tritonserver instead (printed command).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+from builder.errors import NVLMError
+
+SHM_PREFIX = "triton_python_backend_shm"
+
+
+class ServerError(NVLMError):
+    """The Triton server could not be started or did not become ready."""
+
+
+def _pytriton_root() -> Path:
+    try:
+        import pytriton
+    except ImportError:
+        raise ServerError("nvidia-pytriton is not installed; it bundles the CPU tritonserver (pip install "
+                          "nvlm-trt[serve])") from None
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def _shm_segments() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.iterdir() if p.name.startswith(SHM_PREFIX)} if shm.is_dir() else set()
+
+
+class TritonServer:
+    def __init__(self, repo: str | Path, *, host: str = "127.0.0.1", grpc_port: int = 8001, http_port: int = 8000,
+                 metrics_port: int = 8002, log_file: str | Path | None = None):
+        self.repo = Path(repo).resolve()
+        self.host, self.grpc_port, self.http_port, self.metrics_port = host, grpc_port, http_port, metrics_port
+        self.workdir = Path(tempfile.mkdtemp(prefix="nvlm-serve-"))
+        self.log_file = Path(log_file) if log_file else self.workdir / "tritonserver.log"
+        self.proc: subprocess.Popen | None = None
+        self._shm_before: set[str] = set()
+
+    def _backend_dir(self) -> Path:
+        root = _pytriton_root()
+        ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+        stub = root / "python_backend_stubs" / ver / "triton_python_backend_stub"
+        if not stub.is_file():
+            raise ServerError(f"the bundled tritonserver has no Python backend stub for Python {ver}")
+        backends = self.workdir / "backends"
+        shutil.copytree(root / "backends", backends)
+        shutil.copy2(stub, backends / "python" / "triton_python_backend_stub")
+        return backends
+
+    def command(self) -> list[str]:
+        binary = _pytriton_root() / "bin" / "tritonserver"
+        return [str(binary), "--model-repository", str(self.repo), "--backend-directory", str(self._backend_dir()),
+                "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
+                "--http-address", self.host, "--http-port", str(self.http_port),
+                "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
+                "--exit-on-error", "true", "--log-verbose", "0"]
+
+    def env(self) -> dict:
+        env = dict(os.environ)
+        libs = Path(_pytriton_root()).parent.parent / "nvidia_pytriton.libs"
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(libs), sysconfig.get_config_var("LIBDIR") or "", env.get("LD_LIBRARY_PATH", "")) if p)
+        return env
+
+    def start(self, timeout: float = 120.0) -> "TritonServer":
+        import tritonclient.grpc as grpcclient
+
+        self._shm_before = _shm_segments()
+        self.log = open(self.log_file, "w")
+        self.proc = subprocess.Popen(self.command(), env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        client = grpcclient.InferenceServerClient(f"{self.host}:{self.grpc_port}")
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"tritonserver exited with code {self.proc.returncode}; log: {self.log_file}\n"
+                                  + self.log_file.read_text()[-3000:])
+            try:
+                if client.is_server_ready():
+                    return self
+            except Exception:  # noqa: BLE001 — not listening yet
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise ServerError(f"tritonserver not ready after {timeout:.0f} s; log: {self.log_file}")
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        for name in _shm_segments() - self._shm_before:  # left by killed stubs
+            Path("/dev/shm", name).unlink(missing_ok=True)
+        if getattr(self, "log", None):
+            self.log.close()
+        shutil.rmtree(self.workdir / "backends", ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="nvlm-serve", description="Serve an nvlm-build output with Triton (CPU).")
+    ap.add_argument("build", help="build directory (with triton_repo/) or a model repository")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--grpc-port", type=int, default=8001)
+    ap.add_argument("--http-port", type=int, default=8000)
+    ap.add_argument("--metrics-port", type=int, default=8002)
+    ap.add_argument("--log-file")
+    args = ap.parse_args(argv)
+    build = Path(args.build)
+    repo = build / "triton_repo" if (build / "triton_repo" / "nvlm").is_dir() else build
+    vision_cfg = repo / "vision_encoder" / "config.pbtxt"
+    if vision_cfg.is_file() and "tensorrt_plan" in vision_cfg.read_text():
+        # trt target: needs the NGC Triton image with the tensorrtllm backend, not the bundled CPU server
+        print("this repository targets TensorRT engines; on a GPU host run, e.g.:\n"
+              f"  docker run --gpus all --rm --net host -v {repo.resolve()}:/models -v {build.resolve()}:"
+              f"{build.resolve()} nvcr.io/nvidia/tritonserver:<YY.MM>-trtllm-python-py3 tritonserver "
+              "--model-repository /models --grpc-port 8001 --http-port 8000\n"
+              "(use the Triton release that pairs with TensorRT-LLM 1.2)")
+        return 0
+    try:
+        server = TritonServer(repo, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+                              metrics_port=args.metrics_port, log_file=args.log_file).start()
+    except NVLMError as e:
+        print(f"nvlm-serve: error: {e}", file=sys.stderr)
+        return 2
+    print(f"serving {repo} on grpc {server.grpc_url}, http {args.host}:{args.http_port}; log {server.log_file}",
+          flush=True)
+    stop = {"now": False}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.update(now=True))
+    while not stop["now"] and server.proc.poll() is None:
+        time.sleep(0.2)
+    server.stop()
+    print("stopped", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,322 @@
+"""The Python models of the Triton repository (reference target; the entry point serves both targets).
+
+Each `REPO/<model>/1/model.py` is one line that imports a class from here, so the serving logic is
+in the package (one implementation, importable by tests) and the repository stays regenerable.
+
+    nvlm (BLS, decoupled) ─▶ preprocessing ─▶ vision_encoder (only with images) ─▶ tensorrt_llm
+                           ◀── text deltas (stream) or one answer ◀── postprocessing (decode)
+
+Bad requests are answered with an error response (INVALID_ARGUMENT-class message) and the model
+instance keeps serving; nothing raised by a request escapes `execute`.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+
+MAX_OUTPUT_LEN = 1024
+
+
+def _pb():
+    import triton_python_backend_utils as pb_utils
+
+    return pb_utils
+
+
+def _build_dir(args) -> Path:
+    cfg = json.loads(args["model_config"])
+    return Path(cfg["parameters"]["build_dir"]["string_value"])
+
+
+def _input(request, name, default=None):
+    t = _pb().get_input_tensor_by_name(request, name)
+    return default if t is None else t.as_numpy()
+
+
+def _scalar(request, name, default, cast):
+    v = _input(request, name)
+    if v is None or v.size == 0:
+        return default
+    return cast(v.reshape(-1)[0])
+
+
+def _error(message: str):
+    pb = _pb()
+    return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message))
+
+
+def _limits(build: Path) -> dict:
+    manifest = build / "manifest.json"
+    options = json.loads(manifest.read_text())["options"] if manifest.exists() else {}
+    images = options.get("max_images", 1) * options.get("max_tiles", 7) * 256
+    return {"max_output_len": options.get("max_output_len", MAX_OUTPUT_LEN),
+            "max_input_len": options.get("max_input_text_len", 2048) + images}
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+class PreprocessingModel:
+    """text_input (+ image_bytes) → TensorRT-LLM input_ids (fake ids at image positions), pixel_values."""
+
+    def initialize(self, args):
+        from builder.config import PreprocessConfig
+        from runtime.tokenizer import NVLMTokenizer
+
+        build = _build_dir(args)
+        pre = json.loads((build / "preprocess.json").read_text())
+        fields = PreprocessConfig.__dataclass_fields__
+        self.cfg = PreprocessConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in pre.items() if k in fields})
+        self.max_images = pre.get("max_images_per_request", 4)
+        self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
+        self.vocab = json.loads((build / "llm" / "config.json").read_text())["vocab_size"]
+
+    def execute(self, requests):
+        pb = _pb()
+        out = []
+        for request in requests:
+            try:
+                out.append(self._one(request, pb))
+            except Exception as e:  # noqa: BLE001 — every failure becomes this request's error
+                out.append(_error(f"preprocessing: {e}"))
+        return out
+
+    def _one(self, request, pb):
+        from runtime.preprocess import preprocess_images
+        from runtime.prompt import build_prompt
+
+        text = _input(request, "text_input")
+        if text is None or text.size == 0:
+            raise ValueError("text_input is required")
+        prompt = text.reshape(-1)[0]
+        prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
+        blobs = _input(request, "image_bytes")
+        images = [] if blobs is None else [bytes(b) for b in blobs.reshape(-1)]
+        done = preprocess_images(images, self.cfg, max_images=self.max_images) if images else []
+        if images and "<image>" not in prompt:
+            prompt = "<image>\n" * len(images) + prompt  # as NVLM-D's chat() does
+        p = build_prompt(self.tok, prompt, [d.num_tiles for d in done], tokens_per_tile=self.cfg.tokens_per_tile)
+        s = self.cfg.image_size
+        pixels = np.concatenate([d.pixel_values for d in done]) if done else np.zeros((0, 3, s, s), np.float32)
+        return pb.InferenceResponse(output_tensors=[
+            pb.Tensor("input_ids", np.asarray(p.trtllm_input_ids(self.vocab), np.int32)),
+            pb.Tensor("pixel_values", pixels.astype(np.float32)),
+            pb.Tensor("image_token_count", np.asarray([p.num_image_tokens], np.int32)),
+        ])
+
+
+# --------------------------------------------------------------------------- vision encoder
+
+
+class VisionEncoderModel:
+    """pixel_values → image_embeds with onnxruntime on the exported ONNX (the engine's CPU stand-in)."""
+
+    def initialize(self, args):
+        import onnxruntime as ort
+
+        build = _build_dir(args)
+        info = json.loads((build / "vision" / "config.json").read_text())
+        self.dtype = {"fp32": np.float32, "fp16": np.float16}.get(info["dtype"], np.float32)
+        self.sess = ort.InferenceSession(str(build / "vision" / info["onnx"]), providers=["CPUExecutionProvider"])
+
+    def execute(self, requests):
+        pb = _pb()
+        out = []
+        for request in requests:
+            try:
+                x = _input(request, "pixel_values").astype(self.dtype)
+                y = self.sess.run(None, {"pixel_values": x})[0].astype(np.float32)
+                out.append(pb.InferenceResponse(output_tensors=[pb.Tensor("image_embeds", y)]))
+            except Exception as e:  # noqa: BLE001
+                out.append(_error(f"vision_encoder: {e}"))
+        return out
+
+
+# --------------------------------------------------------------------------- tensorrt_llm (reference)
+
+
+class ReferenceLLMModel:
+    """The `tensorrtllm` backend's I/O, computed by the reference executor (decoupled, streaming)."""
+
+    def initialize(self, args):
+        from runtime.trtllm_executor import TRTLLMExecutor
+
+        self.build = _build_dir(args)
+        self.executor = TRTLLMExecutor.load(self.build / "llm")
+        self.limits = _limits(self.build)
+        self.lock = threading.Lock()
+
+    def execute(self, requests):
+        pb = _pb()
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._one(request, sender, pb)
+            except Exception as e:  # noqa: BLE001
+                sender.send(_error(f"tensorrt_llm: {e}"), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def _one(self, request, sender, pb):
+        import torch
+
+        from runtime.trtllm_executor import Request
+
+        ids = _input(request, "input_ids")
+        if ids is None or ids.size == 0:
+            raise ValueError("input_ids is required and must not be empty")
+        n = _scalar(request, "request_output_len", None, int)
+        if n is None or n < 1 or n > self.limits["max_output_len"]:
+            raise ValueError(f"request_output_len must be in 1…{self.limits['max_output_len']}, got {n}")
+        if _scalar(request, "beam_width", 1, int) != 1:
+            raise ValueError("beam_width > 1 is not supported by the reference target (greedy/sampling only)")
+        ids = ids.reshape(-1).astype(np.int64).tolist()
+        if len(ids) > self.limits["max_input_len"]:
+            raise ValueError(f"input is {len(ids)} tokens, above the maximum input length {self.limits['max_input_len']}")
+        table = _input(request, "prompt_embedding_table")
+        table = None if table is None or table.size == 0 else torch.from_numpy(
+            table.reshape(-1, table.shape[-1]).astype(np.float32))
+        stream = _scalar(request, "streaming", False, bool)
+        req = Request(ids, n, table, end_id=_scalar(request, "end_id", None, int),
+                      temperature=_scalar(request, "temperature", 0.0, float),
+                      top_k=_scalar(request, "runtime_top_k", 1, int), top_p=_scalar(request, "runtime_top_p", 0.0, float),
+                      seed=_scalar(request, "random_seed", 0, int), min_length=_scalar(request, "min_length", 0, int))
+
+        def emit(tokens):
+            arr = np.asarray([[tokens]], np.int32)  # [batch=1, beam=1, tokens]
+            return pb.InferenceResponse(output_tensors=[
+                pb.Tensor("output_ids", arr), pb.Tensor("sequence_length", np.asarray([[len(tokens)]], np.int32))])
+
+        with self.lock:
+            if stream:
+                result = self.executor.generate([req], on_token=lambda _, t: sender.send(emit([t])))[0]
+                sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:
+                result = self.executor.generate([req])[0]
+                sender.send(emit(result.tokens), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return result
+
+
+# --------------------------------------------------------------------------- postprocessing
+
+
+class PostprocessingModel:
+    def initialize(self, args):
+        from runtime.tokenizer import NVLMTokenizer
+
+        self.tok = NVLMTokenizer.from_dir(_build_dir(args) / "tokenizer")
+
+    def execute(self, requests):
+        pb = _pb()
+        out = []
+        for request in requests:
+            try:
+                ids = _input(request, "output_ids").reshape(-1).tolist()
+                text = self.tok.decode(ids)
+                out.append(pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", np.asarray([text.encode()], object))]))
+            except Exception as e:  # noqa: BLE001
+                out.append(_error(f"postprocessing: {e}"))
+        return out
+
+
+# --------------------------------------------------------------------------- entry point (BLS)
+
+
+class EntryModel:
+    """Client-facing `nvlm`: tensorrtllm_backend's inputs, images as encoded bytes, streaming."""
+
+    def initialize(self, args):
+        from runtime.tokenizer import NVLMTokenizer
+
+        build = _build_dir(args)
+        self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
+        self.limits = _limits(build)
+
+    def execute(self, requests):
+        pb = _pb()
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self._one(request, sender, pb)
+            except Exception as e:  # noqa: BLE001
+                sender.send(_error(str(e)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+
+    def _call(self, pb, model, inputs, outputs, decoupled=False):
+        req = pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
+        resp = req.exec(decoupled=decoupled)
+        if decoupled:
+            return resp
+        if resp.has_error():
+            raise ValueError(resp.error().message())
+        return resp
+
+    def _one(self, request, sender, pb):
+        max_tokens = _scalar(request, "max_tokens", None, int)
+        if max_tokens is None or max_tokens < 1 or max_tokens > self.limits["max_output_len"]:
+            raise ValueError(f"max_tokens must be in 1…{self.limits['max_output_len']}, got {max_tokens}")
+        if _scalar(request, "beam_width", 1, int) != 1:
+            raise ValueError("beam_width > 1 is not supported by the reference target")
+        text = _input(request, "text_input")
+        if text is None:
+            raise ValueError("text_input is required")
+        pre_inputs = [pb.Tensor("text_input", text.reshape(1).astype(object))]
+        blobs = _input(request, "image_bytes")
+        if blobs is not None and blobs.size:
+            pre_inputs.append(pb.Tensor("image_bytes", blobs.reshape(-1).astype(object)))
+        pre = self._call(pb, "preprocessing", pre_inputs, ["input_ids", "pixel_values", "image_token_count"])
+        ids = pb.get_output_tensor_by_name(pre, "input_ids").as_numpy()
+        pixels = pb.get_output_tensor_by_name(pre, "pixel_values").as_numpy()
+        # tensorrt_llm batches (max_batch_size > 0): every tensor carries a leading batch dimension of 1
+        llm_inputs = [
+            pb.Tensor("input_ids", ids.astype(np.int32)),
+            pb.Tensor("input_lengths", np.asarray([ids.size], np.int32)),
+            pb.Tensor("request_output_len", np.asarray([max_tokens], np.int32)),
+            pb.Tensor("end_id", np.asarray([_scalar(request, "end_id", self.tok.im_end_id, int)], np.int32)),
+            pb.Tensor("streaming", np.asarray([_scalar(request, "stream", False, bool)], bool)),
+            pb.Tensor("temperature", np.asarray([_scalar(request, "temperature", 0.0, float)], np.float32)),
+            pb.Tensor("runtime_top_k", np.asarray([_scalar(request, "top_k", 1, int)], np.int32)),
+            pb.Tensor("runtime_top_p", np.asarray([_scalar(request, "top_p", 0.0, float)], np.float32)),
+            pb.Tensor("random_seed", np.asarray([_scalar(request, "random_seed", 0, int)], np.int64)),
+            pb.Tensor("min_length", np.asarray([_scalar(request, "min_length", 0, int)], np.int32)),
+        ]
+        if pixels.shape[0]:
+            vis = self._call(pb, "vision_encoder", [pb.Tensor("pixel_values", pixels)], ["image_embeds"])
+            emb = pb.get_output_tensor_by_name(vis, "image_embeds").as_numpy()
+            table = emb.reshape(-1, emb.shape[-1]).astype(np.float16)  # the engine's table dtype
+            llm_inputs += [pb.Tensor("prompt_embedding_table", table),
+                           pb.Tensor("prompt_vocab_size", np.asarray([table.shape[0]], np.int32))]
+        llm_inputs = [pb.Tensor(t.name(), t.as_numpy()[None, ...]) for t in llm_inputs]
+        stream = _scalar(request, "stream", False, bool)
+        tokens: list[int] = []
+        sent = ""
+        for resp in self._call(pb, "tensorrt_llm", llm_inputs, ["output_ids", "sequence_length"], decoupled=True):
+            if resp.has_error():
+                raise ValueError(resp.error().message())
+            out = pb.get_output_tensor_by_name(resp, "output_ids")
+            if out is None:  # the final, empty response of a stream
+                continue
+            new = out.as_numpy().reshape(-1).tolist()
+            tokens += new
+            if stream:
+                text_now = self.tok.decode(tokens)
+                delta, sent = text_now[len(sent):], text_now
+                sender.send(pb.InferenceResponse(output_tensors=[
+                    pb.Tensor("text_output", np.asarray([delta.encode()], object)),
+                    pb.Tensor("output_ids", np.asarray(new, np.int32))]))
+        if stream:
+            sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        else:
+            post = self._call(pb, "postprocessing", [pb.Tensor("output_ids", np.asarray(tokens, np.int32))],
+                              ["text_output"])
+            text_out = pb.get_output_tensor_by_name(post, "text_output").as_numpy()
+            sender.send(pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", text_out),
+                                                             pb.Tensor("output_ids", np.asarray(tokens, np.int32))]),
+                        flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+MODEL_CLASSES = {"preprocessing": "PreprocessingModel", "vision_encoder": "VisionEncoderModel",
+                 "tensorrt_llm": "ReferenceLLMModel", "postprocessing": "PostprocessingModel", "nvlm": "EntryModel"}
