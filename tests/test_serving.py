@@ -204,3 +204,52 @@ def test_http_generate_and_generate_stream(server, client):
     events = [json.loads(line[len("data: "):]) for line in r.text.splitlines() if line.startswith("data: ")]
     assert [e["output_ids"] for e in events] == body["output_ids"]
     assert "".join(e["text_output"] for e in events) == body["text_output"]
+
+
+def test_client_cli(server, capsys):
+    import json
+
+    from runtime.client import main
+
+    port = server.grpc_url
+    assert main(["--url", port, "--prompt", "What is this?", "--image", str(IMAGE), "--max-tokens", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["tokens"]) == 3 and out["time_to_first_token"] > 0
+    assert main(["--url", port, "--prompt", "x", "--image", "/nonexistent.png"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["--url", "127.0.0.1:1", "--prompt", "x"]) == 2
+    assert "cannot reach" in capsys.readouterr().err
+
+
+def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
+    import signal
+    import subprocess
+    import time
+
+    from triton_repo.server import _shm_segments
+
+    def stubs():
+        if not Path("/proc").is_dir():
+            return set()
+        found = set()
+        for p in Path("/proc").iterdir():
+            try:
+                if p.name.isdigit() and b"triton_python_backend_stub" in (p / "cmdline").read_bytes():
+                    found.add(p.name)
+            except OSError:
+                pass
+        return found
+
+    before, stubs_before = _shm_segments(), stubs()
+    base = 23000 + (os.getpid() % 1000) * 3
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/nvlm-serve"), str(build), "--grpc-port", str(base),
+                             "--http-port", str(base + 1), "--metrics-port", str(base + 2)],
+                            stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    assert line.startswith("serving"), line
+    assert len(NVLMClient(f"127.0.0.1:{base}").generate("Hi", max_tokens=2).tokens) == 2
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0 and "stopped" in proc.stdout.read()
+    time.sleep(0.5)
+    assert _shm_segments() - before == set()
+    assert stubs() - stubs_before == set()  # no backend stub process outlives this server
