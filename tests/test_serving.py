@@ -253,3 +253,71 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
     time.sleep(0.5)
     assert _shm_segments() - before == set()
     assert stubs() - stubs_before == set()  # no backend stub process outlives this server
+
+
+# --------------------------------------------------------------------------- nvlm-bench against the server
+
+RUN_KEYS = {"mode", "level", "summary", "ttft_by_workload_item", "server"}
+SUMMARY_KEYS = {"requests", "succeeded", "failed", "errors", "ttft_ms", "itl_ms", "tpot_ms", "e2e_ms",
+                "output_tokens_per_s", "requests_per_s", "seconds"}
+STAT_KEYS = {"mean", "p50", "p90", "p99", "n"}
+
+
+def test_bench_short_sweep_json_and_csv(server, build, tmp_path, capsys):
+    import csv
+    import json
+
+    from runtime.bench import SCHEMA, main
+
+    rc = main(["run", "--url", server.grpc_url, "--concurrency", "1,2", "--request-rate", "4", "--requests", "4",
+               "--warmup", "1", "--max-tokens", "4", "--workload", "tiles:1,3", "--build", str(build),
+               "--out", str(tmp_path), "--json"])
+    assert rc == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["schema"] == SCHEMA and result["complete"] and result["build_manifest_sha256"]
+    assert set(result) == {"schema", "complete", "date", "machine", "endpoint", "build_manifest_sha256", "workload",
+                           "seed", "max_tokens", "warmup", "runs"}
+    assert [(r["mode"], r["level"]) for r in result["runs"]] == [("concurrency", 1), ("concurrency", 2),
+                                                                 ("request_rate", 4.0)]
+    for run in result["runs"]:
+        assert set(run) == RUN_KEYS and set(run["summary"]) == SUMMARY_KEYS
+        s = run["summary"]
+        assert s["succeeded"] == s["requests"] == 4 and s["failed"] == 0
+        for k in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+            assert set(s[k]) == STAT_KEYS and s[k]["p50"] <= s[k]["p99"]
+        assert s["ttft_ms"]["p50"] <= s["e2e_ms"]["p50"]
+        assert {"preprocessing", "vision_encoder", "tensorrt_llm", "nvlm"} <= set(run["server"])
+        assert set(run["ttft_by_workload_item"]) == {"1 tiles", "3 tiles"}
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert len(rows) == 3 and rows[0]["mode"] == "concurrency"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--url", "127.0.0.1:1"], "cannot reach"),
+    (["--model", "nope"], "nope"),
+    (["--requests", "0"], "--requests"),
+    (["--request-rate", "-1"], "rates > 0"),
+    (["--workload", "tiles:2"], "tile counts"),
+    (["--workload", "jsonl:/nonexistent.jsonl"], "not found"),
+])
+def test_bench_bad_input_fails_before_the_run(server, args, message, capsys):
+    from runtime.bench import main
+
+    full = ["run", "--url", server.grpc_url, "--requests", "1", "--warmup", "0"]
+    for k in range(0, len(args), 2):  # later flags override the defaults above
+        if args[k] in full:
+            full[full.index(args[k]) + 1] = args[k + 1]
+        else:
+            full += args[k:k + 2]
+    assert main(full) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_jsonl_workload_errors(tmp_path):
+    from runtime.bench import BenchError, load_workload
+
+    f = tmp_path / "w.jsonl"
+    f.write_text('{"text_input": "hi"}\nbroken\n{"text_input": "x", "image": "missing.png"}\n')
+    with pytest.raises(BenchError) as e:
+        load_workload(f"jsonl:{f}", 0)
+    assert "lines 2" in str(e.value) and "missing.png" in str(e.value)

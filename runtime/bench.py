@@ -1,0 +1,418 @@
+"""`nvlm-bench`: latency benchmarks against an NVLM Triton endpoint (gRPC streaming), and rooflines.
+
+    nvlm-bench run --url 127.0.0.1:8001 [--concurrency 1,4,16 | --request-rate 2,4] [--requests N]
+                   [--warmup N] [--max-tokens N] [--workload text | tiles:1,3,7 | images:WxH,… | jsonl:PATH]
+                   [--seed S] [--build BUILD] [--out DIR] [--json]
+    nvlm-bench roofline BUILD|CKPT [--quant Q] [--tp N] [--tiles N] [--gpu h100-sxm] [--json]
+
+Per request (streaming): time to first token (first text chunk), inter-token latencies (gaps between
+chunks), time per output token ((end − first) / (tokens − 1)), end-to-end latency; per run: mean,
+p50, p90, p99 of each, output tokens/s and requests/s over the measured window, failures counted
+with their messages (never dropped). Warm-up requests are sent first and excluded. Server-side
+per-model timings (queue and compute, from Triton's statistics API) are the difference between
+snapshots taken around each run. Output: JSON (schema nvlm-trt/bench/v1, docs/bench.md) and CSV.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import platform
+import random
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from builder.errors import NVLMError
+
+SCHEMA = "nvlm-trt/bench/v1"
+# image sizes whose NVLM tiling (448 px, ≤ 6 tiles + thumbnail) gives exactly this many tiles
+TILE_SIZES = {1: (448, 448), 3: (896, 448), 4: (1344, 448), 5: (1000, 1000), 6: (2240, 448), 7: (1344, 896)}
+PROMPTS = ["Describe this image in detail.", "What objects are in the picture?", "Summarize what you see.",
+           "Explain the layout of this scene."]
+TEXT_PROMPTS = ["Explain how a transformer generates text.", "Write a haiku about GPUs.",
+                "What is the capital of France and why?", "List three uses of image tiling."]
+
+
+class BenchError(NVLMError):
+    """The benchmark cannot run as asked."""
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+@dataclass
+class Item:
+    prompt: str
+    images: list  # encoded bytes
+    label: str
+
+
+def _png(width: int, height: int, seed: int) -> bytes:
+    from builder.calibration import synthetic_scene
+
+    buf = io.BytesIO()
+    synthetic_scene(width, height, seed).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def load_workload(spec: str, seed: int) -> list[Item]:
+    kind, _, arg = spec.partition(":")
+    if kind == "text":
+        return [Item(p, [], "text") for p in TEXT_PROMPTS]
+    if kind == "tiles":
+        counts = [int(x) for x in arg.split(",") if x]
+        bad = [c for c in counts if c not in TILE_SIZES]
+        if bad or not counts:
+            raise BenchError(f"--workload tiles:… takes tile counts from {sorted(TILE_SIZES)}, got {arg!r}")
+        return [Item(PROMPTS[k % len(PROMPTS)], [_png(*TILE_SIZES[c], seed + k)], f"{c} tiles")
+                for k, c in enumerate(counts)]
+    if kind == "images":
+        items = []
+        for k, size in enumerate(x for x in arg.split(",") if x):
+            try:
+                w, h = (int(v) for v in size.lower().split("x"))
+            except ValueError:
+                raise BenchError(f"--workload images: expects WxH sizes, got {size!r}") from None
+            items.append(Item(PROMPTS[k % len(PROMPTS)], [_png(w, h, seed + k)], f"{w}x{h}"))
+        return items
+    if kind == "jsonl":
+        return _jsonl(Path(arg))
+    raise BenchError(f"--workload {spec!r}: use text, tiles:1,3,7, images:WxH,… or jsonl:PATH")
+
+
+def _jsonl(path: Path) -> list[Item]:
+    if not path.is_file():
+        raise BenchError(f"workload file {path} not found")
+    items, broken, missing = [], [], []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            text = row["text_input"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            broken.append(n)
+            continue
+        images = []
+        for img in ([row["image"]] if isinstance(row.get("image"), str) else row.get("image") or []):
+            p = Path(img) if Path(img).is_absolute() else path.parent / img
+            if not p.is_file():
+                missing.append(f"line {n}: {p}")
+            else:
+                images.append(p.read_bytes())
+        items.append(Item(text, images, f"line {n}"))
+    if broken or missing:
+        raise BenchError(f"{path}: " + "; ".join(
+            ([f"lines {', '.join(map(str, broken[:20]))} are not JSON with \"text_input\""] if broken else [])
+            + ([f"images not found: {'; '.join(missing[:10])}"] if missing else [])))
+    if not items:
+        raise BenchError(f"{path} holds no requests")
+    return items
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+@dataclass
+class Sample:
+    label: str
+    ok: bool
+    error: str | None = None
+    ttft: float | None = None
+    itls: list[float] = field(default_factory=list)
+    e2e: float | None = None
+    tokens: int = 0
+
+
+def _one(client, item: Item, max_tokens: int, seed: int) -> Sample:
+    from runtime.client import ClientError
+
+    stamps: list[float] = []
+    t0 = time.perf_counter()
+    try:
+        ans = client.generate(item.prompt, item.images, max_tokens=max_tokens, stream=True, seed=seed,
+                              on_text=lambda _: stamps.append(time.perf_counter()))
+    except ClientError as e:
+        return Sample(item.label, False, str(e))
+    end = time.perf_counter()
+    if not stamps:
+        return Sample(item.label, False, "no tokens returned")
+    itls = [b - a for a, b in zip(stamps, stamps[1:])]
+    return Sample(item.label, True, None, stamps[0] - t0, itls, end - t0, len(ans.tokens))
+
+
+def _stats(values: list[float]) -> dict | None:
+    if not values:
+        return None
+    a = np.asarray(values) * 1e3
+    return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p90": float(np.percentile(a, 90)),
+            "p99": float(np.percentile(a, 99)), "n": int(a.size)}
+
+
+def summarize(samples: list[Sample], wall: float) -> dict:
+    ok = [s for s in samples if s.ok]
+    tpots = [(s.e2e - s.ttft) / (s.tokens - 1) for s in ok if s.tokens > 1]
+    return {
+        "requests": len(samples), "succeeded": len(ok), "failed": len(samples) - len(ok),
+        "errors": sorted({s.error for s in samples if not s.ok})[:10],
+        "ttft_ms": _stats([s.ttft for s in ok]), "itl_ms": _stats([x for s in ok for x in s.itls]),
+        "tpot_ms": _stats(tpots), "e2e_ms": _stats([s.e2e for s in ok]),
+        "output_tokens_per_s": sum(s.tokens for s in ok) / wall if wall > 0 else None,
+        "requests_per_s": len(ok) / wall if wall > 0 else None, "seconds": wall,
+    }
+
+
+def _server_stats(url: str) -> dict:
+    import tritonclient.grpc as grpcclient
+
+    stats = grpcclient.InferenceServerClient(url).get_inference_statistics(as_json=True)
+    out = {}
+    for m in stats.get("model_stats", []):
+        s = m.get("inference_stats", {})
+        out[m["name"]] = {k: (int(s.get(k, {}).get("count", 0)), int(s.get(k, {}).get("ns", 0)))
+                          for k in ("success", "queue", "compute_input", "compute_infer", "compute_output")}
+    return out
+
+
+def _stats_delta(before: dict, after: dict) -> dict:
+    out = {}
+    for model, cur in after.items():
+        prev = before.get(model, {k: (0, 0) for k in cur})
+        n = cur["success"][0] - prev["success"][0]
+        if n <= 0:
+            continue
+        out[model] = {"requests": n, **{f"{k}_ms": (cur[k][1] - prev[k][1]) / n / 1e6
+                                        for k in ("queue", "compute_input", "compute_infer", "compute_output")}}
+    return out
+
+
+def run_closed_loop(url, model, items, concurrency, requests, max_tokens, seed) -> tuple[list[Sample], float]:
+    from runtime.client import NVLMClient
+
+    lock, next_index, samples = threading.Lock(), [0], []
+
+    def worker():
+        client = NVLMClient(url, model)
+        while True:
+            with lock:
+                k = next_index[0]
+                next_index[0] += 1
+            if k >= requests:
+                return
+            s = _one(client, items[k % len(items)], max_tokens, seed + k)
+            with lock:
+                samples.append(s)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    return samples, time.perf_counter() - t0
+
+
+def run_open_loop(url, model, items, rate, requests, max_tokens, seed) -> tuple[list[Sample], float]:
+    from runtime.client import NVLMClient
+
+    rng = random.Random(seed)
+    arrivals, t = [], 0.0
+    for _ in range(requests):
+        t += rng.expovariate(rate)  # Poisson process: exponential gaps
+        arrivals.append(t)
+    samples, lock = [], threading.Lock()
+
+    def fire(k):
+        s = _one(NVLMClient(url, model), items[k % len(items)], max_tokens, seed + k)
+        with lock:
+            samples.append(s)
+
+    t0 = time.perf_counter()
+    threads = []
+    for k, at in enumerate(arrivals):
+        delay = t0 + at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        th = threading.Thread(target=fire, args=(k,))
+        th.start()
+        threads.append(th)
+    [th.join() for th in threads]
+    return samples, time.perf_counter() - t0
+
+
+# --------------------------------------------------------------------------- outputs
+
+CSV_FIELDS = ["mode", "level", "requests", "succeeded", "failed", "ttft_mean_ms", "ttft_p50_ms", "ttft_p90_ms",
+              "ttft_p99_ms", "itl_mean_ms", "itl_p99_ms", "tpot_mean_ms", "e2e_mean_ms", "e2e_p99_ms",
+              "output_tokens_per_s", "requests_per_s"]
+
+
+def _csv_row(run: dict) -> dict:
+    s = run["summary"]
+    g = lambda k, q: None if s[k] is None else round(s[k][q], 3)  # noqa: E731
+    return {"mode": run["mode"], "level": run["level"], "requests": s["requests"], "succeeded": s["succeeded"],
+            "failed": s["failed"], "ttft_mean_ms": g("ttft_ms", "mean"), "ttft_p50_ms": g("ttft_ms", "p50"),
+            "ttft_p90_ms": g("ttft_ms", "p90"), "ttft_p99_ms": g("ttft_ms", "p99"), "itl_mean_ms": g("itl_ms", "mean"),
+            "itl_p99_ms": g("itl_ms", "p99"), "tpot_mean_ms": g("tpot_ms", "mean"), "e2e_mean_ms": g("e2e_ms", "mean"),
+            "e2e_p99_ms": g("e2e_ms", "p99"), "output_tokens_per_s": s["output_tokens_per_s"],
+            "requests_per_s": s["requests_per_s"]}
+
+
+def _manifest_hash(build: str | None) -> str | None:
+    if not build:
+        return None
+    from builder.engine_build import sha256_file
+
+    m = Path(build) / "manifest.json"
+    return sha256_file(m) if m.is_file() else None
+
+
+def benchmark(args) -> dict:
+    from runtime.client import NVLMClient
+
+    if args.requests < 1:
+        raise BenchError("--requests must be ≥ 1")
+    levels_c = [int(x) for x in args.concurrency.split(",")] if args.concurrency else []
+    levels_r = [float(x) for x in args.request_rate.split(",")] if args.request_rate else []
+    if any(c < 1 for c in levels_c) or any(r <= 0 for r in levels_r):
+        raise BenchError("concurrency must be ≥ 1 and request rates > 0")
+    if not levels_c and not levels_r:
+        levels_c = [1]
+    items = load_workload(args.workload, args.seed)
+    NVLMClient(args.url, args.model).check()  # unreachable server / wrong model: fail before the run
+    warm = NVLMClient(args.url, args.model)
+    for k in range(args.warmup):
+        _one(warm, items[k % len(items)], args.max_tokens, args.seed)
+    result = {"schema": SCHEMA, "complete": True, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+              "endpoint": {"url": args.url, "model": args.model}, "build_manifest_sha256": _manifest_hash(args.build),
+              "workload": {"spec": args.workload, "items": [i.label for i in items]}, "seed": args.seed,
+              "max_tokens": args.max_tokens, "warmup": args.warmup, "runs": []}
+    plans = [("concurrency", c) for c in levels_c] + [("request_rate", r) for r in levels_r]
+    for mode, level in plans:
+        before = _server_stats(args.url)
+        if mode == "concurrency":
+            samples, wall = run_closed_loop(args.url, args.model, items, level, args.requests, args.max_tokens, args.seed)
+        else:
+            samples, wall = run_open_loop(args.url, args.model, items, level, args.requests, args.max_tokens, args.seed)
+        summary = summarize(samples, wall)
+        try:
+            server = _stats_delta(before, _server_stats(args.url))
+        except Exception as e:  # noqa: BLE001 — the server died during the run
+            server, result["complete"] = {"error": str(e)}, False
+        per_label = {label: summarize([s for s in samples if s.label == label], wall)["ttft_ms"]
+                     for label in sorted({s.label for s in samples})}
+        result["runs"].append({"mode": mode, "level": level, "summary": summary, "ttft_by_workload_item": per_label,
+                               "server": server})
+        if summary["failed"] == summary["requests"]:
+            result["complete"] = False
+            break
+    return result
+
+
+def print_table(result: dict) -> None:
+    print(f"{'mode':<13}{'level':>6}{'ok/req':>9}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL mean':>10}"
+          f"{'TPOT':>8}{'E2E p50':>9}{'tok/s':>8}{'req/s':>7}")
+    for run in result["runs"]:
+        s = run["summary"]
+        f = lambda k, q: "-" if s[k] is None else f"{s[k][q]:.1f}"  # noqa: E731
+        print(f"{run['mode']:<13}{run['level']:>6}{s['succeeded']:>5}/{s['requests']:<3}{f('ttft_ms', 'p50'):>10}"
+              f"{f('ttft_ms', 'p99'):>10}{f('itl_ms', 'mean'):>10}{f('tpot_ms', 'mean'):>8}{f('e2e_ms', 'p50'):>9}"
+              f"{(s['output_tokens_per_s'] or 0):>8.1f}{(s['requests_per_s'] or 0):>7.2f}")
+        for model, st in sorted(run["server"].items()):
+            if isinstance(st, dict) and "queue_ms" in st:
+                print(f"    {model:<16} queue {st['queue_ms']:8.2f} ms  compute {st['compute_infer_ms']:8.2f} ms")
+    if not result["complete"]:
+        print("INCOMPLETE: the server stopped answering; partial results saved")
+
+
+# --------------------------------------------------------------------------- roofline command
+
+
+def _roofline(args) -> int:
+    from builder.config import load_config
+
+    from .roofline import GPUS, GPU, roofline
+
+    path = Path(args.build)
+    cfg_src = path
+    manifest = path / "manifest.json"
+    quant, tp = args.quant, args.tp
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        cfg_src = Path(m["source"]["path"])
+        quant, tp = quant or m["options"]["quant"], tp or m["options"]["tp"]
+    if not (cfg_src / "config.json").is_file() and not cfg_src.is_file():
+        raise BenchError(f"{cfg_src}: no config.json (pass the build directory or the checkpoint)")
+    cfg = load_config(cfg_src)
+    gpu = GPUS[args.gpu]
+    if args.peak_bf16 or args.peak_fp8 or args.hbm:
+        gpu = GPU(gpu.name + " (custom)", args.peak_bf16 or gpu.bf16_tflops, args.peak_fp8 or gpu.fp8_tflops,
+                  args.hbm or gpu.hbm_tbps)
+    r = roofline(cfg, quant or "bf16", tp or 1, tiles=args.tiles, text_tokens=args.text_tokens,
+                 output_tokens=args.output_tokens, gpu=gpu)
+    if args.json:
+        print(json.dumps(r.as_dict()))
+    else:
+        print(f"{r.gpu}, {r.fmt}, TP{r.tp}, {r.tiles} tiles, {r.prompt_tokens}-token prompt:")
+        print(f"  TTFT ≥ {r.ttft_ms:.1f} ms  (vision {r.vision_tflop:.1f} TFLOP + prefill {r.prefill_tflop:.1f} TFLOP)")
+        print(f"  TPOT ≥ {r.tpot_ms:.2f} ms  ({r.weight_gb_per_gpu:.1f} GB weights + {r.kv_gb_per_gpu:.2f} GB KV per GPU)")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="nvlm-bench", description="NVLM latency benchmarks and rooflines.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="benchmark a Triton endpoint")
+    r.add_argument("--url", default="127.0.0.1:8001")
+    r.add_argument("--model", default="nvlm")
+    r.add_argument("--concurrency", help="closed-loop levels, e.g. 1,4,16")
+    r.add_argument("--request-rate", help="open-loop Poisson rates in requests/s, e.g. 0.5,1")
+    r.add_argument("--requests", type=int, default=16, help="measured requests per level")
+    r.add_argument("--warmup", type=int, default=2)
+    r.add_argument("--max-tokens", type=int, default=32)
+    r.add_argument("--workload", default="text")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--build", help="build directory, to record its manifest hash")
+    r.add_argument("--out", type=Path, help="write bench.json and bench.csv here")
+    r.add_argument("--json", action="store_true")
+    f = sub.add_parser("roofline", help="lower bounds for TTFT and TPOT on H100s")
+    f.add_argument("build", help="build directory (manifest.json) or checkpoint / config.json")
+    f.add_argument("--quant", choices=["bf16", "fp16", "fp8", "int4_awq", "w4a8_awq"])
+    f.add_argument("--tp", type=int)
+    f.add_argument("--tiles", type=int, default=7)
+    f.add_argument("--text-tokens", type=int, default=64)
+    f.add_argument("--output-tokens", type=int, default=128)
+    f.add_argument("--gpu", choices=["h100-sxm", "h200"], default="h100-sxm")
+    f.add_argument("--peak-bf16", type=float, help="TFLOP/s")
+    f.add_argument("--peak-fp8", type=float, help="TFLOP/s")
+    f.add_argument("--hbm", type=float, help="TB/s")
+    f.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    try:
+        if args.cmd == "roofline":
+            return _roofline(args)
+        result = benchmark(args)
+    except NVLMError as e:
+        print(f"nvlm-bench: error: {e}", file=sys.stderr)
+        return 2
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+        with open(args.out / "bench.csv", "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+            w.writeheader()
+            for run in result["runs"]:
+                w.writerow(_csv_row(run))
+    print(json.dumps(result)) if args.json else print_table(result)
+    return 0 if result["complete"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,94 @@
+"""Roofline lower bounds for NVLM on H100s: what no implementation can beat.
+
+    TTFT ≥ vision FLOPs / vision peak  +  prefill FLOPs / (LLM peak · TP)
+    TPOT ≥ (LLM weight bytes + KV bytes read) per GPU / HBM bandwidth
+
+FLOPs count multiply-adds as 2. Vision: every linear of InternViT over 1025 tokens per tile, the
+attention score and value products, and mlp1 over 256 tokens per tile; the vision encoder runs on
+one GPU. Prefill: every decoder linear over the prompt, the attention products (causal: half of
+S²), lm_head for the last position only. Decode reads every weight byte once per token plus the
+KV cache of the context. Peak rates from DESIGN.md §5 (configurable): H100 SXM 990 dense bf16
+TFLOP/s, 1979 fp8, 3.35 TB/s HBM. Weight formats' compute rates: bf16/fp16 and int4_awq (W4A16
+computes in 16 bit) at the bf16 rate; fp8 and w4a8_awq at the fp8 rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from builder.config import NVLMConfig
+from builder.inspect import WEIGHT_FORMATS, kv_bytes_per_token, llm_breakdown
+from builder.weight_map import components_for
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    bf16_tflops: float
+    fp8_tflops: float
+    hbm_tbps: float
+
+
+GPUS = {"h100-sxm": GPU("H100 SXM", 990.0, 1979.0, 3.35), "h200": GPU("H200", 990.0, 1979.0, 4.8)}
+FP8_COMPUTE = {"fp8", "w4a8_awq"}
+
+
+def vision_flops(cfg: NVLMConfig, tiles: int) -> float:
+    v = cfg.vision
+    n = v.num_positions  # 1025 tokens per tile (CLS included)
+    per_layer_linear = 2 * n * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
+    per_layer_attn = 2 * 2 * n * n * v.hidden_size  # QKᵀ and (softmax)V
+    mlp1 = next(c for c in components_for(cfg) if c.name == "projector").num_params(cfg)
+    projector = 2 * cfg.preprocess.tokens_per_tile * mlp1
+    return tiles * (v.num_layers * (per_layer_linear + per_layer_attn) + projector)
+
+
+def prefill_flops(cfg: NVLMConfig, prompt_tokens: int) -> float:
+    b = llm_breakdown(cfg)
+    llm = cfg.llm
+    linear = 2 * prompt_tokens * b.linear
+    attention = llm.num_layers * 2 * 2 * (prompt_tokens * prompt_tokens / 2) * llm.num_heads * llm.head_dim
+    lm_head = 2 * llm.hidden_size * llm.vocab_size  # the last position's logits
+    return linear + attention + lm_head
+
+
+def llm_weight_bytes(cfg: NVLMConfig, fmt: str) -> float:
+    b = llm_breakdown(cfg)
+    per = WEIGHT_FORMATS["bf16" if fmt in ("bf16", "fp16") else fmt].linear_bytes_per_param
+    return b.linear * per + 2 * (b.lm_head + b.other)  # decode reads one embedding row, not the table
+
+
+@dataclass(frozen=True)
+class Roofline:
+    gpu: str
+    fmt: str
+    tp: int
+    tiles: int
+    prompt_tokens: int
+    context_tokens: int
+    vision_tflop: float
+    prefill_tflop: float
+    ttft_ms: float
+    tpot_ms: float
+    weight_gb_per_gpu: float
+    kv_gb_per_gpu: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def roofline(cfg: NVLMConfig, fmt: str, tp: int, *, tiles: int = 7, text_tokens: int = 64,
+             output_tokens: int = 128, gpu: GPU = GPUS["h100-sxm"], kv_fp8: bool | None = None,
+             vision_fp8: bool = False) -> Roofline:
+    prompt = text_tokens + tiles * cfg.preprocess.tokens_per_tile
+    llm_peak = (gpu.fp8_tflops if fmt in FP8_COMPUTE else gpu.bf16_tflops) * 1e12
+    vision_peak = (gpu.fp8_tflops if vision_fp8 else gpu.bf16_tflops) * 1e12
+    vf, pf = vision_flops(cfg, tiles), prefill_flops(cfg, prompt)
+    ttft = vf / vision_peak + pf / (llm_peak * tp)
+    kv_fp8 = fmt == "fp8" if kv_fp8 is None else kv_fp8
+    context = prompt + output_tokens // 2  # mean context over the generated tokens
+    weights = llm_weight_bytes(cfg, fmt) / tp
+    kv = context * kv_bytes_per_token(cfg, 1 if kv_fp8 else 2, tp)
+    tpot = (weights + kv) / (gpu.hbm_tbps * 1e12)
+    return Roofline(gpu.name, fmt, tp, tiles, prompt, context, vf / 1e12, pf / 1e12, ttft * 1e3, tpot * 1e3,
+                    weights / 1e9, kv / 1e9)

@@ -1,0 +1,63 @@
+"""Roofline bounds for NVLM-D-72B, checked against arithmetic written out here from the published
+dimensions (DESIGN.md §2, §5)."""
+
+import json
+
+import pytest
+
+from builder.config import from_hf
+from runtime.roofline import roofline
+
+# NVLM-D-72B, written out
+C, L_V, I_V, N = 3200, 45, 12800, 1025
+MLP1 = 2 * 12800 + 12800 * 29568 + 29568 * 8192
+VISION_PER_TILE = L_V * (2 * N * (4 * C * C + 2 * C * I_V) + 4 * N * N * C) + 2 * 256 * MLP1
+H, LAYERS, I, V, KV_DIM = 8192, 80, 29568, 152064, 1024
+LINEAR = LAYERS * (2 * H * H + 2 * KV_DIM * H + 3 * I * H)
+OTHER = LAYERS * (H + 2 * KV_DIM + 2 * H) + H
+
+
+def prefill(prompt):
+    return 2 * prompt * LINEAR + LAYERS * 4 * (prompt * prompt / 2) * H + 2 * H * V
+
+
+@pytest.fixture(scope="module")
+def cfg(config_72b):
+    return from_hf(config_72b)
+
+
+def test_vision_flops_match_design_figure(cfg):
+    r = roofline(cfg, "fp8", 2, tiles=7)
+    assert r.vision_tflop * 1e12 == pytest.approx(7 * VISION_PER_TILE)
+    assert r.vision_tflop == pytest.approx(85.8, abs=0.1)  # DESIGN.md §5: ≈ 85 TFLOP for 7 tiles
+
+
+def test_fp8_tp2(cfg):
+    r = roofline(cfg, "fp8", 2, tiles=7, text_tokens=64, output_tokens=128)
+    prompt = 64 + 7 * 256
+    assert r.prompt_tokens == prompt
+    ttft = 7 * VISION_PER_TILE / 990e12 + prefill(prompt) / (1979e12 * 2)
+    assert r.ttft_ms == pytest.approx(ttft * 1e3, rel=1e-9)
+    weights = (LINEAR * 1 + 2 * (V * H + OTHER)) / 2
+    kv = (prompt + 64) * 2 * LAYERS * 4 * 128 * 1  # fp8 KV, 4 KV heads per GPU
+    assert r.tpot_ms == pytest.approx((weights + kv) / 3.35e12 * 1e3, rel=1e-9)
+    assert r.tpot_ms == pytest.approx(10.9, abs=0.1)  # DESIGN.md §5: ≈ 11 ms/token for FP8 over TP2
+
+
+def test_int4_awq_tp1(cfg):
+    r = roofline(cfg, "int4_awq", 1, tiles=7, text_tokens=64, output_tokens=128)
+    prompt = 64 + 1792
+    ttft = 7 * VISION_PER_TILE / 990e12 + prefill(prompt) / 990e12  # W4A16 computes at the bf16 rate
+    assert r.ttft_ms == pytest.approx(ttft * 1e3, rel=1e-9)
+    weights = LINEAR * (0.5 + 2 / 128) + 2 * (V * H + OTHER)
+    kv = (prompt + 64) * 2 * LAYERS * 8 * 128 * 2  # bf16 KV, 8 KV heads
+    assert r.tpot_ms == pytest.approx((weights + kv) / 3.35e12 * 1e3, rel=1e-9)
+
+
+def test_roofline_cli(tmp_path, config_72b, capsys):
+    from runtime.bench import main
+
+    (tmp_path / "config.json").write_text(json.dumps(config_72b))
+    assert main(["roofline", str(tmp_path), "--quant", "fp8", "--tp", "2", "--tiles", "7", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpu"] == "H100 SXM" and out["tpot_ms"] == pytest.approx(10.9, abs=0.1)
