@@ -1,0 +1,111 @@
+"""CPU baseline: Triton overhead (served reference target vs the same work in-process) and
+throughput vs concurrency, on the embedded default.
+
+    .venv/bin/python benchmarks/triton_overhead.py [--requests 12] [--max-tokens 16] [--json F]
+
+Builds the embedded default (bf16, reference target), serves it with the bundled tritonserver, then
+for the same text and one-image requests measures (a) end-to-end latency through Triton over gRPC
+(streaming) and (b) the same pipeline in-process: fast preprocessing, vision ONNX (onnxruntime), the
+reference executor. Then runs `nvlm-bench` closed-loop at concurrency 1, 4, 16 on text requests.
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def main():
+    from builder.config import PreprocessConfig
+    from builder.demo_checkpoint import write_demo_checkpoint
+    from builder.engine_build import EngineBuildOptions, build_engine
+    from builder.llm_formats import BuildOptions, get_format
+    from runtime.bench import run_closed_loop, summarize, Item
+    from runtime.client import NVLMClient
+    from runtime.preprocess import preprocess_images
+    from runtime.prompt import build_prompt
+    from runtime.tokenizer import NVLMTokenizer
+    from runtime.trtllm_executor import Request, TRTLLMExecutor
+    from triton_repo.server import TritonServer
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--requests", type=int, default=12)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp())
+    ckpt = write_demo_checkpoint(work / "demo")
+    build = work / "build"
+    build_engine(ckpt, build, EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference",
+                                                 vision_dtype="fp32", calib_size=4), progress=lambda m: None)
+    image = (ROOT / "assets" / "demo_scene.png").read_bytes()
+    cases = {"text": ("Explain how a transformer generates text.", []),
+             "one image (3 tiles)": ("What shapes are in this picture?", [image])}
+
+    # in-process pipeline
+    import onnxruntime as ort
+
+    ex = TRTLLMExecutor.load(build / "llm")
+    tok = NVLMTokenizer.from_dir(build / "tokenizer")
+    pre = json.loads((build / "preprocess.json").read_text())
+    cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()
+                              if k in PreprocessConfig.__dataclass_fields__})
+    sess = ort.InferenceSession(str(build / "vision" / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
+
+    def local(prompt, images):
+        done = preprocess_images(images, cfg) if images else []
+        if images:
+            prompt = "<image>\n" + prompt
+        p = build_prompt(tok, prompt, [d.num_tiles for d in done], tokens_per_tile=256)
+        table = None
+        if done:
+            emb = sess.run(None, {"pixel_values": np.concatenate([d.pixel_values for d in done])})[0]
+            table = torch.from_numpy(emb.reshape(-1, emb.shape[-1]).astype(np.float16).astype(np.float32))
+        return ex.generate([Request(p.trtllm_input_ids(ex.vocab_size), args.max_tokens, table)])[0].tokens
+
+    rows = {}
+    with TritonServer(build / "triton_repo", grpc_port=24001, http_port=24002, metrics_port=24003) as srv:
+        client = NVLMClient(srv.grpc_url)
+        for name, (prompt, images) in cases.items():
+            client.generate(prompt, images, max_tokens=args.max_tokens, stream=True)  # warm-up
+            local(prompt, images)
+            served, inproc = [], []
+            for _ in range(args.requests):
+                t = time.perf_counter()
+                client.generate(prompt, images, max_tokens=args.max_tokens, stream=True)
+                served.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                local(prompt, images)
+                inproc.append(time.perf_counter() - t)
+            s, i = statistics.median(served) * 1e3, statistics.median(inproc) * 1e3
+            rows[name] = {"served_ms": s, "in_process_ms": i, "overhead_ms": s - i, "ratio": s / i}
+        sweep = {}
+        items = [Item("Explain how a transformer generates text.", [], "text")]
+        for c in (1, 4, 16):
+            samples, wall = run_closed_loop(srv.grpc_url, "nvlm", items, c, max(args.requests, 2 * c),
+                                            args.max_tokens, 0)
+            s = summarize(samples, wall)
+            sweep[c] = {"requests_per_s": s["requests_per_s"], "output_tokens_per_s": s["output_tokens_per_s"],
+                        "ttft_p50_ms": s["ttft_ms"]["p50"], "e2e_p50_ms": s["e2e_ms"]["p50"], "failed": s["failed"]}
+    print(f"{'request':<22}{'served ms':>10}{'in-process ms':>15}{'overhead ms':>13}{'ratio':>7}")
+    for k, r in rows.items():
+        print(f"{k:<22}{r['served_ms']:>10.1f}{r['in_process_ms']:>15.1f}{r['overhead_ms']:>13.1f}{r['ratio']:>7.2f}")
+    print(f"{'concurrency':<12}{'req/s':>7}{'tok/s':>8}{'TTFT p50 ms':>13}{'E2E p50 ms':>12}")
+    for c, r in sweep.items():
+        print(f"{c:<12}{r['requests_per_s']:>7.2f}{r['output_tokens_per_s']:>8.1f}{r['ttft_p50_ms']:>13.1f}"
+              f"{r['e2e_p50_ms']:>12.1f}")
+    if args.json:
+        args.json.write_text(json.dumps({"overhead": rows, "sweep": sweep, "date": time.strftime("%Y-%m-%d")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
