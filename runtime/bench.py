@@ -309,7 +309,8 @@ def benchmark(args) -> dict:
         per_label = {label: summarize([s for s in samples if s.label == label], wall)["ttft_ms"]
                      for label in sorted({s.label for s in samples})}
         result["runs"].append({"mode": mode, "level": level, "summary": summary, "ttft_by_workload_item": per_label,
-                               "server": server})
+                               "server": server,
+                               "ttft_samples_ms": [round(s.ttft * 1e3, 3) for s in samples if s.ok]})
         if summary["failed"] == summary["requests"]:
             result["complete"] = False
             break
@@ -330,6 +331,58 @@ def print_table(result: dict) -> None:
                 print(f"    {model:<16} queue {st['queue_ms']:8.2f} ms  compute {st['compute_infer_ms']:8.2f} ms")
     if not result["complete"]:
         print("INCOMPLETE: the server stopped answering; partial results saved")
+
+
+def write_plots(result: dict, out: Path) -> list[str]:
+    """latency_vs_concurrency.png, ttft_distribution.png, stage_breakdown.png (matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise BenchError("--plot needs matplotlib (pip install nvlm-trt[bench])") from None
+    written = []
+    runs = [r for r in result["runs"] if r["mode"] == "concurrency"]
+    if runs:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        levels = [r["level"] for r in runs]
+        for key, label in (("ttft_ms", "TTFT"), ("e2e_ms", "end to end")):
+            for q, style in (("p50", "-o"), ("p99", "--")):
+                ax.plot(levels, [r["summary"][key][q] if r["summary"][key] else None for r in runs], style,
+                        label=f"{label} {q}")
+        ax.set(xlabel="concurrency", ylabel="ms", title="Latency vs concurrency", xscale="log")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "latency_vs_concurrency.png", dpi=100)
+        plt.close(fig)
+        written.append("latency_vs_concurrency.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in result["runs"]:
+        if r["ttft_samples_ms"]:
+            ax.hist(r["ttft_samples_ms"], bins=20, alpha=0.5, label=f"{r['mode']} {r['level']}")
+    ax.set(xlabel="time to first token (ms)", ylabel="requests", title="TTFT distribution")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "ttft_distribution.png", dpi=100)
+    plt.close(fig)
+    written.append("ttft_distribution.png")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    models = ["preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing"]
+    labels = [f"{r['mode'][0]}{r['level']}" for r in result["runs"]]
+    bottom = np.zeros(len(labels))
+    for m in models:
+        vals = np.array([(r["server"].get(m, {}).get("queue_ms", 0) + r["server"].get(m, {}).get("compute_infer_ms", 0))
+                         if isinstance(r["server"].get(m), dict) else 0 for r in result["runs"]])
+        ax.bar(labels, vals, bottom=bottom, label=m)
+        bottom += vals
+    ax.set(ylabel="ms per request (queue + compute)", title="Where the time goes (server side)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "stage_breakdown.png", dpi=100)
+    plt.close(fig)
+    written.append("stage_breakdown.png")
+    return written
 
 
 # --------------------------------------------------------------------------- roofline command
@@ -381,6 +434,7 @@ def main(argv=None) -> int:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--build", help="build directory, to record its manifest hash")
     r.add_argument("--out", type=Path, help="write bench.json and bench.csv here")
+    r.add_argument("--plot", action="store_true", help="also write PNG plots to --out")
     r.add_argument("--json", action="store_true")
     f = sub.add_parser("roofline", help="lower bounds for TTFT and TPOT on H100s")
     f.add_argument("build", help="build directory (manifest.json) or checkpoint / config.json")
@@ -398,6 +452,8 @@ def main(argv=None) -> int:
     try:
         if args.cmd == "roofline":
             return _roofline(args)
+        if args.plot and not args.out:
+            raise BenchError("--plot needs --out DIR")
         result = benchmark(args)
     except NVLMError as e:
         print(f"nvlm-bench: error: {e}", file=sys.stderr)
@@ -410,6 +466,8 @@ def main(argv=None) -> int:
             w.writeheader()
             for run in result["runs"]:
                 w.writerow(_csv_row(run))
+        if args.plot:
+            write_plots(result, args.out)
     print(json.dumps(result)) if args.json else print_table(result)
     return 0 if result["complete"] else 1
 

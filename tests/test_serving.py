@@ -257,7 +257,7 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
 
 # --------------------------------------------------------------------------- nvlm-bench against the server
 
-RUN_KEYS = {"mode", "level", "summary", "ttft_by_workload_item", "server"}
+RUN_KEYS = {"mode", "level", "summary", "ttft_by_workload_item", "server", "ttft_samples_ms"}
 SUMMARY_KEYS = {"requests", "succeeded", "failed", "errors", "ttft_ms", "itl_ms", "tpot_ms", "e2e_ms",
                 "output_tokens_per_s", "requests_per_s", "seconds"}
 STAT_KEYS = {"mean", "p50", "p90", "p99", "n"}
@@ -271,8 +271,10 @@ def test_bench_short_sweep_json_and_csv(server, build, tmp_path, capsys):
 
     rc = main(["run", "--url", server.grpc_url, "--concurrency", "1,2", "--request-rate", "4", "--requests", "4",
                "--warmup", "1", "--max-tokens", "4", "--workload", "tiles:1,3", "--build", str(build),
-               "--out", str(tmp_path), "--json"])
+               "--out", str(tmp_path), "--plot", "--json"])
     assert rc == 0
+    for png in ("latency_vs_concurrency.png", "ttft_distribution.png", "stage_breakdown.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["schema"] == SCHEMA and result["complete"] and result["build_manifest_sha256"]
     assert set(result) == {"schema", "complete", "date", "machine", "endpoint", "build_manifest_sha256", "workload",
