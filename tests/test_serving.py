@@ -140,6 +140,17 @@ def _raw(client, inputs):
         client.client.stop_stream()
 
 
+def _huge_png():
+    """A 10000×9000 image (90 M pixels, above Pillow's 89.5 M limit) that compresses to a few hundred KB."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (10000, 9000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 TEXT = ("text_input", "BYTES", np.array([b"<image> hi"], dtype=object))
 MAXT = ("max_tokens", "INT32", np.array([4], np.int32))
 
@@ -152,6 +163,8 @@ def _img(data):
     ([MAXT], "text_input"),
     ([("text_input", "INT32", np.array([1], np.int32)), MAXT], "data type|datatype|TYPE_STRING|BYTES"),
     ([TEXT, MAXT, _img([b"not an image"])], "not a format Pillow can decode"),
+    ([("text_input", "BYTES", np.array([b"a", b"b"], dtype=object)), MAXT], "shape|dims|unexpected"),
+    ([TEXT, MAXT, _img([_huge_png()])], "above the limit"),
     ([TEXT, MAXT, _img([IMAGE.read_bytes()] * 5)], "at most"),
     ([("text_input", "BYTES", np.array([b"no placeholder but two images"], dtype=object)), MAXT,
       _img([IMAGE.read_bytes()] * 2)], None),  # placeholders are prepended, as NVLM-D's chat() does
