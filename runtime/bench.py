@@ -132,14 +132,18 @@ class Sample:
     tokens: int = 0
 
 
+MIN_TOKENS = {"value": 0}  # --min-tokens: sent as min_length so every request produces the same length
+
+
 def _one(client, item: Item, max_tokens: int, seed: int) -> Sample:
     from runtime.client import ClientError
 
     stamps: list[float] = []
+    extra = {"min_length": ("INT32", np.array([MIN_TOKENS["value"]], np.int32))} if MIN_TOKENS["value"] else None
     t0 = time.perf_counter()
     try:
         ans = client.generate(item.prompt, item.images, max_tokens=max_tokens, stream=True, seed=seed,
-                              on_text=lambda _: stamps.append(time.perf_counter()))
+                              on_text=lambda _: stamps.append(time.perf_counter()), extra=extra)
     except ClientError as e:
         return Sample(item.label, False, str(e))
     end = time.perf_counter()
@@ -285,6 +289,7 @@ def benchmark(args) -> dict:
     if not levels_c and not levels_r:
         levels_c = [1]
     items = load_workload(args.workload, args.seed)
+    MIN_TOKENS["value"] = args.min_tokens
     NVLMClient(args.url, args.model).check()  # unreachable server / wrong model: fail before the run
     warm = NVLMClient(args.url, args.model)
     for k in range(args.warmup):
@@ -430,6 +435,7 @@ def main(argv=None) -> int:
     r.add_argument("--requests", type=int, default=16, help="measured requests per level")
     r.add_argument("--warmup", type=int, default=2)
     r.add_argument("--max-tokens", type=int, default=32)
+    r.add_argument("--min-tokens", type=int, default=0, help="minimum output length (min_length), e.g. = --max-tokens")
     r.add_argument("--workload", default="text")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--build", help="build directory, to record its manifest hash")
