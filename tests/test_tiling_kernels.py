@@ -129,3 +129,25 @@ def test_trt_plugin_module_imports_without_tensorrt():
         with pytest.raises(trt_plugin.TensorRTUnavailableError, match="tensorrt.plugin"):
             trt_plugin.register()
     assert trt_plugin.PLUGIN_ID == "nvlm::normalize_tiles"
+
+
+def test_preprocessing_model_gpu_branch_equals_cpu_branch(monkeypatch):
+    """The Triton preprocessing model's GPU path (Triton kernels) gives the CPU path's pixels; run here
+    under the interpreter with `.cuda()` as a no-op."""
+    import io
+
+    from PIL import Image
+
+    from triton_repo.serving import PreprocessingModel
+
+    model = PreprocessingModel.__new__(PreprocessingModel)
+    model.cfg, model.max_images = default_config(), 2
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng().integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(buf, format="PNG")
+    model.gpu = False
+    cpu = model._tile([buf.getvalue()])
+    monkeypatch.setattr(torch.Tensor, "cuda", lambda self, *a, **k: self)
+    model.gpu = True
+    gpu = model._tile([buf.getvalue()])
+    assert gpu[0].grid == cpu[0].grid and gpu[0].tile_tags == cpu[0].tile_tags
+    assert np.array_equal(gpu[0].pixel_values, cpu[0].pixel_values)

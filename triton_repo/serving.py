@@ -44,6 +44,15 @@ def _scalar(request, name, default, cast):
     return cast(v.reshape(-1)[0])
 
 
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
 def _error(message: str):
     pb = _pb()
     return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message))
@@ -74,6 +83,26 @@ class PreprocessingModel:
         self.max_images = pre.get("max_images_per_request", 4)
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.vocab = json.loads((build / "llm" / "config.json").read_text())["vocab_size"]
+        self.gpu = _cuda()  # GPU hosts: Pillow-exact Triton kernels (plugins/tiling.py) do the tiling
+
+    def _tile(self, images):
+        from runtime.preprocess import Preprocessed, load_image, preprocess_images
+        from runtime.prompt import tile_tags
+
+        if not self.gpu:
+            return preprocess_images(images, self.cfg, max_images=self.max_images)
+        import torch
+
+        from plugins.tiling import tile_image
+
+        if len(images) > self.max_images:
+            return preprocess_images(images, self.cfg, max_images=self.max_images)  # raises the count error
+        out = []
+        for blob in images:
+            rgb = np.asarray(load_image(blob, copy_rgb=False), dtype=np.uint8)
+            tiles, grid = tile_image(torch.from_numpy(rgb).cuda(), self.cfg, "fp32")
+            out.append(Preprocessed(tiles.cpu().numpy(), grid, tile_tags(tiles.shape[0])))
+        return out
 
     def execute(self, requests):
         pb = _pb()
@@ -86,7 +115,6 @@ class PreprocessingModel:
         return out
 
     def _one(self, request, pb):
-        from runtime.preprocess import preprocess_images
         from runtime.prompt import build_prompt
 
         text = _input(request, "text_input")
@@ -96,7 +124,7 @@ class PreprocessingModel:
         prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
         blobs = _input(request, "image_bytes")
         images = [] if blobs is None else [bytes(b) for b in blobs.reshape(-1)]
-        done = preprocess_images(images, self.cfg, max_images=self.max_images) if images else []
+        done = self._tile(images) if images else []
         if images and "<image>" not in prompt:
             prompt = "<image>\n" * len(images) + prompt  # as NVLM-D's chat() does
         p = build_prompt(self.tok, prompt, [d.num_tiles for d in done], tokens_per_tile=self.cfg.tokens_per_tile)
