@@ -241,31 +241,33 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
 
     from triton_repo.server import _shm_segments
 
-    def stubs():
-        if not Path("/proc").is_dir():
-            return set()
+    def stubs(workdir: str):
+        """Backend stub processes of one server: their executable lives in that server's work dir."""
         found = set()
-        for p in Path("/proc").iterdir():
+        for p in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
             try:
-                if p.name.isdigit() and b"triton_python_backend_stub" in (p / "cmdline").read_bytes():
-                    found.add(p.name)
+                cmd = (p / "cmdline").read_bytes()
             except OSError:
-                pass
+                continue
+            if p.name.isdigit() and b"triton_python_backend_stub" in cmd and workdir.encode() in cmd:
+                found.add(p.name)
         return found
 
-    before, stubs_before = _shm_segments(), stubs()
+    before = _shm_segments()
     base = 23000 + (os.getpid() % 1000) * 3
     proc = subprocess.Popen([str(ROOT / ".venv/bin/nvlm-serve"), str(build), "--grpc-port", str(base),
                              "--http-port", str(base + 1), "--metrics-port", str(base + 2)],
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line.startswith("serving"), line
+    workdir = str(Path(line.rsplit(" log ", 1)[1].strip()).parent)  # nvlm-serve-XXXX, this server's own
+    assert stubs(workdir)  # the check below can see this server's stubs
     assert len(NVLMClient(f"127.0.0.1:{base}").generate("Hi", max_tokens=2).tokens) == 2
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0 and "stopped" in proc.stdout.read()
     time.sleep(0.5)
     assert _shm_segments() - before == set()
-    assert stubs() - stubs_before == set()  # no backend stub process outlives this server
+    assert stubs(workdir) == set()  # no backend stub process outlives this server
 
 
 # --------------------------------------------------------------------------- nvlm-bench against the server

@@ -58,6 +58,19 @@ def _error(message: str):
     return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message))
 
 
+def _decoupled(requests, handle, prefix: str):
+    """Decoupled models answer through each request's sender; a failure closes that request with an
+    error response and the loop goes on with the next."""
+    pb = _pb()
+    for request in requests:
+        sender = request.get_response_sender()
+        try:
+            handle(request, sender, pb)
+        except Exception as e:  # noqa: BLE001 — every failure becomes this request's error
+            sender.send(_error(f"{prefix}{e}"), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    return None
+
+
 def _limits(build: Path) -> dict:
     manifest = build / "manifest.json"
     options = json.loads(manifest.read_text())["options"] if manifest.exists() else {}
@@ -179,14 +192,7 @@ class ReferenceLLMModel:
         self.lock = threading.Lock()
 
     def execute(self, requests):
-        pb = _pb()
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                self._one(request, sender, pb)
-            except Exception as e:  # noqa: BLE001
-                sender.send(_error(f"tensorrt_llm: {e}"), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
+        return _decoupled(requests, self._one, "tensorrt_llm: ")
 
     def _one(self, request, sender, pb):
         import torch
@@ -264,14 +270,7 @@ class EntryModel:
         self.limits = _limits(build)
 
     def execute(self, requests):
-        pb = _pb()
-        for request in requests:
-            sender = request.get_response_sender()
-            try:
-                self._one(request, sender, pb)
-            except Exception as e:  # noqa: BLE001
-                sender.send(_error(str(e)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return None
+        return _decoupled(requests, self._one, "")
 
     def _call(self, pb, model, inputs, outputs, decoupled=False):
         req = pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
