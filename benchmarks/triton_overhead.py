@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def main():
-    from builder.config import PreprocessConfig
+    from builder.engine_build import read_preprocess
     from builder.demo_checkpoint import write_demo_checkpoint
     from builder.engine_build import EngineBuildOptions, build_engine
     from builder.llm_formats import BuildOptions, get_format
@@ -56,9 +56,7 @@ def main():
 
     ex = TRTLLMExecutor.load(build / "llm")
     tok = NVLMTokenizer.from_dir(build / "tokenizer")
-    pre = json.loads((build / "preprocess.json").read_text())
-    cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()
-                              if k in PreprocessConfig.__dataclass_fields__})
+    cfg, _ = read_preprocess(build)
     sess = ort.InferenceSession(str(build / "vision" / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
 
     def local(prompt, images):

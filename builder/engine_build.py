@@ -158,6 +158,17 @@ def _preprocess(ctx: Context, tmp: Path) -> dict:
     return {"tokens_per_tile": p.tokens_per_tile, "max_tiles_per_image": p.max_tiles_per_image}
 
 
+def read_preprocess(build: Path):
+    """preprocess.json of a build → (typed PreprocessConfig, the raw dict with the serving extras).
+    The one reader of what `_preprocess` writes."""
+    from .config import PreprocessConfig
+
+    raw = json.loads((Path(build) / "preprocess.json").read_text())
+    fields = PreprocessConfig.__dataclass_fields__
+    cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
+    return cfg, raw
+
+
 def _vision(ctx: Context, tmp: Path) -> dict:
     from .vision_export import export_vision
 

@@ -54,11 +54,9 @@ def client(server):
 @pytest.fixture(scope="module")
 def local(build):
     """The same request computed in-process: preprocessing, vision ONNX, reference executor."""
-    import json
-
     import onnxruntime as ort
 
-    from builder.config import PreprocessConfig
+    from builder.engine_build import read_preprocess
     from runtime.preprocess import preprocess_images
     from runtime.prompt import build_prompt
     from runtime.tokenizer import NVLMTokenizer
@@ -66,9 +64,7 @@ def local(build):
 
     ex = TRTLLMExecutor.load(build / "llm")
     tok = NVLMTokenizer.from_dir(build / "tokenizer")
-    pre = json.loads((build / "preprocess.json").read_text())
-    cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()
-                              if k in PreprocessConfig.__dataclass_fields__})
+    cfg, _ = read_preprocess(build)
     sess = ort.InferenceSession(str(build / "vision" / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
 
     def run(prompt, images, n):

@@ -86,13 +86,11 @@ class PreprocessingModel:
     """text_input (+ image_bytes) → TensorRT-LLM input_ids (fake ids at image positions), pixel_values."""
 
     def initialize(self, args):
-        from builder.config import PreprocessConfig
+        from builder.engine_build import read_preprocess
         from runtime.tokenizer import NVLMTokenizer
 
         build = _build_dir(args)
-        pre = json.loads((build / "preprocess.json").read_text())
-        fields = PreprocessConfig.__dataclass_fields__
-        self.cfg = PreprocessConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in pre.items() if k in fields})
+        self.cfg, pre = read_preprocess(build)
         self.max_images = pre.get("max_images_per_request", 4)
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.vocab = json.loads((build / "llm" / "config.json").read_text())["vocab_size"]
