@@ -23,7 +23,6 @@ from .errors import NVLMError
 from .llm_formats import BuildOptions
 
 ENGINE_RELEASE = "TensorRT-LLM 1.2 (NGC container nvcr.io/nvidia/tensorrt-llm/release:1.2.x)"
-TOKENS_PER_TILE_NOTE = "max_multimodal_len = max_batch_size × max tiles per image × tokens per tile"
 
 
 class EngineToolError(NVLMError):
