@@ -35,7 +35,7 @@ from typing import Callable
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .engines import EngineLimits, detect, finish_script, trtllm_build_args, vision_engine_settings
+from .engines import ENGINE_RELEASE, EngineLimits, detect, finish_script, trtllm_build_args, vision_engine_settings
 from .errors import NVLMError, OutputExistsError
 from .llm_formats import BuildOptions, validate
 
@@ -153,7 +153,7 @@ def _preprocess(ctx: Context, tmp: Path) -> dict:
     data = {**asdict(p), "max_tiles_per_image": p.max_tiles_per_image,
             "max_images_per_request": ctx.opts.limits.max_images_per_request,
             "image_start": "<Image>", "image_end": "</Image>", "image_pad": "<|vision_pad|>",
-            "thumbnail_tag": "<tile_global_thumbnail>", "pillow_major_below": 13}
+            "thumbnail_tag": "<tile_global_thumbnail>", "pillow_below": "12.2"}
     (tmp / "preprocess.json").write_text(json.dumps(data, indent=2) + "\n")
     return {"tokens_per_tile": p.tokens_per_tile, "max_tiles_per_image": p.max_tiles_per_image}
 
@@ -306,7 +306,7 @@ def build_engine(ckpt_path, out, opts: EngineBuildOptions, *, resume: bool = Fal
     engines_possible = opts.target == "trt" or (opts.target == "auto" and cap.can_build)
     if opts.target == "trt" and not cap.can_build:
         raise BuildError(f"--target trt needs TensorRT, an engine-capable TensorRT-LLM and a GPU: {cap.detail}. "
-                         f"Use {ENGINE_HINT}, or --target reference for the portable artifacts only")
+                         f"Use {ENGINE_RELEASE}, or --target reference for the portable artifacts only")
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it, or choose another output")
     if partial.exists() and not resume:
@@ -376,9 +376,6 @@ def build_engine(ckpt_path, out, opts: EngineBuildOptions, *, resume: bool = Fal
     else:
         partial.rename(out)
     return manifest
-
-
-ENGINE_HINT = "NVIDIA's TensorRT-LLM 1.2 NGC container"
 
 
 def format_summary(out: Path, manifest: dict) -> str:

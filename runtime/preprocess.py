@@ -78,19 +78,20 @@ _PILLOW_CHECKED = False
 
 
 def check_pillow() -> None:
-    """Refuse Pillow ≥ 13: it runs the vertical resize pass first when the height shrinks much
-    more than the width (python-pillow/Pillow#9549), so some aspect ratios get different tile
-    pixels from the horizontal-first order NVLM was trained with."""
+    """Refuse Pillow ≥ 12.2: 12.2 runs the vertical resize pass first for images over 100× taller
+    than wide (python-pillow/Pillow#9524), and 13 whenever the height shrinks much more than the
+    width (#9549); either way some images get different tile pixels from the horizontal-first order
+    NVLM was trained with (and that plugins/pillow_resample.py and the GPU kernels reproduce)."""
     global _PILLOW_CHECKED
     if _PILLOW_CHECKED:
         return
     import PIL
 
-    major = int(PIL.__version__.split(".")[0])
-    if major >= 13:
+    version = tuple(int(x) for x in PIL.__version__.split(".")[:2])
+    if version >= (12, 2):
         raise EnvironmentMismatchError(
-            f"Pillow {PIL.__version__} is installed; NVLM's tiling needs Pillow < 13 (13 changed the order of "
-            "the resize passes and thereby the tile pixels). Install `pillow<13`."
+            f"Pillow {PIL.__version__} is installed; NVLM's tiling needs Pillow < 12.2 (12.2 and 13 changed the "
+            "order of the resize passes for some image shapes, and thereby the tile pixels). Install `pillow<12.2`."
         )
     _PILLOW_CHECKED = True
 

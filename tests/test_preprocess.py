@@ -180,15 +180,24 @@ def test_missing_file():
         load_image("/nonexistent/cat.png")
 
 
-def test_pillow_13_is_refused(monkeypatch):
+@pytest.mark.parametrize("version", ["12.2.0", "12.3.0", "13.0.0"])
+def test_pillow_with_reordered_resize_passes_is_refused(monkeypatch, version):
     import PIL
 
     import runtime.preprocess as pre
 
     monkeypatch.setattr(pre, "_PILLOW_CHECKED", False)
-    monkeypatch.setattr(PIL, "__version__", "13.0.0")
-    with pytest.raises(EnvironmentMismatchError, match="pillow<13"):
+    monkeypatch.setattr(PIL, "__version__", version)
+    with pytest.raises(EnvironmentMismatchError, match="pillow<12.2"):
         check_pillow()
+
+
+def test_very_tall_image_is_resized_horizontal_first():
+    """Pillow 12.2+ would take the vertical pass first here (height > 100 × width, shrinking);
+    the installed Pillow and our arithmetic must both do NVLM's horizontal-first order."""
+    rng = np.random.default_rng()
+    a = rng.integers(0, 256, (347, 2, 3), dtype=np.uint8)
+    assert np.array_equal(resample_reference(a, 1012, 73), np.asarray(Image.fromarray(a).resize((1012, 73))))
 
 
 def test_config_parameters_come_from_the_checkpoint(released_ckpt):
