@@ -237,16 +237,19 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
 
     from triton_repo.server import _shm_segments
 
-    def stubs(workdir: str):
-        """Backend stub processes of one server: their executable lives in that server's work dir."""
-        found = set()
-        for p in Path("/proc").iterdir() if Path("/proc").is_dir() else []:
-            try:
-                cmd = (p / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if p.name.isdigit() and b"triton_python_backend_stub" in cmd and workdir.encode() in cmd:
-                found.add(p.name)
+    def descendants(root: int) -> set[int]:
+        """PIDs of every process below `root` (tritonserver's backend stubs), from /proc/*/stat."""
+        parents = {}
+        for p in Path("/proc").iterdir():
+            if p.name.isdigit():
+                try:
+                    parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    pass
+        found, frontier = set(), {root}
+        while frontier:
+            frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+            found |= frontier
         return found
 
     before = _shm_segments()
@@ -256,14 +259,16 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
                             stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     assert line.startswith("serving"), line
-    workdir = str(Path(line.rsplit(" log ", 1)[1].strip()).parent)  # nvlm-serve-XXXX, this server's own
-    assert stubs(workdir)  # the check below can see this server's stubs
+    server_pid = int(next(p.name for p in Path("/proc").iterdir() if p.name.isdigit() and int(
+        (p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == proc.pid and b"tritonserver" in (p / "cmdline").read_bytes()))
+    children = descendants(server_pid)
+    assert children  # the server's backend stubs are visible, so the check below can fail
     assert len(NVLMClient(f"127.0.0.1:{base}").generate("Hi", max_tokens=2).tokens) == 2
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0 and "stopped" in proc.stdout.read()
     time.sleep(0.5)
     assert _shm_segments() - before == set()
-    assert stubs(workdir) == set()  # no backend stub process outlives this server
+    assert {pid for pid in children if Path(f"/proc/{pid}").exists()} == set()  # no stub outlives the server
 
 
 # --------------------------------------------------------------------------- nvlm-bench against the server
