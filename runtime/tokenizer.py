@@ -65,3 +65,37 @@ class NVLMTokenizer:
 
     def id_to_token(self, tid: int) -> str | None:
         return self._tok.id_to_token(tid)
+
+
+class StreamDecoder:
+    """Text deltas for a growing sequence of generated ids; their concatenation is `decode(all ids)`.
+
+    A byte-level BPE splits multi-byte characters across tokens, so decoding a prefix of the
+    output can end in U+FFFD that a later token turns into a real character: `decode(prefix)` is
+    then not a prefix of `decode(all)`, and slicing by length (what a naive streamer does) sends
+    wrong text. Two offsets into the ids keep it exact and cheap: text is settled up to
+    `read`; `prefix` trails it so that tokenizers whose decoders depend on the preceding token
+    (e.g. leading-space rules) see their context. A delta is released only when the new text
+    extends the settled text and does not end in an incomplete character; `finish` flushes
+    whatever is held back (a truly invalid byte sequence stays U+FFFD, as in the full decode).
+    """
+
+    def __init__(self, tok: NVLMTokenizer):
+        self.tok = tok
+        self.ids: list[int] = []
+        self.prefix = self.read = 0
+
+    def push(self, new_ids) -> str:
+        self.ids += list(new_ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        settled = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if not final and (not text.startswith(settled) or len(text) == len(settled) or text.endswith("\ufffd")):
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return text[len(settled):]

@@ -317,7 +317,9 @@ class EntryModel:
         llm_inputs = [pb.Tensor(t.name(), t.as_numpy()[None, ...]) for t in llm_inputs]
         stream = _scalar(request, "stream", False, bool)
         tokens: list[int] = []
-        sent = ""
+        from runtime.tokenizer import StreamDecoder
+
+        text = StreamDecoder(self.tok)
         for resp in self._call(pb, "tensorrt_llm", llm_inputs, ["output_ids", "sequence_length"], decoupled=True):
             if resp.has_error():
                 raise ValueError(resp.error().message())
@@ -326,14 +328,18 @@ class EntryModel:
                 continue
             new = out.as_numpy().reshape(-1).tolist()
             tokens += new
-            if stream:
-                text_now = self.tok.decode(tokens)
-                delta, sent = text_now[len(sent):], text_now
+            if stream:  # one response per engine response, even when its text is held back (split character)
                 sender.send(pb.InferenceResponse(output_tensors=[
-                    pb.Tensor("text_output", np.asarray([delta.encode()], object)),
+                    pb.Tensor("text_output", np.asarray([text.push(new).encode()], object)),
                     pb.Tensor("output_ids", np.asarray(new, np.int32))]))
         if stream:
-            sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            rest = text.finish()  # an incomplete character at the very end: sent as the full decode has it
+            if rest:
+                sender.send(pb.InferenceResponse(output_tensors=[
+                    pb.Tensor("text_output", np.asarray([rest.encode()], object)),
+                    pb.Tensor("output_ids", np.zeros(0, np.int32))]), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            else:
+                sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         else:
             post = self._call(pb, "postprocessing", [pb.Tensor("output_ids", np.asarray(tokens, np.int32))],
                               ["text_output"])
