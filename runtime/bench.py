@@ -2,7 +2,7 @@
 
     nvlm-bench run --url 127.0.0.1:8001 [--concurrency 1,4,16 | --request-rate 2,4] [--requests N]
                    [--warmup N] [--max-tokens N] [--workload text | tiles:1,3,7 | images:WxH,… | jsonl:PATH]
-                   [--seed S] [--build BUILD] [--out DIR] [--json]
+                   [--seed S] [--build BUILD [--gpu auto|h100-sxm|h200|none]] [--out DIR] [--json]
     nvlm-bench roofline BUILD|CKPT [--quant Q] [--tp N] [--tiles N] [--gpu h100-sxm] [--json]
 
 Per request (streaming): time to first token (first text chunk), inter-token latencies (gaps between
@@ -198,20 +198,34 @@ def _stats_delta(before: dict, after: dict) -> dict:
     return out
 
 
-def run_closed_loop(url, model, items, concurrency, requests, max_tokens, seed) -> tuple[list[Sample], float]:
+def _measure(client, item: Item, max_tokens: int, seed: int, dead: threading.Event) -> Sample:
+    """One request; a failure with the server gone sets `dead`, which stops the run (no more sends)."""
+    from runtime.client import ClientError
+
+    s = _one(client, item, max_tokens, seed)
+    if not s.ok:
+        try:
+            client.check()
+        except ClientError:
+            dead.set()
+    return s
+
+
+def run_closed_loop(url, model, items, concurrency, requests, max_tokens, seed,
+                    dead: threading.Event) -> tuple[list[Sample], float]:
     from runtime.client import NVLMClient
 
     lock, next_index, samples = threading.Lock(), [0], []
 
     def worker():
         client = NVLMClient(url, model)
-        while True:
+        while not dead.is_set():
             with lock:
                 k = next_index[0]
                 next_index[0] += 1
             if k >= requests:
                 return
-            s = _one(client, items[k % len(items)], max_tokens, seed + k)
+            s = _measure(client, items[k % len(items)], max_tokens, seed + k, dead)
             with lock:
                 samples.append(s)
 
@@ -222,7 +236,8 @@ def run_closed_loop(url, model, items, concurrency, requests, max_tokens, seed) 
     return samples, time.perf_counter() - t0
 
 
-def run_open_loop(url, model, items, rate, requests, max_tokens, seed) -> tuple[list[Sample], float]:
+def run_open_loop(url, model, items, rate, requests, max_tokens, seed,
+                  dead: threading.Event) -> tuple[list[Sample], float]:
     from runtime.client import NVLMClient
 
     rng = random.Random(seed)
@@ -233,13 +248,15 @@ def run_open_loop(url, model, items, rate, requests, max_tokens, seed) -> tuple[
     samples, lock = [], threading.Lock()
 
     def fire(k):
-        s = _one(NVLMClient(url, model), items[k % len(items)], max_tokens, seed + k)
+        s = _measure(NVLMClient(url, model), items[k % len(items)], max_tokens, seed + k, dead)
         with lock:
             samples.append(s)
 
     t0 = time.perf_counter()
     threads = []
     for k, at in enumerate(arrivals):
+        if dead.is_set():
+            break
         delay = t0 + at - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
@@ -277,6 +294,65 @@ def _manifest_hash(build: str | None) -> str | None:
     return sha256_file(m) if m.is_file() else None
 
 
+def _item_shapes(build: Path, items: list[Item]) -> list[tuple[int, int]]:
+    """(text tokens, tiles) of each workload item as the server will see it: the build's own
+    preprocessing and prompt layout."""
+    from builder.engine_build import read_preprocess
+    from runtime.preprocess import preprocess_images
+    from runtime.prompt import build_prompt, with_image_placeholders
+    from runtime.tokenizer import NVLMTokenizer
+
+    tok = NVLMTokenizer.from_dir(build / "tokenizer")
+    pcfg, _ = read_preprocess(build)
+    shapes = []
+    for it in items:
+        tiles = [d.num_tiles for d in preprocess_images(it.images, pcfg, max_images=len(it.images))] if it.images else []
+        p = build_prompt(tok, with_image_placeholders(it.prompt, len(tiles)), tiles, tokens_per_tile=pcfg.tokens_per_tile)
+        shapes.append((len(p.input_ids) - p.num_image_tokens, sum(tiles)))
+    return shapes
+
+
+def roofline_plan(args, items: list[Item]) -> dict | None:
+    """Per workload item, the roofline bounds of the build on the chosen GPU; None without a GPU.
+    The default GPU is H100 SXM when the build serves TensorRT engines and none for the CPU
+    reference target (a ratio against an H100 bound says nothing about the CPU stand-in)."""
+    from .roofline import GPUS, build_facts, facts_roofline
+
+    if not args.build or args.gpu == "none":
+        return None
+    facts = build_facts(args.build, checkpoint=args.checkpoint)
+    gpu_name = args.gpu if args.gpu != "auto" else ("h100-sxm" if facts.served_target == "trt" else None)
+    if gpu_name is None:
+        return None
+    gpu = GPUS[gpu_name]
+    per_label: dict[str, list] = {}
+    for it, (text_tokens, tiles) in zip(items, _item_shapes(Path(args.build), items)):
+        r = facts_roofline(facts, gpu, tiles=tiles, text_tokens=text_tokens, output_tokens=args.max_tokens)
+        per_label.setdefault(it.label, []).append(r)
+    mean = lambda rs, k: sum(getattr(r, k) for r in rs) / len(rs)  # noqa: E731 — items that share a label
+    return {"gpu": gpu.name, "peaks": {"bf16_tflops": gpu.bf16_tflops, "fp8_tflops": gpu.fp8_tflops,
+                                       "hbm_tbps": gpu.hbm_tbps},
+            "fmt": facts.fmt, "tp": facts.tp, "kv_fp8": facts.kv_fp8, "vision_fp8": facts.vision_fp8,
+            "served_target": facts.served_target,
+            "items": {label: {"tiles": rs[0].tiles, "prompt_tokens": mean(rs, "prompt_tokens"),
+                              "ttft_bound_ms": mean(rs, "ttft_ms"), "tpot_bound_ms": mean(rs, "tpot_ms")}
+                      for label, rs in per_label.items()}}
+
+
+def _vs_roofline(plan: dict | None, ttft_by: dict, tpot_by: dict) -> dict | None:
+    """measured / bound per workload item: TTFT p50 and TPOT mean (≥ 1 by construction on the GPU)."""
+    if plan is None:
+        return None
+    ratio = lambda stats, q, bound: None if not stats else stats[q] / bound  # noqa: E731
+    return {label: {"ttft_p50_over_bound": ratio(ttft_by.get(label), "p50", b["ttft_bound_ms"]),
+                    "tpot_mean_over_bound": ratio(tpot_by.get(label), "mean", b["tpot_bound_ms"])}
+            for label, b in plan["items"].items()}
+
+
+def _stop(result: dict, reason: str) -> None:
+    result["complete"], result["incomplete_reason"] = False, reason
+
+
 def benchmark(args) -> dict:
     from runtime.client import NVLMClient
 
@@ -290,34 +366,47 @@ def benchmark(args) -> dict:
         levels_c = [1]
     items = load_workload(args.workload, args.seed)
     MIN_TOKENS["value"] = args.min_tokens
+    plan = roofline_plan(args, items)  # before the run: a bad build or checkpoint path fails early
     NVLMClient(args.url, args.model).check()  # unreachable server / wrong model: fail before the run
     warm = NVLMClient(args.url, args.model)
     for k in range(args.warmup):
         _one(warm, items[k % len(items)], args.max_tokens, args.seed)
-    result = {"schema": SCHEMA, "complete": True, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    result = {"schema": SCHEMA, "complete": True, "incomplete_reason": None, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
               "endpoint": {"url": args.url, "model": args.model}, "build_manifest_sha256": _manifest_hash(args.build),
               "workload": {"spec": args.workload, "items": [i.label for i in items]}, "seed": args.seed,
-              "max_tokens": args.max_tokens, "warmup": args.warmup, "runs": []}
+              "max_tokens": args.max_tokens, "warmup": args.warmup, "roofline": plan, "runs": []}
     plans = [("concurrency", c) for c in levels_c] + [("request_rate", r) for r in levels_r]
     for mode, level in plans:
-        before = _server_stats(args.url)
-        if mode == "concurrency":
-            samples, wall = run_closed_loop(args.url, args.model, items, level, args.requests, args.max_tokens, args.seed)
-        else:
-            samples, wall = run_open_loop(args.url, args.model, items, level, args.requests, args.max_tokens, args.seed)
+        try:
+            before = _server_stats(args.url)
+        except Exception as e:  # noqa: BLE001 — the server died between runs
+            _stop(result, f"server not answering before {mode} {level}: {e}")
+            break
+        dead = threading.Event()
+        loop = run_closed_loop if mode == "concurrency" else run_open_loop
+        samples, wall = loop(args.url, args.model, items, level, args.requests, args.max_tokens, args.seed, dead)
         summary = summarize(samples, wall)
+        if dead.is_set():
+            _stop(result, f"the server stopped answering during {mode} {level} "
+                          f"({summary['failed']} requests failed, {args.requests - len(samples)} not sent)")
         try:
             server = _stats_delta(before, _server_stats(args.url))
         except Exception as e:  # noqa: BLE001 — the server died during the run
-            server, result["complete"] = {"error": str(e)}, False
-        per_label = {label: summarize([s for s in samples if s.label == label], wall)["ttft_ms"]
-                     for label in sorted({s.label for s in samples})}
-        result["runs"].append({"mode": mode, "level": level, "summary": summary, "ttft_by_workload_item": per_label,
+            server = {"error": str(e)}
+            if result["complete"]:
+                _stop(result, f"server statistics unavailable after {mode} {level}: {e}")
+        by_label = {label: summarize([s for s in samples if s.label == label], wall)
+                    for label in sorted({s.label for s in samples})}
+        ttft_by = {label: v["ttft_ms"] for label, v in by_label.items()}
+        tpot_by = {label: v["tpot_ms"] for label, v in by_label.items()}
+        result["runs"].append({"mode": mode, "level": level, "summary": summary, "ttft_by_workload_item": ttft_by,
+                               "tpot_by_workload_item": tpot_by, "vs_roofline": _vs_roofline(plan, ttft_by, tpot_by),
                                "server": server,
                                "ttft_samples_ms": [round(s.ttft * 1e3, 3) for s in samples if s.ok]})
-        if summary["failed"] == summary["requests"]:
-            result["complete"] = False
+        if result["complete"] and summary["failed"] == summary["requests"]:
+            _stop(result, f"every request of {mode} {level} failed: {summary['errors'][0]}")
+        if not result["complete"]:
             break
     return result
 
@@ -334,8 +423,17 @@ def print_table(result: dict) -> None:
         for model, st in sorted(run["server"].items()):
             if isinstance(st, dict) and "queue_ms" in st:
                 print(f"    {model:<16} queue {st['queue_ms']:8.2f} ms  compute {st['compute_infer_ms']:8.2f} ms")
+        for label, r in sorted((run["vs_roofline"] or {}).items()):
+            f = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+            print(f"    {label:<16} measured/bound  TTFT p50 {f(r['ttft_p50_over_bound']):>9}  "
+                  f"TPOT {f(r['tpot_mean_over_bound']):>9}")
+    if result["roofline"]:
+        rl = result["roofline"]
+        print(f"bounds: {rl['gpu']}, {rl['fmt']} TP{rl['tp']}: " + "; ".join(
+            f"{label} TTFT ≥ {b['ttft_bound_ms']:.3g} ms, TPOT ≥ {b['tpot_bound_ms']:.3g} ms"
+            for label, b in sorted(rl["items"].items())))
     if not result["complete"]:
-        print("INCOMPLETE: the server stopped answering; partial results saved")
+        print(f"INCOMPLETE ({result['incomplete_reason']}); partial results saved")
 
 
 def write_plots(result: dict, out: Path) -> list[str]:
@@ -394,33 +492,20 @@ def write_plots(result: dict, out: Path) -> list[str]:
 
 
 def _roofline(args) -> int:
-    from builder.config import load_config
+    from .roofline import GPU, GPUS, build_facts, facts_roofline
 
-    from .roofline import GPUS, GPU, roofline
-
-    path = Path(args.build)
-    cfg_src = path
-    manifest = path / "manifest.json"
-    quant, tp = args.quant, args.tp
-    if manifest.is_file():
-        m = json.loads(manifest.read_text())
-        cfg_src = Path(m["source"]["path"])
-        quant, tp = quant or m["options"]["quant"], tp or m["options"]["tp"]
-    if not (cfg_src / "config.json").is_file() and not cfg_src.is_file():
-        raise BenchError(f"{cfg_src}: no config.json (pass the build directory or the checkpoint)")
-    cfg = load_config(cfg_src)
+    facts = build_facts(args.build, quant=args.quant, tp=args.tp)
     gpu = GPUS[args.gpu]
     if args.peak_bf16 or args.peak_fp8 or args.hbm:
         gpu = GPU(gpu.name + " (custom)", args.peak_bf16 or gpu.bf16_tflops, args.peak_fp8 or gpu.fp8_tflops,
                   args.hbm or gpu.hbm_tbps)
-    r = roofline(cfg, quant or "bf16", tp or 1, tiles=args.tiles, text_tokens=args.text_tokens,
-                 output_tokens=args.output_tokens, gpu=gpu)
+    r = facts_roofline(facts, gpu, tiles=args.tiles, text_tokens=args.text_tokens, output_tokens=args.output_tokens)
     if args.json:
         print(json.dumps(r.as_dict()))
     else:
         print(f"{r.gpu}, {r.fmt}, TP{r.tp}, {r.tiles} tiles, {r.prompt_tokens}-token prompt:")
-        print(f"  TTFT ≥ {r.ttft_ms:.1f} ms  (vision {r.vision_tflop:.1f} TFLOP + prefill {r.prefill_tflop:.1f} TFLOP)")
-        print(f"  TPOT ≥ {r.tpot_ms:.2f} ms  ({r.weight_gb_per_gpu:.1f} GB weights + {r.kv_gb_per_gpu:.2f} GB KV per GPU)")
+        print(f"  TTFT ≥ {r.ttft_ms:.3g} ms  (vision {r.vision_tflop:.3g} TFLOP + prefill {r.prefill_tflop:.3g} TFLOP)")
+        print(f"  TPOT ≥ {r.tpot_ms:.3g} ms  ({r.weight_gb_per_gpu:.3g} GB weights + {r.kv_gb_per_gpu:.3g} GB KV per GPU)")
     return 0
 
 
@@ -438,7 +523,11 @@ def main(argv=None) -> int:
     r.add_argument("--min-tokens", type=int, default=0, help="minimum output length (min_length), e.g. = --max-tokens")
     r.add_argument("--workload", default="text")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--build", help="build directory, to record its manifest hash")
+    r.add_argument("--build", help="build directory: records its manifest hash; with a GPU, measured/bound ratios")
+    r.add_argument("--gpu", choices=["auto", "h100-sxm", "h200", "none"], default="auto",
+                   help="roofline GPU for measured/bound (auto: h100-sxm for a TensorRT build, none for the "
+                        "CPU reference target)")
+    r.add_argument("--checkpoint", help="source checkpoint, if the build's manifest path no longer holds it")
     r.add_argument("--out", type=Path, help="write bench.json and bench.csv here")
     r.add_argument("--plot", action="store_true", help="also write PNG plots to --out")
     r.add_argument("--json", action="store_true")

@@ -71,6 +71,14 @@ def expand_images(text: str, tiles_per_image: Sequence[int], tokens_per_tile: in
     return "".join(out)
 
 
+def with_image_placeholders(prompt: str, num_images: int) -> str:
+    """A prompt without <image> placeholders gets one per image, each on its own line, in front —
+    what NVLM-D's chat() does."""
+    if num_images and IMAGE_PLACEHOLDER not in prompt:
+        return f"{IMAGE_PLACEHOLDER}\n" * num_images + prompt
+    return prompt
+
+
 @dataclass(frozen=True)
 class PromptInputs:
     """Token ids of one prompt and where its image embeddings go.

@@ -14,7 +14,9 @@ computes in 16 bit) at the bf16 rate; fp8 and w4a8_awq at the fp8 rate.
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from builder.config import NVLMConfig
 from builder.inspect import WEIGHT_FORMATS, kv_bytes_per_token, llm_breakdown
@@ -92,3 +94,49 @@ def roofline(cfg: NVLMConfig, fmt: str, tp: int, *, tiles: int = 7, text_tokens:
     tpot = (weights + kv) / (gpu.hbm_tbps * 1e12)
     return Roofline(gpu.name, fmt, tp, tiles, prompt, context, vf / 1e12, pf / 1e12, ttft * 1e3, tpot * 1e3,
                     weights / 1e9, kv / 1e9)
+
+
+# --------------------------------------------------------------------------- a build's roofline
+
+
+@dataclass(frozen=True)
+class BuildFacts:
+    """What a roofline needs from a build: the NVLM config and the options it was built with."""
+
+    cfg: NVLMConfig
+    fmt: str
+    tp: int
+    kv_fp8: bool | None
+    vision_fp8: bool
+    served_target: str | None  # "trt" (engines on GPUs) or "reference" (the CPU stand-in)
+
+
+def build_facts(path: str | Path, *, checkpoint: str | Path | None = None, quant: str | None = None,
+                tp: int | None = None) -> BuildFacts:
+    """From a build directory (its manifest.json names the source checkpoint and the options), or
+    from a checkpoint / config.json directly (then quant and tp come from the arguments)."""
+    from builder.config import load_config
+    from builder.errors import InputError
+
+    path = Path(path)
+    manifest = path / "manifest.json"
+    source, kv_fp8, vision_fp8, target = path, None, False, None
+    if manifest.is_file():
+        m = json.loads(manifest.read_text())
+        opts = m["options"]
+        source = Path(checkpoint) if checkpoint else Path(m["source"]["path"])
+        quant, tp = quant or opts["quant"], tp or opts["tp"]
+        kv_fp8 = opts.get("kv_cache_dtype") == "fp8"
+        vision_fp8 = opts.get("vision_quant") == "fp8"
+        target = m.get("stages", {}).get("triton_repo", {}).get("details", {}).get("target")
+    elif checkpoint:
+        source = Path(checkpoint)
+    if not (source / "config.json").is_file() and not source.is_file():
+        raise InputError(f"{source}: no config.json — pass a build directory whose source checkpoint is still there, "
+                         "the checkpoint itself, or --checkpoint DIR")
+    return BuildFacts(load_config(source), quant or "bf16", tp or 1, kv_fp8, vision_fp8, target)
+
+
+def facts_roofline(facts: BuildFacts, gpu: GPU, *, tiles: int, text_tokens: int, output_tokens: int) -> Roofline:
+    return roofline(facts.cfg, facts.fmt, facts.tp, tiles=tiles, text_tokens=text_tokens,
+                    output_tokens=output_tokens, gpu=gpu, kv_fp8=facts.kv_fp8, vision_fp8=facts.vision_fp8)

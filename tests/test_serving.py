@@ -6,6 +6,7 @@ followed by a valid one; after shutdown no shared-memory segment or process is l
 
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +32,17 @@ def build(tmp_path_factory, demo_ckpt):
     return out
 
 
+def _ports(slot: int) -> int:
+    """First of three ports (gRPC, HTTP, metrics) for one server of this test process: per-process
+    ranges below the ephemeral ports, a distinct slot per server so that they never collide."""
+    return 20000 + (os.getpid() % 1300) * 9 + slot * 3
+
+
 @pytest.fixture(scope="module")
 def server(build):
     from triton_repo.server import TritonServer, _shm_segments
 
-    base = 20000 + (os.getpid() % 2000) * 3
+    base = _ports(0)
     before = _shm_segments()
     srv = TritonServer(build / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2).start()
     yield srv
@@ -58,7 +65,7 @@ def local(build):
 
     from builder.engine_build import read_preprocess
     from runtime.preprocess import preprocess_images
-    from runtime.prompt import build_prompt
+    from runtime.prompt import build_prompt, with_image_placeholders
     from runtime.tokenizer import NVLMTokenizer
     from runtime.trtllm_executor import Request, TRTLLMExecutor
 
@@ -69,9 +76,8 @@ def local(build):
 
     def run(prompt, images, n):
         done = preprocess_images([Path(i).read_bytes() for i in images], cfg, max_images=4) if images else []
-        if images and "<image>" not in prompt:
-            prompt = "<image>\n" * len(images) + prompt
-        p = build_prompt(tok, prompt, [d.num_tiles for d in done], tokens_per_tile=256)
+        p = build_prompt(tok, with_image_placeholders(prompt, len(images)), [d.num_tiles for d in done],
+                         tokens_per_tile=256)
         table = None
         if done:
             emb = sess.run(None, {"pixel_values": np.concatenate([d.pixel_values for d in done])})[0]
@@ -275,7 +281,7 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
         return found
 
     before = _shm_segments()
-    base = 23000 + (os.getpid() % 1000) * 3
+    base = _ports(1)
     proc = subprocess.Popen([str(ROOT / ".venv/bin/nvlm-serve"), str(build), "--grpc-port", str(base),
                              "--http-port", str(base + 1), "--metrics-port", str(base + 2)],
                             stdout=subprocess.PIPE, text=True)
@@ -295,7 +301,10 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
 
 # --------------------------------------------------------------------------- nvlm-bench against the server
 
-RUN_KEYS = {"mode", "level", "summary", "ttft_by_workload_item", "server", "ttft_samples_ms"}
+RUN_KEYS = {"mode", "level", "summary", "ttft_by_workload_item", "tpot_by_workload_item", "vs_roofline", "server",
+            "ttft_samples_ms"}
+RESULT_KEYS = {"schema", "complete", "incomplete_reason", "date", "machine", "endpoint", "build_manifest_sha256",
+               "workload", "seed", "max_tokens", "warmup", "roofline", "runs"}
 SUMMARY_KEYS = {"requests", "succeeded", "failed", "errors", "ttft_ms", "itl_ms", "tpot_ms", "e2e_ms",
                 "output_tokens_per_s", "requests_per_s", "seconds"}
 STAT_KEYS = {"mean", "p50", "p90", "p99", "n"}
@@ -315,8 +324,8 @@ def test_bench_short_sweep_json_and_csv(server, build, tmp_path, capsys):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     result = json.loads((tmp_path / "bench.json").read_text())
     assert result["schema"] == SCHEMA and result["complete"] and result["build_manifest_sha256"]
-    assert set(result) == {"schema", "complete", "date", "machine", "endpoint", "build_manifest_sha256", "workload",
-                           "seed", "max_tokens", "warmup", "runs"}
+    assert set(result) == RESULT_KEYS and result["incomplete_reason"] is None
+    assert result["roofline"] is None  # the CPU reference target: no GPU bound unless --gpu names one
     assert [(r["mode"], r["level"]) for r in result["runs"]] == [("concurrency", 1), ("concurrency", 2),
                                                                  ("request_rate", 4.0)]
     for run in result["runs"]:
@@ -327,9 +336,80 @@ def test_bench_short_sweep_json_and_csv(server, build, tmp_path, capsys):
             assert set(s[k]) == STAT_KEYS and s[k]["p50"] <= s[k]["p99"]
         assert s["ttft_ms"]["p50"] <= s["e2e_ms"]["p50"]
         assert {"preprocessing", "vision_encoder", "tensorrt_llm", "nvlm"} <= set(run["server"])
-        assert set(run["ttft_by_workload_item"]) == {"1 tiles", "3 tiles"}
+        assert set(run["ttft_by_workload_item"]) == set(run["tpot_by_workload_item"]) == {"1 tiles", "3 tiles"}
+        assert run["vs_roofline"] is None
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
     assert len(rows) == 3 and rows[0]["mode"] == "concurrency"
+
+
+def test_bench_reports_measured_over_roofline_bound(server, build, demo_ckpt, tmp_path):
+    """With a GPU named, each workload item gets its roofline bound (the build's format, TP, tiles and
+    prompt length) and measured/bound. On this CPU server the ratios are huge; the plumbing is what is
+    checked here — the bounds themselves against hand arithmetic in tests/test_roofline.py."""
+    import json
+
+    from builder.config import load_config
+    from runtime.bench import main
+    from runtime.roofline import GPUS, roofline
+
+    assert main(["run", "--url", server.grpc_url, "--concurrency", "1", "--requests", "4", "--warmup", "0",
+                 "--max-tokens", "4", "--workload", "tiles:1,3", "--build", str(build), "--gpu", "h100-sxm",
+                 "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    plan = result["roofline"]
+    assert (plan["gpu"], plan["fmt"], plan["tp"], plan["served_target"]) == ("H100 SXM", "bf16", 1, "reference")
+    assert {label: b["tiles"] for label, b in plan["items"].items()} == {"1 tiles": 1, "3 tiles": 3}
+    cfg = load_config(demo_ckpt)
+    run = result["runs"][0]
+    for label, b in plan["items"].items():
+        text_tokens = b["prompt_tokens"] - 256 * b["tiles"]
+        assert 20 < text_tokens < 60  # chat template, prompt, tile tags: tens of tokens
+        r = roofline(cfg, "bf16", 1, tiles=b["tiles"], text_tokens=text_tokens, output_tokens=4,
+                     gpu=GPUS["h100-sxm"], kv_fp8=False)
+        assert b["ttft_bound_ms"] == pytest.approx(r.ttft_ms) and b["tpot_bound_ms"] == pytest.approx(r.tpot_ms)
+        ratio = run["vs_roofline"][label]
+        assert ratio["ttft_p50_over_bound"] == pytest.approx(run["ttft_by_workload_item"][label]["p50"] / r.ttft_ms)
+        assert ratio["tpot_mean_over_bound"] == pytest.approx(run["tpot_by_workload_item"][label]["mean"] / r.tpot_ms)
+        assert ratio["ttft_p50_over_bound"] > 1 and ratio["tpot_mean_over_bound"] > 1  # a bound is a bound
+
+
+def test_bench_server_dying_mid_run_saves_partial_results(build, tmp_path):
+    """Kill the server after a few measured requests: the sweep stops, bench.json is written with
+    complete=false and the reason, failed requests are counted, and the exit status is 1."""
+    import json
+
+    import tritonclient.grpc as grpcclient
+
+    from runtime.bench import main
+    from triton_repo.server import TritonServer
+
+    base = _ports(2)
+    srv = TritonServer(build / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2).start()
+
+    def kill_after_some_requests():
+        stats = grpcclient.InferenceServerClient(srv.grpc_url)
+        while srv.proc.poll() is None:
+            done = stats.get_inference_statistics("nvlm", as_json=True)["model_stats"][0]["inference_stats"]
+            if int(done.get("success", {}).get("count", 0)) >= 4:  # 1 warm-up + 3 measured
+                srv.proc.kill()
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_after_some_requests)
+    killer.start()
+    try:
+        rc = main(["run", "--url", srv.grpc_url, "--concurrency", "1,2", "--requests", "500", "--warmup", "1",
+                   "--max-tokens", "8", "--out", str(tmp_path)])
+    finally:
+        killer.join()
+        srv.stop()
+    assert rc == 1
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["complete"] is False and "server" in result["incomplete_reason"]
+    assert len(result["runs"]) == 1  # the sweep did not go on to concurrency 2
+    s = result["runs"][0]["summary"]
+    assert s["succeeded"] >= 3 and s["failed"] >= 1 and s["succeeded"] + s["failed"] == s["requests"] < 500
+    assert (tmp_path / "bench.csv").read_text().count("\n") == 2
 
 
 @pytest.mark.parametrize("args, message", [

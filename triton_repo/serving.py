@@ -126,7 +126,7 @@ class PreprocessingModel:
         return out
 
     def _one(self, request, pb):
-        from runtime.prompt import build_prompt
+        from runtime.prompt import build_prompt, with_image_placeholders
 
         text = _input(request, "text_input")
         if text is None or text.size == 0:
@@ -136,9 +136,8 @@ class PreprocessingModel:
         blobs = _input(request, "image_bytes")
         images = [] if blobs is None else [bytes(b) for b in blobs.reshape(-1)]
         done = self._tile(images) if images else []
-        if images and "<image>" not in prompt:
-            prompt = "<image>\n" * len(images) + prompt  # as NVLM-D's chat() does
-        p = build_prompt(self.tok, prompt, [d.num_tiles for d in done], tokens_per_tile=self.cfg.tokens_per_tile)
+        p = build_prompt(self.tok, with_image_placeholders(prompt, len(images)), [d.num_tiles for d in done],
+                         tokens_per_tile=self.cfg.tokens_per_tile)
         s = self.cfg.image_size
         pixels = np.concatenate([d.pixel_values for d in done]) if done else np.zeros((0, 3, s, s), np.float32)
         return pb.InferenceResponse(output_tensors=[
