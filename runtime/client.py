@@ -32,6 +32,7 @@ class Answer:
     seconds: float
     time_to_first_token: float | None
     chunks: list[str] = field(default_factory=list)
+    chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk, seconds after the send
 
 
 class NVLMClient:
@@ -86,19 +87,22 @@ class NVLMClient:
         done: queue.Queue = queue.Queue()
 
         def callback(result, error):
-            done.put((result, error))
+            # stamped on arrival in the stream's thread, as aiperf stamps a response when it is read:
+            # a stamp taken after the queue hand-off would add thread-switch delays to every gap
+            done.put((time.perf_counter(), result, error))
 
         t0 = time.perf_counter()
         try:
             self.client.start_stream(callback=callback)
         except Exception as e:  # noqa: BLE001
             raise ClientError(f"cannot reach Triton at {self.url}: {e}") from None
-        ttft, chunks, tokens = None, [], []
+        ttft, chunks, tokens, times = None, [], [], []
+        end = None
         try:
             self.client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
             while True:
                 try:
-                    result, error = done.get(timeout=self.timeout)
+                    arrived, result, error = done.get(timeout=self.timeout)
                 except queue.Empty:
                     raise ClientError(f"no response from {self.model!r} within {self.timeout:.0f} s") from None
                 if error is not None:
@@ -107,18 +111,20 @@ class NVLMClient:
                 text = result.as_numpy("text_output")
                 if text is not None and text.size:
                     if ttft is None:
-                        ttft = time.perf_counter() - t0
+                        ttft = arrived - t0
                     chunk = text.reshape(-1)[0].decode("utf-8", "replace")
                     chunks.append(chunk)
+                    times.append(arrived - t0)
                     ids = result.as_numpy("output_ids")
                     tokens += [] if ids is None else ids.reshape(-1).tolist()
                     if on_text:
                         on_text(chunk)
                 if resp.parameters.get("triton_final_response") and resp.parameters["triton_final_response"].bool_param:
+                    end = arrived
                     break
         finally:
-            self.client.stop_stream()
-        return Answer("".join(chunks), tokens, time.perf_counter() - t0, ttft, chunks)
+            self.client.stop_stream()  # closing the stream is client housekeeping, not request latency
+        return Answer("".join(chunks), tokens, end - t0, ttft, chunks, times)
 
 
 def main(argv=None) -> int:

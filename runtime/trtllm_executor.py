@@ -295,7 +295,8 @@ class TRTLLMExecutor:
                 on_token(index, tok)
             if req.end_id is not None and tok == req.end_id:
                 return Result(out, "end_id")
-            logits = self.forward([tok], None, cache)[-1]
+            if step + 1 < req.max_new_tokens:  # no forward pass for a token that will not be sampled
+                logits = self.forward([tok], None, cache)[-1]
         return Result(out, "length")
 
 
