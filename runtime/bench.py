@@ -210,9 +210,10 @@ def _measure(client, item: Item, max_tokens: int, seed: int, dead: threading.Eve
 
 
 def run_closed_loop(url, model, items, concurrency, requests, max_tokens, seed,
-                    dead: threading.Event) -> tuple[list[Sample], float]:
+                    dead: threading.Event | None = None) -> tuple[list[Sample], float]:
     from runtime.client import NVLMClient
 
+    dead = dead or threading.Event()
     lock, next_index, samples = threading.Lock(), [0], []
 
     def worker():
@@ -235,9 +236,10 @@ def run_closed_loop(url, model, items, concurrency, requests, max_tokens, seed,
 
 
 def run_open_loop(url, model, items, rate, requests, max_tokens, seed,
-                  dead: threading.Event) -> tuple[list[Sample], float]:
+                  dead: threading.Event | None = None) -> tuple[list[Sample], float]:
     from runtime.client import NVLMClient
 
+    dead = dead or threading.Event()
     rng = random.Random(seed)
     arrivals, t = [], 0.0
     for _ in range(requests):

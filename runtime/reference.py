@@ -148,7 +148,8 @@ class NVLMDReference(nn.Module):
         """Greedy decoding of one sequence with transformers' KV cache."""
         from transformers import DynamicCache
 
-        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)  # [1, L]
+        device = self.projector.fc1.weight.device
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(device)  # [1, L]
         image_embeds = None
         if pixel_values is not None and pixel_values.shape[0]:
             image_embeds = self.encode_images(pixel_values).flatten(0, 1)
@@ -156,10 +157,12 @@ class NVLMDReference(nn.Module):
         cache = DynamicCache()
         out = self.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
         tokens: list[int] = []
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             nxt = int(out.logits[0, -1].argmax())
             tokens.append(nxt)
             if eos_token_id is not None and nxt == eos_token_id:
                 return GenerationResult(tokens, True)
-            out = self.llm(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+            if step + 1 < max_new_tokens:  # no forward pass for a token that will not be sampled
+                out = self.llm(input_ids=torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values,
+                               use_cache=True)
         return GenerationResult(tokens, False)

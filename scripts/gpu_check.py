@@ -15,8 +15,18 @@ and times (CUDA events, median of N after warm-up):
   - the normalize-and-layout kernel (the TensorRT plugin's) vs the same computation in torch,
 reporting achieved bandwidth as a fraction of the measured device-to-device copy bandwidth.
 
-`--self-test` runs the correctness part on a tiny image under TRITON_INTERPRET=1 (CPU), so the
-script is exercised by the test suite and does not rot between GPU sessions.
+Then the reference runtime (`--runtime`, on by default) on the embedded default checkpoint: the
+NVLM-D reference model (InternViT + mlp1 + transformers' Qwen2) moved to the GPU in fp32 and bf16,
+checked against the CPU fp32 model on fresh random tiles — logits of a 7-tile prompt (relative to
+max |logit|: ≤ 1e-3 fp32 with TF32 off, ≤ 5e-2 bf16) and greedy tokens (fp32: equal) — and timed:
+vision encoder per tile count, prefill of the 7-tile prompt, decode per token, GPU vs CPU. The demo
+model is tiny, so GPU times are launch-bound; the figures show the harness works on the GPU and
+what the CPU reference costs, not NVLM-D-72B speed. (The TensorRT-LLM checkpoint's reference
+executor is CPU code and is not moved.)
+
+`--self-test` runs the correctness parts on a tiny image under TRITON_INTERPRET=1 (CPU; the
+runtime part compares CPU bf16 against CPU fp32 with 2 tiles), so the script is exercised by the
+test suite and does not rot between GPU sessions.
 """
 
 from __future__ import annotations
@@ -159,6 +169,80 @@ def check_image(w, h, device, timer, repeats, copy_bw, seed):
             "torch_bicubic_max_abs_dev_from_reference": torch_dev, **timing}
 
 
+def check_runtime(device, timer, repeats: int, seed: int, self_test: bool) -> dict:
+    """The reference NVLM-D on `device` (fp32 and bf16) against the CPU fp32 model, and timings."""
+    import tempfile
+
+    import torch
+
+    from builder.demo_checkpoint import write_demo_checkpoint
+    from runtime.prompt import build_prompt
+    from runtime.reference import NVLMDReference
+    from runtime.tokenizer import NVLMTokenizer
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32 arithmetic
+    torch.backends.cudnn.allow_tf32 = False
+    tmp = Path(tempfile.mkdtemp(prefix="nvlm-gpu-check-"))
+    write_demo_checkpoint(tmp / "ckpt")
+    tok = NVLMTokenizer.from_dir(tmp / "ckpt")
+    cpu = NVLMDReference.from_checkpoint(tmp / "ckpt")
+    cfg = cpu.cfg
+    s = cfg.preprocess.image_size
+    tiles = 2 if self_test else 7
+    gen = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(tiles, 3, s, s, generator=gen)  # [T, 3, S, S], normalized-tile statistics
+    prompt = build_prompt(tok, "<image>\nDescribe the picture.", [tiles], tokens_per_tile=cfg.preprocess.tokens_per_tile)
+    ids = torch.tensor([prompt.input_ids])  # [1, L]
+    pad = tok.image_pad_id
+    new_tokens = 4 if self_test else 32
+    ref_logits = cpu.logits(ids, pixels, image_token_id=pad)[0]  # [L, vocab]
+    ref_tokens = cpu.generate(prompt.input_ids, pixels, image_token_id=pad, max_new_tokens=new_tokens,
+                              eos_token_id=None).tokens
+    scale = float(ref_logits.abs().max())
+    variants = {"fp32": (torch.float32, 1e-3), "bf16": (torch.bfloat16, 5e-2)}
+    if self_test:  # on the CPU only the bf16 copy differs from the reference
+        variants.pop("fp32")
+    out = {"prompt_tokens": len(prompt.input_ids), "tiles": tiles, "new_tokens": new_tokens, "checks": {}}
+    models = {}
+    for name, (dtype, tol) in variants.items():
+        m = NVLMDReference.from_checkpoint(tmp / "ckpt", dtype=dtype).to(device)
+        models[name] = m
+        logits = m.logits(ids.to(device), pixels.to(device, dtype), image_token_id=pad)[0].float().cpu()
+        err = float((logits - ref_logits).abs().max()) / scale
+        out[f"{name}_max_rel_logit_err"] = err
+        out["checks"][f"{name}_logits_within_{tol:g}"] = err <= tol
+        toks = m.generate(prompt.input_ids, pixels.to(device, dtype), image_token_id=pad, max_new_tokens=new_tokens,
+                          eos_token_id=None).tokens
+        agree = sum(a == b for a, b in zip(toks, ref_tokens)) / len(ref_tokens)
+        out[f"{name}_greedy_token_agreement"] = agree
+        if name == "fp32":
+            out["checks"]["fp32_greedy_tokens_equal"] = toks == ref_tokens
+    if timer is None:
+        return out
+    timing = {}
+    cpu_timer = _timer(torch.device("cpu"))
+    for t in (1, tiles):
+        px = pixels[:t]
+        with torch.no_grad():
+            timing[f"vision_{t}_tiles_cpu_fp32_ms"] = cpu_timer(lambda: cpu.encode_tiles(px), 3) * 1e3
+            for name, m in models.items():
+                pxd = px.to(device, m.dtype)
+                timing[f"vision_{t}_tiles_{device.type}_{name}_ms"] = timer(lambda: m.encode_tiles(pxd), repeats) * 1e3
+    timing["prefill_cpu_fp32_ms"] = cpu_timer(lambda: cpu.logits(ids, pixels, image_token_id=pad), 3) * 1e3
+    gen_cpu = cpu_timer(lambda: cpu.generate(prompt.input_ids, pixels, image_token_id=pad,
+                                             max_new_tokens=new_tokens, eos_token_id=None), 2)
+    timing["decode_per_token_cpu_fp32_ms"] = (gen_cpu * 1e3 - timing["prefill_cpu_fp32_ms"]) / (new_tokens - 1)
+    for name, m in models.items():
+        idsd, pxd = ids.to(device), pixels.to(device, m.dtype)
+        pre = timer(lambda: m.logits(idsd, pxd, image_token_id=pad), repeats) * 1e3
+        full = timer(lambda: m.generate(prompt.input_ids, pxd, image_token_id=pad, max_new_tokens=new_tokens,
+                                        eos_token_id=None), max(3, repeats // 4)) * 1e3
+        timing[f"prefill_{device.type}_{name}_ms"] = pre
+        timing[f"decode_per_token_{device.type}_{name}_ms"] = (full - pre) / (new_tokens - 1)
+    out["timing"] = timing
+    return out
+
+
 def write_report(result, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=2))
@@ -178,6 +262,14 @@ def write_report(result, out_dir: Path):
         else:
             lines.append(f"| {r['size']} | {r['tiles']} | {ok} | – | – | – | – | – | – | – | "
                          f"{r['torch_bicubic_max_abs_dev_from_reference']:.3f} |")
+    rt = result.get("runtime")
+    if rt:
+        ok = "all pass" if all(rt["checks"].values()) else ", ".join(k for k, v in rt["checks"].items() if not v)
+        lines += ["", f"## Reference runtime (embedded default, {rt['tiles']}-tile prompt of {rt['prompt_tokens']} tokens, "
+                      f"{rt['new_tokens']} new tokens): {ok}", "",
+                  "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in rt.items() if k.endswith(("_err", "_agreement"))]
+        lines += [f"| {k} | {v:.3f} |" for k, v in rt.get("timing", {}).items()]
     (out_dir / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -188,6 +280,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--self-test", action="store_true", help="CPU + interpreter, tiny image, no timing")
+    ap.add_argument("--no-runtime", dest="runtime", action="store_false", help="skip the reference-runtime part")
     args = ap.parse_args(argv)
     if args.self_test:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -203,12 +296,16 @@ def main(argv=None) -> int:
         timer = _timer(device)
         copy_bw = copy_bandwidth(device, timer)
     images = [check_image(w, h, device, timer, args.repeats, copy_bw, args.seed) for w, h in sizes]
+    # the self-test times the runtime on the CPU too (2 repeats), so the timing code cannot rot either
+    rt_timer, rt_repeats = (_timer(device), 2) if args.self_test else (timer, args.repeats)
+    runtime = check_runtime(device, rt_timer, rt_repeats, args.seed, args.self_test) if args.runtime else None
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter self-test)",
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "platform": platform.platform(),
-              "copy_bandwidth_gbs": copy_bw / 1e9, "repeats": args.repeats, "images": images}
+              "copy_bandwidth_gbs": copy_bw / 1e9, "repeats": args.repeats, "images": images, "runtime": runtime}
     write_report(result, args.out)
-    return 0 if all(all(r["checks"].values()) for r in images) else 1
+    ok = all(all(r["checks"].values()) for r in images) and (runtime is None or all(runtime["checks"].values()))
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

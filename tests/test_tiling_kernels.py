@@ -118,6 +118,11 @@ def test_gpu_check_script_self_test(tmp_path):
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert all(result["images"][0]["checks"].values())
     assert "| 90x60 | 7 | all pass |" in (tmp_path / "gpu_check.md").read_text()
+    rt = result["runtime"]  # the reference-runtime part: bf16 vs fp32 parity and the timing code, on the CPU
+    assert rt["checks"] == {"bf16_logits_within_0.05": True} and 0 < rt["bf16_max_rel_logit_err"] <= 0.05
+    assert {"prefill_cpu_fp32_ms", "prefill_cpu_bf16_ms", "decode_per_token_cpu_bf16_ms",
+            "vision_2_tiles_cpu_bf16_ms"} <= set(rt["timing"])
+    assert "## Reference runtime" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_trt_plugin_module_imports_without_tensorrt():
