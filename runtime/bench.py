@@ -329,15 +329,19 @@ def roofline_plan(args, items: list[Item]) -> dict | None:
     """Per workload item, the roofline bounds of the build on the chosen GPU; None without a GPU.
     The default GPU is H100 SXM when the build serves TensorRT engines and none for the CPU
     reference target (a ratio against an H100 bound says nothing about the CPU stand-in)."""
-    from .roofline import GPUS, build_facts, facts_roofline
+    from .roofline import GPUS, build_facts, facts_roofline, served_target
 
+    if args.gpu not in ("auto", "none") and not args.build:
+        raise BenchError(f"--gpu {args.gpu} needs --build BUILD: the bounds come from the build's model and options")
     if not args.build or args.gpu == "none":
         return None
-    facts = build_facts(args.build, checkpoint=args.checkpoint)
-    gpu_name = args.gpu if args.gpu != "auto" else ("h100-sxm" if facts.served_target == "trt" else None)
-    if gpu_name is None:
+    manifest = Path(args.build) / "manifest.json"
+    if not manifest.is_file():
+        raise BenchError(f"{args.build}: no manifest.json — pass the directory `nvlm-build engine` wrote")
+    if args.gpu == "auto" and served_target(json.loads(manifest.read_text())) != "trt":
         return None
-    gpu = GPUS[gpu_name]
+    facts = build_facts(args.build, checkpoint=args.checkpoint)
+    gpu = GPUS["h100-sxm" if args.gpu == "auto" else args.gpu]
     per_label: dict[str, list] = {}
     for it, (text_tokens, tiles) in zip(items, _item_shapes(Path(args.build), items)):
         r = facts_roofline(facts, gpu, tiles=tiles, text_tokens=text_tokens, output_tokens=args.max_tokens)

@@ -111,6 +111,11 @@ class BuildFacts:
     served_target: str | None  # "trt" (engines on GPUs) or "reference" (the CPU stand-in)
 
 
+def served_target(manifest: dict) -> str | None:
+    """What a build's Triton repository serves: "trt" (engines on GPUs) or "reference" (CPU stand-in)."""
+    return manifest.get("stages", {}).get("triton_repo", {}).get("details", {}).get("target")
+
+
 def build_facts(path: str | Path, *, checkpoint: str | Path | None = None, quant: str | None = None,
                 tp: int | None = None) -> BuildFacts:
     """From a build directory (its manifest.json names the source checkpoint and the options), or
@@ -128,7 +133,7 @@ def build_facts(path: str | Path, *, checkpoint: str | Path | None = None, quant
         quant, tp = quant or opts["quant"], tp or opts["tp"]
         kv_fp8 = opts.get("kv_cache_dtype") == "fp8"
         vision_fp8 = opts.get("vision_quant") == "fp8"
-        target = m.get("stages", {}).get("triton_repo", {}).get("details", {}).get("target")
+        target = served_target(m)
     elif checkpoint:
         source = Path(checkpoint)
     if not (source / "config.json").is_file() and not source.is_file():

@@ -448,6 +448,8 @@ def test_bench_server_dying_mid_run_saves_partial_results(build, tmp_path):
     (["--request-rate", "-1"], "rates > 0"),
     (["--workload", "tiles:2"], "tile counts"),
     (["--workload", "jsonl:/nonexistent.jsonl"], "not found"),
+    (["--gpu", "h100-sxm"], "needs --build"),
+    (["--build", "/nonexistent-build"], "no manifest.json"),
 ])
 def test_bench_bad_input_fails_before_the_run(server, args, message, capsys):
     from runtime.bench import main
