@@ -282,9 +282,19 @@ def run_open_loop(url, model, items, rate, requests, max_tokens, seed,
 
 # --------------------------------------------------------------------------- outputs
 
-CSV_FIELDS = ["mode", "level", "requests", "succeeded", "failed", "ttft_mean_ms", "ttft_p50_ms", "ttft_p90_ms",
+# every row carries the run's context, so a CSV row pasted elsewhere still says what was measured
+CSV_CONTEXT = ["date", "machine", "endpoint", "build_manifest_sha256", "workload", "seed", "max_tokens", "complete"]
+CSV_FIELDS = CSV_CONTEXT + ["mode", "level", "requests", "succeeded", "failed", "ttft_mean_ms", "ttft_p50_ms", "ttft_p90_ms",
               "ttft_p99_ms", "itl_mean_ms", "itl_p99_ms", "tpot_mean_ms", "e2e_mean_ms", "e2e_p99_ms",
               "output_tokens_per_s", "requests_per_s"]
+
+
+def _csv_context(result: dict) -> dict:
+    m = result["machine"]
+    return {"date": result["date"], "machine": f"{m['platform']} ({m['cpus']} CPUs)",
+            "endpoint": f"{result['endpoint']['url']}/{result['endpoint']['model']}",
+            "build_manifest_sha256": result["build_manifest_sha256"] or "", "workload": result["workload"]["spec"],
+            "seed": result["seed"], "max_tokens": result["max_tokens"], "complete": result["complete"]}
 
 
 def _csv_row(run: dict) -> dict:
@@ -577,7 +587,7 @@ def main(argv=None) -> int:
             w = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
             w.writeheader()
             for run in result["runs"]:
-                w.writerow(_csv_row(run))
+                w.writerow(_csv_context(result) | _csv_row(run))
         if args.plot:
             write_plots(result, args.out)
     print(json.dumps(result)) if args.json else print_table(result)

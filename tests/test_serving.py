@@ -342,6 +342,9 @@ def test_bench_short_sweep_json_and_csv(server, build, tmp_path, capsys):
         assert run["vs_roofline"] is None
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
     assert len(rows) == 3 and rows[0]["mode"] == "concurrency"
+    assert {r["build_manifest_sha256"] for r in rows} == {result["build_manifest_sha256"]}
+    assert {(r["workload"], r["seed"], r["date"]) for r in rows} == {("tiles:1,3", "0", result["date"])}
+    assert str(os.cpu_count()) in rows[0]["machine"]
 
 
 def test_bench_schema_rejects_malformed_reports():
