@@ -404,6 +404,15 @@ def test_bench_reports_measured_over_roofline_bound(server, build, demo_ckpt, tm
         assert ratio["ttft_p50_over_bound"] > 1 and ratio["tpot_mean_over_bound"] > 1  # a bound is a bound
 
 
+def _pgid(proc_dir: Path) -> int | None:
+    """Process group of a live process (None for zombies and processes already gone)."""
+    try:
+        fields = (proc_dir / "stat").read_text().rsplit(")", 1)[1].split()
+        return None if fields[0] == "Z" else int(fields[2])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def test_bench_server_dying_mid_run_saves_partial_results(build, tmp_path):
     """Kill the server after a few measured requests: the sweep stops, bench.json is written with
     complete=false and the reason, failed requests are counted, and the exit status is 1."""
@@ -434,6 +443,13 @@ def test_bench_server_dying_mid_run_saves_partial_results(build, tmp_path):
     finally:
         killer.join()
         srv.stop()
+    deadline = time.time() + 5
+    while True:  # SIGKILLed stubs need a moment to go; zombies awaiting their reaper are gone already
+        group = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _pgid(p) == srv.proc.pid]
+        if not group or time.time() > deadline:
+            break
+        time.sleep(0.1)
+    assert group == []  # stop() also ends the backend stubs the killed server left behind
     assert rc == 1
     result = json.loads((tmp_path / "bench.json").read_text())
     validate_report(result)

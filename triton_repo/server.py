@@ -115,6 +115,13 @@ class TritonServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.proc:
+            # backend stubs share the server's process group; one blocked in a call when the server
+            # went away (crash, kill, or a shutdown that timed it out) would otherwise outlive it
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         for name in _shm_segments() - self._shm_before:  # left by killed stubs
             Path("/dev/shm", name).unlink(missing_ok=True)
         if getattr(self, "log", None):
