@@ -17,24 +17,17 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
 def main():
-    from builder.engine_build import read_preprocess
     from builder.demo_checkpoint import write_demo_checkpoint
     from builder.engine_build import EngineBuildOptions, build_engine
     from builder.llm_formats import BuildOptions, get_format
-    from runtime.bench import run_closed_loop, summarize, Item
+    from runtime.bench import Item, run_closed_loop, summarize
     from runtime.client import NVLMClient
-    from runtime.preprocess import preprocess_images
-    from runtime.prompt import build_prompt
-    from runtime.tokenizer import NVLMTokenizer
-    from runtime.trtllm_executor import Request, TRTLLMExecutor
+    from runtime.local_pipeline import LocalPipeline
     from triton_repo.server import TritonServer
 
     ap = argparse.ArgumentParser()
@@ -51,24 +44,10 @@ def main():
     cases = {"text": ("Explain how a transformer generates text.", []),
              "one image (3 tiles)": ("What shapes are in this picture?", [image])}
 
-    # in-process pipeline
-    import onnxruntime as ort
-
-    ex = TRTLLMExecutor.load(build / "llm")
-    tok = NVLMTokenizer.from_dir(build / "tokenizer")
-    cfg, _ = read_preprocess(build)
-    sess = ort.InferenceSession(str(build / "vision" / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
+    pipeline = LocalPipeline(build)  # the same steps in-process: the baseline Triton's overhead is measured against
 
     def local(prompt, images):
-        done = preprocess_images(images, cfg) if images else []
-        if images:
-            prompt = "<image>\n" + prompt
-        p = build_prompt(tok, prompt, [d.num_tiles for d in done], tokens_per_tile=256)
-        table = None
-        if done:
-            emb = sess.run(None, {"pixel_values": np.concatenate([d.pixel_values for d in done])})[0]
-            table = torch.from_numpy(emb.reshape(-1, emb.shape[-1]).astype(np.float16).astype(np.float32))
-        return ex.generate([Request(p.trtllm_input_ids(ex.vocab_size), args.max_tokens, table)])[0].tokens
+        return pipeline.generate(prompt, images, args.max_tokens)
 
     rows = {}
     with TritonServer(build / "triton_repo", grpc_port=24001, http_port=24002, metrics_port=24003) as srv:

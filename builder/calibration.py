@@ -15,7 +15,6 @@ Sources:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +22,7 @@ from typing import Iterator
 import numpy as np
 
 from .errors import NVLMError
+from .jsonl import parse_jsonl
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_QUESTION = "<image>\nDescribe this image in detail."
@@ -92,39 +92,22 @@ def load_calib_data(path: str | Path) -> list[CalibSample]:
         return [CalibSample(DEFAULT_QUESTION, p) for p in images]
     if not path.is_file():
         raise CalibrationDataError(f"--calib-data {path} does not exist")
-    samples, broken, missing = [], [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            prompt = row["prompt"]
-            if not isinstance(prompt, str) or not prompt:
-                raise TypeError
-        except (json.JSONDecodeError, KeyError, TypeError):
-            broken.append(n)
-            continue
-        image = row.get("image")
-        if image is not None:
-            image = (path.parent / image) if not Path(image).is_absolute() else Path(image)
-            if not image.is_file():
-                missing.append(f"line {n}: {image}")
-                continue
-            if "<image>" not in prompt:
-                prompt = "<image>\n" + prompt
-        samples.append(CalibSample(prompt, image))
-    problems = []
-    if broken:
-        problems.append(f"lines {_ranges(broken)} are not JSON objects with a non-empty \"prompt\"")
-    if missing:
-        problems.append("images not found: " + "; ".join(missing[:10]))
+    rows, problems = parse_jsonl(path, _calib_row, 'JSON objects with a non-empty "prompt"')
     if problems:
         raise CalibrationDataError(f"{path}: " + "; ".join(problems))
-    return samples
+    return [sample for _, sample in rows]
 
 
-def _ranges(nums: list[int]) -> str:
-    return ", ".join(str(n) for n in nums[:20]) + (" …" if len(nums) > 20 else "")
+def _calib_row(row: dict, image_path) -> CalibSample:
+    from runtime.prompt import with_image_placeholders
+
+    prompt = row["prompt"]
+    if not isinstance(prompt, str) or not prompt:
+        raise TypeError
+    image = row.get("image")
+    if image is None:
+        return CalibSample(prompt, None)
+    return CalibSample(with_image_placeholders(prompt, 1), image_path(image))
 
 
 def select(samples: list[CalibSample], size: int) -> list[CalibSample]:

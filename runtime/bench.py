@@ -26,7 +26,7 @@ import random
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -90,33 +90,25 @@ def load_workload(spec: str, seed: int) -> list[Item]:
 
 
 def _jsonl(path: Path) -> list[Item]:
+    from builder.jsonl import parse_jsonl
+
     if not path.is_file():
         raise BenchError(f"workload file {path} not found")
-    items, broken, missing = [], [], []
-    for n, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            text = row["text_input"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            broken.append(n)
-            continue
-        images = []
-        for img in ([row["image"]] if isinstance(row.get("image"), str) else row.get("image") or []):
-            p = Path(img) if Path(img).is_absolute() else path.parent / img
-            if not p.is_file():
-                missing.append(f"line {n}: {p}")
-            else:
-                images.append(p.read_bytes())
-        items.append(Item(text, images, f"line {n}"))
-    if broken or missing:
-        raise BenchError(f"{path}: " + "; ".join(
-            ([f"lines {', '.join(map(str, broken[:20]))} are not JSON with \"text_input\""] if broken else [])
-            + ([f"images not found: {'; '.join(missing[:10])}"] if missing else [])))
-    if not items:
+    rows, problems = parse_jsonl(path, _bench_row, 'JSON objects with a "text_input" string')
+    if problems:
+        raise BenchError(f"{path}: " + "; ".join(problems))
+    if not rows:
         raise BenchError(f"{path} holds no requests")
-    return items
+    return [Item(text, [p.read_bytes() for p in images], f"line {n}") for n, (text, images) in rows]
+
+
+def _bench_row(row: dict, image_path) -> tuple[str, list[Path]]:
+    """genai-perf's input format: {"text_input": …, "image": path or [paths]}."""
+    text = row["text_input"]
+    if not isinstance(text, str):
+        raise TypeError
+    images = row.get("image") or []
+    return text, [image_path(i) for i in ([images] if isinstance(images, str) else images)]
 
 
 # --------------------------------------------------------------------------- measurement
@@ -133,13 +125,12 @@ class Sample:
     tokens: int = 0
 
 
-MIN_TOKENS = {"value": 0}  # --min-tokens: sent as min_length so every request produces the same length
-
-
-def _one(client, item: Item, max_tokens: int, seed: int) -> Sample:
+def _one(client, item: Item, max_tokens: int, seed: int, min_tokens: int = 0) -> Sample:
+    """One streamed request. `min_tokens` (--min-tokens) is sent as min_length, so that every
+    request produces the same length, as genai-perf and aiperf do for fixed output lengths."""
     from runtime.client import ClientError
 
-    extra = {"min_length": ("INT32", np.array([MIN_TOKENS["value"]], np.int32))} if MIN_TOKENS["value"] else None
+    extra = {"min_length": ("INT32", np.array([min_tokens], np.int32))} if min_tokens else None
     try:
         ans = client.generate(item.prompt, item.images, max_tokens=max_tokens, stream=True, seed=seed, extra=extra)
     except ClientError as e:
@@ -196,11 +187,11 @@ def _stats_delta(before: dict, after: dict) -> dict:
     return out
 
 
-def _measure(client, item: Item, max_tokens: int, seed: int, dead: threading.Event) -> Sample:
+def _measure(client, item: Item, max_tokens: int, seed: int, min_tokens: int, dead: threading.Event) -> Sample:
     """One request; a failure with the server gone sets `dead`, which stops the run (no more sends)."""
     from runtime.client import ClientError
 
-    s = _one(client, item, max_tokens, seed)
+    s = _one(client, item, max_tokens, seed, min_tokens)
     if not s.ok:
         try:
             client.check()
@@ -209,7 +200,7 @@ def _measure(client, item: Item, max_tokens: int, seed: int, dead: threading.Eve
     return s
 
 
-def run_closed_loop(url, model, items, concurrency, requests, max_tokens, seed,
+def run_closed_loop(url, model, items, concurrency, requests, max_tokens, seed, *, min_tokens: int = 0,
                     dead: threading.Event | None = None) -> tuple[list[Sample], float]:
     from runtime.client import NVLMClient
 
@@ -224,7 +215,7 @@ def run_closed_loop(url, model, items, concurrency, requests, max_tokens, seed,
                 next_index[0] += 1
             if k >= requests:
                 return
-            s = _measure(client, items[k % len(items)], max_tokens, seed + k, dead)
+            s = _measure(client, items[k % len(items)], max_tokens, seed + k, min_tokens, dead)
             with lock:
                 samples.append(s)
 
@@ -235,7 +226,7 @@ def run_closed_loop(url, model, items, concurrency, requests, max_tokens, seed,
     return samples, time.perf_counter() - t0
 
 
-def run_open_loop(url, model, items, rate, requests, max_tokens, seed,
+def run_open_loop(url, model, items, rate, requests, max_tokens, seed, *, min_tokens: int = 0,
                   dead: threading.Event | None = None) -> tuple[list[Sample], float]:
     from runtime.client import NVLMClient
 
@@ -260,7 +251,7 @@ def run_open_loop(url, model, items, rate, requests, max_tokens, seed,
             client = idle.get_nowait()
         except queue.Empty:
             client = NVLMClient(url, model)
-        s = _measure(client, items[k % len(items)], max_tokens, seed + k, dead)
+        s = _measure(client, items[k % len(items)], max_tokens, seed + k, min_tokens, dead)
         idle.put(client)
         with lock:
             samples.append(s)
@@ -389,15 +380,16 @@ def benchmark(args) -> dict:
     levels_r = [float(x) for x in args.request_rate.split(",")] if args.request_rate else []
     if any(c < 1 for c in levels_c) or any(r <= 0 for r in levels_r):
         raise BenchError("concurrency must be ≥ 1 and request rates > 0")
+    if args.max_tokens < 1 or not 0 <= args.min_tokens <= args.max_tokens:
+        raise BenchError("--max-tokens must be ≥ 1 and --min-tokens between 0 and --max-tokens")
     if not levels_c and not levels_r:
         levels_c = [1]
     items = load_workload(args.workload, args.seed)
-    MIN_TOKENS["value"] = args.min_tokens
     plan = roofline_plan(args, items)  # before the run: a bad build or checkpoint path fails early
     NVLMClient(args.url, args.model).check()  # unreachable server / wrong model: fail before the run
     warm = NVLMClient(args.url, args.model)
     for k in range(args.warmup):
-        _one(warm, items[k % len(items)], args.max_tokens, args.seed)
+        _one(warm, items[k % len(items)], args.max_tokens, args.seed, args.min_tokens)
     result = {"schema": SCHEMA, "complete": True, "incomplete_reason": None, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
               "endpoint": {"url": args.url, "model": args.model}, "build_manifest_sha256": _manifest_hash(args.build),
@@ -412,7 +404,8 @@ def benchmark(args) -> dict:
             break
         dead = threading.Event()
         loop = run_closed_loop if mode == "concurrency" else run_open_loop
-        samples, wall = loop(args.url, args.model, items, level, args.requests, args.max_tokens, args.seed, dead)
+        samples, wall = loop(args.url, args.model, items, level, args.requests, args.max_tokens, args.seed,
+                             min_tokens=args.min_tokens, dead=dead)
         summary = summarize(samples, wall)
         if dead.is_set():
             _stop(result, f"the server stopped answering during {mode} {level} "
@@ -473,6 +466,14 @@ def write_plots(result: dict, out: Path) -> list[str]:
     except ImportError:
         raise BenchError("--plot needs matplotlib (pip install nvlm-trt[bench])") from None
     written = []
+
+    def save(fig, ax, name):
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+
     runs = [r for r in result["runs"] if r["mode"] == "concurrency"]
     if runs:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -482,36 +483,24 @@ def write_plots(result: dict, out: Path) -> list[str]:
                 ax.plot(levels, [r["summary"][key][q] if r["summary"][key] else None for r in runs], style,
                         label=f"{label} {q}")
         ax.set(xlabel="concurrency", ylabel="ms", title="Latency vs concurrency", xscale="log")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "latency_vs_concurrency.png", dpi=100)
-        plt.close(fig)
-        written.append("latency_vs_concurrency.png")
+        save(fig, ax, "latency_vs_concurrency.png")
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in result["runs"]:
         if r["ttft_samples_ms"]:
             ax.hist(r["ttft_samples_ms"], bins=20, alpha=0.5, label=f"{r['mode']} {r['level']}")
     ax.set(xlabel="time to first token (ms)", ylabel="requests", title="TTFT distribution")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "ttft_distribution.png", dpi=100)
-    plt.close(fig)
-    written.append("ttft_distribution.png")
+    save(fig, ax, "ttft_distribution.png")
     fig, ax = plt.subplots(figsize=(7, 4))
     models = ["preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing"]
     labels = [f"{r['mode'][0]}{r['level']}" for r in result["runs"]]
     bottom = np.zeros(len(labels))
     for m in models:
-        vals = np.array([(r["server"].get(m, {}).get("queue_ms", 0) + r["server"].get(m, {}).get("compute_infer_ms", 0))
-                         if isinstance(r["server"].get(m), dict) else 0 for r in result["runs"]])
+        stage = [r["server"].get(m) for r in result["runs"]]
+        vals = np.array([s["queue_ms"] + s["compute_infer_ms"] if isinstance(s, dict) else 0 for s in stage])
         ax.bar(labels, vals, bottom=bottom, label=m)
         bottom += vals
     ax.set(ylabel="ms per request (queue + compute)", title="Where the time goes (server side)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "stage_breakdown.png", dpi=100)
-    plt.close(fig)
-    written.append("stage_breakdown.png")
+    save(fig, ax, "stage_breakdown.png")
     return written
 
 

@@ -5,7 +5,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -178,7 +177,7 @@ def test_resume_redoes_a_stage_that_no_longer_verifies(demo_ckpt, tmp_path):
     partial = tmp_path / ".b.partial"
     (partial / "preprocess.json").write_text("{}")  # tampered with after it was recorded
     logs = []
-    m = build_engine(demo_ckpt, out, _opts("fp8"), resume=True, progress=logs.append)
+    build_engine(demo_ckpt, out, _opts("fp8"), resume=True, progress=logs.append)
     assert "[preprocess] running" in logs and "[vision] reused (checksums verified)" in logs
     assert json.loads((out / "preprocess.json").read_text())["tokens_per_tile"] == 256
     with pytest.raises(BuildError, match="other options"):

@@ -190,6 +190,10 @@ def test_calibration_data_errors(demo_ckpt, tmp_path):
     with pytest.raises(CalibrationDataError) as e:
         build_llm(demo_ckpt, tmp_path / "o", BuildOptions(get_format("fp8")), calib_data=jl)
     assert "lines 2, 3" in str(e.value) and "missing.png" in str(e.value)
+    from builder.calibration import load_calib_data
+
+    jl.write_text('{"prompt": "What is it?", "image": "a.png"}\n{"prompt": "Text only."}\n')
+    assert [(s.prompt, s.image) for s in load_calib_data(jl)] == [("<image>\nWhat is it?", img), ("Text only.", None)]
     jl.write_text('{"prompt": "Describe <image>.", "image": "a.png"}\n')
     with pytest.raises(CalibrationDataError, match="only 1 calibration samples"):
         build_llm(demo_ckpt, tmp_path / "o", BuildOptions(get_format("fp8")), calib_data=jl)

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from builder.engine_build import EngineBuildOptions, build_engine
 from builder.llm_formats import BuildOptions, get_format
@@ -61,31 +60,10 @@ def client(server):
 @pytest.fixture(scope="module")
 def local(build):
     """The same request computed in-process: preprocessing, vision ONNX, reference executor."""
-    import onnxruntime as ort
+    from runtime.local_pipeline import LocalPipeline
 
-    from builder.engine_build import read_preprocess
-    from runtime.preprocess import preprocess_images
-    from runtime.prompt import build_prompt, with_image_placeholders
-    from runtime.tokenizer import NVLMTokenizer
-    from runtime.trtllm_executor import Request, TRTLLMExecutor
-
-    ex = TRTLLMExecutor.load(build / "llm")
-    tok = NVLMTokenizer.from_dir(build / "tokenizer")
-    cfg, _ = read_preprocess(build)
-    sess = ort.InferenceSession(str(build / "vision" / "vision_encoder.onnx"), providers=["CPUExecutionProvider"])
-
-    def run(prompt, images, n):
-        done = preprocess_images([Path(i).read_bytes() for i in images], cfg, max_images=4) if images else []
-        p = build_prompt(tok, with_image_placeholders(prompt, len(images)), [d.num_tiles for d in done],
-                         tokens_per_tile=256)
-        table = None
-        if done:
-            emb = sess.run(None, {"pixel_values": np.concatenate([d.pixel_values for d in done])})[0]
-            table = torch.from_numpy(emb.reshape(-1, emb.shape[-1]).astype(np.float16).astype(np.float32))
-        req = Request(p.trtllm_input_ids(ex.vocab_size), n, table, end_id=tok.im_end_id)
-        return ex.generate([req])[0].tokens
-
-    return run
+    pipeline = LocalPipeline(build, max_images=4)
+    return lambda prompt, images, n: pipeline.generate(prompt, [Path(i).read_bytes() for i in images], n)
 
 
 @pytest.mark.parametrize("prompt, images", [
@@ -468,6 +446,7 @@ def test_bench_server_dying_mid_run_saves_partial_results(build, tmp_path):
     (["--workload", "tiles:2"], "tile counts"),
     (["--workload", "jsonl:/nonexistent.jsonl"], "not found"),
     (["--gpu", "h100-sxm"], "needs --build"),
+    (["--max-tokens", "4", "--min-tokens", "8"], "--min-tokens between"),
     (["--build", "/nonexistent-build"], "no manifest.json"),
 ])
 def test_bench_bad_input_fails_before_the_run(server, args, message, capsys):
@@ -491,3 +470,11 @@ def test_bench_jsonl_workload_errors(tmp_path):
     with pytest.raises(BenchError) as e:
         load_workload(f"jsonl:{f}", 0)
     assert "lines 2" in str(e.value) and "missing.png" in str(e.value)
+    img = tmp_path / "a.png"
+    img.write_bytes(IMAGE.read_bytes())
+    f.write_text('{"text_input": "hi"}\n\n{"text_input": "one", "image": "a.png"}\n'
+                 f'{{"text_input": "two", "image": ["a.png", "{img}"]}}\n')
+    items = load_workload(f"jsonl:{f}", 0)
+    assert [(i.prompt, len(i.images), i.label) for i in items] == [("hi", 0, "line 1"), ("one", 1, "line 3"),
+                                                                   ("two", 2, "line 4")]
+    assert items[2].images[1] == IMAGE.read_bytes()

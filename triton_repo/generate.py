@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from builder.engine_build import read_preprocess
+
 from .serving import MODEL_CLASSES
 from .specs import RenderError, model_specs, render
 
@@ -31,10 +33,11 @@ def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "refere
         raise RenderError(f"{build} is not an nvlm-build output (no llm/config.json); run `nvlm-build engine` first")
     cfg = json.loads(llm_cfg.read_text())
     options = json.loads((build / "manifest.json").read_text())["options"] if (build / "manifest.json").exists() else {}
-    pre = json.loads((build / "preprocess.json").read_text())
+    pre, _ = read_preprocess(build)
     engine_dir = str(served / "engines" / "llm") if target == "trt" else None
     specs = model_specs(target, llm_hidden=cfg["hidden_size"], max_batch_size=options.get("max_batch_size", 8),
-                        engine_dir=engine_dir, build_dir=str(served), image_size=pre["image_size"])
+                        engine_dir=engine_dir, build_dir=str(served), image_size=pre.image_size,
+                        tokens_per_tile=pre.tokens_per_tile)
     written = []
     for spec in specs:
         d = repo / spec.name

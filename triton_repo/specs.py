@@ -152,7 +152,7 @@ ENTRY_OUTPUTS = (Tensor("text_output", "BYTES", (-1,)), Tensor("output_ids", "IN
 
 def model_specs(target: str, *, llm_hidden: int, max_batch_size: int, engine_dir: str | None = None,
                 build_dir: str = "", kv_cache_free_gpu_mem_fraction: float = 0.9,
-                image_size: int = 448) -> list[ModelSpec]:
+                image_size: int = 448, tokens_per_tile: int = 256) -> list[ModelSpec]:
     """Model configs of the repository for `target` ("trt" on GPU hosts, "reference" on CPU).
     Python models find the build (tokenizer, preprocess.json, vision ONNX, llm checkpoint) through
     their `build_dir` parameter."""
@@ -164,7 +164,7 @@ def model_specs(target: str, *, llm_hidden: int, max_batch_size: int, engine_dir
         "vision_encoder", backend="python" if target == "reference" else None,
         platform="tensorrt_plan" if target == "trt" else None, max_batch_size=0,
         inputs=(Tensor("pixel_values", "FP16" if target == "trt" else "FP32", (-1, 3, s, s)),),
-        outputs=(Tensor("image_embeds", "FP16" if target == "trt" else "FP32", (-1, 256, llm_hidden)),),
+        outputs=(Tensor("image_embeds", "FP16" if target == "trt" else "FP32", (-1, tokens_per_tile, llm_hidden)),),
         instance_kind="KIND_GPU" if target == "trt" else "KIND_CPU", parameters={} if target == "trt" else py)
     llm_params = ({"gpt_model_type": "inflight_fused_batching", "gpt_model_path": engine_dir,
                    "batch_scheduler_policy": "guaranteed_no_evict",

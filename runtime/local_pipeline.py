@@ -1,0 +1,49 @@
+"""The served pipeline of a build's reference target, computed in-process (no Triton).
+
+Preprocessing, the vision encoder through onnxruntime on the exported ONNX, and the reference
+executor of the TensorRT-LLM checkpoint — the steps the reference target's Triton models chain, with
+the same prompt layout, embedding-table dtype and end id. It is the oracle the serving tests compare
+the server's tokens with, and the baseline of Triton's overhead (benchmarks/triton_overhead.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+class LocalPipeline:
+    def __init__(self, build: str | Path, *, max_images: int = 4):
+        import onnxruntime as ort
+
+        from builder.engine_build import read_preprocess
+        from runtime.tokenizer import NVLMTokenizer
+        from runtime.trtllm_executor import TRTLLMExecutor
+
+        build = Path(build)
+        self.executor = TRTLLMExecutor.load(build / "llm")
+        self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
+        self.cfg, _ = read_preprocess(build)
+        self.max_images = max_images
+        self.vision = ort.InferenceSession(str(build / "vision" / "vision_encoder.onnx"),
+                                           providers=["CPUExecutionProvider"])
+
+    def generate(self, prompt: str, images: list[bytes], max_tokens: int) -> list[int]:
+        """Greedy token ids for one request, as the served `nvlm` model would return them."""
+        import torch
+
+        from runtime.preprocess import preprocess_images
+        from runtime.prompt import build_prompt, with_image_placeholders
+        from runtime.trtllm_executor import Request
+
+        done = preprocess_images(images, self.cfg, max_images=self.max_images) if images else []
+        p = build_prompt(self.tok, with_image_placeholders(prompt, len(images)), [d.num_tiles for d in done],
+                         tokens_per_tile=self.cfg.tokens_per_tile)
+        table = None
+        if done:
+            emb = self.vision.run(None, {"pixel_values": np.concatenate([d.pixel_values for d in done])})[0]
+            # the served table crosses Triton as fp16 (the engine's prompt-table dtype)
+            table = torch.from_numpy(emb.reshape(-1, emb.shape[-1]).astype(np.float16).astype(np.float32))
+        req = Request(p.trtllm_input_ids(self.executor.vocab_size), max_tokens, table, end_id=self.tok.im_end_id)
+        return self.executor.generate([req])[0].tokens
