@@ -158,6 +158,12 @@ def _preprocess(ctx: Context, tmp: Path) -> dict:
     return {"tokens_per_tile": p.tokens_per_tile, "max_tiles_per_image": p.max_tiles_per_image}
 
 
+def read_manifest(build: Path) -> dict | None:
+    """manifest.json of a build (None when `build` has none). The one reader of what build_engine writes."""
+    path = Path(build) / "manifest.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def read_preprocess(build: Path):
     """preprocess.json of a build → (typed PreprocessConfig, the raw dict with the serving extras).
     The one reader of what `_preprocess` writes."""
@@ -317,8 +323,8 @@ def build_engine(ckpt_path, out, opts: EngineBuildOptions, *, resume: bool = Fal
     options = opts.as_dict()
     sources = _source_hashes(ckpt, say)
     manifest_path = partial / "manifest.json"
-    if resume and manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(partial) if resume else None
+    if manifest is not None:
         if manifest.get("options") != options or manifest.get("source", {}).get("files") != sources:
             raise BuildError(f"{partial} was started with other options or another source checkpoint; "
                              "use --force to start over")

@@ -336,12 +336,14 @@ def roofline_plan(args, items: list[Item]) -> dict | None:
         raise BenchError(f"--gpu {args.gpu} needs --build BUILD: the bounds come from the build's model and options")
     if not args.build or args.gpu == "none":
         return None
-    manifest = Path(args.build) / "manifest.json"
-    if not manifest.is_file():
+    from builder.engine_build import read_manifest
+
+    manifest = read_manifest(args.build)
+    if manifest is None:
         raise BenchError(f"{args.build}: no manifest.json — pass the directory `nvlm-build engine` wrote")
-    if args.gpu == "auto" and served_target(json.loads(manifest.read_text())) != "trt":
+    if args.gpu == "auto" and served_target(manifest) != "trt":
         return None
-    facts = build_facts(args.build, checkpoint=args.checkpoint)
+    facts = build_facts(args.build, checkpoint=args.checkpoint, manifest=manifest)
     gpu = GPUS["h100-sxm" if args.gpu == "auto" else args.gpu]
     per_label: dict[str, list] = {}
     for it, (text_tokens, tiles) in zip(items, _item_shapes(Path(args.build), items)):

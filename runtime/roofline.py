@@ -14,7 +14,6 @@ computes in 16 bit) at the bf16 rate; fp8 and w4a8_awq at the fp8 rate.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -117,17 +116,17 @@ def served_target(manifest: dict) -> str | None:
 
 
 def build_facts(path: str | Path, *, checkpoint: str | Path | None = None, quant: str | None = None,
-                tp: int | None = None) -> BuildFacts:
+                tp: int | None = None, manifest: dict | None = None) -> BuildFacts:
     """From a build directory (its manifest.json names the source checkpoint and the options), or
     from a checkpoint / config.json directly (then quant and tp come from the arguments)."""
     from builder.config import load_config
+    from builder.engine_build import read_manifest
     from builder.errors import InputError
 
     path = Path(path)
-    manifest = path / "manifest.json"
+    m = manifest if manifest is not None else read_manifest(path)
     source, kv_fp8, vision_fp8, target = path, None, False, None
-    if manifest.is_file():
-        m = json.loads(manifest.read_text())
+    if m is not None:
         opts = m["options"]
         source = Path(checkpoint) if checkpoint else Path(m["source"]["path"])
         quant, tp = quant or opts["quant"], tp or opts["tp"]

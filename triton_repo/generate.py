@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from builder.engine_build import read_preprocess
+from builder.engine_build import read_manifest, read_preprocess
 
 from .serving import MODEL_CLASSES
 from .specs import RenderError, model_specs, render
@@ -32,7 +32,7 @@ def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "refere
     if not llm_cfg.is_file():
         raise RenderError(f"{build} is not an nvlm-build output (no llm/config.json); run `nvlm-build engine` first")
     cfg = json.loads(llm_cfg.read_text())
-    options = json.loads((build / "manifest.json").read_text())["options"] if (build / "manifest.json").exists() else {}
+    options = (read_manifest(build) or {}).get("options", {})
     pre, _ = read_preprocess(build)
     engine_dir = str(served / "engines" / "llm") if target == "trt" else None
     specs = model_specs(target, llm_hidden=cfg["hidden_size"], max_batch_size=options.get("max_batch_size", 8),

@@ -72,10 +72,9 @@ def _decoupled(requests, handle, prefix: str):
 
 
 def _limits(build: Path) -> dict:
-    manifest = build / "manifest.json"
-    options = json.loads(manifest.read_text())["options"] if manifest.exists() else {}
-    from builder.engine_build import read_preprocess
+    from builder.engine_build import read_manifest, read_preprocess
 
+    options = (read_manifest(build) or {}).get("options", {})
     images = options.get("max_images", 1) * options.get("max_tiles", 7) * read_preprocess(build)[0].tokens_per_tile
     return {"max_output_len": options.get("max_output_len", MAX_OUTPUT_LEN),
             "max_input_len": options.get("max_input_text_len", 2048) + images}
