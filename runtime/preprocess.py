@@ -179,11 +179,15 @@ def preprocess_image(image: ImageInput, *, image_size: int = 448, max_tiles: int
 DEFAULT_MAX_IMAGES = 4
 
 
+def check_image_count(count: int, max_images: int) -> None:
+    if count > max_images:
+        raise InputError(f"{count} images given; at most {max_images} per request are allowed")
+
+
 def preprocess_images(images: Sequence[ImageInput], cfg: PreprocessConfig, *, max_images: int = DEFAULT_MAX_IMAGES,
                       max_pixels: int | None = None, fast: bool = True) -> list[Preprocessed]:
     """Several images of one request, each tiled on its own (the fast path by default; identical output)."""
-    if len(images) > max_images:
-        raise InputError(f"{len(images)} images given; at most {max_images} per request are allowed")
+    check_image_count(len(images), max_images)
     if fast:
         from .preprocess_fast import preprocess_image_fast as run
     else:

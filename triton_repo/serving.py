@@ -98,7 +98,7 @@ class PreprocessingModel:
         self.gpu = _cuda()  # GPU hosts: Pillow-exact Triton kernels (plugins/tiling.py) do the tiling
 
     def _tile(self, images):
-        from runtime.preprocess import Preprocessed, load_image, preprocess_images
+        from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
         from runtime.prompt import tile_tags
 
         if not self.gpu:
@@ -107,8 +107,7 @@ class PreprocessingModel:
 
         from plugins.tiling import tile_image
 
-        if len(images) > self.max_images:
-            return preprocess_images(images, self.cfg, max_images=self.max_images)  # raises the count error
+        check_image_count(len(images), self.max_images)
         out = []
         for blob in images:
             rgb = np.asarray(load_image(blob, copy_rgb=False), dtype=np.uint8)
