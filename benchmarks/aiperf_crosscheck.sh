@@ -9,7 +9,7 @@
 # TIME as open-loop Poisson clients at a low rate against one server: they sample the same seconds
 # of server behaviour, and at ~15% utilization their requests rarely meet. aiperf drives Triton's
 # HTTP generate_stream (template endpoint, response_field text_output); nvlm-bench drives gRPC
-# streaming; both send the same prompts with OSL tokens forced by min_length. The server is
+# streaming; both send the same prompts with OSL tokens forced by min_tokens. The server is
 # pinned to CPU 0 and both clients to CPU 1 (aiperf's several processes would otherwise take CPU
 # time from the server while it is measured).
 #
@@ -50,7 +50,7 @@ with open(f"{w}/prompts.jsonl", "w") as a, open(f"{w}/aiperf_prompts.jsonl", "w"
         a.write(json.dumps({"text_input": text}) + "\n")
         b.write(json.dumps({"text": text}) + "\n")
 PY
-printf '%s\n' "{\"text_input\": {{ text|tojson }}, \"max_tokens\": $OSL, \"stream\": true, \"min_length\": $OSL}" > "$W/template.jinja"
+printf '%s\n' "{\"text_input\": {{ text|tojson }}, \"max_tokens\": $OSL, \"stream\": true, \"min_tokens\": $OSL}" > "$W/template.jinja"
 
 served() {  # requests the entry model has completed so far
   .venv/bin/python -c "import tritonclient.grpc as g, sys; s=g.InferenceServerClient(sys.argv[1]).get_inference_statistics('nvlm', as_json=True)

@@ -252,22 +252,29 @@ def _engine(args) -> int:
 def _repo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("build", help="an nvlm-build engine output directory")
     p.add_argument("-o", "--out", required=True, help="model repository directory to create")
-    p.add_argument("--target", choices=["trt", "reference"], default="reference")
+    p.add_argument("--target", choices=["trt", "reference", "contract"], default="reference",
+                   help="trt: TensorRT engines on NVIDIA's tensorrtllm backend (GPU hosts); reference: the reference "
+                        "executor (CPU); contract: the trt repository with CPU stand-ins for the two GPU backends")
     p.add_argument("--force", action="store_true")
 
 
-@command("triton-repo", "write the Triton model repository for a build (target trt or reference)", _repo_args)
+@command("triton-repo", "write the Triton model repository for a build (target trt, contract or reference)",
+         _repo_args)
 def _repo(args) -> int:
     from pathlib import Path
 
-    from triton_repo.generate import generate_repo
+    from triton_repo.generate import generate_repo, plan_pending
 
     from .fsutil import publish_dir
 
     models: list = []
-    publish_dir(Path(args.out), lambda tmp: models.extend(generate_repo(args.build, tmp, args.target)),
+    out = Path(args.out)
+    publish_dir(out, lambda tmp: models.extend(generate_repo(args.build, tmp, args.target, repo_path=out)),
                 force=args.force)
     print(f"wrote {args.target} repository with {', '.join(models)} to {args.out}")
+    if plan_pending(out):
+        print(f"note: {out}/vision_encoder/1/model.plan is missing until the engines are built; "
+              f"engines/build_engines.sh in the build directory builds them and rewrites this repository")
     return 0
 
 

@@ -9,6 +9,7 @@
       llm/                  TensorRT-LLM checkpoint (config.json, rank*.safetensors, reports/)
       engines/              GPU hosts: llm/ and vision_encoder.engine; elsewhere build_engines.sh
       triton_repo/          Triton model repository (target trt with engines, else reference)
+      deploy/               GPU hosts: Dockerfile (NGC Triton + nvlm-trt), launch.sh (TP1 / MPI leader mode)
       reports/fidelity.json LLM and vision fidelity checks
 
 Safety. The build runs in `.OUT.partial/` beside OUT; each stage writes into a temporary folder
@@ -206,7 +207,8 @@ def _engines(ctx: Context, tmp: Path) -> dict:
                   "import json; from builder.engines import VisionEngineSettings as S, build_vision_engine as b; "
                   "d = json.load(open('engines/settings.json'))['vision_engine']; "
                   "print(b(S(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})))"]
-    (tmp / "build_engines.sh").write_text(finish_script([llm_cmd, vision_cmd]))
+    repo_cmd = ["python3", "-m", "builder.cli", "triton-repo", ".", "-o", "triton_repo", "--target", "trt", "--force"]
+    (tmp / "build_engines.sh").write_text(finish_script([llm_cmd, vision_cmd, repo_cmd]))
     (tmp / "build_engines.sh").chmod(0o755)
     if not ctx.engines_possible:
         return {"status": "pending", "reason": ctx.engines_detail,
@@ -231,8 +233,15 @@ def _triton_repo(ctx: Context, tmp: Path) -> dict:
 
     target = "trt" if ctx.engines_possible else "reference"
     final_root = ctx.root.with_name(ctx.root.name[1:-len(".partial")])  # .OUT.partial → OUT
-    models = generate_repo(ctx.root, tmp, target, build_path=final_root)
+    models = generate_repo(ctx.root, tmp, target, build_path=final_root, repo_path=final_root / "triton_repo")
     return {"target": target, "models": models}
+
+
+def _deploy(ctx: Context, tmp: Path) -> dict:
+    """deploy/: Dockerfile, launch script and the nvlm-trt source, for serving on a GPU host."""
+    from .deploy import write_kit
+
+    return write_kit(tmp, ctx.opts.llm.world_size)
 
 
 def _reports(ctx: Context, tmp: Path) -> dict:
@@ -270,6 +279,7 @@ STAGES = [
     Stage("llm", "llm", _llm, _llm_bytes),
     Stage("engines", "engines", _engines),
     Stage("triton_repo", "triton_repo", _triton_repo),
+    Stage("deploy", "deploy", _deploy),
     Stage("reports", "reports", _reports),
 ]
 

@@ -210,8 +210,38 @@ def build_vision_engine(settings: VisionEngineSettings) -> dict:
 
 def finish_script(commands: list[list[str]], extra: str = "") -> str:
     lines = ["#!/usr/bin/env bash",
-             f"# Finish this build on a GPU host with TensorRT and an engine-capable TensorRT-LLM ({ENGINE_RELEASE}).",
-             "# Run from the build directory, with nvlm-trt installed (the vision step imports builder.engines).",
-             "set -euo pipefail", extra]
+             f"# Finish this build on a GPU host with TensorRT and an engine-capable TensorRT-LLM ({ENGINE_RELEASE}),",
+             "# with nvlm-trt installed (the image of deploy/Dockerfile has both): builds the LLM and vision",
+             "# engines, then rewrites triton_repo/ as the trt target for this host's paths.",
+             "set -euo pipefail", 'cd "$(dirname "$0")/.."', extra]
     lines += [" ".join(shlex.quote(c) for c in cmd) for cmd in commands]
     return "\n".join(line for line in lines if line is not None) + "\n"
+
+
+# --------------------------------------------------------------------------- GPU memory beside the LLM
+
+GPU_MEMORY_BYTES = {"h100-sxm": 80 * 2**30, "h100-pcie": 80 * 2**30, "h200": 141 * 2**30}
+# Peak activations of the vision engine per tile: InternViT-6B holds ~1025 tokens × 12800 MLP width in
+# 16 bits twice over (fc1 output and its GELU) ≈ 52 MB; 64 MiB leaves room for attention scratch.
+VISION_ACTIVATION_BYTES_PER_TILE = 64 * 2**20
+# Preprocessing on the GPU: a uint8 resized image plus fp32 tiles; CUDA contexts of the Python models.
+PREPROCESS_BYTES_PER_TILE = 8 * 2**20
+CONTEXT_BYTES = 2 * 2**30
+KV_FRACTION_CAP = 0.9  # the backend's own default
+
+
+def kv_cache_free_gpu_mem_fraction(*, llm_bytes_per_gpu: int, vision_engine_bytes: int, max_vision_tiles: int,
+                                   gpu: str = "h100-sxm") -> float:
+    """`kv_cache_free_gpu_mem_fraction` for the `tensorrtllm` model when the vision engine and the CUDA
+    preprocessing share GPU 0 with it. The backend applies the fraction to the memory free after the
+    LLM engine is loaded, so what the other models need is taken out of that, whatever the load order."""
+    total = GPU_MEMORY_BYTES[gpu]
+    free_after_llm = total - llm_bytes_per_gpu
+    beside = (vision_engine_bytes + max_vision_tiles * (VISION_ACTIVATION_BYTES_PER_TILE + PREPROCESS_BYTES_PER_TILE)
+              + CONTEXT_BYTES)
+    if free_after_llm <= 0 or beside >= 0.9 * free_after_llm:
+        raise EngineToolError(f"a {gpu} GPU ({total / 2**30:.0f} GiB) has no room for a KV cache: the LLM takes "
+                              f"{llm_bytes_per_gpu / 2**30:.1f} GiB per GPU and the vision engine, its activations "
+                              f"and preprocessing {beside / 2**30:.1f} GiB; use more tensor parallelism, a smaller "
+                              "format, or fewer tiles per batch")
+    return min(KV_FRACTION_CAP, int(100 * (1 - beside / free_after_llm)) / 100)

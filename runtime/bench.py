@@ -126,11 +126,11 @@ class Sample:
 
 
 def _one(client, item: Item, max_tokens: int, seed: int, min_tokens: int = 0) -> Sample:
-    """One streamed request. `min_tokens` (--min-tokens) is sent as min_length, so that every
+    """One streamed request. `min_tokens` (--min-tokens) is sent as min_tokens, so that every
     request produces the same length, as genai-perf and aiperf do for fixed output lengths."""
     from runtime.client import ClientError
 
-    extra = {"min_length": ("INT32", np.array([min_tokens], np.int32))} if min_tokens else None
+    extra = {"min_tokens": ("INT32", np.array([min_tokens], np.int32))} if min_tokens else None
     try:
         ans = client.generate(item.prompt, item.images, max_tokens=max_tokens, stream=True, seed=seed, extra=extra)
     except ClientError as e:
@@ -538,7 +538,7 @@ def main(argv=None) -> int:
     r.add_argument("--requests", type=int, default=16, help="measured requests per level")
     r.add_argument("--warmup", type=int, default=2)
     r.add_argument("--max-tokens", type=int, default=32)
-    r.add_argument("--min-tokens", type=int, default=0, help="minimum output length (min_length), e.g. = --max-tokens")
+    r.add_argument("--min-tokens", type=int, default=0, help="minimum output length (min_tokens), e.g. = --max-tokens")
     r.add_argument("--workload", default="text")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--build", help="build directory: records its manifest hash; with a GPU, measured/bound ratios")

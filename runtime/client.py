@@ -33,6 +33,7 @@ class Answer:
     time_to_first_token: float | None
     chunks: list[str] = field(default_factory=list)
     chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk, seconds after the send
+    counts: dict = field(default_factory=dict)  # num_input_tokens / num_output_tokens, when asked for
 
 
 class NVLMClient:
@@ -72,7 +73,7 @@ class NVLMClient:
                   add("temperature", "FP32", np.array([temperature], np.float32)),
                   add("top_k", "INT32", np.array([top_k], np.int32)),
                   add("top_p", "FP32", np.array([top_p], np.float32)),
-                  add("random_seed", "INT64", np.array([seed], np.int64))]
+                  add("seed", "UINT64", np.array([seed], np.uint64))]
         if images:
             blobs = [Path(i).read_bytes() if isinstance(i, (str, Path)) else bytes(i) for i in images]
             inputs.append(add("image_bytes", "BYTES", np.array(blobs, dtype=object)))
@@ -96,7 +97,7 @@ class NVLMClient:
             self.client.start_stream(callback=callback)
         except Exception as e:  # noqa: BLE001
             raise ClientError(f"cannot reach Triton at {self.url}: {e}") from None
-        ttft, chunks, tokens, times = None, [], [], []
+        ttft, chunks, tokens, times, counts = None, [], [], [], {}
         end = None
         try:
             self.client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
@@ -108,6 +109,10 @@ class NVLMClient:
                 if error is not None:
                     raise ClientError(f"server error: {error.message() if hasattr(error, 'message') else error}")
                 resp = result.get_response()
+                for name in ("num_input_tokens", "num_output_tokens"):
+                    n = result.as_numpy(name)
+                    if n is not None and n.size:
+                        counts[name] = int(n.reshape(-1)[0])
                 text = result.as_numpy("text_output")
                 if text is not None and text.size:
                     if ttft is None:
@@ -124,7 +129,7 @@ class NVLMClient:
                     break
         finally:
             self.client.stop_stream()  # closing the stream is client housekeeping, not request latency
-        return Answer("".join(chunks), tokens, end - t0, ttft, chunks, times)
+        return Answer("".join(chunks), tokens, end - t0, ttft, chunks, times, counts)
 
 
 def main(argv=None) -> int:

@@ -8,6 +8,7 @@ the server's tokens with, and the baseline of Triton's overhead (benchmarks/trit
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,8 +22,12 @@ class LocalPipeline:
         from runtime.tokenizer import NVLMTokenizer
         from runtime.trtllm_executor import TRTLLMExecutor
 
+        from triton_repo.contract import engine_dtype
+
         build = Path(build)
         self.executor = TRTLLMExecutor.load(build / "llm")
+        # the served table crosses Triton in the engine's dtype (PromptTuningBuffers::validate)
+        self.table_dtype = engine_dtype(json.loads((build / "llm" / "config.json").read_text()))
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.cfg, _ = read_preprocess(build)
         self.max_images = max_images
@@ -43,7 +48,7 @@ class LocalPipeline:
         table = None
         if done:
             emb = self.vision.run(None, {"pixel_values": np.concatenate([d.pixel_values for d in done])})[0]
-            # the served table crosses Triton as fp16 (the engine's prompt-table dtype)
-            table = torch.from_numpy(emb.reshape(-1, emb.shape[-1]).astype(np.float16).astype(np.float32))
+            dtype = {"BF16": torch.bfloat16, "FP16": torch.float16, "FP32": torch.float32}[self.table_dtype]
+            table = torch.from_numpy(emb.reshape(-1, emb.shape[-1]).astype(np.float32)).to(dtype).float()
         req = Request(p.trtllm_input_ids(self.executor.vocab_size), max_tokens, table, end_id=self.tok.im_end_id)
         return self.executor.generate([req])[0].tokens

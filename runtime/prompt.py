@@ -12,6 +12,7 @@ thumbnail tag). Tags are plain text: with Qwen2's tokenizer "<Image><tile" token
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -103,6 +104,32 @@ class PromptInputs:
         for k, pos in enumerate(self.image_positions):
             ids[pos] = vocab_size + k
         return ids
+
+    def prompt_table_extra_ids(self, images: Sequence[bytes], salt: int = 0) -> list[int]:
+        """TensorRT-LLM's `prompt_table_extra_ids`: one UINT64 per input token, 0 for text and the
+        image's content key at each of its positions. KV-cache block reuse keys blocks on (token id,
+        extra id); the fake ids vocab_size + k are the same for every image, so without these keys
+        two requests with the same text and different images would share cached image positions.
+        `salt` (the client's `prompt_table_extra_id`) separates caches further, e.g. per tenant."""
+        if len(images) != len(self.tiles_per_image):
+            raise InputError(f"{len(images)} images for a prompt laid out for {len(self.tiles_per_image)}")
+        extra = [0] * len(self.input_ids)
+        if not images:
+            return extra
+        per_tile = self.num_image_tokens // sum(self.tiles_per_image)
+        k = 0
+        for blob, tiles in zip(images, self.tiles_per_image):
+            key = image_cache_key(blob, salt)
+            for pos in self.image_positions[k:k + tiles * per_tile]:
+                extra[pos] = key
+            k += tiles * per_tile
+        return extra
+
+
+def image_cache_key(blob: bytes, salt: int = 0) -> int:
+    """A non-zero 64-bit key of an image's encoded bytes (and the client's salt)."""
+    digest = hashlib.sha256(salt.to_bytes(8, "little") + bytes(blob)).digest()
+    return int.from_bytes(digest[:8], "little") or 1
 
 
 def build_prompt(

@@ -32,6 +32,7 @@ test suite and does not rot between GPU sessions.
 from __future__ import annotations
 
 import argparse
+import tempfile
 import json
 import os
 import platform
@@ -171,7 +172,6 @@ def check_image(w, h, device, timer, repeats, copy_bw, seed):
 
 def check_runtime(device, timer, repeats: int, seed: int, self_test: bool) -> dict:
     """The reference NVLM-D on `device` (fp32 and bf16) against the CPU fp32 model, and timings."""
-    import tempfile
 
     import torch
 
@@ -243,6 +243,59 @@ def check_runtime(device, timer, repeats: int, seed: int, self_test: bool) -> di
     return out
 
 
+def check_trt_serving(work: Path, seed: int) -> dict:
+    """Where TensorRT-LLM (with trtllm-build) and NGC's tritonserver are present: build the embedded
+    default's engines (bf16, the trt target), serve the real trt repository and send one text and one
+    image request; greedy tokens are compared with the reference target's in-process pipeline.
+    Elsewhere: skipped, with the reason."""
+    import shutil
+    import subprocess
+
+    from builder.engines import detect
+
+    cap = detect()
+    server_bin = Path("/opt/tritonserver/bin/tritonserver")
+    if not cap.can_build or not server_bin.is_file():
+        return {"skipped": f"{cap.detail}; tritonserver {'present' if server_bin.is_file() else 'absent'}"}
+    from builder.demo_checkpoint import write_demo_checkpoint
+    from runtime.client import NVLMClient
+    from runtime.local_pipeline import LocalPipeline
+
+    ckpt, build = work / "ckpt", work / "build"
+    shutil.rmtree(work, ignore_errors=True)
+    write_demo_checkpoint(ckpt, seed=seed)
+    subprocess.run([sys.executable, "-m", "builder.cli", "engine", str(ckpt), "-o", str(build), "--quant", "bf16",
+                    "--vision-dtype", "fp32", "--target", "trt", "--calib-size", "4"], check=True)
+    proc = subprocess.Popen([str(server_bin), f"--model-repository={build / 'triton_repo'}", "--grpc-port=18001",
+                             "--http-port=18000", "--metrics-port=18002", "--disable-auto-complete-config"],
+                            start_new_session=True)
+    try:
+        client = NVLMClient("127.0.0.1:18001", timeout=300)
+        deadline = time.time() + 600
+        while True:
+            try:
+                client.check()
+                break
+            except Exception:  # noqa: BLE001 — loading engines
+                if time.time() > deadline or proc.poll() is not None:
+                    return {"error": "tritonserver did not become ready", "passed": False}
+                time.sleep(2)
+        local = LocalPipeline(build, max_images=1)
+        image = ROOT / "assets" / "demo_scene.png"
+        out = {}
+        for name, prompt, images in (("text", "Write one sentence about the sea.", []),
+                                     ("image", "What shapes are in this picture?", [image])):
+            served = client.generate(prompt, images, max_tokens=16)
+            want = local.generate(prompt, [p.read_bytes() for p in images], 16)
+            out[name] = {"served": served.tokens, "reference": want, "equal": served.tokens == want,
+                         "seconds": served.seconds}
+        out["passed"] = all(v["equal"] for v in out.values())
+        return out
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(60)
+
+
 def write_report(result, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=2))
@@ -270,6 +323,10 @@ def write_report(result, out_dir: Path):
                   "| figure | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in rt.items() if k.endswith(("_err", "_agreement"))]
         lines += [f"| {k} | {v:.3f} |" for k, v in rt.get("timing", {}).items()]
+    trt = result.get("trt_serving")
+    if trt:
+        lines += ["", "## trt target served by NGC tritonserver (embedded default, bf16 engines)", "",
+                  f"```\n{json.dumps(trt, indent=1)[:3000]}\n```"]
     (out_dir / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -281,6 +338,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--self-test", action="store_true", help="CPU + interpreter, tiny image, no timing")
     ap.add_argument("--no-runtime", dest="runtime", action="store_false", help="skip the reference-runtime part")
+    ap.add_argument("--no-trt-serving", dest="trt_serving", action="store_false",
+                    help="skip building engines and serving the trt repository (needs TensorRT-LLM + NGC tritonserver)")
     args = ap.parse_args(argv)
     if args.self_test:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -303,8 +362,12 @@ def main(argv=None) -> int:
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "platform": platform.platform(),
               "copy_bandwidth_gbs": copy_bw / 1e9, "repeats": args.repeats, "images": images, "runtime": runtime}
+    trt = None
+    if args.trt_serving and not args.self_test:
+        trt = result["trt_serving"] = check_trt_serving(Path(tempfile.mkdtemp(prefix="nvlm-gpu-")), args.seed)
     write_report(result, args.out)
     ok = all(all(r["checks"].values()) for r in images) and (runtime is None or all(runtime["checks"].values()))
+    ok = ok and (trt is None or trt.get("passed", True))
     return 0 if ok else 1
 
 

@@ -40,3 +40,11 @@ def demo_copy(demo_ckpt, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def config_72b() -> dict:
     return json.loads((FIXTURES / "nvlm_d_72b_config.json").read_text())
+
+
+def server_ports(slot: int) -> int:
+    """First of three ports (gRPC, HTTP, metrics) for test server `slot` (0-5) of this test process:
+    per-process ranges below the ephemeral ports (32768+), a distinct slot per server so that they
+    never collide. test_serving uses slots 0-2, test_contract 3-5."""
+    assert 0 <= slot < 6
+    return 20000 + (os.getpid() % 650) * 18 + slot * 3

@@ -153,3 +153,33 @@ def test_stream_decoder_holds_back_split_characters(tok):
     assert "".join(deltas) == text
     assert all("\ufffd" not in d for d in deltas)  # a character is released whole or not at all
     assert "" in deltas  # the demo tokenizer does split some of these characters across tokens
+
+
+def test_prompt_table_extra_ids_key_each_image(tok):
+    """One UINT64 per input token: 0 on text, the image's content key on each of its positions. Two
+    requests with the same text and different images get different keys at image positions (so the
+    engine's KV-cache reuse cannot mix them); the same image gets the same key (reuse still works);
+    the client's salt changes every image key."""
+    import random
+
+    from runtime.prompt import image_cache_key
+
+    rng = random.Random()
+    a, b = rng.randbytes(64), rng.randbytes(64)
+    p = build_prompt(tok, "<image> then <image>", [3, 1], tokens_per_tile=256)
+    ids = p.trtllm_input_ids(tok.vocab_size)
+    extra = p.prompt_table_extra_ids([a, b])
+    assert len(extra) == len(ids)
+    image_pos = set(p.image_positions)
+    assert all(extra[i] == 0 for i in range(len(ids)) if i not in image_pos)
+    first, second = p.image_positions[:3 * 256], p.image_positions[3 * 256:]
+    assert {extra[i] for i in first} == {image_cache_key(a)} and {extra[i] for i in second} == {image_cache_key(b)}
+    assert image_cache_key(a) != image_cache_key(b) and 0 not in (image_cache_key(a), image_cache_key(b))
+    swapped = p.prompt_table_extra_ids([b, a])
+    assert [extra[i] for i in first] != [swapped[i] for i in first]
+    assert p.prompt_table_extra_ids([a, b]) == extra
+    salted = p.prompt_table_extra_ids([a, b], salt=7)
+    assert all(salted[i] != extra[i] for i in image_pos) and all(salted[i] == 0 for i in range(len(ids)) if i not in image_pos)
+    assert all(0 < k < 2**64 for k in extra if k)
+    with pytest.raises(InputError, match="1 images for a prompt laid out for 2"):
+        p.prompt_table_extra_ids([a])

@@ -15,7 +15,7 @@ import pytest
 from builder.engine_build import EngineBuildOptions, build_engine
 from builder.llm_formats import BuildOptions, get_format
 from runtime.client import ClientError, NVLMClient
-from tests.conftest import ROOT
+from tests.conftest import ROOT, server_ports as _ports
 
 IMAGE = ROOT / "assets" / "demo_scene.png"
 
@@ -29,12 +29,6 @@ def build(tmp_path_factory, demo_ckpt):
                               limits=EngineLimits(max_images_per_request=4))
     build_engine(demo_ckpt, out, opts)
     return out
-
-
-def _ports(slot: int) -> int:
-    """First of three ports (gRPC, HTTP, metrics) for one server of this test process: per-process
-    ranges below the ephemeral ports, a distinct slot per server so that they never collide."""
-    return 20000 + (os.getpid() % 1300) * 9 + slot * 3
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +192,7 @@ def test_unknown_model_and_unreachable_server(server):
 
 
 def test_optional_benchmark_inputs_are_accepted(client):
-    extra = {"exclude_input_in_output": ("BOOL", np.array([True])), "min_length": ("INT32", np.array([3], np.int32)),
+    extra = {"exclude_input_in_output": ("BOOL", np.array([True])), "min_tokens": ("INT32", np.array([3], np.int32)),
              "return_log_probs": ("BOOL", np.array([False])), "repetition_penalty": ("FP32", np.array([1.0], np.float32))}
     ans = client.generate("Hello there.", max_tokens=4, extra=extra)
     assert len(ans.tokens) >= 3

@@ -1,14 +1,14 @@
-"""Triton model configs (first part of the serving issue): rendered from typed specs, parsed back
-as Triton's ModelConfig protobuf, for both targets."""
+"""Triton model configs: rendered from typed specs, parsed back as Triton's ModelConfig protobuf, for
+every target."""
 
 from dataclasses import replace
 
 import pytest
 
-from triton_repo.specs import RenderError, Tensor, model_specs, parse, render
+from triton_repo.specs import LLM_STEP_SENDS, RenderError, Tensor, model_specs, parse, render
 
 
-@pytest.mark.parametrize("target", ["trt", "reference"])
+@pytest.mark.parametrize("target", ["trt", "reference", "contract"])
 def test_every_config_renders_and_parses(target):
     specs = model_specs(target, llm_hidden=8192, max_batch_size=8, engine_dir="/models/engines/llm")
     assert [s.name for s in specs] == ["preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing", "nvlm"]
@@ -30,11 +30,21 @@ def test_trt_target_uses_engines():
 
 
 def test_reference_target_speaks_the_same_tensors():
+    """The reference target declares the subset of NVIDIA's tensors it honours, each exactly as the
+    trt target declares it; the contract target declares all of them, as the trt target does."""
     trt = {s.name: s for s in model_specs("trt", llm_hidden=256, max_batch_size=4, engine_dir="e")}
     ref = {s.name: s for s in model_specs("reference", llm_hidden=256, max_batch_size=4)}
-    assert trt["tensorrt_llm"].inputs == ref["tensorrt_llm"].inputs
-    assert trt["tensorrt_llm"].outputs == ref["tensorrt_llm"].outputs
+    con = {s.name: s for s in model_specs("contract", llm_hidden=256, max_batch_size=4, engine_dir="e")}
+    assert set(ref["tensorrt_llm"].inputs) <= set(trt["tensorrt_llm"].inputs)
+    assert set(ref["tensorrt_llm"].outputs) <= set(trt["tensorrt_llm"].outputs)
+    assert {t.name for t in ref["tensorrt_llm"].inputs} >= set(LLM_STEP_SENDS)
+    assert con["tensorrt_llm"].inputs == trt["tensorrt_llm"].inputs
+    assert con["tensorrt_llm"].outputs == trt["tensorrt_llm"].outputs
+    assert con["tensorrt_llm"].parameters == trt["tensorrt_llm"].parameters
+    assert con["vision_encoder"].inputs == trt["vision_encoder"].inputs
+    assert con["nvlm"] == trt["nvlm"] and con["preprocessing"] == trt["preprocessing"]
     assert ref["tensorrt_llm"].backend == "python" and ref["vision_encoder"].backend == "python"
+    assert con["tensorrt_llm"].backend == "python" and con["vision_encoder"].backend == "python"
 
 
 def test_unfilled_value_is_refused():
@@ -48,6 +58,11 @@ def test_unfilled_value_is_refused():
 def test_entry_point_accepts_benchmark_tool_inputs():
     entry = next(s for s in model_specs("reference", llm_hidden=8, max_batch_size=1) if s.name == "nvlm")
     names = {t.name for t in entry.inputs}
-    assert {"text_input", "max_tokens", "stream", "exclude_input_in_output", "min_length", "bad_words",
-            "stop_words", "beam_width", "return_log_probs", "image_bytes"} <= names
+    assert {"text_input", "max_tokens", "stream", "exclude_input_in_output", "min_tokens", "seed", "bad_words",
+            "stop_words", "beam_width", "return_log_probs", "image_bytes", "prompt_table_extra_id",
+            "return_num_input_tokens", "return_num_output_tokens"} <= names
+    assert not {"random_seed", "min_length"} & names  # the 1.1-era names NVIDIA's 1.2 templates dropped
+    dtypes = {t.name: t.dtype for t in entry.inputs}
+    assert dtypes["seed"] == "UINT64" and dtypes["prompt_table_extra_id"] == "UINT64"
+    assert {"num_input_tokens", "num_output_tokens", "text_output"} <= {t.name for t in entry.outputs}
     assert entry.decoupled

@@ -44,6 +44,12 @@ def _shm_segments() -> set[str]:
     return {p.name for p in shm.iterdir() if p.name.startswith(SHM_PREFIX)} if shm.is_dir() else set()
 
 
+def _load_errors(log: str, limit: int = 3000) -> str:
+    """The error lines of a server log (a model that failed to load says why there), else its tail."""
+    errors = [line for line in log.splitlines() if line.startswith("E") or "failed to load" in line]
+    return "\n".join(errors)[-limit:] if errors else log[-limit:]
+
+
 class TritonServer:
     def __init__(self, repo: str | Path, *, host: str = "127.0.0.1", grpc_port: int = 8001, http_port: int = 8000,
                  metrics_port: int = 8002, log_file: str | Path | None = None):
@@ -93,7 +99,7 @@ class TritonServer:
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise ServerError(f"tritonserver exited with code {self.proc.returncode}; log: {self.log_file}\n"
-                                  + self.log_file.read_text()[-3000:])
+                                  + _load_errors(self.log_file.read_text()))
             try:
                 if client.is_server_ready():
                     return self
@@ -149,11 +155,12 @@ def main(argv=None) -> int:
     vision_cfg = repo / "vision_encoder" / "config.pbtxt"
     if vision_cfg.is_file() and "tensorrt_plan" in vision_cfg.read_text():
         # trt target: needs the NGC Triton image with the tensorrtllm backend, not the bundled CPU server
-        print("this repository targets TensorRT engines; on a GPU host run, e.g.:\n"
-              f"  docker run --gpus all --rm --net host -v {repo.resolve()}:/models -v {build.resolve()}:"
-              f"{build.resolve()} nvcr.io/nvidia/tritonserver:<YY.MM>-trtllm-python-py3 tritonserver "
-              "--model-repository /models --grpc-port 8001 --http-port 8000\n"
-              "(use the Triton release that pairs with TensorRT-LLM 1.2)")
+        kit = build.resolve() / "deploy"
+        print("this repository targets TensorRT engines; serve it on a GPU host with the build's deployment kit "
+              "(docs/serving.md):\n"
+              f"  docker build -t nvlm-trt-serve {kit}\n"
+              f"  docker run --gpus all --rm --net host --shm-size 4g --ulimit memlock=-1 -v {build.resolve()}:/build "
+              "nvlm-trt-serve /build/deploy/launch.sh /build")
         return 0
     try:
         server = TritonServer(repo, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,

@@ -44,6 +44,38 @@ def _scalar(request, name, default, cast):
     return cast(v.reshape(-1)[0])
 
 
+# Triton dtype names → torch dtypes. numpy has no bfloat16: tensors whose dtype a config declares as
+# BF16 cross the Python backend as DLPack (torch) tensors, never through as_numpy().
+def _torch_dtype(name: str):
+    import torch
+
+    return {"FP16": torch.float16, "BF16": torch.bfloat16, "FP32": torch.float32}[name]
+
+
+def _torch_dtype_name(dtype) -> str:
+    import torch
+
+    return {torch.float16: "FP16", torch.bfloat16: "BF16", torch.float32: "FP32"}.get(dtype, str(dtype))
+
+
+def _as_torch(tensor):
+    """A pb_utils.Tensor of any dtype (BF16 included) as a torch tensor."""
+    import torch
+
+    return torch.from_dlpack(tensor.to_dlpack())
+
+
+def _from_torch(name: str, x):
+    import torch.utils.dlpack
+
+    return _pb().Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(x.contiguous()))
+
+
+def _params(args) -> dict[str, str]:
+    cfg = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+
+
 def _cuda() -> bool:
     try:
         import torch
@@ -140,10 +172,13 @@ class PreprocessingModel:
                          tokens_per_tile=self.cfg.tokens_per_tile)
         s = self.cfg.image_size
         pixels = np.concatenate([d.pixel_values for d in done]) if done else np.zeros((0, 3, s, s), np.float32)
+        ids = p.trtllm_input_ids(self.vocab)
+        salt = _scalar(request, "prompt_table_extra_id", 0, int)
         return pb.InferenceResponse(output_tensors=[
-            pb.Tensor("input_ids", np.asarray(p.trtllm_input_ids(self.vocab), np.int32)),
+            pb.Tensor("input_ids", np.asarray(ids, np.int32)),
             pb.Tensor("pixel_values", pixels.astype(np.float32)),
             pb.Tensor("image_token_count", np.asarray([p.num_image_tokens], np.int32)),
+            pb.Tensor("prompt_table_extra_ids", np.asarray(p.prompt_table_extra_ids(images, salt), np.uint64)),
         ])
 
 
@@ -151,27 +186,51 @@ class PreprocessingModel:
 
 
 class VisionEncoderModel:
-    """pixel_values → image_embeds with onnxruntime on the exported ONNX (the engine's CPU stand-in)."""
+    """pixel_values → image_embeds with onnxruntime on the exported ONNX (the engine's CPU stand-in).
+    Reference target: FP32 in and out, whatever dtype the ONNX computes in."""
+
+    io_dtype = "FP32"
 
     def initialize(self, args):
+        self._load(_build_dir(args))
+
+    def _load(self, build: Path):
         import onnxruntime as ort
 
-        build = _build_dir(args)
         info = json.loads((build / "vision" / "config.json").read_text())
-        self.dtype = {"fp32": np.float32, "fp16": np.float16}.get(info["dtype"], np.float32)
+        self.onnx_dtype = {"fp32": np.float32, "fp16": np.float16}.get(info["dtype"], np.float32)
         self.sess = ort.InferenceSession(str(build / "vision" / info["onnx"]), providers=["CPUExecutionProvider"])
 
     def execute(self, requests):
+        import torch
+
         pb = _pb()
         out = []
         for request in requests:
             try:
-                x = _input(request, "pixel_values").astype(self.dtype)
-                y = self.sess.run(None, {"pixel_values": x})[0].astype(np.float32)
-                out.append(pb.InferenceResponse(output_tensors=[pb.Tensor("image_embeds", y)]))
+                x = _as_torch(pb.get_input_tensor_by_name(request, "pixel_values")).float().numpy()
+                y = self.sess.run(None, {"pixel_values": x.astype(self.onnx_dtype)})[0]
+                y = torch.from_numpy(y.astype(np.float32)).to(_torch_dtype(self.io_dtype))
+                out.append(pb.InferenceResponse(output_tensors=[_from_torch("image_embeds", y)]))
             except Exception as e:  # noqa: BLE001
                 out.append(_error(f"vision_encoder: {e}"))
         return out
+
+
+class ContractVisionModel(VisionEncoderModel):
+    """Contract target: stands in for the TensorRT plan, with the plan's I/O (the vision build's dtype,
+    as the config declares it). `engine_path` (set by the generated model.py) is the plan the real
+    model would load; the stand-in computes with the same build's ONNX."""
+
+    engine_path = ""
+
+    def initialize(self, args):
+        cfg = json.loads(args["model_config"])
+        self.io_dtype = {v: k for k, v in _TYPE_NAMES.items()}[cfg["input"][0]["data_type"]]
+        self._load(Path(self.engine_path).parents[1])
+
+
+_TYPE_NAMES = {"FP16": "TYPE_FP16", "BF16": "TYPE_BF16", "FP32": "TYPE_FP32"}
 
 
 # --------------------------------------------------------------------------- tensorrt_llm (reference)
@@ -191,6 +250,14 @@ class ReferenceLLMModel:
     def execute(self, requests):
         return _decoupled(requests, self._one, "tensorrt_llm: ")
 
+    def _table(self, request, pb):
+        """The prompt-embedding table as float32 [rows, hidden] (any declared dtype), or None."""
+        t = pb.get_input_tensor_by_name(request, "prompt_embedding_table")
+        if t is None:
+            return None
+        table = _as_torch(t)
+        return None if table.numel() == 0 else table.reshape(-1, table.shape[-1]).float()
+
     def _one(self, request, sender, pb):
         import torch
 
@@ -207,14 +274,12 @@ class ReferenceLLMModel:
         ids = ids.reshape(-1).astype(np.int64).tolist()
         if len(ids) > self.limits["max_input_len"]:
             raise ValueError(f"input is {len(ids)} tokens, above the maximum input length {self.limits['max_input_len']}")
-        table = _input(request, "prompt_embedding_table")
-        table = None if table is None or table.size == 0 else torch.from_numpy(
-            table.reshape(-1, table.shape[-1]).astype(np.float32))
+        table = self._table(request, pb)
         stream = _scalar(request, "streaming", False, bool)
         req = Request(ids, n, table, end_id=_scalar(request, "end_id", None, int),
                       temperature=_scalar(request, "temperature", 0.0, float),
                       top_k=_scalar(request, "runtime_top_k", 1, int), top_p=_scalar(request, "runtime_top_p", 0.0, float),
-                      seed=_scalar(request, "random_seed", 0, int), min_length=_scalar(request, "min_length", 0, int))
+                      seed=_scalar(request, "seed", 0, int), min_length=_scalar(request, "min_tokens", 0, int))
 
         def emit(tokens):
             arr = np.asarray([[tokens]], np.int32)  # [batch=1, beam=1, tokens]
@@ -229,6 +294,51 @@ class ReferenceLLMModel:
                 result = self.executor.generate([req])[0]
                 sender.send(emit(result.tokens), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         return result
+
+
+class ContractLLMModel(ReferenceLLMModel):
+    """Contract target: stands in for NVIDIA's `tensorrtllm` backend. Its config carries NVIDIA's inputs,
+    outputs and parameters (triton_repo/contract.py); it refuses what the backend refuses, with the
+    backend's messages — a missing required parameter or an unknown `gpt_model_type` at load, a
+    prompt table whose dtype differs from the engine's or whose rows differ from `prompt_vocab_size`
+    per request — and computes with the reference executor on the build that `gpt_model_path`
+    (BUILD/engines/llm) belongs to. Triton itself refuses unknown input names and mismatched dtypes."""
+
+    engine_path = ""
+
+    def initialize(self, args):
+        from runtime.trtllm_executor import TRTLLMExecutor
+
+        from .contract import engine_dtype, load_contract
+
+        self.contract = c = load_contract()
+        params = _params(args)
+        for key in c.required_parameters:
+            if key not in params:
+                raise RuntimeError(c.message("missing_parameter", name=key))
+        if params["gpt_model_type"] not in c.model_type_values:
+            raise RuntimeError(c.message("bad_model_type"))
+        self.build = Path(params.get("gpt_model_path", "")).parents[1]
+        if not (self.build / "llm" / "config.json").is_file():
+            raise RuntimeError(f"gpt_model_path {params.get('gpt_model_path')!r} is not BUILD/engines/llm of an "
+                               "nvlm-build output (the stand-in computes with BUILD/llm)")
+        self.engine_dtype = engine_dtype(json.loads((self.build / "llm" / "config.json").read_text()))
+        self.executor = TRTLLMExecutor.load(self.build / "llm")
+        self.limits = _limits(self.build)
+        self.lock = threading.Lock()
+
+    def _table(self, request, pb):
+        t = pb.get_input_tensor_by_name(request, "prompt_embedding_table")
+        if t is None:
+            return None
+        table = _as_torch(t)
+        if _torch_dtype_name(table.dtype) != self.engine_dtype:  # PromptTuningBuffers::validate
+            raise ValueError(self.contract.message("table_dtype"))
+        table = table.reshape(-1, table.shape[-1])
+        rows = _scalar(request, "prompt_vocab_size", None, int)
+        if rows is not None and rows != table.shape[0]:
+            raise ValueError(self.contract.message("table_rows"))
+        return table.float()
 
 
 # --------------------------------------------------------------------------- postprocessing
@@ -265,6 +375,10 @@ class EntryModel:
         build = _build_dir(args)
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.limits = _limits(build)
+        params = _params(args)
+        # the callees' declared dtypes, rendered from the build (vision engine and LLM engine dtypes)
+        self.vision_dtype = _torch_dtype(params["vision_dtype"])
+        self.table_dtype = _torch_dtype(params["prompt_table_dtype"])
 
     def execute(self, requests):
         return _decoupled(requests, self._one, "")
@@ -283,7 +397,10 @@ class EntryModel:
         if max_tokens is None or max_tokens < 1 or max_tokens > self.limits["max_output_len"]:
             raise ValueError(f"max_tokens must be in 1…{self.limits['max_output_len']}, got {max_tokens}")
         if _scalar(request, "beam_width", 1, int) != 1:
-            raise ValueError("beam_width > 1 is not supported by the reference target")
+            raise ValueError("beam_width > 1 is not supported: nvlm-trt builds engines with max_beam_width 1")
+        min_tokens = _scalar(request, "min_tokens", 0, int)
+        if min_tokens < 0 or min_tokens > max_tokens:
+            raise ValueError(f"min_tokens must be in 0…max_tokens ({max_tokens}), got {min_tokens}")
         text = _input(request, "text_input")
         if text is None:
             raise ValueError("text_input is required")
@@ -291,10 +408,14 @@ class EntryModel:
         blobs = _input(request, "image_bytes")
         if blobs is not None and blobs.size:
             pre_inputs.append(pb.Tensor("image_bytes", blobs.reshape(-1).astype(object)))
-        pre = self._call(pb, "preprocessing", pre_inputs, ["input_ids", "pixel_values", "image_token_count"])
+        salt = _input(request, "prompt_table_extra_id")
+        if salt is not None and salt.size:
+            pre_inputs.append(pb.Tensor("prompt_table_extra_id", salt.reshape(1).astype(np.uint64)))
+        pre = self._call(pb, "preprocessing", pre_inputs,
+                         ["input_ids", "pixel_values", "image_token_count", "prompt_table_extra_ids"])
         ids = pb.get_output_tensor_by_name(pre, "input_ids").as_numpy()
         pixels = pb.get_output_tensor_by_name(pre, "pixel_values").as_numpy()
-        # tensorrt_llm batches (max_batch_size > 0): every tensor carries a leading batch dimension of 1
+        # Every tensor below is one of specs.LLM_STEP_SENDS, in the dtype the contract gives it.
         llm_inputs = [
             pb.Tensor("input_ids", ids.astype(np.int32)),
             pb.Tensor("input_lengths", np.asarray([ids.size], np.int32)),
@@ -304,16 +425,24 @@ class EntryModel:
             pb.Tensor("temperature", np.asarray([_scalar(request, "temperature", 0.0, float)], np.float32)),
             pb.Tensor("runtime_top_k", np.asarray([_scalar(request, "top_k", 1, int)], np.int32)),
             pb.Tensor("runtime_top_p", np.asarray([_scalar(request, "top_p", 0.0, float)], np.float32)),
-            pb.Tensor("random_seed", np.asarray([_scalar(request, "random_seed", 0, int)], np.int64)),
-            pb.Tensor("min_length", np.asarray([_scalar(request, "min_length", 0, int)], np.int32)),
+            pb.Tensor("seed", np.asarray([_scalar(request, "seed", 0, int)], np.uint64)),
+            pb.Tensor("min_tokens", np.asarray([min_tokens], np.int32)),
         ]
         if pixels.shape[0]:
-            vis = self._call(pb, "vision_encoder", [pb.Tensor("pixel_values", pixels)], ["image_embeds"])
-            emb = pb.get_output_tensor_by_name(vis, "image_embeds").as_numpy()
-            table = emb.reshape(-1, emb.shape[-1]).astype(np.float16)  # the engine's table dtype
-            llm_inputs += [pb.Tensor("prompt_embedding_table", table),
-                           pb.Tensor("prompt_vocab_size", np.asarray([table.shape[0]], np.int32))]
-        llm_inputs = [pb.Tensor(t.name(), t.as_numpy()[None, ...]) for t in llm_inputs]
+            import torch
+
+            x = torch.from_numpy(pixels).to(self.vision_dtype)
+            vis = self._call(pb, "vision_encoder", [_from_torch("pixel_values", x)], ["image_embeds"])
+            emb = _as_torch(pb.get_output_tensor_by_name(vis, "image_embeds"))
+            # the engine's dtype: PromptTuningBuffers::validate refuses any other
+            table = emb.reshape(-1, emb.shape[-1]).to(self.table_dtype)
+            extra = pb.get_output_tensor_by_name(pre, "prompt_table_extra_ids").as_numpy()
+            llm_inputs += [_from_torch("prompt_embedding_table", table[None]),
+                           pb.Tensor("prompt_vocab_size", np.asarray([table.shape[0]], np.int32)),
+                           pb.Tensor("prompt_table_extra_ids", extra.astype(np.uint64))]
+        # tensorrt_llm batches (max_batch_size > 0): every tensor carries a leading batch dimension of 1
+        llm_inputs = [t if t.name() == "prompt_embedding_table" else pb.Tensor(t.name(), t.as_numpy()[None, ...])
+                      for t in llm_inputs]
         stream = _scalar(request, "stream", False, bool)
         tokens: list[int] = []
         from runtime.tokenizer import StreamDecoder
@@ -331,22 +460,30 @@ class EntryModel:
                 sender.send(pb.InferenceResponse(output_tensors=[
                     pb.Tensor("text_output", np.asarray([text.push(new).encode()], object)),
                     pb.Tensor("output_ids", np.asarray(new, np.int32))]))
+        counts = []  # return_num_input_tokens / return_num_output_tokens, on the final response
+        if _scalar(request, "return_num_input_tokens", False, bool):
+            counts.append(pb.Tensor("num_input_tokens", np.asarray([ids.size], np.int32)))
+        if _scalar(request, "return_num_output_tokens", False, bool):
+            counts.append(pb.Tensor("num_output_tokens", np.asarray([len(tokens)], np.int32)))
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if stream:
             rest = text.finish()  # an incomplete character at the very end: sent as the full decode has it
-            if rest:
+            if rest or counts:
                 sender.send(pb.InferenceResponse(output_tensors=[
                     pb.Tensor("text_output", np.asarray([rest.encode()], object)),
-                    pb.Tensor("output_ids", np.zeros(0, np.int32))]), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                    pb.Tensor("output_ids", np.zeros(0, np.int32))] + counts), flags=final)
             else:
-                sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                sender.send(flags=final)
         else:
             post = self._call(pb, "postprocessing", [pb.Tensor("output_ids", np.asarray(tokens, np.int32))],
                               ["text_output"])
             text_out = pb.get_output_tensor_by_name(post, "text_output").as_numpy()
             sender.send(pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", text_out),
-                                                             pb.Tensor("output_ids", np.asarray(tokens, np.int32))]),
-                        flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                                                             pb.Tensor("output_ids", np.asarray(tokens, np.int32))]
+                                             + counts), flags=final)
 
 
 MODEL_CLASSES = {"preprocessing": "PreprocessingModel", "vision_encoder": "VisionEncoderModel",
                  "tensorrt_llm": "ReferenceLLMModel", "postprocessing": "PostprocessingModel", "nvlm": "EntryModel"}
+# contract target: stand-ins for the two GPU backends (every other model runs unchanged)
+STANDIN_CLASSES = {"vision_encoder": "ContractVisionModel", "tensorrt_llm": "ContractLLMModel"}

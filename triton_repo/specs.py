@@ -4,8 +4,13 @@ A spec is plain data; `render(spec)` refuses any unfilled field (None) — namin
 `ModelConfig` message from `tritonclient.grpc.model_config_pb2`, so every rendered config parses
 as Triton's schema by construction, and `parse(text)` reads one back for tests and tools.
 
-First part of the serving issue: the model set and its tensors for both targets. The Python models
-behind the `reference` target and the repository writer come with the rest of that issue.
+Three targets share one model set and one entry model:
+- `trt` (GPU hosts): `tensorrt_llm` on NVIDIA's `tensorrtllm` backend and `vision_encoder` as a TensorRT
+  plan, both declared exactly as triton_repo/contract.py's contract file says;
+- `contract` (CPU): the `trt` repository with only those two models replaced by Python stand-ins that
+  declare the same I/O and parameters and refuse what the real backend refuses;
+- `reference` (CPU): Python models computing with the reference executor, declaring the tensors
+  they honour (a subset of NVIDIA's, under NVIDIA's names and dtypes).
 """
 
 from __future__ import annotations
@@ -16,7 +21,8 @@ from builder.errors import NVLMError
 
 # our dtype names → Triton's DataType enum (Triton calls variable-length bytes TYPE_STRING)
 DTYPES = {"BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "INT32": "TYPE_INT32", "INT64": "TYPE_INT64",
-          "FP16": "TYPE_FP16", "BF16": "TYPE_BF16", "FP32": "TYPE_FP32", "BYTES": "TYPE_STRING"}
+          "UINT64": "TYPE_UINT64", "FP16": "TYPE_FP16", "BF16": "TYPE_BF16", "FP32": "TYPE_FP32",
+          "BYTES": "TYPE_STRING"}
 
 
 class RenderError(NVLMError):
@@ -29,6 +35,8 @@ class Tensor:
     dtype: str
     dims: tuple[int, ...]
     optional: bool = False
+    reshape: bool = False  # `reshape: { shape: [ ] }`: a [1] input of a batching model arrives as a scalar
+    ragged: bool = False  # `allow_ragged_batch: true`
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class ModelSpec:
     instance_kind: str = "KIND_CPU"
     parameters: dict = field(default_factory=dict)
     dynamic_batching: bool = False
+    gpus: tuple[int, ...] = ()  # instance_group gpus (KIND_GPU); empty: every visible GPU
 
 
 def _unfilled(obj, path: str) -> list[str]:
@@ -82,16 +91,27 @@ def render(spec: ModelSpec) -> str:
     if spec.platform:
         cfg.platform = spec.platform
     for t in spec.inputs:
-        cfg.input.add(name=t.name, data_type=getattr(pb, DTYPES[t.dtype]), dims=list(t.dims), optional=t.optional)
+        inp = cfg.input.add(name=t.name, data_type=getattr(pb, DTYPES[t.dtype]), dims=list(t.dims),
+                            optional=t.optional, allow_ragged_batch=t.ragged)
+        if t.reshape:
+            inp.reshape.SetInParent()
     for t in spec.outputs:
         cfg.output.add(name=t.name, data_type=getattr(pb, DTYPES[t.dtype]), dims=list(t.dims))
     cfg.model_transaction_policy.decoupled = spec.decoupled
-    cfg.instance_group.add(count=spec.instance_count, kind=getattr(pb.ModelInstanceGroup, spec.instance_kind))
+    cfg.instance_group.add(count=spec.instance_count, kind=getattr(pb.ModelInstanceGroup, spec.instance_kind),
+                           gpus=list(spec.gpus))
     if spec.dynamic_batching:
         cfg.dynamic_batching.SetInParent()
     for k, v in spec.parameters.items():
         cfg.parameters[k].string_value = str(v)
     return text_format.MessageToString(cfg)
+
+
+def dtype_name(enum_value: int) -> str:
+    """Our dtype name of a ModelConfig DataType enum value."""
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    return {getattr(pb, v): k for k, v in DTYPES.items()}[enum_value]
 
 
 def parse(text: str):
@@ -101,92 +121,119 @@ def parse(text: str):
     return text_format.Parse(text, pb.ModelConfig())
 
 
+
 # --------------------------------------------------------------------------- the NVLM model set
 
-# tensorrt_llm model I/O: the `tensorrtllm` backend's contract (DESIGN.md §3); the reference target's
-# Python model speaks the same tensors.
-TRTLLM_INPUTS = (
-    Tensor("input_ids", "INT32", (-1,)),
-    Tensor("input_lengths", "INT32", (1,)),
-    Tensor("request_output_len", "INT32", (1,)),
-    Tensor("end_id", "INT32", (1,), optional=True),
-    Tensor("pad_id", "INT32", (1,), optional=True),
-    Tensor("streaming", "BOOL", (1,), optional=True),
-    Tensor("prompt_embedding_table", "FP16", (-1, -1), optional=True),
-    Tensor("prompt_vocab_size", "INT32", (1,), optional=True),
-    Tensor("runtime_top_k", "INT32", (1,), optional=True),
-    Tensor("runtime_top_p", "FP32", (1,), optional=True),
-    Tensor("temperature", "FP32", (1,), optional=True),
-    Tensor("random_seed", "INT64", (1,), optional=True),
-    Tensor("min_length", "INT32", (1,), optional=True),
-    Tensor("beam_width", "INT32", (1,), optional=True),
-)
-TRTLLM_OUTPUTS = (Tensor("output_ids", "INT32", (-1, -1)), Tensor("sequence_length", "INT32", (-1,)))
+TARGETS = ("reference", "trt", "contract")
 
-# Client-facing entry point: tensorrtllm_backend's names, plus images as encoded bytes.
-ENTRY_INPUTS = (
-    Tensor("text_input", "BYTES", (1,)),
-    Tensor("image_bytes", "BYTES", (-1,), optional=True),
-    Tensor("max_tokens", "INT32", (1,)),
-    Tensor("stream", "BOOL", (1,), optional=True),
-    Tensor("temperature", "FP32", (1,), optional=True),
-    Tensor("top_k", "INT32", (1,), optional=True),
-    Tensor("top_p", "FP32", (1,), optional=True),
-    Tensor("random_seed", "INT64", (1,), optional=True),
-    Tensor("end_id", "INT32", (1,), optional=True),
-    Tensor("pad_id", "INT32", (1,), optional=True),
-    Tensor("min_length", "INT32", (1,), optional=True),
-    Tensor("beam_width", "INT32", (1,), optional=True),
-    Tensor("exclude_input_in_output", "BOOL", (1,), optional=True),
-    Tensor("return_log_probs", "BOOL", (1,), optional=True),
-    Tensor("bad_words", "BYTES", (-1,), optional=True),
-    Tensor("stop_words", "BYTES", (-1,), optional=True),
-    Tensor("repetition_penalty", "FP32", (1,), optional=True),
-    Tensor("presence_penalty", "FP32", (1,), optional=True),
-    Tensor("frequency_penalty", "FP32", (1,), optional=True),
-    Tensor("length_penalty", "FP32", (1,), optional=True),
-)
-# text_output per tensorrtllm_backend; output_ids too, so clients and tests can check tokens exactly.
-ENTRY_OUTPUTS = (Tensor("text_output", "BYTES", (-1,)), Tensor("output_ids", "INT32", (-1,)))
+# What the entry model sends `tensorrt_llm` (triton_repo/serving.py builds exactly these tensors), under
+# NVIDIA's names; their dtypes come from the contract, the prompt table's from the engine.
+LLM_STEP_SENDS = ("input_ids", "input_lengths", "request_output_len", "end_id", "streaming", "temperature",
+                  "runtime_top_k", "runtime_top_p", "seed", "min_tokens", "prompt_embedding_table",
+                  "prompt_vocab_size", "prompt_table_extra_ids")
+# What the reference executor honours: the reference target's `tensorrt_llm` declares these (beam_width is
+# declared so that a direct caller gets a clear refusal above 1, not an unknown-input error).
+REFERENCE_LLM_INPUTS = LLM_STEP_SENDS + ("pad_id", "beam_width")
+LLM_STEP_OUTPUTS = ("output_ids", "sequence_length")
 
 
-def model_specs(target: str, *, llm_hidden: int, max_batch_size: int, engine_dir: str | None = None,
-                build_dir: str = "", kv_cache_free_gpu_mem_fraction: float = 0.9,
-                image_size: int = 448, tokens_per_tile: int = 256) -> list[ModelSpec]:
-    """Model configs of the repository for `target` ("trt" on GPU hosts, "reference" on CPU).
-    Python models find the build (tokenizer, preprocess.json, vision ONNX, llm checkpoint) through
-    their `build_dir` parameter."""
-    if target not in ("trt", "reference"):
-        raise RenderError(f"target {target!r}: choose trt or reference")
+def _contract_tensors(entries, engine: str, only=None) -> tuple[Tensor, ...]:
+    from .contract import resolve
+
+    picked = entries if only is None else [e for e in entries if e.name in only]
+    return tuple(Tensor(e.name, resolve(e, engine), e.dims, e.optional, e.reshape, e.ragged) for e in picked)
+
+
+def llm_step_sends(engine: str) -> dict[str, str]:
+    """name → dtype of every tensor the entry model sends `tensorrt_llm` for an engine of dtype `engine`."""
+    from .contract import load_contract
+
+    return {t.name: t.dtype for t in _contract_tensors(load_contract().inputs, engine, LLM_STEP_SENDS)}
+
+
+def entry_inputs() -> tuple[Tensor, ...]:
+    """Client-facing inputs: NVIDIA's `ensemble` template's names and dtypes (the subset nvlm-trt
+    implements), plus images as encoded bytes."""
+    from .contract import load_contract
+
+    ours = (Tensor("image_bytes", "BYTES", (-1,), optional=True),)
+    return ours + tuple(Tensor(e.name, e.dtype, e.dims, e.optional) for e in load_contract().client_inputs)
+
+
+def entry_outputs() -> tuple[Tensor, ...]:
+    from .contract import load_contract
+
+    # output_ids is ours: clients and tests check tokens exactly
+    return (Tensor("output_ids", "INT32", (-1,)),) + tuple(
+        Tensor(e.name, e.dtype, e.dims) for e in load_contract().client_outputs)
+
+
+def trtllm_parameters(engine_dir: str | None, kv_cache_free_gpu_mem_fraction: float) -> dict:
+    """Parameters of the `tensorrtllm` model (NVIDIA's template keys). The three guided-decoding keys are
+    read without a fallback by the backend: present and empty means off."""
+    return {"max_beam_width": 1, "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
+            "gpt_model_type": "inflight_fused_batching", "gpt_model_path": engine_dir,
+            "batch_scheduler_policy": "guaranteed_no_evict",
+            "kv_cache_free_gpu_mem_fraction": kv_cache_free_gpu_mem_fraction,
+            "exclude_input_in_output": "true",
+            # reuse stays on: the entry keys every image's positions with prompt_table_extra_ids
+            "enable_kv_cache_reuse": "true",
+            "executor_worker_path": "/opt/tritonserver/backends/tensorrtllm/trtllmExecutorWorker",
+            "tokenizer_dir": "", "xgrammar_tokenizer_info_path": "", "guided_decoding_backend": ""}
+
+
+def model_specs(target: str, *, llm_hidden: int, max_batch_size: int, engine_dtype: str = "BF16",
+                vision_dtype: str = "FP16", engine_dir: str | None = None, build_dir: str = "",
+                kv_cache_free_gpu_mem_fraction: float = 0.9, image_size: int = 448,
+                tokens_per_tile: int = 256) -> list[ModelSpec]:
+    """Model configs of the repository for `target` (TARGETS). `engine_dtype`: the LLM engine's activation
+    dtype (the prompt table must match it); `vision_dtype`: the vision engine's I/O dtype. Python models
+    find the build (tokenizer, preprocess.json, vision ONNX, llm checkpoint) through `build_dir`."""
+    from .contract import load_contract
+
+    if target not in TARGETS:
+        raise RenderError(f"target {target!r}: choose one of {', '.join(TARGETS)}")
+    contract = load_contract()
     s = image_size
     py = {"build_dir": build_dir}
+    gpu_like = target in ("trt", "contract")  # declares exactly what the GPU backends declare
+    vis_dtype = vision_dtype if gpu_like else "FP32"
     vision = ModelSpec(
-        "vision_encoder", backend="python" if target == "reference" else None,
+        "vision_encoder", backend=None if target == "trt" else "python",
         platform="tensorrt_plan" if target == "trt" else None, max_batch_size=0,
-        inputs=(Tensor("pixel_values", "FP16" if target == "trt" else "FP32", (-1, 3, s, s)),),
-        outputs=(Tensor("image_embeds", "FP16" if target == "trt" else "FP32", (-1, tokens_per_tile, llm_hidden)),),
-        instance_kind="KIND_GPU" if target == "trt" else "KIND_CPU", parameters={} if target == "trt" else py)
-    llm_params = ({"gpt_model_type": "inflight_fused_batching", "gpt_model_path": engine_dir,
-                   "batch_scheduler_policy": "guaranteed_no_evict",
-                   "kv_cache_free_gpu_mem_fraction": kv_cache_free_gpu_mem_fraction,
-                   "exclude_input_in_output": "true"}
-                  if target == "trt" else {"executor": "reference (runtime/trtllm_executor.py)", **py})
-    llm = ModelSpec(
-        "tensorrt_llm", backend="tensorrtllm" if target == "trt" else "python", platform=None,
-        max_batch_size=max_batch_size, inputs=TRTLLM_INPUTS, outputs=TRTLLM_OUTPUTS, decoupled=True,
-        parameters=llm_params, dynamic_batching=target == "trt")
+        inputs=(Tensor("pixel_values", vis_dtype, (-1, 3, s, s)),),
+        outputs=(Tensor("image_embeds", vis_dtype, (-1, tokens_per_tile, llm_hidden)),),
+        # one vision instance on the leader's GPU: in TP leader mode rank 0 sees every GPU
+        instance_kind="KIND_GPU" if target == "trt" else "KIND_CPU", gpus=(0,) if target == "trt" else (),
+        parameters=py if target == "reference" else {})
+    if gpu_like:
+        llm = ModelSpec(
+            "tensorrt_llm", backend="tensorrtllm" if target == "trt" else "python", platform=None,
+            max_batch_size=max_batch_size, inputs=_contract_tensors(contract.inputs, engine_dtype),
+            outputs=_contract_tensors(contract.outputs, engine_dtype), decoupled=True,
+            parameters=trtllm_parameters(engine_dir, kv_cache_free_gpu_mem_fraction), dynamic_batching=True)
+    else:
+        llm = ModelSpec(
+            "tensorrt_llm", backend="python", platform=None, max_batch_size=max_batch_size,
+            inputs=_contract_tensors(contract.inputs, engine_dtype, REFERENCE_LLM_INPUTS),
+            outputs=_contract_tensors(contract.outputs, engine_dtype, LLM_STEP_OUTPUTS), decoupled=True,
+            parameters={"executor": "reference (runtime/trtllm_executor.py)", **py})
     pre = ModelSpec(
         "preprocessing", backend="python", platform=None, max_batch_size=0,
-        inputs=(Tensor("text_input", "BYTES", (1,)), Tensor("image_bytes", "BYTES", (-1,), optional=True)),
+        inputs=(Tensor("text_input", "BYTES", (1,)), Tensor("image_bytes", "BYTES", (-1,), optional=True),
+                Tensor("prompt_table_extra_id", "UINT64", (1,), optional=True)),
         outputs=(Tensor("input_ids", "INT32", (-1,)), Tensor("pixel_values", "FP32", (-1, 3, s, s)),
-                 Tensor("image_token_count", "INT32", (1,))), parameters=py)
+                 Tensor("image_token_count", "INT32", (1,)), Tensor("prompt_table_extra_ids", "UINT64", (-1,))),
+        parameters=py)
     post = ModelSpec(
         "postprocessing", backend="python", platform=None, max_batch_size=0,
         inputs=(Tensor("output_ids", "INT32", (-1,)),), outputs=(Tensor("text_output", "BYTES", (-1,)),),
         parameters=py)
     # Entry point: BLS rather than an ensemble — images are optional per request (an ensemble would
     # run the vision step even with none), and streaming needs a decoupled model that forwards each
-    # tensorrt_llm response as it arrives.
-    entry = ModelSpec("nvlm", backend="python", platform=None, max_batch_size=0, inputs=ENTRY_INPUTS,
-                      outputs=ENTRY_OUTPUTS, decoupled=True, instance_count=4, parameters=py)
+    # tensorrt_llm response as it arrives. It sends each callee the dtypes that callee declares,
+    # which it reads from these parameters.
+    entry = ModelSpec("nvlm", backend="python", platform=None, max_batch_size=0, inputs=entry_inputs(),
+                      outputs=entry_outputs(), decoupled=True, instance_count=4,
+                      parameters={**py, "vision_dtype": vis_dtype, "prompt_table_dtype": engine_dtype})
     return [pre, vision, llm, post, entry]
