@@ -21,8 +21,10 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from runtime.preprocess import preprocess_image  # noqa: E402
-from runtime.preprocess_fast import preprocess_image_fast  # noqa: E402
+from runtime.preprocess import (
+    preprocess_image,  # noqa: E402
+    preprocess_image_fast,  # noqa: E402
+)
 
 SIZES = [(1920, 1080), (4000, 3000)]
 

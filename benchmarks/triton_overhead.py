@@ -25,9 +25,10 @@ def main():
     from builder.demo_checkpoint import write_demo_checkpoint
     from builder.engine_build import EngineBuildOptions, build_engine
     from builder.llm_formats import BuildOptions, get_format
-    from runtime.bench import Item, run_closed_loop, summarize
     from runtime.client import NVLMClient
+    from runtime.loadgen import run_closed_loop, summarize
     from runtime.local_pipeline import LocalPipeline
+    from runtime.workloads import Item
     from triton_repo.server import TritonServer
 
     ap = argparse.ArgumentParser()

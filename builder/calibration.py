@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
+from runtime.preprocess import preprocess_images
+from runtime.prompt import build_prompt, with_image_placeholders
+from runtime.scenes import SCENE_SIZES, synthetic_scene
 
 from .errors import NVLMError
 from .jsonl import parse_jsonl
@@ -39,8 +41,6 @@ TEXT_PROMPTS = [
     "Write a short poem about the ocean at night.",
     "What is 17 times 23? Show your work.",
 ]
-# (width, height) cycling through tile counts 1, 3, 4, 5, 6, 7 under the 448 / 6-tile rules
-SCENE_SIZES = [(448, 448), (896, 448), (640, 1280), (1000, 1000), (1400, 700), (870, 696), (2000, 340)]
 
 
 class CalibrationDataError(NVLMError):
@@ -51,25 +51,6 @@ class CalibrationDataError(NVLMError):
 class CalibSample:
     prompt: str
     image: object | None  # PIL image, path, or None for text-only
-
-
-def synthetic_scene(width: int, height: int, seed: int):
-    from PIL import Image, ImageDraw
-
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width]
-    c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
-    t = (x / max(width - 1, 1))[..., None]
-    bg = (c0 * (1 - t) + c1 * t + rng.normal(0, 6, (height, width, 3))).clip(0, 255).astype(np.uint8)
-    img = Image.fromarray(bg)
-    d = ImageDraw.Draw(img)
-    for _ in range(int(rng.integers(3, 9))):
-        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
-        w, h = int(rng.integers(width // 10 + 1, width // 3 + 2)), int(rng.integers(height // 10 + 1, height // 3 + 2))
-        color = tuple(int(v) for v in rng.integers(0, 256, 3))
-        (d.ellipse if rng.random() < 0.5 else d.rectangle)((x0, y0, x0 + w, y0 + h), fill=color)
-    d.text((width // 10, height // 2), "NVLM calibration", fill=(0, 0, 0))
-    return img
 
 
 def builtin_samples(count: int, seed: int = 0) -> list[CalibSample]:
@@ -99,8 +80,6 @@ def load_calib_data(path: str | Path) -> list[CalibSample]:
 
 
 def _calib_row(row: dict, image_path) -> CalibSample:
-    from runtime.prompt import with_image_placeholders
-
     prompt = row["prompt"]
     if not isinstance(prompt, str) or not prompt:
         raise TypeError
@@ -124,8 +103,6 @@ def embed_samples(samples: list[CalibSample], model, tokenizer, *, text_only: bo
     `text_only=True` drops the images (and their placeholders): the text-only baseline."""
     import torch
 
-    from runtime.preprocess import preprocess_images
-    from runtime.prompt import build_prompt
 
     pcfg = model.cfg.preprocess
     for s in samples:

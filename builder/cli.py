@@ -9,7 +9,21 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from runtime.preprocess import preprocess_files
+from runtime.prompt import Message, build_prompt
+from runtime.reference import NVLMDReference
+from runtime.tokenizer import NVLMTokenizer
+from triton_repo.generate import generate_repo, plan_pending
+
+from .demo_checkpoint import write_demo_checkpoint
+from .engine_build import EngineBuildOptions, build_engine, format_summary
+from .engines import EngineLimits
 from .errors import NVLMError
+from .fsutil import publish_dir
+from .inspect import DEFAULT_KV_TOKENS, format_report, inspect
+from .llm_build import build_llm
+from .llm_formats import FORMATS, VISION_FORMATS, BuildOptions, get_format, get_vision_format
+from .vision_export import export_vision
 
 log = logging.getLogger("nvlm")
 
@@ -44,8 +58,6 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
 
 @command("demo-checkpoint", "write the embedded default: a tiny NVLM-D checkpoint in the released layout", _demo_args)
 def _demo(args) -> int:
-    from .demo_checkpoint import write_demo_checkpoint
-
     out = write_demo_checkpoint(args.out, variant=args.variant, seed=args.seed, force=args.force)
     print(f"wrote demo NVLM checkpoint (variant {args.variant}, seed {args.seed}) to {out}")
     return 0
@@ -55,8 +67,6 @@ def _demo(args) -> int:
 
 
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    from .inspect import DEFAULT_KV_TOKENS
-
     p.add_argument("ckpt", help="checkpoint directory (or its config.json alone)")
     p.add_argument("--kv-tokens", type=int, default=DEFAULT_KV_TOKENS,
                    help=f"KV-cache budget in tokens for the memory plan (default: {DEFAULT_KV_TOKENS})")
@@ -65,8 +75,6 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 @command("inspect", "describe a checkpoint and plan its H100 memory (works from config.json alone)", _inspect_args)
 def _inspect(args) -> int:
-    from .inspect import format_report, inspect
-
     report = inspect(args.ckpt, kv_tokens=args.kv_tokens)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -93,9 +101,6 @@ def _reference(args) -> int:
 
     import torch
 
-    from runtime.prompt import Message, build_prompt
-    from runtime.reference import NVLMDReference
-    from runtime.tokenizer import NVLMTokenizer
 
     model = NVLMDReference.from_checkpoint(args.ckpt)
     tok = NVLMTokenizer.from_dir(args.ckpt)
@@ -109,9 +114,8 @@ def _reference(args) -> int:
         pixel_values = torch.randn(args.synthetic_tiles, 3, pcfg.image_size, pcfg.image_size, generator=g)
         tiles = [args.synthetic_tiles]
     elif args.image:
-        from runtime.preprocess import preprocess_files
 
-        pixel_values, tiles = preprocess_files(args.image, pcfg)
+        pixel_values, tiles = preprocess_files(args.image, pcfg, max_images=len(args.image))
     messages = ([Message("system", args.system)] if args.system else []) + [Message("user", args.prompt)]
     prompt = build_prompt(tok, messages, tiles, tokens_per_tile=pcfg.tokens_per_tile)
     t0 = time.perf_counter()
@@ -134,8 +138,6 @@ def _reference(args) -> int:
 
 
 def _llm_args_common(p: argparse.ArgumentParser) -> None:
-    from .llm_formats import FORMATS
-
     p.add_argument("ckpt", help="NVLM checkpoint directory")
     p.add_argument("-o", "--out", required=True, help="TensorRT-LLM checkpoint directory to create")
     p.add_argument("--quant", default="bf16", help=f"weight format: {', '.join(FORMATS)} (default: bf16)")
@@ -159,9 +161,6 @@ def _llm_args(p: argparse.ArgumentParser) -> None:
 @command("llm", "convert NVLM-D's LLM to a TensorRT-LLM checkpoint (bf16/fp16 streamed; fp8/int4_awq/w4a8_awq "
          "via modelopt with multimodal calibration)", _llm_args)
 def _llm(args) -> int:
-    from .llm_build import build_llm
-    from .llm_formats import BuildOptions, get_format
-
     opts = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=args.kv_cache_dtype == "fp8",
                         awq_group_size=args.awq_group_size)
     summary = build_llm(args.ckpt, args.out, opts, calib_data=args.calib_data, calib_size=args.calib_size,
@@ -182,7 +181,8 @@ def _vision_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="NVLM checkpoint directory")
     p.add_argument("-o", "--out", required=True, help="directory to create")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
-    p.add_argument("--vision-quant", choices=["fp8"], default=None, help="also write an FP8 Q/DQ encoder (modelopt)")
+    p.add_argument("--vision-quant", choices=list(VISION_FORMATS), default=None,
+                   help="also write a quantized Q/DQ encoder (modelopt)")
     p.add_argument("--max-tiles", type=int, default=28, help="largest tile batch the engine should accept")
     p.add_argument("--force", action="store_true")
 
@@ -192,10 +192,7 @@ def _vision_args(p: argparse.ArgumentParser) -> None:
 def _vision(args) -> int:
     from pathlib import Path
 
-    from runtime.reference import NVLMDReference
 
-    from .fsutil import publish_dir
-    from .vision_export import export_vision
 
     ref = NVLMDReference.from_checkpoint(args.ckpt)
     info = {}
@@ -214,12 +211,16 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["auto", "trt", "reference"], default="auto",
                    help="trt: build engines (GPU hosts); reference: portable artifacts only; auto: trt if possible")
     p.add_argument("--vision-dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
-    p.add_argument("--vision-quant", choices=["fp8"], default=None)
-    p.add_argument("--max-tiles", type=int, default=7, help="tiles per image the engines must accept (default 7)")
-    p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--max-images", type=int, default=1, help="images per request the deployment accepts")
-    p.add_argument("--max-input-len", type=int, default=2048, help="text tokens per request besides image tokens")
-    p.add_argument("--max-output-len", type=int, default=1024)
+    p.add_argument("--vision-quant", choices=list(VISION_FORMATS), default=None)
+    d = EngineLimits()
+    p.add_argument("--max-tiles", type=int, default=None,
+                   help="tiles per image the engines must accept (default: the checkpoint's max tiles + thumbnail)")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    p.add_argument("--max-images", type=int, default=d.max_images_per_request,
+                   help=f"images per request the deployment accepts (default {d.max_images_per_request})")
+    p.add_argument("--max-input-len", type=int, default=d.max_input_text_len,
+                   help="text tokens per request besides image tokens")
+    p.add_argument("--max-output-len", type=int, default=d.max_output_len)
     p.add_argument("--resume", action="store_true", help="continue an interrupted build of the same options")
 
 
@@ -228,16 +229,14 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
 def _engine(args) -> int:
     from pathlib import Path
 
-    from .engine_build import EngineBuildOptions, build_engine, format_summary
-    from .engines import EngineLimits
-    from .llm_formats import BuildOptions, get_format
 
     llm = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=args.kv_cache_dtype == "fp8",
                        awq_group_size=args.awq_group_size)
     limits = EngineLimits(max_batch_size=args.max_batch_size, max_tiles_per_image=args.max_tiles,
                           max_images_per_request=args.max_images,
                           max_input_text_len=args.max_input_len, max_output_len=args.max_output_len)
-    opts = EngineBuildOptions(llm, target=args.target, vision_dtype=args.vision_dtype, vision_quant=args.vision_quant,
+    opts = EngineBuildOptions(llm, target=args.target, vision_dtype=args.vision_dtype,
+                              vision_quant=get_vision_format(args.vision_quant),
                               limits=limits, calib_data=args.calib_data, calib_size=args.calib_size)
     quiet = args.json
     manifest = build_engine(args.ckpt, args.out, opts, resume=args.resume, force=args.force,
@@ -263,9 +262,7 @@ def _repo_args(p: argparse.ArgumentParser) -> None:
 def _repo(args) -> int:
     from pathlib import Path
 
-    from triton_repo.generate import generate_repo, plan_pending
 
-    from .fsutil import publish_dir
 
     models: list = []
     out = Path(args.out)

@@ -14,8 +14,10 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import from_hf
 from .errors import ConfigError
 from .fsutil import publish_dir
+from .weight_map import components_for
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +187,6 @@ def write_demo_checkpoint(out: str | Path, *, variant: str = "d", seed: int = 0,
     import torch
     from safetensors.torch import save_file
 
-    from .config import from_hf
-    from .weight_map import components_for
 
     if variant not in VARIANTS:
         raise ConfigError(f"unknown demo variant {variant!r}; available: {sorted(VARIANTS)}")

@@ -18,81 +18,39 @@ checksums. Only when every stage is done is `.OUT.partial/` renamed to OUT, so a
 any point — SIGKILL included — never leaves an OUT that claims to be complete. `--resume`
 continues a `.OUT.partial/` built with the same options and source, re-verifying each finished
 stage's checksums and redoing any that do not verify.
+
+This module is the driver; the stages are builder/stages.py, and what the build directory holds (the
+manifest and preprocess.json, their writers and readers) is builder/build_dir.py.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import platform
 import shutil
-import sys
 import time
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .build_dir import SCHEMA, read_manifest, sha256_file, tree_checksums, write_json_atomic
 from .checkpoint import Checkpoint
-from .engines import ENGINE_RELEASE, EngineLimits, detect, finish_script, trtllm_build_args, vision_engine_settings
-from .errors import NVLMError, OutputExistsError
-from .llm_formats import BuildOptions, validate
+from .engines import ENGINE_RELEASE, detect
+from .errors import OutputExistsError
+from .llm_formats import validate
+from .stages import STAGES, TOKENIZER_FILES, BuildError, Context, EngineBuildOptions
 
 log = logging.getLogger(__name__)
-SCHEMA = "nvlm-trt/build/v1"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "vocab.json", "merges.txt")
 STATUS_PORTABLE = "portable artifacts complete; engines pending (no TensorRT)"
 STATUS_COMPLETE = "complete"
 
 
-class BuildError(NVLMError):
-    """The engine build cannot start or continue."""
 
 
-@dataclass(frozen=True)
-class EngineBuildOptions:
-    llm: BuildOptions
-    target: str = "auto"  # auto | trt | reference
-    vision_dtype: str = "fp16"
-    vision_quant: str | None = None
-    limits: EngineLimits = EngineLimits()
-    calib_data: str | None = None
-    calib_size: int = 32
-
-    def as_dict(self) -> dict:
-        return {"quant": self.llm.fmt.name, "kv_cache_dtype": "fp8" if self.llm.kv_cache_fp8 else "auto",
-                "tp": self.llm.tp, "pp": self.llm.pp, "awq_group_size": self.llm.awq_group_size,
-                "target": self.target, "vision_dtype": self.vision_dtype, "vision_quant": self.vision_quant,
-                "max_batch_size": self.limits.max_batch_size, "max_tiles": self.limits.max_tiles_per_image,
-                "max_images": self.limits.max_images_per_request,
-                "max_input_text_len": self.limits.max_input_text_len, "max_output_len": self.limits.max_output_len,
-                "calib_data": self.calib_data, "calib_size": self.calib_size}
 
 
 # --------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def tree_checksums(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): sha256_file(p) for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def tool_versions() -> dict:
@@ -111,177 +69,30 @@ def tool_versions() -> dict:
 # --------------------------------------------------------------------------- stages
 
 
-@dataclass
-class Context:
-    ckpt: Checkpoint
-    opts: EngineBuildOptions
-    root: Path  # the .partial directory
-    reference: object = None
-    engines_possible: bool = False
-    engines_detail: str = ""
-
-    def get_reference(self):
-        if self.reference is None:
-            from runtime.reference import NVLMDReference
-
-            self.reference = NVLMDReference.from_checkpoint(self.ckpt)
-        return self.reference
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    output: str | None  # folder or file under the build root this stage owns
-    run: Callable[[Context, Path], dict]  # (ctx, stage tmp dir) -> details
-    estimate_bytes: Callable[[Context], int] = lambda ctx: 0
 
 
-def _tokenizer(ctx: Context, tmp: Path) -> dict:
-    from runtime.tokenizer import NVLMTokenizer
-
-    tok = NVLMTokenizer.from_dir(ctx.ckpt.directory)
-    tok.check_vocab(ctx.ckpt.config.llm.vocab_size)
-    copied = [f for f in TOKENIZER_FILES if (ctx.ckpt.directory / f).is_file()]
-    for f in copied:
-        shutil.copy2(ctx.ckpt.directory / f, tmp / f)
-    return {"files": copied, "vocab": tok.vocab_size, "image_pad_id": tok.image_pad_id, "im_end_id": tok.im_end_id}
 
 
-def _preprocess(ctx: Context, tmp: Path) -> dict:
-    from dataclasses import asdict
-
-    p = ctx.ckpt.config.preprocess
-    data = {**asdict(p), "max_tiles_per_image": p.max_tiles_per_image,
-            "max_images_per_request": ctx.opts.limits.max_images_per_request,
-            "image_start": "<Image>", "image_end": "</Image>", "image_pad": "<|vision_pad|>",
-            "thumbnail_tag": "<tile_global_thumbnail>", "pillow_below": "12.2"}
-    (tmp / "preprocess.json").write_text(json.dumps(data, indent=2) + "\n")
-    return {"tokens_per_tile": p.tokens_per_tile, "max_tiles_per_image": p.max_tiles_per_image}
 
 
-def read_manifest(build: Path) -> dict | None:
-    """manifest.json of a build (None when `build` has none). The one reader of what build_engine writes."""
-    path = Path(build) / "manifest.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def read_preprocess(build: Path):
-    """preprocess.json of a build → (typed PreprocessConfig, the raw dict with the serving extras).
-    The one reader of what `_preprocess` writes."""
-    from .config import PreprocessConfig
-
-    raw = json.loads((Path(build) / "preprocess.json").read_text())
-    fields = PreprocessConfig.__dataclass_fields__
-    cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
-    return cfg, raw
 
 
-def _vision(ctx: Context, tmp: Path) -> dict:
-    from .vision_export import export_vision
-
-    info = export_vision(ctx.get_reference(), tmp, dtype=ctx.opts.vision_dtype, vision_quant=ctx.opts.vision_quant,
-                         max_tiles=ctx.opts.limits.max_vision_tiles)
-    return {"dtype": info["dtype"], "files": info["files"], "checks": info["checks"]}
 
 
-def _llm(ctx: Context, tmp: Path) -> dict:
-    from .llm_build import build_llm
-
-    target = tmp / "ckpt"
-    summary = build_llm(ctx.ckpt.directory, target, ctx.opts.llm, calib_data=ctx.opts.calib_data,
-                        calib_size=ctx.opts.calib_size)
-    for p in target.iterdir():  # the stage folder is the checkpoint itself
-        p.rename(tmp / p.name)
-    target.rmdir()
-    return {"format": summary["format"], "fidelity_passed": summary["fidelity_passed"]}
 
 
-def _engines(ctx: Context, tmp: Path) -> dict:
-    o = ctx.opts
-    llm_cmd = trtllm_build_args(Path("llm"), Path("engines/llm"), o.llm, o.limits)
-    vis = vision_engine_settings(ctx.ckpt.config, Path("vision"), Path("engines"), o.vision_dtype, o.limits,
-                                 fp8=o.vision_quant == "fp8")
-    settings = {"trtllm_build": llm_cmd, "vision_engine": vis.__dict__}
-    (tmp / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
-    vision_cmd = [sys.executable if ctx.engines_possible else "python3", "-c",
-                  "import json; from builder.engines import VisionEngineSettings as S, build_vision_engine as b; "
-                  "d = json.load(open('engines/settings.json'))['vision_engine']; "
-                  "print(b(S(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})))"]
-    repo_cmd = ["python3", "-m", "builder.cli", "triton-repo", ".", "-o", "triton_repo", "--target", "trt", "--force"]
-    (tmp / "build_engines.sh").write_text(finish_script([llm_cmd, vision_cmd, repo_cmd]))
-    (tmp / "build_engines.sh").chmod(0o755)
-    if not ctx.engines_possible:
-        return {"status": "pending", "reason": ctx.engines_detail,
-                "finish": "cd OUT && engines/build_engines.sh  (on a GPU host)"}
-    import subprocess
-
-    from .engines import build_vision_engine
-
-    # Build into this stage's temporary folder (renamed to engines/ when done), reading the finished
-    # llm/ and vision/ stages by absolute path.
-    subprocess.run(trtllm_build_args(ctx.root / "llm", tmp / "llm", o.llm, o.limits), check=True)
-    built = build_vision_engine(vision_engine_settings(ctx.ckpt.config, ctx.root / "vision", tmp, o.vision_dtype,
-                                                       o.limits, fp8=o.vision_quant == "fp8"))
-    return {"status": "built", "vision_output_shape": built["output_shape"]}
 
 
-def _triton_repo(ctx: Context, tmp: Path) -> dict:
-    """The Triton model repository: `reference` target unless the engines were built here. Python
-    models find the build through an absolute path; the repository is regenerated by
-    `nvlm-build triton-repo BUILD -o REPO` after moving a build."""
-    from triton_repo.generate import generate_repo
-
-    target = "trt" if ctx.engines_possible else "reference"
-    final_root = ctx.root.with_name(ctx.root.name[1:-len(".partial")])  # .OUT.partial → OUT
-    models = generate_repo(ctx.root, tmp, target, build_path=final_root, repo_path=final_root / "triton_repo")
-    return {"target": target, "models": models}
 
 
-def _deploy(ctx: Context, tmp: Path) -> dict:
-    """deploy/: Dockerfile, launch script and the nvlm-trt source, for serving on a GPU host."""
-    from .deploy import write_kit
-
-    return write_kit(tmp, ctx.opts.llm.world_size)
 
 
-def _reports(ctx: Context, tmp: Path) -> dict:
-    llm_report = json.loads((ctx.root / "llm" / "reports" / "fidelity.json").read_text())
-    vision = json.loads((ctx.root / "vision" / "config.json").read_text())["checks"]
-    checks = [{"component": "llm", **c} for c in llm_report["checks"]]
-    checks += [{"component": "vision", "name": name, **c, "why": "onnxruntime check of the exported encoder"}
-               for name, c in vision.items()]
-    report = {"passed": all(c["passed"] for c in checks), "llm_format": llm_report["format"], "checks": checks}
-    (tmp / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
-    if not report["passed"]:
-        raise BuildError("fidelity checks failed: " + ", ".join(c["name"] for c in checks if not c["passed"]))
-    return {"passed": True, "checks": len(checks)}
 
 
-def _vision_bytes(ctx: Context) -> int:
-    from .weight_map import components_for
-
-    params = sum(c.num_params(ctx.ckpt.config) for c in components_for(ctx.ckpt.config) if c.name != "llm")
-    return params * (8 if ctx.opts.vision_quant else 4)  # fp32 upper bound, twice with an FP8 copy
-
-
-def _llm_bytes(ctx: Context) -> int:
-    from .inspect import WEIGHT_FORMATS, llm_breakdown
-
-    b = llm_breakdown(ctx.ckpt.config)
-    per = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0}.get(ctx.opts.llm.fmt.name, WEIGHT_FORMATS["int4_awq"].linear_bytes_per_param)
-    return int(b.linear * per + 2 * (b.embedding + b.lm_head + b.other))
-
-
-STAGES = [
-    Stage("tokenizer", "tokenizer", _tokenizer),
-    Stage("preprocess", "preprocess.json", _preprocess),
-    Stage("vision", "vision", _vision, lambda ctx: _vision_bytes(ctx)),
-    Stage("llm", "llm", _llm, _llm_bytes),
-    Stage("engines", "engines", _engines),
-    Stage("triton_repo", "triton_repo", _triton_repo),
-    Stage("deploy", "deploy", _deploy),
-    Stage("reports", "reports", _reports),
-]
 
 
 # --------------------------------------------------------------------------- driver
@@ -316,6 +127,7 @@ def build_engine(ckpt_path, out, opts: EngineBuildOptions, *, resume: bool = Fal
     partial = out.with_name(f".{out.name}.partial")
     ckpt = Checkpoint.open(ckpt_path)
     validate(ckpt.config, opts.llm)
+    opts = replace(opts, limits=opts.limits.resolve(ckpt.config.preprocess))
     if opts.target not in ("auto", "trt", "reference"):
         raise BuildError(f"--target {opts.target!r}: choose auto, trt or reference")
     cap = detect()
@@ -343,8 +155,8 @@ def build_engine(ckpt_path, out, opts: EngineBuildOptions, *, resume: bool = Fal
         partial.mkdir(parents=True, exist_ok=True)
         manifest = {"schema": SCHEMA, "status": "incomplete", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                     "source": {"path": str(ckpt.directory), "files": sources}, "options": options,
-                    "tools": tool_versions(), "stages": {}}
-        _write_json_atomic(manifest_path, manifest)
+                    "limits": opts.limits.record(), "tools": tool_versions(), "stages": {}}
+        write_json_atomic(manifest_path, manifest)
     ctx = Context(ckpt, opts, partial, engines_possible=engines_possible, engines_detail=cap.detail)
     for stage in STAGES:
         record = manifest["stages"].get(stage.name)
@@ -377,12 +189,12 @@ def build_engine(ckpt_path, out, opts: EngineBuildOptions, *, resume: bool = Fal
         manifest["stages"][stage.name] = {
             "status": status, "output": stage.output, "seconds": round(time.perf_counter() - t0, 2),
             "checksums": sums, "details": details}
-        _write_json_atomic(manifest_path, manifest)
+        write_json_atomic(manifest_path, manifest)
         say(f"[{stage.name}] {manifest['stages'][stage.name]['status']} in {manifest['stages'][stage.name]['seconds']} s")
     engines_pending = manifest["stages"]["engines"]["status"] == "pending"
     manifest["status"] = STATUS_PORTABLE if engines_pending else STATUS_COMPLETE
     manifest["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    _write_json_atomic(manifest_path, manifest)
+    write_json_atomic(manifest_path, manifest)
     if out.exists():  # --force: replace only now that the new build is whole
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)

@@ -15,12 +15,12 @@ from __future__ import annotations
 import importlib.util
 import shlex
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .config import NVLMConfig
+from .config import NVLMConfig, PreprocessConfig
 from .errors import NVLMError
-from .llm_formats import BuildOptions
+from .llm_formats import BuildOptions, VisionFormat
 
 ENGINE_RELEASE = "TensorRT-LLM 1.2 (NGC container nvcr.io/nvidia/tensorrt-llm/release:1.2.x)"
 
@@ -77,12 +77,35 @@ def detect() -> Capability:
 
 @dataclass(frozen=True)
 class EngineLimits:
+    """What a build's engines and every model of its Triton repository accept. The one source: the
+    engine build resolves it against the checkpoint's preprocessing (`resolve`), records it in the
+    manifest (`limits`), and serving, the in-process pipeline and the benchmark read it back
+    (`builder.engine_build.read_limits`)."""
     max_batch_size: int = 8
-    max_tiles_per_image: int = 7  # 6 tiles + thumbnail
-    max_images_per_request: int = 1
+    max_tiles_per_image: int | None = None  # None: the checkpoint's (max tiles + thumbnail, 7 for NVLM)
+    max_images_per_request: int = 1  # the one default for images per request
     max_input_text_len: int = 2048  # text tokens beside the image tokens
     max_output_len: int = 1024
-    tokens_per_tile: int = 256
+    tokens_per_tile: int | None = None  # always the checkpoint's (256 for NVLM: pixel shuffle of 32×32)
+
+    def resolve(self, pre: PreprocessConfig) -> "EngineLimits":
+        """Tokens per tile from the checkpoint's preprocessing, and its tiles per image unless given."""
+        tiles = self.max_tiles_per_image if self.max_tiles_per_image is not None else pre.max_tiles_per_image
+        for name, v in (("max batch size", self.max_batch_size), ("tiles per image", tiles),
+                        ("images per request", self.max_images_per_request),
+                        ("input length", self.max_input_text_len), ("output length", self.max_output_len)):
+            if v < 1:
+                raise EngineToolError(f"{name} must be ≥ 1, got {v}")
+        return replace(self, max_tiles_per_image=tiles, tokens_per_tile=pre.tokens_per_tile)
+
+    def record(self) -> dict:
+        """The manifest's `limits`: the fields and what trtllm-build is sized from."""
+        return {**asdict(self), "max_input_len": self.max_input_len, "max_seq_len": self.max_seq_len,
+                "max_multimodal_len": self.max_multimodal_len, "max_vision_tiles": self.max_vision_tiles}
+
+    @classmethod
+    def from_record(cls, rec: dict) -> "EngineLimits":
+        return cls(**{k: rec[k] for k in cls.__dataclass_fields__})
 
     @property
     def max_multimodal_len(self) -> int:
@@ -127,7 +150,7 @@ def trtllm_build_args(ckpt_dir: Path, engine_dir: Path, opts: BuildOptions, limi
         "--max_multimodal_len", str(limits.max_multimodal_len),
         "--workers", str(opts.world_size),
     ]
-    if opts.fmt.name == "fp8" and opts.kv_cache_fp8:
+    if opts.fmt.fp8_context_fmha and opts.kv_cache_fp8:
         args += ["--use_fp8_context_fmha", "enable"]  # FP8 attention in the context phase (Hopper)
     return args
 
@@ -152,17 +175,20 @@ class VisionEngineSettings:
 
 
 def vision_engine_settings(cfg: NVLMConfig, vision_dir: Path, engine_dir: Path, dtype: str,
-                           limits: EngineLimits, fp8: bool = False, uint8_input: bool = False) -> VisionEngineSettings:
+                           limits: EngineLimits, quant: VisionFormat | None = None,
+                           uint8_input: bool = False) -> VisionEngineSettings:
+    """TensorRT build settings of the vision engine; `quant`: build from the quantized Q/DQ ONNX
+    (strongly typed, so that TensorRT keeps the Q/DQ precisions)."""
     s = cfg.preprocess.image_size
     opt_tiles = min(cfg.preprocess.max_tiles_per_image, limits.max_vision_tiles)  # one full image
     flags = {"fp16": ("FP16",), "bf16": ("BF16",), "fp32": ()}[dtype]
     return VisionEngineSettings(
-        onnx=str(vision_dir / ("vision_encoder.fp8.onnx" if fp8 else "vision_encoder.onnx")),
+        onnx=str(vision_dir / (quant.onnx_name() if quant else "vision_encoder.onnx")),
         engine=str(engine_dir / "vision_encoder.engine"),
         input_name="pixel_values",
         profile_min=(1, 3, s, s), profile_opt=(opt_tiles, 3, s, s), profile_max=(limits.max_vision_tiles, 3, s, s),
-        precision_flags=flags + (("FP8",) if fp8 else ()),
-        strongly_typed=fp8,
+        precision_flags=flags + (("FP8",) if quant and quant.fp8_compute else ()),
+        strongly_typed=quant is not None,
         timing_cache=str(engine_dir / "vision_timing.cache"),
         workspace_bytes=8 << 30,
         output_shape=(-1, cfg.preprocess.tokens_per_tile, cfg.llm.hidden_size),

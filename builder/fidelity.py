@@ -13,7 +13,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .calibration import synthetic_scene
+from runtime.preprocess import preprocess_images
+from runtime.prompt import build_prompt
+from runtime.scenes import synthetic_scene
+from runtime.trtllm_executor import KVCache, Request
 
 GREEDY_TOKENS = 8
 
@@ -72,9 +75,6 @@ class PromptRun:
 
 
 def prepare_prompts(reference, tokenizer) -> list[PromptRun]:
-    from runtime.preprocess import preprocess_images
-    from runtime.prompt import build_prompt
-
     pcfg = reference.cfg.preprocess
     runs = []
     for text, images in fidelity_prompts():
@@ -102,8 +102,6 @@ def _top1(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _executor_logits(executor, run: PromptRun) -> torch.Tensor:
-    from runtime.trtllm_executor import KVCache
-
     with torch.no_grad():
         return executor.forward(run.trt_ids, run.table, KVCache())
 
@@ -114,8 +112,6 @@ def _hf_logits(model, run: PromptRun) -> torch.Tensor:
 
 
 def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer, fake_quant=None) -> dict:
-    from runtime.trtllm_executor import Request
-
     runs = prepare_prompts(reference, tokenizer)
     ex = [_executor_logits(executor, r) for r in runs]
     ref = [_hf_logits(reference.llm, r) for r in runs]

@@ -19,7 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .checkpoint import Checkpoint
 from .config import NVLMConfig, load_config
+from .llm_formats import FORMATS
 from .weight_map import components_for
 
 SCHEMA = "nvlm-trt/inspect/v1"
@@ -28,22 +30,6 @@ H100_MEMORY_BYTES = 80 * GIB
 RESERVE_BYTES = 6 * GIB
 DEFAULT_KV_TOKENS = 32768  # e.g. 4 concurrent requests of 8k tokens, or 16 of 2k
 TP_SIZES = (1, 2, 4, 8)
-AWQ_GROUP = 128
-
-
-@dataclass(frozen=True)
-class WeightFormat:
-    name: str
-    linear_bytes_per_param: float
-    kv_dtype_bytes: int
-
-
-WEIGHT_FORMATS = {
-    "bf16": WeightFormat("bf16", 2.0, 2),
-    "fp8": WeightFormat("fp8", 1.0, 1),
-    # 4-bit weights + one fp16 scale per group of 128 input channels
-    "int4_awq": WeightFormat("int4_awq", 0.5 + 2.0 / AWQ_GROUP, 2),
-}
 
 
 @dataclass(frozen=True)
@@ -93,20 +79,21 @@ def memory_plan(cfg: NVLMConfig, kv_tokens: int = DEFAULT_KV_TOKENS,
     vision_params = sum(c.num_params(cfg) for c in components_for(cfg) if c.name != "llm")
     vision_bytes = 2 * vision_params
     plans = []
-    for fmt in WEIGHT_FORMATS.values():
-        llm_bytes = int(b.linear * fmt.linear_bytes_per_param) + 2 * (b.embedding + b.lm_head + b.other)
+    for fmt in FORMATS.values():  # AWQ at its default group of 128 input channels
+        llm_bytes = int(b.linear * fmt.linear_bytes_per_param()) + 2 * (b.embedding + b.lm_head + b.other)
+        kv_dtype_bytes = 1 if fmt.plan_kv_fp8 else 2
         for tp in TP_SIZES:
             weights = llm_bytes // tp + vision_bytes
-            kv = kv_tokens * kv_bytes_per_token(cfg, fmt.kv_dtype_bytes, tp)
+            kv = kv_tokens * kv_bytes_per_token(cfg, kv_dtype_bytes, tp)
             total = weights + kv + reserve_bytes
             plans.append({
-                "weights": fmt.name, "kv_cache_dtype": "fp8" if fmt.kv_dtype_bytes == 1 else "bf16", "tp": tp,
+                "weights": fmt.name, "kv_cache_dtype": "fp8" if kv_dtype_bytes == 1 else "bf16", "tp": tp,
                 "llm_weight_bytes": llm_bytes, "llm_weight_bytes_per_gpu": llm_bytes // tp,
                 "vision_weight_bytes": vision_bytes, "weight_bytes_per_gpu": weights,
                 "kv_cache_bytes_per_gpu": kv, "reserve_bytes": reserve_bytes, "total_bytes_per_gpu": total,
                 "fits": total <= gpu_bytes,
                 "max_kv_tokens": max(0, (gpu_bytes - weights - reserve_bytes)
-                                     // kv_bytes_per_token(cfg, fmt.kv_dtype_bytes, tp)),
+                                     // kv_bytes_per_token(cfg, kv_dtype_bytes, tp)),
             })
     return {
         "gpu": "H100 80GB", "gpu_memory_bytes": gpu_bytes, "kv_budget_tokens": kv_tokens,
@@ -157,7 +144,6 @@ def _weights_summary(path: Path, cfg: NVLMConfig) -> dict | None:
     """Shards, bytes and dtypes per component when the weights are present (validated)."""
     if not path.is_dir() or not any(path.glob("*.safetensors")):
         return None
-    from .checkpoint import Checkpoint
 
     ckpt = Checkpoint.open(path)
     result = ckpt.validate()

@@ -22,13 +22,18 @@ import time
 import warnings
 from pathlib import Path
 
+from runtime.reference import NVLMDReference
+from runtime.tokenizer import NVLMTokenizer
+from runtime.trtllm_executor import TRTLLMExecutor
+
 from . import __version__
 from .calibration import builtin_samples, embed_samples, load_calib_data, select
 from .checkpoint import Checkpoint
 from .errors import NVLMError, OutputExistsError
+from .fidelity import build_report
 from .fsutil import publish_dir
 from .llm_formats import BuildOptions, validate
-from .trtllm_checkpoint import trtllm_config, write_unquantized
+from .trtllm_checkpoint import count_tensors, trtllm_config, write_unquantized
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +125,6 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
         t0 = time.perf_counter()
         reference = tokenizer = fake = None
         if fidelity or opts.fmt.quantized:
-            from runtime.reference import NVLMDReference
-            from runtime.tokenizer import NVLMTokenizer
 
             reference = NVLMDReference.from_checkpoint(ckpt)
             tokenizer = NVLMTokenizer.from_dir(ckpt.directory)
@@ -132,16 +135,13 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
             fake = quantize(reference, opts, embeds)
             config = export(fake, ckpt.config, opts, tmp)
         else:
-            from .trtllm_checkpoint import count_tensors
 
             update, close = _progress(count_tensors(ckpt, opts), f"converting to {opts.fmt.name}")
             config = write_unquantized(ckpt, opts, tmp, progress=update)
             close()
         report = None
         if fidelity:
-            from runtime.trtllm_executor import TRTLLMExecutor
 
-            from .fidelity import build_report
 
             report = build_report(opts.fmt.name, opts.fmt.quantized, TRTLLMExecutor.load(tmp), reference, tokenizer, fake)
             (tmp / "reports").mkdir()

@@ -1,21 +1,10 @@
 """TensorRT-LLM checkpoint format for NVLM-D's Qwen2 decoder: config, names, streaming conversion.
 
 A TensorRT-LLM checkpoint is `config.json` plus one `rank{N}.safetensors` per rank
-(rank = pp_rank · tp + tp_rank). Names and splits below are TensorRT-LLM's Qwen layout as
-NVIDIA Model Optimizer exports it (the streaming converter's output is tested equal to
-modelopt's unquantized export, tensor for tensor, at TP1, TP2 and PP2):
-
-    transformer.vocab_embedding.weight          rows split over TP (use_parallel_embedding), PP rank 0
-    transformer.layers.{j}.input_layernorm.weight
-    transformer.layers.{j}.attention.qkv.{weight,bias}   [q_r; k_r; v_r] of this rank's heads
-    transformer.layers.{j}.attention.dense.weight        o_proj, input columns split over TP
-    transformer.layers.{j}.post_layernorm.weight
-    transformer.layers.{j}.mlp.fc.weight        gate_proj (the activated branch), rows split
-    transformer.layers.{j}.mlp.gate.weight      up_proj, rows split
-    transformer.layers.{j}.mlp.proj.weight      down_proj, input columns split
-    transformer.ln_f.weight, lm_head.weight     last PP rank; lm_head rows split over TP
-
-`{j}` is the layer index local to the PP rank. Linear weights are (out, in).
+(rank = pp_rank · tp + tp_rank). The names and how each splits over TP are the layout table of
+builder/trtllm_layout.py, TensorRT-LLM's Qwen layout as NVIDIA Model Optimizer exports it (the
+streaming converter's output is tested equal to modelopt's unquantized export, tensor for tensor,
+at TP1, TP2 and PP2).
 """
 
 from __future__ import annotations
@@ -29,8 +18,11 @@ from typing import Callable
 import torch
 
 from . import __version__
+from . import trtllm_layout as layout
 from .config import NVLMConfig
 from .llm_formats import BuildOptions
+from .trtllm_layout import SOURCE_PREFIX, Row
+from .weight_map import QWEN2 as QWEN2_WEIGHTS
 
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
                       torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32"}
@@ -134,59 +126,46 @@ class RankTensor:
 
 
 def rank_plan(ckpt, opts: BuildOptions, rank: int) -> list[RankTensor]:
-    """Every tensor of one rank file, in write order, each with the function that computes it."""
-    cfg = ckpt.config
-    llm = cfg.llm
+    """Every tensor of one rank file, in write order, each with the function that computes it: the rows
+    of the layout table (builder/trtllm_layout.py) this rank holds, split as the table says."""
+    llm = ckpt.config.llm
     tp, pp = opts.tp, opts.pp
     t, p = rank % tp, rank // tp
     dtype = TORCH_DTYPES[opts.fmt.dtype]
     d = llm.head_dim
     nh, nkv = llm.num_heads // tp, llm.num_kv_heads // tp  # heads on this rank
-    inter = llm.intermediate_size // tp
-    vocab = llm.vocab_size // tp
+    shapes = {name: shape for name, _, shape in QWEN2_WEIGHTS.expand(ckpt.config)}
 
     def src(name: str) -> torch.Tensor:
-        return ckpt.get("language_model." + name)
+        return ckpt.get(SOURCE_PREFIX + name)
 
-    def rows(name, lo, n):
-        return lambda: src(name)[lo:lo + n].to(dtype)
+    def tensor(row: Row, i: int | None) -> tuple[tuple[int, ...], Callable[[], torch.Tensor]]:
+        name = layout.source(row, llm, i)
+        if row.split == "qkv":
+            q, k, v = name
+            rest = shapes[SOURCE_PREFIX + q][1:]
+            return ((nh + 2 * nkv) * d, *rest), lambda: torch.cat([
+                src(q)[t * nh * d:(t + 1) * nh * d], src(k)[t * nkv * d:(t + 1) * nkv * d],
+                src(v)[t * nkv * d:(t + 1) * nkv * d]]).to(dtype)
+        full = shapes[SOURCE_PREFIX + name]
+        if row.split == "rows":
+            n = full[0] // tp
+            return (n, *full[1:]), lambda: src(name)[t * n:(t + 1) * n].to(dtype)
+        if row.split == "cols":
+            n = full[1] // tp
+            return (full[0], n), lambda: src(name)[:, t * n:(t + 1) * n].to(dtype)
+        return full, lambda: src(name).to(dtype)
 
-    def cols(name, lo, n):
-        return lambda: src(name)[:, lo:lo + n].to(dtype)
-
-    def whole(name):
-        return lambda: src(name).to(dtype)
-
-    def qkv(i, part):
-        base = f"model.layers.{i}.self_attn."
-        return lambda: torch.cat([src(base + "q_proj." + part)[t * nh * d:(t + 1) * nh * d],
-                                  src(base + "k_proj." + part)[t * nkv * d:(t + 1) * nkv * d],
-                                  src(base + "v_proj." + part)[t * nkv * d:(t + 1) * nkv * d]]).to(dtype)
-
-    h = llm.hidden_size
+    stage_rows = {stage: [r for r in layout.QWEN2 if r.stage == stage and r.when(llm)] for stage in layout.STAGES}
     plan: list[RankTensor] = []
-    if p == 0:
-        plan.append(RankTensor("transformer.vocab_embedding.weight", (vocab, h),
-                               rows("model.embed_tokens.weight", t * vocab, vocab)))
     per_rank = llm.num_layers // pp
-    qkv_out = (nh + 2 * nkv) * d
-    for j in range(per_rank):
-        i = p * per_rank + j  # global layer index
-        pre, L = f"transformer.layers.{j}.", f"model.layers.{i}."
-        plan += [
-            RankTensor(pre + "input_layernorm.weight", (h,), whole(L + "input_layernorm.weight")),
-            RankTensor(pre + "attention.qkv.weight", (qkv_out, h), qkv(i, "weight")),
-            RankTensor(pre + "attention.qkv.bias", (qkv_out,), qkv(i, "bias")),
-            RankTensor(pre + "attention.dense.weight", (h, nh * d), cols(L + "self_attn.o_proj.weight", t * nh * d, nh * d)),
-            RankTensor(pre + "post_layernorm.weight", (h,), whole(L + "post_attention_layernorm.weight")),
-            RankTensor(pre + "mlp.fc.weight", (inter, h), rows(L + "mlp.gate_proj.weight", t * inter, inter)),
-            RankTensor(pre + "mlp.gate.weight", (inter, h), rows(L + "mlp.up_proj.weight", t * inter, inter)),
-            RankTensor(pre + "mlp.proj.weight", (h, inter), cols(L + "mlp.down_proj.weight", t * inter, inter)),
-        ]
-    if p == pp - 1:
-        plan.append(RankTensor("transformer.ln_f.weight", (h,), whole("model.norm.weight")))
-        lm_src = "model.embed_tokens.weight" if llm.tie_word_embeddings else "lm_head.weight"
-        plan.append(RankTensor("lm_head.weight", (vocab, h), rows(lm_src, t * vocab, vocab)))
+    for stage, layers in (("first", [None] if p == 0 else []), ("layer", range(per_rank)),
+                          ("last", [None] if p == pp - 1 else [])):
+        for j in layers:
+            i = None if j is None else p * per_rank + j  # global layer index
+            for row in stage_rows[stage]:
+                shape, produce = tensor(row, i)
+                plan.append(RankTensor(row.target.format(j=j), tuple(shape), produce))
     return plan
 
 

@@ -23,7 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.preprocess import preprocess_image
+from runtime.scenes import SCENE_SIZES, synthetic_scene
+
 from .errors import NVLMError
+from .llm_formats import VisionFormat, get_vision_format
 
 log = logging.getLogger(__name__)
 
@@ -79,22 +83,20 @@ def _ort_check(path: Path, reference, dtype: str, tiles: int, seed: int) -> floa
 
 def calibration_tiles(reference, count: int = 4) -> np.ndarray:
     """Tiles from the built-in calibration scenes, preprocessed exactly as in serving."""
-    from runtime.preprocess import preprocess_image
 
-    from .calibration import SCENE_SIZES, synthetic_scene
 
     tiles = [preprocess_image(synthetic_scene(w, h, 100 + k), config=reference.cfg.preprocess).pixel_values
              for k, (w, h) in enumerate(SCENE_SIZES[:count])]
     return np.concatenate(tiles).astype(np.float32)
 
 
-def export_vision(reference, out: Path, *, dtype: str = "fp16", vision_quant: str | None = None,
+def export_vision(reference, out: Path, *, dtype: str = "fp16", vision_quant: "str | VisionFormat | None" = None,
                   max_tiles: int = 28, seed: int = 0) -> dict:
-    """Write vision_encoder.onnx (+ .data), optional vision_encoder.fp8.onnx, and vision/config.json."""
+    """Write vision_encoder.onnx (+ .data), optional quantized encoder (vision_encoder.fp8.onnx), and
+    vision/config.json."""
     if dtype not in DTYPES:
         raise VisionExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    if vision_quant not in (None, "fp8"):
-        raise VisionExportError(f"--vision-quant {vision_quant!r}: only 'fp8' is supported")
+    quant = vision_quant if isinstance(vision_quant, VisionFormat) else get_vision_format(vision_quant)
     out.mkdir(parents=True, exist_ok=True)
     cfg = reference.cfg
     s, hidden = cfg.preprocess.image_size, cfg.llm.hidden_size
@@ -130,14 +132,14 @@ def export_vision(reference, out: Path, *, dtype: str = "fp16", vision_quant: st
     else:
         checks["onnx_vs_reference"] = {"metric": "not run: onnxruntime has no bf16 kernels on CPU", "value": None,
                                        "threshold": None, "passed": True}
-    if vision_quant == "fp8":
-        files += _fp8(reference, out, export)
-        rel = _ort_check(out / "vision_encoder.fp8.onnx", reference, "fp32", CHECK_TILES, seed)
-        checks["fp8_vs_fp32_reference"] = {"metric": "max |Δ| / max |ref| on fresh random tiles (reported)",
+    if quant is not None:
+        files += _quantized(reference, out, export, quant)
+        rel = _ort_check(out / quant.onnx_name(), reference, "fp32", CHECK_TILES, seed)
+        checks[f"{quant.name}_vs_fp32_reference"] = {"metric": "max |Δ| / max |ref| on fresh random tiles (reported)",
                                            "value": rel, "threshold": None, "passed": True}
     info = {
-        "onnx": "vision_encoder.onnx", "fp8_onnx": "vision_encoder.fp8.onnx" if vision_quant else None,
-        "files": files, "dtype": dtype, "opset": OPSET, "vision_quant": vision_quant,
+        "onnx": "vision_encoder.onnx", "fp8_onnx": quant.onnx_name() if quant else None,
+        "files": files, "dtype": dtype, "opset": OPSET, "vision_quant": quant.name if quant else None,
         "input": {"name": "pixel_values", "shape": [-1, 3, s, s], "dtype": dtype},
         "output": {"name": "image_embeds", "shape": [-1, cfg.preprocess.tokens_per_tile, hidden], "dtype": dtype},
         "max_tiles": max_tiles, "checks": checks,
@@ -152,20 +154,20 @@ def _cast(reference, dtype):
     return copy.deepcopy(reference).to(dtype)
 
 
-def _fp8(reference, out: Path, export) -> list[str]:
-    """FP8 Q/DQ with modelopt's ONNX quantization, calibrated on real preprocessed tiles."""
-    src = out / "vision_encoder.fp32-for-fp8.onnx"
+def _quantized(reference, out: Path, export, quant: VisionFormat) -> list[str]:
+    """Q/DQ encoder with modelopt's ONNX quantization, calibrated on real preprocessed tiles."""
+    src = out / f"vision_encoder.fp32-for-{quant.onnx_suffix}.onnx"
     written = export(src, torch.float32, FP8_OPSET)
     try:
         from modelopt.onnx.quantization import quantize
     except ImportError as e:
-        raise VisionExportError(f"--vision-quant fp8 needs modelopt's ONNX dependencies ({e}); install "
+        raise VisionExportError(f"--vision-quant {quant.name} needs modelopt's ONNX dependencies ({e}); install "
                                 "nvlm-trt[onnx]") from None
     buf = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(buf), _quiet_modelopt_logs():
         warnings.simplefilter("ignore")
-        quantize(onnx_path=str(src), quantize_mode="fp8", calibration_data=calibration_tiles(reference),
-                 output_path=str(out / "vision_encoder.fp8.onnx"), calibration_eps=["cpu"])
+        quantize(onnx_path=str(src), quantize_mode=quant.modelopt_mode, calibration_data=calibration_tiles(reference),
+                 output_path=str(out / quant.onnx_name()), calibration_eps=["cpu"])
     for f in written:
         (out / f).unlink(missing_ok=True)
     return [p.name for p in out.glob("vision_encoder.fp8.onnx*")]

@@ -127,8 +127,8 @@ MLP1 = ComponentMap(
     ),
 )
 
-_LM = "language_model."
-_LM_LAYER = _LM + "model.layers.{i}."
+LLM_PREFIX = "language_model."  # where the LLM sits in the released checkpoint
+_LM_LAYER = LLM_PREFIX + "model.layers.{i}."
 
 
 def _q_out(c):
@@ -143,7 +143,7 @@ QWEN2 = ComponentMap(
     name="llm",
     layers=lambda c: c.llm.num_layers,
     tensors=(
-        Tensor(_LM + "model.embed_tokens.weight", "model.embed_tokens.weight",
+        Tensor(LLM_PREFIX + "model.embed_tokens.weight", "model.embed_tokens.weight",
                lambda c: (L(c).vocab_size, L(c).hidden_size)),
         Tensor(_LM_LAYER + "input_layernorm.weight", "model.layers.{i}.input_layernorm.weight",
                lambda c: (L(c).hidden_size,)),
@@ -166,8 +166,8 @@ QWEN2 = ComponentMap(
                lambda c: (L(c).intermediate_size, L(c).hidden_size)),
         Tensor(_LM_LAYER + "mlp.down_proj.weight", "model.layers.{i}.mlp.down_proj.weight",
                lambda c: (L(c).hidden_size, L(c).intermediate_size)),
-        Tensor(_LM + "model.norm.weight", "model.norm.weight", lambda c: (L(c).hidden_size,)),
-        Tensor(_LM + "lm_head.weight", "lm_head.weight", lambda c: (L(c).vocab_size, L(c).hidden_size),
+        Tensor(LLM_PREFIX + "model.norm.weight", "model.norm.weight", lambda c: (L(c).hidden_size,)),
+        Tensor(LLM_PREFIX + "lm_head.weight", "lm_head.weight", lambda c: (L(c).vocab_size, L(c).hidden_size),
                when=lambda c: not c.llm.tie_word_embeddings),
     ),
     drops=(

@@ -15,6 +15,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import tiling_kernels
+
 H100_MAX_SHARED_BYTES = 227 * 1024  # opt-in dynamic shared memory per block on sm_90
 
 
@@ -63,7 +65,6 @@ def compile_kernel(key: str, arch: int = 90) -> CompiledKernel:
     import triton
     from triton.backends.compiler import GPUTarget
 
-    from . import tiling_kernels
 
     spec = SPECS[key]
     src = triton.compiler.ASTSource(fn=getattr(tiling_kernels, spec.kernel), signature=spec.signature,

@@ -24,6 +24,8 @@ from .pillow_resample import Coefficients, coefficients
 OUT_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "uint8": torch.uint8}
 import os
 
+from .tiling_kernels import hpass_kernel, normalize_kernel, vpass_tiles_kernel
+
 # GPU: 8 rows × 512 (pixel, channel) pairs per program. The interpreter pays per program and per
 # loop iteration, not per element, so there each launch gets one block as wide as the row and as
 # tall as fits ~2^19 elements (numpy does the inner work).
@@ -82,8 +84,6 @@ def _lut(cfg: PreprocessConfig, device):
 
 def _resize_into(img: torch.Tensor, out_w: int, out_h: int, out: torch.Tensor, lut: torch.Tensor,
                  tile0: int, cols: int, s: int) -> None:
-    from .tiling_kernels import hpass_kernel, vpass_tiles_kernel
-
     h, w, _ = img.shape
     _, hs, hn, hk = _tables(w, out_w, img.device)
     cv, vs, vn, vk = _tables(h, out_h, img.device)
@@ -126,7 +126,6 @@ def tile_image(img: torch.Tensor, cfg: PreprocessConfig, out_dtype: str = "fp16"
 
 def normalize_tiles(tiles_u8: torch.Tensor, cfg: PreprocessConfig, out_dtype: str = "fp16") -> torch.Tensor:
     """uint8 [T, S, S, 3] → [T, 3, S, S] normalized (the TensorRT plugin's computation)."""
-    from .tiling_kernels import normalize_kernel
 
     t, s, s2, c = tiles_u8.shape
     if tiles_u8.dtype != torch.uint8 or s != s2 or c != 3 or not tiles_u8.is_contiguous():

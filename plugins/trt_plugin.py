@@ -20,6 +20,9 @@ from __future__ import annotations
 from builder.config import PreprocessConfig
 from builder.errors import NVLMError
 
+from .aot import compile_kernel
+from .tiling import normalization_table
+
 PLUGIN_ID = "nvlm::normalize_tiles"
 _REGISTERED = False
 
@@ -48,7 +51,6 @@ def register() -> None:
     trt, trtp = _import_trt()
     from typing import Tuple
 
-    from .aot import compile_kernel
 
     out_types = {"fp16": trt.float16, "bf16": trt.bfloat16, "fp32": trt.float32}
 
@@ -80,7 +82,6 @@ def insert_normalize_plugin(network, tiles, cfg: PreprocessConfig, out_dtype: st
     trt, trtp = _import_trt()
     import numpy as np
 
-    from .tiling import normalization_table
 
     register()
     table = network.add_constant((3, 256), trt.Weights(np.ascontiguousarray(normalization_table(cfg.mean, cfg.std))))

@@ -13,16 +13,18 @@ from pathlib import Path
 
 import numpy as np
 
+from builder.build_dir import engine_dtype, read_limits, read_preprocess
+from runtime.preprocess import preprocess_images
+from runtime.prompt import build_prompt, with_image_placeholders
+from runtime.tokenizer import NVLMTokenizer
+from runtime.trtllm_executor import Request, TRTLLMExecutor
+
 
 class LocalPipeline:
-    def __init__(self, build: str | Path, *, max_images: int = 4):
+    def __init__(self, build: str | Path, *, max_images: int | None = None):
         import onnxruntime as ort
 
-        from builder.engine_build import read_preprocess
-        from runtime.tokenizer import NVLMTokenizer
-        from runtime.trtllm_executor import TRTLLMExecutor
 
-        from triton_repo.contract import engine_dtype
 
         build = Path(build)
         self.executor = TRTLLMExecutor.load(build / "llm")
@@ -30,7 +32,7 @@ class LocalPipeline:
         self.table_dtype = engine_dtype(json.loads((build / "llm" / "config.json").read_text()))
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.cfg, _ = read_preprocess(build)
-        self.max_images = max_images
+        self.max_images = max_images if max_images is not None else read_limits(build).max_images_per_request
         self.vision = ort.InferenceSession(str(build / "vision" / "vision_encoder.onnx"),
                                            providers=["CPUExecutionProvider"])
 
@@ -38,9 +40,6 @@ class LocalPipeline:
         """Greedy token ids for one request, as the served `nvlm` model would return them."""
         import torch
 
-        from runtime.preprocess import preprocess_images
-        from runtime.prompt import build_prompt, with_image_placeholders
-        from runtime.trtllm_executor import Request
 
         done = preprocess_images(images, self.cfg, max_images=self.max_images) if images else []
         p = build_prompt(self.tok, with_image_placeholders(prompt, len(images)), [d.num_tiles for d in done],

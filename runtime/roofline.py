@@ -17,8 +17,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from builder.config import NVLMConfig
-from builder.inspect import WEIGHT_FORMATS, kv_bytes_per_token, llm_breakdown
+from builder.build_dir import read_manifest
+from builder.config import NVLMConfig, load_config
+from builder.errors import InputError
+from builder.inspect import kv_bytes_per_token, llm_breakdown
+from builder.llm_formats import get_format, get_vision_format
 from builder.weight_map import components_for
 
 
@@ -31,7 +34,6 @@ class GPU:
 
 
 GPUS = {"h100-sxm": GPU("H100 SXM", 990.0, 1979.0, 3.35), "h200": GPU("H200", 990.0, 1979.0, 4.8)}
-FP8_COMPUTE = {"fp8", "w4a8_awq"}
 
 
 def vision_flops(cfg: NVLMConfig, tiles: int) -> float:
@@ -55,7 +57,7 @@ def prefill_flops(cfg: NVLMConfig, prompt_tokens: int) -> float:
 
 def llm_weight_bytes(cfg: NVLMConfig, fmt: str) -> float:
     b = llm_breakdown(cfg)
-    per = WEIGHT_FORMATS["bf16" if fmt in ("bf16", "fp16") else fmt].linear_bytes_per_param
+    per = get_format(fmt).linear_bytes_per_param()
     return b.linear * per + 2 * (b.lm_head + b.other)  # decode reads one embedding row, not the table
 
 
@@ -82,11 +84,11 @@ def roofline(cfg: NVLMConfig, fmt: str, tp: int, *, tiles: int = 7, text_tokens:
              output_tokens: int = 128, gpu: GPU = GPUS["h100-sxm"], kv_fp8: bool | None = None,
              vision_fp8: bool = False) -> Roofline:
     prompt = text_tokens + tiles * cfg.preprocess.tokens_per_tile
-    llm_peak = (gpu.fp8_tflops if fmt in FP8_COMPUTE else gpu.bf16_tflops) * 1e12
+    llm_peak = (gpu.fp8_tflops if get_format(fmt).fp8_compute else gpu.bf16_tflops) * 1e12
     vision_peak = (gpu.fp8_tflops if vision_fp8 else gpu.bf16_tflops) * 1e12
     vf, pf = vision_flops(cfg, tiles), prefill_flops(cfg, prompt)
     ttft = vf / vision_peak + pf / (llm_peak * tp)
-    kv_fp8 = fmt == "fp8" if kv_fp8 is None else kv_fp8
+    kv_fp8 = get_format(fmt).plan_kv_fp8 if kv_fp8 is None else kv_fp8
     context = prompt + output_tokens // 2  # mean context over the generated tokens
     weights = llm_weight_bytes(cfg, fmt) / tp
     kv = context * kv_bytes_per_token(cfg, 1 if kv_fp8 else 2, tp)
@@ -119,9 +121,6 @@ def build_facts(path: str | Path, *, checkpoint: str | Path | None = None, quant
                 tp: int | None = None, manifest: dict | None = None) -> BuildFacts:
     """From a build directory (its manifest.json names the source checkpoint and the options), or
     from a checkpoint / config.json directly (then quant and tp come from the arguments)."""
-    from builder.config import load_config
-    from builder.engine_build import read_manifest
-    from builder.errors import InputError
 
     path = Path(path)
     m = manifest if manifest is not None else read_manifest(path)
@@ -131,7 +130,8 @@ def build_facts(path: str | Path, *, checkpoint: str | Path | None = None, quant
         source = Path(checkpoint) if checkpoint else Path(m["source"]["path"])
         quant, tp = quant or opts["quant"], tp or opts["tp"]
         kv_fp8 = opts.get("kv_cache_dtype") == "fp8"
-        vision_fp8 = opts.get("vision_quant") == "fp8"
+        vision = get_vision_format(opts.get("vision_quant"))
+        vision_fp8 = vision is not None and vision.fp8_compute
         target = served_target(m)
     elif checkpoint:
         source = Path(checkpoint)

@@ -25,51 +25,20 @@ from typing import Callable, Sequence
 
 import torch
 
+from builder import trtllm_layout as layout
 from builder.errors import CheckpointError, InputError
-
-FP8_MAX = 448.0
-
-
-def q8(x: torch.Tensor) -> torch.Tensor:
-    """Round to float8 e4m3 (saturating) and back."""
-    return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
-
-
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """[out/2, in] int8 → [out, in] float in [-8, 7]: byte (p, i) holds rows 2p (low nibble), 2p+1 (high)."""
-    b = packed.view(torch.uint8).to(torch.int16)
-    lo = ((b & 0xF) ^ 8) - 8
-    hi = ((b >> 4) ^ 8) - 8
-    return torch.stack([lo, hi], dim=1).reshape(-1, packed.shape[1]).float()
-
-
-# --------------------------------------------------------------------------- linear formats
+from builder.llm_formats import FP8_MAX, LLMFormat, UnsupportedCombinationError, format_for_algo, q8
 
 
 class Linear:
-    """One rank's shard of a linear layer in its stored format; weights dequantized once at load."""
+    """One rank's shard of a linear layer in its stored format; dequantized once at load by the
+    format (builder/llm_formats.py: LLMFormat.dequantize)."""
 
-    def __init__(self, get: Callable[[str], torch.Tensor | None], prefix: str, algo: str | None):
+    def __init__(self, get: Callable[[str], torch.Tensor | None], prefix: str, fmt: LLMFormat):
         self.bias = get(prefix + "bias")
         self.bias = None if self.bias is None else self.bias.float()
-        w = get(prefix + "weight")
-        self.pqs = self.act_scale = None
-        if algo is None or w.dtype in (torch.bfloat16, torch.float16, torch.float32):
-            self.w = w.float()
-        elif algo == "FP8":
-            self.w = w.float() * get(prefix + "weights_scaling_factor").float()
-            self.act_scale = get(prefix + "activation_scaling_factor").float()
-        elif algo in ("W4A16_AWQ", "W4A8_AWQ"):
-            q = unpack_int4(w)
-            s = get(prefix + "weights_scaling_factor").float()  # [out, in / group]
-            self.w = q * s.repeat_interleave(q.shape[1] // s.shape[1], dim=1)
-            self.pqs = get(prefix + "prequant_scaling_factor").float()
-            if algo == "W4A8_AWQ":
-                s2 = get(prefix + "weights_scaling_factor_2").float()
-                self.w = q8(self.w / s2) * s2
-                self.act_scale = get(prefix + "activation_scaling_factor").float()
-        else:
-            raise CheckpointError(f"quant_algo {algo!r} is not supported by the reference executor")
+        stored = fmt.dequantize(get, prefix)
+        self.w, self.pqs, self.act_scale = stored.weight, stored.prequant_scale, stored.act_scale
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.pqs is not None:
@@ -144,7 +113,10 @@ class TRTLLMExecutor:
             raise CheckpointError(f"{cfg_file}: architecture {config.get('architecture')!r} is not a Qwen2 checkpoint")
         m = config["mapping"]
         tp, pp = m["tp_size"], m["pp_size"]
-        algo = (config.get("quantization") or {}).get("quant_algo")
+        try:
+            fmt = format_for_algo((config.get("quantization") or {}).get("quant_algo"))
+        except UnsupportedCombinationError as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from None
         ranks = []
         for r in range(tp * pp):
             f = directory / f"rank{r}.safetensors"
@@ -160,25 +132,25 @@ class TRTLLMExecutor:
         for p in range(pp):
             gets = [getter(p * tp + t) for t in range(tp)]
             for j in range(per_stage):
-                pre = f"transformer.layers.{j}."
-                kv = gets[0](pre + "attention.kv_cache_scaling_factor")
+                kv = gets[0](layout.KV_SCALE.format(j=j))
+
+                def linears(role):
+                    return [Linear(g, layout.prefix(role, j), fmt) for g in gets]
+
                 layers.append(RankLayer(
-                    input_norm=gets[0](pre + "input_layernorm.weight").float(),
-                    post_norm=gets[0](pre + "post_layernorm.weight").float(),
-                    qkv=[Linear(g, pre + "attention.qkv.", algo) for g in gets],
-                    dense=[Linear(g, pre + "attention.dense.", algo) for g in gets],
-                    fc=[Linear(g, pre + "mlp.fc.", algo) for g in gets],
-                    gate=[Linear(g, pre + "mlp.gate.", algo) for g in gets],
-                    proj=[Linear(g, pre + "mlp.proj.", algo) for g in gets],
-                    kv_scale=None if kv is None else kv.float()))
+                    input_norm=gets[0](layout.target("input_norm", j)).float(),
+                    post_norm=gets[0](layout.target("post_norm", j)).float(),
+                    qkv=linears("qkv"), dense=linears("dense"), fc=linears("fc"), gate=linears("gate"),
+                    proj=linears("proj"), kv_scale=None if kv is None else kv.float()))
                 if any(lin.bias is not None for lin in layers[-1].dense + layers[-1].proj):
                     # TensorRT-LLM adds a row-parallel bias once after the all-reduce; Qwen2 has none
                     raise CheckpointError(f"{directory}: row-parallel biases (dense/proj) are not expected in Qwen2")
         first = [getter(t) for t in range(tp)]
         last = [getter((pp - 1) * tp + t) for t in range(tp)]
-        embedding = torch.cat([g("transformer.vocab_embedding.weight").float() for g in first])  # rows split over TP
-        lm_head = torch.cat([g("lm_head.weight").float() for g in last])
-        final_norm = last[0]("transformer.ln_f.weight").float()
+        # rows split over TP (use_parallel_embedding): the ranks' slices, concatenated
+        embedding = torch.cat([g(layout.target("embedding")).float() for g in first])
+        lm_head = torch.cat([g(layout.target("lm_head")).float() for g in last])
+        final_norm = last[0](layout.target("final_norm")).float()
         return cls(directory, config, layers, embedding, final_norm, lm_head)
 
     # ------------------------------------------------------------------ forward

@@ -108,7 +108,7 @@ def check_image(w, h, device, timer, repeats, copy_bw, seed):
 
     from plugins.tiling import normalize_tiles, tile_image
     from runtime.preprocess import default_config, preprocess_image, tile_images
-    from runtime.preprocess_fast import preprocess_image_fast
+    from runtime.preprocess import preprocess_image_fast
 
     cfg = default_config()
     rng = np.random.default_rng(seed)

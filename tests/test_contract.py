@@ -22,7 +22,8 @@ from builder.llm_build import build_llm
 from builder.llm_formats import BuildOptions, get_format
 from runtime.client import ClientError, NVLMClient
 from tests.conftest import ROOT, server_ports
-from triton_repo.contract import check_repository, load_contract
+from triton_repo.check import check_repository
+from triton_repo.contract import load_contract
 from triton_repo.generate import generate_repo
 from triton_repo.specs import llm_step_sends, parse
 

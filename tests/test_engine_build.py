@@ -12,11 +12,13 @@ import numpy as np
 import pytest
 import torch
 
+from builder.build_dir import read_limits
+from builder.checkpoint import Checkpoint
 from builder.config import from_hf
 from builder.engine_build import STATUS_PORTABLE, BuildError, EngineBuildOptions, build_engine
 from builder.engines import EngineLimits, trtllm_build_args, vision_engine_settings
 from builder.errors import OutputExistsError
-from builder.llm_formats import BuildOptions, get_format
+from builder.llm_formats import BuildOptions, get_format, get_vision_format
 from tests.conftest import ROOT
 
 
@@ -103,6 +105,12 @@ def test_engine_build_on_cpu(request, tmp_path, ckpt_name, quant):
     assert disk == m and disk["schema"] == "nvlm-trt/build/v1"
     assert set(disk["source"]["files"]) >= {"config.json", "model.safetensors.index.json", "tokenizer.json"}
     assert disk["options"]["quant"] == quant and disk["tools"]["nvlm-trt"]
+    rec = disk["limits"]  # resolved against the checkpoint: its max tiles + thumbnail, its tokens per tile
+    pre = Checkpoint.open(ckpt).config.preprocess
+    tiles = pre.max_tiles_per_image
+    assert rec["tokens_per_tile"] == pre.tokens_per_tile == 256 and rec["max_tiles_per_image"] == tiles
+    assert rec["max_multimodal_len"] == rec["max_batch_size"] * rec["max_images_per_request"] * tiles * 256
+    assert read_limits(out).max_input_len == rec["max_input_len"] == rec["max_input_text_len"] + tiles * 256
     for name, rec in disk["stages"].items():
         assert rec["status"] in ("done", "pending") and rec["checksums"] and rec["seconds"] >= 0, name
     for p in ("tokenizer/tokenizer.json", "preprocess.json", "vision/vision_encoder.onnx", "llm/config.json",
@@ -189,7 +197,12 @@ def test_resume_redoes_a_stage_that_no_longer_verifies(demo_ckpt, tmp_path):
 
 # Documented expectations (docs/engine.md): NVLM-D-72B, max batch 8, 7 tiles per image, one image per
 # request: max_multimodal_len = 8 × 7 × 256 = 14,336; max_input_len = 2,048 text + 1,792 image tokens.
-LIMITS = EngineLimits(max_batch_size=8, max_tiles_per_image=7, max_input_text_len=2048, max_output_len=1024)
+LIMITS = EngineLimits(max_batch_size=8, max_input_text_len=2048, max_output_len=1024)
+
+
+def _limits(config):
+    """LIMITS resolved against a checkpoint's preprocessing (tokens per tile, tiles per image)."""
+    return LIMITS.resolve(from_hf(config).preprocess)
 
 
 def _flags(args):
@@ -198,7 +211,7 @@ def _flags(args):
 
 def test_trtllm_build_72b_tp2_fp8(config_72b):
     args = trtllm_build_args(Path("llm"), Path("engines/llm"),
-                             BuildOptions(get_format("fp8"), tp=2, kv_cache_fp8=True), LIMITS)
+                             BuildOptions(get_format("fp8"), tp=2, kv_cache_fp8=True), _limits(config_72b))
     f = _flags(args)
     assert args[0] == "trtllm-build"
     assert f == {
@@ -210,16 +223,36 @@ def test_trtllm_build_72b_tp2_fp8(config_72b):
 
 
 def test_trtllm_build_72b_tp1_int4_awq(config_72b):
-    f = _flags(trtllm_build_args(Path("llm"), Path("engines/llm"), BuildOptions(get_format("int4_awq")), LIMITS))
+    f = _flags(trtllm_build_args(Path("llm"), Path("engines/llm"), BuildOptions(get_format("int4_awq")),
+                                 _limits(config_72b)))
     assert f["--workers"] == "1" and f["--max_multimodal_len"] == "14336"
     assert "--use_fp8_context_fmha" not in f  # FP8 attention only for FP8 builds with an FP8 KV cache
 
 
 def test_vision_engine_settings_72b(config_72b):
     cfg = from_hf(config_72b)
-    s = vision_engine_settings(cfg, Path("vision"), Path("engines"), "fp16", LIMITS)
+    s = vision_engine_settings(cfg, Path("vision"), Path("engines"), "fp16", _limits(config_72b))
     assert s.profile_min == (1, 3, 448, 448) and s.profile_opt == (7, 3, 448, 448) and s.profile_max == (56, 3, 448, 448)
     assert s.precision_flags == ("FP16",) and not s.strongly_typed
     assert s.output_shape == (-1, 256, 8192) and s.onnx == "vision/vision_encoder.onnx"
-    fp8 = vision_engine_settings(cfg, Path("vision"), Path("engines"), "fp16", LIMITS, fp8=True)
+    fp8 = vision_engine_settings(cfg, Path("vision"), Path("engines"), "fp16", _limits(config_72b),
+                                 quant=get_vision_format("fp8"))
     assert fp8.onnx.endswith("vision_encoder.fp8.onnx") and fp8.strongly_typed and "FP8" in fp8.precision_flags
+
+
+def test_engine_limits_follow_the_checkpoints_tokens_per_tile(config_72b):
+    """A checkpoint whose pixel shuffle keeps more tokens per tile (downsample ratio 1.0: 1024, not 256)
+    gets trtllm-build limits sized for it; the engine build records them in the manifest."""
+    import copy
+
+    raw = copy.deepcopy(config_72b)
+    raw["downsample_ratio"] = 1.0
+    cfg = from_hf(raw)
+    assert cfg.preprocess.tokens_per_tile == 1024
+    f = _flags(trtllm_build_args(Path("llm"), Path("engines/llm"), BuildOptions(get_format("fp8"), tp=2),
+                                 _limits(raw)))
+    assert f["--max_multimodal_len"] == str(8 * 7 * 1024) and f["--max_input_len"] == str(2048 + 7 * 1024)
+    assert f["--max_seq_len"] == str(2048 + 7 * 1024 + 1024)
+    with pytest.raises(Exception, match="tiles per image must be ≥ 1"):
+        EngineLimits(max_tiles_per_image=0).resolve(cfg.preprocess)
+

@@ -5,8 +5,8 @@ import torch
 
 from builder.errors import InputError
 from builder.llm_build import build_llm
-from builder.llm_formats import BuildOptions, get_format
-from runtime.trtllm_executor import KVCache, Request, TRTLLMExecutor, q8, sample, unpack_int4
+from builder.llm_formats import BuildOptions, get_format, q8, unpack_int4
+from runtime.trtllm_executor import KVCache, Request, TRTLLMExecutor, sample
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ from builder.cli import main
 from builder.config import from_hf
 from builder.errors import OutputExistsError
 from builder.llm_build import build_llm
-from builder.llm_formats import BuildOptions, UnsupportedCombinationError, get_format, validate
+from builder.llm_formats import FORMATS as FORMAT_REGISTRY
+from builder.llm_formats import BuildOptions, UnsupportedCombinationError, format_for_algo, get_format, validate
 from runtime.trtllm_executor import Request, TRTLLMExecutor
 
 FORMATS = [("bf16", False), ("fp16", False), ("fp8", False), ("fp8", True), ("int4_awq", False), ("w4a8_awq", False)]
@@ -142,6 +143,32 @@ def test_awq_group_size_versus_tp_on_72b(config_72b):
         validate(cfg, BuildOptions(get_format("int4_awq"), awq_group_size=96))
 
 
+def test_w4a8_awq_group_64_is_refused_up_front(demo_ckpt, tmp_path, capsys):
+    """TensorRT-LLM 1.2's groupwise quantized linear layers raise NotImplementedError for W4A8-AWQ with
+    group size 64; the checkpoint it would get is refused before any work, naming the allowed size."""
+    with pytest.raises(UnsupportedCombinationError, match="accepts 128 for w4a8_awq"):
+        validate(from_hf(json.loads((demo_ckpt / "config.json").read_text())),
+                 BuildOptions(get_format("w4a8_awq"), awq_group_size=64))
+    out = tmp_path / "x"
+    assert main(["llm", str(demo_ckpt), "-o", str(out), "--quant", "w4a8_awq", "--awq-group-size", "64"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "accepts 128 for w4a8_awq" in err and not out.exists()
+
+
+def test_format_classes_are_the_one_description():
+    """Bytes per parameter, FP8 compute and group sizes come from the format objects (inspect, sizing
+    and the roofline read them): each value checked by hand."""
+    assert get_format("bf16").linear_bytes_per_param() == get_format("fp16").linear_bytes_per_param() == 2.0
+    assert get_format("fp8").linear_bytes_per_param() == 1.0
+    assert get_format("int4_awq").linear_bytes_per_param(128) == 0.5 + 2 / 128
+    assert get_format("int4_awq").linear_bytes_per_param(64) == 0.5 + 2 / 64
+    assert get_format("w4a8_awq").linear_bytes_per_param(128) == 0.5 + 2 / 128
+    assert [f for f, v in FORMAT_REGISTRY.items() if v.fp8_compute] == ["fp8", "w4a8_awq"]
+    assert format_for_algo("W4A8_AWQ") is get_format("w4a8_awq") and format_for_algo(None) is get_format("bf16")
+    with pytest.raises(UnsupportedCombinationError, match="NVFP4"):
+        format_for_algo("NVFP4")
+
+
 @pytest.mark.parametrize("opts, message", [
     (dict(tp=3), "must divide the 64 attention heads"),
     (dict(pp=3), "must divide the 80 layers"),
@@ -204,7 +231,7 @@ def test_calibration_data_errors(demo_ckpt, tmp_path):
 
 
 def test_calibration_from_image_folder(demo_ckpt, tmp_path):
-    from builder.calibration import synthetic_scene
+    from runtime.scenes import synthetic_scene
 
     folder = tmp_path / "imgs"
     folder.mkdir()

@@ -9,9 +9,17 @@ from PIL import Image
 
 from builder.errors import EnvironmentMismatchError, InputError
 from plugins.pillow_resample import resample_reference
-from runtime.preprocess import (candidate_grids, check_pillow, choose_grid, default_config, load_image,
-                                preprocess_image, preprocess_images, tile_images)
-from runtime.preprocess_fast import preprocess_image_fast
+from runtime.preprocess import (
+    candidate_grids,
+    check_pillow,
+    choose_grid,
+    default_config,
+    load_image,
+    preprocess_image,
+    preprocess_image_fast,
+    preprocess_images,
+    tile_images,
+)
 
 S = 448
 

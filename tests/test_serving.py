@@ -15,7 +15,8 @@ import pytest
 from builder.engine_build import EngineBuildOptions, build_engine
 from builder.llm_formats import BuildOptions, get_format
 from runtime.client import ClientError, NVLMClient
-from tests.conftest import ROOT, server_ports as _ports
+from tests.conftest import ROOT
+from tests.conftest import server_ports as _ports
 
 IMAGE = ROOT / "assets" / "demo_scene.png"
 
@@ -457,7 +458,7 @@ def test_bench_bad_input_fails_before_the_run(server, args, message, capsys):
 
 
 def test_bench_jsonl_workload_errors(tmp_path):
-    from runtime.bench import BenchError, load_workload
+    from runtime.workloads import BenchError, load_workload
 
     f = tmp_path / "w.jsonl"
     f.write_text('{"text_input": "hi"}\nbroken\n{"text_input": "x", "image": "missing.png"}\n')

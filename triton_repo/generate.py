@@ -16,10 +16,11 @@ import json
 import os
 from pathlib import Path
 
-from builder.engine_build import read_manifest, read_preprocess
+from builder.build_dir import engine_dtype, read_limits, read_preprocess
 from builder.engines import kv_cache_free_gpu_mem_fraction
 
-from .contract import ContractError, check_repository, engine_dtype
+from .check import check_repository
+from .contract import ContractError
 from .serving import MODEL_CLASSES, STANDIN_CLASSES
 from .specs import RenderError, llm_step_sends, model_specs, render
 
@@ -39,12 +40,11 @@ VISION_DTYPES = {"fp16": "FP16", "bf16": "BF16", "fp32": "FP32"}
 PLAN = Path("engines") / "vision_encoder.engine"
 
 
-def _kv_fraction(build: Path, options: dict) -> float:
+def _kv_fraction(build: Path, limits) -> float:
     ranks = [p.stat().st_size for p in (build / "llm").glob("rank*.safetensors")]
     vision = sum(p.stat().st_size for p in (build / "vision").glob("*") if p.is_file())
-    tiles = options.get("max_batch_size", 8) * options.get("max_images", 1) * options.get("max_tiles", 7)
     return kv_cache_free_gpu_mem_fraction(llm_bytes_per_gpu=max(ranks, default=0), vision_engine_bytes=vision,
-                                          max_vision_tiles=tiles)
+                                          max_vision_tiles=limits.max_vision_tiles)
 
 
 def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "reference",
@@ -59,15 +59,15 @@ def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "refere
     if not llm_cfg.is_file():
         raise RenderError(f"{build} is not an nvlm-build output (no llm/config.json); run `nvlm-build engine` first")
     cfg = json.loads(llm_cfg.read_text())
-    options = (read_manifest(build) or {}).get("options", {})
+    limits = read_limits(build)
     pre, _ = read_preprocess(build)
     vision_info = json.loads((build / "vision" / "config.json").read_text())
     engine = engine_dtype(cfg)
     vision = VISION_DTYPES[vision_info["dtype"]]
-    specs = model_specs(target, llm_hidden=cfg["hidden_size"], max_batch_size=options.get("max_batch_size", 8),
+    specs = model_specs(target, llm_hidden=cfg["hidden_size"], max_batch_size=limits.max_batch_size,
                         engine_dtype=engine, vision_dtype=vision,
                         engine_dir=str(served / "engines" / "llm"), build_dir=str(served),
-                        kv_cache_free_gpu_mem_fraction=_kv_fraction(build, options),
+                        kv_cache_free_gpu_mem_fraction=_kv_fraction(build, limits),
                         image_size=pre.image_size, tokens_per_tile=pre.tokens_per_tile)
     written = []
     for spec in specs:

@@ -18,7 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
-MAX_OUTPUT_LEN = 1024
+from builder.build_dir import engine_dtype, read_limits, read_preprocess
+from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
+from runtime.prompt import build_prompt, tile_tags, with_image_placeholders
+from runtime.tokenizer import NVLMTokenizer, StreamDecoder
+from runtime.trtllm_executor import Request, TRTLLMExecutor
+
+from .contract import load_contract
 
 
 def _pb():
@@ -104,12 +110,9 @@ def _decoupled(requests, handle, prefix: str):
 
 
 def _limits(build: Path) -> dict:
-    from builder.engine_build import read_manifest, read_preprocess
-
-    options = (read_manifest(build) or {}).get("options", {})
-    images = options.get("max_images", 1) * options.get("max_tiles", 7) * read_preprocess(build)[0].tokens_per_tile
-    return {"max_output_len": options.get("max_output_len", MAX_OUTPUT_LEN),
-            "max_input_len": options.get("max_input_text_len", 2048) + images}
+    limits = read_limits(build)
+    return {"max_output_len": limits.max_output_len, "max_input_len": limits.max_input_len,
+            "max_images": limits.max_images_per_request}
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -119,20 +122,14 @@ class PreprocessingModel:
     """text_input (+ image_bytes) → TensorRT-LLM input_ids (fake ids at image positions), pixel_values."""
 
     def initialize(self, args):
-        from builder.engine_build import read_preprocess
-        from runtime.tokenizer import NVLMTokenizer
-
         build = _build_dir(args)
-        self.cfg, pre = read_preprocess(build)
-        self.max_images = pre.get("max_images_per_request", 4)
+        self.cfg, _ = read_preprocess(build)
+        self.max_images = _limits(build)["max_images"]
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.vocab = json.loads((build / "llm" / "config.json").read_text())["vocab_size"]
         self.gpu = _cuda()  # GPU hosts: Pillow-exact Triton kernels (plugins/tiling.py) do the tiling
 
     def _tile(self, images):
-        from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
-        from runtime.prompt import tile_tags
-
         if not self.gpu:
             return preprocess_images(images, self.cfg, max_images=self.max_images)
         import torch
@@ -158,8 +155,6 @@ class PreprocessingModel:
         return out
 
     def _one(self, request, pb):
-        from runtime.prompt import build_prompt, with_image_placeholders
-
         text = _input(request, "text_input")
         if text is None or text.size == 0:
             raise ValueError("text_input is required")
@@ -240,8 +235,6 @@ class ReferenceLLMModel:
     """The `tensorrtllm` backend's I/O, computed by the reference executor (decoupled, streaming)."""
 
     def initialize(self, args):
-        from runtime.trtllm_executor import TRTLLMExecutor
-
         self.build = _build_dir(args)
         self.executor = TRTLLMExecutor.load(self.build / "llm")
         self.limits = _limits(self.build)
@@ -259,10 +252,6 @@ class ReferenceLLMModel:
         return None if table.numel() == 0 else table.reshape(-1, table.shape[-1]).float()
 
     def _one(self, request, sender, pb):
-        import torch
-
-        from runtime.trtllm_executor import Request
-
         ids = _input(request, "input_ids")
         if ids is None or ids.size == 0:
             raise ValueError("input_ids is required and must not be empty")
@@ -307,10 +296,6 @@ class ContractLLMModel(ReferenceLLMModel):
     engine_path = ""
 
     def initialize(self, args):
-        from runtime.trtllm_executor import TRTLLMExecutor
-
-        from .contract import engine_dtype, load_contract
-
         self.contract = c = load_contract()
         params = _params(args)
         for key in c.required_parameters:
@@ -346,8 +331,6 @@ class ContractLLMModel(ReferenceLLMModel):
 
 class PostprocessingModel:
     def initialize(self, args):
-        from runtime.tokenizer import NVLMTokenizer
-
         self.tok = NVLMTokenizer.from_dir(_build_dir(args) / "tokenizer")
 
     def execute(self, requests):
@@ -370,8 +353,6 @@ class EntryModel:
     """Client-facing `nvlm`: tensorrtllm_backend's inputs, images as encoded bytes, streaming."""
 
     def initialize(self, args):
-        from runtime.tokenizer import NVLMTokenizer
-
         build = _build_dir(args)
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.limits = _limits(build)
@@ -445,7 +426,6 @@ class EntryModel:
                       for t in llm_inputs]
         stream = _scalar(request, "stream", False, bool)
         tokens: list[int] = []
-        from runtime.tokenizer import StreamDecoder
 
         text = StreamDecoder(self.tok)
         for resp in self._call(pb, "tensorrt_llm", llm_inputs, ["output_ids", "sequence_length"], decoupled=True):

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields, is_dataclass
 
 from builder.errors import NVLMError
 
+from .contract import load_contract, resolve
+
 # our dtype names → Triton's DataType enum (Triton calls variable-length bytes TYPE_STRING)
 DTYPES = {"BOOL": "TYPE_BOOL", "UINT8": "TYPE_UINT8", "INT32": "TYPE_INT32", "INT64": "TYPE_INT64",
           "UINT64": "TYPE_UINT64", "FP16": "TYPE_FP16", "BF16": "TYPE_BF16", "FP32": "TYPE_FP32",
@@ -138,15 +140,12 @@ LLM_STEP_OUTPUTS = ("output_ids", "sequence_length")
 
 
 def _contract_tensors(entries, engine: str, only=None) -> tuple[Tensor, ...]:
-    from .contract import resolve
-
     picked = entries if only is None else [e for e in entries if e.name in only]
     return tuple(Tensor(e.name, resolve(e, engine), e.dims, e.optional, e.reshape, e.ragged) for e in picked)
 
 
 def llm_step_sends(engine: str) -> dict[str, str]:
     """name → dtype of every tensor the entry model sends `tensorrt_llm` for an engine of dtype `engine`."""
-    from .contract import load_contract
 
     return {t.name: t.dtype for t in _contract_tensors(load_contract().inputs, engine, LLM_STEP_SENDS)}
 
@@ -154,14 +153,12 @@ def llm_step_sends(engine: str) -> dict[str, str]:
 def entry_inputs() -> tuple[Tensor, ...]:
     """Client-facing inputs: NVIDIA's `ensemble` template's names and dtypes (the subset nvlm-trt
     implements), plus images as encoded bytes."""
-    from .contract import load_contract
 
     ours = (Tensor("image_bytes", "BYTES", (-1,), optional=True),)
     return ours + tuple(Tensor(e.name, e.dtype, e.dims, e.optional) for e in load_contract().client_inputs)
 
 
 def entry_outputs() -> tuple[Tensor, ...]:
-    from .contract import load_contract
 
     # output_ids is ours: clients and tests check tokens exactly
     return (Tensor("output_ids", "INT32", (-1,)),) + tuple(
@@ -189,7 +186,6 @@ def model_specs(target: str, *, llm_hidden: int, max_batch_size: int, engine_dty
     """Model configs of the repository for `target` (TARGETS). `engine_dtype`: the LLM engine's activation
     dtype (the prompt table must match it); `vision_dtype`: the vision engine's I/O dtype. Python models
     find the build (tokenizer, preprocess.json, vision ONNX, llm checkpoint) through `build_dir`."""
-    from .contract import load_contract
 
     if target not in TARGETS:
         raise RenderError(f"target {target!r}: choose one of {', '.join(TARGETS)}")

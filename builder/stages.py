@@ -1,0 +1,202 @@
+"""The stages of `nvlm-build engine`: each writes one output of the build directory into a temporary
+folder that the driver (builder/engine_build.py) renames into place and records in the manifest.
+
+    tokenizer → preprocess.json → vision/ → llm/ → engines/ → triton_repo/ → deploy/ → reports/
+
+A stage is `Stage(name, output, run(ctx, tmp) -> details, estimate_bytes(ctx))`; `STAGES` is their order.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from runtime.reference import NVLMDReference
+from runtime.tokenizer import NVLMTokenizer
+from triton_repo.generate import generate_repo
+
+from .build_dir import write_preprocess
+from .checkpoint import Checkpoint
+from .deploy import write_kit
+from .engines import (
+    EngineLimits,
+    build_vision_engine,
+    finish_script,
+    trtllm_build_args,
+    vision_engine_settings,
+)
+from .errors import NVLMError
+from .inspect import llm_breakdown
+from .llm_build import build_llm
+from .llm_formats import BuildOptions, VisionFormat
+from .vision_export import export_vision
+from .weight_map import components_for
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "vocab.json", "merges.txt")
+
+
+class BuildError(NVLMError):
+    """The engine build cannot start or continue."""
+
+
+@dataclass(frozen=True)
+class EngineBuildOptions:
+    llm: BuildOptions
+    target: str = "auto"  # auto | trt | reference
+    vision_dtype: str = "fp16"
+    vision_quant: VisionFormat | None = None
+    limits: EngineLimits = EngineLimits()
+    calib_data: str | None = None
+    calib_size: int = 32
+
+    def as_dict(self) -> dict:
+        return {"quant": self.llm.fmt.name, "kv_cache_dtype": "fp8" if self.llm.kv_cache_fp8 else "auto",
+                "tp": self.llm.tp, "pp": self.llm.pp, "awq_group_size": self.llm.awq_group_size,
+                "target": self.target, "vision_dtype": self.vision_dtype,
+                "vision_quant": self.vision_quant.name if self.vision_quant else None,
+                "max_batch_size": self.limits.max_batch_size, "max_tiles": self.limits.max_tiles_per_image,
+                "max_images": self.limits.max_images_per_request,
+                "max_input_text_len": self.limits.max_input_text_len, "max_output_len": self.limits.max_output_len,
+                "calib_data": self.calib_data, "calib_size": self.calib_size}
+
+
+@dataclass
+class Context:
+    ckpt: Checkpoint
+    opts: EngineBuildOptions
+    root: Path  # the .partial directory
+    reference: object = None
+    engines_possible: bool = False
+    engines_detail: str = ""
+
+    def get_reference(self):
+        if self.reference is None:
+
+            self.reference = NVLMDReference.from_checkpoint(self.ckpt)
+        return self.reference
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    output: str | None  # folder or file under the build root this stage owns
+    run: Callable[[Context, Path], dict]  # (ctx, stage tmp dir) -> details
+    estimate_bytes: Callable[[Context], int] = lambda ctx: 0
+
+
+def _tokenizer(ctx: Context, tmp: Path) -> dict:
+    tok = NVLMTokenizer.from_dir(ctx.ckpt.directory)
+    tok.check_vocab(ctx.ckpt.config.llm.vocab_size)
+    copied = [f for f in TOKENIZER_FILES if (ctx.ckpt.directory / f).is_file()]
+    for f in copied:
+        shutil.copy2(ctx.ckpt.directory / f, tmp / f)
+    return {"files": copied, "vocab": tok.vocab_size, "image_pad_id": tok.image_pad_id, "im_end_id": tok.im_end_id}
+
+
+def _preprocess(ctx: Context, tmp: Path) -> dict:
+    p = ctx.ckpt.config.preprocess
+    write_preprocess(tmp, p, ctx.opts.limits)
+    return {"tokens_per_tile": p.tokens_per_tile, "max_tiles_per_image": p.max_tiles_per_image}
+
+
+def _vision(ctx: Context, tmp: Path) -> dict:
+    info = export_vision(ctx.get_reference(), tmp, dtype=ctx.opts.vision_dtype, vision_quant=ctx.opts.vision_quant,
+                         max_tiles=ctx.opts.limits.max_vision_tiles)
+    return {"dtype": info["dtype"], "files": info["files"], "checks": info["checks"]}
+
+
+def _llm(ctx: Context, tmp: Path) -> dict:
+    target = tmp / "ckpt"
+    summary = build_llm(ctx.ckpt.directory, target, ctx.opts.llm, calib_data=ctx.opts.calib_data,
+                        calib_size=ctx.opts.calib_size)
+    for p in target.iterdir():  # the stage folder is the checkpoint itself
+        p.rename(tmp / p.name)
+    target.rmdir()
+    return {"format": summary["format"], "fidelity_passed": summary["fidelity_passed"]}
+
+
+def _engines(ctx: Context, tmp: Path) -> dict:
+    o = ctx.opts
+    llm_cmd = trtllm_build_args(Path("llm"), Path("engines/llm"), o.llm, o.limits)
+    vis = vision_engine_settings(ctx.ckpt.config, Path("vision"), Path("engines"), o.vision_dtype, o.limits,
+                                 quant=o.vision_quant)
+    settings = {"trtllm_build": llm_cmd, "vision_engine": vis.__dict__}
+    (tmp / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
+    vision_cmd = [sys.executable if ctx.engines_possible else "python3", "-c",
+                  "import json; from builder.engines import VisionEngineSettings as S, build_vision_engine as b; "
+                  "d = json.load(open('engines/settings.json'))['vision_engine']; "
+                  "print(b(S(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})))"]
+    repo_cmd = ["python3", "-m", "builder.cli", "triton-repo", ".", "-o", "triton_repo", "--target", "trt", "--force"]
+    (tmp / "build_engines.sh").write_text(finish_script([llm_cmd, vision_cmd, repo_cmd]))
+    (tmp / "build_engines.sh").chmod(0o755)
+    if not ctx.engines_possible:
+        return {"status": "pending", "reason": ctx.engines_detail,
+                "finish": "cd OUT && engines/build_engines.sh  (on a GPU host)"}
+    import subprocess
+
+
+    # Build into this stage's temporary folder (renamed to engines/ when done), reading the finished
+    # llm/ and vision/ stages by absolute path.
+    subprocess.run(trtllm_build_args(ctx.root / "llm", tmp / "llm", o.llm, o.limits), check=True)
+    built = build_vision_engine(vision_engine_settings(ctx.ckpt.config, ctx.root / "vision", tmp, o.vision_dtype,
+                                                       o.limits, quant=o.vision_quant))
+    return {"status": "built", "vision_output_shape": built["output_shape"]}
+
+
+def _triton_repo(ctx: Context, tmp: Path) -> dict:
+    """The Triton model repository: `reference` target unless the engines were built here. Python
+    models find the build through an absolute path; the repository is regenerated by
+    `nvlm-build triton-repo BUILD -o REPO` after moving a build."""
+
+    target = "trt" if ctx.engines_possible else "reference"
+    final_root = ctx.root.with_name(ctx.root.name[1:-len(".partial")])  # .OUT.partial → OUT
+    models = generate_repo(ctx.root, tmp, target, build_path=final_root, repo_path=final_root / "triton_repo")
+    return {"target": target, "models": models}
+
+
+def _deploy(ctx: Context, tmp: Path) -> dict:
+    """deploy/: Dockerfile, launch script and the nvlm-trt source, for serving on a GPU host."""
+
+    return write_kit(tmp, ctx.opts.llm.world_size)
+
+
+def _reports(ctx: Context, tmp: Path) -> dict:
+    llm_report = json.loads((ctx.root / "llm" / "reports" / "fidelity.json").read_text())
+    vision = json.loads((ctx.root / "vision" / "config.json").read_text())["checks"]
+    checks = [{"component": "llm", **c} for c in llm_report["checks"]]
+    checks += [{"component": "vision", "name": name, **c, "why": "onnxruntime check of the exported encoder"}
+               for name, c in vision.items()]
+    report = {"passed": all(c["passed"] for c in checks), "llm_format": llm_report["format"], "checks": checks}
+    (tmp / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
+    if not report["passed"]:
+        raise BuildError("fidelity checks failed: " + ", ".join(c["name"] for c in checks if not c["passed"]))
+    return {"passed": True, "checks": len(checks)}
+
+
+def _vision_bytes(ctx: Context) -> int:
+    params = sum(c.num_params(ctx.ckpt.config) for c in components_for(ctx.ckpt.config) if c.name != "llm")
+    quant = ctx.opts.vision_quant
+    return int(params * (4 + (quant.bytes_per_param if quant else 0)))  # fp32 upper bound + a quantized copy
+
+
+def _llm_bytes(ctx: Context) -> int:
+    b = llm_breakdown(ctx.ckpt.config)
+    per = ctx.opts.llm.fmt.linear_bytes_per_param(ctx.opts.llm.awq_group_size)
+    return int(b.linear * per + 2 * (b.embedding + b.lm_head + b.other))
+
+
+STAGES = [
+    Stage("tokenizer", "tokenizer", _tokenizer),
+    Stage("preprocess", "preprocess.json", _preprocess),
+    Stage("vision", "vision", _vision, lambda ctx: _vision_bytes(ctx)),
+    Stage("llm", "llm", _llm, _llm_bytes),
+    Stage("engines", "engines", _engines),
+    Stage("triton_repo", "triton_repo", _triton_repo),
+    Stage("deploy", "deploy", _deploy),
+    Stage("reports", "reports", _reports),
+]

@@ -1,0 +1,27 @@
+"""Synthetic test scenes: deterministic images for calibration, fidelity prompts and benchmark workloads."""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# (width, height) cycling through tile counts 1, 3, 4, 5, 6, 7 under the 448 / 6-tile rules
+SCENE_SIZES = [(448, 448), (896, 448), (640, 1280), (1000, 1000), (1400, 700), (870, 696), (2000, 340)]
+
+
+def synthetic_scene(width: int, height: int, seed: int) -> Image.Image:
+    """A deterministic scene: a noisy colour gradient, 3–8 filled ellipses and rectangles, a caption."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+    t = (x / max(width - 1, 1))[..., None]
+    bg = (c0 * (1 - t) + c1 * t + rng.normal(0, 6, (height, width, 3))).clip(0, 255).astype(np.uint8)
+    img = Image.fromarray(bg)
+    d = ImageDraw.Draw(img)
+    for _ in range(int(rng.integers(3, 9))):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = int(rng.integers(width // 10 + 1, width // 3 + 2)), int(rng.integers(height // 10 + 1, height // 3 + 2))
+        color = tuple(int(v) for v in rng.integers(0, 256, 3))
+        (d.ellipse if rng.random() < 0.5 else d.rectangle)((x0, y0, x0 + w, y0 + h), fill=color)
+    d.text((width // 10, height // 2), "NVLM calibration", fill=(0, 0, 0))
+    return img
