@@ -30,7 +30,7 @@ def main():
     from builder.fidelity import prepare_prompts
     from builder.llm_build import quantize
     from builder.llm_formats import BuildOptions, get_format
-    from runtime.reference import NVLMDReference
+    from runtime.reference import reference_model
     from runtime.tokenizer import NVLMTokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,7 +40,7 @@ def main():
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     ckpt = args.ckpt or write_demo_checkpoint(Path(tempfile.mkdtemp()) / "demo")
-    ref = NVLMDReference.from_checkpoint(ckpt)
+    ref = reference_model(ckpt)
     tok = NVLMTokenizer.from_dir(ckpt)
     runs = prepare_prompts(ref, tok)
     with torch.no_grad():

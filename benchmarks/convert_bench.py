@@ -26,9 +26,8 @@ def make_checkpoint(out: Path, layers: int, hidden: int, inter: int, shards: int
     import torch
     from safetensors.torch import save_file
 
-    from builder.config import from_hf
     from builder.demo_checkpoint import DemoDims, build_tokenizer, demo_config
-    from builder.weight_map import components_for
+    from builder.families import family_for, from_hf
 
     dims = DemoDims(llm_hidden=hidden, llm_layers=layers, llm_heads=hidden // 128, llm_kv_heads=4,
                     llm_intermediate=inter)
@@ -38,7 +37,7 @@ def make_checkpoint(out: Path, layers: int, hidden: int, inter: int, shards: int
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(raw))
     tok.save(str(out / "tokenizer.json"))
-    rows = [r for c in components_for(cfg) for r in c.expand(cfg)]
+    rows = [r for c in family_for(cfg).components for r in c.expand(cfg)]
     per = -(-len(rows) // shards)
     weight_map = {}
     g = torch.Generator().manual_seed(0)

@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .config import NVLMConfig, load_config
+from .config import NVLMConfig
 from .errors import CheckpointError, PickleCheckpointError, ShapeMismatchError
+from .families import family_for, load_config
 from .weight_map import Plan, plan
 
 log = logging.getLogger(__name__)
@@ -169,7 +170,7 @@ class Checkpoint:
 
     def validate(self) -> Plan:
         """Weight map completeness, then shapes and dtypes against the config."""
-        result = plan(self.tensors, self.config)
+        result = plan(self.tensors, self.config, family_for(self.config).components)
         for name, shape in result.expected_shapes().items():
             info = self.tensors[name]
             if info.shape != shape:

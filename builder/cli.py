@@ -11,7 +11,7 @@ from typing import Callable
 
 from runtime.preprocess import preprocess_files
 from runtime.prompt import Message, build_prompt
-from runtime.reference import NVLMDReference
+from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from triton_repo.generate import generate_repo, plan_pending
 
@@ -22,7 +22,15 @@ from .errors import NVLMError
 from .fsutil import publish_dir
 from .inspect import DEFAULT_KV_TOKENS, format_report, inspect
 from .llm_build import build_llm
-from .llm_formats import FORMATS, VISION_FORMATS, BuildOptions, get_format, get_vision_format
+from .llm_formats import (
+    FORMATS,
+    KV_CACHE_DTYPES,
+    VISION_FORMATS,
+    BuildOptions,
+    get_format,
+    get_vision_format,
+    kv_cache_fp8,
+)
 from .vision_export import export_vision
 
 log = logging.getLogger("nvlm")
@@ -102,7 +110,7 @@ def _reference(args) -> int:
     import torch
 
 
-    model = NVLMDReference.from_checkpoint(args.ckpt)
+    model = reference_model(args.ckpt)
     tok = NVLMTokenizer.from_dir(args.ckpt)
     tok.check_vocab(model.cfg.llm.vocab_size)
     pcfg = model.cfg.preprocess
@@ -141,7 +149,7 @@ def _llm_args_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="NVLM checkpoint directory")
     p.add_argument("-o", "--out", required=True, help="TensorRT-LLM checkpoint directory to create")
     p.add_argument("--quant", default="bf16", help=f"weight format: {', '.join(FORMATS)} (default: bf16)")
-    p.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+    p.add_argument("--kv-cache-dtype", choices=list(KV_CACHE_DTYPES), default=KV_CACHE_DTYPES[0],
                    help="fp8: calibrated FP8 KV cache (quantized formats only)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
@@ -161,7 +169,7 @@ def _llm_args(p: argparse.ArgumentParser) -> None:
 @command("llm", "convert NVLM-D's LLM to a TensorRT-LLM checkpoint (bf16/fp16 streamed; fp8/int4_awq/w4a8_awq "
          "via modelopt with multimodal calibration)", _llm_args)
 def _llm(args) -> int:
-    opts = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=args.kv_cache_dtype == "fp8",
+    opts = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=kv_cache_fp8(args.kv_cache_dtype),
                         awq_group_size=args.awq_group_size)
     summary = build_llm(args.ckpt, args.out, opts, calib_data=args.calib_data, calib_size=args.calib_size,
                         force=args.force, fidelity=not args.no_fidelity)
@@ -194,7 +202,7 @@ def _vision(args) -> int:
 
 
 
-    ref = NVLMDReference.from_checkpoint(args.ckpt)
+    ref = reference_model(args.ckpt)
     info = {}
     publish_dir(Path(args.out), lambda tmp: info.update(export_vision(
         ref, tmp, dtype=args.dtype, vision_quant=args.vision_quant, max_tiles=args.max_tiles)), force=args.force)
@@ -230,7 +238,7 @@ def _engine(args) -> int:
     from pathlib import Path
 
 
-    llm = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=args.kv_cache_dtype == "fp8",
+    llm = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=kv_cache_fp8(args.kv_cache_dtype),
                        awq_group_size=args.awq_group_size)
     limits = EngineLimits(max_batch_size=args.max_batch_size, max_tiles_per_image=args.max_tiles,
                           max_images_per_request=args.max_images,

@@ -1,8 +1,9 @@
 """Typed NVLM configuration: the one place where an HF `config.json` is read.
 
-`from_hf(raw)` turns the checkpoint's JSON into frozen dataclasses; everything after it
-takes those objects, never raw dicts. Dispatch is by architecture name through small
-registries, so a new family (NVLM-X, NVLM-H) or a new LLM backbone is one registered
+`builder.families.from_hf(raw)` turns the checkpoint's JSON into these frozen dataclasses through the
+family registered for its architecture (`parse_nvlm` here is the nested NVLM layout's parser);
+everything after it takes those objects, never raw dicts. The vision tower and the LLM backbone are
+dispatched by architecture name through small registries, so a new backbone is one registered
 parser, not another branch.
 
 Facts encoded here come from the released `nvidia/NVLM-D-72B` config (see DESIGN.md §2):
@@ -16,9 +17,7 @@ Facts encoded here come from the released `nvidia/NVLM-D-72B` config (see DESIGN
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigError, UnsupportedArchitectureError
@@ -167,7 +166,7 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class NVLMConfig:
-    family: str  # "nvlm-d" (NVLM-X / NVLM-H register their own parsers)
+    family: str  # the registered ModelFamily's name (builder/families.py)
     architecture: str  # top-level HF architecture name, e.g. "NVLM_D"
     vision: VisionConfig
     projector: ProjectorConfig
@@ -179,8 +178,6 @@ class NVLMConfig:
 
 # --------------------------------------------------------------------------- registries
 
-FamilyParser = Callable[[Mapping[str, Any]], NVLMConfig]
-FAMILIES: dict[str, FamilyParser] = {}
 LLM_PARSERS: dict[str, Callable[[Mapping[str, Any]], LLMConfig]] = {}
 VISION_PARSERS: dict[str, Callable[[Mapping[str, Any]], VisionConfig]] = {}
 
@@ -198,10 +195,6 @@ def _register(table: dict, name: str):
         return fn
 
     return deco
-
-
-def supported_architectures() -> list[str]:
-    return sorted(FAMILIES)
 
 
 # --------------------------------------------------------------------------- field access
@@ -330,8 +323,8 @@ def _parse_qwen2(raw: Mapping[str, Any]) -> LLMConfig:
     return cfg
 
 
-@_register(FAMILIES, "NVLM_D")
-def _parse_nvlm_d(raw: Mapping[str, Any]) -> NVLMConfig:
+def parse_nvlm(raw: Mapping[str, Any], *, family: str, architecture: str) -> NVLMConfig:
+    """The nested NVLM config (top level + `vision_config` + `llm_config`), cross-checked."""
     f = _Fields(raw, "config")
     vision_raw, llm_raw = f.get("vision_config", dict), f.get("llm_config", dict)
     vision = _dispatch(VISION_PARSERS, _Fields(vision_raw, "vision_config").architecture(_VISION_MODEL_TYPES),
@@ -380,8 +373,8 @@ def _parse_nvlm_d(raw: Mapping[str, Any]) -> NVLMConfig:
         template=template,
     )
     return NVLMConfig(
-        family="nvlm-d",
-        architecture="NVLM_D",
+        family=family,
+        architecture=architecture,
         vision=vision,
         projector=projector,
         llm=llm,
@@ -405,26 +398,6 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-# --------------------------------------------------------------------------- entry points
-
-
-def from_hf(raw: Mapping[str, Any]) -> NVLMConfig:
-    """Translate an HF NVLM `config.json` (already parsed) into typed configs."""
-    arch = _Fields(raw, "config").architecture({"NVLM_D": "NVLM_D"})
-    return _dispatch(FAMILIES, arch, "config")(raw)
-
-
-def load_config(path: str | Path) -> NVLMConfig:
-    """Read `config.json` from a checkpoint directory (or the file itself)."""
-    path = Path(path)
-    file = path / "config.json" if path.is_dir() else path
-    if not file.is_file():
-        raise ConfigError(f"{file} not found: a checkpoint directory must contain the HF config.json")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{file} is not valid JSON ({e}); re-download or fix the file") from None
-    try:
-        return from_hf(raw)
-    except ConfigError as e:
-        raise type(e)(f"{file}: {e}") from None
+def top_level_architecture(raw: Mapping[str, Any], model_types: Mapping[str, str]) -> str:
+    """The checkpoint's architecture name: `architectures[0]`, else an unambiguous `model_type`."""
+    return _Fields(raw, "config").architecture(model_types)

@@ -14,10 +14,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import from_hf
 from .errors import ConfigError
+from .families import family_for, from_hf
 from .fsutil import publish_dir
-from .weight_map import components_for
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +197,7 @@ def write_demo_checkpoint(out: str | Path, *, variant: str = "d", seed: int = 0,
 
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
-    for comp in components_for(cfg):
+    for comp in family_for(cfg).components:
         for source, _, shape in comp.expand(cfg):
             tensors[source] = _init_tensor(source, shape, gen).to(torch.bfloat16).contiguous()
     _condition_llm_head(tensors, gen)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoint import Checkpoint
-from .config import NVLMConfig, load_config
+from .config import NVLMConfig
+from .families import LLM, family_for, load_config
 from .llm_formats import FORMATS
-from .weight_map import components_for
 
 SCHEMA = "nvlm-trt/inspect/v1"
 GIB = 1024**3
@@ -53,7 +53,7 @@ def _numel(shape) -> int:
 
 def llm_breakdown(cfg: NVLMConfig) -> LLMBreakdown:
     parts = {"embedding": 0, "lm_head": 0, "linear": 0, "other": 0}
-    llm_map = next(c for c in components_for(cfg) if c.name == "llm")
+    llm_map = family_for(cfg).component(LLM)
     for _, target, shape in llm_map.expand(cfg):
         if "embed_tokens" in target:
             key = "embedding"
@@ -76,7 +76,7 @@ def kv_bytes_per_token(cfg: NVLMConfig, dtype_bytes: int, tp: int = 1) -> int:
 def memory_plan(cfg: NVLMConfig, kv_tokens: int = DEFAULT_KV_TOKENS,
                 gpu_bytes: int = H100_MEMORY_BYTES, reserve_bytes: int = RESERVE_BYTES) -> dict:
     b = llm_breakdown(cfg)
-    vision_params = sum(c.num_params(cfg) for c in components_for(cfg) if c.name != "llm")
+    vision_params = sum(c.num_params(cfg) for c in family_for(cfg).components if c.name != LLM)
     vision_bytes = 2 * vision_params
     plans = []
     for fmt in FORMATS.values():  # AWQ at its default group of 128 input channels
@@ -109,7 +109,7 @@ def inspect(path: str | Path, kv_tokens: int = DEFAULT_KV_TOKENS) -> dict:
     path = Path(path)
     cfg = load_config(path)
     comps = []
-    for comp in components_for(cfg):
+    for comp in family_for(cfg).components:
         comps.append({"name": comp.name, "parameters": comp.num_params(cfg)})
     b = llm_breakdown(cfg)
     report = {

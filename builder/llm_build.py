@@ -22,7 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
-from runtime.reference import NVLMDReference
+from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from runtime.trtllm_executor import TRTLLMExecutor
 
@@ -32,7 +32,7 @@ from .checkpoint import Checkpoint
 from .errors import NVLMError, OutputExistsError
 from .fidelity import build_report
 from .fsutil import publish_dir
-from .llm_formats import BuildOptions, validate
+from .llm_formats import BuildOptions, kv_cache_name, validate
 from .trtllm_checkpoint import count_tensors, trtllm_config, write_unquantized
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
         reference = tokenizer = fake = None
         if fidelity or opts.fmt.quantized:
 
-            reference = NVLMDReference.from_checkpoint(ckpt)
+            reference = reference_model(ckpt)
             tokenizer = NVLMTokenizer.from_dir(ckpt.directory)
             tokenizer.check_vocab(ckpt.config.llm.vocab_size)
         if opts.fmt.quantized:
@@ -154,7 +154,7 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
                                     "nothing was published")
         summary.update({
             "tool": "nvlm-trt", "version": __version__, "stage": "llm", "source": str(ckpt.directory),
-            "format": opts.fmt.name, "tp": opts.tp, "pp": opts.pp, "kv_cache_dtype": "fp8" if opts.kv_cache_fp8 else None,
+            "format": opts.fmt.name, "tp": opts.tp, "pp": opts.pp, "kv_cache_dtype": kv_cache_name(True) if opts.kv_cache_fp8 else None,
             "awq_group_size": opts.awq_group_size if opts.fmt.awq else None,
             "calibration": None if samples is None else {
                 "source": str(calib_data) if calib_data else "builtin", "samples": len(samples),

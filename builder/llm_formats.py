@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from .config import NVLMConfig
 from .errors import NVLMError
+from .families import family_for
 
 
 class UnsupportedCombinationError(NVLMError):
@@ -131,6 +132,20 @@ ALGOS: dict[str | None, LLMFormat] = {f.quant_algo: f for f in FORMATS.values() 
 ALGOS[None] = FORMATS["bf16"]
 
 
+# --kv-cache-dtype: "auto" keeps the engine's activation dtype; "fp8" is a calibrated FP8 KV cache
+# (kv_cache_quant_algo FP8, one scale per attention layer)
+KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+def kv_cache_fp8(choice: str | None) -> bool:
+    """Whether a --kv-cache-dtype choice (as given or as recorded in a manifest) is the FP8 cache."""
+    return choice == KV_CACHE_DTYPES[1]
+
+
+def kv_cache_name(fp8: bool) -> str:
+    return KV_CACHE_DTYPES[1] if fp8 else KV_CACHE_DTYPES[0]
+
+
 def get_format(name: str) -> LLMFormat:
     if name not in FORMATS:
         raise UnsupportedCombinationError(f"unknown --quant {name!r}; choose one of {', '.join(FORMATS)}")
@@ -197,8 +212,8 @@ def _awq_ok(cfg: NVLMConfig, tp: int, group: int) -> bool:
 def validate(cfg: NVLMConfig, opts: BuildOptions) -> None:
     """Refuse impossible combinations before any work starts, saying what would work."""
     llm, fmt = cfg.llm, opts.fmt
-    if cfg.family != "nvlm-d":
-        raise UnsupportedCombinationError(f"the LLM converter supports NVLM-D checkpoints, not {cfg.family}")
+    if family_for(cfg).trtllm_layout is None:
+        raise UnsupportedCombinationError(f"the LLM converter has no TensorRT-LLM layout for {cfg.family} checkpoints")
     if opts.tp < 1 or opts.pp < 1:
         raise UnsupportedCombinationError(f"--tp and --pp must be ≥ 1 (got {opts.tp}, {opts.pp})")
     if llm.num_heads % opts.tp or llm.num_kv_heads % opts.tp:

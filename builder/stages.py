@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from runtime.reference import NVLMDReference
+from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from triton_repo.generate import generate_repo
 
@@ -30,11 +30,11 @@ from .engines import (
     vision_engine_settings,
 )
 from .errors import NVLMError
+from .families import LLM, family_for
 from .inspect import llm_breakdown
 from .llm_build import build_llm
-from .llm_formats import BuildOptions, VisionFormat
+from .llm_formats import BuildOptions, VisionFormat, kv_cache_name
 from .vision_export import export_vision
-from .weight_map import components_for
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "vocab.json", "merges.txt")
@@ -55,7 +55,7 @@ class EngineBuildOptions:
     calib_size: int = 32
 
     def as_dict(self) -> dict:
-        return {"quant": self.llm.fmt.name, "kv_cache_dtype": "fp8" if self.llm.kv_cache_fp8 else "auto",
+        return {"quant": self.llm.fmt.name, "kv_cache_dtype": kv_cache_name(self.llm.kv_cache_fp8),
                 "tp": self.llm.tp, "pp": self.llm.pp, "awq_group_size": self.llm.awq_group_size,
                 "target": self.target, "vision_dtype": self.vision_dtype,
                 "vision_quant": self.vision_quant.name if self.vision_quant else None,
@@ -77,7 +77,7 @@ class Context:
     def get_reference(self):
         if self.reference is None:
 
-            self.reference = NVLMDReference.from_checkpoint(self.ckpt)
+            self.reference = reference_model(self.ckpt)
         return self.reference
 
 
@@ -179,7 +179,7 @@ def _reports(ctx: Context, tmp: Path) -> dict:
 
 
 def _vision_bytes(ctx: Context) -> int:
-    params = sum(c.num_params(ctx.ckpt.config) for c in components_for(ctx.ckpt.config) if c.name != "llm")
+    params = sum(c.num_params(ctx.ckpt.config) for c in family_for(ctx.ckpt.config).components if c.name != LLM)
     quant = ctx.opts.vision_quant
     return int(params * (4 + (quant.bytes_per_param if quant else 0)))  # fp32 upper bound + a quantized copy
 

@@ -20,9 +20,9 @@ import torch
 from . import __version__
 from . import trtllm_layout as layout
 from .config import NVLMConfig
+from .families import LLM, family_for
 from .llm_formats import BuildOptions
 from .trtllm_layout import SOURCE_PREFIX, Row
-from .weight_map import QWEN2 as QWEN2_WEIGHTS
 
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
                       torch.float8_e4m3fn: "F8_E4M3", torch.int8: "I8", torch.uint8: "U8", torch.int32: "I32"}
@@ -34,17 +34,14 @@ TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32":
 
 def trtllm_config(cfg: NVLMConfig, opts: BuildOptions, quantization: dict) -> dict:
     """The checkpoint's config.json. Each field's source is documented in tests/test_trtllm_config.py."""
-    llm = cfg.llm
+    llm, family = cfg.llm, family_for(cfg)
     rotary_scaling = None
     if llm.rope_scaling is not None:
         rotary_scaling = {"type": llm.rope_scaling.type, "factor": llm.rope_scaling.factor}
     return {
-        # TensorRT-LLM's MODEL_MAP sends "Qwen2ForCausalLM" to QWenForCausalLM.
-        "architecture": "Qwen2ForCausalLM",
-        # QWenConfig.from_hugging_face would take llm_config.model_type, which the released NVLM-D
-        # config sets to "llama" (rejected by TensorRT-LLM); the Qwen model reads qwen_type to size
-        # its MLP ("qwen" halves intermediate_size), so it must say qwen2 explicitly.
-        "qwen_type": "qwen2",
+        # the family's decoder as TensorRT-LLM's MODEL_MAP names it, and its own fields (builder/families.py)
+        "architecture": family.trtllm_architecture,
+        **family.trtllm_config,
         "dtype": opts.fmt.dtype,
         "logits_dtype": "float32",
         "num_hidden_layers": llm.num_layers,
@@ -134,7 +131,8 @@ def rank_plan(ckpt, opts: BuildOptions, rank: int) -> list[RankTensor]:
     dtype = TORCH_DTYPES[opts.fmt.dtype]
     d = llm.head_dim
     nh, nkv = llm.num_heads // tp, llm.num_kv_heads // tp  # heads on this rank
-    shapes = {name: shape for name, _, shape in QWEN2_WEIGHTS.expand(ckpt.config)}
+    family = family_for(ckpt.config)
+    shapes = {name: shape for name, _, shape in family.component(LLM).expand(ckpt.config)}
 
     def src(name: str) -> torch.Tensor:
         return ckpt.get(SOURCE_PREFIX + name)
@@ -156,7 +154,8 @@ def rank_plan(ckpt, opts: BuildOptions, rank: int) -> list[RankTensor]:
             return (full[0], n), lambda: src(name)[:, t * n:(t + 1) * n].to(dtype)
         return full, lambda: src(name).to(dtype)
 
-    stage_rows = {stage: [r for r in layout.QWEN2 if r.stage == stage and r.when(llm)] for stage in layout.STAGES}
+    stage_rows = {stage: [r for r in family.trtllm_layout if r.stage == stage and r.when(llm)]
+                  for stage in layout.STAGES}
     plan: list[RankTensor] = []
     per_rank = llm.num_layers // pp
     for stage, layers in (("first", [None] if p == 0 else []), ("layer", range(per_rank)),

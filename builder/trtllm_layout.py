@@ -64,14 +64,14 @@ assert all(r.split in SPLITS and r.stage in STAGES for r in QWEN2)
 KV_SCALE = _L + "attention.kv_cache_scaling_factor"
 
 
-def prefix(role: str, j: int | None = None) -> str:
-    """The rank-file name of a role without its `weight`/`bias` suffix (a linear layer's prefix)."""
-    row = next(r for r in QWEN2 if r.role == role)
-    return row.target.format(j=j).rsplit(".", 1)[0] + "."
+def target(table: tuple[Row, ...], role: str, j: int | None = None) -> str:
+    """The rank-file name of the (first) row of `role`; `j`: the layer index within the PP stage."""
+    return next(r for r in table if r.role == role).target.format(j=j)
 
 
-def target(role: str, j: int | None = None) -> str:
-    return next(r for r in QWEN2 if r.role == role).target.format(j=j)
+def prefix(table: tuple[Row, ...], role: str, j: int | None = None) -> str:
+    """A linear layer's rank-file prefix: its name without the `weight` / `bias` suffix."""
+    return target(table, role, j).rsplit(".", 1)[0] + "."
 
 
 def source(row: Row, llm: LLMConfig, i: int | None = None):

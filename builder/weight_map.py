@@ -176,16 +176,6 @@ QWEN2 = ComponentMap(
     ),
 )
 
-NVLM_D_COMPONENTS = (INTERNVIT, MLP1, QWEN2)
-
-# Registry by family: NVLM-X / NVLM-H add their tables here.
-COMPONENT_MAPS: dict[str, tuple[ComponentMap, ...]] = {"nvlm-d": NVLM_D_COMPONENTS}
-
-
-def components_for(cfg: NVLMConfig) -> tuple[ComponentMap, ...]:
-    return COMPONENT_MAPS[cfg.family]
-
-
 # --------------------------------------------------------------------------- planning
 
 
@@ -206,15 +196,16 @@ def _listing(names: Iterable[str], limit: int = 20) -> str:
     return shown + (f", … ({len(names) - limit} more)" if len(names) > limit else "")
 
 
-def plan(source_names: Iterable[str], cfg: NVLMConfig) -> Plan:
-    """Check that the checkpoint's tensors and the config's tables match exactly."""
+def plan(source_names: Iterable[str], cfg: NVLMConfig, components: Iterable[ComponentMap]) -> Plan:
+    """Check that the checkpoint's tensors and the tables of its family's `components` match exactly."""
+    components = tuple(components)
     present = set(source_names)
     result, expected = Plan(), set()
-    for comp in components_for(cfg):
+    for comp in components:
         rows = comp.expand(cfg)
         result.rows[comp.name] = rows
         expected.update(src for src, _, _ in rows)
-    drop_res = [re.compile(d.pattern) for comp in components_for(cfg) for d in comp.drops]
+    drop_res = [re.compile(d.pattern) for comp in components for d in comp.drops]
     result.dropped = sorted(n for n in present - expected if any(r.fullmatch(n) for r in drop_res))
     missing = expected - present
     extra = present - expected - set(result.dropped)

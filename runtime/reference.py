@@ -1,4 +1,11 @@
-"""Reference NVLM-D in PyTorch: the ground truth every later stage is checked against.
+"""Reference NVLM models in PyTorch: the ground truth every later stage is checked against.
+
+`NVLMReference` is the base and NVLM-D's model as it is (a family names its class in
+builder/families.py; `reference_model` resolves it). A family that differs overrides the hooks, the
+way vLLM's nvlm_d.py overrides only `_init_mlp1`/`_init_vision_model` of its InternVL base:
+`init_vision`, `init_projector`, `init_decoder` build the components, `embed` says how image
+features enter the decoder (NVLM-D: they replace the `<|vision_pad|>` embeddings).
+
 
 InternViT → drop CLS → pixel shuffle → `mlp1` gives [tiles, tokens_per_tile, llm_hidden]
 image embeddings, which replace the `<|vision_pad|>` token embeddings of the prompt in
@@ -7,6 +14,7 @@ order; the language model is transformers' own `Qwen2ForCausalLM`, not a rewrite
 
 from __future__ import annotations
 
+import importlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +26,7 @@ from torch import nn
 from builder.checkpoint import Checkpoint
 from builder.config import NVLMConfig, ProjectorConfig
 from builder.errors import CheckpointError, InputError
+from builder.families import LLM, PROJECTOR, VISION, family_for
 
 from .internvit import InternViT
 
@@ -58,30 +67,41 @@ class GenerationResult:
     finished: bool  # stopped on the end token rather than the length limit
 
 
-class NVLMDReference(nn.Module):
+class NVLMReference(nn.Module):
     def __init__(self, cfg: NVLMConfig):
         super().__init__()
+        self.cfg = cfg
+        self.vision = self.init_vision(cfg)
+        self.projector = self.init_projector(cfg)
+        self.llm = self.init_decoder(cfg)
+
+    # ------------------------------------------------------------------ hooks
+
+    def init_vision(self, cfg: NVLMConfig) -> nn.Module:
+        return InternViT(cfg.vision)
+
+    def init_projector(self, cfg: NVLMConfig) -> nn.Module:
+        return Projector(cfg.projector)
+
+    def init_decoder(self, cfg: NVLMConfig) -> nn.Module:
         from transformers import Qwen2ForCausalLM
 
-        self.cfg = cfg
-        self.vision = InternViT(cfg.vision)
-        self.projector = Projector(cfg.projector)
         # eager attention: deterministic and identical to a plain Qwen2ForCausalLM built the same way
-        self.llm = Qwen2ForCausalLM._from_config(cfg.llm.to_transformers(), attn_implementation="eager")
+        return Qwen2ForCausalLM._from_config(cfg.llm.to_transformers(), attn_implementation="eager")
 
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32) -> "NVLMDReference":
+    def from_checkpoint(cls, path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32) -> "NVLMReference":
         ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
         plan = ckpt.validate()
         model = cls(ckpt.config)
-        modules = {"vision": model.vision, "projector": model.projector, "llm": model.llm}
+        modules = {VISION: model.vision, PROJECTOR: model.projector, LLM: model.llm}
         for component, rows in plan.rows.items():
             state = {target: ckpt.get(source).to(dtype) for source, target, _ in rows}
             module = modules[component]
             missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
-            if ckpt.config.llm.tie_word_embeddings and component == "llm":
+            if ckpt.config.llm.tie_word_embeddings and component == LLM:
                 missing = [m for m in missing if m != "lm_head.weight"]
             if missing or unexpected:
                 raise CheckpointError(f"{component}: could not place {unexpected} / missing {missing}")
@@ -166,3 +186,11 @@ class NVLMDReference(nn.Module):
                 out = self.llm(input_ids=torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values,
                                use_cache=True)
         return GenerationResult(tokens, False)
+
+
+def reference_model(path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32) -> NVLMReference:
+    """The reference model of a checkpoint's family (builder/families.py names its class), loaded."""
+    ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
+    module, _, name = family_for(ckpt.config).reference.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    return cls.from_checkpoint(ckpt, dtype)

@@ -18,11 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from builder.build_dir import read_manifest
-from builder.config import NVLMConfig, load_config
+from builder.config import NVLMConfig
 from builder.errors import InputError
+from builder.families import PROJECTOR, family_for, load_config
 from builder.inspect import kv_bytes_per_token, llm_breakdown
-from builder.llm_formats import get_format, get_vision_format
-from builder.weight_map import components_for
+from builder.llm_formats import get_format, get_vision_format, kv_cache_fp8
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def vision_flops(cfg: NVLMConfig, tiles: int) -> float:
     n = v.num_positions  # 1025 tokens per tile (CLS included)
     per_layer_linear = 2 * n * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
     per_layer_attn = 2 * 2 * n * n * v.hidden_size  # QKᵀ and (softmax)V
-    mlp1 = next(c for c in components_for(cfg) if c.name == "projector").num_params(cfg)
+    mlp1 = family_for(cfg).component(PROJECTOR).num_params(cfg)
     projector = 2 * cfg.preprocess.tokens_per_tile * mlp1
     return tiles * (v.num_layers * (per_layer_linear + per_layer_attn) + projector)
 
@@ -129,7 +129,7 @@ def build_facts(path: str | Path, *, checkpoint: str | Path | None = None, quant
         opts = m["options"]
         source = Path(checkpoint) if checkpoint else Path(m["source"]["path"])
         quant, tp = quant or opts["quant"], tp or opts["tp"]
-        kv_fp8 = opts.get("kv_cache_dtype") == "fp8"
+        kv_fp8 = kv_cache_fp8(opts.get("kv_cache_dtype"))
         vision = get_vision_format(opts.get("vision_quant"))
         vision_fp8 = vision is not None and vision.fp8_compute
         target = served_target(m)

@@ -26,7 +26,8 @@ from typing import Callable, Sequence
 import torch
 
 from builder import trtllm_layout as layout
-from builder.errors import CheckpointError, InputError
+from builder.errors import CheckpointError, InputError, UnsupportedArchitectureError
+from builder.families import family_for_trtllm
 from builder.llm_formats import FP8_MAX, LLMFormat, UnsupportedCombinationError, format_for_algo, q8
 
 
@@ -109,8 +110,10 @@ class TRTLLMExecutor:
         if not cfg_file.is_file():
             raise CheckpointError(f"{cfg_file} not found: not a TensorRT-LLM checkpoint directory")
         config = json.loads(cfg_file.read_text())
-        if config.get("architecture") not in ("Qwen2ForCausalLM", "QWenForCausalLM"):
-            raise CheckpointError(f"{cfg_file}: architecture {config.get('architecture')!r} is not a Qwen2 checkpoint")
+        try:
+            table = family_for_trtllm(config.get("architecture")).trtllm_layout
+        except UnsupportedArchitectureError as e:
+            raise CheckpointError(f"{cfg_file}: {e}") from None
         m = config["mapping"]
         tp, pp = m["tp_size"], m["pp_size"]
         try:
@@ -135,11 +138,11 @@ class TRTLLMExecutor:
                 kv = gets[0](layout.KV_SCALE.format(j=j))
 
                 def linears(role):
-                    return [Linear(g, layout.prefix(role, j), fmt) for g in gets]
+                    return [Linear(g, layout.prefix(table, role, j), fmt) for g in gets]
 
                 layers.append(RankLayer(
-                    input_norm=gets[0](layout.target("input_norm", j)).float(),
-                    post_norm=gets[0](layout.target("post_norm", j)).float(),
+                    input_norm=gets[0](layout.target(table, "input_norm", j)).float(),
+                    post_norm=gets[0](layout.target(table, "post_norm", j)).float(),
                     qkv=linears("qkv"), dense=linears("dense"), fc=linears("fc"), gate=linears("gate"),
                     proj=linears("proj"), kv_scale=None if kv is None else kv.float()))
                 if any(lin.bias is not None for lin in layers[-1].dense + layers[-1].proj):
@@ -148,9 +151,9 @@ class TRTLLMExecutor:
         first = [getter(t) for t in range(tp)]
         last = [getter((pp - 1) * tp + t) for t in range(tp)]
         # rows split over TP (use_parallel_embedding): the ranks' slices, concatenated
-        embedding = torch.cat([g(layout.target("embedding")).float() for g in first])
-        lm_head = torch.cat([g(layout.target("lm_head")).float() for g in last])
-        final_norm = last[0](layout.target("final_norm")).float()
+        embedding = torch.cat([g(layout.target(table, "embedding")).float() for g in first])
+        lm_head = torch.cat([g(layout.target(table, "lm_head")).float() for g in last])
+        final_norm = last[0](layout.target(table, "final_norm")).float()
         return cls(directory, config, layers, embedding, final_norm, lm_head)
 
     # ------------------------------------------------------------------ forward

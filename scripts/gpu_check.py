@@ -32,12 +32,12 @@ test suite and does not rot between GPU sessions.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import json
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -107,8 +107,7 @@ def check_image(w, h, device, timer, repeats, copy_bw, seed):
     from PIL import Image
 
     from plugins.tiling import normalize_tiles, tile_image
-    from runtime.preprocess import default_config, preprocess_image, tile_images
-    from runtime.preprocess import preprocess_image_fast
+    from runtime.preprocess import default_config, preprocess_image, preprocess_image_fast, tile_images
 
     cfg = default_config()
     rng = np.random.default_rng(seed)
@@ -177,7 +176,7 @@ def check_runtime(device, timer, repeats: int, seed: int, self_test: bool) -> di
 
     from builder.demo_checkpoint import write_demo_checkpoint
     from runtime.prompt import build_prompt
-    from runtime.reference import NVLMDReference
+    from runtime.reference import reference_model
     from runtime.tokenizer import NVLMTokenizer
 
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 parity means fp32 arithmetic
@@ -185,7 +184,7 @@ def check_runtime(device, timer, repeats: int, seed: int, self_test: bool) -> di
     tmp = Path(tempfile.mkdtemp(prefix="nvlm-gpu-check-"))
     write_demo_checkpoint(tmp / "ckpt")
     tok = NVLMTokenizer.from_dir(tmp / "ckpt")
-    cpu = NVLMDReference.from_checkpoint(tmp / "ckpt")
+    cpu = reference_model(tmp / "ckpt")
     cfg = cpu.cfg
     s = cfg.preprocess.image_size
     tiles = 2 if self_test else 7
@@ -205,7 +204,7 @@ def check_runtime(device, timer, repeats: int, seed: int, self_test: bool) -> di
     out = {"prompt_tokens": len(prompt.input_ids), "tiles": tiles, "new_tokens": new_tokens, "checks": {}}
     models = {}
     for name, (dtype, tol) in variants.items():
-        m = NVLMDReference.from_checkpoint(tmp / "ckpt", dtype=dtype).to(device)
+        m = reference_model(tmp / "ckpt", dtype=dtype).to(device)
         models[name] = m
         logits = m.logits(ids.to(device), pixels.to(device, dtype), image_token_id=pad)[0].float().cpu()
         err = float((logits - ref_logits).abs().max()) / scale

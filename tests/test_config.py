@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from builder.config import from_hf, load_config, supported_architectures
 from builder.errors import ConfigError, UnsupportedArchitectureError
+from builder.families import from_hf, load_config, supported_architectures
 
 
 def test_released_72b_config_parses(config_72b):
@@ -114,3 +114,28 @@ def test_no_remote_code_needed(tmp_path, config_72b):
 def test_llm_config_round_trips_to_transformers(config_72b):
     q = from_hf(config_72b).llm.to_transformers()
     assert (q.hidden_size, q.num_hidden_layers, q.num_key_value_heads, q.rope_theta) == (8192, 80, 8, 1e6)
+
+
+def test_families_are_registered_objects(config_72b, demo_ckpt):
+    """A family is looked up from the checkpoint's architecture; an unknown one is a typed error that
+    lists the known ones, for the HF architecture, the family name and the TensorRT-LLM architecture."""
+    from dataclasses import replace
+
+    from builder.errors import UnsupportedArchitectureError
+    from builder.families import (LLM, FAMILIES, family_for, family_for_architecture, family_for_trtllm,
+                                  register_family)
+    from runtime.reference import NVLMReference, reference_model
+
+    cfg = from_hf(config_72b)
+    family = family_for(cfg)
+    assert family is family_for_architecture("NVLM_D") and cfg.family == family.name
+    assert family.component(LLM).num_params(cfg) > 70e9
+    assert family_for_trtllm("Qwen2ForCausalLM") is family is family_for_trtllm("QWenForCausalLM")
+    with pytest.raises(UnsupportedArchitectureError, match="known: nvlm-d"):
+        family_for("nvlm-z")
+    with pytest.raises(UnsupportedArchitectureError, match="'LlamaForCausalLM'.*known: .*Qwen2ForCausalLM"):
+        family_for_trtllm("LlamaForCausalLM")
+    with pytest.raises(RuntimeError, match="registered twice"):
+        register_family(replace(family, name="copy"))  # same architectures
+    assert list(FAMILIES) == [family.name]
+    assert type(reference_model(demo_ckpt)) is NVLMReference

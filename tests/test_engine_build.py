@@ -14,19 +14,19 @@ import torch
 
 from builder.build_dir import read_limits
 from builder.checkpoint import Checkpoint
-from builder.config import from_hf
 from builder.engine_build import STATUS_PORTABLE, BuildError, EngineBuildOptions, build_engine
 from builder.engines import EngineLimits, trtllm_build_args, vision_engine_settings
 from builder.errors import OutputExistsError
+from builder.families import from_hf
 from builder.llm_formats import BuildOptions, get_format, get_vision_format
 from tests.conftest import ROOT
 
 
 @pytest.fixture(scope="module")
 def reference(demo_ckpt):
-    from runtime.reference import NVLMDReference
+    from runtime.reference import reference_model
 
-    return NVLMDReference.from_checkpoint(demo_ckpt)
+    return reference_model(demo_ckpt)
 
 
 # --------------------------------------------------------------------------- vision export

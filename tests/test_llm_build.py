@@ -11,8 +11,8 @@ from safetensors import safe_open
 
 from builder.checkpoint import Checkpoint
 from builder.cli import main
-from builder.config import from_hf
 from builder.errors import OutputExistsError
+from builder.families import from_hf
 from builder.llm_build import build_llm
 from builder.llm_formats import FORMATS as FORMAT_REGISTRY
 from builder.llm_formats import BuildOptions, UnsupportedCombinationError, format_for_algo, get_format, validate
@@ -78,10 +78,10 @@ def test_stored_formats(builds):
 @pytest.mark.parametrize("fmt", ["bf16", "fp8"])
 def test_tp2_and_pp2_execute_to_the_same_tokens_as_tp1(tmp_path, demo_ckpt, fmt):
     from builder.fidelity import prepare_prompts
-    from runtime.reference import NVLMDReference
+    from runtime.reference import reference_model
     from runtime.tokenizer import NVLMTokenizer
 
-    runs = prepare_prompts(NVLMDReference.from_checkpoint(demo_ckpt), NVLMTokenizer.from_dir(demo_ckpt))
+    runs = prepare_prompts(reference_model(demo_ckpt), NVLMTokenizer.from_dir(demo_ckpt))
     tokens = {}
     for tp, pp in [(1, 1), (2, 1), (1, 2)]:
         d = tmp_path / f"{fmt}-tp{tp}-pp{pp}"
@@ -98,12 +98,12 @@ def test_tp2_and_pp2_execute_to_the_same_tokens_as_tp1(tmp_path, demo_ckpt, fmt)
 def test_streaming_conversion_equals_modelopt_export(tmp_path, demo_ckpt, tp, pp):
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
 
-    from runtime.reference import NVLMDReference
+    from runtime.reference import reference_model
 
     ours = tmp_path / "ours"
     build_llm(demo_ckpt, ours, BuildOptions(get_format("bf16"), tp=tp, pp=pp), fidelity=False)
     theirs = tmp_path / "modelopt"
-    llm = copy.deepcopy(NVLMDReference.from_checkpoint(demo_ckpt).llm).to(torch.bfloat16)
+    llm = copy.deepcopy(reference_model(demo_ckpt).llm).to(torch.bfloat16)
     export_tensorrt_llm_checkpoint(llm, decoder_type="qwen", dtype=torch.bfloat16, export_dir=str(theirs),
                                    inference_tensor_parallel=tp, inference_pipeline_parallel=pp)
     for r in range(tp * pp):

@@ -209,7 +209,7 @@ def test_very_tall_image_is_resized_horizontal_first():
 
 
 def test_config_parameters_come_from_the_checkpoint(released_ckpt):
-    from builder.config import load_config
+    from builder.families import load_config
 
     cfg = load_config(released_ckpt).preprocess
     assert cfg.max_tiles == 4

@@ -7,18 +7,18 @@ import torch
 
 from builder.checkpoint import Checkpoint
 from builder.errors import InputError
-from runtime.reference import NVLMDReference, pixel_shuffle
+from runtime.reference import pixel_shuffle, reference_model
 from runtime.tokenizer import NVLMTokenizer
 
 
 @pytest.fixture(scope="module")
 def demo_model(demo_ckpt):
-    return NVLMDReference.from_checkpoint(demo_ckpt)
+    return reference_model(demo_ckpt)
 
 
 @pytest.fixture(scope="module")
 def released_model(released_ckpt):
-    return NVLMDReference.from_checkpoint(released_ckpt)
+    return reference_model(released_ckpt)
 
 
 def _hf_qwen2(ckpt_dir, tmp_path):
@@ -41,7 +41,7 @@ def _hf_qwen2(ckpt_dir, tmp_path):
 @pytest.mark.parametrize("which", ["demo_ckpt", "released_ckpt"])
 def test_text_logits_equal_transformers_qwen2_exactly(which, request, tmp_path):
     ckpt_dir = request.getfixturevalue(which)
-    model = NVLMDReference.from_checkpoint(ckpt_dir)
+    model = reference_model(ckpt_dir)
     hf = _hf_qwen2(ckpt_dir, tmp_path)
     g = torch.Generator().manual_seed(torch.seed() % 2**31)
     tok = NVLMTokenizer.from_dir(ckpt_dir)
@@ -97,7 +97,7 @@ def _hf_internvit(ckpt_dir, model):
 @pytest.mark.parametrize("which", ["demo_ckpt", "released_ckpt"])
 def test_vision_tower_matches_transformers_internvl(which, request):
     ckpt_dir = request.getfixturevalue(which)
-    model = NVLMDReference.from_checkpoint(ckpt_dir)
+    model = reference_model(ckpt_dir)
     hf = _hf_internvit(ckpt_dir, model)
     x = torch.randn(2, 3, 448, 448)
     layer = model.cfg.select_layer

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from builder.config import from_hf
+from builder.families import from_hf
 from runtime.roofline import roofline
 
 # NVLM-D-72B, written out

@@ -351,7 +351,7 @@ def test_bench_reports_measured_over_roofline_bound(server, build, demo_ckpt, tm
     checked here — the bounds themselves against hand arithmetic in tests/test_roofline.py."""
     import json
 
-    from builder.config import load_config
+    from builder.families import load_config
     from runtime.bench import main
     from runtime.roofline import GPUS, roofline
 

@@ -7,7 +7,7 @@ expected values are derived here from the NVLM-D-72B fixture (DESIGN.md §2) and
 
 import pytest
 
-from builder.config import from_hf
+from builder.families import from_hf
 from builder.llm_formats import BuildOptions, get_format
 from builder.trtllm_checkpoint import trtllm_config, unquantized_section
 
