@@ -114,7 +114,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
     return infos
 
 
-def _refuse_pickle(directory: Path) -> None:
+def refuse_pickle(directory: Path) -> None:
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise PickleCheckpointError(
@@ -163,7 +163,7 @@ class Checkpoint:
             )
         if len(shard_files) == 1:
             return read_safetensors_header(directory / shard_files[0])
-        _refuse_pickle(directory)
+        refuse_pickle(directory)
         raise CheckpointError(f"{directory}: no safetensors weights ({INDEX_FILE} or {SINGLE_FILE}) found")
 
     # ------------------------------------------------------------------ checks

@@ -122,7 +122,6 @@ def _reference(args) -> int:
         pixel_values = torch.randn(args.synthetic_tiles, 3, pcfg.image_size, pcfg.image_size, generator=g)
         tiles = [args.synthetic_tiles]
     elif args.image:
-
         pixel_values, tiles = preprocess_files(args.image, pcfg, max_images=len(args.image))
     messages = ([Message("system", args.system)] if args.system else []) + [Message("user", args.prompt)]
     prompt = build_prompt(tok, messages, tiles, tokens_per_tile=pcfg.tokens_per_tile)
@@ -304,6 +303,11 @@ def main(argv: list[str] | None = None) -> int:
         return COMMANDS[args.command].run(args)
     except NVLMError as e:
         print(f"nvlm-build {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # an output under a file, on a read-only mount, in /proc, without permission…
+        where = f" {e.filename}" if e.filename else ""
+        print(f"nvlm-build {args.command}: error: cannot write or read{where}: {e.strerror or e}; choose another "
+              "path", file=sys.stderr)
         return 2
 
 

@@ -220,6 +220,13 @@ class _Fields:
             raise ConfigError(f"{self.where}.{key} = {value!r} has the wrong type (expected {_typename(typ)})")
         return value
 
+    def size(self, key: str, default: Any = ...) -> int:
+        """A count or dimension: an int ≥ 1 (a zero head count would divide by zero later)."""
+        value = self.get(key, int, default)
+        if value is not None and value < 1:
+            raise ConfigError(f"{self.where}.{key} = {value} must be a positive integer")
+        return value
+
     def sub(self, key: str) -> "_Fields":
         return _Fields(self.get(key, dict), f"{self.where}.{key}")
 
@@ -255,13 +262,13 @@ def _parse_internvit(raw: Mapping[str, Any]) -> VisionConfig:
     f = _Fields(raw, "vision_config")
     cfg = VisionConfig(
         architecture="InternVisionModel",
-        hidden_size=f.get("hidden_size", int),
-        num_layers=f.get("num_hidden_layers", int),
-        num_heads=f.get("num_attention_heads", int),
-        intermediate_size=f.get("intermediate_size", int),
-        image_size=f.get("image_size", int),
-        patch_size=f.get("patch_size", int),
-        num_channels=f.get("num_channels", int, 3),
+        hidden_size=f.size("hidden_size"),
+        num_layers=f.size("num_hidden_layers"),
+        num_heads=f.size("num_attention_heads"),
+        intermediate_size=f.size("intermediate_size"),
+        image_size=f.size("image_size"),
+        patch_size=f.size("patch_size"),
+        num_channels=f.size("num_channels", 3),
         norm_type=f.get("norm_type", str, "rms_norm"),
         norm_eps=float(f.get("layer_norm_eps", _NUM, 1e-6)),
         qk_normalization=f.get("qk_normalization", bool, False),
@@ -288,17 +295,17 @@ def _parse_qwen2(raw: Mapping[str, Any]) -> LLMConfig:
         rsf = f.sub("rope_scaling")
         rope_scaling = RopeScaling(type=str(rs.get("rope_type") or rsf.get("type", str)),
                                    factor=float(rsf.get("factor", _NUM)))
-    hidden = f.get("hidden_size", int)
-    heads = f.get("num_attention_heads", int)
+    hidden = f.size("hidden_size")
+    heads = f.size("num_attention_heads")
     cfg = LLMConfig(
         architecture="Qwen2ForCausalLM",
         hidden_size=hidden,
-        num_layers=f.get("num_hidden_layers", int),
+        num_layers=f.size("num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=f.get("num_key_value_heads", int, heads),
-        intermediate_size=f.get("intermediate_size", int),
-        vocab_size=f.get("vocab_size", int),
-        max_position_embeddings=f.get("max_position_embeddings", int, 32768),
+        num_kv_heads=f.size("num_key_value_heads", heads),
+        intermediate_size=f.size("intermediate_size"),
+        vocab_size=f.size("vocab_size"),
+        max_position_embeddings=f.size("max_position_embeddings", 32768),
         rope_theta=float(f.get("rope_theta", _NUM, 10000.0)),
         rope_scaling=rope_scaling,
         rms_norm_eps=float(f.get("rms_norm_eps", _NUM, 1e-6)),

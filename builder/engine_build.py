@@ -38,6 +38,7 @@ from .build_dir import SCHEMA, read_manifest, sha256_file, tree_checksums, write
 from .checkpoint import Checkpoint
 from .engines import ENGINE_RELEASE, detect
 from .errors import OutputExistsError
+from .fsutil import human_bytes
 from .llm_formats import validate
 from .stages import STAGES, TOKENIZER_FILES, BuildError, Context, EngineBuildOptions
 
@@ -167,7 +168,7 @@ def build_engine(ckpt_path, out, opts: EngineBuildOptions, *, resume: bool = Fal
         need = stage.estimate_bytes(ctx)
         free = shutil.disk_usage(partial).free
         if need and need * 1.1 > free:
-            raise BuildError(f"stage {stage.name} needs about {need / 1e9:.1f} GB but {free / 1e9:.1f} GB are free on "
+            raise BuildError(f"stage {stage.name} needs about {human_bytes(need)} but {human_bytes(free)} are free on "
                              f"{partial.parent}")
         say(f"[{stage.name}] running")
         t0 = time.perf_counter()

@@ -35,3 +35,12 @@ def publish_dir(target: Path, write: Callable[[Path], None], *, force: bool = Fa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def human_bytes(n: float) -> str:
+    """A size with a unit that fits: 512 B, 3.4 MB, 145.2 GB (decimal units, as disks are sold)."""
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")

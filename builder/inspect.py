@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, refuse_pickle
 from .config import NVLMConfig
 from .families import LLM, family_for, load_config
 from .llm_formats import FORMATS
@@ -142,7 +142,10 @@ def inspect(path: str | Path, kv_tokens: int = DEFAULT_KV_TOKENS) -> dict:
 
 def _weights_summary(path: Path, cfg: NVLMConfig) -> dict | None:
     """Shards, bytes and dtypes per component when the weights are present (validated)."""
-    if not path.is_dir() or not any(path.glob("*.safetensors")):
+    if not path.is_dir():
+        return None
+    if not any(path.glob("*.safetensors")):
+        refuse_pickle(path)  # pickle weights present: refused with the conversion recipe, not "absent"
         return None
 
     ckpt = Checkpoint.open(path)

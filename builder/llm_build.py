@@ -110,7 +110,7 @@ def export(model, ckpt_cfg, opts: BuildOptions, out: Path) -> dict:
 
 def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size: int = 32, force: bool = False,
               fidelity: bool = True) -> dict:
-    """Build and publish; returns the summary written to OUT/nvlm_build.json."""
+    """Build and publish; returns the summary written to OUT/nvlm_build.json (plus the wall seconds)."""
     out = Path(out)
     ckpt = Checkpoint.open(ckpt_path)
     validate(ckpt.config, opts)
@@ -125,7 +125,6 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
         t0 = time.perf_counter()
         reference = tokenizer = fake = None
         if fidelity or opts.fmt.quantized:
-
             reference = reference_model(ckpt)
             tokenizer = NVLMTokenizer.from_dir(ckpt.directory)
             tokenizer.check_vocab(ckpt.config.llm.vocab_size)
@@ -135,14 +134,11 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
             fake = quantize(reference, opts, embeds)
             config = export(fake, ckpt.config, opts, tmp)
         else:
-
             update, close = _progress(count_tensors(ckpt, opts), f"converting to {opts.fmt.name}")
             config = write_unquantized(ckpt, opts, tmp, progress=update)
             close()
         report = None
         if fidelity:
-
-
             report = build_report(opts.fmt.name, opts.fmt.quantized, TRTLLMExecutor.load(tmp), reference, tokenizer, fake)
             (tmp / "reports").mkdir()
             (tmp / "reports" / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -162,7 +158,9 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
             "quantization": config["quantization"], "fidelity_passed": None if report is None else report["passed"],
             "seconds": round(time.perf_counter() - t0, 2),
         })
-        (tmp / "nvlm_build.json").write_text(json.dumps(summary, indent=2) + "\n")
+        # wall time is returned, not written: two identical builds give byte-identical checkpoints
+        (tmp / "nvlm_build.json").write_text(
+            json.dumps({k: v for k, v in summary.items() if k != "seconds"}, indent=2) + "\n")
 
     publish_dir(out, write, force=force)
     return summary

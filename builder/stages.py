@@ -76,7 +76,6 @@ class Context:
 
     def get_reference(self):
         if self.reference is None:
-
             self.reference = reference_model(self.ckpt)
         return self.reference
 

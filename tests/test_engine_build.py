@@ -169,9 +169,10 @@ def test_sigkill_then_resume_equals_uninterrupted(demo_ckpt, tmp_path):
     fresh = build_engine(demo_ckpt, tmp_path / "fresh", _opts("fp8"))
     assert resumed["status"] == fresh["status"] == STATUS_PORTABLE
     assert resumed["stages"]["vision"]["checksums"] == left["stages"]["vision"]["checksums"]  # reused
-    # nvlm_build.json records the stage's wall time; the Triton configs hold the build's absolute path
+    # every artifact: no wall time in nvlm_build.json, and the Triton configs find their build by a
+    # path relative to the repository, so two builds in different folders are byte-identical
     def comparable(sums):
-        return {k: v for k, v in sums.items() if k != "nvlm_build.json" and not k.endswith("config.pbtxt")}
+        return sums
 
     for name in fresh["stages"]:
         a, b = resumed["stages"][name]["checksums"], fresh["stages"][name]["checksums"]

@@ -90,3 +90,51 @@ def test_inspect_text_output(demo_ckpt, capsys):
 def test_cli_errors_are_clean(tmp_path, capsys):
     assert main(["inspect", str(tmp_path)]) == 2
     assert "config.json not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("where, key, value", [
+    ("llm_config", "num_attention_heads", 0), ("llm_config", "num_key_value_heads", 0),
+    ("vision_config", "num_attention_heads", 0), ("vision_config", "patch_size", 0),
+    ("llm_config", "hidden_size", -8192), ("llm_config", "num_hidden_layers", 0),
+])
+def test_zero_or_negative_sizes_are_one_line_errors(tmp_path, capsys, config_72b, where, key, value):
+    """Config-only inspect and a build run the same typed checks: a zero head count or patch size
+    (ZeroDivisionError before) or a negative size (a negative parameter count and "fits: yes" before)
+    is one line naming the key, exit 2."""
+    raw = json.loads(json.dumps(config_72b))
+    raw[where][key] = value
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    for cmd in (["inspect", str(tmp_path)], ["engine", str(tmp_path), "-o", str(tmp_path / "out")]):
+        assert main(cmd) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{where}.{key} = {value} must be a positive integer" in err, err
+
+
+def test_pickle_only_weights_are_named_not_absent(tmp_path, capsys, config_72b):
+    (tmp_path / "config.json").write_text(json.dumps(config_72b))
+    (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04pickle")
+    assert main(["inspect", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "pytorch_model.bin" in err and "pickle" in err.lower() and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("command", ["demo-checkpoint", "engine", "llm", "vision"])
+@pytest.mark.parametrize("out", ["under_a_file", "proc"])
+def test_unwritable_outputs_are_one_line_errors(tmp_path, capsys, demo_ckpt, command, out):
+    """An output path that cannot be written (under a regular file; in /proc) is one line naming it,
+    exit 2, for every command that writes (NotADirectoryError / FileNotFoundError tracebacks before).
+    Read-only mounts fail the same way (OSError); they cannot be made here, where tests run as root."""
+    from pathlib import Path
+
+    if out == "under_a_file":
+        (tmp_path / "file").write_text("x")
+        target = tmp_path / "file" / "out"
+    else:
+        target = Path("/proc/nvlm-out")
+    args = {"demo-checkpoint": [command, str(target)],
+            "engine": [command, str(demo_ckpt), "-o", str(target), "--target", "reference"],
+            "llm": [command, str(demo_ckpt), "-o", str(target)],
+            "vision": [command, str(demo_ckpt), "-o", str(target)]}[command]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err and str(target.parent) in err, err

@@ -37,12 +37,12 @@ def server(build):
     from triton_repo.server import TritonServer, _shm_segments
 
     base = _ports(0)
-    before = _shm_segments()
     srv = TritonServer(build / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2).start()
+    assert _shm_segments((srv.shm_prefix,))  # its segments are visible, so the check below can fail
     yield srv
     srv.stop()
     assert srv.proc.poll() is not None
-    assert _shm_segments() - before == set()
+    assert _shm_segments((srv.shm_prefix,)) == set()
 
 
 @pytest.fixture(scope="module")
@@ -174,6 +174,21 @@ def _img(data):
     ([("text_input", "BYTES", np.array([b"hi " * 5000], dtype=object)), MAXT], "maximum input length"),
     ([("text_input", "BYTES", np.array([b"hi"], dtype=object)), MAXT, ("beam_width", "INT32", np.array([2], np.int32))],
      "beam_width"),
+    # sampling inputs: refused by name before they reach the executor
+    ([TEXT[:2] + (np.array([b"hi"], dtype=object),), MAXT, ("temperature", "FP32", np.array([np.nan], np.float32)),
+      ("top_k", "INT32", np.array([0], np.int32))], "temperature must be a finite number"),
+    ([TEXT[:2] + (np.array([b"hi"], dtype=object),), MAXT, ("temperature", "FP32", np.array([-1], np.float32))],
+     "temperature must be"),
+    ([TEXT[:2] + (np.array([b"hi"], dtype=object),), MAXT, ("top_k", "INT32", np.array([-3], np.int32))],
+     "top_k must be ≥ 0"),
+    ([TEXT[:2] + (np.array([b"hi"], dtype=object),), MAXT, ("top_p", "FP32", np.array([1.5], np.float32))],
+     "top_p must be in [0, 1]"),
+    ([TEXT[:2] + (np.array([b"hi"], dtype=object),), MAXT, ("min_tokens", "INT32", np.array([-1], np.int32))],
+     "min_tokens must be in"),
+    ([TEXT[:2] + (np.array([b"hi"], dtype=object),), MAXT, ("beam_width", "INT32", np.array([0], np.int32))],
+     "beam_width must be 1"),
+    ([TEXT[:2] + (np.array([b"hi"], dtype=object),), MAXT,
+      ("repetition_penalty", "FP32", np.array([np.nan], np.float32))], "repetition_penalty must be a finite number"),
 ])
 def test_bad_requests_then_a_valid_one(client, inputs, message):
     err = _raw(client, inputs)
@@ -236,6 +251,7 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
     import subprocess
     import time
 
+    from triton_repo.keeper import shm_prefix
     from triton_repo.server import _shm_segments
 
     def descendants(root: int) -> set[int]:
@@ -253,7 +269,6 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
             found |= frontier
         return found
 
-    before = _shm_segments()
     base = _ports(1)
     proc = subprocess.Popen([str(ROOT / ".venv/bin/nvlm-serve"), str(build), "--grpc-port", str(base),
                              "--http-port", str(base + 1), "--metrics-port", str(base + 2)],
@@ -264,12 +279,140 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
         (p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == proc.pid and b"tritonserver" in (p / "cmdline").read_bytes()))
     children = descendants(server_pid)
     assert children  # the server's backend stubs are visible, so the check below can fail
+    own = (shm_prefix(server_pid),)  # server_pid is the keeper, nvlm-serve's child
+    assert _shm_segments(own)
     assert len(NVLMClient(f"127.0.0.1:{base}").generate("Hi", max_tokens=2).tokens) == 2
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0 and "stopped" in proc.stdout.read()
     time.sleep(0.5)
-    assert _shm_segments() - before == set()
+    assert _shm_segments(own) == set()
     assert {pid for pid in children if Path(f"/proc/{pid}").exists()} == set()  # no stub outlives the server
+
+
+def _descendants(root: int) -> set[int]:
+    """PIDs of every process below `root`, from /proc/*/stat."""
+    parents = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _ppid(pid: int) -> int | None:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.faults
+def test_sigkill_of_nvlm_serve_leaves_nothing_behind(build):
+    """A supervisor that SIGKILLs nvlm-serve (a CI timeout, the OOM killer) must not leak a server: the
+    keeper (triton_repo/keeper.py) gets SIGTERM from the kernel and stops tritonserver and its stubs,
+    removes their shared memory and the temporary folder, within seconds."""
+    import signal
+    import subprocess
+    import tempfile
+
+    from triton_repo.keeper import shm_prefix
+    from triton_repo.server import _shm_segments
+
+    tmp = Path(tempfile.gettempdir())
+    dirs_before = set(tmp.glob("nvlm-serve-*"))
+    base = _ports(2)
+    proc = subprocess.Popen([str(ROOT / ".venv/bin/nvlm-serve"), str(build), "--grpc-port", str(base),
+                             "--http-port", str(base + 1), "--metrics-port", str(base + 2)],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("serving")
+    assert len(NVLMClient(f"127.0.0.1:{base}").generate("Hi", max_tokens=2).tokens) == 2
+    below = _descendants(proc.pid)  # keeper, tritonserver, backend stubs
+    keeper = next(pid for pid in below if _ppid(pid) == proc.pid)  # nvlm-serve's child
+    own = (shm_prefix(keeper),)
+    assert len(below) >= 3 and _shm_segments(own) and set(tmp.glob("nvlm-serve-*")) - dirs_before
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 45
+    while time.time() < deadline and (any(_alive(p) for p in below) or _shm_segments(own)
+                                      or set(tmp.glob("nvlm-serve-*")) - dirs_before):
+        time.sleep(0.2)
+    assert [p for p in below if _alive(p)] == []
+    assert _shm_segments(own) == set()
+    assert set(tmp.glob("nvlm-serve-*")) - dirs_before == set()
+
+
+@pytest.mark.faults
+def test_a_build_directory_can_be_moved(demo_ckpt, tmp_path):
+    """The docs tell users to copy a build to a GPU host: the repository finds its build by a path
+    relative to itself. Copy a finished build, delete the original, serve the copy."""
+    import shutil
+
+    from builder.engines import EngineLimits
+    from runtime.local_pipeline import LocalPipeline
+    from triton_repo.server import TritonServer
+
+    original, moved = tmp_path / "original", tmp_path / "elsewhere" / "moved"
+    build_engine(demo_ckpt, original, EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference",
+                                                         vision_dtype="fp32", calib_size=4,
+                                                         limits=EngineLimits(max_images_per_request=2)))
+    assert str(original) not in "".join(p.read_text() for p in (original / "triton_repo").rglob("config.pbtxt"))
+    shutil.copytree(original, moved, symlinks=True)
+    shutil.rmtree(original)
+    base = _ports(2)
+    with TritonServer(moved / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2) as srv:
+        ans = NVLMClient(srv.grpc_url).generate("Describe <image>.", [IMAGE], max_tokens=6)
+    assert ans.tokens == LocalPipeline(moved).generate("Describe <image>.", [IMAGE.read_bytes()], 6)
+
+
+@pytest.mark.faults
+def test_a_dead_stub_turns_readiness_off_and_the_server_heals(build):
+    """kill -9 the tensorrt_llm stub: before, every later request failed ("Stub process … is not healthy")
+    while readiness stayed 200. Now the keeper restarts the server: readiness goes down, comes back by
+    itself, and the next request is answered."""
+    import signal
+    import urllib.request
+
+    from triton_repo.server import TritonServer
+
+    base = _ports(2)
+
+    def ready():  # what a load balancer polls: GET /v2/health/ready, 200 or not
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{base + 1}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    with TritonServer(build / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2) as srv:
+        assert ready()
+        server_pid = next(p for p in _descendants(srv.proc.pid) if _ppid(p) == srv.proc.pid)
+        stub = next(p for p in _descendants(server_pid)
+                    if b"tensorrt_llm" in Path(f"/proc/{p}/cmdline").read_bytes())
+
+        os.kill(stub, signal.SIGKILL)
+        deadline, went_down = time.time() + 30, False
+        while time.time() < deadline and not went_down:
+            went_down = not ready()
+            time.sleep(0.1)
+        assert went_down, "readiness stayed true with a dead stub"
+        deadline = time.time() + 180
+        while time.time() < deadline and not ready():
+            time.sleep(0.5)
+        assert ready(), "the server did not come back"
+        assert len(NVLMClient(srv.grpc_url).generate("Still there?", max_tokens=3).tokens) == 3
 
 
 # --------------------------------------------------------------------------- nvlm-bench against the server

@@ -64,9 +64,12 @@ def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "refere
     vision_info = json.loads((build / "vision" / "config.json").read_text())
     engine = engine_dtype(cfg)
     vision = VISION_DTYPES[vision_info["dtype"]]
+    # relative when the repository lives inside the build, so that the build can be copied or moved
+    # whole (Python models resolve it against their model directory's parent, the repository root)
+    build_param = os.path.relpath(served, final_repo) if served in final_repo.parents else str(served)
     specs = model_specs(target, llm_hidden=cfg["hidden_size"], max_batch_size=limits.max_batch_size,
                         engine_dtype=engine, vision_dtype=vision,
-                        engine_dir=str(served / "engines" / "llm"), build_dir=str(served),
+                        engine_dir=str(served / "engines" / "llm"), build_dir=build_param,
                         kv_cache_free_gpu_mem_fraction=_kv_fraction(build, limits),
                         image_size=pre.image_size, tokens_per_tile=pre.tokens_per_tile)
     written = []
@@ -76,6 +79,8 @@ def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "refere
         (d / "config.pbtxt").write_text(render(spec))
         if target == "contract" and spec.name in STANDIN_CLASSES:
             engine_path = served / (PLAN if spec.name == "vision_encoder" else Path("engines") / "llm")
+            if served in final_repo.parents:  # relative to the model's directory, as build_dir is
+                engine_path = Path(os.path.relpath(engine_path, final_repo / spec.name))
             (d / "1" / "model.py").write_text(STANDIN_PY.format(name=spec.name, cls=STANDIN_CLASSES[spec.name],
                                                                 engine=str(engine_path)))
         elif spec.backend == "python":

@@ -23,7 +23,10 @@ from pathlib import Path
 
 from builder.errors import NVLMError
 
-SHM_PREFIX = "triton_python_backend_shm"
+from .keeper import shm_prefix
+
+# the Python backend's default shared-memory prefix, and the per-server prefix the keeper gives it
+SHM_PREFIXES = ("triton_python_backend_shm", "nvlm_shm_")
 
 
 class ServerError(NVLMError):
@@ -39,9 +42,10 @@ def _pytriton_root() -> Path:
     return Path(pytriton.__file__).parent / "tritonserver"
 
 
-def _shm_segments() -> set[str]:
+def _shm_segments(prefixes: tuple[str, ...] = SHM_PREFIXES) -> set[str]:
+    """Python-backend shared-memory segments on this machine (of one server: pass its keeper's prefix)."""
     shm = Path("/dev/shm")
-    return {p.name for p in shm.iterdir() if p.name.startswith(SHM_PREFIX)} if shm.is_dir() else set()
+    return {p.name for p in shm.iterdir() if p.name.startswith(prefixes)} if shm.is_dir() else set()
 
 
 def _load_errors(log: str, limit: int = 3000) -> str:
@@ -77,7 +81,9 @@ class TritonServer:
                 "--grpc-address", self.host, "--grpc-port", str(self.grpc_port),
                 "--http-address", self.host, "--http-port", str(self.http_port),
                 "--metrics-address", self.host, "--metrics-port", str(self.metrics_port),
-                "--exit-on-error", "true", "--log-verbose", "0"]
+                "--exit-on-error", "true", "--log-verbose", "0",
+                # the generated configs are complete; auto-completion would start a throw-away stub per model
+                "--disable-auto-complete-config"]
 
     def env(self) -> dict:
         env = dict(os.environ)
@@ -92,8 +98,11 @@ class TritonServer:
 
         self._shm_before = _shm_segments()
         self.log = open(self.log_file, "w")
-        self.proc = subprocess.Popen(self.command(), env=self.env(), stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+        # the keeper (triton_repo/keeper.py) runs tritonserver and stops it when this process dies
+        keeper = [sys.executable, "-m", "triton_repo.keeper", "--parent", str(os.getpid()),
+                  "--workdir", str(self.workdir), "--"]
+        self.proc = subprocess.Popen(keeper + self.command(), env=self.env(), stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         client = grpcclient.InferenceServerClient(f"{self.host}:{self.grpc_port}")
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -110,29 +119,36 @@ class TritonServer:
         raise ServerError(f"tritonserver not ready after {timeout:.0f} s; log: {self.log_file}")
 
     @property
+    def shm_prefix(self) -> str:
+        """The prefix of this server's shared-memory segments (unique to it: its keeper's PID)."""
+        return shm_prefix(self.proc.pid)
+
+    @property
     def grpc_url(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 45.0) -> None:
+        """SIGTERM to the keeper, which stops the server and removes its shared memory and folder."""
         if self.proc and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
+                pass
         if self.proc:
-            # backend stubs share the server's process group; one blocked in a call when the server
-            # went away (crash, kill, or a shutdown that timed it out) would otherwise outlive it
+            # the keeper, tritonserver and the stubs share one process group: whatever did not stop
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-        for name in _shm_segments() - self._shm_before:  # left by killed stubs
-            Path("/dev/shm", name).unlink(missing_ok=True)
+            self.proc.wait()
+            for seg in Path("/dev/shm").glob(shm_prefix(self.proc.pid) + "*"):
+                seg.unlink(missing_ok=True)
         if getattr(self, "log", None):
             self.log.close()
-        shutil.rmtree(self.workdir / "backends", ignore_errors=True)
+        # the keeper removes the folder on a clean stop; after a crash or kill this does (a log of
+        # the caller's choosing, --log-file, lives elsewhere and stays)
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self):
         return self.start()

@@ -21,10 +21,14 @@ import numpy as np
 from builder.build_dir import engine_dtype, read_limits, read_preprocess
 from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
 from runtime.prompt import build_prompt, tile_tags, with_image_placeholders
+from runtime.sampling import Sampling
 from runtime.tokenizer import NVLMTokenizer, StreamDecoder
 from runtime.trtllm_executor import Request, TRTLLMExecutor
 
 from .contract import load_contract
+
+# the penalty inputs the entry model declares (tensorrtllm_backend names): checked finite when sent
+PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "length_penalty")
 
 
 def _pb():
@@ -34,8 +38,10 @@ def _pb():
 
 
 def _build_dir(args) -> Path:
+    """The build this repository serves: its `build_dir` parameter, relative to the repository root
+    (`args["model_repository"]` is the model's own directory) unless absolute."""
     cfg = json.loads(args["model_config"])
-    return Path(cfg["parameters"]["build_dir"]["string_value"])
+    return (Path(args["model_repository"]).parent / cfg["parameters"]["build_dir"]["string_value"]).resolve()
 
 
 def _input(request, name, default=None):
@@ -222,7 +228,8 @@ class ContractVisionModel(VisionEncoderModel):
     def initialize(self, args):
         cfg = json.loads(args["model_config"])
         self.io_dtype = {v: k for k, v in _TYPE_NAMES.items()}[cfg["input"][0]["data_type"]]
-        self._load(Path(self.engine_path).parents[1])
+        engine = Path(args["model_repository"]) / self.engine_path  # an absolute engine_path stays as it is
+        self._load(engine.resolve().parents[1])
 
 
 _TYPE_NAMES = {"FP16": "TYPE_FP16", "BF16": "TYPE_BF16", "FP32": "TYPE_FP32"}
@@ -258,17 +265,17 @@ class ReferenceLLMModel:
         n = _scalar(request, "request_output_len", None, int)
         if n is None or n < 1 or n > self.limits["max_output_len"]:
             raise ValueError(f"request_output_len must be in 1…{self.limits['max_output_len']}, got {n}")
-        if _scalar(request, "beam_width", 1, int) != 1:
-            raise ValueError("beam_width > 1 is not supported by the reference target (greedy/sampling only)")
+        sampling = Sampling(_scalar(request, "temperature", 0.0, float), _scalar(request, "runtime_top_k", 1, int),
+                            _scalar(request, "runtime_top_p", 0.0, float), _scalar(request, "min_tokens", 0, int),
+                            _scalar(request, "beam_width", 1, int)).check(n)
         ids = ids.reshape(-1).astype(np.int64).tolist()
         if len(ids) > self.limits["max_input_len"]:
             raise ValueError(f"input is {len(ids)} tokens, above the maximum input length {self.limits['max_input_len']}")
         table = self._table(request, pb)
         stream = _scalar(request, "streaming", False, bool)
         req = Request(ids, n, table, end_id=_scalar(request, "end_id", None, int),
-                      temperature=_scalar(request, "temperature", 0.0, float),
-                      top_k=_scalar(request, "runtime_top_k", 1, int), top_p=_scalar(request, "runtime_top_p", 0.0, float),
-                      seed=_scalar(request, "seed", 0, int), min_length=_scalar(request, "min_tokens", 0, int))
+                      temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                      seed=_scalar(request, "seed", 0, int), min_length=sampling.min_tokens)
 
         def emit(tokens):
             arr = np.asarray([[tokens]], np.int32)  # [batch=1, beam=1, tokens]
@@ -377,11 +384,13 @@ class EntryModel:
         max_tokens = _scalar(request, "max_tokens", None, int)
         if max_tokens is None or max_tokens < 1 or max_tokens > self.limits["max_output_len"]:
             raise ValueError(f"max_tokens must be in 1…{self.limits['max_output_len']}, got {max_tokens}")
-        if _scalar(request, "beam_width", 1, int) != 1:
-            raise ValueError("beam_width > 1 is not supported: nvlm-trt builds engines with max_beam_width 1")
-        min_tokens = _scalar(request, "min_tokens", 0, int)
-        if min_tokens < 0 or min_tokens > max_tokens:
-            raise ValueError(f"min_tokens must be in 0…max_tokens ({max_tokens}), got {min_tokens}")
+        sampling = Sampling(
+            _scalar(request, "temperature", 0.0, float), _scalar(request, "top_k", 1, int),
+            _scalar(request, "top_p", 0.0, float), _scalar(request, "min_tokens", 0, int),
+            _scalar(request, "beam_width", 1, int),
+            tuple((k, _scalar(request, k, 0.0, float)) for k in PENALTIES if _input(request, k) is not None),
+        ).check(max_tokens)
+        min_tokens = sampling.min_tokens
         text = _input(request, "text_input")
         if text is None:
             raise ValueError("text_input is required")
@@ -403,9 +412,9 @@ class EntryModel:
             pb.Tensor("request_output_len", np.asarray([max_tokens], np.int32)),
             pb.Tensor("end_id", np.asarray([_scalar(request, "end_id", self.tok.im_end_id, int)], np.int32)),
             pb.Tensor("streaming", np.asarray([_scalar(request, "stream", False, bool)], bool)),
-            pb.Tensor("temperature", np.asarray([_scalar(request, "temperature", 0.0, float)], np.float32)),
-            pb.Tensor("runtime_top_k", np.asarray([_scalar(request, "top_k", 1, int)], np.int32)),
-            pb.Tensor("runtime_top_p", np.asarray([_scalar(request, "top_p", 0.0, float)], np.float32)),
+            pb.Tensor("temperature", np.asarray([sampling.temperature], np.float32)),
+            pb.Tensor("runtime_top_k", np.asarray([sampling.top_k], np.int32)),
+            pb.Tensor("runtime_top_p", np.asarray([sampling.top_p], np.float32)),
             pb.Tensor("seed", np.asarray([_scalar(request, "seed", 0, int)], np.uint64)),
             pb.Tensor("min_tokens", np.asarray([min_tokens], np.int32)),
         ]

@@ -159,7 +159,6 @@ def entry_inputs() -> tuple[Tensor, ...]:
 
 
 def entry_outputs() -> tuple[Tensor, ...]:
-
     # output_ids is ours: clients and tests check tokens exactly
     return (Tensor("output_ids", "INT32", (-1,)),) + tuple(
         Tensor(e.name, e.dtype, e.dims) for e in load_contract().client_outputs)
