@@ -220,5 +220,9 @@ def test_missing_parameter_fails_the_load_with_the_backends_message(build, tmp_p
     repo = tmp_path / "repo"
     generate_repo(build, repo, "contract")
     _mutate(repo, "tensorrt_llm", 'key: "xgrammar_tokenizer_info_path"', 'key: "xgrammar_info"')
-    with pytest.raises(ServerError, match="Cannot find parameter with name: xgrammar_tokenizer_info_path"):
-        _serve(repo, 5).start()
+    server = _serve(repo, 5)
+    try:
+        with pytest.raises(ServerError, match="Cannot find parameter with name: xgrammar_tokenizer_info_path"):
+            server.start()
+    finally:
+        server.stop()  # a failed start keeps its log for the user; the test removes it
