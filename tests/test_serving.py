@@ -254,21 +254,6 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
     from triton_repo.keeper import shm_prefix
     from triton_repo.server import _shm_segments
 
-    def descendants(root: int) -> set[int]:
-        """PIDs of every process below `root` (tritonserver's backend stubs), from /proc/*/stat."""
-        parents = {}
-        for p in Path("/proc").iterdir():
-            if p.name.isdigit():
-                try:
-                    parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                except (OSError, IndexError, ValueError):
-                    pass
-        found, frontier = set(), {root}
-        while frontier:
-            frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-            found |= frontier
-        return found
-
     base = _ports(1)
     proc = subprocess.Popen([str(ROOT / ".venv/bin/nvlm-serve"), str(build), "--grpc-port", str(base),
                              "--http-port", str(base + 1), "--metrics-port", str(base + 2)],
@@ -277,7 +262,7 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
     assert line.startswith("serving"), line
     server_pid = int(next(p.name for p in Path("/proc").iterdir() if p.name.isdigit() and int(
         (p / "stat").read_text().rsplit(")", 1)[1].split()[1]) == proc.pid and b"tritonserver" in (p / "cmdline").read_bytes()))
-    children = descendants(server_pid)
+    children = _descendants(server_pid)
     assert children  # the server's backend stubs are visible, so the check below can fail
     own = (shm_prefix(server_pid),)  # server_pid is the keeper, nvlm-serve's child
     assert _shm_segments(own)
