@@ -57,12 +57,6 @@ class Contract:
     def message(self, key: str, **kw) -> str:
         return self.messages[key]["text"].format(**kw)
 
-    def input(self, name: str) -> IOEntry:
-        for e in self.inputs:
-            if e.name == name:
-                return e
-        raise KeyError(f"{name!r} is not an input of NVIDIA's tensorrt_llm model")
-
     def cite(self, source: str) -> str:
         s = self.sources[source]
         return f"NVIDIA/TensorRT-LLM {s['path']}@{s['commit'][:12]}"
