@@ -26,10 +26,10 @@ sys.path.insert(0, str(ROOT))
 
 def main():
     from builder.calibration import builtin_samples, embed_samples
-    from builder.demo_checkpoint import write_demo_checkpoint
     from builder.fidelity import prepare_prompts
     from builder.llm_build import quantize
-    from builder.llm_formats import BuildOptions, get_format
+    from runtime.core.demo_checkpoint import write_demo_checkpoint
+    from runtime.core.llm_formats import BuildOptions, get_format
     from runtime.reference import reference_model
     from runtime.tokenizer import NVLMTokenizer
 

@@ -26,8 +26,8 @@ def make_checkpoint(out: Path, layers: int, hidden: int, inter: int, shards: int
     import torch
     from safetensors.torch import save_file
 
-    from builder.demo_checkpoint import DemoDims, build_tokenizer, demo_config
-    from builder.families import family_for, from_hf
+    from runtime.core.demo_checkpoint import DemoDims, build_tokenizer, demo_config
+    from runtime.core.families import family_for, from_hf
 
     dims = DemoDims(llm_hidden=hidden, llm_layers=layers, llm_heads=hidden // 128, llm_kv_heads=4,
                     llm_intermediate=inter)

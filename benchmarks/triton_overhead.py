@@ -22,10 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def main():
-    from builder.demo_checkpoint import write_demo_checkpoint
     from builder.engine_build import EngineBuildOptions, build_engine
-    from builder.llm_formats import BuildOptions, get_format
     from runtime.client import NVLMClient
+    from runtime.core.demo_checkpoint import write_demo_checkpoint
+    from runtime.core.llm_formats import BuildOptions, get_format
     from runtime.loadgen import run_closed_loop, summarize
     from runtime.local_pipeline import LocalPipeline
     from runtime.workloads import Item

@@ -1,3 +1,5 @@
-"""nvlm-trt builder: NVLM checkpoint model, checkpoint I/O, weight maps and the `nvlm-build` CLI."""
+"""nvlm-trt builder: the compiler — build stages, the build driver and the `nvlm-build` CLI."""
 
-__version__ = "0.1.0"
+from runtime.core import __version__
+
+__all__ = ["__version__"]

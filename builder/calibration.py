@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from runtime.core.errors import NVLMError
+from runtime.core.jsonl import parse_jsonl
 from runtime.preprocess import preprocess_images
 from runtime.prompt import build_prompt, with_image_placeholders
 from runtime.scenes import SCENE_SIZES, synthetic_scene
-
-from .errors import NVLMError
-from .jsonl import parse_jsonl
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 DEFAULT_QUESTION = "<image>\nDescribe this image in detail."

@@ -9,20 +9,12 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
-from runtime.preprocess import preprocess_files
-from runtime.prompt import Message, build_prompt
-from runtime.reference import reference_model
-from runtime.tokenizer import NVLMTokenizer
-from triton_repo.generate import generate_repo, plan_pending
-
-from .demo_checkpoint import write_demo_checkpoint
-from .engine_build import EngineBuildOptions, build_engine, format_summary
-from .engines import EngineLimits
-from .errors import NVLMError
-from .fsutil import publish_dir
-from .inspect import DEFAULT_KV_TOKENS, format_report, inspect
-from .llm_build import build_llm
-from .llm_formats import (
+from runtime.core.demo_checkpoint import write_demo_checkpoint
+from runtime.core.engines import EngineLimits
+from runtime.core.errors import NVLMError
+from runtime.core.fsutil import publish_dir
+from runtime.core.inspect import DEFAULT_KV_TOKENS, format_report, inspect
+from runtime.core.llm_formats import (
     FORMATS,
     KV_CACHE_DTYPES,
     VISION_FORMATS,
@@ -31,6 +23,14 @@ from .llm_formats import (
     get_vision_format,
     kv_cache_fp8,
 )
+from runtime.preprocess import preprocess_files
+from runtime.prompt import Message, build_prompt
+from runtime.reference import reference_model
+from runtime.tokenizer import NVLMTokenizer
+from triton_repo.generate import generate_repo, plan_pending
+
+from .engine_build import EngineBuildOptions, build_engine, format_summary
+from .llm_build import build_llm
 from .vision_export import export_vision
 
 log = logging.getLogger("nvlm")

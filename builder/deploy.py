@@ -72,7 +72,7 @@ FROM ${{TRITON_IMAGE}}
 COPY nvlm-trt /opt/nvlm-trt
 RUN python3 -m pip install --no-cache-dir {' '.join(shlex.quote(p) for p in CONTAINER_PIP)} \\
  && python3 -m pip install --no-cache-dir --no-deps /opt/nvlm-trt \\
- && python3 -c "import triton_repo.serving, runtime.preprocess, builder.engines"
+ && python3 -c "import triton_repo.serving, runtime.preprocess, runtime.core.engines"
 """
 
 

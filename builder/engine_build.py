@@ -20,7 +20,7 @@ continues a `.OUT.partial/` built with the same options and source, re-verifying
 stage's checksums and redoing any that do not verify.
 
 This module is the driver; the stages are builder/stages.py, and what the build directory holds (the
-manifest and preprocess.json, their writers and readers) is builder/build_dir.py.
+manifest and preprocess.json, their writers and readers) is runtime/core/build_dir.py.
 """
 
 from __future__ import annotations
@@ -33,13 +33,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
-from . import __version__
-from .build_dir import SCHEMA, read_manifest, sha256_file, tree_checksums, write_json_atomic
-from .checkpoint import Checkpoint
-from .engines import ENGINE_RELEASE, detect
-from .errors import OutputExistsError
-from .fsutil import human_bytes
-from .llm_formats import validate
+from runtime.core import __version__
+from runtime.core.build_dir import SCHEMA, read_manifest, sha256_file, tree_checksums, write_json_atomic
+from runtime.core.checkpoint import Checkpoint
+from runtime.core.engines import ENGINE_RELEASE, detect
+from runtime.core.errors import OutputExistsError
+from runtime.core.fsutil import human_bytes
+from runtime.core.llm_formats import validate
+
 from .stages import STAGES, TOKENIZER_FILES, BuildError, Context, EngineBuildOptions
 
 log = logging.getLogger(__name__)

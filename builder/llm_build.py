@@ -22,18 +22,18 @@ import time
 import warnings
 from pathlib import Path
 
+from runtime.core import __version__
+from runtime.core.checkpoint import Checkpoint
+from runtime.core.errors import NVLMError, OutputExistsError
+from runtime.core.fsutil import publish_dir
+from runtime.core.llm_formats import BuildOptions, kv_cache_name, validate
+from runtime.core.trtllm_checkpoint import count_tensors, trtllm_config, write_unquantized
 from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from runtime.trtllm_executor import TRTLLMExecutor
 
-from . import __version__
 from .calibration import builtin_samples, embed_samples, load_calib_data, select
-from .checkpoint import Checkpoint
-from .errors import NVLMError, OutputExistsError
 from .fidelity import build_report
-from .fsutil import publish_dir
-from .llm_formats import BuildOptions, kv_cache_name, validate
-from .trtllm_checkpoint import count_tensors, trtllm_config, write_unquantized
 
 log = logging.getLogger(__name__)
 

@@ -15,25 +15,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from runtime.reference import reference_model
-from runtime.tokenizer import NVLMTokenizer
-from triton_repo.generate import generate_repo
-
-from .build_dir import write_preprocess
-from .checkpoint import Checkpoint
-from .deploy import write_kit
-from .engines import (
+from runtime.core.build_dir import write_preprocess
+from runtime.core.checkpoint import Checkpoint
+from runtime.core.engines import (
     EngineLimits,
     build_vision_engine,
     finish_script,
     trtllm_build_args,
     vision_engine_settings,
 )
-from .errors import NVLMError
-from .families import LLM, family_for
-from .inspect import llm_breakdown
+from runtime.core.errors import NVLMError
+from runtime.core.families import LLM, family_for
+from runtime.core.inspect import llm_breakdown
+from runtime.core.llm_formats import BuildOptions, VisionFormat, kv_cache_name
+from runtime.reference import reference_model
+from runtime.tokenizer import NVLMTokenizer
+from triton_repo.generate import generate_repo
+
+from .deploy import write_kit
 from .llm_build import build_llm
-from .llm_formats import BuildOptions, VisionFormat, kv_cache_name
 from .vision_export import export_vision
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
@@ -127,7 +127,7 @@ def _engines(ctx: Context, tmp: Path) -> dict:
     settings = {"trtllm_build": llm_cmd, "vision_engine": vis.__dict__}
     (tmp / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     vision_cmd = [sys.executable if ctx.engines_possible else "python3", "-c",
-                  "import json; from builder.engines import VisionEngineSettings as S, build_vision_engine as b; "
+                  "import json; from runtime.core.engines import VisionEngineSettings as S, build_vision_engine as b; "
                   "d = json.load(open('engines/settings.json'))['vision_engine']; "
                   "print(b(S(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})))"]
     repo_cmd = ["python3", "-m", "builder.cli", "triton-repo", ".", "-o", "triton_repo", "--target", "trt", "--force"]

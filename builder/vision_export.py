@@ -23,11 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.core.errors import NVLMError
+from runtime.core.llm_formats import VisionFormat, get_vision_format
 from runtime.preprocess import preprocess_image
 from runtime.scenes import SCENE_SIZES, synthetic_scene
-
-from .errors import NVLMError
-from .llm_formats import VisionFormat, get_vision_format
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from builder.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from runtime.core.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
 from runtime.preprocess import choose_grid
 
 from .pillow_resample import Coefficients, coefficients

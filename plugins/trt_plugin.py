@@ -17,8 +17,8 @@ imported (and its registration code read) where TensorRT is absent.
 
 from __future__ import annotations
 
-from builder.config import PreprocessConfig
-from builder.errors import NVLMError
+from runtime.core.config import PreprocessConfig
+from runtime.core.errors import NVLMError
 
 from .aot import compile_kernel
 from .tiling import normalization_table

@@ -28,10 +28,10 @@ import threading
 import time
 from pathlib import Path
 
-from builder.build_dir import read_manifest, read_preprocess, sha256_file
-from builder.errors import NVLMError
-from builder.llm_formats import FORMATS
 from runtime.client import NVLMClient
+from runtime.core.build_dir import read_manifest, read_preprocess, sha256_file
+from runtime.core.errors import NVLMError
+from runtime.core.llm_formats import FORMATS
 from runtime.preprocess import preprocess_images
 from runtime.prompt import build_prompt, with_image_placeholders
 from runtime.tokenizer import NVLMTokenizer

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.errors import NVLMError
+from runtime.core.errors import NVLMError
 
 
 class ClientError(NVLMError):

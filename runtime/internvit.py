@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from builder.config import VisionConfig
+from runtime.core.config import VisionConfig
 
 
 class RMSNorm(nn.Module):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.build_dir import engine_dtype, read_limits, read_preprocess
+from runtime.core.build_dir import engine_dtype, read_limits, read_preprocess
 from runtime.preprocess import preprocess_images
 from runtime.prompt import build_prompt, with_image_placeholders
 from runtime.tokenizer import NVLMTokenizer

@@ -20,8 +20,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from builder.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
-from builder.errors import EnvironmentMismatchError, InputError
+from runtime.core.config import IMAGENET_MEAN, IMAGENET_STD, PreprocessConfig
+from runtime.core.errors import EnvironmentMismatchError, InputError
 
 from .prompt import tile_tags
 

@@ -16,8 +16,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
-from builder.config import IMAGE_END, IMAGE_PAD, IMAGE_PLACEHOLDER, IMAGE_START, THUMBNAIL_TAG
-from builder.errors import InputError
+from runtime.core.config import IMAGE_END, IMAGE_PAD, IMAGE_PLACEHOLDER, IMAGE_START, THUMBNAIL_TAG
+from runtime.core.errors import InputError
 
 from .tokenizer import IM_END, IM_START, NVLMTokenizer
 

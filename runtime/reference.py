@@ -1,7 +1,7 @@
 """Reference NVLM models in PyTorch: the ground truth every later stage is checked against.
 
 `NVLMReference` is the base and NVLM-D's model as it is (a family names its class in
-builder/families.py; `reference_model` resolves it). A family that differs overrides the hooks, the
+runtime/core/families.py; `reference_model` resolves it). A family that differs overrides the hooks, the
 way vLLM's nvlm_d.py overrides only `_init_mlp1`/`_init_vision_model` of its InternVL base:
 `init_vision`, `init_projector`, `init_decoder` build the components, `embed` says how image
 features enter the decoder (NVLM-D: they replace the `<|vision_pad|>` embeddings).
@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from builder.checkpoint import Checkpoint
-from builder.config import NVLMConfig, ProjectorConfig
-from builder.errors import CheckpointError, InputError
-from builder.families import LLM, PROJECTOR, VISION, family_for
+from runtime.core.checkpoint import Checkpoint
+from runtime.core.config import NVLMConfig, ProjectorConfig
+from runtime.core.errors import CheckpointError, InputError
+from runtime.core.families import LLM, PROJECTOR, VISION, family_for
 
 from .internvit import InternViT
 
@@ -189,7 +189,7 @@ class NVLMReference(nn.Module):
 
 
 def reference_model(path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32) -> NVLMReference:
-    """The reference model of a checkpoint's family (builder/families.py names its class), loaded."""
+    """The reference model of a checkpoint's family (runtime/core/families.py names its class), loaded."""
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
     module, _, name = family_for(ckpt.config).reference.partition(":")
     cls = getattr(importlib.import_module(module), name)

@@ -17,12 +17,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from builder.build_dir import read_manifest
-from builder.config import NVLMConfig
-from builder.errors import InputError
-from builder.families import PROJECTOR, family_for, load_config
-from builder.inspect import kv_bytes_per_token, llm_breakdown
-from builder.llm_formats import get_format, get_vision_format, kv_cache_fp8
+from runtime.core.build_dir import read_manifest
+from runtime.core.config import NVLMConfig
+from runtime.core.errors import InputError
+from runtime.core.families import PROJECTOR, family_for, load_config
+from runtime.core.inspect import kv_bytes_per_token, llm_breakdown
+from runtime.core.llm_formats import get_format, get_vision_format, kv_cache_fp8
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from builder.errors import InputError
+from runtime.core.errors import InputError
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from builder.config import IMAGE_PAD
-from builder.errors import TokenizerError
+from runtime.core.config import IMAGE_PAD
+from runtime.core.errors import TokenizerError
 
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 

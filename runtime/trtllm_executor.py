@@ -25,15 +25,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from builder import trtllm_layout as layout
-from builder.errors import CheckpointError, InputError, UnsupportedArchitectureError
-from builder.families import family_for_trtllm
-from builder.llm_formats import FP8_MAX, LLMFormat, UnsupportedCombinationError, format_for_algo, q8
+from runtime.core import trtllm_layout as layout
+from runtime.core.errors import CheckpointError, InputError, UnsupportedArchitectureError
+from runtime.core.families import family_for_trtllm
+from runtime.core.llm_formats import FP8_MAX, LLMFormat, UnsupportedCombinationError, format_for_algo, q8
 
 
 class Linear:
     """One rank's shard of a linear layer in its stored format; dequantized once at load by the
-    format (builder/llm_formats.py: LLMFormat.dequantize)."""
+    format (runtime/core/llm_formats.py: LLMFormat.dequantize)."""
 
     def __init__(self, get: Callable[[str], torch.Tensor | None], prefix: str, fmt: LLMFormat):
         self.bias = get(prefix + "bias")

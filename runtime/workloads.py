@@ -6,8 +6,8 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from builder.errors import NVLMError
-from builder.jsonl import parse_jsonl
+from runtime.core.errors import NVLMError
+from runtime.core.jsonl import parse_jsonl
 from runtime.scenes import synthetic_scene
 
 # image sizes whose NVLM tiling (448 px, ≤ 6 tiles + thumbnail) gives exactly this many tiles

@@ -174,7 +174,7 @@ def check_runtime(device, timer, repeats: int, seed: int, self_test: bool) -> di
 
     import torch
 
-    from builder.demo_checkpoint import write_demo_checkpoint
+    from runtime.core.demo_checkpoint import write_demo_checkpoint
     from runtime.prompt import build_prompt
     from runtime.reference import reference_model
     from runtime.tokenizer import NVLMTokenizer
@@ -250,14 +250,14 @@ def check_trt_serving(work: Path, seed: int) -> dict:
     import shutil
     import subprocess
 
-    from builder.engines import detect
+    from runtime.core.engines import detect
 
     cap = detect()
     server_bin = Path("/opt/tritonserver/bin/tritonserver")
     if not cap.can_build or not server_bin.is_file():
         return {"skipped": f"{cap.detail}; tritonserver {'present' if server_bin.is_file() else 'absent'}"}
-    from builder.demo_checkpoint import write_demo_checkpoint
     from runtime.client import NVLMClient
+    from runtime.core.demo_checkpoint import write_demo_checkpoint
     from runtime.local_pipeline import LocalPipeline
 
     ckpt, build = work / "ckpt", work / "build"

@@ -17,7 +17,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 @pytest.fixture(scope="session")
 def demo_ckpt(tmp_path_factory) -> Path:
     """The embedded default, generated once per session (read-only: copy before mutating)."""
-    from builder.demo_checkpoint import write_demo_checkpoint
+    from runtime.core.demo_checkpoint import write_demo_checkpoint
 
     return write_demo_checkpoint(tmp_path_factory.mktemp("demo") / "nvlm-d-demo")
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from builder.checkpoint import Checkpoint, read_safetensors_header
-from builder.errors import CheckpointError, PickleCheckpointError, ShapeMismatchError, WeightMapError
+from runtime.core.checkpoint import Checkpoint, read_safetensors_header
+from runtime.core.errors import CheckpointError, PickleCheckpointError, ShapeMismatchError, WeightMapError
 
 INDEX = "model.safetensors.index.json"
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from builder.errors import ConfigError, UnsupportedArchitectureError
-from builder.families import from_hf, load_config, supported_architectures
+from runtime.core.errors import ConfigError, UnsupportedArchitectureError
+from runtime.core.families import from_hf, load_config, supported_architectures
 
 
 def test_released_72b_config_parses(config_72b):
@@ -121,9 +121,15 @@ def test_families_are_registered_objects(config_72b, demo_ckpt):
     lists the known ones, for the HF architecture, the family name and the TensorRT-LLM architecture."""
     from dataclasses import replace
 
-    from builder.errors import UnsupportedArchitectureError
-    from builder.families import (LLM, FAMILIES, family_for, family_for_architecture, family_for_trtllm,
-                                  register_family)
+    from runtime.core.errors import UnsupportedArchitectureError
+    from runtime.core.families import (
+        FAMILIES,
+        LLM,
+        family_for,
+        family_for_architecture,
+        family_for_trtllm,
+        register_family,
+    )
     from runtime.reference import NVLMReference, reference_model
 
     cfg = from_hf(config_72b)

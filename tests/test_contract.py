@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from builder.engine_build import EngineBuildOptions, build_engine
-from builder.engines import EngineLimits
 from builder.llm_build import build_llm
-from builder.llm_formats import BuildOptions, get_format
 from runtime.client import ClientError, NVLMClient
+from runtime.core.engines import EngineLimits
+from runtime.core.llm_formats import BuildOptions, get_format
 from tests.conftest import ROOT, server_ports
 from triton_repo.check import check_repository
 from triton_repo.contract import load_contract

@@ -50,7 +50,7 @@ def test_dockerfile_installs_nvlm_trt_into_the_ngc_image():
 
 def test_engine_build_ships_the_kit(tmp_path, demo_ckpt):
     from builder.engine_build import EngineBuildOptions, build_engine
-    from builder.llm_formats import BuildOptions, get_format
+    from runtime.core.llm_formats import BuildOptions, get_format
 
     out = tmp_path / "b"
     build_engine(demo_ckpt, out, EngineBuildOptions(BuildOptions(get_format("bf16"), tp=2), target="reference",
@@ -60,5 +60,6 @@ def test_engine_build_ships_the_kit(tmp_path, demo_ckpt):
     assert "WORLD=2" in (kit / "launch.sh").read_text()
     for pkg in ("builder", "runtime", "plugins", "triton_repo"):
         assert (kit / "nvlm-trt" / pkg / "__init__.py").is_file()
+    assert (kit / "nvlm-trt" / "runtime" / "core" / "__init__.py").is_file()
     assert (kit / "nvlm-trt" / "triton_repo" / "contracts" / "tensorrtllm_backend_1.2.json").is_file()
     assert not list(kit.rglob("__pycache__"))

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from builder.build_dir import read_limits
-from builder.checkpoint import Checkpoint
 from builder.engine_build import STATUS_PORTABLE, BuildError, EngineBuildOptions, build_engine
-from builder.engines import EngineLimits, trtllm_build_args, vision_engine_settings
-from builder.errors import OutputExistsError
-from builder.families import from_hf
-from builder.llm_formats import BuildOptions, get_format, get_vision_format
+from runtime.core.build_dir import read_limits
+from runtime.core.checkpoint import Checkpoint
+from runtime.core.engines import EngineLimits, trtllm_build_args, vision_engine_settings
+from runtime.core.errors import OutputExistsError
+from runtime.core.families import from_hf
+from runtime.core.llm_formats import BuildOptions, get_format, get_vision_format
 from tests.conftest import ROOT
 
 

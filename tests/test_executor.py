@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from builder.errors import InputError
 from builder.llm_build import build_llm
-from builder.llm_formats import BuildOptions, get_format, q8, unpack_int4
+from runtime.core.errors import InputError
+from runtime.core.llm_formats import BuildOptions, get_format, q8, unpack_int4
 from runtime.trtllm_executor import KVCache, Request, TRTLLMExecutor, sample
 
 
@@ -106,7 +106,7 @@ def test_missing_rank_file_is_named(bf16_dir, tmp_path):
     cfg = json.loads((d / "config.json").read_text())
     cfg["mapping"] = {"world_size": 2, "tp_size": 2, "pp_size": 1}
     (d / "config.json").write_text(json.dumps(cfg))
-    from builder.errors import CheckpointError
+    from runtime.core.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="rank1.safetensors missing"):
         TRTLLMExecutor.load(d)

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from builder.cli import main
-from builder.inspect import GIB, SCHEMA, inspect
+from runtime.core.inspect import GIB, SCHEMA, inspect
 
 # NVLM-D-72B, from the published dimensions (DESIGN.md §2), written out by hand.
 C, VL, VM, P = 3200, 45, 12800, 14

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from builder.checkpoint import Checkpoint
 from builder.cli import main
-from builder.errors import OutputExistsError
-from builder.families import from_hf
 from builder.llm_build import build_llm
-from builder.llm_formats import FORMATS as FORMAT_REGISTRY
-from builder.llm_formats import BuildOptions, UnsupportedCombinationError, format_for_algo, get_format, validate
+from runtime.core.checkpoint import Checkpoint
+from runtime.core.errors import OutputExistsError
+from runtime.core.families import from_hf
+from runtime.core.llm_formats import FORMATS as FORMAT_REGISTRY
+from runtime.core.llm_formats import BuildOptions, UnsupportedCombinationError, format_for_algo, get_format, validate
 from runtime.trtllm_executor import Request, TRTLLMExecutor
 
 FORMATS = [("bf16", False), ("fp16", False), ("fp8", False), ("fp8", True), ("int4_awq", False), ("w4a8_awq", False)]

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from builder.errors import EnvironmentMismatchError, InputError
 from plugins.pillow_resample import resample_reference
+from runtime.core.errors import EnvironmentMismatchError, InputError
 from runtime.preprocess import (
     candidate_grids,
     check_pillow,
@@ -209,7 +209,7 @@ def test_very_tall_image_is_resized_horizontal_first():
 
 
 def test_config_parameters_come_from_the_checkpoint(released_ckpt):
-    from builder.families import load_config
+    from runtime.core.families import load_config
 
     cfg = load_config(released_ckpt).preprocess
     assert cfg.max_tiles == 4

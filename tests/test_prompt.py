@@ -2,7 +2,7 @@
 
 import pytest
 
-from builder.errors import InputError
+from runtime.core.errors import InputError
 from runtime.prompt import Message, build_prompt, expand_images, image_text, render_chatml, tile_tags
 from runtime.tokenizer import NVLMTokenizer
 

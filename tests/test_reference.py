@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from builder.checkpoint import Checkpoint
-from builder.errors import InputError
+from runtime.core.checkpoint import Checkpoint
+from runtime.core.errors import InputError
 from runtime.reference import pixel_shuffle, reference_model
 from runtime.tokenizer import NVLMTokenizer
 

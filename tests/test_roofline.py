@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from builder.families import from_hf
+from runtime.core.families import from_hf
 from runtime.roofline import roofline
 
 # NVLM-D-72B, written out

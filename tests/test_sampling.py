@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from builder.errors import InputError
+from runtime.core.errors import InputError
 from runtime.sampling import Sampling
 
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from builder.engine_build import EngineBuildOptions, build_engine
-from builder.llm_formats import BuildOptions, get_format
 from runtime.client import ClientError, NVLMClient
+from runtime.core.llm_formats import BuildOptions, get_format
 from tests.conftest import ROOT
 from tests.conftest import server_ports as _ports
 
@@ -24,7 +24,7 @@ IMAGE = ROOT / "assets" / "demo_scene.png"
 @pytest.fixture(scope="module")
 def build(tmp_path_factory, demo_ckpt):
     out = tmp_path_factory.mktemp("serve") / "build"
-    from builder.engines import EngineLimits
+    from runtime.core.engines import EngineLimits
 
     opts = EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference", vision_dtype="fp32", calib_size=4,
                               limits=EngineLimits(max_images_per_request=4))
@@ -345,7 +345,7 @@ def test_a_build_directory_can_be_moved(demo_ckpt, tmp_path):
     relative to itself. Copy a finished build, delete the original, serve the copy."""
     import shutil
 
-    from builder.engines import EngineLimits
+    from runtime.core.engines import EngineLimits
     from runtime.local_pipeline import LocalPipeline
     from triton_repo.server import TritonServer
 
@@ -479,8 +479,8 @@ def test_bench_reports_measured_over_roofline_bound(server, build, demo_ckpt, tm
     checked here — the bounds themselves against hand arithmetic in tests/test_roofline.py."""
     import json
 
-    from builder.families import load_config
     from runtime.bench import main
+    from runtime.core.families import load_config
     from runtime.roofline import GPUS, roofline
 
     assert main(["run", "--url", server.grpc_url, "--concurrency", "1", "--requests", "4", "--warmup", "0",

@@ -7,9 +7,9 @@ expected values are derived here from the NVLM-D-72B fixture (DESIGN.md §2) and
 
 import pytest
 
-from builder.families import from_hf
-from builder.llm_formats import BuildOptions, get_format
-from builder.trtllm_checkpoint import trtllm_config, unquantized_section
+from runtime.core.families import from_hf
+from runtime.core.llm_formats import BuildOptions, get_format
+from runtime.core.trtllm_checkpoint import trtllm_config, unquantized_section
 
 # field → (expected value for NVLM-D-72B FP8 TP2 + FP8 KV, source)
 EXPECTED = {

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from builder.errors import NVLMError
+from runtime.core.errors import NVLMError
 
 CONTRACT_FILE = Path(__file__).parent / "contracts" / "tensorrtllm_backend_1.2.json"
 

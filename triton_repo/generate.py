@@ -16,8 +16,8 @@ import json
 import os
 from pathlib import Path
 
-from builder.build_dir import engine_dtype, read_limits, read_preprocess
-from builder.engines import kv_cache_free_gpu_mem_fraction
+from runtime.core.build_dir import engine_dtype, read_limits, read_preprocess
+from runtime.core.engines import kv_cache_free_gpu_mem_fraction
 
 from .check import check_repository
 from .contract import ContractError

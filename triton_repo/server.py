@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from builder.errors import NVLMError
+from runtime.core.errors import NVLMError
 
 from .keeper import shm_prefix
 

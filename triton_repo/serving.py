@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from builder.build_dir import engine_dtype, read_limits, read_preprocess
+from runtime.core.build_dir import engine_dtype, read_limits, read_preprocess
 from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
 from runtime.prompt import build_prompt, tile_tags, with_image_placeholders
 from runtime.sampling import Sampling

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
 
-from builder.errors import NVLMError
+from runtime.core.errors import NVLMError
 
 from .contract import load_contract, resolve
 

@@ -2,7 +2,7 @@
 
 A TensorRT-LLM checkpoint is `config.json` plus one `rank{N}.safetensors` per rank
 (rank = pp_rank · tp + tp_rank). The names and how each splits over TP are the layout table of
-builder/trtllm_layout.py, TensorRT-LLM's Qwen layout as NVIDIA Model Optimizer exports it (the
+runtime/core/trtllm_layout.py, TensorRT-LLM's Qwen layout as NVIDIA Model Optimizer exports it (the
 streaming converter's output is tested equal to modelopt's unquantized export, tensor for tensor,
 at TP1, TP2 and PP2).
 """
@@ -39,7 +39,7 @@ def trtllm_config(cfg: NVLMConfig, opts: BuildOptions, quantization: dict) -> di
     if llm.rope_scaling is not None:
         rotary_scaling = {"type": llm.rope_scaling.type, "factor": llm.rope_scaling.factor}
     return {
-        # the family's decoder as TensorRT-LLM's MODEL_MAP names it, and its own fields (builder/families.py)
+        # the family's decoder as TensorRT-LLM's MODEL_MAP names it, and its own fields (runtime/core/families.py)
         "architecture": family.trtllm_architecture,
         **family.trtllm_config,
         "dtype": opts.fmt.dtype,
@@ -124,7 +124,7 @@ class RankTensor:
 
 def rank_plan(ckpt, opts: BuildOptions, rank: int) -> list[RankTensor]:
     """Every tensor of one rank file, in write order, each with the function that computes it: the rows
-    of the layout table (builder/trtllm_layout.py) this rank holds, split as the table says."""
+    of the layout table (runtime/core/trtllm_layout.py) this rank holds, split as the table says."""
     llm = ckpt.config.llm
     tp, pp = opts.tp, opts.pp
     t, p = rank % tp, rank // tp

@@ -1,6 +1,6 @@
 """Typed NVLM configuration: the one place where an HF `config.json` is read.
 
-`builder.families.from_hf(raw)` turns the checkpoint's JSON into these frozen dataclasses through the
+`runtime.core.families.from_hf(raw)` turns the checkpoint's JSON into these frozen dataclasses through the
 family registered for its architecture (`parse_nvlm` here is the nested NVLM layout's parser);
 everything after it takes those objects, never raw dicts. The vision tower and the LLM backbone are
 dispatched by architecture name through small registries, so a new backbone is one registered
@@ -166,7 +166,7 @@ class PreprocessConfig:
 
 @dataclass(frozen=True)
 class NVLMConfig:
-    family: str  # the registered ModelFamily's name (builder/families.py)
+    family: str  # the registered ModelFamily's name (runtime/core/families.py)
     architecture: str  # top-level HF architecture name, e.g. "NVLM_D"
     vision: VisionConfig
     projector: ProjectorConfig
