@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Iterator
 
 from runtime.core.errors import NVLMError
+from runtime.core.families import family_for
 from runtime.core.jsonl import parse_jsonl
 from runtime.preprocess import preprocess_images
 from runtime.prompt import build_prompt, with_image_placeholders
@@ -103,7 +104,7 @@ def embed_samples(samples: list[CalibSample], model, tokenizer, *, text_only: bo
     import torch
 
 
-    pcfg = model.cfg.preprocess
+    pcfg, layout = model.cfg.preprocess, family_for(model.cfg).prompt_layout
     for s in samples:
         image = None if text_only else s.image
         prompt = s.prompt if image is not None else s.prompt.replace("<image>", "").strip()
@@ -111,7 +112,7 @@ def embed_samples(samples: list[CalibSample], model, tokenizer, *, text_only: bo
         if image is not None:
             (pre,) = preprocess_images([image], pcfg, max_images=1)
             tiles, pixel_values = [pre.num_tiles], torch.from_numpy(pre.pixel_values)
-        p = build_prompt(tokenizer, prompt, tiles, tokens_per_tile=pcfg.tokens_per_tile)
+        p = build_prompt(tokenizer, prompt, tiles, tokens_per_tile=pcfg.tokens_per_tile, layout=layout)
         ids = torch.tensor([p.input_ids])
         with torch.no_grad():
             img = model.encode_images(pixel_values).flatten(0, 1) if pixel_values is not None else None

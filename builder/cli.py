@@ -12,6 +12,7 @@ from typing import Callable
 from runtime.core.demo_checkpoint import write_demo_checkpoint
 from runtime.core.engines import EngineLimits
 from runtime.core.errors import NVLMError
+from runtime.core.families import family_for
 from runtime.core.fsutil import publish_dir
 from runtime.core.inspect import DEFAULT_KV_TOKENS, format_report, inspect
 from runtime.core.llm_formats import (
@@ -124,7 +125,8 @@ def _reference(args) -> int:
     elif args.image:
         pixel_values, tiles = preprocess_files(args.image, pcfg, max_images=len(args.image))
     messages = ([Message("system", args.system)] if args.system else []) + [Message("user", args.prompt)]
-    prompt = build_prompt(tok, messages, tiles, tokens_per_tile=pcfg.tokens_per_tile)
+    prompt = build_prompt(tok, messages, tiles, tokens_per_tile=pcfg.tokens_per_tile,
+                          layout=family_for(model.cfg).prompt_layout)
     t0 = time.perf_counter()
     result = model.generate(prompt.input_ids, pixel_values, image_token_id=tok.image_pad_id,
                             max_new_tokens=args.max_new_tokens, eos_token_id=tok.im_end_id)

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from runtime.core.families import family_for
 from runtime.preprocess import preprocess_images
 from runtime.prompt import build_prompt
 from runtime.scenes import synthetic_scene
@@ -75,11 +76,12 @@ class PromptRun:
 
 
 def prepare_prompts(reference, tokenizer) -> list[PromptRun]:
-    pcfg = reference.cfg.preprocess
+    pcfg, layout = reference.cfg.preprocess, family_for(reference.cfg).prompt_layout
     runs = []
     for text, images in fidelity_prompts():
         pre = preprocess_images(images, pcfg, max_images=len(images)) if images else []
-        p = build_prompt(tokenizer, text, [x.num_tiles for x in pre], tokens_per_tile=pcfg.tokens_per_tile)
+        p = build_prompt(tokenizer, text, [x.num_tiles for x in pre], tokens_per_tile=pcfg.tokens_per_tile,
+                         layout=layout)
         table = None
         if pre:
             pv = torch.cat([torch.from_numpy(x.pixel_values) for x in pre])

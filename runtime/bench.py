@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from runtime.client import NVLMClient
-from runtime.core.build_dir import read_manifest, read_preprocess, sha256_file
+from runtime.core.build_dir import read_family, read_manifest, read_preprocess, sha256_file
 from runtime.core.errors import NVLMError
 from runtime.core.llm_formats import FORMATS
 from runtime.preprocess import preprocess_images
@@ -102,10 +102,12 @@ def _item_shapes(build: Path, items: list[Item]) -> list[tuple[int, int]]:
 
     tok = NVLMTokenizer.from_dir(build / "tokenizer")
     pcfg, _ = read_preprocess(build)
+    layout = read_family(build).prompt_layout
     shapes = []
     for it in items:
         tiles = [d.num_tiles for d in preprocess_images(it.images, pcfg, max_images=len(it.images))] if it.images else []
-        p = build_prompt(tok, with_image_placeholders(it.prompt, len(tiles)), tiles, tokens_per_tile=pcfg.tokens_per_tile)
+        p = build_prompt(tok, with_image_placeholders(it.prompt, len(tiles)), tiles, tokens_per_tile=pcfg.tokens_per_tile,
+                         layout=layout)
         shapes.append((len(p.input_ids) - p.num_image_tokens, sum(tiles)))
     return shapes
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.core.build_dir import engine_dtype, read_limits, read_preprocess
+from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
 from runtime.preprocess import preprocess_images
 from runtime.prompt import build_prompt, with_image_placeholders
 from runtime.tokenizer import NVLMTokenizer
@@ -32,6 +32,7 @@ class LocalPipeline:
         self.table_dtype = engine_dtype(json.loads((build / "llm" / "config.json").read_text()))
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.cfg, _ = read_preprocess(build)
+        self.layout = read_family(build).prompt_layout
         self.max_images = max_images if max_images is not None else read_limits(build).max_images_per_request
         self.vision = ort.InferenceSession(str(build / "vision" / "vision_encoder.onnx"),
                                            providers=["CPUExecutionProvider"])
@@ -43,7 +44,7 @@ class LocalPipeline:
 
         done = preprocess_images(images, self.cfg, max_images=self.max_images) if images else []
         p = build_prompt(self.tok, with_image_placeholders(prompt, len(images)), [d.num_tiles for d in done],
-                         tokens_per_tile=self.cfg.tokens_per_tile)
+                         tokens_per_tile=self.cfg.tokens_per_tile, layout=self.layout)
         table = None
         if done:
             emb = self.vision.run(None, {"pixel_values": np.concatenate([d.pixel_values for d in done])})[0]

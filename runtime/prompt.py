@@ -1,7 +1,8 @@
-"""NVLM-D prompt construction: ChatML conversations with 1-D tile tags (DESIGN.md §2.2).
+"""NVLM prompt construction: ChatML conversations with 1-D tile tags (DESIGN.md §2.2).
 
 The one implementation used by the reference model, calibration, the Triton preprocessing
-model and the clients. Each `<image>` placeholder becomes
+model and the clients. Each `<image>` placeholder becomes, in the family's PromptLayout
+(runtime/core/families.py; NVLM-D's reads every tile inline):
 
     <Image> + Σ_tags (tag + tokens_per_tile × <|vision_pad|>) + </Image>
 
@@ -16,8 +17,9 @@ import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
-from runtime.core.config import IMAGE_END, IMAGE_PAD, IMAGE_PLACEHOLDER, IMAGE_START, THUMBNAIL_TAG
+from runtime.core.config import IMAGE_PAD, IMAGE_PLACEHOLDER
 from runtime.core.errors import InputError
+from runtime.core.families import PromptLayout, tile_tags
 
 from .tokenizer import IM_END, IM_START, NVLMTokenizer
 
@@ -30,16 +32,12 @@ class Message:
     content: str
 
 
-def tile_tags(num_tiles: int) -> list[str]:
-    """Tags in prompt order for an image of `num_tiles` tiles (thumbnail included in the count)."""
-    if num_tiles < 1:
-        raise InputError(f"an image has at least one tile, got {num_tiles}")
-    return [f"<tile_{k}>" for k in range(1, num_tiles)] + [THUMBNAIL_TAG]
+__all__ = ["Message", "PromptInputs", "PromptLayout", "build_prompt", "expand_images", "image_text", "tile_tags",
+           "with_image_placeholders"]
 
 
-def image_text(num_tiles: int, tokens_per_tile: int) -> str:
-    body = "".join(tag + IMAGE_PAD * tokens_per_tile for tag in tile_tags(num_tiles))
-    return IMAGE_START + body + IMAGE_END
+def image_text(num_tiles: int, tokens_per_tile: int, layout: PromptLayout = PromptLayout()) -> str:
+    return layout.image_text(num_tiles, tokens_per_tile)
 
 
 def render_chatml(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
@@ -56,7 +54,8 @@ def render_chatml(messages: Sequence[Message], add_generation_prompt: bool = Tru
     return "".join(parts)
 
 
-def expand_images(text: str, tiles_per_image: Sequence[int], tokens_per_tile: int) -> str:
+def expand_images(text: str, tiles_per_image: Sequence[int], tokens_per_tile: int,
+                  layout: PromptLayout = PromptLayout()) -> str:
     found = text.count(IMAGE_PLACEHOLDER)
     if found != len(tiles_per_image):
         raise InputError(
@@ -68,7 +67,7 @@ def expand_images(text: str, tiles_per_image: Sequence[int], tokens_per_tile: in
     pieces = text.split(IMAGE_PLACEHOLDER)
     out = [pieces[0]]
     for tiles, rest in zip(tiles_per_image, pieces[1:]):
-        out += [image_text(tiles, tokens_per_tile), rest]
+        out += [layout.image_text(tiles, tokens_per_tile), rest]
     return "".join(out)
 
 
@@ -94,6 +93,7 @@ class PromptInputs:
     input_ids: tuple[int, ...]
     image_positions: tuple[int, ...]  # [num_image_tokens], increasing
     tiles_per_image: tuple[int, ...]
+    tokens_per_image: tuple[int, ...]  # image positions of each image, in order (its inline tiles' tokens)
 
     @property
     def num_image_tokens(self) -> int:
@@ -116,13 +116,12 @@ class PromptInputs:
         extra = [0] * len(self.input_ids)
         if not images:
             return extra
-        per_tile = self.num_image_tokens // sum(self.tiles_per_image)
         k = 0
-        for blob, tiles in zip(images, self.tiles_per_image):
+        for blob, n in zip(images, self.tokens_per_image):
             key = image_cache_key(blob, salt)
-            for pos in self.image_positions[k:k + tiles * per_tile]:
+            for pos in self.image_positions[k:k + n]:
                 extra[pos] = key
-            k += tiles * per_tile
+            k += n
         return extra
 
 
@@ -138,15 +137,18 @@ def build_prompt(
     tiles_per_image: Sequence[int] = (),
     *,
     tokens_per_tile: int,
+    layout: PromptLayout = PromptLayout(),
     add_generation_prompt: bool = True,
 ) -> PromptInputs:
-    """Render, expand image placeholders and tokenize. A bare string is one user turn."""
+    """Render, expand image placeholders and tokenize. A bare string is one user turn. `layout`: the
+    model family's (`family.prompt_layout`); the default reads every tile inline."""
     if isinstance(messages, str):
         messages = [Message("user", messages)]
-    text = expand_images(render_chatml(messages, add_generation_prompt), tiles_per_image, tokens_per_tile)
+    text = expand_images(render_chatml(messages, add_generation_prompt), tiles_per_image, tokens_per_tile, layout)
     ids = tokenizer.encode(text)
     positions = tuple(i for i, t in enumerate(ids) if t == tokenizer.image_pad_id)
-    expected = sum(tiles_per_image) * tokens_per_tile
+    expected = layout.inline_tokens(tiles_per_image, tokens_per_tile)
     if len(positions) != expected:  # would mean the tokenizer merged or split <|vision_pad|>
         raise InputError(f"tokenized prompt has {len(positions)} image tokens, expected {expected}")
-    return PromptInputs(text, tuple(ids), positions, tuple(tiles_per_image))
+    per_image = tuple(layout.inline_tokens([n], tokens_per_tile) for n in tiles_per_image)
+    return PromptInputs(text, tuple(ids), positions, tuple(tiles_per_image), per_image)

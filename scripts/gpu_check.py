@@ -175,6 +175,7 @@ def check_runtime(device, timer, repeats: int, seed: int, self_test: bool) -> di
     import torch
 
     from runtime.core.demo_checkpoint import write_demo_checkpoint
+    from runtime.core.families import family_for
     from runtime.prompt import build_prompt
     from runtime.reference import reference_model
     from runtime.tokenizer import NVLMTokenizer
@@ -190,7 +191,8 @@ def check_runtime(device, timer, repeats: int, seed: int, self_test: bool) -> di
     tiles = 2 if self_test else 7
     gen = torch.Generator().manual_seed(seed)
     pixels = torch.randn(tiles, 3, s, s, generator=gen)  # [T, 3, S, S], normalized-tile statistics
-    prompt = build_prompt(tok, "<image>\nDescribe the picture.", [tiles], tokens_per_tile=cfg.preprocess.tokens_per_tile)
+    prompt = build_prompt(tok, "<image>\nDescribe the picture.", [tiles], tokens_per_tile=cfg.preprocess.tokens_per_tile,
+                          layout=family_for(cfg).prompt_layout)
     ids = torch.tensor([prompt.input_ids])  # [1, L]
     pad = tok.image_pad_id
     new_tokens = 4 if self_test else 32

@@ -20,6 +20,7 @@ from builder.engine_build import EngineBuildOptions, build_engine
 from builder.llm_build import build_llm
 from runtime.client import ClientError, NVLMClient
 from runtime.core.engines import EngineLimits
+from runtime.core.families import NVLM_D
 from runtime.core.llm_formats import BuildOptions, get_format
 from tests.conftest import ROOT, server_ports
 from triton_repo.check import check_repository
@@ -88,10 +89,10 @@ def test_trt_repository_meets_the_backend_contract(variant, tmp_path, quant, tp,
     assert dtype_name(declared["prompt_embedding_table"].data_type) == engine
     assert dtype_name(declared["seed"].data_type) == "UINT64" and "random_seed" not in declared
     assert "min_tokens" in declared and "min_length" not in declared
-    for name, dtype in llm_step_sends(engine).items():  # everything the entry sends, as declared
+    for name, dtype in llm_step_sends(engine, NVLM_D).items():  # everything the entry sends, as declared
         assert dtype_name(declared[name].data_type) == dtype, name
     # KV-cache reuse on, and images keyed: the entry sends prompt_table_extra_ids
-    assert params["enable_kv_cache_reuse"] == "true" and "prompt_table_extra_ids" in llm_step_sends(engine)
+    assert params["enable_kv_cache_reuse"] == "true" and "prompt_table_extra_ids" in llm_step_sends(engine, NVLM_D)
     # the vision plan's I/O = the exported encoder's dtype, which the entry is told to send
     vis = cfg["vision_encoder"]
     onnx_in = onnx.load(str(root / "vision" / "vision_encoder.onnx"), load_external_data=False).graph.input[0]
@@ -128,14 +129,14 @@ def test_the_check_catches_each_fault(build, tmp_path, model, old, new, expect):
     repo = tmp_path / "repo"
     generate_repo(build, repo, "trt")
     _mutate(repo, model, old, new)
-    problems = check_repository(repo, engine="BF16", sends=llm_step_sends("BF16"), vision_sends="FP16")
+    problems = check_repository(repo, engine="BF16", sends=llm_step_sends("BF16", NVLM_D), vision_sends="FP16")
     assert any(expect in p for p in problems), problems
 
 
 def test_reuse_without_image_keys_is_flagged(build, tmp_path):
     repo = tmp_path / "repo"
     generate_repo(build, repo, "trt")
-    sends = {k: v for k, v in llm_step_sends("BF16").items() if k != "prompt_table_extra_ids"}
+    sends = {k: v for k, v in llm_step_sends("BF16", NVLM_D).items() if k != "prompt_table_extra_ids"}
     assert any("not keyed" in p for p in check_repository(repo, engine="BF16", sends=sends))
     _mutate(repo, "tensorrt_llm", 'key: "enable_kv_cache_reuse"\n  value {\n    string_value: "true"',
             'key: "enable_kv_cache_reuse"\n  value {\n    string_value: "false"')

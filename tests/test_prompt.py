@@ -183,3 +183,30 @@ def test_prompt_table_extra_ids_key_each_image(tok):
     assert all(0 < k < 2**64 for k in extra if k)
     with pytest.raises(InputError, match="1 images for a prompt laid out for 2"):
         p.prompt_table_extra_ids([a])
+
+
+def test_a_family_prompt_layout_decides_which_tiles_are_inline(tok):
+    """A family's PromptLayout (runtime/core/families.py) is what build_prompt writes: with a layout that
+    reads only the thumbnail inline (the NVLM-H shape: regular tiles go through cross-attention), the
+    regular tiles keep their tags but lose their placeholders, and the image keys cover exactly the
+    inline positions of each image."""
+    import random
+
+    from runtime.core.config import THUMBNAIL_TAG
+    from runtime.core.families import NVLM_D, PromptLayout
+    from runtime.prompt import image_cache_key
+
+    thumb = PromptLayout(inline=lambda tag: tag == THUMBNAIL_TAG)
+    assert image_text(3, 2, thumb) == f"<Image><tile_1><tile_2><tile_global_thumbnail>{PAD}{PAD}</Image>"
+    assert image_text(3, 2, NVLM_D.prompt_layout) == image_text(3, 2)
+    d = build_prompt(tok, "<image> then <image>", [3, 1], tokens_per_tile=4, layout=NVLM_D.prompt_layout)
+    h = build_prompt(tok, "<image> then <image>", [3, 1], tokens_per_tile=4, layout=thumb)
+    assert (d.num_image_tokens, h.num_image_tokens) == (16, 8) and h.tokens_per_image == (4, 4)
+    assert d.tokens_per_image == (12, 4)
+    assert "<tile_2>" in h.text and h.text.count(PAD) == 8
+    a, b = random.Random().randbytes(32), random.Random().randbytes(32)
+    extra = h.prompt_table_extra_ids([a, b])
+    assert [extra[i] for i in h.image_positions] == [image_cache_key(a)] * 4 + [image_cache_key(b)] * 4
+    none = PromptLayout(inline=lambda tag: False)  # the NVLM-X shape: tags only
+    x = build_prompt(tok, "<image>", [3], tokens_per_tile=4, layout=none)
+    assert x.num_image_tokens == 0 and "<tile_1><tile_2><tile_global_thumbnail></Image>" in x.text

@@ -5,12 +5,13 @@ from dataclasses import replace
 
 import pytest
 
-from triton_repo.specs import LLM_STEP_SENDS, RenderError, Tensor, model_specs, parse, render
+from runtime.core.families import NVLM_D
+from triton_repo.specs import RenderError, Tensor, model_specs, parse, render
 
 
 @pytest.mark.parametrize("target", ["trt", "reference", "contract"])
 def test_every_config_renders_and_parses(target):
-    specs = model_specs(target, llm_hidden=8192, max_batch_size=8, engine_dir="/models/engines/llm")
+    specs = model_specs(target, family=NVLM_D, llm_hidden=8192, max_batch_size=8, engine_dir="/models/engines/llm")
     assert [s.name for s in specs] == ["preprocessing", "vision_encoder", "tensorrt_llm", "postprocessing", "nvlm"]
     for spec in specs:
         cfg = parse(render(spec))
@@ -20,7 +21,7 @@ def test_every_config_renders_and_parses(target):
 
 
 def test_trt_target_uses_engines():
-    specs = {s.name: parse(render(s)) for s in model_specs("trt", llm_hidden=8192, max_batch_size=8,
+    specs = {s.name: parse(render(s)) for s in model_specs("trt", family=NVLM_D, llm_hidden=8192, max_batch_size=8,
                                                             engine_dir="/models/engines/llm")}
     assert specs["vision_encoder"].platform == "tensorrt_plan"
     llm = specs["tensorrt_llm"]
@@ -32,12 +33,12 @@ def test_trt_target_uses_engines():
 def test_reference_target_speaks_the_same_tensors():
     """The reference target declares the subset of NVIDIA's tensors it honours, each exactly as the
     trt target declares it; the contract target declares all of them, as the trt target does."""
-    trt = {s.name: s for s in model_specs("trt", llm_hidden=256, max_batch_size=4, engine_dir="e")}
-    ref = {s.name: s for s in model_specs("reference", llm_hidden=256, max_batch_size=4)}
-    con = {s.name: s for s in model_specs("contract", llm_hidden=256, max_batch_size=4, engine_dir="e")}
+    trt = {s.name: s for s in model_specs("trt", family=NVLM_D, llm_hidden=256, max_batch_size=4, engine_dir="e")}
+    ref = {s.name: s for s in model_specs("reference", family=NVLM_D, llm_hidden=256, max_batch_size=4)}
+    con = {s.name: s for s in model_specs("contract", family=NVLM_D, llm_hidden=256, max_batch_size=4, engine_dir="e")}
     assert set(ref["tensorrt_llm"].inputs) <= set(trt["tensorrt_llm"].inputs)
     assert set(ref["tensorrt_llm"].outputs) <= set(trt["tensorrt_llm"].outputs)
-    assert {t.name for t in ref["tensorrt_llm"].inputs} >= set(LLM_STEP_SENDS)
+    assert {t.name for t in ref["tensorrt_llm"].inputs} >= set(NVLM_D.llm_step_inputs)
     assert con["tensorrt_llm"].inputs == trt["tensorrt_llm"].inputs
     assert con["tensorrt_llm"].outputs == trt["tensorrt_llm"].outputs
     assert con["tensorrt_llm"].parameters == trt["tensorrt_llm"].parameters
@@ -49,14 +50,14 @@ def test_reference_target_speaks_the_same_tensors():
 
 def test_unfilled_value_is_refused():
     with pytest.raises(RenderError, match=r"gpt_model_path"):
-        render(next(s for s in model_specs("trt", llm_hidden=8, max_batch_size=1) if s.name == "tensorrt_llm"))
-    spec = model_specs("reference", llm_hidden=8, max_batch_size=1)[0]
+        render(next(s for s in model_specs("trt", family=NVLM_D, llm_hidden=8, max_batch_size=1) if s.name == "tensorrt_llm"))
+    spec = model_specs("reference", family=NVLM_D, llm_hidden=8, max_batch_size=1)[0]
     with pytest.raises(RenderError, match="unknown dtypes for x"):
         render(replace(spec, inputs=(Tensor("x", "FLOAT128", (1,)),)))
 
 
 def test_entry_point_accepts_benchmark_tool_inputs():
-    entry = next(s for s in model_specs("reference", llm_hidden=8, max_batch_size=1) if s.name == "nvlm")
+    entry = next(s for s in model_specs("reference", family=NVLM_D, llm_hidden=8, max_batch_size=1) if s.name == "nvlm")
     names = {t.name for t in entry.inputs}
     assert {"text_input", "max_tokens", "stream", "exclude_input_in_output", "min_tokens", "seed", "bad_words",
             "stop_words", "beam_width", "return_log_probs", "image_bytes", "prompt_table_extra_id",

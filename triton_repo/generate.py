@@ -16,7 +16,7 @@ import json
 import os
 from pathlib import Path
 
-from runtime.core.build_dir import engine_dtype, read_limits, read_preprocess
+from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
 from runtime.core.engines import kv_cache_free_gpu_mem_fraction
 
 from .check import check_repository
@@ -67,7 +67,8 @@ def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "refere
     # relative when the repository lives inside the build, so that the build can be copied or moved
     # whole (Python models resolve it against their model directory's parent, the repository root)
     build_param = os.path.relpath(served, final_repo) if served in final_repo.parents else str(served)
-    specs = model_specs(target, llm_hidden=cfg["hidden_size"], max_batch_size=limits.max_batch_size,
+    family = read_family(build)
+    specs = model_specs(target, family=family, llm_hidden=cfg["hidden_size"], max_batch_size=limits.max_batch_size,
                         engine_dtype=engine, vision_dtype=vision,
                         engine_dir=str(served / "engines" / "llm"), build_dir=build_param,
                         kv_cache_free_gpu_mem_fraction=_kv_fraction(build, limits),
@@ -92,7 +93,7 @@ def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "refere
             (d / "1" / "model.plan").symlink_to(os.path.relpath(plan, link_dir) if inside else plan)
         written.append(spec.name)
     entry = next(s for s in specs if s.name == "nvlm")
-    problems = check_repository(repo, engine=engine, sends=llm_step_sends(engine),
+    problems = check_repository(repo, engine=engine, sends=llm_step_sends(engine, family),
                                 vision_sends=entry.parameters["vision_dtype"])
     if problems:
         raise ContractError("the generated repository breaks the backend contract: " + "; ".join(problems))

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.core.build_dir import engine_dtype, read_limits, read_preprocess
+from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
+from runtime.core.families import PROMPT_TABLE_INPUTS
 from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
 from runtime.prompt import build_prompt, tile_tags, with_image_placeholders
 from runtime.sampling import Sampling
@@ -130,6 +131,7 @@ class PreprocessingModel:
     def initialize(self, args):
         build = _build_dir(args)
         self.cfg, _ = read_preprocess(build)
+        self.layout = read_family(build).prompt_layout
         self.max_images = _limits(build)["max_images"]
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.vocab = json.loads((build / "llm" / "config.json").read_text())["vocab_size"]
@@ -170,7 +172,7 @@ class PreprocessingModel:
         images = [] if blobs is None else [bytes(b) for b in blobs.reshape(-1)]
         done = self._tile(images) if images else []
         p = build_prompt(self.tok, with_image_placeholders(prompt, len(images)), [d.num_tiles for d in done],
-                         tokens_per_tile=self.cfg.tokens_per_tile)
+                         tokens_per_tile=self.cfg.tokens_per_tile, layout=self.layout)
         s = self.cfg.image_size
         pixels = np.concatenate([d.pixel_values for d in done]) if done else np.zeros((0, 3, s, s), np.float32)
         ids = p.trtllm_input_ids(self.vocab)
@@ -361,6 +363,10 @@ class EntryModel:
 
     def initialize(self, args):
         build = _build_dir(args)
+        family = read_family(build)
+        if family.llm_step_image_inputs != PROMPT_TABLE_INPUTS:  # the one image path built below
+            raise RuntimeError(f"the entry model sends image features as a prompt table; family {family.name} "
+                               f"takes {family.llm_step_image_inputs}")
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.limits = _limits(build)
         params = _params(args)
@@ -405,7 +411,7 @@ class EntryModel:
                          ["input_ids", "pixel_values", "image_token_count", "prompt_table_extra_ids"])
         ids = pb.get_output_tensor_by_name(pre, "input_ids").as_numpy()
         pixels = pb.get_output_tensor_by_name(pre, "pixel_values").as_numpy()
-        # Every tensor below is one of specs.LLM_STEP_SENDS, in the dtype the contract gives it.
+        # Every tensor below is one of the family's llm_step_inputs, in the dtype the contract gives it.
         llm_inputs = [
             pb.Tensor("input_ids", ids.astype(np.int32)),
             pb.Tensor("input_lengths", np.asarray([ids.size], np.int32)),

@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields, is_dataclass
 
 from runtime.core.errors import NVLMError
+from runtime.core.families import ModelFamily
 
 from .contract import load_contract, resolve
 
@@ -128,14 +129,11 @@ def parse(text: str):
 
 TARGETS = ("reference", "trt", "contract")
 
-# What the entry model sends `tensorrt_llm` (triton_repo/serving.py builds exactly these tensors), under
-# NVIDIA's names; their dtypes come from the contract, the prompt table's from the engine.
-LLM_STEP_SENDS = ("input_ids", "input_lengths", "request_output_len", "end_id", "streaming", "temperature",
-                  "runtime_top_k", "runtime_top_p", "seed", "min_tokens", "prompt_embedding_table",
-                  "prompt_vocab_size", "prompt_table_extra_ids")
-# What the reference executor honours: the reference target's `tensorrt_llm` declares these (beam_width is
-# declared so that a direct caller gets a clear refusal above 1, not an unknown-input error).
-REFERENCE_LLM_INPUTS = LLM_STEP_SENDS + ("pad_id", "beam_width")
+# What the entry model sends `tensorrt_llm` is the family's (ModelFamily.llm_step_inputs; serving.py builds
+# exactly these tensors), under NVIDIA's names; their dtypes come from the contract, the prompt table's from
+# the engine. The reference target's `tensorrt_llm` declares those plus these (beam_width is declared so
+# that a direct caller gets a clear refusal above 1, not an unknown-input error).
+REFERENCE_LLM_EXTRA_INPUTS = ("pad_id", "beam_width")
 LLM_STEP_OUTPUTS = ("output_ids", "sequence_length")
 
 
@@ -144,10 +142,11 @@ def _contract_tensors(entries, engine: str, only=None) -> tuple[Tensor, ...]:
     return tuple(Tensor(e.name, resolve(e, engine), e.dims, e.optional, e.reshape, e.ragged) for e in picked)
 
 
-def llm_step_sends(engine: str) -> dict[str, str]:
-    """name → dtype of every tensor the entry model sends `tensorrt_llm` for an engine of dtype `engine`."""
+def llm_step_sends(engine: str, family: ModelFamily) -> dict[str, str]:
+    """name → dtype of every tensor the entry model sends `tensorrt_llm` of `family` for an engine of
+    dtype `engine`."""
 
-    return {t.name: t.dtype for t in _contract_tensors(load_contract().inputs, engine, LLM_STEP_SENDS)}
+    return {t.name: t.dtype for t in _contract_tensors(load_contract().inputs, engine, family.llm_step_inputs)}
 
 
 def entry_inputs() -> tuple[Tensor, ...]:
@@ -178,8 +177,8 @@ def trtllm_parameters(engine_dir: str | None, kv_cache_free_gpu_mem_fraction: fl
             "tokenizer_dir": "", "xgrammar_tokenizer_info_path": "", "guided_decoding_backend": ""}
 
 
-def model_specs(target: str, *, llm_hidden: int, max_batch_size: int, engine_dtype: str = "BF16",
-                vision_dtype: str = "FP16", engine_dir: str | None = None, build_dir: str = "",
+def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_size: int,
+                engine_dtype: str = "BF16", vision_dtype: str = "FP16", engine_dir: str | None = None, build_dir: str = "",
                 kv_cache_free_gpu_mem_fraction: float = 0.9, image_size: int = 448,
                 tokens_per_tile: int = 256) -> list[ModelSpec]:
     """Model configs of the repository for `target` (TARGETS). `engine_dtype`: the LLM engine's activation
@@ -210,7 +209,8 @@ def model_specs(target: str, *, llm_hidden: int, max_batch_size: int, engine_dty
     else:
         llm = ModelSpec(
             "tensorrt_llm", backend="python", platform=None, max_batch_size=max_batch_size,
-            inputs=_contract_tensors(contract.inputs, engine_dtype, REFERENCE_LLM_INPUTS),
+            inputs=_contract_tensors(contract.inputs, engine_dtype,
+                                     family.llm_step_inputs + REFERENCE_LLM_EXTRA_INPUTS),
             outputs=_contract_tensors(contract.outputs, engine_dtype, LLM_STEP_OUTPUTS), decoupled=True,
             parameters={"executor": "reference (runtime/trtllm_executor.py)", **py})
     pre = ModelSpec(

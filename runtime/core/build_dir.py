@@ -19,6 +19,7 @@ from pathlib import Path
 from .config import PreprocessConfig
 from .engines import EngineLimits
 from .errors import NVLMError
+from .families import ModelFamily, family_for_trtllm
 
 SCHEMA = "nvlm-trt/build/v1"
 # TensorRT-LLM checkpoint `dtype` → Triton dtype of tensors that must equal the engine's (the prompt table)
@@ -88,6 +89,12 @@ def read_preprocess(build: Path):
     fields = PreprocessConfig.__dataclass_fields__
     cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
     return cfg, raw
+
+
+def read_family(build: Path) -> ModelFamily:
+    """The model family of a build, from its TensorRT-LLM checkpoint's `architecture`."""
+    cfg = json.loads((Path(build) / "llm" / "config.json").read_text())
+    return family_for_trtllm(cfg.get("architecture"))
 
 
 def engine_dtype(llm_config: dict) -> str:

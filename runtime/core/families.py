@@ -2,7 +2,8 @@
 
 A `ModelFamily` bundles what nvlm-trt needs to know of one architecture: the HF architecture names
 that select it, its config parser, the weight maps of its components, the TensorRT-LLM architecture,
-config fields and layout table of its decoder, and its reference model (a class in runtime/reference.py,
+config fields and layout table of its decoder, its prompt layout (where images go in the token
+sequence), the tensors that carry image features to its LLM step, and its reference model (a class in runtime/reference.py,
 named here as "module:Class" because the reference model sits in a layer above this one and is
 resolved there by `runtime.reference.reference_model`). Everything else looks a family up with
 `family_for(cfg)`; nothing outside this module names a family. NVLM-X and NVLM-H are registrations
@@ -17,13 +18,53 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from . import trtllm_layout
-from .config import NVLMConfig, parse_nvlm, top_level_architecture
-from .errors import ConfigError, UnsupportedArchitectureError
+from .config import IMAGE_END, IMAGE_PAD, IMAGE_START, THUMBNAIL_TAG, NVLMConfig, parse_nvlm, top_level_architecture
+from .errors import ConfigError, InputError, UnsupportedArchitectureError
 from .trtllm_layout import Row
 from .weight_map import INTERNVIT, MLP1, QWEN2, ComponentMap
 
 # component roles (ComponentMap.name): inspect, sizing and the roofline ask for them by role
 VISION, PROJECTOR, LLM = "vision", "projector", "llm"
+
+
+def tile_tags(num_tiles: int) -> list[str]:
+    """NVLM's 1-D tile tags in prompt order for an image of `num_tiles` tiles (thumbnail included in the
+    count): `<tile_1>` … `<tile_{T-1}>`, `<tile_global_thumbnail>`; a one-tile image gets only the latter."""
+    if num_tiles < 1:
+        raise InputError(f"an image has at least one tile, got {num_tiles}")
+    return [f"<tile_{k}>" for k in range(1, num_tiles)] + [THUMBNAIL_TAG]
+
+
+def _every_tile(tag: str) -> bool:
+    return True
+
+
+@dataclass(frozen=True)
+class PromptLayout:
+    """How a family writes one image into the decoder's prompt (DESIGN.md §2.2): `<Image>`, then each tile's
+    tag followed by its tokens_per_tile `<|vision_pad|>` placeholders when the decoder reads that tile's
+    tokens in its own sequence (`inline(tag)`), then `</Image>`. NVLM-D reads every tile inline; a
+    cross-attention family reads some or all tiles through its cross-attention layers instead, so only
+    their tags stay in the sequence."""
+
+    inline: Callable[[str], bool] = _every_tile
+
+    def image_text(self, num_tiles: int, tokens_per_tile: int) -> str:
+        body = "".join(tag + IMAGE_PAD * (tokens_per_tile if self.inline(tag) else 0) for tag in tile_tags(num_tiles))
+        return IMAGE_START + body + IMAGE_END
+
+    def inline_tokens(self, tiles_per_image, tokens_per_tile: int) -> int:
+        """Image placeholders in the decoder sequence (rows of the prompt-embedding table)."""
+        return sum(tokens_per_tile * sum(map(self.inline, tile_tags(n))) for n in tiles_per_image)
+
+
+# What the entry model sends the LLM step (`tensorrt_llm`) for every request, under NVIDIA's names; a family
+# adds the tensors that carry its image features (`ModelFamily.llm_step_image_inputs`).
+LLM_STEP_TEXT_INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "streaming", "temperature",
+                        "runtime_top_k", "runtime_top_p", "seed", "min_tokens")
+# image embeddings as rows of the prompt table, placed at the fake ids vocab_size + k (TensorRT-LLM's
+# multimodal path), keyed per image for KV-cache reuse
+PROMPT_TABLE_INPUTS = ("prompt_embedding_table", "prompt_vocab_size", "prompt_table_extra_ids")
 
 
 @dataclass(frozen=True)
@@ -36,6 +77,13 @@ class ModelFamily:
     trtllm_architecture: str  # TensorRT-LLM's name for the decoder (its MODEL_MAP key)
     trtllm_layout: tuple[Row, ...] | None  # None: no TensorRT-LLM converter for this family yet
     trtllm_config: dict = field(default_factory=dict)  # family-specific fields of the checkpoint config
+    prompt_layout: PromptLayout = PromptLayout()  # how images are written into the prompt
+    llm_step_image_inputs: tuple[str, ...] = PROMPT_TABLE_INPUTS  # how image features reach the LLM step
+
+    @property
+    def llm_step_inputs(self) -> tuple[str, ...]:
+        """Every tensor the entry model sends `tensorrt_llm` for this family (triton_repo/serving.py)."""
+        return LLM_STEP_TEXT_INPUTS + self.llm_step_image_inputs
 
     def component(self, role: str) -> ComponentMap:
         for c in self.components:
@@ -131,4 +179,6 @@ NVLM_D = register_family(ModelFamily(
     # ("qwen" halves intermediate_size), so it must say qwen2 explicitly.
     trtllm_config={"qwen_type": "qwen2"},
     trtllm_layout=trtllm_layout.QWEN2,
+    prompt_layout=PromptLayout(inline=_every_tile),  # every tile's 256 tokens sit in the decoder sequence
+    llm_step_image_inputs=PROMPT_TABLE_INPUTS,
 ))
