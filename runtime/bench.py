@@ -176,7 +176,8 @@ def benchmark(args) -> dict:
         one_request(warm, items[k % len(items)], args.max_tokens, args.seed, args.min_tokens)
     result = {"schema": SCHEMA, "complete": True, "incomplete_reason": None, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-              "endpoint": {"url": args.url, "model": args.model}, "build_manifest_sha256": _manifest_hash(args.build),
+              "endpoint": {"url": args.url, "model": args.model,
+                           "streams": "kept-open" if args.keep_streams else "per-request"}, "build_manifest_sha256": _manifest_hash(args.build),
               "workload": {"spec": args.workload, "items": [i.label for i in items]}, "seed": args.seed,
               "max_tokens": args.max_tokens, "warmup": args.warmup, "roofline": plan, "runs": []}
     plans = [("concurrency", c) for c in levels_c] + [("request_rate", r) for r in levels_r]
@@ -188,8 +189,9 @@ def benchmark(args) -> dict:
             break
         dead = threading.Event()
         loop = run_closed_loop if mode == "concurrency" else run_open_loop
+        kw = {"keep_streams": args.keep_streams} if mode == "concurrency" else {}
         samples, wall = loop(args.url, args.model, items, level, args.requests, args.max_tokens, args.seed,
-                             min_tokens=args.min_tokens, dead=dead)
+                             min_tokens=args.min_tokens, dead=dead, **kw)
         summary = summarize(samples, wall)
         if dead.is_set():
             _stop(result, f"the server stopped answering during {mode} {level} "
@@ -250,7 +252,9 @@ def main(argv=None) -> int:
     r.add_argument("--warmup", type=int, default=2)
     r.add_argument("--max-tokens", type=int, default=32)
     r.add_argument("--min-tokens", type=int, default=0, help="minimum output length (min_tokens), e.g. = --max-tokens")
-    r.add_argument("--workload", default="text")
+    r.add_argument("--workload", default="text", help="text, tiles:1,3,7, images:WxH,…, mixed:1,3 or jsonl:PATH")
+    r.add_argument("--keep-streams", action="store_true",
+                   help="closed loop: keep one gRPC stream open per concurrency slot (perf_analyzer's pattern)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--build", help="build directory: records its manifest hash; with a GPU, measured/bound ratios")
     r.add_argument("--gpu", choices=["auto", "h100-sxm", "h200", "none"], default="auto",

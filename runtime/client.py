@@ -37,12 +37,42 @@ class Answer:
 
 
 class NVLMClient:
-    def __init__(self, url: str = "127.0.0.1:8001", model: str = "nvlm", timeout: float = 300.0):
+    """One gRPC connection to the entry model. The model is decoupled, so every request goes over the
+    bidirectional stream. `keep_stream=False` opens a stream per request and closes it after (what
+    `nvlm-client` does); `keep_stream=True` keeps one stream open and sends each request on it as soon as
+    the last one ended, the way perf_analyzer drives a decoupled model (one stream per concurrency slot).
+    Requests on one client are sequential either way; `close()` ends a kept stream."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", model: str = "nvlm", timeout: float = 300.0,
+                 keep_stream: bool = False):
         import tritonclient.grpc as grpcclient
 
-        self.url, self.model, self.timeout = url, model, timeout
+        self.url, self.model, self.timeout, self.keep_stream = url, model, timeout, keep_stream
         self._g = grpcclient
         self.client = grpcclient.InferenceServerClient(url)
+        self._responses: queue.Queue | None = None  # the open stream's responses
+
+    def _open(self) -> queue.Queue:
+        if self._responses is None:
+            responses: queue.Queue = queue.Queue()
+
+            def callback(result, error):
+                # stamped on arrival in the stream's thread, as aiperf stamps a response when it is read:
+                # a stamp taken after the queue hand-off would add thread-switch delays to every gap
+                responses.put((time.perf_counter(), result, error))
+
+            try:
+                self.client.start_stream(callback=callback)
+            except Exception as e:  # noqa: BLE001
+                raise ClientError(f"cannot reach Triton at {self.url}: {e}") from None
+            self._responses = responses
+        return self._responses
+
+    def close(self) -> None:
+        """End the open stream, if any (closing a stream is client housekeeping, not request latency)."""
+        if self._responses is not None:
+            self._responses = None
+            self.client.stop_stream()
 
     def check(self) -> None:
         try:
@@ -85,20 +115,12 @@ class NVLMClient:
                  temperature: float = 0.0, top_k: int = 1, top_p: float = 0.0, seed: int = 0,
                  on_text=None, extra: dict | None = None) -> Answer:
         inputs = self._inputs(prompt, images, max_tokens, stream, temperature, top_k, top_p, seed, extra)
-        done: queue.Queue = queue.Queue()
-
-        def callback(result, error):
-            # stamped on arrival in the stream's thread, as aiperf stamps a response when it is read:
-            # a stamp taken after the queue hand-off would add thread-switch delays to every gap
-            done.put((time.perf_counter(), result, error))
-
-        t0 = time.perf_counter()
-        try:
-            self.client.start_stream(callback=callback)
-        except Exception as e:  # noqa: BLE001
-            raise ClientError(f"cannot reach Triton at {self.url}: {e}") from None
+        t0 = time.perf_counter()  # a stream opened for this request counts in its latency; a kept one does not
+        done = self._open()
+        if self.keep_stream:
+            t0 = time.perf_counter()
         ttft, chunks, tokens, times, counts = None, [], [], [], {}
-        end = None
+        end, finished = None, False
         try:
             self.client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
             while True:
@@ -125,10 +147,11 @@ class NVLMClient:
                     if on_text:
                         on_text(chunk)
                 if resp.parameters.get("triton_final_response") and resp.parameters["triton_final_response"].bool_param:
-                    end = arrived
+                    end, finished = arrived, True
                     break
         finally:
-            self.client.stop_stream()  # closing the stream is client housekeeping, not request latency
+            if not (self.keep_stream and finished):  # after a failure a kept stream is not trusted again
+                self.close()
         return Answer("".join(chunks), tokens, end - t0, ttft, chunks, times, counts)
 
 

@@ -25,9 +25,11 @@ class Sample:
     itls: list[float] = field(default_factory=list)
     e2e: float | None = None
     tokens: int = 0
+    index: int = -1  # the request's number in its run (workload item index % len(items))
+    token_ids: list[int] = field(default_factory=list)
 
 
-def one_request(client, item: Item, max_tokens: int, seed: int, min_tokens: int = 0) -> Sample:
+def one_request(client, item: Item, max_tokens: int, seed: int, min_tokens: int = 0, index: int = -1) -> Sample:
     """One streamed request. `min_tokens` (--min-tokens) is sent as min_tokens, so that every
     request produces the same length, as genai-perf and aiperf do for fixed output lengths."""
 
@@ -35,12 +37,12 @@ def one_request(client, item: Item, max_tokens: int, seed: int, min_tokens: int 
     try:
         ans = client.generate(item.prompt, item.images, max_tokens=max_tokens, stream=True, seed=seed, extra=extra)
     except ClientError as e:
-        return Sample(item.label, False, str(e))
+        return Sample(item.label, False, str(e), index=index)
     stamps = ans.chunk_times  # arrival times after the send, stamped in the stream's thread
     if not stamps:
-        return Sample(item.label, False, "no tokens returned")
+        return Sample(item.label, False, "no tokens returned", index=index)
     itls = [b - a for a, b in zip(stamps, stamps[1:])]
-    return Sample(item.label, True, None, stamps[0], itls, ans.seconds, len(ans.tokens))
+    return Sample(item.label, True, None, stamps[0], itls, ans.seconds, len(ans.tokens), index, list(ans.tokens))
 
 
 def _stats(values: list[float]) -> dict | None:
@@ -88,10 +90,11 @@ def stats_delta(before: dict, after: dict) -> dict:
     return out
 
 
-def _measure(client, item: Item, max_tokens: int, seed: int, min_tokens: int, dead: threading.Event) -> Sample:
+def _measure(client, item: Item, max_tokens: int, seed: int, min_tokens: int, dead: threading.Event,
+             index: int = -1) -> Sample:
     """One request; a failure with the server gone sets `dead`, which stops the run (no more sends)."""
 
-    s = one_request(client, item, max_tokens, seed, min_tokens)
+    s = one_request(client, item, max_tokens, seed, min_tokens, index)
     if not s.ok:
         try:
             client.check()
@@ -101,21 +104,27 @@ def _measure(client, item: Item, max_tokens: int, seed: int, min_tokens: int, de
 
 
 def run_closed_loop(url, model, items, concurrency, requests, max_tokens, seed, *, min_tokens: int = 0,
-                    dead: threading.Event | None = None) -> tuple[list[Sample], float]:
+                    dead: threading.Event | None = None, keep_streams: bool = False) -> tuple[list[Sample], float]:
+    """`concurrency` workers, each sending its next request as soon as its last one ended. `keep_streams`:
+    each worker keeps one gRPC stream open for all its requests (perf_analyzer's pattern) instead of a
+    stream per request."""
     dead = dead or threading.Event()
     lock, next_index, samples = threading.Lock(), [0], []
 
     def worker():
-        client = NVLMClient(url, model)
-        while not dead.is_set():
-            with lock:
-                k = next_index[0]
-                next_index[0] += 1
-            if k >= requests:
-                return
-            s = _measure(client, items[k % len(items)], max_tokens, seed + k, min_tokens, dead)
-            with lock:
-                samples.append(s)
+        client = NVLMClient(url, model, keep_stream=keep_streams)
+        try:
+            while not dead.is_set():
+                with lock:
+                    k = next_index[0]
+                    next_index[0] += 1
+                if k >= requests:
+                    return
+                s = _measure(client, items[k % len(items)], max_tokens, seed + k, min_tokens, dead, k)
+                with lock:
+                    samples.append(s)
+        finally:
+            client.close()
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
@@ -147,7 +156,7 @@ def run_open_loop(url, model, items, rate, requests, max_tokens, seed, *, min_to
             client = idle.get_nowait()
         except queue.Empty:
             client = NVLMClient(url, model)
-        s = _measure(client, items[k % len(items)], max_tokens, seed + k, min_tokens, dead)
+        s = _measure(client, items[k % len(items)], max_tokens, seed + k, min_tokens, dead, k)
         idle.put(client)
         with lock:
             samples.append(s)

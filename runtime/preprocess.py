@@ -11,8 +11,11 @@ matters more than matching the photo viewer.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import io
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +102,27 @@ def check_pillow() -> None:
 
 
 
+_DATA_URL = re.compile(rb"^data:image/[\w.+-]+;base64,")
+
+
+def image_bytes(blob: bytes) -> bytes:
+    """The encoded image in an `image_bytes` element: the file's bytes as they are (gRPC), or the same
+    bytes as base64 text, bare or as a data URL `data:image/png;base64,…` — the only way to send an
+    image through Triton's HTTP `generate` endpoints, which take BYTES inputs as UTF-8 JSON strings.
+    Base64 text is told apart from a file by being valid base64 throughout (line breaks allowed): image
+    files hold bytes outside the base64 alphabet."""
+    m = _DATA_URL.match(blob)
+    if m:
+        try:
+            return base64.b64decode(b"".join(blob[m.end():].split()), validate=True)
+        except binascii.Error:
+            raise InputError("image data URL: the text after ';base64,' is not valid base64") from None
+    try:
+        return base64.b64decode(b"".join(blob.split()), validate=True)
+    except (binascii.Error, ValueError):
+        return blob  # the file's own bytes (or neither: Pillow then says it cannot decode them)
+
+
 def load_image(image: ImageInput, max_pixels: int | None = None, *, copy_rgb: bool = True):
     """Decode and convert to RGB with Pillow, with typed errors for bad input.
 
@@ -115,7 +139,7 @@ def load_image(image: ImageInput, max_pixels: int | None = None, *, copy_rgb: bo
             if isinstance(image, (bytes, bytearray)):
                 if not image:
                     raise InputError("image bytes are empty")
-                img = Image.open(io.BytesIO(bytes(image)))
+                img = Image.open(io.BytesIO(image_bytes(bytes(image))))
             else:
                 img = Image.open(Path(image))
         except FileNotFoundError:

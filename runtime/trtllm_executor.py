@@ -261,6 +261,8 @@ class TRTLLMExecutor:
         logits = self.forward(req.input_ids, req.prompt_table, cache)[-1]
         out: list[int] = []
         for step in range(req.max_new_tokens):
+            if req.cancelled is not None and req.cancelled():
+                return Result(out, "cancelled")
             if req.end_id is not None and step < req.min_length:
                 logits = logits.clone()
                 logits[req.end_id] = float("-inf")
@@ -305,9 +307,12 @@ class Request:
     top_p: float = 0.0
     seed: int = 0
     min_length: int = 0
+    # asked before every decode step: True stops the request there (a cancelled client, a `stop` request),
+    # so a cancelled request holds the executor for at most one more step
+    cancelled: Callable[[], bool] | None = None
 
 
 @dataclass
 class Result:
     tokens: list[int]
-    finish_reason: str  # "end_id" | "length"
+    finish_reason: str  # "end_id" | "length" | "cancelled"

@@ -61,7 +61,9 @@ def load_workload(spec: str, seed: int) -> list[Item]:
         return items
     if kind == "jsonl":
         return _jsonl(Path(arg))
-    raise BenchError(f"--workload {spec!r}: use text, tiles:1,3,7, images:WxH,… or jsonl:PATH")
+    if kind == "mixed":  # the text prompts, then one image per tile count: text and image requests interleave
+        return load_workload("text", seed) + load_workload(f"tiles:{arg}", seed)
+    raise BenchError(f"--workload {spec!r}: use text, tiles:1,3,7, images:WxH,…, mixed:1,3 or jsonl:PATH")
 
 
 def _jsonl(path: Path) -> list[Item]:

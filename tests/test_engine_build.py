@@ -257,3 +257,23 @@ def test_engine_limits_follow_the_checkpoints_tokens_per_tile(config_72b):
     with pytest.raises(Exception, match="tiles per image must be ≥ 1"):
         EngineLimits(max_tiles_per_image=0).resolve(cfg.preprocess)
 
+
+
+def test_request_limits_are_one_check():
+    """EngineLimits.check_request is what every served model calls on its input: each limit named in
+    its refusal, each value at the limit accepted."""
+    from runtime.core.config import PreprocessConfig
+    from runtime.core.errors import InputError
+
+    pre = PreprocessConfig(448, 1, 6, True, True, 0.5, "v2", 256, "chatml")
+    lim = EngineLimits(max_images_per_request=2, max_input_text_len=100, max_output_len=50).resolve(pre)
+    assert lim.max_tiles_per_request == 2 * lim.max_tiles_per_image
+    lim.check_request(images=2, tiles=lim.max_tiles_per_request, input_len=lim.max_input_len, output_len=50,
+                      image_tokens=lim.max_image_tokens_per_request)
+    for kw, words in [({"images": 3}, "3 images is above this build's limit of 2 images per request"),
+                      ({"tiles": lim.max_tiles_per_request + 1}, "tiles per request"),
+                      ({"input_len": lim.max_input_len + 1}, "input tokens"),
+                      ({"output_len": 51}, "limit of 50 output tokens"), ({"output_len": 0}, "≥ 1"),
+                      ({"image_tokens": lim.max_image_tokens_per_request + 1}, "image tokens per request")]:
+        with pytest.raises(InputError, match=words):
+            lim.check_request(**kw)

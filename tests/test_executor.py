@@ -74,6 +74,23 @@ def test_streaming_callback_and_end_id(ex):
     assert forced.tokens[2] != greedy[2] or len(forced.tokens) > 3
 
 
+def test_a_cancelled_request_stops_before_its_next_step(ex):
+    """Request.cancelled is asked before every decode step: the request ends there with the tokens it
+    has ("cancelled"), which are the uncancelled request's first tokens."""
+    full = ex.generate([Request([1, 2, 3], 12)])[0]
+    asked = []
+    stop_after = 3
+
+    def cancelled():
+        asked.append(len(asked))
+        return len(asked) > stop_after
+
+    res = ex.generate([Request([1, 2, 3], 12, cancelled=cancelled)])[0]
+    assert res.finish_reason == "cancelled" and res.tokens == full.tokens[:stop_after]
+    assert len(asked) == stop_after + 1  # no step ran after the answer changed
+    assert ex.generate([Request([1, 2, 3], 12, cancelled=lambda: False)])[0].tokens == full.tokens
+
+
 def test_sampling_is_seeded(ex):
     a = ex.generate([Request([4, 5, 6], 8, temperature=4.0, top_k=50, top_p=0.0, seed=7)])[0].tokens
     b = ex.generate([Request([4, 5, 6], 8, temperature=4.0, top_k=50, top_p=0.0, seed=7)])[0].tokens

@@ -215,3 +215,26 @@ def test_config_parameters_come_from_the_checkpoint(released_ckpt):
     assert cfg.max_tiles == 4
     r = preprocess_image(Image.new("RGB", (4000, 500)), config=cfg)
     assert r.grid == (4, 1) and r.num_tiles == 5
+
+
+def test_image_bytes_take_base64_and_data_urls():
+    """`image_bytes` over HTTP can only be text: base64 (bare, with line breaks, or a data URL) decodes to
+    the same image; files in every format Pillow writes pass through unchanged."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    from runtime.preprocess import image_bytes
+    from tests.conftest import ROOT
+
+    png = (ROOT / "assets" / "demo_scene.png").read_bytes()
+    b64 = base64.b64encode(png)
+    for text in (b64, base64.encodebytes(png), b"data:image/png;base64," + b64):
+        assert image_bytes(text) == png
+    for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF"):
+        buf = io.BytesIO()
+        Image.open(io.BytesIO(png)).convert("RGB").save(buf, format=fmt)
+        assert image_bytes(buf.getvalue()) == buf.getvalue(), fmt
+    with pytest.raises(InputError, match="not valid base64"):
+        image_bytes(b"data:image/png;base64,@@@")

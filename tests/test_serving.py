@@ -22,14 +22,8 @@ IMAGE = ROOT / "assets" / "demo_scene.png"
 
 
 @pytest.fixture(scope="module")
-def build(tmp_path_factory, demo_ckpt):
-    out = tmp_path_factory.mktemp("serve") / "build"
-    from runtime.core.engines import EngineLimits
-
-    opts = EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference", vision_dtype="fp32", calib_size=4,
-                              limits=EngineLimits(max_images_per_request=4))
-    build_engine(demo_ckpt, out, opts)
-    return out
+def build(serve_build):
+    return serve_build
 
 
 @pytest.fixture(scope="module")
@@ -231,6 +225,30 @@ def test_http_generate_and_generate_stream(server, client):
     assert "".join(e["text_output"] for e in events) == body["text_output"]
 
 
+def test_http_generate_takes_base64_images(server, client):
+    """Triton's HTTP generate endpoints take BYTES inputs as UTF-8 JSON strings, so raw image bytes
+    cannot be sent there: `image_bytes` also takes base64, bare or as a data URL. The image counts:
+    the prompt grows by its tiles' tokens, and the answer equals the gRPC one with the raw bytes."""
+    import base64
+
+    import requests
+
+    url = f"http://{server.host}:{server.http_port}/v2/models/nvlm/generate"
+    prompt, count = "Describe <image>.", {"return_num_input_tokens": ("BOOL", np.array([True]))}
+    raw = client.generate(prompt, [IMAGE], max_tokens=4, extra=count)
+    text_only = client.generate("Describe .", max_tokens=4, extra=count)
+    assert raw.counts["num_input_tokens"] >= text_only.counts["num_input_tokens"] + 256
+    b64 = base64.b64encode(IMAGE.read_bytes()).decode()
+    for value in (b64, f"data:image/png;base64,{b64}", base64.encodebytes(IMAGE.read_bytes()).decode()):
+        r = requests.post(url, json={"text_input": prompt, "image_bytes": value, "max_tokens": 4,
+                                     "return_num_input_tokens": True}, timeout=120)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["output_ids"] == raw.tokens and body["num_input_tokens"] == raw.counts["num_input_tokens"]
+    r = requests.post(url, json={"text_input": prompt, "image_bytes": "bm90IGFuIGltYWdl", "max_tokens": 4}, timeout=120)
+    assert r.status_code == 400 and "not a format Pillow can decode" in r.text
+
+
 def test_client_cli(server, capsys):
     import json
 
@@ -398,6 +416,106 @@ def test_a_dead_stub_turns_readiness_off_and_the_server_heals(build):
             time.sleep(0.5)
         assert ready(), "the server did not come back"
         assert len(NVLMClient(srv.grpc_url).generate("Still there?", max_tokens=3).tokens) == 3
+
+
+@pytest.mark.faults
+def test_cancelled_streams_free_the_llm_step(server, client):
+    """Cancel 10 streaming requests after their first tokens (stop_stream(cancel_requests=True), what a
+    client that goes away does): the entry model stops its LLM-step request (`stop` by request id) and the
+    executor ends it before its next decode step. Before, each ran on to max_tokens holding the LLM step.
+    The bound is one full generation: a request queued behind 10 uncancelled ones would wait about ten."""
+    import queue
+
+    import tritonclient.grpc as grpcclient
+
+    long_tokens = 400
+    t0 = time.perf_counter()
+    full = client.generate("Tell me everything.", max_tokens=long_tokens,
+                           extra={"min_tokens": ("INT32", np.array([long_tokens], np.int32))})
+    assert len(full.tokens) == long_tokens
+    one_full = time.perf_counter() - t0
+    log_before = server.log_file.read_text().count("cancelled after")
+
+    def cancel_one(k, out):
+        c = grpcclient.InferenceServerClient(server.grpc_url)
+        got: queue.Queue = queue.Queue()
+        c.start_stream(callback=lambda result, error: got.put((result, error)))
+        inputs = client._inputs(f"Story {k}.", (), long_tokens, True, 0.0, 1, 0.0, k,
+                                {"min_tokens": ("INT32", np.array([long_tokens], np.int32))})
+        c.async_stream_infer("nvlm", inputs)
+        first = [got.get(timeout=300) for _ in range(2)]
+        out.append(all(e is None for _, e in first))
+        c.stop_stream(cancel_requests=True)
+
+    done: list = []
+    threads = [threading.Thread(target=cancel_one, args=(k, done)) for k in range(10)]
+    [t.start() for t in threads]
+    [t.join(timeout=600) for t in threads]
+    assert done == [True] * 10, "every cancelled stream got its first tokens"
+    t1 = time.perf_counter()
+    ans = client.generate("Hello there.", max_tokens=4)
+    after = time.perf_counter() - t1
+    assert len(ans.tokens) == 4
+    assert after < one_full, f"the next request took {after:.2f} s, one full {long_tokens}-token request {one_full:.2f} s"
+    deadline = time.time() + 30
+    while time.time() < deadline and server.log_file.read_text().count("cancelled after") - log_before < 1:
+        time.sleep(0.2)
+    lines = [ln for ln in server.log_file.read_text().splitlines() if "cancelled after" in ln][log_before:]
+    assert lines, "no LLM-step request was stopped"
+    assert all(int(ln.split("cancelled after ")[1].split()[0]) < long_tokens for ln in lines), lines
+
+
+@pytest.mark.faults
+def test_internal_models_refuse_over_limit_inputs(server, build):
+    """Clients can reach vision_encoder, preprocessing and tensorrt_llm directly; each checks the build's
+    limits (EngineLimits.check_request) before it computes. 40 tiles to the vision encoder: refused, and
+    its stub's private memory does not grow (before, it ran them: 2.1 GB kept afterwards; the 96 MB of
+    pixels themselves sit in the backend's shared-memory pool either way)."""
+    import tritonclient.grpc as grpcclient
+
+    from runtime.core.build_dir import read_limits
+
+    limits = read_limits(build)
+    g = grpcclient.InferenceServerClient(server.grpc_url)
+    keeper = next(p for p in _descendants(server.proc.pid) if _ppid(p) == server.proc.pid)
+    vision = next(p for p in _descendants(keeper) if b"vision_encoder" in Path(f"/proc/{p}/cmdline").read_bytes())
+
+    def rss_mb(pid):  # private memory: the input itself arrives in the Python backend's shared-memory pool
+        line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("RssAnon"))
+        return int(line.split()[1]) / 1024
+
+    tiles = 40
+    assert tiles > limits.max_tiles_per_request
+    x = grpcclient.InferInput("pixel_values", [tiles, 3, 448, 448], "FP32")
+    x.set_data_from_numpy(np.random.default_rng().standard_normal((tiles, 3, 448, 448), np.float32))
+    before = rss_mb(vision)
+    with pytest.raises(Exception, match=f"40 tiles is above this build's limit of {limits.max_tiles_per_request} "
+                                        "tiles per request"):
+        g.infer("vision_encoder", [x])
+    assert rss_mb(vision) - before < 48, "the vision stub grew by about the refused input's size"
+
+    ids = grpcclient.InferInput("input_ids", [1, limits.max_input_len + 1], "INT32")
+    ids.set_data_from_numpy(np.ones((1, limits.max_input_len + 1), np.int32))
+    lens = grpcclient.InferInput("input_lengths", [1, 1], "INT32")
+    lens.set_data_from_numpy(np.array([[limits.max_input_len + 1]], np.int32))
+    out = grpcclient.InferInput("request_output_len", [1, 1], "INT32")
+    out.set_data_from_numpy(np.array([[4]], np.int32))
+    errors: list = []
+    g.start_stream(callback=lambda result, error: errors.append(error))
+    g.async_stream_infer("tensorrt_llm", [ids, lens, out])
+    deadline = time.time() + 60
+    while not errors and time.time() < deadline:
+        time.sleep(0.05)
+    g.stop_stream()
+    assert errors and "above the maximum input length" in str(errors[0])
+
+    text = grpcclient.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"<image>" * 9], object))
+    img = grpcclient.InferInput("image_bytes", [limits.max_images_per_request + 1], "BYTES")
+    img.set_data_from_numpy(np.array([IMAGE.read_bytes()] * (limits.max_images_per_request + 1), object))
+    with pytest.raises(Exception, match="images"):
+        g.infer("preprocessing", [text, img])
+    assert len(NVLMClient(server.grpc_url).generate("Still there?", max_tokens=2).tokens) == 2
 
 
 # --------------------------------------------------------------------------- nvlm-bench against the server

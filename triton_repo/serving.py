@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from pathlib import Path
 
 import numpy as np
 
 from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
+from runtime.core.engines import EngineLimits
 from runtime.core.families import PROMPT_TABLE_INPUTS
 from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
 from runtime.prompt import build_prompt, tile_tags, with_image_placeholders
@@ -116,10 +118,10 @@ def _decoupled(requests, handle, prefix: str):
     return None
 
 
-def _limits(build: Path) -> dict:
-    limits = read_limits(build)
-    return {"max_output_len": limits.max_output_len, "max_input_len": limits.max_input_len,
-            "max_images": limits.max_images_per_request}
+def _limits(build: Path) -> EngineLimits:
+    """The build's limits: every model checks what it receives against them (EngineLimits.check_request)
+    before it computes, since clients can reach each model directly."""
+    return read_limits(build)
 
 
 # --------------------------------------------------------------------------- preprocessing
@@ -132,7 +134,8 @@ class PreprocessingModel:
         build = _build_dir(args)
         self.cfg, _ = read_preprocess(build)
         self.layout = read_family(build).prompt_layout
-        self.max_images = _limits(build)["max_images"]
+        self.limits = _limits(build)
+        self.max_images = self.limits.max_images_per_request
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.vocab = json.loads((build / "llm" / "config.json").read_text())["vocab_size"]
         self.gpu = _cuda()  # GPU hosts: Pillow-exact Triton kernels (plugins/tiling.py) do the tiling
@@ -170,7 +173,7 @@ class PreprocessingModel:
         prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
         blobs = _input(request, "image_bytes")
         images = [] if blobs is None else [bytes(b) for b in blobs.reshape(-1)]
-        done = self._tile(images) if images else []
+        done = self._tile(images) if images else []  # refuses more images than the build's limit
         p = build_prompt(self.tok, with_image_placeholders(prompt, len(images)), [d.num_tiles for d in done],
                          tokens_per_tile=self.cfg.tokens_per_tile, layout=self.layout)
         s = self.cfg.image_size
@@ -200,6 +203,7 @@ class VisionEncoderModel:
     def _load(self, build: Path):
         import onnxruntime as ort
 
+        self.limits = _limits(build)
         info = json.loads((build / "vision" / "config.json").read_text())
         self.onnx_dtype = {"fp32": np.float32, "fp16": np.float16}.get(info["dtype"], np.float32)
         self.sess = ort.InferenceSession(str(build / "vision" / info["onnx"]), providers=["CPUExecutionProvider"])
@@ -211,7 +215,9 @@ class VisionEncoderModel:
         out = []
         for request in requests:
             try:
-                x = _as_torch(pb.get_input_tensor_by_name(request, "pixel_values")).float().numpy()
+                t = pb.get_input_tensor_by_name(request, "pixel_values")
+                self.limits.check_request(tiles=t.shape()[0])  # from the shape: the data is not touched
+                x = _as_torch(t).float().numpy()
                 y = self.sess.run(None, {"pixel_values": x.astype(self.onnx_dtype)})[0]
                 y = torch.from_numpy(y.astype(np.float32)).to(_torch_dtype(self.io_dtype))
                 out.append(pb.InferenceResponse(output_tensors=[_from_torch("image_embeds", y)]))
@@ -241,16 +247,51 @@ _TYPE_NAMES = {"FP16": "TYPE_FP16", "BF16": "TYPE_BF16", "FP32": "TYPE_FP32"}
 
 
 class ReferenceLLMModel:
-    """The `tensorrtllm` backend's I/O, computed by the reference executor (decoupled, streaming)."""
+    """The `tensorrtllm` backend's I/O, computed by the reference executor (decoupled, streaming).
+
+    As in the backend, `execute` only admits requests: each one runs on its own thread (one at a time on
+    the executor), so that a later `execute` can deliver a `stop` request — the backend's way to stop a
+    request by its id, which the entry model uses when its client cancels — and the executor asks before
+    every decode step whether its request was stopped or cancelled by Triton (a client that closed its
+    stream). A cancelled request frees the executor within one step."""
 
     def initialize(self, args):
-        self.build = _build_dir(args)
-        self.executor = TRTLLMExecutor.load(self.build / "llm")
-        self.limits = _limits(self.build)
-        self.lock = threading.Lock()
+        self._setup(_build_dir(args))
+
+    def _setup(self, build: Path):
+        self.build = build
+        self.executor = TRTLLMExecutor.load(build / "llm")
+        self.limits = _limits(build)
+        self.lock = threading.Lock()  # the executor runs one request at a time
+        self.stops: dict[str, threading.Event] = {}  # request id → its stop flag, while it runs
+        self.stops_lock = threading.Lock()
 
     def execute(self, requests):
-        return _decoupled(requests, self._one, "tensorrt_llm: ")
+        pb = _pb()
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                if _scalar(request, "stop", False, bool):
+                    self._stop(request, sender, pb)
+                    continue
+                job = self._admit(request, pb)
+            except Exception as e:  # noqa: BLE001 — every failure becomes this request's error
+                sender.send(_error(f"tensorrt_llm: {e}"), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            threading.Thread(target=self._run, args=(job, sender, pb), daemon=True).start()
+        return None
+
+    def _stop(self, request, sender, pb):
+        """NVIDIA's `stop` input: stop the running request with this request's id; it ends with the
+        tokens it has. The stop request itself gets an empty final response."""
+        rid = request.request_id()
+        if not rid:
+            raise ValueError("a stop request needs the request id of the request to stop")
+        with self.stops_lock:
+            flag = self.stops.get(rid)
+        if flag is not None:
+            flag.set()
+        sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def _table(self, request, pb):
         """The prompt-embedding table as float32 [rows, hidden] (any declared dtype), or None."""
@@ -260,38 +301,63 @@ class ReferenceLLMModel:
         table = _as_torch(t)
         return None if table.numel() == 0 else table.reshape(-1, table.shape[-1]).float()
 
-    def _one(self, request, sender, pb):
+    def _admit(self, request, pb):
+        """Validate a request against the build's limits and make its executor request (no compute)."""
         ids = _input(request, "input_ids")
         if ids is None or ids.size == 0:
             raise ValueError("input_ids is required and must not be empty")
         n = _scalar(request, "request_output_len", None, int)
-        if n is None or n < 1 or n > self.limits["max_output_len"]:
-            raise ValueError(f"request_output_len must be in 1…{self.limits['max_output_len']}, got {n}")
+        if n is None or n < 1 or n > self.limits.max_output_len:
+            raise ValueError(f"request_output_len must be in 1…{self.limits.max_output_len}, got {n}")
         sampling = Sampling(_scalar(request, "temperature", 0.0, float), _scalar(request, "runtime_top_k", 1, int),
                             _scalar(request, "runtime_top_p", 0.0, float), _scalar(request, "min_tokens", 0, int),
                             _scalar(request, "beam_width", 1, int)).check(n)
         ids = ids.reshape(-1).astype(np.int64).tolist()
-        if len(ids) > self.limits["max_input_len"]:
-            raise ValueError(f"input is {len(ids)} tokens, above the maximum input length {self.limits['max_input_len']}")
+        if len(ids) > self.limits.max_input_len:
+            raise ValueError(f"input is {len(ids)} tokens, above the maximum input length {self.limits.max_input_len}")
         table = self._table(request, pb)
+        if table is not None:
+            self.limits.check_request(image_tokens=table.shape[0])
         stream = _scalar(request, "streaming", False, bool)
+        rid, flag = request.request_id(), threading.Event()
+        if rid:
+            with self.stops_lock:
+                self.stops[rid] = flag
         req = Request(ids, n, table, end_id=_scalar(request, "end_id", None, int),
                       temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                      seed=_scalar(request, "seed", 0, int), min_length=sampling.min_tokens)
+                      seed=_scalar(request, "seed", 0, int), min_length=sampling.min_tokens,
+                      cancelled=lambda: flag.is_set() or request.is_cancelled())
+        return req, stream, rid
+
+    def _run(self, job, sender, pb):
+        req, stream, rid = job
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
         def emit(tokens):
             arr = np.asarray([[tokens]], np.int32)  # [batch=1, beam=1, tokens]
             return pb.InferenceResponse(output_tensors=[
                 pb.Tensor("output_ids", arr), pb.Tensor("sequence_length", np.asarray([[len(tokens)]], np.int32))])
 
-        with self.lock:
-            if stream:
-                result = self.executor.generate([req], on_token=lambda _, t: sender.send(emit([t])))[0]
-                sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            else:
-                result = self.executor.generate([req])[0]
-                sender.send(emit(result.tokens), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-        return result
+        try:
+            with self.lock:
+                if stream:
+                    result = self.executor.generate([req], on_token=lambda _, t: sender.send(emit([t])))[0]
+                    sender.send(flags=final)
+                else:
+                    result = self.executor.generate([req])[0]
+                    sender.send(emit(result.tokens), flags=final)
+            if result.finish_reason == "cancelled":  # the fault tests read this line in the server log
+                print(f"tensorrt_llm: request {rid or '-'} cancelled after {len(result.tokens)} of "
+                      f"{req.max_new_tokens} tokens", flush=True)
+        except Exception as e:  # noqa: BLE001 — a failure ends this request with an error
+            try:
+                sender.send(_error(f"tensorrt_llm: {e}"), flags=final)
+            except Exception:  # noqa: BLE001 — the request is gone (cancelled): nothing to tell
+                pass
+        finally:
+            if rid:
+                with self.stops_lock:
+                    self.stops.pop(rid, None)
 
 
 class ContractLLMModel(ReferenceLLMModel):
@@ -317,9 +383,7 @@ class ContractLLMModel(ReferenceLLMModel):
             raise RuntimeError(f"gpt_model_path {params.get('gpt_model_path')!r} is not BUILD/engines/llm of an "
                                "nvlm-build output (the stand-in computes with BUILD/llm)")
         self.engine_dtype = engine_dtype(json.loads((self.build / "llm" / "config.json").read_text()))
-        self.executor = TRTLLMExecutor.load(self.build / "llm")
-        self.limits = _limits(self.build)
-        self.lock = threading.Lock()
+        self._setup(self.build)
 
     def _table(self, request, pb):
         t = pb.get_input_tensor_by_name(request, "prompt_embedding_table")
@@ -373,12 +437,14 @@ class EntryModel:
         # the callees' declared dtypes, rendered from the build (vision engine and LLM engine dtypes)
         self.vision_dtype = _torch_dtype(params["vision_dtype"])
         self.table_dtype = _torch_dtype(params["prompt_table_dtype"])
+        self._held: list = []  # BLS iterators waiting for a cleanup barrier (_release)
 
     def execute(self, requests):
         return _decoupled(requests, self._one, "")
 
-    def _call(self, pb, model, inputs, outputs, decoupled=False):
-        req = pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
+    def _call(self, pb, model, inputs, outputs, decoupled=False, request_id=""):
+        req = pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs,
+                                  request_id=request_id)
         resp = req.exec(decoupled=decoupled)
         if decoupled:
             return resp
@@ -386,10 +452,44 @@ class EntryModel:
             raise ValueError(resp.error().message())
         return resp
 
+    def _stop(self, request, pb, rid: str) -> None:
+        """NVIDIA's way to stop a request in the `tensorrtllm` backend: a request with the same id and
+        `stop` set (with the inputs Triton requires). Its own response is empty."""
+        stop = [pb.Tensor("input_ids", np.zeros((1, 1), np.int32)), pb.Tensor("input_lengths", np.ones((1, 1), np.int32)),
+                pb.Tensor("request_output_len", np.ones((1, 1), np.int32)), pb.Tensor("stop", np.ones((1, 1), bool))]
+        responses = self._call(pb, "tensorrt_llm", stop, ["output_ids"], decoupled=True, request_id=rid)
+        try:
+            errors = [resp.error().message() for resp in responses if resp.has_error()]
+        finally:
+            self._release(request, responses)
+            del responses
+        if errors:
+            raise ValueError(errors[0])
+
+    def _release(self, request, *objects) -> None:
+        """Drop BLS response iterators (and their responses) only after the stub has processed their
+        cleanup, so that they die here, on the thread that runs `execute`, holding the GIL.
+
+        In the bundled server's Python backend (Triton 2.51, r24.10) the stub's
+        `ServiceStubToParentRequests` thread erases a finished iterator from its map (`Stub::SendCleanupId`)
+        without the GIL; when Python has already dropped the iterator, that erase destroys the iterator,
+        its responses and their tensors' NumPy arrays on that thread, racing the interpreter. Under
+        perf_analyzer-style load the entry stub crashed about once per 700 requests (segfaults in libpython,
+        an abort in `list_dealloc` of BLS tensors, "malloc(): unaligned fastbin chunk").
+        python_backend#390 (first in r24.12, Triton 2.53) takes the GIL in `~PbTensor`.
+
+        The barrier: `is_cancelled()` is answered by that same thread, in order, after the cleanups queued
+        when each iterator returned its last response; once it returns, the erase has happened and the
+        references kept here are the last. A cancelled request answers `is_cancelled()` from a cache (no
+        barrier), so its iterators wait in `self._held` for the next request's barrier."""
+        self._held.extend(objects)
+        if not request.is_cancelled():
+            self._held.clear()
+
     def _one(self, request, sender, pb):
         max_tokens = _scalar(request, "max_tokens", None, int)
-        if max_tokens is None or max_tokens < 1 or max_tokens > self.limits["max_output_len"]:
-            raise ValueError(f"max_tokens must be in 1…{self.limits['max_output_len']}, got {max_tokens}")
+        if max_tokens is None or max_tokens < 1 or max_tokens > self.limits.max_output_len:
+            raise ValueError(f"max_tokens must be in 1…{self.limits.max_output_len}, got {max_tokens}")
         sampling = Sampling(
             _scalar(request, "temperature", 0.0, float), _scalar(request, "top_k", 1, int),
             _scalar(request, "top_p", 0.0, float), _scalar(request, "min_tokens", 0, int),
@@ -443,18 +543,31 @@ class EntryModel:
         tokens: list[int] = []
 
         text = StreamDecoder(self.tok)
-        for resp in self._call(pb, "tensorrt_llm", llm_inputs, ["output_ids", "sequence_length"], decoupled=True):
-            if resp.has_error():
-                raise ValueError(resp.error().message())
-            out = pb.get_output_tensor_by_name(resp, "output_ids")
-            if out is None:  # the final, empty response of a stream
-                continue
-            new = out.as_numpy().reshape(-1).tolist()
-            tokens += new
-            if stream:  # one response per engine response, even when its text is held back (split character)
-                sender.send(pb.InferenceResponse(output_tensors=[
-                    pb.Tensor("text_output", np.asarray([text.push(new).encode()], object)),
-                    pb.Tensor("output_ids", np.asarray(new, np.int32))]))
+        rid = uuid.uuid4().hex  # the LLM step's request id: a `stop` request names it
+        responses = self._call(pb, "tensorrt_llm", llm_inputs, ["output_ids", "sequence_length"], decoupled=True,
+                               request_id=rid)
+        stopped, resp, out = False, None, None
+        try:
+            for resp in responses:
+                if resp.has_error():
+                    raise ValueError(resp.error().message())
+                if not stopped and request.is_cancelled():  # the client went away: stop generating for it
+                    stopped = True
+                    self._stop(request, pb, rid)
+                out = pb.get_output_tensor_by_name(resp, "output_ids")
+                if out is None:  # the final, empty response of a stream
+                    continue
+                new = out.as_numpy().reshape(-1).tolist()
+                tokens += new
+                if stream and not stopped:  # one response per engine response, even when its text is held back
+                    sender.send(pb.InferenceResponse(output_tensors=[
+                        pb.Tensor("text_output", np.asarray([text.push(new).encode()], object)),
+                        pb.Tensor("output_ids", np.asarray(new, np.int32))]))
+        finally:
+            self._release(request, responses, resp, out)
+            del responses, resp, out
+        if stopped:
+            raise ValueError("request cancelled")
         counts = []  # return_num_input_tokens / return_num_output_tokens, on the final response
         if _scalar(request, "return_num_input_tokens", False, bool):
             counts.append(pb.Tensor("num_input_tokens", np.asarray([ids.size], np.int32)))

@@ -181,8 +181,10 @@ def _condition_llm_head(tensors: dict, gen) -> None:
 
 
 def write_demo_checkpoint(out: str | Path, *, variant: str = "d", seed: int = 0, num_shards: int = 2,
-                          force: bool = False) -> Path:
-    """Generate the embedded default into `out` (atomically: temp dir, then rename)."""
+                          force: bool = False, vocab_size: int | None = None) -> Path:
+    """Generate the embedded default into `out` (atomically: temp dir, then rename). `vocab_size`: the
+    model's vocabulary (rows of the embedding and the LM head), at least the tokenizer's; by default the
+    tokenizer's rounded up to 128. Tests use odd sizes: quantized exports pad the LM head's rows."""
     import torch
     from safetensors.torch import save_file
 
@@ -191,7 +193,10 @@ def write_demo_checkpoint(out: str | Path, *, variant: str = "d", seed: int = 0,
         raise ConfigError(f"unknown demo variant {variant!r}; available: {sorted(VARIANTS)}")
     dims = VARIANTS[variant]
     tok = build_tokenizer(dims.tokenizer_vocab)
-    vocab_size = _round_up(tok.get_vocab_size(), 128)
+    if vocab_size is None:
+        vocab_size = _round_up(tok.get_vocab_size(), 128)
+    elif vocab_size < tok.get_vocab_size():
+        raise ConfigError(f"vocab_size {vocab_size} is below the demo tokenizer's {tok.get_vocab_size()} tokens")
     raw_cfg = demo_config(dims, vocab_size, tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>"))
     cfg = from_hf(raw_cfg)
 

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from .config import NVLMConfig, PreprocessConfig
-from .errors import NVLMError
+from .errors import InputError, NVLMError
 from .llm_formats import BuildOptions, VisionFormat
 
 ENGINE_RELEASE = "TensorRT-LLM 1.2 (NGC container nvcr.io/nvidia/tensorrt-llm/release:1.2.x)"
@@ -126,6 +126,28 @@ class EngineLimits:
     @property
     def max_vision_tiles(self) -> int:
         return self.max_batch_size * self.max_images_per_request * self.max_tiles_per_image
+
+    @property
+    def max_tiles_per_request(self) -> int:
+        return self.max_images_per_request * self.max_tiles_per_image
+
+    def check_request(self, *, images: int | None = None, tiles: int | None = None, input_len: int | None = None,
+                      output_len: int | None = None, image_tokens: int | None = None) -> None:
+        """The one check of a request against the build's limits, called by every model of a served build
+        (the entry model and each internal model, which clients can reach directly) before it computes:
+        an InputError that names the limit, never an allocation sized by the client."""
+        checks = (("images", images, self.max_images_per_request, "images per request"),
+                  ("tiles", tiles, self.max_tiles_per_request, f"tiles per request ({self.max_images_per_request} "
+                                                                f"images × {self.max_tiles_per_image} tiles)"),
+                  ("input tokens", input_len, self.max_input_len, "input tokens (text + image)"),
+                  ("output tokens", output_len, self.max_output_len, "output tokens"),
+                  ("image tokens", image_tokens, self.max_image_tokens_per_request, "image tokens per request"))
+        for unit, value, limit, name in checks:
+            if value is not None and value > limit:
+                raise InputError(f"{value} {unit} is above this build's limit of {limit} {name}; send less, or "
+                                 f"rebuild with a larger limit (nvlm-build engine --help)")
+        if output_len is not None and output_len < 1:
+            raise InputError(f"the output length must be ≥ 1, got {output_len}")
 
 
 # --------------------------------------------------------------------------- trtllm-build

@@ -62,6 +62,9 @@ class PromptLayout:
 # adds the tensors that carry its image features (`ModelFamily.llm_step_image_inputs`).
 LLM_STEP_TEXT_INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "streaming", "temperature",
                         "runtime_top_k", "runtime_top_p", "seed", "min_tokens")
+# sent only to stop a running request (by its request id), NVIDIA's `stop` input: the entry model does when
+# its client cancels
+LLM_STEP_CONTROL_INPUTS = ("stop",)
 # image embeddings as rows of the prompt table, placed at the fake ids vocab_size + k (TensorRT-LLM's
 # multimodal path), keyed per image for KV-cache reuse
 PROMPT_TABLE_INPUTS = ("prompt_embedding_table", "prompt_vocab_size", "prompt_table_extra_ids")
@@ -83,7 +86,7 @@ class ModelFamily:
     @property
     def llm_step_inputs(self) -> tuple[str, ...]:
         """Every tensor the entry model sends `tensorrt_llm` for this family (triton_repo/serving.py)."""
-        return LLM_STEP_TEXT_INPUTS + self.llm_step_image_inputs
+        return LLM_STEP_TEXT_INPUTS + self.llm_step_image_inputs + LLM_STEP_CONTROL_INPUTS
 
     def component(self, role: str) -> ComponentMap:
         for c in self.components:
