@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from runtime.core import progress
 from runtime.core.demo_checkpoint import write_demo_checkpoint
 from runtime.core.engines import EngineLimits
 from runtime.core.errors import NVLMError
@@ -299,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    progress.silence(bool(getattr(args, "json", False)))  # bars only for people at a terminal
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
     try:

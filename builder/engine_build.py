@@ -40,6 +40,7 @@ from runtime.core.engines import ENGINE_RELEASE, detect
 from runtime.core.errors import OutputExistsError
 from runtime.core.fsutil import human_bytes
 from runtime.core.llm_formats import validate
+from runtime.core.progress import bar
 
 from .stages import STAGES, TOKENIZER_FILES, BuildError, Context, EngineBuildOptions
 
@@ -105,9 +106,11 @@ def _source_hashes(ckpt: Checkpoint, progress: Callable[[str], None]) -> dict[st
                    | ({"model.safetensors.index.json"} if (ckpt.directory / "model.safetensors.index.json").exists()
                       else set()))
     out = {}
-    for f in files:
-        progress(f"hashing {f}")
-        out[f] = sha256_file(ckpt.directory / f)
+    total = sum((ckpt.directory / f).stat().st_size for f in files)
+    with bar(total, "hashing the source checkpoint", unit="B", unit_scale=True) as advance:
+        for f in files:
+            progress(f"hashing {f}")
+            out[f] = sha256_file(ckpt.directory / f, advance=advance)
     return out
 
 

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from runtime.core.families import family_for
+from runtime.core.progress import track
 from runtime.preprocess import preprocess_images
 from runtime.prompt import build_prompt
 from runtime.scenes import synthetic_scene
@@ -115,14 +116,14 @@ def _hf_logits(model, run: PromptRun) -> torch.Tensor:
 
 def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer, fake_quant=None) -> dict:
     runs = prepare_prompts(reference, tokenizer)
-    ex = [_executor_logits(executor, r) for r in runs]
+    ex = [_executor_logits(executor, r) for r in track(runs, f"fidelity: {fmt_name} checkpoint", unit="prompt")]
     ref = [_hf_logits(reference.llm, r) for r in runs]
     ex_all, ref_all = torch.cat(ex), torch.cat(ref)
     text = torch.cat([r.text for r in runs])
     checks: list[Check] = []
     if not quantized:
         same = 0
-        for r in runs:
+        for r in track(runs, "fidelity: greedy decoding", unit="prompt"):
             want = _greedy_reference(reference, r)
             got = executor.generate([Request(r.trt_ids, GREEDY_TOKENS, r.table)])[0].tokens
             same += got == want

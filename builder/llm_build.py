@@ -27,7 +27,8 @@ from runtime.core.checkpoint import Checkpoint
 from runtime.core.errors import NVLMError, OutputExistsError
 from runtime.core.fsutil import publish_dir
 from runtime.core.llm_formats import BuildOptions, kv_cache_name, validate
-from runtime.core.trtllm_checkpoint import count_tensors, trtllm_config, write_unquantized
+from runtime.core.progress import bar, track
+from runtime.core.trtllm_checkpoint import count_tensors, repad_vocab, trtllm_config, write_unquantized
 from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from runtime.trtllm_executor import TRTLLMExecutor
@@ -42,16 +43,6 @@ class FidelityError(NVLMError):
     """The built checkpoint does not compute what the reference computes."""
 
 
-def _progress(total: int, desc: str):
-    try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc=desc, unit="tensor", leave=False, disable=None)
-        return bar.update, bar.close
-    except ImportError:  # tqdm comes with transformers; keep working without it
-        return (lambda n: None), (lambda: None)
-
-
 def quantize(reference, opts: BuildOptions, embeds: list):
     """modelopt fake-quantization of a copy of the reference LLM, calibrated on `embeds`."""
     import modelopt.torch.quantization as mtq
@@ -59,8 +50,8 @@ def quantize(reference, opts: BuildOptions, embeds: list):
     model = copy.deepcopy(reference.llm).eval()
     cfg = opts.fmt.modelopt_config(opts.kv_cache_fp8, opts.awq_group_size)
 
-    def forward_loop(m):
-        for emb in embeds:
+    def forward_loop(m):  # modelopt runs it once per calibration pass (AWQ: several)
+        for emb in track(embeds, f"calibrating {opts.fmt.name}", unit="sample"):
             m(inputs_embeds=emb)
 
     with _quiet():
@@ -95,6 +86,7 @@ def export(model, ckpt_cfg, opts: BuildOptions, out: Path) -> dict:
         export_tensorrt_llm_checkpoint(model, decoder_type="qwen", dtype=torch.bfloat16,
                                        export_dir=str(out), inference_tensor_parallel=opts.tp,
                                        inference_pipeline_parallel=opts.pp)
+    repad_vocab(out, ckpt_cfg, opts.tp, opts.pp)  # modelopt pads AWQ vocabularies to 64; TensorRT-LLM to TP
     exported = json.loads((out / "config.json").read_text())
     q = exported["quantization"]
     if q.get("quant_algo") != opts.fmt.quant_algo:
@@ -130,13 +122,13 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
             tokenizer.check_vocab(ckpt.config.llm.vocab_size)
         if opts.fmt.quantized:
             log.info("calibrating %s on %d multimodal samples", opts.fmt.name, len(samples))
-            embeds = list(embed_samples(samples, reference, tokenizer))
+            embeds = list(track(embed_samples(samples, reference, tokenizer), "embedding calibration samples",
+                                total=len(samples), unit="sample"))
             fake = quantize(reference, opts, embeds)
             config = export(fake, ckpt.config, opts, tmp)
         else:
-            update, close = _progress(count_tensors(ckpt, opts), f"converting to {opts.fmt.name}")
-            config = write_unquantized(ckpt, opts, tmp, progress=update)
-            close()
+            with bar(count_tensors(ckpt, opts), f"converting to {opts.fmt.name}", unit="tensor") as advance:
+                config = write_unquantized(ckpt, opts, tmp, progress=advance)
         report = None
         if fidelity:
             report = build_report(opts.fmt.name, opts.fmt.quantized, TRTLLMExecutor.load(tmp), reference, tokenizer, fake)

@@ -25,6 +25,7 @@ import torch
 
 from runtime.core.errors import NVLMError
 from runtime.core.llm_formats import VisionFormat, get_vision_format
+from runtime.core.progress import bar
 from runtime.preprocess import preprocess_image
 from runtime.scenes import SCENE_SIZES, synthetic_scene
 
@@ -118,7 +119,9 @@ def export_vision(reference, out: Path, *, dtype: str = "fp16", vision_quant: "s
             extra.unlink()
         return _save(proto, path)
 
-    files = export(out / "vision_encoder.onnx", DTYPES[dtype], OPSET)
+    with bar(None, "exporting the vision encoder to ONNX (trace, then save)", unit="file") as advance:
+        files = export(out / "vision_encoder.onnx", DTYPES[dtype], OPSET)
+        advance(1)
     checks = {}
     if dtype in CHECK_THRESHOLDS:
         rel = _ort_check(out / "vision_encoder.onnx", reference, dtype, CHECK_TILES, seed)

@@ -150,9 +150,17 @@ class TRTLLMExecutor:
                     raise CheckpointError(f"{directory}: row-parallel biases (dense/proj) are not expected in Qwen2")
         first = [getter(t) for t in range(tp)]
         last = [getter((pp - 1) * tp + t) for t in range(tp)]
-        # rows split over TP (use_parallel_embedding): the ranks' slices, concatenated
+        # rows split over TP (use_parallel_embedding): the ranks' slices, concatenated; the vocabulary is
+        # padded to a multiple of TP with zero rows, which TensorRT-LLM's loader checks exactly and its
+        # sampler masks — here they are dropped, so a padded id is never produced
         embedding = torch.cat([g(layout.target(table, "embedding")).float() for g in first])
         lm_head = torch.cat([g(layout.target(table, "lm_head")).float() for g in last])
+        vocab, rows = config["vocab_size"], layout.vocab_rows(config["vocab_size"], tp)
+        for name, t in (("embedding", embedding), ("lm_head", lm_head)):
+            if t.shape[0] != rows:
+                raise CheckpointError(f"{directory}: {name} has {t.shape[0]} rows over TP{tp}; TensorRT-LLM expects "
+                                      f"vocab_size {vocab} padded to a multiple of TP ({rows})")
+        embedding, lm_head = embedding[:vocab], lm_head[:vocab]
         final_norm = last[0](layout.target(table, "final_norm")).float()
         return cls(directory, config, layers, embedding, final_norm, lm_head)
 

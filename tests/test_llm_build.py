@@ -249,3 +249,59 @@ def test_awq_group_size_64(tmp_path, released_ckpt):
     assert q["group_size"] == 64 and summary["fidelity_passed"]
     f = safe_open(str(d / "rank0.safetensors"), "pt")
     assert tuple(f.get_slice("transformer.layers.0.mlp.proj.weights_scaling_factor").get_shape()) == (128, 256 // 64)
+
+
+@pytest.fixture(scope="module")
+def odd_vocab_ckpt(tmp_path_factory):
+    """The demo model with a vocabulary of 515 rows: odd, not a multiple of 64 (modelopt pads AWQ exports to
+    576) and not a multiple of TP 2 (TensorRT-LLM pads to 516)."""
+    from runtime.core.demo_checkpoint import write_demo_checkpoint
+
+    return write_demo_checkpoint(tmp_path_factory.mktemp("vocab") / "odd", vocab_size=515, seed=3)
+
+
+@pytest.mark.parametrize("fmt, tp", [("int4_awq", 1), ("int4_awq", 2), ("w4a8_awq", 1), ("bf16", 2)])
+def test_vocabulary_padding_end_to_end(tmp_path, odd_vocab_ckpt, fmt, tp):
+    """The checkpoint keeps the real vocab_size; the embedding and lm_head have TensorRT-LLM's rows
+    (vocab padded with zeros to a multiple of TP — its loader checks the shape exactly); the executor never
+    produces a padded id; the fidelity report compares the real rows and passes."""
+    from runtime.core.trtllm_layout import vocab_rows
+
+    out = tmp_path / fmt
+    build_llm(odd_vocab_ckpt, out, BuildOptions(get_format(fmt), tp=tp), calib_size=4)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["vocab_size"] == 515
+    rows = vocab_rows(515, tp)
+    assert rows == (515 if tp == 1 else 516)
+    for name in ("lm_head.weight", "transformer.vocab_embedding.weight"):
+        parts = []
+        for r in range(tp):
+            with safe_open(str(out / f"rank{r}.safetensors"), "pt") as f:
+                parts.append(f.get_tensor(name))
+        assert [p.shape[0] for p in parts] == [rows // tp] * tp, name
+        assert torch.cat(parts)[515:].abs().sum() == 0  # the padding row, when there is one, is zero
+    report = json.loads((out / "reports" / "fidelity.json").read_text())
+    assert report["passed"], report
+    ex = TRTLLMExecutor.load(out)
+    from runtime.trtllm_executor import KVCache
+
+    logits = ex.forward([1, 2, 3], None, KVCache())
+    assert logits.shape[-1] == 515  # what greedy and sampling choose from: the real ids only
+    hot = ex.generate([Request([1, 2, 3], 64, temperature=50.0, top_k=0, seed=5)])[0].tokens
+    assert len(set(hot)) > 20 and all(0 <= t < 515 for t in hot)  # near-uniform sampling never leaves them
+
+
+def test_a_checkpoint_with_the_wrong_vocabulary_rows_is_refused(tmp_path, odd_vocab_ckpt):
+    """What TensorRT-LLM's loader would reject (lm_head rows ≠ vocab_size padded to TP), the executor
+    refuses too: e.g. modelopt's 64-padded AWQ export before it is re-padded."""
+    from safetensors.torch import load_file, save_file
+
+    from runtime.core.errors import CheckpointError
+
+    out = tmp_path / "b"
+    build_llm(odd_vocab_ckpt, out, BuildOptions(get_format("bf16")), fidelity=False)
+    t = load_file(str(out / "rank0.safetensors"))
+    t["lm_head.weight"] = torch.cat([t["lm_head.weight"], t["lm_head.weight"].new_zeros(61, 256)])
+    save_file(t, str(out / "rank0.safetensors"))
+    with pytest.raises(CheckpointError, match="lm_head has 576 rows over TP1; TensorRT-LLM expects vocab_size 515"):
+        TRTLLMExecutor.load(out)

@@ -380,6 +380,28 @@ def test_a_build_directory_can_be_moved(demo_ckpt, tmp_path):
     assert ans.tokens == LocalPipeline(moved).generate("Describe <image>.", [IMAGE.read_bytes()], 6)
 
 
+def test_int4_build_with_an_odd_vocabulary_serves(tmp_path):
+    """int4_awq on a vocabulary of 515 (odd, not a multiple of 64 — modelopt pads the export to 576 —
+    nor of TP 2): it builds, its fidelity report passes, and the served answer equals the in-process one."""
+    import json
+
+    from runtime.core.demo_checkpoint import write_demo_checkpoint
+    from runtime.local_pipeline import LocalPipeline
+    from triton_repo.server import TritonServer
+
+    ckpt = write_demo_checkpoint(tmp_path / "ckpt", vocab_size=515, seed=3)
+    out = tmp_path / "build"
+    build_engine(ckpt, out, EngineBuildOptions(BuildOptions(get_format("int4_awq")), target="reference",
+                                               vision_dtype="fp32", calib_size=4))
+    assert json.loads((out / "llm" / "config.json").read_text())["vocab_size"] == 515
+    assert json.loads((out / "llm" / "reports" / "fidelity.json").read_text())["passed"]
+    base = _ports(2)
+    with TritonServer(out / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2) as srv:
+        ans = NVLMClient(srv.grpc_url).generate("Describe <image>.", [IMAGE], max_tokens=8)
+    assert ans.tokens == LocalPipeline(out).generate("Describe <image>.", [IMAGE.read_bytes()], 8)
+    assert all(t < 515 for t in ans.tokens)
+
+
 @pytest.mark.faults
 def test_a_dead_stub_turns_readiness_off_and_the_server_heals(build):
     """kill -9 the tensorrt_llm stub: before, every later request failed ("Stub process … is not healthy")

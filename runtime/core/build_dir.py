@@ -30,11 +30,14 @@ class BuildDirError(NVLMError):
     """A build directory is missing a file or holds one nvlm-trt cannot read."""
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 22, advance=None) -> str:
+    """`advance(n)`: called with each block's size (a progress bar in bytes)."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(chunk):
             h.update(block)
+            if advance:
+                advance(len(block))
     return h.hexdigest()
 
 

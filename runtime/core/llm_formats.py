@@ -224,8 +224,6 @@ def validate(cfg: NVLMConfig, opts: BuildOptions) -> None:
     if llm.num_layers % opts.pp:
         ok = [p for p in range(1, llm.num_layers + 1) if llm.num_layers % p == 0 and p <= 16]
         raise UnsupportedCombinationError(f"--pp {opts.pp} must divide the {llm.num_layers} layers; valid: {ok}")
-    if (llm.vocab_size % opts.tp) != 0:
-        raise UnsupportedCombinationError(f"vocab_size {llm.vocab_size} is not divisible by --tp {opts.tp}")
     if opts.kv_cache_fp8 and not fmt.quantized:
         raise UnsupportedCombinationError(
             f"--kv-cache-dtype fp8 needs calibrated KV scales; use it with a quantized format (fp8, int4_awq, "

@@ -20,6 +20,7 @@ import torch
 from . import __version__
 from . import trtllm_layout as layout
 from .config import NVLMConfig
+from .errors import CheckpointError
 from .families import LLM, family_for
 from .llm_formats import BuildOptions
 from .trtllm_layout import SOURCE_PREFIX, Row
@@ -146,6 +147,14 @@ def rank_plan(ckpt, opts: BuildOptions, rank: int) -> list[RankTensor]:
                 src(q)[t * nh * d:(t + 1) * nh * d], src(k)[t * nkv * d:(t + 1) * nkv * d],
                 src(v)[t * nkv * d:(t + 1) * nkv * d]]).to(dtype)
         full = shapes[SOURCE_PREFIX + name]
+        if row.split == "vocab":
+            n = layout.vocab_rows(full[0], tp) // tp
+
+            def rows_of_rank() -> torch.Tensor:
+                x = src(name)[t * n:(t + 1) * n]  # the last rank's slice may be short: zero rows pad it
+                return torch.cat([x, x.new_zeros(n - x.shape[0], *x.shape[1:])]).to(dtype)
+
+            return (n, *full[1:]), rows_of_rank
         if row.split == "rows":
             n = full[0] // tp
             return (n, *full[1:]), lambda: src(name)[t * n:(t + 1) * n].to(dtype)
@@ -187,3 +196,42 @@ def write_unquantized(ckpt, opts: BuildOptions, out: Path, progress=None) -> dic
 
 def count_tensors(ckpt, opts: BuildOptions) -> int:
     return sum(len(rank_plan(ckpt, opts, r)) for r in range(opts.world_size))
+
+
+def repad_vocab(directory: Path, cfg: NVLMConfig, tp: int, pp: int) -> bool:
+    """Bring an exported checkpoint's embedding and lm_head to TensorRT-LLM's vocabulary rows.
+
+    modelopt pads both to a multiple of 64 for AWQ formats (`pad_embedding_lm_head`) and writes that as
+    `vocab_size`; TensorRT-LLM 1.2 builds them with `pad_vocab_size(vocab_size, tp)` rows and its loader
+    checks shapes exactly, while our config.json keeps the real `vocab_size` (a padded one would let the
+    runtime sample ids that are not tokens). The padded rows are zeros, so trimming them loses nothing.
+    Rewrites the rank files that hold them; returns whether it did."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    table, vocab = family_for(cfg).trtllm_layout, cfg.llm.vocab_size
+    rows = layout.vocab_rows(vocab, tp)
+    changed = False
+    for role, ranks in (("embedding", range(tp)), ("lm_head", range((pp - 1) * tp, pp * tp))):
+        name = layout.target(table, role)
+        files = [Path(directory) / f"rank{r}.safetensors" for r in ranks]
+        parts = [load_file(str(f)) for f in files]
+        if sum(p[name].shape[0] for p in parts) == rows:
+            continue
+        stem = name.rsplit(".", 1)[0] + "."
+        extra = sorted(k for p in parts for k in p if k.startswith(stem) and k != name)
+        if extra:
+            raise CheckpointError(f"{directory}: a quantized {role} ({extra[0]}) cannot be re-padded; "
+                                  "keep it unquantized (modelopt's default)")
+        full = torch.cat([p[name] for p in parts])
+        if full[vocab:].abs().sum() != 0:
+            raise CheckpointError(f"{directory}: {role} rows beyond vocab_size {vocab} are not zero padding")
+        full = torch.cat([full[:vocab], full.new_zeros(rows - vocab, *full.shape[1:])])
+        n = rows // tp
+        for k, (f, p) in enumerate(zip(files, parts)):
+            with safe_open(str(f), framework="pt") as fh:
+                metadata = fh.metadata()
+            p[name] = full[k * n:(k + 1) * n].contiguous()
+            save_file(p, str(f), metadata=metadata)
+        changed = True
+    return changed

@@ -11,6 +11,10 @@ Splits over TP (linear weights are (out, in)):
     cols   input columns: row-parallel linears, whose partial products are summed (all-reduce)
     whole  replicated: norms
     qkv    [q_r; k_r; v_r]: this rank's query heads and KV heads, concatenated
+    vocab  rows of the embedding and lm_head: the vocabulary padded with zero rows to a multiple of TP
+           (TensorRT-LLM's pad_vocab_size, which its loader checks exactly), then split as `rows`; the
+           runtime never samples a padded id (its penalty kernel masks ids ≥ vocab_size, and the
+           reference executor drops the padded rows at load)
 `{j}` is the layer index local to the PP stage, `{i}` the global one.
 """
 
@@ -23,7 +27,7 @@ from .config import LLMConfig
 from .weight_map import LLM_PREFIX
 
 SOURCE_PREFIX = LLM_PREFIX  # the sources below are named under the released checkpoint's LLM prefix
-SPLITS = ("rows", "cols", "whole", "qkv")
+SPLITS = ("rows", "cols", "whole", "qkv", "vocab")
 STAGES = ("first", "layer", "last")
 
 
@@ -42,7 +46,7 @@ _S = "model.layers.{i}."
 _ATT = _S + "self_attn."
 
 QWEN2: tuple[Row, ...] = (
-    Row("transformer.vocab_embedding.weight", "model.embed_tokens.weight", "rows", "first", "embedding"),
+    Row("transformer.vocab_embedding.weight", "model.embed_tokens.weight", "vocab", "first", "embedding"),
     Row(_L + "input_layernorm.weight", _S + "input_layernorm.weight", "whole", "layer", "input_norm"),
     Row(_L + "attention.qkv.weight", (_ATT + "q_proj.weight", _ATT + "k_proj.weight", _ATT + "v_proj.weight"),
         "qkv", "layer", "qkv"),
@@ -55,13 +59,18 @@ QWEN2: tuple[Row, ...] = (
     Row(_L + "mlp.gate.weight", _S + "mlp.up_proj.weight", "rows", "layer", "gate"),
     Row(_L + "mlp.proj.weight", _S + "mlp.down_proj.weight", "cols", "layer", "proj"),
     Row("transformer.ln_f.weight", "model.norm.weight", "whole", "last", "final_norm"),
-    Row("lm_head.weight", "lm_head.weight", "rows", "last", "lm_head"),
+    Row("lm_head.weight", "lm_head.weight", "vocab", "last", "lm_head"),
 )
 assert all(r.split in SPLITS and r.stage in STAGES for r in QWEN2)
 # Quantized checkpoints (modelopt's export) add scales beside the weights: `<linear>.weights_scaling_factor`,
 # `activation_scaling_factor`, `prequant_scaling_factor` (read by LLMFormat.dequantize) and, with an FP8
 # KV cache, one per attention layer:
 KV_SCALE = _L + "attention.kv_cache_scaling_factor"
+
+
+def vocab_rows(vocab_size: int, tp: int) -> int:
+    """Rows of the embedding and lm_head over all TP ranks: TensorRT-LLM's pad_vocab_size."""
+    return -(-vocab_size // tp) * tp
 
 
 def target(table: tuple[Row, ...], role: str, j: int | None = None) -> str:
