@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of the tiling kernels for Hopper (sm_90), with no GPU present.
+"""Ahead-of-time compilation of the tiling and gated cross-attention kernels for Hopper (sm_90), with no GPU present.
 
 `compile_kernel(name)` returns the PTX, entry name and launch metadata that TensorRT's
 `@trtp.aot_impl` needs, so engines embed the kernels with no Python at run time. Must run
@@ -15,16 +15,19 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import tiling_kernels
+from . import tiling_kernels, xattn_kernels
 
 H100_MAX_SHARED_BYTES = 227 * 1024  # opt-in dynamic shared memory per block on sm_90
+XATTN_HEAD = 128  # NVLM-X/H-72B's head size (Qwen2-72B: 8192 / 64 heads)
+XATTN_BLOCK_M = {"prefill": 64, "decode": 16}
 
 
 @dataclass(frozen=True)
 class KernelSpec:
-    kernel: str  # attribute of plugins.tiling_kernels
+    kernel: str  # attribute of `module`
     signature: dict
     constexprs: dict
+    module: object = tiling_kernels
 
 
 def _specs() -> dict[str, KernelSpec]:
@@ -44,6 +47,18 @@ def _specs() -> dict[str, KernelSpec]:
         specs[f"normalize_tiles_{out}"] = KernelSpec("normalize_kernel", {
             "src_ptr": "*u8", "lut_ptr": "*fp32", "n_pixels": "i32", "S2": "i32", "out_ptr": f"*{out}",
             "BLOCK": "constexpr"}, {"BLOCK": 1024})
+    # gated cross-attention at NVLM-X-72B's head size (128): prefill blocks of 64 rows, decode blocks of 16
+    # (one query's 8 heads per KV head, padded to tl.dot's minimum)
+    for dt in ("fp16", "bf16"):
+        for kind, block_m in XATTN_BLOCK_M.items():
+            specs[f"gated_xattn_{kind}_{dt}"] = KernelSpec("gated_xattn_kernel", {
+                "q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "lo_ptr": "*i32", "hi_ptr": "*i32",
+                "gate_ptr": "*fp32", "out_ptr": f"*{dt}", "n_rows": "i32", "G": "i32",
+                "stride_qn": "i32", "stride_qh": "i32", "stride_kn": "i32", "stride_kh": "i32", "stride_on": "i32",
+                "stride_oh": "i32", "D": "constexpr", "SCALE": "constexpr", "BLOCK_M": "constexpr",
+                "BLOCK_N": "constexpr", "DOT_F32": "constexpr"},
+                {"D": XATTN_HEAD, "SCALE": XATTN_HEAD ** -0.5, "BLOCK_M": block_m, "BLOCK_N": 64, "DOT_F32": False},
+                xattn_kernels)
     return specs
 
 
@@ -67,7 +82,7 @@ def compile_kernel(key: str, arch: int = 90) -> CompiledKernel:
 
 
     spec = SPECS[key]
-    src = triton.compiler.ASTSource(fn=getattr(tiling_kernels, spec.kernel), signature=spec.signature,
+    src = triton.compiler.ASTSource(fn=getattr(spec.module, spec.kernel), signature=spec.signature,
                                     constexprs=spec.constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32))
     md = compiled.metadata

@@ -1,4 +1,10 @@
-"""TensorRT registration of `nvlm::normalize_tiles`, an AOT Quick Deployable Plugin.
+"""TensorRT registration of nvlm-trt's kernels as AOT Quick Deployable Plugins: `nvlm::normalize_tiles`
+(the vision engine's input) and `nvlm::gated_xattn` (NVLM-X/H's gated cross-attention, below).
+
+Why Quick Deployable Plugins with AOT PTX rather than TensorRT-LLM plugins: the kernels are OpenAI
+Triton kernels compiled to PTX by `plugins/aot.py` without a GPU, and a QDP embeds that PTX in the
+engine (no Python and no shared library at run time, nothing to build per CUDA version); a
+TensorRT-LLM plugin would mean C++ sources built against one TensorRT-LLM release.
 
 The vision engine can take uint8 tiles [T, S, S, 3] (4× fewer bytes than fp32 across the wire)
 and normalize them on the GPU with `normalize_kernel` from `plugins/tiling_kernels.py`,
@@ -20,24 +26,26 @@ from __future__ import annotations
 from runtime.core.config import PreprocessConfig
 from runtime.core.errors import NVLMError
 
-from .aot import compile_kernel
+from .aot import XATTN_BLOCK_M, compile_kernel
 from .tiling import normalization_table
 
 PLUGIN_ID = "nvlm::normalize_tiles"
+XATTN_PLUGIN_ID = "nvlm::gated_xattn"
 _REGISTERED = False
+_XATTN_REGISTERED = False
 
 
 class TensorRTUnavailableError(NVLMError):
     """The TensorRT Python package (≥ 10.7, with tensorrt.plugin) is not installed here."""
 
 
-def _import_trt():
+def _import_trt(plugin_id: str = PLUGIN_ID):
     try:
         import tensorrt as trt
         import tensorrt.plugin as trtp
     except ImportError as e:
         raise TensorRTUnavailableError(
-            f"TensorRT with `tensorrt.plugin` (≥ 10.7) is needed to register {PLUGIN_ID} ({e}); run this stage on "
+            f"TensorRT with `tensorrt.plugin` (≥ 10.7) is needed to register {plugin_id} ({e}); run this stage on "
             "a GPU host, e.g. in NVIDIA's TensorRT-LLM 1.2 NGC container"
         ) from None
     return trt, trtp
@@ -88,3 +96,49 @@ def insert_normalize_plugin(network, tiles, cfg: PreprocessConfig, out_dtype: st
     layer = network.add_plugin(trtp.op.nvlm.normalize_tiles(tiles, table.get_output(0), out_dtype=out_dtype),
                                aot=True)
     return layer.get_output(0)
+
+
+def register_gated_xattn() -> None:
+    """`nvlm::gated_xattn` (idempotent):
+
+        inputs : q [Nq, Hq, 128], k/v [Nk, Hkv, 128] (fp16 or bf16), lo/hi int32 [Nq], gate fp32 [1]
+        output : [Nq, Hq, 128] in q's dtype
+        attrs  : decode 0 | 1 (block shape: prefill 64 rows, decode one query's heads)
+
+    The launch: grid (cdiv(Nq · G, BLOCK_M), Hkv) with G = Hq / Hkv; the integer arguments are the
+    row count, G and the contiguous tensors' strides. Not run here: no TensorRT on this machine."""
+    global _XATTN_REGISTERED
+    if _XATTN_REGISTERED:
+        return
+    trt, trtp = _import_trt(XATTN_PLUGIN_ID)
+    from typing import Tuple
+
+    names = {trt.float16: "fp16", trt.bfloat16: "bf16"}
+
+    @trtp.register(XATTN_PLUGIN_ID)
+    def _describe(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, lo: trtp.TensorDesc,
+                  hi: trtp.TensorDesc, gate: trtp.TensorDesc, decode: int) -> trtp.TensorDesc:
+        return q.like()
+
+    @trtp.aot_impl(XATTN_PLUGIN_ID)
+    def _implement(q: trtp.TensorDesc, k: trtp.TensorDesc, v: trtp.TensorDesc, lo: trtp.TensorDesc,
+                   hi: trtp.TensorDesc, gate: trtp.TensorDesc, decode: int, outputs: Tuple[trtp.TensorDesc],
+                   tactic: int):
+        kind = "decode" if decode else "prefill"
+        kernel = compile_kernel(f"gated_xattn_{kind}_{names[q.dtype]}")
+        nq, hq, dim = q.shape_expr[0], q.shape_expr[1], q.shape_expr[2]
+        hkv = k.shape_expr[1]
+        group = hq // hkv
+        launch = trtp.KernelLaunchParams()
+        launch.grid_x = trtp.cdiv(nq * group, XATTN_BLOCK_M[kind])
+        launch.grid_y = hkv
+        launch.block_x = kernel.num_warps * 32
+        launch.shared_mem = kernel.shared
+        # after the pointers (q, k, v, lo, hi, gate, out): n_rows, G, then the strides of q, k and out
+        values = (nq * group, group, hq * dim, dim, hkv * dim, dim, hq * dim, dim)
+        extra = trtp.SymIntExprs(len(values))
+        for i, x in enumerate(values):
+            extra[i] = trtp.SymInt32(x)
+        return kernel.name, kernel.ptx, launch, extra
+
+    _XATTN_REGISTERED = True

@@ -24,6 +24,10 @@ model is tiny, so GPU times are launch-bound; the figures show the harness works
 what the CPU reference costs, not NVLM-D-72B speed. (The TensorRT-LLM checkpoint's reference
 executor is CPU code and is not moved.)
 
+Then the gated cross-attention kernel (plugins/xattn_kernels.py, for NVLM-X/H): parity against its
+definition and against scaled_dot_product_attention with a dense mask, fp16 and bf16, and times at
+NVLM-X-72B shapes as a fraction of the bandwidth or FLOP bound (`check_xattn`).
+
 `--self-test` runs the correctness parts on a tiny image under TRITON_INTERPRET=1 (CPU; the
 runtime part compares CPU bf16 against CPU fp32 with 2 tiles), so the script is exercised by the
 test suite and does not rot between GPU sessions.
@@ -297,6 +301,89 @@ def check_trt_serving(work: Path, seed: int) -> dict:
         proc.wait(60)
 
 
+def check_xattn(device, timer, repeats: int, seed: int, self_test: bool, copy_bw: float) -> dict:
+    """The gated cross-attention kernel (plugins/xattn_kernels.py) against its float32 definition and
+    against scaled_dot_product_attention with a dense mask, timed at NVLM-X-72B shapes (64 heads, 8 KV
+    heads, head 128; prefill: 2,048 queries × 7 tiles of 256 keys; decode: batch 64), each as a fraction
+    of its HBM-bandwidth bound (bytes / measured copy bandwidth) or bf16 FLOP bound (989 TFLOP/s dense,
+    H100 SXM) — whichever is larger. The self-test runs tiny shapes under the interpreter."""
+    import math
+
+    import torch
+
+    from plugins.xattn_kernels import gated_cross_attention, gated_cross_attention_reference
+
+    gen = torch.Generator().manual_seed(seed)
+    hq, hkv, dim, tile, tiles = (4, 2, 16, 16, 3) if self_test else (64, 8, 128, 256, 7)
+    n_prefill, batch = (24, 3) if self_test else (2048, 64)
+    out = {"shapes": {"heads": hq, "kv_heads": hkv, "head": dim, "keys_per_tile": tile, "tiles": tiles,
+                      "prefill_queries": n_prefill, "decode_batch": batch}, "checks": {}, "timing": {}}
+    tol = {"fp16": 4e-3, "bf16": 3e-2}
+    for name, dt in (("fp16", torch.float16), ("bf16", torch.bfloat16)):
+        keys = tiles * tile
+        # prefill: the tags of the 7 tiles see their tile, later text sees all, the first 4 tokens see none
+        lo = torch.zeros(n_prefill, dtype=torch.int32)
+        hi = torch.full((n_prefill,), keys, dtype=torch.int32)
+        hi[:4] = 0
+        for k in range(tiles):
+            lo[4 + k], hi[4 + k] = k * tile, (k + 1) * tile
+        q = torch.randn(n_prefill, hq, dim, generator=gen).to(dt).to(device)
+        kk = torch.randn(keys, hkv, dim, generator=gen).to(dt).to(device)
+        vv = torch.randn(keys, hkv, dim, generator=gen).to(dt).to(device)
+        lo_d, hi_d = lo.to(device), hi.to(device)
+        got = gated_cross_attention(q, kk, vv, lo_d, hi_d, 0.8, block_m=16 if self_test else None,
+                                    block_n=16 if self_test else None)
+        sample = torch.arange(0, n_prefill, max(1, n_prefill // 64))  # the definition is slow: every 32nd row
+        ref = gated_cross_attention_reference(q[sample].cpu(), kk.cpu(), vv.cpu(), lo[sample], hi[sample], 0.8)
+        out["checks"][f"prefill_{name}_vs_definition"] = (got[sample].float().cpu() - ref).abs().max().item() <= tol[name]
+        out["checks"][f"prefill_{name}_empty_rows_zero"] = bool((got[:4] == 0).all())
+        n = torch.arange(keys, device=device)
+        mask = (n[None, :] >= lo_d[:, None]) & (n[None, :] < hi_d[:, None])
+        rows = mask.any(1)
+        g = hq // hkv
+
+        def sdpa():
+            return torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(0, 1)[None, :, rows], kk.repeat_interleave(g, 1).transpose(0, 1)[None],
+                vv.repeat_interleave(g, 1).transpose(0, 1)[None], attn_mask=mask[rows])[0].transpose(0, 1)
+
+        dense = sdpa().float() * math.tanh(0.8)
+        out["checks"][f"prefill_{name}_vs_sdpa"] = (got[rows].float() - dense).abs().max().item() <= tol[name]
+        # decode: one query per sequence, each with its own 7 tiles, packed
+        qd = torch.randn(batch, hq, dim, generator=gen).to(dt).to(device)
+        kd = torch.randn(batch * keys, hkv, dim, generator=gen).to(dt).to(device)
+        vd = torch.randn(batch * keys, hkv, dim, generator=gen).to(dt).to(device)
+        lod = (torch.arange(batch, dtype=torch.int32) * keys).to(device)
+        hid = lod + keys
+        gotd = gated_cross_attention(qd, kd, vd, lod, hid, -0.5, decode=True, block_n=16 if self_test else None)
+        refd = gated_cross_attention_reference(qd[:4].cpu(), kd.cpu(), vd.cpu(), lod[:4].cpu(), hid[:4].cpu(), -0.5)
+        out["checks"][f"decode_{name}_vs_definition"] = (gotd[:4].float().cpu() - refd).abs().max().item() <= tol[name]
+        if timer is None:
+            continue
+        reps = 2 if self_test else repeats
+        el = 2  # bytes per element
+        t_pre = timer(lambda: gated_cross_attention(q, kk, vv, lo_d, hi_d, 0.8), reps)
+        t_sdpa = timer(sdpa, reps)
+        flops = 4 * int(rows.sum()) * hq * dim * keys
+        bytes_pre = el * (2 * q.numel() + kk.numel() + vv.numel())
+        bound_pre = max(bytes_pre / copy_bw, flops / 989e12)
+        t_dec = timer(lambda: gated_cross_attention(qd, kd, vd, lod, hid, -0.5, decode=True), reps)
+
+        def sdpa_dec():
+            return torch.nn.functional.scaled_dot_product_attention(
+                qd[:, :, None], kd.view(batch, keys, hkv, dim).repeat_interleave(g, 2).permute(0, 2, 1, 3),
+                vd.view(batch, keys, hkv, dim).repeat_interleave(g, 2).permute(0, 2, 1, 3))
+
+        t_sdpa_dec = timer(sdpa_dec, reps)
+        bytes_dec = el * (2 * qd.numel() + kd.numel() + vd.numel())
+        out["timing"].update({
+            f"prefill_{name}_kernel_ms": t_pre * 1e3, f"prefill_{name}_sdpa_dense_mask_ms": t_sdpa * 1e3,
+            f"prefill_{name}_fraction_of_bound": bound_pre / t_pre,
+            f"decode_{name}_kernel_ms": t_dec * 1e3, f"decode_{name}_sdpa_ms": t_sdpa_dec * 1e3,
+            f"decode_{name}_fraction_of_hbm_bound": bytes_dec / copy_bw / t_dec})
+    return out
+
+
 def write_report(result, out_dir: Path):
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "gpu_check.json").write_text(json.dumps(result, indent=2))
@@ -324,6 +411,11 @@ def write_report(result, out_dir: Path):
                   "| figure | value |", "|---|---|"]
         lines += [f"| {k} | {v:.4g} |" for k, v in rt.items() if k.endswith(("_err", "_agreement"))]
         lines += [f"| {k} | {v:.3f} |" for k, v in rt.get("timing", {}).items()]
+    xa = result.get("xattn")
+    if xa:
+        ok = "all pass" if all(xa["checks"].values()) else ", ".join(k for k, v in xa["checks"].items() if not v)
+        lines += ["", f"## Gated cross-attention kernel ({xa['shapes']}): {ok}", "", "| figure | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" for k, v in xa["timing"].items()]
     trt = result.get("trt_serving")
     if trt:
         lines += ["", "## trt target served by NGC tritonserver (embedded default, bf16 engines)", "",
@@ -359,16 +451,18 @@ def main(argv=None) -> int:
     # the self-test times the runtime on the CPU too (2 repeats), so the timing code cannot rot either
     rt_timer, rt_repeats = (_timer(device), 2) if args.self_test else (timer, args.repeats)
     runtime = check_runtime(device, rt_timer, rt_repeats, args.seed, args.self_test) if args.runtime else None
+    xattn = check_xattn(device, rt_timer, rt_repeats, args.seed, args.self_test, copy_bw)
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter self-test)",
               "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "platform": platform.platform(),
-              "copy_bandwidth_gbs": copy_bw / 1e9, "repeats": args.repeats, "images": images, "runtime": runtime}
+              "copy_bandwidth_gbs": copy_bw / 1e9, "repeats": args.repeats, "images": images, "runtime": runtime,
+              "xattn": xattn}
     trt = None
     if args.trt_serving and not args.self_test:
         trt = result["trt_serving"] = check_trt_serving(Path(tempfile.mkdtemp(prefix="nvlm-gpu-")), args.seed)
     write_report(result, args.out)
     ok = all(all(r["checks"].values()) for r in images) and (runtime is None or all(runtime["checks"].values()))
-    ok = ok and (trt is None or trt.get("passed", True))
+    ok = ok and (trt is None or trt.get("passed", True)) and all(xattn["checks"].values())
     return 0 if ok else 1
 
 

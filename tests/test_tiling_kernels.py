@@ -102,7 +102,8 @@ def test_aot_compiles_for_sm90_in_subprocess(tmp_path):
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout)
-    assert set(summary) >= {"hpass", "vpass_tiles_fp16", "vpass_tiles_u8", "normalize_tiles_fp16"}
+    assert set(summary) >= {"hpass", "vpass_tiles_fp16", "vpass_tiles_u8", "normalize_tiles_fp16",
+                            "gated_xattn_prefill_bf16", "gated_xattn_decode_fp16"}
     for key, k in summary.items():
         assert k["target"].startswith("sm_90"), key
         assert k["shared"] <= 227 * 1024, key  # H100 limit per block
@@ -123,6 +124,8 @@ def test_gpu_check_script_self_test(tmp_path):
     assert {"prefill_cpu_fp32_ms", "prefill_cpu_bf16_ms", "decode_per_token_cpu_bf16_ms",
             "vision_2_tiles_cpu_bf16_ms"} <= set(rt["timing"])
     assert "## Reference runtime" in (tmp_path / "gpu_check.md").read_text()
+    assert result["xattn"]["checks"] and all(result["xattn"]["checks"].values())  # the cross-attention kernel
+    assert "## Gated cross-attention kernel" in (tmp_path / "gpu_check.md").read_text()
 
 
 def test_trt_plugin_module_imports_without_tensorrt():
@@ -133,6 +136,8 @@ def test_trt_plugin_module_imports_without_tensorrt():
     if importlib.util.find_spec("tensorrt") is None:
         with pytest.raises(trt_plugin.TensorRTUnavailableError, match="tensorrt.plugin"):
             trt_plugin.register()
+        with pytest.raises(trt_plugin.TensorRTUnavailableError, match="nvlm::gated_xattn"):
+            trt_plugin.register_gated_xattn()
     assert trt_plugin.PLUGIN_ID == "nvlm::normalize_tiles"
 
 
