@@ -25,7 +25,7 @@ class Sample:
     itls: list[float] = field(default_factory=list)
     e2e: float | None = None
     tokens: int = 0
-    index: int = -1  # the request's number in its run (workload item index % len(items))
+    index: int = -1  # the request's number in its run; its workload item is items[index % len(items)]
     token_ids: list[int] = field(default_factory=list)
 
 

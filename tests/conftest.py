@@ -63,3 +63,19 @@ def server_ports(slot: int) -> int:
     never collide. test_serving uses slots 0-2, test_contract 3-5."""
     assert 0 <= slot < 6
     return 20000 + (os.getpid() % 650) * 18 + slot * 3
+
+
+def descendants(root: int) -> set[int]:
+    """PIDs of every process below `root`, from /proc/*/stat."""
+    parents = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found

@@ -268,12 +268,15 @@ def test_request_limits_are_one_check():
     pre = PreprocessConfig(448, 1, 6, True, True, 0.5, "v2", 256, "chatml")
     lim = EngineLimits(max_images_per_request=2, max_input_text_len=100, max_output_len=50).resolve(pre)
     assert lim.max_tiles_per_request == 2 * lim.max_tiles_per_image
-    lim.check_request(images=2, tiles=lim.max_tiles_per_request, input_len=lim.max_input_len, output_len=50,
+    lim.check_request(tiles=lim.max_tiles_per_request, input_len=lim.max_input_len, output_len=50,
                       image_tokens=lim.max_image_tokens_per_request)
-    for kw, words in [({"images": 3}, "3 images is above this build's limit of 2 images per request"),
-                      ({"tiles": lim.max_tiles_per_request + 1}, "tiles per request"),
-                      ({"input_len": lim.max_input_len + 1}, "input tokens"),
-                      ({"output_len": 51}, "limit of 50 output tokens"), ({"output_len": 0}, "≥ 1"),
+    lim.check_request(output_len=1)
+    for kw, words in [({"tiles": lim.max_tiles_per_request + 1},
+                       f"{lim.max_tiles_per_request + 1} tiles is above this build's limit of "
+                       f"{lim.max_tiles_per_request} tiles per request"),
+                      ({"input_len": lim.max_input_len + 1}, f"above the maximum input length {lim.max_input_len}"),
+                      ({"output_len": 51, "output_name": "max_tokens"}, "max_tokens must be in 1…50, got 51"),
+                      ({"output_len": 0}, "the output length must be in 1…50, got 0"),
                       ({"image_tokens": lim.max_image_tokens_per_request + 1}, "image tokens per request")]:
         with pytest.raises(InputError, match=words):
             lim.check_request(**kw)

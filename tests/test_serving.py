@@ -16,6 +16,7 @@ from builder.engine_build import EngineBuildOptions, build_engine
 from runtime.client import ClientError, NVLMClient
 from runtime.core.llm_formats import BuildOptions, get_format
 from tests.conftest import ROOT
+from tests.conftest import descendants as _descendants
 from tests.conftest import server_ports as _ports
 
 IMAGE = ROOT / "assets" / "demo_scene.png"
@@ -290,22 +291,6 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
     time.sleep(0.5)
     assert _shm_segments(own) == set()
     assert {pid for pid in children if Path(f"/proc/{pid}").exists()} == set()  # no stub outlives the server
-
-
-def _descendants(root: int) -> set[int]:
-    """PIDs of every process below `root`, from /proc/*/stat."""
-    parents = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found
 
 
 def _ppid(pid: int) -> int | None:

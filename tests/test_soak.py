@@ -15,7 +15,7 @@ import pytest
 from runtime.client import NVLMClient
 from runtime.loadgen import run_closed_loop, summarize
 from runtime.workloads import load_workload
-from tests.conftest import server_ports
+from tests.conftest import descendants, server_ports
 
 REQUESTS = int(os.environ.get("NVLM_SOAK_REQUESTS", "2000"))
 MAX_TOKENS = 4
@@ -23,10 +23,8 @@ MAX_TOKENS = 4
 
 def _stubs(root: int) -> dict[int, str]:
     """{pid: model name} of every Python backend stub below `root` (its argv: stub, REPO/MODEL/1/model.py, …)."""
-    from tests.test_serving import _descendants
-
     out = {}
-    for pid in _descendants(root):
+    for pid in descendants(root):
         try:
             argv = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
         except OSError:

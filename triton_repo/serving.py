@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 
 from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
-from runtime.core.engines import EngineLimits
 from runtime.core.families import PROMPT_TABLE_INPUTS
 from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
 from runtime.prompt import build_prompt, tile_tags, with_image_placeholders
@@ -118,12 +117,6 @@ def _decoupled(requests, handle, prefix: str):
     return None
 
 
-def _limits(build: Path) -> EngineLimits:
-    """The build's limits: every model checks what it receives against them (EngineLimits.check_request)
-    before it computes, since clients can reach each model directly."""
-    return read_limits(build)
-
-
 # --------------------------------------------------------------------------- preprocessing
 
 
@@ -134,8 +127,7 @@ class PreprocessingModel:
         build = _build_dir(args)
         self.cfg, _ = read_preprocess(build)
         self.layout = read_family(build).prompt_layout
-        self.limits = _limits(build)
-        self.max_images = self.limits.max_images_per_request
+        self.max_images = read_limits(build).max_images_per_request  # the tiling's own check enforces it
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.vocab = json.loads((build / "llm" / "config.json").read_text())["vocab_size"]
         self.gpu = _cuda()  # GPU hosts: Pillow-exact Triton kernels (plugins/tiling.py) do the tiling
@@ -203,7 +195,7 @@ class VisionEncoderModel:
     def _load(self, build: Path):
         import onnxruntime as ort
 
-        self.limits = _limits(build)
+        self.limits = read_limits(build)
         info = json.loads((build / "vision" / "config.json").read_text())
         self.onnx_dtype = {"fp32": np.float32, "fp16": np.float16}.get(info["dtype"], np.float32)
         self.sess = ort.InferenceSession(str(build / "vision" / info["onnx"]), providers=["CPUExecutionProvider"])
@@ -261,7 +253,7 @@ class ReferenceLLMModel:
     def _setup(self, build: Path):
         self.build = build
         self.executor = TRTLLMExecutor.load(build / "llm")
-        self.limits = _limits(build)
+        self.limits = read_limits(build)
         self.lock = threading.Lock()  # the executor runs one request at a time
         self.stops: dict[str, threading.Event] = {}  # request id → its stop flag, while it runs
         self.stops_lock = threading.Lock()
@@ -307,14 +299,14 @@ class ReferenceLLMModel:
         if ids is None or ids.size == 0:
             raise ValueError("input_ids is required and must not be empty")
         n = _scalar(request, "request_output_len", None, int)
-        if n is None or n < 1 or n > self.limits.max_output_len:
-            raise ValueError(f"request_output_len must be in 1…{self.limits.max_output_len}, got {n}")
+        if n is None:
+            raise ValueError("request_output_len is required")
+        self.limits.check_request(output_len=n, output_name="request_output_len")
         sampling = Sampling(_scalar(request, "temperature", 0.0, float), _scalar(request, "runtime_top_k", 1, int),
                             _scalar(request, "runtime_top_p", 0.0, float), _scalar(request, "min_tokens", 0, int),
                             _scalar(request, "beam_width", 1, int)).check(n)
         ids = ids.reshape(-1).astype(np.int64).tolist()
-        if len(ids) > self.limits.max_input_len:
-            raise ValueError(f"input is {len(ids)} tokens, above the maximum input length {self.limits.max_input_len}")
+        self.limits.check_request(input_len=len(ids))
         table = self._table(request, pb)
         if table is not None:
             self.limits.check_request(image_tokens=table.shape[0])
@@ -432,7 +424,7 @@ class EntryModel:
             raise RuntimeError(f"the entry model sends image features as a prompt table; family {family.name} "
                                f"takes {family.llm_step_image_inputs}")
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
-        self.limits = _limits(build)
+        self.limits = read_limits(build)
         params = _params(args)
         # the callees' declared dtypes, rendered from the build (vision engine and LLM engine dtypes)
         self.vision_dtype = _torch_dtype(params["vision_dtype"])
@@ -488,8 +480,9 @@ class EntryModel:
 
     def _one(self, request, sender, pb):
         max_tokens = _scalar(request, "max_tokens", None, int)
-        if max_tokens is None or max_tokens < 1 or max_tokens > self.limits.max_output_len:
-            raise ValueError(f"max_tokens must be in 1…{self.limits.max_output_len}, got {max_tokens}")
+        if max_tokens is None:
+            raise ValueError("max_tokens is required")
+        self.limits.check_request(output_len=max_tokens, output_name="max_tokens")
         sampling = Sampling(
             _scalar(request, "temperature", 0.0, float), _scalar(request, "top_k", 1, int),
             _scalar(request, "top_p", 0.0, float), _scalar(request, "min_tokens", 0, int),

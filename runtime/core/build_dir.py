@@ -16,7 +16,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from .config import PreprocessConfig
+from .config import IMAGE_END, IMAGE_PAD, IMAGE_START, THUMBNAIL_TAG, PreprocessConfig
 from .engines import EngineLimits
 from .errors import NVLMError
 from .families import ModelFamily, family_for_trtllm
@@ -57,8 +57,8 @@ def write_preprocess(directory: Path, pre: PreprocessConfig, limits: EngineLimit
     """preprocess.json: the checkpoint's tiling and prompt parameters, plus what serving needs."""
     data = {**asdict(pre), "max_tiles_per_image": pre.max_tiles_per_image,
             "max_images_per_request": limits.max_images_per_request,
-            "image_start": "<Image>", "image_end": "</Image>", "image_pad": "<|vision_pad|>",
-            "thumbnail_tag": "<tile_global_thumbnail>", "pillow_below": "12.2"}
+            "image_start": IMAGE_START, "image_end": IMAGE_END, "image_pad": IMAGE_PAD,
+            "thumbnail_tag": THUMBNAIL_TAG, "pillow_below": "12.2"}
     path = Path(directory) / "preprocess.json"
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path

@@ -80,7 +80,7 @@ class EngineLimits:
     """What a build's engines and every model of its Triton repository accept. The one source: the
     engine build resolves it against the checkpoint's preprocessing (`resolve`), records it in the
     manifest (`limits`), and serving, the in-process pipeline and the benchmark read it back
-    (`builder.engine_build.read_limits`)."""
+    (`runtime.core.build_dir.read_limits`); `check_request` is what every served model checks."""
     max_batch_size: int = 8
     max_tiles_per_image: int | None = None  # None: the checkpoint's (max tiles + thumbnail, 7 for NVLM)
     max_images_per_request: int = 1  # the one default for images per request
@@ -131,23 +131,27 @@ class EngineLimits:
     def max_tiles_per_request(self) -> int:
         return self.max_images_per_request * self.max_tiles_per_image
 
-    def check_request(self, *, images: int | None = None, tiles: int | None = None, input_len: int | None = None,
-                      output_len: int | None = None, image_tokens: int | None = None) -> None:
+    def check_request(self, *, tiles: int | None = None, input_len: int | None = None,
+                      image_tokens: int | None = None, output_len: int | None = None,
+                      output_name: str = "the output length") -> None:
         """The one check of a request against the build's limits, called by every model of a served build
         (the entry model and each internal model, which clients can reach directly) before it computes:
-        an InputError that names the limit, never an allocation sized by the client."""
-        checks = (("images", images, self.max_images_per_request, "images per request"),
-                  ("tiles", tiles, self.max_tiles_per_request, f"tiles per request ({self.max_images_per_request} "
-                                                                f"images × {self.max_tiles_per_image} tiles)"),
-                  ("input tokens", input_len, self.max_input_len, "input tokens (text + image)"),
-                  ("output tokens", output_len, self.max_output_len, "output tokens"),
-                  ("image tokens", image_tokens, self.max_image_tokens_per_request, "image tokens per request"))
-        for unit, value, limit, name in checks:
-            if value is not None and value > limit:
-                raise InputError(f"{value} {unit} is above this build's limit of {limit} {name}; send less, or "
-                                 f"rebuild with a larger limit (nvlm-build engine --help)")
-        if output_len is not None and output_len < 1:
-            raise InputError(f"the output length must be ≥ 1, got {output_len}")
+        an InputError that names the limit, never an allocation sized by the client. `output_name`: the
+        input that carries the output length (max_tokens, request_output_len). The image count is the
+        tiling's own check (runtime.preprocess.check_image_count), which serving feeds this build's limit."""
+        rebuild = "send less, or rebuild with a larger limit (nvlm-build engine --help)"
+        if tiles is not None and tiles > self.max_tiles_per_request:
+            raise InputError(f"{tiles} tiles is above this build's limit of {self.max_tiles_per_request} tiles per "
+                             f"request ({self.max_images_per_request} images × {self.max_tiles_per_image} tiles); "
+                             f"{rebuild}")
+        if input_len is not None and input_len > self.max_input_len:
+            raise InputError(f"input is {input_len} tokens, above the maximum input length {self.max_input_len} "
+                             f"(text + image tokens); {rebuild}")
+        if image_tokens is not None and image_tokens > self.max_image_tokens_per_request:
+            raise InputError(f"{image_tokens} image tokens is above this build's limit of "
+                             f"{self.max_image_tokens_per_request} image tokens per request; {rebuild}")
+        if output_len is not None and not 1 <= output_len <= self.max_output_len:
+            raise InputError(f"{output_name} must be in 1…{self.max_output_len}, got {output_len}")
 
 
 # --------------------------------------------------------------------------- trtllm-build

@@ -211,27 +211,38 @@ def repad_vocab(directory: Path, cfg: NVLMConfig, tp: int, pp: int) -> bool:
 
     table, vocab = family_for(cfg).trtllm_layout, cfg.llm.vocab_size
     rows = layout.vocab_rows(vocab, tp)
-    changed = False
+    # the tensors to re-pad (by rank file), found from the files' headers alone: most exports need none
+    todo: dict[int, list[str]] = {}
     for role, ranks in (("embedding", range(tp)), ("lm_head", range((pp - 1) * tp, pp * tp))):
         name = layout.target(table, role)
-        files = [Path(directory) / f"rank{r}.safetensors" for r in ranks]
-        parts = [load_file(str(f)) for f in files]
-        if sum(p[name].shape[0] for p in parts) == rows:
-            continue
         stem = name.rsplit(".", 1)[0] + "."
-        extra = sorted(k for p in parts for k in p if k.startswith(stem) and k != name)
+        shapes, extra = [], []
+        for r in ranks:
+            with safe_open(str(Path(directory) / f"rank{r}.safetensors"), framework="pt") as fh:
+                shapes.append(fh.get_slice(name).get_shape()[0])
+                extra += sorted(k for k in fh.keys() if k.startswith(stem) and k != name)
+        if sum(shapes) == rows:
+            continue
         if extra:
             raise CheckpointError(f"{directory}: a quantized {role} ({extra[0]}) cannot be re-padded; "
                                   "keep it unquantized (modelopt's default)")
-        full = torch.cat([p[name] for p in parts])
+        for r in ranks:
+            todo.setdefault(r, []).append(name)
+    if not todo:
+        return False
+    files = {r: Path(directory) / f"rank{r}.safetensors" for r in todo}
+    tensors = {r: load_file(str(f)) for r, f in files.items()}
+    n = rows // tp
+    for name in {x for names in todo.values() for x in names}:
+        ranks = sorted(r for r, names in todo.items() if name in names)
+        full = torch.cat([tensors[r][name] for r in ranks])
         if full[vocab:].abs().sum() != 0:
-            raise CheckpointError(f"{directory}: {role} rows beyond vocab_size {vocab} are not zero padding")
+            raise CheckpointError(f"{directory}: {name} rows beyond vocab_size {vocab} are not zero padding")
         full = torch.cat([full[:vocab], full.new_zeros(rows - vocab, *full.shape[1:])])
-        n = rows // tp
-        for k, (f, p) in enumerate(zip(files, parts)):
-            with safe_open(str(f), framework="pt") as fh:
-                metadata = fh.metadata()
-            p[name] = full[k * n:(k + 1) * n].contiguous()
-            save_file(p, str(f), metadata=metadata)
-        changed = True
-    return changed
+        for k, r in enumerate(ranks):
+            tensors[r][name] = full[k * n:(k + 1) * n].contiguous()
+    for r, f in files.items():  # each rank file rewritten once, with its own metadata
+        with safe_open(str(f), framework="pt") as fh:
+            metadata = fh.metadata()
+        save_file(tensors[r], str(f), metadata=metadata)
+    return True
