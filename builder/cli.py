@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from runtime.core import progress
-from runtime.core.demo_checkpoint import write_demo_checkpoint
+from runtime.core.demo_checkpoint import VARIANTS, write_demo_checkpoint
 from runtime.core.engines import EngineLimits
 from runtime.core.errors import NVLMError
 from runtime.core.families import family_for
@@ -61,12 +61,14 @@ def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser],
 
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", help="directory to create")
-    p.add_argument("--variant", default="d", help="architecture family of the demo model (default: d)")
+    p.add_argument("--variant", default="d", choices=sorted(VARIANTS),
+                   help="d: NVLM-D (released layout); x: NVLM-X; h: NVLM-H (the layout in docs/nvlm_xh_layout.md); "
+                        "default d")
     p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
-@command("demo-checkpoint", "write the embedded default: a tiny NVLM-D checkpoint in the released layout", _demo_args)
+@command("demo-checkpoint", "write the embedded default: a tiny NVLM-D (or -X, -H) checkpoint", _demo_args)
 def _demo(args) -> int:
     out = write_demo_checkpoint(args.out, variant=args.variant, seed=args.seed, force=args.force)
     print(f"wrote demo NVLM checkpoint (variant {args.variant}, seed {args.seed}) to {out}")
@@ -105,7 +107,8 @@ def _reference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true")
 
 
-@command("reference", "generate greedily with the reference NVLM-D model (CPU PyTorch)", _reference_args)
+@command("reference", "generate greedily with the reference model of the checkpoint's family (CPU PyTorch)",
+         _reference_args)
 def _reference(args) -> int:
     import time
 
@@ -130,15 +133,18 @@ def _reference(args) -> int:
                           layout=family_for(model.cfg).prompt_layout)
     t0 = time.perf_counter()
     result = model.generate(prompt.input_ids, pixel_values, image_token_id=tok.image_pad_id,
-                            max_new_tokens=args.max_new_tokens, eos_token_id=tok.im_end_id)
+                            max_new_tokens=args.max_new_tokens, eos_token_id=tok.im_end_id, cross=prompt.cross)
     elapsed = time.perf_counter() - t0
     out = {"prompt_tokens": len(prompt.input_ids), "image_tokens": prompt.num_image_tokens,
+           "cross_attention_keys": prompt.cross.num_keys if prompt.cross else 0,
            "tiles_per_image": list(tiles), "tokens": result.tokens, "text": tok.decode(result.tokens),
            "finished": result.finished, "seconds": round(elapsed, 3)}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"prompt: {out['prompt_tokens']} tokens ({out['image_tokens']} image tokens, tiles {out['tiles_per_image']})")
+        keys = f", {out['cross_attention_keys']} cross-attention keys" if prompt.cross else ""
+        print(f"prompt: {out['prompt_tokens']} tokens ({out['image_tokens']} image tokens{keys}, "
+              f"tiles {out['tiles_per_image']})")
         print(f"generated {len(result.tokens)} tokens in {elapsed:.2f}s: {result.tokens}")
         print(f"text: {out['text']!r}")
     return 0

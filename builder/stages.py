@@ -25,7 +25,7 @@ from runtime.core.engines import (
     vision_engine_settings,
 )
 from runtime.core.errors import NVLMError
-from runtime.core.families import LLM, family_for
+from runtime.core.families import DECODER_ROLES, family_for
 from runtime.core.inspect import llm_breakdown
 from runtime.core.llm_formats import BuildOptions, VisionFormat, kv_cache_name
 from runtime.reference import reference_model
@@ -178,7 +178,7 @@ def _reports(ctx: Context, tmp: Path) -> dict:
 
 
 def _vision_bytes(ctx: Context) -> int:
-    params = sum(c.num_params(ctx.ckpt.config) for c in family_for(ctx.ckpt.config).components if c.name != LLM)
+    params = sum(c.num_params(ctx.ckpt.config) for c in family_for(ctx.ckpt.config).components if c.name not in DECODER_ROLES)
     quant = ctx.opts.vision_quant
     return int(params * (4 + (quant.bytes_per_param if quant else 0)))  # fp32 upper bound + a quantized copy
 

@@ -1,4 +1,5 @@
-"""NVLM prompt construction: ChatML conversations with 1-D tile tags (DESIGN.md §2.2).
+"""NVLM prompt construction: ChatML conversations with 1-D tile tags (DESIGN.md §2.2), and for the
+cross-attention families (NVLM-X, NVLM-H) which image keys each token reads.
 
 The one implementation used by the reference model, calibration, the Triton preprocessing
 model and the clients. Each `<image>` placeholder becomes, in the family's PromptLayout
@@ -9,6 +10,13 @@ model and the clients. Each `<image>` placeholder becomes, in the family's Promp
 with tags `<tile_1>` … `<tile_{T-1}>`, `<tile_global_thumbnail>` (one-tile images get only the
 thumbnail tag). Tags are plain text: with Qwen2's tokenizer "<Image><tile" tokenizes as
 "<Image", "><", "tile", so tags must be tokenized in context, never as separate pieces.
+
+Cross-attention (docs/nvlm_xh_layout.md): a request's keys/values are its key tiles in order (NVLM-X: every
+tile; NVLM-H: the regular tiles, each behind the embeddings of its tag's own tokens). Each query token reads
+one contiguous key range `[lo, hi)`, given by `key_ranges`: a token belongs to the text piece in which its
+first character lies (tokenizer offsets), since BPE merges across tag boundaries ("><"); the tokens of a tag
+in the text whose tile is a key tile read only that tile; every other token reads all key tiles of the
+images whose `<Image>` opens at or before its first character; tokens before the first image read nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ class Message:
     content: str
 
 
-__all__ = ["Message", "PromptInputs", "PromptLayout", "build_prompt", "expand_images", "image_text", "tile_tags",
+__all__ = ["CrossInputs", "KeyTile", "Message", "PromptInputs", "key_ranges", "PromptLayout", "build_prompt", "expand_images", "image_text", "tile_tags",
            "with_image_placeholders"]
 
 
@@ -54,8 +62,21 @@ def render_chatml(messages: Sequence[Message], add_generation_prompt: bool = Tru
     return "".join(parts)
 
 
+@dataclass(frozen=True)
+class ImageSpan:
+    """Where one expanded image sits in the prompt text."""
+
+    open_char: int  # index of its `<Image>`
+    tags: tuple[tuple[int, int, int], ...]  # (tile index within the image, first char, end char) of its tags in text
+
+
 def expand_images(text: str, tiles_per_image: Sequence[int], tokens_per_tile: int,
                   layout: PromptLayout = PromptLayout()) -> str:
+    return expand_images_with_spans(text, tiles_per_image, tokens_per_tile, layout)[0]
+
+
+def expand_images_with_spans(text: str, tiles_per_image: Sequence[int], tokens_per_tile: int,
+                             layout: PromptLayout = PromptLayout()) -> tuple[str, list[ImageSpan]]:
     found = text.count(IMAGE_PLACEHOLDER)
     if found != len(tiles_per_image):
         raise InputError(
@@ -65,10 +86,18 @@ def expand_images(text: str, tiles_per_image: Sequence[int], tokens_per_tile: in
     if IMAGE_PAD in text.replace(IMAGE_PLACEHOLDER, ""):
         raise InputError(f"the prompt text must not contain {IMAGE_PAD}; use {IMAGE_PLACEHOLDER} placeholders")
     pieces = text.split(IMAGE_PLACEHOLDER)
-    out = [pieces[0]]
+    out, spans, pos = [pieces[0]], [], len(pieces[0])
     for tiles, rest in zip(tiles_per_image, pieces[1:]):
-        out += [layout.image_text(tiles, tokens_per_tile), rest]
-    return "".join(out)
+        open_char, tags = pos, []
+        for piece, tile in layout.image_pieces(tiles, tokens_per_tile):
+            if tile is not None:
+                tags.append((tile, pos, pos + len(piece)))
+            out.append(piece)
+            pos += len(piece)
+        spans.append(ImageSpan(open_char, tuple(tags)))
+        out.append(rest)
+        pos += len(rest)
+    return "".join(out), spans
 
 
 def with_image_placeholders(prompt: str, num_images: int) -> str:
@@ -77,6 +106,54 @@ def with_image_placeholders(prompt: str, num_images: int) -> str:
     if num_images and IMAGE_PLACEHOLDER not in prompt:
         return f"{IMAGE_PLACEHOLDER}\n" * num_images + prompt
     return prompt
+
+
+@dataclass(frozen=True)
+class KeyTile:
+    """One tile among a request's cross-attention keys: keys [start, start + len(tag_ids) + tokens_per_tile)."""
+
+    tile: int  # row of the request's pixel values (its tiles over all images, in order)
+    start: int  # its first key
+    tag_ids: tuple[int, ...] = ()  # NVLM-H: its tag's tokens, whose embeddings come first
+
+
+@dataclass(frozen=True)
+class CrossInputs:
+    """What a cross-attention model (NVLM-X/H) needs beside the token ids: the key sequence and, per token,
+    the key range it reads."""
+
+    key_tiles: tuple[KeyTile, ...]
+    num_keys: int
+    key_ranges: tuple[tuple[int, int], ...]  # [input tokens] of [lo, hi)
+    inline_tiles: tuple[int, ...]  # tiles whose tokens sit in the sequence (NVLM-H: the thumbnails)
+
+    @property
+    def decode_range(self) -> tuple[int, int]:
+        """The range of every generated token: all images opened before it, i.e. every key."""
+        return (0, self.num_keys)
+
+
+def key_ranges(token_starts: Sequence[int], images: Sequence[tuple[int, int, int]],
+               tags: Sequence[tuple[int, int, int, int]]) -> list[tuple[int, int]]:
+    """Per token, the `[lo, hi)` of the keys it reads (the rule in the module docstring).
+
+    token_starts: first character of each token; images: (open char, first key, end key) per image, in
+    order; tags: (first char, end char, first key, end key) of each tag in the text whose tile is a key
+    tile. Keys of later images follow earlier ones, so "all images opened so far" is one range [0, hi)."""
+    ranges = []
+    t = i = 0
+    hi = 0  # end key of the images opened so far
+    for c in token_starts:
+        while i < len(images) and images[i][0] <= c:
+            hi = images[i][2]
+            i += 1
+        while t < len(tags) and tags[t][1] <= c:  # tags wholly before this token
+            t += 1
+        if t < len(tags) and tags[t][0] <= c:
+            ranges.append((tags[t][2], tags[t][3]))
+        else:
+            ranges.append((0, hi))
+    return ranges
 
 
 @dataclass(frozen=True)
@@ -94,6 +171,7 @@ class PromptInputs:
     image_positions: tuple[int, ...]  # [num_image_tokens], increasing
     tiles_per_image: tuple[int, ...]
     tokens_per_image: tuple[int, ...]  # image positions of each image, in order (its inline tiles' tokens)
+    cross: CrossInputs | None = None  # cross-attention families only
 
     @property
     def num_image_tokens(self) -> int:
@@ -144,11 +222,35 @@ def build_prompt(
     model family's (`family.prompt_layout`); the default reads every tile inline."""
     if isinstance(messages, str):
         messages = [Message("user", messages)]
-    text = expand_images(render_chatml(messages, add_generation_prompt), tiles_per_image, tokens_per_tile, layout)
-    ids = tokenizer.encode(text)
+    text, spans = expand_images_with_spans(render_chatml(messages, add_generation_prompt), tiles_per_image,
+                                           tokens_per_tile, layout)
+    ids, starts = tokenizer.encode_offsets(text)
     positions = tuple(i for i, t in enumerate(ids) if t == tokenizer.image_pad_id)
     expected = layout.inline_tokens(tiles_per_image, tokens_per_tile)
     if len(positions) != expected:  # would mean the tokenizer merged or split <|vision_pad|>
         raise InputError(f"tokenized prompt has {len(positions)} image tokens, expected {expected}")
     per_image = tuple(layout.inline_tokens([n], tokens_per_tile) for n in tiles_per_image)
-    return PromptInputs(text, tuple(ids), positions, tuple(tiles_per_image), per_image)
+    cross = None
+    if layout.cross_attention:
+        cross = _cross_inputs(tokenizer, layout, tiles_per_image, tokens_per_tile, spans, starts)
+    return PromptInputs(text, tuple(ids), positions, tuple(tiles_per_image), per_image, cross)
+
+
+def _cross_inputs(tokenizer: NVLMTokenizer, layout: PromptLayout, tiles_per_image: Sequence[int],
+                  tokens_per_tile: int, spans: Sequence[ImageSpan], starts: Sequence[int]) -> CrossInputs:
+    key_tiles, images, tags = [], [], []
+    base = cursor = 0
+    for n, span in zip(tiles_per_image, spans):
+        first, tile_keys = cursor, {}
+        for k, tag in enumerate(tile_tags(n)):
+            if layout.keys(tag):
+                # NVLM-H's tags sit on the key side, each tokenized on its own (no text around it there)
+                tag_ids = tuple(tokenizer.encode(tag)) if layout.tag_keys else ()
+                key_tiles.append(KeyTile(base + k, cursor, tag_ids))
+                tile_keys[k] = (cursor, cursor + len(tag_ids) + tokens_per_tile)
+                cursor = tile_keys[k][1]
+        images.append((span.open_char, first, cursor))
+        tags += [(lo, hi, *tile_keys[k]) for k, lo, hi in span.tags if k in tile_keys]
+        base += n
+    return CrossInputs(tuple(key_tiles), cursor, tuple(key_ranges(starts, images, tags)),
+                       tuple(layout.inline_tiles(tiles_per_image)))

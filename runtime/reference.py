@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,6 +90,10 @@ class NVLMReference(nn.Module):
         # eager attention: deterministic and identical to a plain Qwen2ForCausalLM built the same way
         return Qwen2ForCausalLM._from_config(cfg.llm.to_transformers(), attn_implementation="eager")
 
+    def component_modules(self) -> dict[str, nn.Module]:
+        """The module each weight-map component (by role) loads into."""
+        return {VISION: self.vision, PROJECTOR: self.projector, LLM: self.llm}
+
     # ------------------------------------------------------------------ loading
 
     @classmethod
@@ -96,7 +101,7 @@ class NVLMReference(nn.Module):
         ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
         plan = ckpt.validate()
         model = cls(ckpt.config)
-        modules = {VISION: model.vision, PROJECTOR: model.projector, LLM: model.llm}
+        modules = model.component_modules()
         for component, rows in plan.rows.items():
             state = {target: ckpt.get(source).to(dtype) for source, target, _ in rows}
             module = modules[component]
@@ -113,7 +118,11 @@ class NVLMReference(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.projector.fc1.weight.dtype
+        return self.llm.get_input_embeddings().weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -154,8 +163,10 @@ class NVLMReference(nn.Module):
 
     @torch.no_grad()
     def logits(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None, *,
-               image_token_id: int, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, L] ids (+ tiles) → [B, L, vocab] logits."""
+               image_token_id: int, attention_mask: torch.Tensor | None = None, cross=None) -> torch.Tensor:
+        """[B, L] ids (+ tiles) → [B, L, vocab] logits. `cross`: the prompt's cross-attention inputs, which
+        only the cross-attention families take (runtime/cross_reference.py)."""
+        _no_cross(cross)
         image_embeds = None
         if pixel_values is not None and pixel_values.shape[0]:
             image_embeds = self.encode_images(pixel_values).flatten(0, 1)  # [T·tokens, hidden]
@@ -164,18 +175,14 @@ class NVLMReference(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: list[int] | torch.Tensor, pixel_values: torch.Tensor | None = None, *,
-                 image_token_id: int, max_new_tokens: int, eos_token_id: int | None) -> GenerationResult:
+                 image_token_id: int, max_new_tokens: int, eos_token_id: int | None, cross=None) -> GenerationResult:
         """Greedy decoding of one sequence with transformers' KV cache."""
         from transformers import DynamicCache
 
-        device = self.projector.fc1.weight.device
-        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(device)  # [1, L]
-        image_embeds = None
-        if pixel_values is not None and pixel_values.shape[0]:
-            image_embeds = self.encode_images(pixel_values).flatten(0, 1)
-        embeds = self.embed(ids, image_embeds, image_token_id)  # [1, L, hidden]
-        cache = DynamicCache()
-        out = self.llm(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(self.device)  # [1, L]
+        embeds, step_context = self.prefill_inputs(ids, pixel_values, image_token_id, cross)
+        with step_context(None):
+            out = self.llm(inputs_embeds=embeds, past_key_values=DynamicCache(), use_cache=True)
         tokens: list[int] = []
         for step in range(max_new_tokens):
             nxt = int(out.logits[0, -1].argmax())
@@ -183,9 +190,25 @@ class NVLMReference(nn.Module):
             if eos_token_id is not None and nxt == eos_token_id:
                 return GenerationResult(tokens, True)
             if step + 1 < max_new_tokens:  # no forward pass for a token that will not be sampled
-                out = self.llm(input_ids=torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values,
-                               use_cache=True)
+                with step_context(step):
+                    out = self.llm(input_ids=torch.tensor([[nxt]], device=self.device),
+                                   past_key_values=out.past_key_values, use_cache=True)
         return GenerationResult(tokens, False)
+
+    def prefill_inputs(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, image_token_id: int, cross):
+        """The prompt's input embeddings [1, L, hidden], and a context manager factory wrapping each decoder pass
+        (`step`: None for the prompt, else the decoding step) — what a family with more per-pass inputs than
+        the embeddings (cross-attention keys) overrides."""
+        _no_cross(cross)
+        image_embeds = None
+        if pixel_values is not None and pixel_values.shape[0]:
+            image_embeds = self.encode_images(pixel_values).flatten(0, 1)
+        return self.embed(ids, image_embeds, image_token_id), lambda step: nullcontext()
+
+
+def _no_cross(cross) -> None:
+    if cross is not None:
+        raise InputError("this model family has no cross-attention layers, but cross-attention inputs were given")
 
 
 def reference_model(path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32) -> NVLMReference:

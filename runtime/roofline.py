@@ -6,8 +6,12 @@
 FLOPs count multiply-adds as 2. Vision: every linear of InternViT over 1025 tokens per tile, the
 attention score and value products, and mlp1 over 256 tokens per tile; the vision encoder runs on
 one GPU. Prefill: every decoder linear over the prompt, the attention products (causal: half of
-S²), lm_head for the last position only. Decode reads every weight byte once per token plus the
-KV cache of the context. Peak rates from DESIGN.md §5 (configurable): H100 SXM 990 dense bf16
+S²), lm_head for the last position only; NVLM-X/H add their cross-attention layers: q, o and the MLP
+over the prompt, k and v over the image keys, and the attention products of every prompt token with
+every key (an upper bound: X's tile tags read one tile); a request without image keys skips them. The prompt is the family's decoder sequence
+(`inspect.request_shape`: text tokens, tile tags included, plus the tiles read inline — all of them
+for NVLM-D, the thumbnail for NVLM-H, none for NVLM-X). Decode reads every weight byte once per token
+plus the KV cache of the context and, NVLM-X/H, the image keys' cross-attention cache. Peak rates from DESIGN.md §5 (configurable): H100 SXM 990 dense bf16
 TFLOP/s, 1979 fp8, 3.35 TB/s HBM. Weight formats' compute rates: bf16/fp16 and int4_awq (W4A16
 computes in 16 bit) at the bf16 rate; fp8 and w4a8_awq at the fp8 rate.
 """
@@ -20,8 +24,8 @@ from pathlib import Path
 from runtime.core.build_dir import read_manifest
 from runtime.core.config import NVLMConfig
 from runtime.core.errors import InputError
-from runtime.core.families import PROJECTOR, family_for, load_config
-from runtime.core.inspect import kv_bytes_per_token, llm_breakdown
+from runtime.core.families import LLM, PROJECTOR, family_for, load_config
+from runtime.core.inspect import cross_kv_bytes_per_key, kv_bytes_per_token, llm_breakdown, request_shape
 from runtime.core.llm_formats import get_format, get_vision_format, kv_cache_fp8
 
 
@@ -46,13 +50,21 @@ def vision_flops(cfg: NVLMConfig, tiles: int) -> float:
     return tiles * (v.num_layers * (per_layer_linear + per_layer_attn) + projector)
 
 
-def prefill_flops(cfg: NVLMConfig, prompt_tokens: int) -> float:
-    b = llm_breakdown(cfg)
+def prefill_flops(cfg: NVLMConfig, prompt_tokens: int, key_tokens: int = 0) -> float:
     llm = cfg.llm
-    linear = 2 * prompt_tokens * b.linear
+    linear = 2 * prompt_tokens * llm_breakdown(cfg, (LLM,)).linear  # the self-attention stack
     attention = llm.num_layers * 2 * 2 * (prompt_tokens * prompt_tokens / 2) * llm.num_heads * llm.head_dim
     lm_head = 2 * llm.hidden_size * llm.vocab_size  # the last position's logits
-    return linear + attention + lm_head
+    return linear + attention + lm_head + cross_attention_flops(cfg, prompt_tokens, key_tokens)
+
+
+def cross_attention_flops(cfg: NVLMConfig, prompt_tokens: int, key_tokens: int) -> float:
+    llm, n = cfg.llm, len(cfg.cross_attention_layers) if key_tokens else 0  # no keys: the blocks are skipped
+    q_dim, kv_dim = llm.num_heads * llm.head_dim, llm.num_kv_heads * llm.head_dim
+    query_side = 2 * llm.hidden_size * q_dim + 3 * llm.hidden_size * llm.intermediate_size  # q, o, the MLP
+    key_side = 2 * llm.hidden_size * kv_dim  # k, v: once per key and request
+    attention = 2 * 2 * prompt_tokens * key_tokens * q_dim
+    return n * (2 * prompt_tokens * query_side + 2 * key_tokens * key_side + attention)
 
 
 def llm_weight_bytes(cfg: NVLMConfig, fmt: str) -> float:
@@ -69,6 +81,7 @@ class Roofline:
     tiles: int
     prompt_tokens: int
     context_tokens: int
+    key_tokens: int
     vision_tflop: float
     prefill_tflop: float
     ttft_ms: float
@@ -83,17 +96,19 @@ class Roofline:
 def roofline(cfg: NVLMConfig, fmt: str, tp: int, *, tiles: int = 7, text_tokens: int = 64,
              output_tokens: int = 128, gpu: GPU = GPUS["h100-sxm"], kv_fp8: bool | None = None,
              vision_fp8: bool = False) -> Roofline:
-    prompt = text_tokens + tiles * cfg.preprocess.tokens_per_tile
+    shape = request_shape(cfg, [tiles] if tiles else [], text_tokens)
+    prompt, keys = shape.decoder_tokens, shape.key_tokens
     llm_peak = (gpu.fp8_tflops if get_format(fmt).fp8_compute else gpu.bf16_tflops) * 1e12
     vision_peak = (gpu.fp8_tflops if vision_fp8 else gpu.bf16_tflops) * 1e12
-    vf, pf = vision_flops(cfg, tiles), prefill_flops(cfg, prompt)
+    vf, pf = vision_flops(cfg, tiles), prefill_flops(cfg, prompt, keys)
     ttft = vf / vision_peak + pf / (llm_peak * tp)
     kv_fp8 = get_format(fmt).plan_kv_fp8 if kv_fp8 is None else kv_fp8
     context = prompt + output_tokens // 2  # mean context over the generated tokens
     weights = llm_weight_bytes(cfg, fmt) / tp
-    kv = context * kv_bytes_per_token(cfg, 1 if kv_fp8 else 2, tp)
+    kv_bytes = 1 if kv_fp8 else 2
+    kv = context * kv_bytes_per_token(cfg, kv_bytes, tp) + keys * cross_kv_bytes_per_key(cfg, kv_bytes, tp)
     tpot = (weights + kv) / (gpu.hbm_tbps * 1e12)
-    return Roofline(gpu.name, fmt, tp, tiles, prompt, context, vf / 1e12, pf / 1e12, ttft * 1e3, tpot * 1e3,
+    return Roofline(gpu.name, fmt, tp, tiles, prompt, context, keys, vf / 1e12, pf / 1e12, ttft * 1e3, tpot * 1e3,
                     weights / 1e9, kv / 1e9)
 
 

@@ -57,6 +57,11 @@ class NVLMTokenizer:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def encode_offsets(self, text: str) -> tuple[list[int], list[int]]:
+        """Ids and, per token, the index of the first character of `text` it covers."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        return enc.ids, [start for start, _ in enc.offsets]
+
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -25,6 +25,15 @@ echo "== 5. reference NVLM-D on the bundled image: dynamic tiling (2x1 grid + th
 $NB reference "$OUT/nvlm-d-demo" --prompt "<image>
 What shapes are in this picture?" --image assets/demo_scene.png --max-new-tokens 12
 
+echo "== 5b. NVLM-X and NVLM-H (the paper's cross-attention models; layout in docs/nvlm_xh_layout.md):"
+echo "       their embedded defaults, inspected and answering about the same image through the reference"
+for V in x h; do
+  $NB demo-checkpoint "$OUT/nvlm-$V-demo" --variant $V --force
+  $NB inspect "$OUT/nvlm-$V-demo"
+  $NB reference "$OUT/nvlm-$V-demo" --prompt "<image>
+What shapes are in this picture?" --image assets/demo_scene.png --max-new-tokens 12
+done
+
 echo "== 6. one command to a deployable build: nvlm-build engine (FP8 LLM + FP8 KV cache, fp16 vision ONNX)"
 $NB engine "$OUT/nvlm-d-demo" -o "$OUT/build-fp8" --quant fp8 --kv-cache-dtype fp8 --calib-size 8 --force
 .venv/bin/python -c "import json,sys; r=json.load(open(sys.argv[1])); print('fidelity passed:', r['passed']); [print(f\"  {c['component']:<7}{c['name']:<34} {c['value'] if c['value'] is None else round(c['value'], 5)}  (threshold {c['threshold']})\") for c in r['checks']]" "$OUT/build-fp8/reports/fidelity.json"

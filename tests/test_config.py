@@ -143,5 +143,5 @@ def test_families_are_registered_objects(config_72b, demo_ckpt):
         family_for_trtllm("LlamaForCausalLM")
     with pytest.raises(RuntimeError, match="registered twice"):
         register_family(replace(family, name="copy"))  # same architectures
-    assert list(FAMILIES) == [family.name]
+    assert list(FAMILIES) == [family.name, "nvlm-x", "nvlm-h"]
     assert type(reference_model(demo_ckpt)) is NVLMReference

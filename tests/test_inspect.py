@@ -70,7 +70,7 @@ def test_inspect_json_schema_is_stable(demo_ckpt, capsys):
     assert set(r) == {"schema", "checkpoint", "architecture", "family", "vision_architecture", "llm_architecture",
                       "dimensions", "components", "llm_parameters", "total_parameters", "weights", "memory_plan"}
     assert set(r["memory_plan"]) == {"gpu", "gpu_memory_bytes", "kv_budget_tokens", "kv_bytes_per_token",
-                                     "conventions", "plans"}
+                                     "cross_kv_bytes_per_key", "conventions", "plans"}
     assert set(r["memory_plan"]["plans"][0]) == {
         "weights", "kv_cache_dtype", "tp", "llm_weight_bytes", "llm_weight_bytes_per_gpu", "vision_weight_bytes",
         "weight_bytes_per_gpu", "kv_cache_bytes_per_gpu", "reserve_bytes", "total_bytes_per_gpu", "fits",

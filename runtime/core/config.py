@@ -17,7 +17,7 @@ Facts encoded here come from the released `nvidia/NVLM-D-72B` config (see DESIGN
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 from .errors import ConfigError, UnsupportedArchitectureError
@@ -73,15 +73,20 @@ class VisionConfig:
         return self.num_patches + 1
 
 
+PROJECTOR_MLP, PROJECTOR_LINEAR = "mlp", "linear"
+
+
 @dataclass(frozen=True)
 class ProjectorConfig:
-    """NVLM-D's `mlp1`: LayerNorm → Linear(no bias) → GELU → Linear(no bias)."""
+    """`mlp1`. NVLM-D and NVLM-H ("mlp"): LayerNorm → Linear(no bias) → GELU → Linear(no bias); NVLM-X
+    ("linear", the paper's one-layer projector): LayerNorm → Linear(no bias) straight to the LLM width."""
 
     input_size: int  # vision hidden × (1 / downsample_ratio)²
-    hidden_size: int  # the LLM's intermediate size in the released model code
+    hidden_size: int  # the LLM's intermediate size in the released model code (unused by "linear")
     output_size: int  # the LLM's hidden size
     # `nn.LayerNorm(...)` in the released modeling code: torch's default epsilon.
     norm_eps: float = 1e-5
+    kind: str = PROJECTOR_MLP
 
 
 @dataclass(frozen=True)
@@ -174,6 +179,9 @@ class NVLMConfig:
     preprocess: PreprocessConfig
     select_layer: int
     dtype: str
+    # NVLM-X / NVLM-H: cross-attention layer j follows self-attention layer cross_attention_layers[j]
+    # (sorted); empty for NVLM-D
+    cross_attention_layers: tuple[int, ...] = ()
 
 
 # --------------------------------------------------------------------------- registries
@@ -389,6 +397,27 @@ def parse_nvlm(raw: Mapping[str, Any], *, family: str, architecture: str) -> NVL
         select_layer=select_layer,
         dtype=f.get("torch_dtype", str, llm.dtype),
     )
+
+
+def parse_nvlm_xattn(raw: Mapping[str, Any], *, family: str, architecture: str,
+                     projector: str = PROJECTOR_MLP) -> NVLMConfig:
+    """NVLM-X / NVLM-H: the nested NVLM config plus the top-level `cross_attention_layers` (the layout this
+    project defines, docs/nvlm_xh_layout.md), with the projector kind of the family."""
+    cfg = parse_nvlm(raw, family=family, architecture=architecture)
+    layers = raw.get("cross_attention_layers")
+    _check(isinstance(layers, list) and len(layers) > 0,
+           f"config.cross_attention_layers is {'missing' if layers is None else repr(layers)}; {architecture} needs "
+           "the sorted indices of the self-attention layers that a cross-attention layer follows, e.g. [7, 15, …, 79]")
+    _check(all(isinstance(i, int) and not isinstance(i, bool) for i in layers),
+           f"config.cross_attention_layers = {layers!r} must hold integers")
+    n = cfg.llm.num_layers
+    bad = [i for i in layers if not 0 <= i < n]
+    _check(not bad, f"config.cross_attention_layers has {bad}, outside the decoder's {n} layers "
+                    f"(llm_config.num_hidden_layers); valid positions are 0…{n - 1}")
+    _check(all(a < b for a, b in zip(layers, layers[1:])),
+           f"config.cross_attention_layers = {layers} must be strictly increasing (one cross-attention layer "
+           "after a self-attention layer at most)")
+    return replace(cfg, cross_attention_layers=tuple(layers), projector=replace(cfg.projector, kind=projector))
 
 
 def _dispatch(table: Mapping[str, Callable], name: str, where: str):

@@ -1,4 +1,5 @@
-"""The embedded default: a tiny, deterministic NVLM-D checkpoint in the released layout.
+"""The embedded default: a tiny, deterministic NVLM-D checkpoint in the released layout, and its NVLM-X and
+NVLM-H siblings in the layout this project defines for them (docs/nvlm_xh_layout.md).
 
 Same file layout and config quirks as `nvidia/NVLM-D-72B` (nested config, `llm_config.model_type`
 "llama" with `architectures: ["Qwen2ForCausalLM"]`, `auto_map` to remote code, bf16 weights in
@@ -53,10 +54,20 @@ class DemoDims:
     llm_intermediate: int = 512
     tokenizer_vocab: int = 512
     max_position_embeddings: int = 8192
+    architecture: str = "NVLM_D"
+    # NVLM-X/H: a gated cross-attention layer after each of these self-attention layers
+    cross_attention_layers: tuple[int, ...] = ()
 
 
-# Presets by family; NVLM-X / NVLM-H add theirs when their converters exist.
-VARIANTS = {"d": DemoDims()}
+# Presets by family: the same dimensions, so that prefill times and accuracy compare like for like. X and H
+# put a cross-attention layer after both decoder layers, so both positions and j > 0 are exercised.
+VARIANTS = {
+    "d": DemoDims(),
+    "x": DemoDims(architecture="NVLM_X", cross_attention_layers=(0, 1)),
+    "h": DemoDims(architecture="NVLM_H", cross_attention_layers=(0, 1)),
+}
+# tanh(1.0) ≈ 0.76: the cross-attention layers move the residual stream as much as a self-attention layer
+DEMO_GATE = 1.0
 
 
 def build_tokenizer(vocab_size: int):
@@ -77,13 +88,15 @@ def _round_up(n: int, k: int) -> int:
 
 
 def demo_config(dims: DemoDims, vocab_size: int, im_end_id: int, eot_id: int) -> dict:
-    return {
+    arch = dims.architecture
+    mod = arch.lower()
+    cfg = {
         "_commit_hash": None,
-        "architectures": ["NVLM_D"],
+        "architectures": [arch],
         "auto_map": {
-            "AutoConfig": "configuration_nvlm_d.NVLM_D_Config",
-            "AutoModel": "modeling_nvlm_d.NVLM_D_Model",
-            "AutoModelForCausalLM": "modeling_nvlm_d.NVLM_D_Model",
+            "AutoConfig": f"configuration_{mod}.{arch}_Config",
+            "AutoModel": f"modeling_{mod}.{arch}_Model",
+            "AutoModelForCausalLM": f"modeling_{mod}.{arch}_Model",
         },
         "downsample_ratio": 0.5,
         "dynamic_image_size": True,
@@ -113,7 +126,7 @@ def demo_config(dims: DemoDims, vocab_size: int, im_end_id: int, eot_id: int) ->
         },
         "max_dynamic_patch": 6,
         "min_dynamic_patch": 1,
-        "model_type": "NVLM_D",
+        "model_type": arch,
         "ps_version": "v2",
         "select_layer": -1,
         "template": "chatml",
@@ -143,6 +156,9 @@ def demo_config(dims: DemoDims, vocab_size: int, im_end_id: int, eot_id: int) ->
             "use_flash_attn": True,
         },
     }
+    if dims.cross_attention_layers:
+        cfg["cross_attention_layers"] = list(dims.cross_attention_layers)
+    return cfg
 
 
 def _init_tensor(name: str, shape: tuple[int, ...], gen):
@@ -150,6 +166,8 @@ def _init_tensor(name: str, shape: tuple[int, ...], gen):
     import torch
 
     leaf = name.rsplit(".", 1)[-1]
+    if leaf in ("cross_attn_attn_gate", "cross_attn_mlp_gate"):
+        return torch.full(shape, DEMO_GATE)
     is_norm = "norm" in name and leaf == "weight" or name.endswith("mlp1.0.weight")
     if is_norm or leaf in ("ls1", "ls2"):
         return 1.0 + 0.05 * torch.randn(shape, generator=gen)

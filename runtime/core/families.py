@@ -14,17 +14,30 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from . import trtllm_layout
-from .config import IMAGE_END, IMAGE_PAD, IMAGE_START, THUMBNAIL_TAG, NVLMConfig, parse_nvlm, top_level_architecture
+from .config import (
+    IMAGE_END,
+    IMAGE_PAD,
+    IMAGE_START,
+    PROJECTOR_LINEAR,
+    PROJECTOR_MLP,
+    THUMBNAIL_TAG,
+    NVLMConfig,
+    parse_nvlm,
+    parse_nvlm_xattn,
+    top_level_architecture,
+)
 from .errors import ConfigError, InputError, UnsupportedArchitectureError
 from .trtllm_layout import Row
-from .weight_map import INTERNVIT, MLP1, QWEN2, ComponentMap
+from .weight_map import INTERNVIT, MLP1, MLP1_LINEAR, QWEN2, XATTN_LAYERS, ComponentMap
 
 # component roles (ComponentMap.name): inspect, sizing and the roofline ask for them by role
-VISION, PROJECTOR, LLM = "vision", "projector", "llm"
+VISION, PROJECTOR, LLM, XATTN = "vision", "projector", "llm", "xattn"
+DECODER_ROLES = (LLM, XATTN)  # the components that make up the decoder (sharded over TP, quantizable)
 
 
 def tile_tags(num_tiles: int) -> list[str]:
@@ -39,23 +52,71 @@ def _every_tile(tag: str) -> bool:
     return True
 
 
+def _no_tile(tag: str) -> bool:
+    return False
+
+
+def _thumbnail(tag: str) -> bool:
+    return tag == THUMBNAIL_TAG
+
+
+def _regular_tile(tag: str) -> bool:
+    return tag != THUMBNAIL_TAG
+
+
 @dataclass(frozen=True)
 class PromptLayout:
-    """How a family writes one image into the decoder's prompt (DESIGN.md §2.2): `<Image>`, then each tile's
-    tag followed by its tokens_per_tile `<|vision_pad|>` placeholders when the decoder reads that tile's
-    tokens in its own sequence (`inline(tag)`), then `</Image>`. NVLM-D reads every tile inline; a
-    cross-attention family reads some or all tiles through its cross-attention layers instead, so only
-    their tags stay in the sequence."""
+    """How a family writes one image into the decoder's prompt (DESIGN.md §2.2) and which of its tiles the
+    cross-attention layers read. Per tile tag: `in_text(tag)` — the tag's text sits in the decoder sequence;
+    `inline(tag)` — tokens_per_tile `<|vision_pad|>` placeholders follow it (the tile's tokens are read by
+    self-attention); `keys(tag)` — the tile's tokens are cross-attention keys/values instead. `tag_keys`: the
+    tag's own text embeddings precede its tile's tokens among the keys (NVLM-H).
+
+    NVLM-D: every tag in text, every tile inline. NVLM-X: every tag in text, every tile (thumbnail included)
+    a key tile, nothing inline. NVLM-H: the thumbnail inline with its tag; the regular tiles key tiles with
+    their tags on the key side, so their tags are not in the text."""
 
     inline: Callable[[str], bool] = _every_tile
+    in_text: Callable[[str], bool] = _every_tile
+    keys: Callable[[str], bool] = _no_tile
+    tag_keys: bool = False
+
+    @property
+    def cross_attention(self) -> bool:
+        return self.keys is not _no_tile
+
+    def image_pieces(self, num_tiles: int, tokens_per_tile: int) -> list[tuple[str, int | None]]:
+        """The image's text in pieces: (text, tile index of the tag it spells, or None); joined, `image_text`."""
+        pieces: list[tuple[str, int | None]] = [(IMAGE_START, None)]
+        for k, tag in enumerate(tile_tags(num_tiles)):
+            if self.in_text(tag):
+                pieces.append((tag, k))
+            if self.inline(tag):
+                pieces.append((IMAGE_PAD * tokens_per_tile, None))
+        return pieces + [(IMAGE_END, None)]
 
     def image_text(self, num_tiles: int, tokens_per_tile: int) -> str:
-        body = "".join(tag + IMAGE_PAD * (tokens_per_tile if self.inline(tag) else 0) for tag in tile_tags(num_tiles))
-        return IMAGE_START + body + IMAGE_END
+        return "".join(text for text, _ in self.image_pieces(num_tiles, tokens_per_tile))
 
     def inline_tokens(self, tiles_per_image, tokens_per_tile: int) -> int:
         """Image placeholders in the decoder sequence (rows of the prompt-embedding table)."""
         return sum(tokens_per_tile * sum(map(self.inline, tile_tags(n))) for n in tiles_per_image)
+
+    def inline_tiles(self, tiles_per_image) -> list[int]:
+        """Indices (over all tiles of the request, in order) of the tiles whose tokens sit in the sequence."""
+        return self._tiles(tiles_per_image, self.inline)
+
+    def key_tiles(self, tiles_per_image) -> list[int]:
+        """Indices (over all tiles of the request, in order) of the tiles read through cross-attention."""
+        return self._tiles(tiles_per_image, self.keys)
+
+    @staticmethod
+    def _tiles(tiles_per_image, which: Callable[[str], bool]) -> list[int]:
+        out, base = [], 0
+        for n in tiles_per_image:
+            out += [base + k for k, tag in enumerate(tile_tags(n)) if which(tag)]
+            base += n
+        return out
 
 
 # What the entry model sends the LLM step (`tensorrt_llm`) for every request, under NVIDIA's names; a family
@@ -68,6 +129,9 @@ LLM_STEP_CONTROL_INPUTS = ("stop",)
 # image embeddings as rows of the prompt table, placed at the fake ids vocab_size + k (TensorRT-LLM's
 # multimodal path), keyed per image for KV-cache reuse
 PROMPT_TABLE_INPUTS = ("prompt_embedding_table", "prompt_vocab_size", "prompt_table_extra_ids")
+# image features as the encoder output that cross-attention reads: the `tensorrtllm` backend's
+# encoder-decoder inputs (DESIGN.md §2.3); which of them NVLM-X/H send is settled with their LLM step
+ENCODER_INPUTS = ("encoder_input_features", "encoder_output_lengths", "cross_attention_mask")
 
 
 @dataclass(frozen=True)
@@ -78,7 +142,7 @@ class ModelFamily:
     components: tuple[ComponentMap, ...]  # weight maps, in checkpoint order
     reference: str  # "module:Class" of the reference model
     trtllm_architecture: str  # TensorRT-LLM's name for the decoder (its MODEL_MAP key)
-    trtllm_layout: tuple[Row, ...] | None  # None: no TensorRT-LLM converter for this family yet
+    trtllm_layout: tuple[Row, ...] | None  # None: no TensorRT-LLM converter for this family yet (NVLM-X/H)
     trtllm_config: dict = field(default_factory=dict)  # family-specific fields of the checkpoint config
     prompt_layout: PromptLayout = PromptLayout()  # how images are written into the prompt
     llm_step_image_inputs: tuple[str, ...] = PROMPT_TABLE_INPUTS  # how image features reach the LLM step
@@ -184,4 +248,35 @@ NVLM_D = register_family(ModelFamily(
     trtllm_layout=trtllm_layout.QWEN2,
     prompt_layout=PromptLayout(inline=_every_tile),  # every tile's 256 tokens sit in the decoder sequence
     llm_step_image_inputs=PROMPT_TABLE_INPUTS,
+))
+
+# NVLM-X and NVLM-H: the paper's cross-attention architectures (arXiv 2409.11402 §3.2). NVIDIA published no
+# weights or code; the checkpoint layout is this project's (docs/nvlm_xh_layout.md). Their TensorRT-LLM
+# converter is not written yet: trtllm_layout None makes `nvlm-build llm/engine` refuse them with a clear error.
+NVLM_X = register_family(ModelFamily(
+    name="nvlm-x",
+    architectures=("NVLM_X",),
+    parse=partial(parse_nvlm_xattn, projector=PROJECTOR_LINEAR),
+    components=(INTERNVIT, MLP1_LINEAR, QWEN2, XATTN_LAYERS),
+    reference="runtime.cross_reference:CrossAttentionReference",
+    trtllm_architecture="NVLMXForCausalLM",
+    trtllm_layout=None,
+    # the tags stay in the text (each attends to its own tile); every tile, thumbnail included, is read
+    # through the gated cross-attention layers
+    prompt_layout=PromptLayout(inline=_no_tile, in_text=_every_tile, keys=_every_tile),
+    llm_step_image_inputs=ENCODER_INPUTS,
+))
+
+NVLM_H = register_family(ModelFamily(
+    name="nvlm-h",
+    architectures=("NVLM_H",),
+    parse=partial(parse_nvlm_xattn, projector=PROJECTOR_MLP),
+    components=(INTERNVIT, MLP1, QWEN2, XATTN_LAYERS),
+    reference="runtime.cross_reference:CrossAttentionReference",
+    trtllm_architecture="NVLMHForCausalLM",
+    trtllm_layout=None,
+    # the thumbnail's tokens sit in the sequence as in NVLM-D; the regular tiles, each behind its tag's text
+    # embeddings, are cross-attention keys
+    prompt_layout=PromptLayout(inline=_thumbnail, in_text=_thumbnail, keys=_regular_tile, tag_keys=True),
+    llm_step_image_inputs=PROMPT_TABLE_INPUTS + ENCODER_INPUTS,
 ))

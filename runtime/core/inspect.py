@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint, refuse_pickle
 from .config import NVLMConfig
-from .families import LLM, family_for, load_config
+from .families import DECODER_ROLES, family_for, load_config
 from .llm_formats import FORMATS
 
 SCHEMA = "nvlm-trt/inspect/v1"
@@ -51,10 +51,12 @@ def _numel(shape) -> int:
     return n
 
 
-def llm_breakdown(cfg: NVLMConfig) -> LLMBreakdown:
+def llm_breakdown(cfg: NVLMConfig, roles: tuple[str, ...] = DECODER_ROLES) -> LLMBreakdown:
+    """Parameters of the decoder (its self-attention stack and, NVLM-X/H, its cross-attention layers: both sit
+    on the LLM's GPUs, sharded over TP, and are what quantization touches), by kind."""
     parts = {"embedding": 0, "lm_head": 0, "linear": 0, "other": 0}
-    llm_map = family_for(cfg).component(LLM)
-    for _, target, shape in llm_map.expand(cfg):
+    rows = [row for comp in family_for(cfg).components if comp.name in roles for row in comp.expand(cfg)]
+    for _, target, shape in rows:
         if "embed_tokens" in target:
             key = "embedding"
         elif target.startswith("lm_head"):
@@ -73,10 +75,35 @@ def kv_bytes_per_token(cfg: NVLMConfig, dtype_bytes: int, tp: int = 1) -> int:
     return 2 * cfg.llm.num_layers * kv_heads_per_rank * cfg.llm.head_dim * dtype_bytes
 
 
+def cross_kv_bytes_per_key(cfg: NVLMConfig, dtype_bytes: int, tp: int = 1) -> int:
+    """NVLM-X/H: K and V of one image key for every cross-attention layer, on one TP rank (0 for NVLM-D)."""
+    kv_heads_per_rank = max(1, cfg.llm.num_kv_heads // tp)
+    return 2 * len(cfg.cross_attention_layers) * kv_heads_per_rank * cfg.llm.head_dim * dtype_bytes
+
+
+# A tile tag written alone ("<tile_3>") is about five tokens with Qwen2's tokenizer ("<", "tile", "_", "3",
+# ">"): NVLM-H's key side carries one per regular tile. (Tags in the decoder text count as text tokens.)
+TAG_TOKENS = 5
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    """Sizes of one request in a family's layout: what prefill computes and the KV cache holds."""
+
+    decoder_tokens: int  # the self-attention sequence: text (tile tags included) + inline image tokens
+    key_tokens: int  # the cross-attention keys (NVLM-X/H), 0 for NVLM-D
+
+
+def request_shape(cfg: NVLMConfig, tiles_per_image, text_tokens: int) -> RequestShape:
+    layout, per_tile = family_for(cfg).prompt_layout, cfg.preprocess.tokens_per_tile
+    keys = len(layout.key_tiles(tiles_per_image)) * (per_tile + (TAG_TOKENS if layout.tag_keys else 0))
+    return RequestShape(text_tokens + layout.inline_tokens(tiles_per_image, per_tile), keys)
+
+
 def memory_plan(cfg: NVLMConfig, kv_tokens: int = DEFAULT_KV_TOKENS,
                 gpu_bytes: int = H100_MEMORY_BYTES, reserve_bytes: int = RESERVE_BYTES) -> dict:
     b = llm_breakdown(cfg)
-    vision_params = sum(c.num_params(cfg) for c in family_for(cfg).components if c.name != LLM)
+    vision_params = sum(c.num_params(cfg) for c in family_for(cfg).components if c.name not in DECODER_ROLES)
     vision_bytes = 2 * vision_params
     plans = []
     for fmt in FORMATS.values():  # AWQ at its default group of 128 input channels
@@ -98,6 +125,8 @@ def memory_plan(cfg: NVLMConfig, kv_tokens: int = DEFAULT_KV_TOKENS,
     return {
         "gpu": "H100 80GB", "gpu_memory_bytes": gpu_bytes, "kv_budget_tokens": kv_tokens,
         "kv_bytes_per_token": {"bf16": kv_bytes_per_token(cfg, 2), "fp8": kv_bytes_per_token(cfg, 1)},
+        # NVLM-X/H: the image keys' cross-attention cache, per key (a 7-tile X image has 1,792 keys)
+        "cross_kv_bytes_per_key": {"bf16": cross_kv_bytes_per_key(cfg, 2), "fp8": cross_kv_bytes_per_key(cfg, 1)},
         "conventions": "LLM linear weights in the format; embeddings, lm_head, norms, biases 16-bit; "
                        "vision+projector 16-bit unsharded on GPU 0; KV heads split over TP; "
                        f"{reserve_bytes // GIB} GiB reserve",
@@ -123,11 +152,12 @@ def inspect(path: str | Path, kv_tokens: int = DEFAULT_KV_TOKENS) -> dict:
             "vision": {"hidden": cfg.vision.hidden_size, "layers": cfg.vision.num_layers, "heads": cfg.vision.num_heads,
                        "mlp": cfg.vision.intermediate_size, "image_size": cfg.vision.image_size,
                        "patch_size": cfg.vision.patch_size},
-            "projector": {"input": cfg.projector.input_size, "hidden": cfg.projector.hidden_size,
-                          "output": cfg.projector.output_size},
+            "projector": {"kind": cfg.projector.kind, "input": cfg.projector.input_size,
+                          "hidden": cfg.projector.hidden_size, "output": cfg.projector.output_size},
             "llm": {"hidden": cfg.llm.hidden_size, "layers": cfg.llm.num_layers, "heads": cfg.llm.num_heads,
                     "kv_heads": cfg.llm.num_kv_heads, "intermediate": cfg.llm.intermediate_size,
-                    "vocab": cfg.llm.vocab_size, "rope_theta": cfg.llm.rope_theta},
+                    "vocab": cfg.llm.vocab_size, "rope_theta": cfg.llm.rope_theta,
+                    "cross_attention_layers": list(cfg.cross_attention_layers)},
             "tokens_per_tile": cfg.preprocess.tokens_per_tile,
             "max_tiles_per_image": cfg.preprocess.max_tiles_per_image,
         },
@@ -183,6 +213,11 @@ def format_report(r: dict) -> str:
     mp = r["memory_plan"]
     lines.append(f"H100 80GB memory plan (KV budget {mp['kv_budget_tokens']:,} tokens; KV per token "
                  f"{mp['kv_bytes_per_token']['bf16']:,} B bf16 / {mp['kv_bytes_per_token']['fp8']:,} B fp8):")
+    if r["dimensions"]["llm"]["cross_attention_layers"]:
+        xl = r["dimensions"]["llm"]["cross_attention_layers"]
+        lines.append(f"  + {len(xl)} gated cross-attention layers after decoder layers {xl}; their image-key cache is "
+                     f"{mp['cross_kv_bytes_per_key']['bf16']:,} B bf16 per key (a 7-tile image: "
+                     f"{7 * r['dimensions']['tokens_per_tile']:,} keys), outside the KV budget above")
     lines.append(f"  {'weights':<9}{'tp':>3}  {'weights/GPU':>14}  {'KV/GPU':>12}  {'total/GPU':>12}  fits")
     for p in mp["plans"]:
         lines.append(f"  {p['weights']:<9}{p['tp']:>3}  {_gb(p['weight_bytes_per_gpu']):>14}  "

@@ -213,7 +213,9 @@ def validate(cfg: NVLMConfig, opts: BuildOptions) -> None:
     """Refuse impossible combinations before any work starts, saying what would work."""
     llm, fmt = cfg.llm, opts.fmt
     if family_for(cfg).trtllm_layout is None:
-        raise UnsupportedCombinationError(f"the LLM converter has no TensorRT-LLM layout for {cfg.family} checkpoints")
+        raise UnsupportedCombinationError(
+            f"{cfg.architecture} ({cfg.family}): no TensorRT-LLM converter for this family yet, so it cannot be built; "
+            "`nvlm-build inspect` and `nvlm-build reference` run it on the CPU reference")
     if opts.tp < 1 or opts.pp < 1:
         raise UnsupportedCombinationError(f"--tp and --pp must be ≥ 1 (got {opts.tp}, {opts.pp})")
     if llm.num_heads % opts.tp or llm.num_kv_heads % opts.tp:

@@ -115,15 +115,27 @@ INTERNVIT = ComponentMap(
     ),
 )
 
-# mlp1 is an nn.Sequential: index 2 is the GELU, which has no weights.
+# mlp1 is an nn.Sequential: index 0 a LayerNorm over the shuffled width, index 2 (NVLM-D) the GELU, which has
+# no weights.
+_MLP1_NORM = (
+    Tensor("mlp1.0.weight", "norm.weight", lambda c: (c.projector.input_size,)),
+    Tensor("mlp1.0.bias", "norm.bias", lambda c: (c.projector.input_size,)),
+)
 MLP1 = ComponentMap(
     name="projector",
     layers=lambda c: 0,
-    tensors=(
-        Tensor("mlp1.0.weight", "norm.weight", lambda c: (c.projector.input_size,)),
-        Tensor("mlp1.0.bias", "norm.bias", lambda c: (c.projector.input_size,)),
+    tensors=_MLP1_NORM + (
         Tensor("mlp1.1.weight", "fc1.weight", lambda c: (c.projector.hidden_size, c.projector.input_size)),
         Tensor("mlp1.3.weight", "fc2.weight", lambda c: (c.projector.output_size, c.projector.hidden_size)),
+    ),
+)
+
+# NVLM-X's one-layer projector (the paper's 12800 → 8192): the same LayerNorm, then one Linear to the LLM width.
+MLP1_LINEAR = ComponentMap(
+    name="projector",
+    layers=lambda c: 0,
+    tensors=_MLP1_NORM + (
+        Tensor("mlp1.1.weight", "fc.weight", lambda c: (c.projector.output_size, c.projector.input_size)),
     ),
 )
 
@@ -173,6 +185,41 @@ QWEN2 = ComponentMap(
     drops=(
         Drop(r"language_model\.model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq",
              "rotary frequencies are recomputed from rope_theta; older exports saved them as buffers"),
+    ),
+)
+
+# NVLM-X / NVLM-H: the gated cross-attention layers, `{i}` = j, the j-th cross-attention layer (it follows
+# self-attention layer cross_attention_layers[j]). Names are transformers' mllama names
+# (MllamaCrossAttentionDecoderLayer) without its q/k norms; projections have no biases; the gates are [1].
+_XATTN_LAYER = LLM_PREFIX + "model.xattn_layers.{i}."
+
+
+def _h(c):
+    return (L(c).hidden_size,)
+
+
+XATTN_LAYERS = ComponentMap(
+    name="xattn",
+    layers=lambda c: len(c.cross_attention_layers),
+    tensors=(
+        Tensor(_XATTN_LAYER + "input_layernorm.weight", "{i}.input_layernorm.weight", _h),
+        Tensor(_XATTN_LAYER + "cross_attn.q_proj.weight", "{i}.cross_attn.q_proj.weight",
+               lambda c: (_q_out(c), L(c).hidden_size)),
+        Tensor(_XATTN_LAYER + "cross_attn.k_proj.weight", "{i}.cross_attn.k_proj.weight",
+               lambda c: (_kv_out(c), L(c).hidden_size)),
+        Tensor(_XATTN_LAYER + "cross_attn.v_proj.weight", "{i}.cross_attn.v_proj.weight",
+               lambda c: (_kv_out(c), L(c).hidden_size)),
+        Tensor(_XATTN_LAYER + "cross_attn.o_proj.weight", "{i}.cross_attn.o_proj.weight",
+               lambda c: (L(c).hidden_size, _q_out(c))),
+        Tensor(_XATTN_LAYER + "cross_attn_attn_gate", "{i}.cross_attn_attn_gate", lambda c: (1,)),
+        Tensor(_XATTN_LAYER + "post_attention_layernorm.weight", "{i}.post_attention_layernorm.weight", _h),
+        Tensor(_XATTN_LAYER + "mlp.gate_proj.weight", "{i}.mlp.gate_proj.weight",
+               lambda c: (L(c).intermediate_size, L(c).hidden_size)),
+        Tensor(_XATTN_LAYER + "mlp.up_proj.weight", "{i}.mlp.up_proj.weight",
+               lambda c: (L(c).intermediate_size, L(c).hidden_size)),
+        Tensor(_XATTN_LAYER + "mlp.down_proj.weight", "{i}.mlp.down_proj.weight",
+               lambda c: (L(c).hidden_size, L(c).intermediate_size)),
+        Tensor(_XATTN_LAYER + "cross_attn_mlp_gate", "{i}.cross_attn_mlp_gate", lambda c: (1,)),
     ),
 )
 
