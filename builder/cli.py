@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from runtime.core import progress
-from runtime.core.demo_checkpoint import VARIANTS, write_demo_checkpoint
+from runtime.core.demo_checkpoint import VARIANTS, is_trained_default, trained_available, write_demo_checkpoint
 from runtime.core.engines import EngineLimits
 from runtime.core.errors import NVLMError
 from runtime.core.families import family_for
@@ -31,6 +31,7 @@ from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from triton_repo.generate import generate_repo, plan_pending
 
+from .demo_train import Recipe, evaluate_checkpoint, train_and_save
 from .engine_build import EngineBuildOptions, build_engine, format_summary
 from .llm_build import build_llm
 from .vision_export import export_vision
@@ -64,14 +65,73 @@ def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", default="d", choices=sorted(VARIANTS),
                    help="d: NVLM-D (released layout); x: NVLM-X; h: NVLM-H (the layout in docs/nvlm_xh_layout.md); "
                         "default d")
-    p.add_argument("--seed", type=int, default=0, help="weight seed (default: 0)")
+    p.add_argument("--seed", type=int, default=0, help="weight seed of --weights random (default: 0)")
+    p.add_argument("--weights", default=None, metavar="trained|random|FILE",
+                   help="trained: the packaged NVLM-D weights trained on the tile task (the default for variant d "
+                        "when packaged); random: seeded random weights (the default for x and h); FILE: a "
+                        "`demo-train` output")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
 
 
 @command("demo-checkpoint", "write the embedded default: a tiny NVLM-D (or -X, -H) checkpoint", _demo_args)
 def _demo(args) -> int:
-    out = write_demo_checkpoint(args.out, variant=args.variant, seed=args.seed, force=args.force)
-    print(f"wrote demo NVLM checkpoint (variant {args.variant}, seed {args.seed}) to {out}")
+    weights = args.weights or ("trained" if args.variant == "d" and trained_available() else "random")
+    out = write_demo_checkpoint(args.out, variant=args.variant, seed=args.seed, force=args.force, weights=weights)
+    what = f"seed {args.seed}" if weights == "random" else f"{weights} weights"
+    print(f"wrote demo NVLM checkpoint (variant {args.variant}, {what}) to {out}")
+    return 0
+
+
+# --------------------------------------------------------------------------- demo-train, eval
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    d = Recipe()
+    p.add_argument("out", help="safetensors file to write (a card OUT.json is written beside it)")
+    p.add_argument("--samples", type=int, default=d.samples, help=f"training questions (default {d.samples})")
+    p.add_argument("--batch", type=int, default=d.batch, help=f"samples per optimizer step (default {d.batch})")
+    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--single-tile-fraction", type=float, default=d.single_tile_fraction,
+                   help=f"first part of the run on one-tile images only (default {d.single_tile_fraction})")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (results depend on it)")
+    p.add_argument("--no-tile-tags", action="store_true", help="ablation: prompts without NVLM's 1-D tile tags")
+    p.add_argument("--eval", type=int, default=400, metavar="N", help="held-out questions to score (0: none)")
+    p.add_argument("--eval-seed", type=int, default=1)
+    p.add_argument("--log", help="append the per-step loss log here (JSONL)")
+
+
+@command("demo-train", "train the NVLM-D embedded default from scratch on the tile task (CPU, deterministic)",
+         _train_args)
+def _train(args) -> int:
+    from pathlib import Path
+
+    recipe = Recipe(samples=args.samples, batch=args.batch, lr=args.lr, single_tile_fraction=args.single_tile_fraction,
+                    seed=args.seed, threads=args.threads, tile_tags=not args.no_tile_tags)
+    command = (f"nvlm-build demo-train {args.out} --samples {args.samples} --batch {args.batch} --lr {args.lr} "
+               f"--single-tile-fraction {args.single_tile_fraction} --seed {args.seed} --threads {args.threads}"
+               + (" --no-tile-tags" if args.no_tile_tags else ""))
+    card = train_and_save(Path(args.out), recipe, command=command, eval_n=args.eval, eval_seed=args.eval_seed,
+                          log_file=Path(args.log) if args.log else None)
+    print(json.dumps(card, indent=2))
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", help="checkpoint directory (e.g. the embedded default)")
+    p.add_argument("--n", type=int, default=400, help="held-out questions, the four types in turn (default 400)")
+    p.add_argument("--seed", type=int, default=1, help="question seed (default 1; training never uses it)")
+    p.add_argument("--json", action="store_true")
+
+
+@command("eval", "task accuracy of a checkpoint's reference model on fresh held-out tile-task questions", _eval_args)
+def _eval(args) -> int:
+    acc = evaluate_checkpoint(args.ckpt, args.n, args.seed)
+    if args.json:
+        print(json.dumps(acc))
+    else:
+        per = ", ".join(f"{t} {acc[t]:.1%} ({acc['n'][t]})" for t in acc["n"] if t in acc)
+        print(f"{args.ckpt}: {acc['all']:.1%} of {args.n} held-out questions (seed {args.seed}): {per}")
     return 0
 
 
@@ -211,9 +271,11 @@ def _vision(args) -> int:
 
 
     ref = reference_model(args.ckpt)
+    task = NVLMTokenizer.from_dir(args.ckpt) if is_trained_default(args.ckpt) else None
     info = {}
     publish_dir(Path(args.out), lambda tmp: info.update(export_vision(
-        ref, tmp, dtype=args.dtype, vision_quant=args.vision_quant, max_tiles=args.max_tiles)), force=args.force)
+        ref, tmp, dtype=args.dtype, vision_quant=args.vision_quant, max_tiles=args.max_tiles, task_tokenizer=task)),
+                force=args.force)
     checks = ", ".join(f"{k} {v['value']:.2e}" for k, v in info["checks"].items() if v["value"] is not None)
     print(f"wrote {', '.join(info['files'])} to {args.out} ({args.dtype}); {checks or 'no onnxruntime check'}")
     return 0

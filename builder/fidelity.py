@@ -15,9 +15,10 @@ import torch
 
 from runtime.core.families import family_for
 from runtime.core.progress import track
-from runtime.preprocess import preprocess_images
+from runtime.preprocess import preprocess_image_fast, preprocess_images
 from runtime.prompt import build_prompt
 from runtime.scenes import synthetic_scene
+from runtime.tile_task import accuracy, heldout
 from runtime.trtllm_executor import KVCache, Request
 
 GREEDY_TOKENS = 8
@@ -44,6 +45,11 @@ QUANTIZED_FP8_KV_LOGITS_REL = 8e-2
 # the next token is fixed by the prompt (more image tokens or a tile tag), their logits are never
 # sampled, and an untrained image embedding gives them no preference to agree on.
 TOP1_AGREEMENT_MIN = 0.99
+# The trained embedded default answers the tile task (runtime/tile_task.py): a build of it must still answer.
+# 100 held-out questions (seed 7: neither training nor `nvlm-build eval`'s default), greedy, exact match; a
+# format may lose at most 2 points against the bf16 reference on the same questions.
+TASK_QUESTIONS, TASK_SEED, TASK_MAX_DROP = 100, 7, 0.02
+TASK_ANSWER_TOKENS = 4
 
 
 @dataclass
@@ -114,7 +120,77 @@ def _hf_logits(model, run: PromptRun) -> torch.Tensor:
         return model(inputs_embeds=run.embeds).logits[0].float()
 
 
-def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer, fake_quant=None) -> dict:
+def _task_prompts(reference, tokenizer, questions: int):
+    """(sample, prompt, pixel values) of the held-out task questions, preprocessed as in serving."""
+    pcfg, layout = reference.cfg.preprocess, family_for(reference.cfg).prompt_layout
+    for s in heldout(questions, TASK_SEED):
+        pv = torch.from_numpy(preprocess_image_fast(s.scene.image, config=pcfg).pixel_values)
+        p = build_prompt(tokenizer, "<image>\n" + s.question, [pv.shape[0]], tokens_per_tile=pcfg.tokens_per_tile,
+                         layout=layout)
+        yield s, p, pv
+
+
+def _task_result(name: str, what: str, samples, ref_answers, built_answers, questions: int) -> Check:
+    ref, built = accuracy(samples, ref_answers), accuracy(samples, built_answers)
+    per_type = ", ".join(f"{t} {built[t]:.0%} (reference {ref[t]:.0%})" for t in built["n"] if t in built)
+    return Check(name, f"exact-match accuracy on {questions} held-out tile-task questions (seed {TASK_SEED}); "
+                 f"threshold = the reference's accuracy {ref['all']:.3f} − {TASK_MAX_DROP}",
+                 built["all"], ref["all"] - TASK_MAX_DROP, built["all"] >= ref["all"] - TASK_MAX_DROP - 1e-9,
+                 f"the trained embedded default must still answer {what}: {per_type}")
+
+
+def task_check(executor, reference, tokenizer, questions: int = TASK_QUESTIONS) -> Check:
+    """Task accuracy of the built checkpoint (through the executor, image rows from the reference's vision
+    encoder as the engine gets them) against the reference model's on the same held-out questions."""
+    samples, ref_answers, built_answers = [], [], []
+    for s, p, pv in track(_task_prompts(reference, tokenizer, questions), "fidelity: task accuracy",
+                          total=questions, unit="question"):
+        with torch.no_grad():
+            table = reference.encode_images(pv).flatten(0, 1)
+        want = reference.generate(p.input_ids, pv, image_token_id=tokenizer.image_pad_id,
+                                  max_new_tokens=TASK_ANSWER_TOKENS, eos_token_id=tokenizer.im_end_id)
+        got = executor.generate([Request(p.trtllm_input_ids(reference.cfg.llm.vocab_size), TASK_ANSWER_TOKENS, table,
+                                         end_id=tokenizer.im_end_id)])[0]
+        samples.append(s)
+        ref_answers.append(tokenizer.decode(want.tokens))
+        built_answers.append(tokenizer.decode(got.tokens))
+    return _task_result("task_accuracy_vs_reference", "after conversion", samples, ref_answers, built_answers,
+                        questions)
+
+
+def vision_task_check(encode, reference, tokenizer, name: str, questions: int = TASK_QUESTIONS) -> Check:
+    """Task accuracy with image embeddings from an exported vision encoder (`encode`: pixel values →
+    [tiles, tokens, hidden]) into the reference decoder, against the reference's own vision encoder."""
+    samples, ref_answers, built_answers = [], [], []
+    for s, p, pv in track(_task_prompts(reference, tokenizer, questions), f"vision fidelity: {name} task accuracy",
+                          total=questions, unit="question"):
+        kw = dict(image_token_id=tokenizer.image_pad_id, max_new_tokens=TASK_ANSWER_TOKENS,
+                  eos_token_id=tokenizer.im_end_id)
+        samples.append(s)
+        ref_answers.append(tokenizer.decode(reference.generate(p.input_ids, pv, **kw).tokens))
+        exported = ExportedVision(reference, encode)
+        built_answers.append(tokenizer.decode(exported.generate(p.input_ids, pv, **kw).tokens))
+    return _task_result(f"{name}_task_accuracy_vs_reference", f"with the {name} vision encoder", samples, ref_answers,
+                        built_answers, questions)
+
+
+class ExportedVision:
+    """The reference model with its vision encoder replaced by an exported one (for `vision_task_check`)."""
+
+    def __init__(self, reference, encode):
+        self.reference, self.encode = reference, encode
+
+    def generate(self, ids, pv, **kw):
+        self.reference.encode_images = lambda x: torch.as_tensor(self.encode(x)).to(self.reference.dtype)
+        try:
+            return self.reference.generate(ids, pv, **kw)
+        finally:
+            vars(self.reference).pop("encode_images", None)  # the class's method again
+
+
+def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer, fake_quant=None, *,
+                 task: bool = False) -> dict:
+    """`task`: the source is the trained embedded default; add its task-accuracy check."""
     runs = prepare_prompts(reference, tokenizer)
     ex = [_executor_logits(executor, r) for r in track(runs, f"fidelity: {fmt_name} checkpoint", unit="prompt")]
     ref = [_hf_logits(reference.llm, r) for r in runs]
@@ -147,6 +223,8 @@ def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer,
                             _rel(ex_all, ref_all), None, True, "the cost of quantization, reported"))
         checks.append(Check("quantized_vs_unquantized_top1", "fraction of text positions with the reference's "
                             "argmax", _top1(ex_all[text], ref_all[text]), None, True, "the cost of quantization, reported"))
+    if task:
+        checks.append(task_check(executor, reference, tokenizer))
     return {"format": fmt_name, "passed": all(c.passed for c in checks), "prompts": len(runs),
             "positions": int(ex_all.shape[0]), "text_positions": int(text.sum()), "checks": [asdict(c) for c in checks]}
 

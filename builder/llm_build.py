@@ -24,6 +24,7 @@ from pathlib import Path
 
 from runtime.core import __version__
 from runtime.core.checkpoint import Checkpoint
+from runtime.core.demo_checkpoint import is_trained_default
 from runtime.core.errors import NVLMError, OutputExistsError
 from runtime.core.fsutil import publish_dir
 from runtime.core.llm_formats import BuildOptions, kv_cache_name, validate
@@ -131,7 +132,8 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
                 config = write_unquantized(ckpt, opts, tmp, progress=advance)
         report = None
         if fidelity:
-            report = build_report(opts.fmt.name, opts.fmt.quantized, TRTLLMExecutor.load(tmp), reference, tokenizer, fake)
+            report = build_report(opts.fmt.name, opts.fmt.quantized, TRTLLMExecutor.load(tmp), reference, tokenizer, fake,
+                                  task=is_trained_default(ckpt.directory))
             (tmp / "reports").mkdir()
             (tmp / "reports" / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
             if not report["passed"]:

@@ -17,6 +17,7 @@ from typing import Callable
 
 from runtime.core.build_dir import write_preprocess
 from runtime.core.checkpoint import Checkpoint
+from runtime.core.demo_checkpoint import is_trained_default
 from runtime.core.engines import (
     EngineLimits,
     build_vision_engine,
@@ -104,8 +105,9 @@ def _preprocess(ctx: Context, tmp: Path) -> dict:
 
 
 def _vision(ctx: Context, tmp: Path) -> dict:
+    task_tokenizer = NVLMTokenizer.from_dir(ctx.ckpt.directory) if is_trained_default(ctx.ckpt.directory) else None
     info = export_vision(ctx.get_reference(), tmp, dtype=ctx.opts.vision_dtype, vision_quant=ctx.opts.vision_quant,
-                         max_tiles=ctx.opts.limits.max_vision_tiles)
+                         max_tiles=ctx.opts.limits.max_vision_tiles, task_tokenizer=task_tokenizer)
     return {"dtype": info["dtype"], "files": info["files"], "checks": info["checks"]}
 
 

@@ -29,6 +29,8 @@ from runtime.core.progress import bar
 from runtime.preprocess import preprocess_image
 from runtime.scenes import SCENE_SIZES, synthetic_scene
 
+from .fidelity import vision_task_check
+
 log = logging.getLogger(__name__)
 
 OPSET = 17
@@ -81,6 +83,13 @@ def _ort_check(path: Path, reference, dtype: str, tiles: int, seed: int) -> floa
     return float((y - r).abs().max() / r.abs().max())
 
 
+def _ort_encoder(path: Path, dtype: str):
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(sess.run(None, {"pixel_values": x.to(DTYPES[dtype]).numpy()})[0].astype(np.float32))
+
+
 def calibration_tiles(reference, count: int = 4) -> np.ndarray:
     """Tiles from the built-in calibration scenes, preprocessed exactly as in serving."""
 
@@ -91,9 +100,10 @@ def calibration_tiles(reference, count: int = 4) -> np.ndarray:
 
 
 def export_vision(reference, out: Path, *, dtype: str = "fp16", vision_quant: "str | VisionFormat | None" = None,
-                  max_tiles: int = 28, seed: int = 0) -> dict:
+                  max_tiles: int = 28, seed: int = 0, task_tokenizer=None) -> dict:
     """Write vision_encoder.onnx (+ .data), optional quantized encoder (vision_encoder.fp8.onnx), and
-    vision/config.json."""
+    vision/config.json. `task_tokenizer`: the source is the trained embedded default (its tokenizer): each
+    encoder onnxruntime can run is also scored on held-out task questions against the reference."""
     if dtype not in DTYPES:
         raise VisionExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     quant = vision_quant if isinstance(vision_quant, VisionFormat) else get_vision_format(vision_quant)
@@ -139,6 +149,16 @@ def export_vision(reference, out: Path, *, dtype: str = "fp16", vision_quant: "s
         rel = _ort_check(out / quant.onnx_name(), reference, "fp32", CHECK_TILES, seed)
         checks[f"{quant.name}_vs_fp32_reference"] = {"metric": "max |Δ| / max |ref| on fresh random tiles (reported)",
                                            "value": rel, "threshold": None, "passed": True}
+    if task_tokenizer is not None:
+        runnable = ([("onnx", "vision_encoder.onnx", dtype)] if dtype in CHECK_THRESHOLDS else []) + (
+            [(quant.name, quant.onnx_name(), "fp32")] if quant is not None else [])
+        for name, file, in_dtype in runnable:
+            check = vision_task_check(_ort_encoder(out / file, in_dtype), reference, task_tokenizer, name)
+            checks[check.name] = {"metric": check.metric, "value": check.value, "threshold": check.threshold,
+                                  "passed": check.passed}
+            if not check.passed:
+                raise VisionExportError(f"the {name} vision encoder loses task accuracy: {check.value:.3f} against "
+                                        f"a threshold of {check.threshold:.3f} ({check.why})")
     info = {
         "onnx": "vision_encoder.onnx", "fp8_onnx": quant.onnx_name() if quant else None,
         "files": files, "dtype": dtype, "opset": OPSET, "vision_quant": quant.name if quant else None,

@@ -8,8 +8,12 @@ OUT=${NVLM_DEMO_DIR:-demo_out}
 NB=".venv/bin/nvlm-build"
 mkdir -p "$OUT"
 
-echo "== 1. generate the embedded default checkpoint"
+echo "== 1. generate the embedded default checkpoint (NVLM-D trained on the tile task: docs/demo_model.md)"
 $NB demo-checkpoint "$OUT/nvlm-d-demo" --force
+# an image of the task it was trained on (drawn fresh from a seed it never saw): three cells, 1344x448
+.venv/bin/python -c "import numpy as np, sys; from runtime.tile_task import random_scene
+s = random_scene(np.random.default_rng(2026), (1344, 448)); s.image.save(sys.argv[1]); print('task image:', s.cells)" \
+  "$OUT/tile_task.png"
 
 echo "== 2. inspect it (architecture, parameters, shards, H100 memory plan)"
 $NB inspect "$OUT/nvlm-d-demo"
@@ -24,6 +28,18 @@ What is shown in this picture?" --synthetic-tiles 1 --max-new-tokens 12
 echo "== 5. reference NVLM-D on the bundled image: dynamic tiling (2x1 grid + thumbnail), tile tags, greedy"
 $NB reference "$OUT/nvlm-d-demo" --prompt "<image>
 What shapes are in this picture?" --image assets/demo_scene.png --max-new-tokens 12
+
+TRAINED=0
+.venv/bin/python -c "from runtime.core.demo_checkpoint import trained_available as t; raise SystemExit(not t())" && TRAINED=1
+echo "== 5a. the embedded default's task accuracy on 100 held-out questions, and one question about the task image"
+if [ $TRAINED = 1 ]; then
+  $NB eval "$OUT/nvlm-d-demo" --n 100
+  $NB reference "$OUT/nvlm-d-demo" --prompt "<image>
+Which tile has the red shape?" --image "$OUT/tile_task.png" --max-new-tokens 4
+  echo "   expected: tile 3"
+else
+  echo "   skipped: no trained weights are packaged yet, the default is random (docs/demo_model.md, issue 17)"
+fi
 
 echo "== 5b. NVLM-X and NVLM-H (the paper's cross-attention models; layout in docs/nvlm_xh_layout.md):"
 echo "       their embedded defaults, inspected and answering about the same image through the reference"
@@ -48,6 +64,13 @@ for _ in $(seq 1 120); do grep -q "^serving" "$OUT/serve.out" 2>/dev/null && bre
 cat "$OUT/serve.out"
 .venv/bin/nvlm-client --url 127.0.0.1:$PORT --prompt "<image>
 What shapes are in this picture?" --image assets/demo_scene.png --max-tokens 12 --stream
+if [ $TRAINED = 1 ]; then
+  for Q in "What shape is in tile 2?|square" "Which tile has the red shape?|tile 3" "How many shapes are there?|3"; do
+    echo "-- served: ${Q%%|*}  (expected: ${Q##*|})"
+    .venv/bin/nvlm-client --url 127.0.0.1:$PORT --prompt "<image>
+${Q%%|*}" --image "$OUT/tile_task.png" --max-tokens 4
+  done
+fi
 kill $SERVE_PID; wait $SERVE_PID || true
 trap - EXIT
 echo "== server stopped; log in $OUT/tritonserver.log"

@@ -23,6 +23,16 @@ def demo_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trained_ckpt(tmp_path_factory) -> Path:
+    """The trained embedded default (packaged weights, docs/demo_model.md): answers tile-task questions."""
+    from runtime.core.demo_checkpoint import TRAINED_WEIGHTS, trained_available, write_demo_checkpoint
+
+    if not trained_available():
+        pytest.skip(f"the trained embedded default is not packaged ({TRAINED_WEIGHTS} missing)")
+    return write_demo_checkpoint(tmp_path_factory.mktemp("trained") / "nvlm-d-trained", weights="trained")
+
+
+@pytest.fixture(scope="session")
 def released_ckpt(tmp_path_factory) -> Path:
     """A released-layout checkpoint written by the independent script in tests/."""
     from tests.released_layout_writer import write
@@ -49,6 +59,20 @@ def serve_build(tmp_path_factory, demo_ckpt) -> Path:
     opts = EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference", vision_dtype="fp32", calib_size=4,
                               limits=EngineLimits(max_images_per_request=4))
     build_engine(demo_ckpt, out, opts)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_serve_build(tmp_path_factory, trained_ckpt) -> Path:
+    """The trained embedded default built like serve_build: its answers depend on the image."""
+    from builder.engine_build import EngineBuildOptions, build_engine
+    from runtime.core.engines import EngineLimits
+    from runtime.core.llm_formats import BuildOptions, get_format
+
+    out = tmp_path_factory.mktemp("serve-trained") / "build"
+    opts = EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference", vision_dtype="fp32", calib_size=4,
+                              limits=EngineLimits(max_images_per_request=4))
+    build_engine(trained_ckpt, out, opts)
     return out
 
 

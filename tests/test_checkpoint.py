@@ -134,7 +134,7 @@ def test_vocab_vs_embedding_rows(demo_copy):
     cfg = json.loads((demo_copy / "config.json").read_text())
     cfg["llm_config"]["vocab_size"] += 128
     (demo_copy / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ShapeMismatchError, match=r"(embed_tokens|lm_head).weight' has shape \[512, 256\] but config"):
+    with pytest.raises(ShapeMismatchError, match=r"(embed_tokens|lm_head).weight' has shape \[640, 256\] but config"):
         Checkpoint.open(demo_copy)
 
 

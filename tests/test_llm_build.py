@@ -253,11 +253,11 @@ def test_awq_group_size_64(tmp_path, released_ckpt):
 
 @pytest.fixture(scope="module")
 def odd_vocab_ckpt(tmp_path_factory):
-    """The demo model with a vocabulary of 515 rows: odd, not a multiple of 64 (modelopt pads AWQ exports to
-    576) and not a multiple of TP 2 (TensorRT-LLM pads to 516)."""
+    """The demo model with a vocabulary of 523 rows: odd, not a multiple of 64 (modelopt pads AWQ exports to
+    576) and not a multiple of TP 2 (TensorRT-LLM pads to 524)."""
     from runtime.core.demo_checkpoint import write_demo_checkpoint
 
-    return write_demo_checkpoint(tmp_path_factory.mktemp("vocab") / "odd", vocab_size=515, seed=3)
+    return write_demo_checkpoint(tmp_path_factory.mktemp("vocab") / "odd", vocab_size=523, seed=3)
 
 
 @pytest.mark.parametrize("fmt, tp", [("int4_awq", 1), ("int4_awq", 2), ("w4a8_awq", 1), ("bf16", 2)])
@@ -270,25 +270,25 @@ def test_vocabulary_padding_end_to_end(tmp_path, odd_vocab_ckpt, fmt, tp):
     out = tmp_path / fmt
     build_llm(odd_vocab_ckpt, out, BuildOptions(get_format(fmt), tp=tp), calib_size=4)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["vocab_size"] == 515
-    rows = vocab_rows(515, tp)
-    assert rows == (515 if tp == 1 else 516)
+    assert cfg["vocab_size"] == 523
+    rows = vocab_rows(523, tp)
+    assert rows == (523 if tp == 1 else 524)
     for name in ("lm_head.weight", "transformer.vocab_embedding.weight"):
         parts = []
         for r in range(tp):
             with safe_open(str(out / f"rank{r}.safetensors"), "pt") as f:
                 parts.append(f.get_tensor(name))
         assert [p.shape[0] for p in parts] == [rows // tp] * tp, name
-        assert torch.cat(parts)[515:].abs().sum() == 0  # the padding row, when there is one, is zero
+        assert torch.cat(parts)[523:].abs().sum() == 0  # the padding row, when there is one, is zero
     report = json.loads((out / "reports" / "fidelity.json").read_text())
     assert report["passed"], report
     ex = TRTLLMExecutor.load(out)
     from runtime.trtllm_executor import KVCache
 
     logits = ex.forward([1, 2, 3], None, KVCache())
-    assert logits.shape[-1] == 515  # what greedy and sampling choose from: the real ids only
+    assert logits.shape[-1] == 523  # what greedy and sampling choose from: the real ids only
     hot = ex.generate([Request([1, 2, 3], 64, temperature=50.0, top_k=0, seed=5)])[0].tokens
-    assert len(set(hot)) > 20 and all(0 <= t < 515 for t in hot)  # near-uniform sampling never leaves them
+    assert len(set(hot)) > 20 and all(0 <= t < 523 for t in hot)  # near-uniform sampling never leaves them
 
 
 def test_a_checkpoint_with_the_wrong_vocabulary_rows_is_refused(tmp_path, odd_vocab_ckpt):
@@ -301,7 +301,36 @@ def test_a_checkpoint_with_the_wrong_vocabulary_rows_is_refused(tmp_path, odd_vo
     out = tmp_path / "b"
     build_llm(odd_vocab_ckpt, out, BuildOptions(get_format("bf16")), fidelity=False)
     t = load_file(str(out / "rank0.safetensors"))
-    t["lm_head.weight"] = torch.cat([t["lm_head.weight"], t["lm_head.weight"].new_zeros(61, 256)])
+    t["lm_head.weight"] = torch.cat([t["lm_head.weight"], t["lm_head.weight"].new_zeros(576 - 523, 256)])
     save_file(t, str(out / "rank0.safetensors"))
-    with pytest.raises(CheckpointError, match="lm_head has 576 rows over TP1; TensorRT-LLM expects vocab_size 515"):
+    with pytest.raises(CheckpointError, match="lm_head has 576 rows over TP1; TensorRT-LLM expects vocab_size 523"):
         TRTLLMExecutor.load(out)
+
+
+@pytest.mark.parametrize("fmt, kv", [("fp8", False), ("int4_awq", False)])
+def test_builds_of_the_trained_default_keep_its_task_accuracy(tmp_path, trained_ckpt, fmt, kv):
+    """The fidelity report of a build of the trained default scores it on held-out tile-task questions."""
+    d = tmp_path / "o"
+    build_llm(trained_ckpt, d, BuildOptions(get_format(fmt), kv_cache_fp8=kv), calib_size=8)
+    report = json.loads((d / "reports" / "fidelity.json").read_text())
+    task = {c["name"]: c for c in report["checks"]}["task_accuracy_vs_reference"]
+    assert report["passed"] and task["passed"] and task["value"] >= 0.85, task
+
+
+def test_the_task_check_fails_when_the_images_do_not_arrive(trained_ckpt, tmp_path):
+    """A build whose image rows are lost (a zero prompt table) answers near chance: the check catches it."""
+    from builder.fidelity import task_check
+    from runtime.reference import reference_model
+    from runtime.tokenizer import NVLMTokenizer
+
+    d = tmp_path / "bf16"
+    build_llm(trained_ckpt, d, BuildOptions(get_format("bf16")), fidelity=False)
+    ex = TRTLLMExecutor.load(d)
+    reference, tok = reference_model(trained_ckpt), NVLMTokenizer.from_dir(trained_ckpt)
+    good = task_check(ex, reference, tok, questions=24)
+    assert good.passed and good.value >= 0.8
+    real = ex.generate
+    ex.generate = lambda reqs, **kw: real([Request(r.input_ids, r.max_new_tokens, torch.zeros_like(r.prompt_table),
+                                                   end_id=r.end_id) for r in reqs], **kw)
+    blind = task_check(ex, reference, tok, questions=24)
+    assert not blind.passed and blind.value < good.value - 0.2

@@ -38,6 +38,8 @@ The chart compares latency and throughput of the vision encoder and the language
 A photo of a cat sitting on a wooden table next to a cup of coffee in the morning light.
 <Image><tile_1><tile_2><tile_3><tile_4><tile_5><tile_6><tile_global_thumbnail></Image>
 user assistant system question answer tile image thumbnail picture document table figure
+What colour is the shape in tile 1? red. What shape is in tile 2? circle. Which tile has the blue shape?
+tile 3. How many shapes are there? 4. green yellow square triangle colour shape shapes tile 1 tile 2 tile 4
 """
 
 
@@ -66,6 +68,10 @@ VARIANTS = {
     "x": DemoDims(architecture="NVLM_X", cross_attention_layers=(0, 1)),
     "h": DemoDims(architecture="NVLM_H", cross_attention_layers=(0, 1)),
 }
+# The trained embedded default (nvlm-build demo-train, issue 17): NVLM-D's preset with a deeper vision tower
+# (four layers: shape needs spatial context that two layers of 14-pixel patches do not give).
+DEMO_TRAINED_DIMS = DemoDims(vision_layers=4)
+
 # tanh(1.0) ≈ 0.76: the cross-attention layers move the residual stream as much as a self-attention layer
 DEMO_GATE = 1.0
 
@@ -198,32 +204,60 @@ def _condition_llm_head(tensors: dict, gen) -> None:
         tensors[head_name] = (emb[perm] / emb.shape[1] ** 0.5).to(torch.bfloat16)
 
 
-def write_demo_checkpoint(out: str | Path, *, variant: str = "d", seed: int = 0, num_shards: int = 2,
-                          force: bool = False, vocab_size: int | None = None) -> Path:
-    """Generate the embedded default into `out` (atomically: temp dir, then rename). `vocab_size`: the
-    model's vocabulary (rows of the embedding and the LM head), at least the tokenizer's; by default the
-    tokenizer's rounded up to 128. Tests use odd sizes: quantized exports pad the LM head's rows."""
-    import torch
-    from safetensors.torch import save_file
-
-
-    if variant not in VARIANTS:
-        raise ConfigError(f"unknown demo variant {variant!r}; available: {sorted(VARIANTS)}")
-    dims = VARIANTS[variant]
+def demo_parts(dims: DemoDims, vocab_size: int | None = None):
+    """(raw HF config, typed config, tokenizer) of a demo model: what its checkpoint holds besides weights."""
     tok = build_tokenizer(dims.tokenizer_vocab)
     if vocab_size is None:
         vocab_size = _round_up(tok.get_vocab_size(), 128)
     elif vocab_size < tok.get_vocab_size():
         raise ConfigError(f"vocab_size {vocab_size} is below the demo tokenizer's {tok.get_vocab_size()} tokens")
     raw_cfg = demo_config(dims, vocab_size, tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>"))
-    cfg = from_hf(raw_cfg)
+    return raw_cfg, from_hf(raw_cfg), tok
 
-    gen = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for comp in family_for(cfg).components:
-        for source, _, shape in comp.expand(cfg):
-            tensors[source] = _init_tensor(source, shape, gen).to(torch.bfloat16).contiguous()
-    _condition_llm_head(tensors, gen)
+
+# The trained NVLM-D embedded default (`nvlm-build demo-train`, issue 17): bf16 weights under the released
+# names, and a card with the command, seed, checksum and held-out accuracy that produced them.
+TRAINED_WEIGHTS = Path(__file__).parent / "assets" / "nvlm_d_demo_trained.safetensors"
+
+
+# Written into a demo checkpoint with trained weights: builds of it check task accuracy in their fidelity report.
+TASK_MARKER = "nvlm_trt_demo.json"
+
+
+def trained_available() -> bool:
+    return TRAINED_WEIGHTS.is_file()
+
+
+def is_trained_default(directory: str | Path) -> bool:
+    """Whether a checkpoint is a trained embedded default (it answers runtime/tile_task.py's questions)."""
+    marker = Path(directory) / TASK_MARKER
+    return marker.is_file() and json.loads(marker.read_text()).get("task") == "tile_task/v1"
+
+
+def write_demo_checkpoint(out: str | Path, *, variant: str = "d", seed: int = 0, num_shards: int = 2,
+                          force: bool = False, vocab_size: int | None = None, weights: str | Path = "random") -> Path:
+    """Generate the embedded default into `out` (atomically: temp dir, then rename). `vocab_size`: the
+    model's vocabulary (rows of the embedding and the LM head), at least the tokenizer's; by default the
+    tokenizer's rounded up to 128. Tests use odd sizes: quantized exports pad the LM head's rows.
+    `weights`: "random" (seeded, conditioned to be decisive), "trained" (the packaged NVLM-D weights trained on
+    the tile task), or a safetensors file of released-name weights (a `demo-train` output)."""
+    import torch
+    from safetensors.torch import save_file
+
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown demo variant {variant!r}; available: {sorted(VARIANTS)}")
+    dims = VARIANTS[variant] if weights == "random" or variant != "d" else DEMO_TRAINED_DIMS
+    raw_cfg, cfg, tok = demo_parts(dims, vocab_size)
+
+    if weights == "random":
+        gen = torch.Generator().manual_seed(seed)
+        tensors = {}
+        for comp in family_for(cfg).components:
+            for source, _, shape in comp.expand(cfg):
+                tensors[source] = _init_tensor(source, shape, gen).to(torch.bfloat16).contiguous()
+        _condition_llm_head(tensors, gen)
+    else:
+        tensors = _trained_tensors(cfg, TRAINED_WEIGHTS if weights == "trained" else Path(weights), variant)
 
     def write(tmp: Path) -> None:
         (tmp / "config.json").write_text(json.dumps(raw_cfg, indent=2) + "\n")
@@ -236,8 +270,26 @@ def write_demo_checkpoint(out: str | Path, *, variant: str = "d", seed: int = 0,
         (tmp / "generation_config.json").write_text(json.dumps({
             "eos_token_id": [raw_cfg["llm_config"]["eos_token_id"]], "do_sample": False}, indent=2) + "\n")
         _write_shards(tensors, tmp, num_shards, save_file)
+        if weights != "random":
+            (tmp / TASK_MARKER).write_text(json.dumps({"task": "tile_task/v1", "weights": str(weights)}) + "\n")
 
     return publish_dir(Path(out), write, force=force)
+
+
+def _trained_tensors(cfg, path: Path, variant: str) -> dict:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise ConfigError(f"trained weights {path} not found; `nvlm-build demo-train` writes them, or use "
+                          "--weights random")
+    tensors = load_file(str(path))
+    expected = {source: shape for comp in family_for(cfg).components for source, _, shape in comp.expand(cfg)}
+    got = {name: tuple(t.shape) for name, t in tensors.items()}
+    if got != expected:
+        raise ConfigError(f"{path}: its tensors do not fit the variant {variant!r} demo architecture "
+                          f"(missing {sorted(set(expected) - set(got))[:3]}, unexpected {sorted(set(got) - set(expected))[:3]}, "
+                          f"reshaped {sorted(n for n in set(got) & set(expected) if got[n] != expected[n])[:3]})")
+    return {n: t.contiguous() for n, t in tensors.items()}
 
 
 def _write_shards(tensors: dict, directory: Path, num_shards: int, save_file) -> None:

@@ -1,0 +1,267 @@
+"""`nvlm-build demo-train`: train the embedded default from scratch on the tile task, on CPU.
+
+The recipe (issue 17): the NVLM-D embedded default's architecture and real geometry (448 tiles, patch 14,
+pixel shuffle to 256 tokens per tile, the released prompt with 1-D tile tags) trained end to end — vision
+tower, projector and decoder — on freshly generated images of `runtime.tile_task`, with the loss on the
+answer tokens only. Standard initialisation (not the random default's "decisive" head). A curriculum: the
+first part of the run sees one-tile images only (shape and colour of one cell, cheap), the rest every
+canvas (tile indexing, counting). AdamW with warm-up and cosine decay; each optimizer step accumulates
+`batch` samples (their sequence lengths differ, so they run one at a time).
+
+Deterministic for a given seed and thread count: the data stream is a numpy Generator of the seed, the
+initialisation torch's generator of the seed, and every op runs on the CPU with a fixed thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts, write_demo_checkpoint
+from runtime.core.families import PromptLayout, family_for
+from runtime.core.progress import bar
+from runtime.preprocess import preprocess_image_fast
+from runtime.prompt import Message, build_prompt
+from runtime.reference import NVLMReference, reference_model
+from runtime.tile_task import CANVASES, COLOURS, QUESTION_TYPES, SHAPES, accuracy, heldout, sample
+from runtime.tokenizer import NVLMTokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    samples: int = 6000  # training questions, each on a fresh image
+    batch: int = 8  # samples per optimizer step
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_steps: int = 20
+    single_tile_fraction: float = 0.35  # the first part of the run: 448×448 images only
+    seed: int = 0
+    threads: int = 2
+    tile_tags: bool = True  # False: the ablation without NVLM's 1-D tile tags
+    # how often each question type is asked (colour, shape, which_tile, count): shape is the hard one
+    question_mix: tuple[float, ...] = (1.0, 2.0, 1.0, 1.0)
+    # initialise the vision tower's (learned) position embedding with 2-D sin-cos values (as MAE does) rather
+    # than noise: shape needs to know which patch is above which from the first step
+    sincos_positions: bool = True
+    # weight of an auxiliary loss during training only: a linear probe on each regular tile's pooled image
+    # tokens predicts its cell's shape and colour (the probe is discarded; the shipped model is plain NVLM-D)
+    aux_weight: float = 1.0
+
+    @property
+    def steps(self) -> int:
+        return math.ceil(self.samples / self.batch)
+
+
+def sincos_2d(side: int, dim: int) -> torch.Tensor:
+    """[1 + side², dim] fixed 2-D sine-cosine position codes (MAE's): half the channels encode the row, half
+    the column, at geometrically spaced frequencies; the CLS position gets zeros."""
+    quarter = dim // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                                indexing="ij")
+    parts = [f(p.reshape(-1, 1) * freq) for p in (rows, cols) for f in (torch.sin, torch.cos)]
+    grid = torch.cat(parts, dim=1)  # [side², 4·quarter]
+    return torch.cat([torch.zeros(1, dim), torch.nn.functional.pad(grid, (0, dim - grid.shape[1]))])
+
+
+def init_model(cfg, seed: int, sincos_positions: bool = True) -> NVLMReference:
+    """Standard initialisation: transformers' for the decoder (normal 0.02), small normals for the vision
+    embeddings (or 2-D sin-cos position codes), InternViT's layer scale 0.1, torch's defaults elsewhere."""
+    torch.manual_seed(seed)
+    model = NVLMReference(cfg).float()
+    with torch.no_grad():
+        emb = model.vision.embeddings
+        emb.class_embedding.normal_(0, 0.02)
+        emb.position_embedding.normal_(0, 0.02)
+        if sincos_positions:
+            emb.position_embedding.copy_(sincos_2d(cfg.vision.patches_per_side, cfg.vision.hidden_size)[None])
+        for layer in model.vision.encoder.layers:
+            layer.ls1.fill_(0.1)
+            layer.ls2.fill_(0.1)
+    return model
+
+
+def lr_at(recipe: Recipe, step: int) -> float:
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    t = (step - recipe.warmup_steps) / max(1, recipe.steps - recipe.warmup_steps)
+    return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def encode_sample(s, tok, cfg, layout):
+    """(pixel values [T, 3, S, S], prompt ids, answer ids ending with <|im_end|>)."""
+    pre = preprocess_image_fast(s.scene.image, config=cfg.preprocess)
+    prompt = build_prompt(tok, [Message("user", "<image>\n" + s.question)], [pre.num_tiles],
+                          tokens_per_tile=cfg.preprocess.tokens_per_tile, layout=layout)
+    return torch.from_numpy(pre.pixel_values), list(prompt.input_ids), tok.encode(s.answer) + [tok.im_end_id]
+
+
+def untagged(layout: PromptLayout) -> PromptLayout:
+    """The ablation's prompt: the same image tokens without NVLM's 1-D tile tags (`<Image>` + tokens + `</Image>`)."""
+    return replace(layout, in_text=lambda tag: False)
+
+
+class TileProbe(torch.nn.Module):
+    """Training-only: (mean ‖ max)-pooled image tokens of a tile → its cell's shape and colour."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.head = torch.nn.Linear(2 * hidden, len(SHAPES) + len(COLOURS))
+
+    def forward(self, tiles: torch.Tensor, cells) -> torch.Tensor:
+        """tiles [T, 256, hidden] (regular tiles first, in cell order) → mean cross-entropy over the cells."""
+        n = len(cells)
+        pooled = torch.cat([tiles[:n].mean(1), tiles[:n].amax(1)], dim=-1)
+        logits = self.head(pooled)
+        shape = torch.tensor([SHAPES.index(s) for s, _ in cells])
+        colour = torch.tensor([list(COLOURS).index(c) for _, c in cells])
+        ce = torch.nn.functional.cross_entropy
+        return ce(logits[:, :len(SHAPES)], shape) + ce(logits[:, len(SHAPES):], colour)
+
+
+def sample_loss(model: NVLMReference, pv: torch.Tensor, ids: list[int], answer: list[int], pad_id: int,
+                probe: TileProbe | None = None, cells=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy of the answer tokens given the prompt (teacher forcing), the probe's loss or 0)."""
+    seq = torch.tensor([ids + answer[:-1]])
+    tiles = model.encode_tiles(pv)  # [T, 256, hidden]
+    embeds = model.embed(seq, tiles.flatten(0, 1), pad_id)
+    hidden = model.llm.model(inputs_embeds=embeds).last_hidden_state[0, -len(answer):]  # [A, hidden]
+    loss = torch.nn.functional.cross_entropy(model.llm.lm_head(hidden), torch.tensor(answer))
+    return loss, (torch.zeros(()) if probe is None else probe(tiles, cells))
+
+
+def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, list[dict]]:
+    """Train from scratch; returns the model and the per-step log (also appended to `log_file` as JSONL)."""
+    torch.set_num_threads(recipe.threads)
+    _, cfg, raw_tok = demo_parts(DEMO_TRAINED_DIMS)
+    tok = NVLMTokenizer(raw_tok, Path("<demo tokenizer>"))
+    layout = family_for(cfg).prompt_layout if recipe.tile_tags else untagged(family_for(cfg).prompt_layout)
+    model = init_model(cfg, recipe.seed, recipe.sincos_positions).train()
+    probe = TileProbe(cfg.llm.hidden_size) if recipe.aux_weight else None
+    params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
+    opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
+    rng = np.random.default_rng([recipe.seed, 2024])
+    single_tile_samples = int(recipe.single_tile_fraction * recipe.samples)
+    mix = np.array(recipe.question_mix) / sum(recipe.question_mix)
+    history, done, t0 = [], 0, time.perf_counter()
+    out = open(log_file, "a") if log_file else None
+    try:
+        with bar(recipe.steps, "training the embedded default", unit="step") as progress:
+            for step in range(recipe.steps):
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(recipe, step)
+                opt.zero_grad(set_to_none=True)
+                losses, by_type = [], {}
+                for _ in range(min(recipe.batch, recipe.samples - done)):
+                    canvas = CANVASES[0] if done < single_tile_samples else None
+                    qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=mix))]
+                    s = sample(rng, qtype, canvas=canvas)
+                    pv, ids, answer = encode_sample(s, tok, cfg, layout)
+                    loss, aux = sample_loss(model, pv, ids, answer, tok.image_pad_id, probe, s.scene.cells)
+                    ((loss + recipe.aux_weight * aux) / recipe.batch).backward()
+                    losses.append(loss.item())
+                    by_type.setdefault(qtype, []).append(loss.item())
+                    done += 1
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                opt.step()
+                row = {"step": step + 1, "samples": done, "loss": sum(losses) / len(losses),
+                       "loss_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
+                       "lr": lr_at(recipe, step), "seconds": round(time.perf_counter() - t0, 2)}
+                history.append(row)
+                if out:
+                    out.write(json.dumps(row) + "\n")
+                    out.flush()
+                progress(1)
+                if (step + 1) % 25 == 0 or step + 1 == recipe.steps:
+                    log.info("step %d/%d: %d samples, loss %.4f, %.0f s", step + 1, recipe.steps, done, row["loss"],
+                             row["seconds"])
+    finally:
+        if out:
+            out.close()
+    return model.eval(), history
+
+
+def recipe_json(recipe: Recipe) -> dict:
+    return asdict(recipe)
+
+
+def released_tensors(model: NVLMReference, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    """The model's weights under the released checkpoint's names (the family's weight map, read backwards)."""
+    cfg = model.cfg
+    modules = model.component_modules()
+    out = {}
+    for comp in family_for(cfg).components:
+        state = modules[comp.name].state_dict()
+        for source, target, shape in comp.expand(cfg):
+            t = state[target]
+            if tuple(t.shape) != tuple(shape):
+                raise RuntimeError(f"{target}: {tuple(t.shape)} is not the weight map's {shape}")
+            out[source] = t.detach().to(dtype).contiguous()
+    return out
+
+
+@torch.no_grad()
+def predict(model: NVLMReference, tok, samples, layout: PromptLayout | None = None, max_new_tokens: int = 4) -> list[str]:
+    """Greedy answers of the reference model to task samples (the prompt exactly as training and serving build it)."""
+    layout = layout or family_for(model.cfg).prompt_layout
+    answers = []
+    for s in samples:
+        pv, ids, _ = encode_sample(s, tok, model.cfg, layout)
+        r = model.generate(ids, pv.to(model.dtype), image_token_id=tok.image_pad_id, max_new_tokens=max_new_tokens,
+                           eos_token_id=tok.im_end_id)
+        answers.append(tok.decode(r.tokens))
+    return answers
+
+
+def weights_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def train_and_save(out: Path, recipe: Recipe, *, command: str, eval_n: int = 400, eval_seed: int = 1,
+                   log_file: Path | None = None) -> dict:
+    """Train, write the bf16 weights (released names) to `out` atomically and a card beside it
+    (`out` with .json: recipe, command, seed, checksum, held-out accuracy of the saved bf16 weights)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    t0 = time.perf_counter()
+    model, history = train(recipe, log_file)
+    seconds = time.perf_counter() - t0
+    tensors = released_tensors(model)
+    tmp = out.with_name(f".{out.name}.partial")
+    save_file(tensors, str(tmp), metadata={"format": "pt", "recipe": json.dumps(recipe_json(recipe))})
+    tmp.replace(out)
+    accuracy = None
+    if eval_n:  # through a checkpoint written exactly as `demo-checkpoint --weights FILE` writes it
+        with tempfile.TemporaryDirectory() as tmpdir:
+            ckpt = write_demo_checkpoint(Path(tmpdir) / "ckpt", weights=out)
+            accuracy = evaluate_checkpoint(ckpt, eval_n, eval_seed, tile_tags=recipe.tile_tags)
+    card = {"weights": out.name, "sha256": weights_sha256(out), "command": command, "recipe": recipe_json(recipe),
+            "train_seconds": round(seconds, 1), "final_loss": history[-1]["loss"],
+            "eval": {"questions": eval_n, "seed": eval_seed, "accuracy": accuracy}}
+    out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def evaluate_checkpoint(path: Path, n: int, seed: int, *, tile_tags: bool = True) -> dict:
+    """Task accuracy of a checkpoint's reference model on n held-out questions (all four types, seeded)."""
+    model, tok = reference_model(path), NVLMTokenizer.from_dir(path)
+    layout = family_for(model.cfg).prompt_layout
+    samples = heldout(n, seed)
+    return accuracy(samples, predict(model, tok, samples, layout if tile_tags else untagged(layout)))
