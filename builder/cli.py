@@ -93,6 +93,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
     p.add_argument("--single-tile-fraction", type=float, default=d.single_tile_fraction,
                    help=f"first part of the run on one-tile images only (default {d.single_tile_fraction})")
+    p.add_argument("--shape-first", type=int, default=d.shape_first, metavar="N",
+                   help="start with N one-tile samples of shape questions only (default 0)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (results depend on it)")
     p.add_argument("--no-tile-tags", action="store_true", help="ablation: prompts without NVLM's 1-D tile tags")
@@ -106,10 +108,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _train(args) -> int:
     from pathlib import Path
 
+    if not 0 <= args.shape_first <= args.samples:
+        raise NVLMError(f"--shape-first {args.shape_first} must be between 0 and --samples {args.samples}")
     recipe = Recipe(samples=args.samples, batch=args.batch, lr=args.lr, single_tile_fraction=args.single_tile_fraction,
-                    seed=args.seed, threads=args.threads, tile_tags=not args.no_tile_tags)
+                    seed=args.seed, threads=args.threads, tile_tags=not args.no_tile_tags, shape_first=args.shape_first)
     command = (f"nvlm-build demo-train {args.out} --samples {args.samples} --batch {args.batch} --lr {args.lr} "
-               f"--single-tile-fraction {args.single_tile_fraction} --seed {args.seed} --threads {args.threads}"
+               f"--single-tile-fraction {args.single_tile_fraction} --shape-first {args.shape_first} --seed {args.seed} "
+               f"--threads {args.threads}"
                + (" --no-tile-tags" if args.no_tile_tags else ""))
     card = train_and_save(Path(args.out), recipe, command=command, eval_n=args.eval, eval_seed=args.eval_seed,
                           log_file=Path(args.log) if args.log else None)

@@ -45,6 +45,9 @@ class Recipe:
     weight_decay: float = 0.01
     warmup_steps: int = 20
     single_tile_fraction: float = 0.35  # the first part of the run: 448×448 images only
+    # before everything else: this many one-tile samples with shape questions only (circle vs square needs a
+    # phase of its own; docs/demo_model.md)
+    shape_first: int = 0
     seed: int = 0
     threads: int = 2
     tile_tags: bool = True  # False: the ablation without NVLM's 1-D tile tags
@@ -60,6 +63,10 @@ class Recipe:
     @property
     def steps(self) -> int:
         return math.ceil(self.samples / self.batch)
+
+    def __post_init__(self):
+        if self.shape_first > self.samples:
+            raise ValueError(f"shape_first {self.shape_first} exceeds samples {self.samples}")
 
 
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
@@ -163,8 +170,9 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                 opt.zero_grad(set_to_none=True)
                 losses, by_type = [], {}
                 for _ in range(min(recipe.batch, recipe.samples - done)):
-                    canvas = CANVASES[0] if done < single_tile_samples else None
-                    qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=mix))]
+                    shape_phase = done < recipe.shape_first
+                    canvas = CANVASES[0] if shape_phase or done < recipe.shape_first + single_tile_samples else None
+                    qtype = "shape" if shape_phase else QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=mix))]
                     s = sample(rng, qtype, canvas=canvas)
                     pv, ids, answer = encode_sample(s, tok, cfg, layout)
                     loss, aux = sample_loss(model, pv, ids, answer, tok.image_pad_id, probe, s.scene.cells)

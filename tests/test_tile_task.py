@@ -153,3 +153,13 @@ def test_the_shipped_default_answers_fresh_questions(trained_ckpt):
     assert acc["n"] == {t: 25 for t in QUESTION_TYPES}
     assert min(acc["colour"], acc["which_tile"], acc["count"]) >= SEE_FLOOR_EASY, acc
     assert acc["shape"] >= SEE_FLOOR_SHAPE, acc
+
+
+def test_shape_first_phase(capsys):
+    from builder.cli import main
+    from builder.demo_train import Recipe, train
+
+    _, h = train(Recipe(samples=6, batch=2, shape_first=4, single_tile_fraction=0.0, seed=2, threads=1))
+    assert [set(r["loss_by_type"]) for r in h[:2]] == [{"shape"}, {"shape"}]
+    assert main(["demo-train", "/nonexistent/w.safetensors", "--samples", "4", "--shape-first", "5"]) == 2
+    assert "--shape-first 5 must be between 0 and --samples 4" in capsys.readouterr().err
