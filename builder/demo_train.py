@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.core.build_dir import sha256_file
 from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts, write_demo_checkpoint
 from runtime.core.families import PromptLayout, family_for
 from runtime.core.progress import bar
@@ -199,10 +200,6 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
     return model.eval(), history
 
 
-def recipe_json(recipe: Recipe) -> dict:
-    return asdict(recipe)
-
-
 def released_tensors(model: NVLMReference, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
     """The model's weights under the released checkpoint's names (the family's weight map, read backwards)."""
     cfg = model.cfg
@@ -231,16 +228,6 @@ def predict(model: NVLMReference, tok, samples, layout: PromptLayout | None = No
     return answers
 
 
-def weights_sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def train_and_save(out: Path, recipe: Recipe, *, command: str, eval_n: int = 400, eval_seed: int = 1,
                    log_file: Path | None = None) -> dict:
     """Train, write the bf16 weights (released names) to `out` atomically and a card beside it
@@ -253,14 +240,14 @@ def train_and_save(out: Path, recipe: Recipe, *, command: str, eval_n: int = 400
     seconds = time.perf_counter() - t0
     tensors = released_tensors(model)
     tmp = out.with_name(f".{out.name}.partial")
-    save_file(tensors, str(tmp), metadata={"format": "pt", "recipe": json.dumps(recipe_json(recipe))})
+    save_file(tensors, str(tmp), metadata={"format": "pt", "recipe": json.dumps(asdict(recipe))})
     tmp.replace(out)
     accuracy = None
     if eval_n:  # through a checkpoint written exactly as `demo-checkpoint --weights FILE` writes it
         with tempfile.TemporaryDirectory() as tmpdir:
             ckpt = write_demo_checkpoint(Path(tmpdir) / "ckpt", weights=out)
             accuracy = evaluate_checkpoint(ckpt, eval_n, eval_seed, tile_tags=recipe.tile_tags)
-    card = {"weights": out.name, "sha256": weights_sha256(out), "command": command, "recipe": recipe_json(recipe),
+    card = {"weights": out.name, "sha256": sha256_file(out), "command": command, "recipe": asdict(recipe),
             "train_seconds": round(seconds, 1), "final_loss": history[-1]["loss"],
             "eval": {"questions": eval_n, "seed": eval_seed, "accuracy": accuracy}}
     out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")

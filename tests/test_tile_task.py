@@ -112,12 +112,12 @@ def test_trained_weights_round_trip_through_the_checkpoint_writer(tmp_path, caps
     """demo-train's output: weights + card (checksum, recipe, accuracy); demo-checkpoint --weights FILE and
     nvlm-build eval read it back."""
     from builder.cli import main
-    from builder.demo_train import weights_sha256
+    from runtime.core.build_dir import sha256_file
 
     out = tmp_path / "w.safetensors"
     assert main(["demo-train", str(out), "--samples", "4", "--batch", "2", "--threads", "1", "--eval", "4"]) == 0
     card = json.loads(out.with_suffix(".json").read_text())
-    assert card["sha256"] == weights_sha256(out) and card["recipe"]["samples"] == 4
+    assert card["sha256"] == sha256_file(out) and card["recipe"]["samples"] == 4
     assert set(card["eval"]["accuracy"]) >= set(QUESTION_TYPES) and "--seed 0 --threads 1" in card["command"]
     capsys.readouterr()
     assert main(["demo-checkpoint", str(tmp_path / "ck"), "--weights", str(out)]) == 0
@@ -136,11 +136,11 @@ def test_sample_types():
 
 
 def test_the_packaged_weights_are_the_card_s(trained_ckpt):
-    from builder.demo_train import weights_sha256
+    from runtime.core.build_dir import sha256_file
     from runtime.core.demo_checkpoint import TRAINED_WEIGHTS, is_trained_default
 
     card = json.loads(TRAINED_WEIGHTS.with_suffix(".json").read_text())
-    assert weights_sha256(TRAINED_WEIGHTS) == card["sha256"]
+    assert sha256_file(TRAINED_WEIGHTS) == card["sha256"]
     assert card["recipe"]["seed"] == 0 and card["command"].startswith("nvlm-build demo-train")
     assert is_trained_default(trained_ckpt)
 
