@@ -34,6 +34,37 @@ class Answer:
     chunks: list[str] = field(default_factory=list)
     chunk_times: list[float] = field(default_factory=list)  # arrival of each chunk, seconds after the send
     counts: dict = field(default_factory=dict)  # num_input_tokens / num_output_tokens, when asked for
+    log_probs: list[float] | None = None  # per returned token, when asked for (return_log_probs)
+    cum_log_prob: float | None = None
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """Decoding controls a request may carry (the entry model's input names; runtime/decoding.py says
+    what each does). None / empty: not sent, the server's default."""
+
+    stop: tuple[str, ...] = ()  # stop_words: generation ends at the first; it is not returned
+    bad_words: tuple[str, ...] = ()  # never produced
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    log_probs: bool = False  # return_log_probs
+    exclude_input: bool | None = None  # exclude_input_in_output; False: the answer starts with the prompt
+
+    def inputs(self) -> dict:
+        """name → (Triton dtype, array), for `NVLMClient.generate(extra=...)`."""
+        out = {}
+        for name, words in (("stop_words", self.stop), ("bad_words", self.bad_words)):
+            if words:
+                out[name] = ("BYTES", np.array([w.encode() for w in words], dtype=object))
+        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
+            if getattr(self, name) is not None:
+                out[name] = ("FP32", np.array([getattr(self, name)], np.float32))
+        if self.log_probs:
+            out["return_log_probs"] = ("BOOL", np.array([True]))
+        if self.exclude_input is not None:
+            out["exclude_input_in_output"] = ("BOOL", np.array([self.exclude_input]))
+        return out
 
 
 class NVLMClient:
@@ -113,13 +144,15 @@ class NVLMClient:
 
     def generate(self, prompt: str, images=(), *, max_tokens: int = 64, stream: bool = False,
                  temperature: float = 0.0, top_k: int = 1, top_p: float = 0.0, seed: int = 0,
-                 on_text=None, extra: dict | None = None) -> Answer:
+                 on_text=None, extra: dict | None = None, decoding: Decoding | None = None) -> Answer:
+        extra = {**(decoding.inputs() if decoding else {}), **(extra or {})}
         inputs = self._inputs(prompt, images, max_tokens, stream, temperature, top_k, top_p, seed, extra)
         t0 = time.perf_counter()  # a stream opened for this request counts in its latency; a kept one does not
         done = self._open()
         if self.keep_stream:
             t0 = time.perf_counter()
         ttft, chunks, tokens, times, counts = None, [], [], [], {}
+        log_probs, cum = ([] if decoding and decoding.log_probs else None), None
         end, finished = None, False
         try:
             self.client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
@@ -135,6 +168,11 @@ class NVLMClient:
                     n = result.as_numpy(name)
                     if n is not None and n.size:
                         counts[name] = int(n.reshape(-1)[0])
+                lp, c = result.as_numpy("output_log_probs"), result.as_numpy("cum_log_probs")
+                if log_probs is not None and lp is not None:
+                    log_probs += lp.reshape(-1).tolist()
+                if c is not None and c.size:
+                    cum = float(c.reshape(-1)[0])
                 text = result.as_numpy("text_output")
                 if text is not None and text.size:
                     if ttft is None:
@@ -152,7 +190,7 @@ class NVLMClient:
         finally:
             if not (self.keep_stream and finished):  # after a failure a kept stream is not trusted again
                 self.close()
-        return Answer("".join(chunks), tokens, end - t0, ttft, chunks, times, counts)
+        return Answer("".join(chunks), tokens, end - t0, ttft, chunks, times, counts, log_probs, cum)
 
 
 def main(argv=None) -> int:
@@ -166,6 +204,12 @@ def main(argv=None) -> int:
     ap.add_argument("--top-k", type=int, default=1)
     ap.add_argument("--top-p", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stop", action="append", default=[], help="stop word (repeatable; not returned)")
+    ap.add_argument("--bad-word", action="append", default=[], help="a word never to produce (repeatable)")
+    ap.add_argument("--repetition-penalty", type=float)
+    ap.add_argument("--presence-penalty", type=float)
+    ap.add_argument("--frequency-penalty", type=float)
+    ap.add_argument("--log-probs", action="store_true", help="return each token's log-probability (with --json)")
     ap.add_argument("--stream", action="store_true", help="print text as tokens arrive")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -178,7 +222,9 @@ def main(argv=None) -> int:
         printer = (lambda c: print(c, end="", flush=True)) if args.stream and not args.json else None
         ans = client.generate(args.prompt, args.image, max_tokens=args.max_tokens, stream=args.stream,
                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              on_text=printer)
+                              on_text=printer,
+                              decoding=Decoding(tuple(args.stop), tuple(args.bad_word), args.repetition_penalty,
+                                                args.presence_penalty, args.frequency_penalty, args.log_probs))
     except NVLMError as e:
         print(f"nvlm-client: error: {e}", file=sys.stderr)
         return 2

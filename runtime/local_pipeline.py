@@ -39,6 +39,11 @@ class LocalPipeline:
 
     def generate(self, prompt: str, images: list[bytes], max_tokens: int) -> list[int]:
         """Greedy token ids for one request, as the served `nvlm` model would return them."""
+        return self.run(prompt, images, max_tokens).tokens
+
+    def run(self, prompt: str, images: list[bytes], max_tokens: int, **controls):
+        """The executor's Result for one request; `controls`: Request fields (penalties, stop_words and
+        bad_words as token sequences, return_log_probs, sampling)."""
         import torch
 
 
@@ -50,5 +55,6 @@ class LocalPipeline:
             emb = self.vision.run(None, {"pixel_values": np.concatenate([d.pixel_values for d in done])})[0]
             dtype = {"BF16": torch.bfloat16, "FP16": torch.float16, "FP32": torch.float32}[self.table_dtype]
             table = torch.from_numpy(emb.reshape(-1, emb.shape[-1]).astype(np.float32)).to(dtype).float()
-        req = Request(p.trtllm_input_ids(self.executor.vocab_size), max_tokens, table, end_id=self.tok.im_end_id)
-        return self.executor.generate([req])[0].tokens
+        req = Request(p.trtllm_input_ids(self.executor.vocab_size), max_tokens, table, end_id=self.tok.im_end_id,
+                      **controls)
+        return self.executor.generate([req])[0]

@@ -29,6 +29,7 @@ from runtime.core import trtllm_layout as layout
 from runtime.core.errors import CheckpointError, InputError, UnsupportedArchitectureError
 from runtime.core.families import family_for_trtllm
 from runtime.core.llm_formats import FP8_MAX, LLMFormat, UnsupportedCombinationError, format_for_algo, q8
+from runtime.decoding import Controls, Decoder, Words
 
 
 class Linear:
@@ -255,8 +256,10 @@ class TRTLLMExecutor:
     # ------------------------------------------------------------------ generation
 
     @torch.no_grad()
-    def generate(self, requests: Sequence["Request"], on_token: Callable[[int, int], None] | None = None) -> list["Result"]:
-        """Independent sequences (any lengths); `on_token(request_index, token)` streams tokens."""
+    def generate(self, requests: Sequence["Request"],
+                 on_token: Callable[[int, int, float | None], None] | None = None) -> list["Result"]:
+        """Independent sequences (any lengths); `on_token(request_index, token, log_prob or None)` streams
+        tokens."""
         return [self._generate_one(i, r, on_token) for i, r in enumerate(requests)]
 
     def _generate_one(self, index: int, req: "Request", on_token) -> "Result":
@@ -264,44 +267,23 @@ class TRTLLMExecutor:
             raise InputError("input_ids is empty")
         if req.max_new_tokens < 1:
             raise InputError(f"request_output_len must be ≥ 1, got {req.max_new_tokens}")
-        g = torch.Generator().manual_seed(req.seed)
+        decoder = Decoder(req.input_ids, self.vocab_size, req.controls())
         cache = KVCache()
         logits = self.forward(req.input_ids, req.prompt_table, cache)[-1]
-        out: list[int] = []
+        reason = "length"
         for step in range(req.max_new_tokens):
             if req.cancelled is not None and req.cancelled():
-                return Result(out, "cancelled")
-            if req.end_id is not None and step < req.min_length:
-                logits = logits.clone()
-                logits[req.end_id] = float("-inf")
-            tok = sample(logits, req.temperature, req.top_k, req.top_p, g)
-            out.append(tok)
+                reason = "cancelled"
+                break
+            tok, finished = decoder.step(logits)
             if on_token:
-                on_token(index, tok)
-            if req.end_id is not None and tok == req.end_id:
-                return Result(out, "end_id")
+                on_token(index, tok, decoder.log_probs[-1] if req.return_log_probs else None)
+            if finished:
+                reason = finished
+                break
             if step + 1 < req.max_new_tokens:  # no forward pass for a token that will not be sampled
                 logits = self.forward([tok], None, cache)[-1]
-        return Result(out, "length")
-
-
-def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, g: torch.Generator) -> int:
-    """Greedy when temperature == 0 or top_k == 1; otherwise temperature, top-k, top-p sampling."""
-    if temperature <= 0 or top_k == 1:
-        return int(logits.argmax())
-    logits = logits.float() / temperature
-    if top_k and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)
-    if 0 < top_p < 1:
-        sorted_p, idx = probs.sort(descending=True)
-        keep = sorted_p.cumsum(0) - sorted_p < top_p
-        mask = torch.zeros_like(probs, dtype=torch.bool)
-        mask[idx[keep]] = True
-        probs = torch.where(mask, probs, torch.zeros_like(probs))
-        probs = probs / probs.sum()
-    return int(torch.multinomial(probs, 1, generator=g))
+        return Result(decoder.generated, reason, decoder.log_probs if req.return_log_probs else None)
 
 
 @dataclass
@@ -315,12 +297,28 @@ class Request:
     top_p: float = 0.0
     seed: int = 0
     min_length: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop_words: Words = ()  # token sequences (runtime/decoding.py)
+    bad_words: Words = ()
+    return_log_probs: bool = False
     # asked before every decode step: True stops the request there (a cancelled client, a `stop` request),
     # so a cancelled request holds the executor for at most one more step
     cancelled: Callable[[], bool] | None = None
+
+    def controls(self) -> Controls:
+        return Controls(self.temperature, self.top_k, self.top_p, self.seed, self.end_id, self.min_length,
+                        self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.stop_words,
+                        self.bad_words, self.return_log_probs)
 
 
 @dataclass
 class Result:
     tokens: list[int]
-    finish_reason: str  # "end_id" | "length" | "cancelled"
+    finish_reason: str  # "end_id" | "stop_words" | "length" | "cancelled"
+    log_probs: list[float] | None = None  # per generated token, when asked for (runtime/decoding.py)
+
+    @property
+    def cum_log_prob(self) -> float | None:
+        return None if self.log_probs is None else float(sum(self.log_probs))

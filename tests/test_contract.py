@@ -190,6 +190,23 @@ def test_contract_target_answers_as_the_reference_target(servers, prompt, images
     assert contract.generate(prompt, images, **kw).tokens == reference.generate(prompt, images, **kw).tokens
 
 
+def test_decoding_controls_reach_the_step_under_nvidia_s_names(servers):
+    """Stop words, bad words, penalties and log-probs through NVIDIA's `tensorrt_llm` I/O (the stand-in
+    declares exactly the backend's inputs, so a wrong name or dtype is refused by Triton)."""
+    from runtime.client import Decoding
+
+    contract, reference = servers
+    plain = reference.generate("Write one sentence about the sea.", max_tokens=8)
+    for d in (Decoding(presence_penalty=-1e4, log_probs=True), Decoding(repetition_penalty=5.0, frequency_penalty=30.0),
+              Decoding(stop=("sea",), bad_words=("the",), log_probs=True)):
+        for stream in (False, True):
+            want = reference.generate("Write one sentence about the sea.", max_tokens=8, stream=stream, decoding=d)
+            got = contract.generate("Write one sentence about the sea.", max_tokens=8, stream=stream, decoding=d)
+            assert got.tokens == want.tokens and got.text == want.text and got.log_probs == want.log_probs, d
+    assert contract.generate("Write one sentence about the sea.", max_tokens=8,
+                             decoding=Decoding(presence_penalty=-1e4)).tokens != plain.tokens
+
+
 def test_token_counts_and_min_tokens_reach_the_step(servers):
     contract, _ = servers
     extra = {"return_num_input_tokens": ("BOOL", np.array([True])),

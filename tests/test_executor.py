@@ -6,7 +6,8 @@ import torch
 from builder.llm_build import build_llm
 from runtime.core.errors import InputError
 from runtime.core.llm_formats import BuildOptions, get_format, q8, unpack_int4
-from runtime.trtllm_executor import KVCache, Request, TRTLLMExecutor, sample
+from runtime.decoding import sample
+from runtime.trtllm_executor import KVCache, Request, TRTLLMExecutor
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def test_streaming_callback_and_end_id(ex):
     r = Request([1, 2, 3], 6)
     greedy = ex.generate([r])[0].tokens
     seen = []
-    res = ex.generate([Request([1, 2, 3], 6, end_id=greedy[2])], on_token=lambda i, t: seen.append((i, t)))[0]
+    res = ex.generate([Request([1, 2, 3], 6, end_id=greedy[2])], on_token=lambda i, t, _: seen.append((i, t)))[0]
     assert res.tokens == greedy[:3] and res.finish_reason == "end_id" and [t for _, t in seen] == greedy[:3]
     forced = ex.generate([Request([1, 2, 3], 6, end_id=greedy[2], min_length=4)])[0]
     assert forced.tokens[2] != greedy[2] or len(forced.tokens) > 3

@@ -225,6 +225,8 @@ def _img(data):
      "beam_width must be 1"),
     ([TEXT[:2] + (np.array([b"hi"], dtype=object),), MAXT,
       ("repetition_penalty", "FP32", np.array([np.nan], np.float32))], "repetition_penalty must be a finite number"),
+    ([TEXT[:2] + (np.array([b"hi"], dtype=object),), MAXT,
+      ("repetition_penalty", "FP32", np.array([0.0], np.float32))], "repetition_penalty must be a finite number > 0"),
 ])
 def test_bad_requests_then_a_valid_one(client, inputs, message):
     err = _raw(client, inputs)
@@ -233,6 +235,70 @@ def test_bad_requests_then_a_valid_one(client, inputs, message):
     else:
         assert err is not None and any(m in err for m in message.split("|")), err
     assert len(client.generate("Still there?", max_tokens=2).tokens) == 2
+
+
+@pytest.fixture(scope="module")
+def local_run(build):
+    from runtime.local_pipeline import LocalPipeline
+
+    pipeline = LocalPipeline(build, max_images=4)
+    return lambda prompt, images, n, **kw: pipeline.run(prompt, [Path(i).read_bytes() for i in images], n, **kw)
+
+
+def _single_token_word(tok, tokens, start=2):
+    """(index, text) of the first token from `start` on whose text, tokenized alone, is that token."""
+    for i, t in enumerate(tokens[start:], start=start):
+        word = tok.decode([t])
+        if word.strip() and tok.encode(word) == [t] and tokens.count(t) == 1:
+            return i, word
+    raise AssertionError(f"no usable stop word in {tokens}")
+
+
+@pytest.mark.parametrize("images", [[], [IMAGE]])
+def test_decoding_controls_over_grpc_match_the_executor(client, local_run, build, images):
+    """Stop words, bad words, penalties and log-probs, served: the same tokens (and log-probs) as the
+    executor computes in-process with the same controls, and different from the plain answer."""
+    from runtime.client import Decoding
+    from runtime.tokenizer import NVLMTokenizer
+
+    tok = NVLMTokenizer.from_dir(build / "tokenizer")
+    prompt, n = "Write one sentence about the sea.", 10
+    plain = client.generate(prompt, images, max_tokens=n)
+    assert plain.tokens == local_run(prompt, images, n).tokens
+    # stop word: the answer ends right before it, and it is not returned (streamed or not)
+    k, word = _single_token_word(tok, plain.tokens)
+    for stream in (False, True):
+        ans = client.generate(prompt, images, max_tokens=n, stream=stream, decoding=Decoding(stop=(word,)))
+        assert ans.tokens == plain.tokens[:k] and ans.text == tok.decode(plain.tokens[:k]), (stream, word)
+    # bad word: never produced; the executor with the same ban gives the same tokens
+    k, bad = _single_token_word(tok, plain.tokens, start=0)
+    ans = client.generate(prompt, images, max_tokens=n, decoding=Decoding(bad_words=(bad,)))
+    want = local_run(prompt, images, n, bad_words=((plain.tokens[k],),)).tokens
+    assert ans.tokens == want and plain.tokens[k] not in ans.tokens and ans.tokens[:k] == plain.tokens[:k]
+    # penalties: a strongly negative presence penalty leaves only the prompt's tokens; each matches
+    for kw in ({"presence_penalty": -1e4}, {"frequency_penalty": 30.0, "repetition_penalty": 5.0}):
+        ans = client.generate(prompt, images, max_tokens=n, decoding=Decoding(**kw))
+        assert ans.tokens == local_run(prompt, images, n, **kw).tokens, kw
+    assert client.generate(prompt, images, max_tokens=n, decoding=Decoding(presence_penalty=-1e4)).tokens != plain.tokens
+    # log-probs: the executor's, per token, streamed or not, and their sum
+    want = local_run(prompt, images, n, return_log_probs=True)
+    for stream in (False, True):
+        ans = client.generate(prompt, images, max_tokens=n, stream=stream, decoding=Decoding(log_probs=True))
+        assert ans.tokens == want.tokens
+        assert ans.log_probs == pytest.approx(want.log_probs, abs=1e-4) and all(lp <= 0 for lp in ans.log_probs)
+        assert ans.cum_log_prob == pytest.approx(want.cum_log_prob, abs=1e-3)
+    assert plain.log_probs is None
+
+
+def test_exclude_input_in_output_false_returns_the_prompt_first(client):
+    from runtime.client import Decoding
+
+    plain = client.generate("Write one sentence about the sea.", max_tokens=6)
+    for stream in (False, True):
+        ans = client.generate("Write one sentence about the sea.", max_tokens=6, stream=stream,
+                              decoding=Decoding(exclude_input=False))
+        assert "Write one sentence about the sea." in ans.text and ans.text.endswith(plain.text)
+        assert ans.tokens[-6:] == plain.tokens and len(ans.tokens) > 6
 
 
 def test_unknown_model_and_unreachable_server(server):

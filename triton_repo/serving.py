@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
 from runtime.core.families import PROMPT_TABLE_INPUTS
+from runtime.decoding import Controls, StopFilter, from_trtllm, to_trtllm, word_list
 from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
 from runtime.prompt import build_prompt, tile_tags, with_image_placeholders
 from runtime.sampling import Sampling
@@ -315,9 +317,19 @@ class ReferenceLLMModel:
         if rid:
             with self.stops_lock:
                 self.stops[rid] = flag
+        controls = Controls(  # refuses a repetition penalty ≤ 0 and non-finite penalties, by name
+            repetition_penalty=_scalar(request, "repetition_penalty", 1.0, float),
+            presence_penalty=_scalar(request, "presence_penalty", 0.0, float),
+            frequency_penalty=_scalar(request, "frequency_penalty", 0.0, float))
+        _scalar(request, "len_penalty", 0.0, float)  # beam search only: no effect at beam width 1
         req = Request(ids, n, table, end_id=_scalar(request, "end_id", None, int),
                       temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                       seed=_scalar(request, "seed", 0, int), min_length=sampling.min_tokens,
+                      repetition_penalty=controls.repetition_penalty, presence_penalty=controls.presence_penalty,
+                      frequency_penalty=controls.frequency_penalty,
+                      stop_words=from_trtllm(_input(request, "stop_words_list"), "stop_words_list"),
+                      bad_words=from_trtllm(_input(request, "bad_words_list"), "bad_words_list"),
+                      return_log_probs=_scalar(request, "return_log_probs", False, bool),
                       cancelled=lambda: flag.is_set() or request.is_cancelled())
         return req, stream, rid
 
@@ -325,19 +337,28 @@ class ReferenceLLMModel:
         req, stream, rid = job
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
-        def emit(tokens):
-            arr = np.asarray([[tokens]], np.int32)  # [batch=1, beam=1, tokens]
-            return pb.InferenceResponse(output_tensors=[
-                pb.Tensor("output_ids", arr), pb.Tensor("sequence_length", np.asarray([[len(tokens)]], np.int32))])
+        def emit(tokens, lps, cum):
+            out = [pb.Tensor("output_ids", np.asarray([[tokens]], np.int32)),  # [batch=1, beam=1, tokens]
+                   pb.Tensor("sequence_length", np.asarray([[len(tokens)]], np.int32))]
+            if req.return_log_probs:  # as the backend returns them: [batch, beam, tokens] and [batch, beam]
+                out += [pb.Tensor("output_log_probs", np.asarray([[lps]], np.float32)),
+                        pb.Tensor("cum_log_probs", np.asarray([[cum]], np.float32))]
+            return pb.InferenceResponse(output_tensors=out)
+
+        cum = [0.0]
+
+        def on_token(_, tok, lp):
+            cum[0] += lp or 0.0
+            sender.send(emit([tok], [lp], cum[0]))
 
         try:
             with self.lock:
                 if stream:
-                    result = self.executor.generate([req], on_token=lambda _, t: sender.send(emit([t])))[0]
+                    result = self.executor.generate([req], on_token=on_token)[0]
                     sender.send(flags=final)
                 else:
                     result = self.executor.generate([req])[0]
-                    sender.send(emit(result.tokens), flags=final)
+                    sender.send(emit(result.tokens, result.log_probs, result.cum_log_prob), flags=final)
             if result.finish_reason == "cancelled":  # the fault tests read this line in the server log
                 print(f"tensorrt_llm: request {rid or '-'} cancelled after {len(result.tokens)} of "
                       f"{req.max_new_tokens} tokens", flush=True)
@@ -490,6 +511,7 @@ class EntryModel:
             tuple((k, _scalar(request, k, 0.0, float)) for k in PENALTIES if _input(request, k) is not None),
         ).check(max_tokens)
         min_tokens = sampling.min_tokens
+        decoding = self._decoding(request)
         text = _input(request, "text_input")
         if text is None:
             raise ValueError("text_input is required")
@@ -516,7 +538,7 @@ class EntryModel:
             pb.Tensor("runtime_top_p", np.asarray([sampling.top_p], np.float32)),
             pb.Tensor("seed", np.asarray([_scalar(request, "seed", 0, int)], np.uint64)),
             pb.Tensor("min_tokens", np.asarray([min_tokens], np.int32)),
-        ]
+        ] + [pb.Tensor(name, arr) for name, arr in decoding.sends]
         if pixels.shape[0]:
             import torch
 
@@ -533,13 +555,19 @@ class EntryModel:
         llm_inputs = [t if t.name() == "prompt_embedding_table" else pb.Tensor(t.name(), t.as_numpy()[None, ...])
                       for t in llm_inputs]
         stream = _scalar(request, "stream", False, bool)
-        tokens: list[int] = []
+        tokens: list[int] = []  # every token the engine returned (a stop word's included)
+        log_probs: list[float] = []
+        released = 0  # tokens passed on to the client so far: always a prefix of `tokens`
+        stops = StopFilter(decoding.stop_words)
 
         text = StreamDecoder(self.tok)
         rid = uuid.uuid4().hex  # the LLM step's request id: a `stop` request names it
-        responses = self._call(pb, "tensorrt_llm", llm_inputs, ["output_ids", "sequence_length"], decoupled=True,
-                               request_id=rid)
+        responses = self._call(pb, "tensorrt_llm", llm_inputs, decoding.outputs, decoupled=True, request_id=rid)
         stopped, resp, out = False, None, None
+        if stream and not decoding.exclude_input:
+            sender.send(pb.InferenceResponse(output_tensors=[
+                pb.Tensor("text_output", np.asarray([text.push(self._prompt_ids(ids)).encode()], object)),
+                pb.Tensor("output_ids", ids.reshape(-1).astype(np.int32))]))
         try:
             for resp in responses:
                 if resp.has_error():
@@ -552,15 +580,22 @@ class EntryModel:
                     continue
                 new = out.as_numpy().reshape(-1).tolist()
                 tokens += new
+                lp = pb.get_output_tensor_by_name(resp, "output_log_probs")
+                if lp is not None:
+                    log_probs += lp.as_numpy().reshape(-1).tolist()[-len(new):] if new else []
+                safe = stops.push(new)
                 if stream and not stopped:  # one response per engine response, even when its text is held back
                     sender.send(pb.InferenceResponse(output_tensors=[
-                        pb.Tensor("text_output", np.asarray([text.push(new).encode()], object)),
-                        pb.Tensor("output_ids", np.asarray(new, np.int32))]))
+                        pb.Tensor("text_output", np.asarray([text.push(safe).encode()], object)),
+                        pb.Tensor("output_ids", np.asarray(safe, np.int32))]
+                        + self._log_prob_tensors(decoding, log_probs[released:released + len(safe)])))
+                released += len(safe)
         finally:
             self._release(request, responses, resp, out)
             del responses, resp, out
         if stopped:
             raise ValueError("request cancelled")
+        tail = stops.finish()  # held back as a possible stop word's start, and it was not one
         counts = []  # return_num_input_tokens / return_num_output_tokens, on the final response
         if _scalar(request, "return_num_input_tokens", False, bool):
             counts.append(pb.Tensor("num_input_tokens", np.asarray([ids.size], np.int32)))
@@ -568,21 +603,70 @@ class EntryModel:
             counts.append(pb.Tensor("num_output_tokens", np.asarray([len(tokens)], np.int32)))
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if stream:
-            rest = text.finish()  # an incomplete character at the very end: sent as the full decode has it
-            if rest or counts:
+            rest = text.push(tail) + text.finish()  # an incomplete character at the very end: as the full decode has it
+            extra = self._log_prob_tensors(decoding, log_probs[released:released + len(tail)],
+                                           cum=sum(log_probs[:released + len(tail)]))
+            if rest or tail or counts or extra:
                 sender.send(pb.InferenceResponse(output_tensors=[
                     pb.Tensor("text_output", np.asarray([rest.encode()], object)),
-                    pb.Tensor("output_ids", np.zeros(0, np.int32))] + counts), flags=final)
+                    pb.Tensor("output_ids", np.asarray(tail, np.int32))] + extra + counts), flags=final)
             else:
                 sender.send(flags=final)
         else:
-            post = self._call(pb, "postprocessing", [pb.Tensor("output_ids", np.asarray(tokens, np.int32))],
+            kept = tokens[:released] + tail
+            shown = kept if decoding.exclude_input else self._prompt_ids(ids) + kept
+            post = self._call(pb, "postprocessing", [pb.Tensor("output_ids", np.asarray(shown, np.int32))],
                               ["text_output"])
             text_out = pb.get_output_tensor_by_name(post, "text_output").as_numpy()
-            sender.send(pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", text_out),
-                                                             pb.Tensor("output_ids", np.asarray(tokens, np.int32))]
-                                             + counts), flags=final)
+            returned = kept if decoding.exclude_input else ids.reshape(-1).tolist() + kept
+            sender.send(pb.InferenceResponse(
+                output_tensors=[pb.Tensor("text_output", text_out), pb.Tensor("output_ids", np.asarray(returned, np.int32))]
+                + self._log_prob_tensors(decoding, log_probs[:len(kept)], cum=sum(log_probs[:len(kept)])) + counts),
+                flags=final)
 
+    def _decoding(self, request) -> "EntryDecoding":
+        """The request's decoding controls, checked, as the tensors the LLM step takes (NVIDIA's names)."""
+        sent = {k: _scalar(request, k, None, float) for k in PENALTIES}
+        Controls(**{k: v for k, v in sent.items() if v is not None and k != "length_penalty"})  # range checks
+        sends = [("len_penalty" if k == "length_penalty" else k, np.asarray([v], np.float32))
+                 for k, v in sent.items() if v is not None]
+        words = {}
+        for name in ("stop_words", "bad_words"):
+            arr = _input(request, name)
+            texts = [] if arr is None else [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in arr.reshape(-1)]
+            words[name] = word_list(self.tok.encode, texts)  # each word tokenized alone, as NVIDIA's preprocessing does
+            if words[name]:
+                sends.append((f"{name}_list", to_trtllm(words[name])))
+        log_probs = _scalar(request, "return_log_probs", False, bool)
+        outputs = ["output_ids", "sequence_length"]
+        if log_probs:
+            sends.append(("return_log_probs", np.asarray([True])))
+            outputs += ["output_log_probs", "cum_log_probs"]
+        return EntryDecoding(sends, outputs, words["stop_words"], log_probs,
+                             _scalar(request, "exclude_input_in_output", True, bool))
+
+    @staticmethod
+    def _log_prob_tensors(decoding, lps, cum=None):
+        """output_log_probs [beam=1, tokens] (and cum_log_probs [beam=1] on the final response), if asked."""
+        if not decoding.log_probs:
+            return []
+        out = [_pb().Tensor("output_log_probs", np.asarray([lps], np.float32))]
+        if cum is not None:
+            out.append(_pb().Tensor("cum_log_probs", np.asarray([cum], np.float32)))
+        return out
+
+    def _prompt_ids(self, ids) -> list[int]:
+        """The prompt's text tokens (`exclude_input_in_output` false): image positions carry no text."""
+        return [t for t in ids.reshape(-1).tolist() if t < self.tok.vocab_size]
+
+
+@dataclass(frozen=True)
+class EntryDecoding:
+    sends: list  # (name, array) for the LLM step, without the batch dimension
+    outputs: list[str]  # what the entry asks the LLM step for
+    stop_words: tuple  # token sequences the client must not see
+    log_probs: bool
+    exclude_input: bool  # False: the answer starts with the prompt's text (and output_ids with its ids)
 
 MODEL_CLASSES = {"preprocessing": "PreprocessingModel", "vision_encoder": "VisionEncoderModel",
                  "tensorrt_llm": "ReferenceLLMModel", "postprocessing": "PostprocessingModel", "nvlm": "EntryModel"}

@@ -134,7 +134,7 @@ TARGETS = ("reference", "trt", "contract")
 # the engine. The reference target's `tensorrt_llm` declares those plus these (beam_width is declared so
 # that a direct caller gets a clear refusal above 1, not an unknown-input error).
 REFERENCE_LLM_EXTRA_INPUTS = ("pad_id", "beam_width")
-LLM_STEP_OUTPUTS = ("output_ids", "sequence_length")
+LLM_STEP_OUTPUTS = ("output_ids", "sequence_length", "cum_log_probs", "output_log_probs")
 
 
 def _contract_tensors(entries, engine: str, only=None) -> tuple[Tensor, ...]:

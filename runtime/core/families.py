@@ -123,6 +123,9 @@ class PromptLayout:
 # adds the tensors that carry its image features (`ModelFamily.llm_step_image_inputs`).
 LLM_STEP_TEXT_INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "streaming", "temperature",
                         "runtime_top_k", "runtime_top_p", "seed", "min_tokens")
+# sent when the client sets them (NVIDIA's names; runtime/decoding.py computes what they do)
+LLM_STEP_DECODING_INPUTS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "len_penalty",
+                            "stop_words_list", "bad_words_list", "return_log_probs")
 # sent only to stop a running request (by its request id), NVIDIA's `stop` input: the entry model does when
 # its client cancels
 LLM_STEP_CONTROL_INPUTS = ("stop",)
@@ -150,7 +153,7 @@ class ModelFamily:
     @property
     def llm_step_inputs(self) -> tuple[str, ...]:
         """Every tensor the entry model sends `tensorrt_llm` for this family (triton_repo/serving.py)."""
-        return LLM_STEP_TEXT_INPUTS + self.llm_step_image_inputs + LLM_STEP_CONTROL_INPUTS
+        return LLM_STEP_TEXT_INPUTS + LLM_STEP_DECODING_INPUTS + self.llm_step_image_inputs + LLM_STEP_CONTROL_INPUTS
 
     def component(self, role: str) -> ComponentMap:
         for c in self.components:
