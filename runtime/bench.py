@@ -28,7 +28,6 @@ import threading
 import time
 from pathlib import Path
 
-from runtime.client import NVLMClient
 from runtime.core.build_dir import read_family, read_manifest, read_preprocess, sha256_file
 from runtime.core.errors import NVLMError
 from runtime.core.llm_formats import FORMATS
@@ -37,7 +36,7 @@ from runtime.prompt import build_prompt, with_image_placeholders
 from runtime.tokenizer import NVLMTokenizer
 
 from .bench_report import CSV_FIELDS, csv_context, csv_row, print_table, write_plots
-from .loadgen import one_request, run_closed_loop, run_open_loop, server_stats, stats_delta, summarize
+from .loadgen import client_for, one_request, run_closed_loop, run_open_loop, server_stats, stats_delta, summarize
 from .roofline import GPU, GPUS, build_facts, facts_roofline, served_target
 from .workloads import BenchError, Item, load_workload
 
@@ -170,8 +169,10 @@ def benchmark(args) -> dict:
         levels_c = [1]
     items = load_workload(args.workload, args.seed)
     plan = roofline_plan(args, items)  # before the run: a bad build or checkpoint path fails early
-    NVLMClient(args.url, args.model).check()  # unreachable server / wrong model: fail before the run
-    warm = NVLMClient(args.url, args.model)
+    client_for(args.url, args.model).check()  # unreachable server / wrong model: fail before the run
+    warm = client_for(args.url, args.model)
+    # Triton's per-model statistics come over gRPC: the endpoint itself, or --triton-url beside an OpenAI URL
+    stats_url = args.triton_url or (None if args.url.startswith(("http://", "https://")) else args.url)
     for k in range(args.warmup):
         one_request(warm, items[k % len(items)], args.max_tokens, args.seed, args.min_tokens)
     result = {"schema": SCHEMA, "complete": True, "incomplete_reason": None, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -183,7 +184,7 @@ def benchmark(args) -> dict:
     plans = [("concurrency", c) for c in levels_c] + [("request_rate", r) for r in levels_r]
     for mode, level in plans:
         try:
-            before = server_stats(args.url)
+            before = server_stats(stats_url) if stats_url else {}
         except Exception as e:  # noqa: BLE001 — the server died between runs
             _stop(result, f"server not answering before {mode} {level}: {e}")
             break
@@ -197,7 +198,7 @@ def benchmark(args) -> dict:
             _stop(result, f"the server stopped answering during {mode} {level} "
                           f"({summary['failed']} requests failed, {args.requests - len(samples)} not sent)")
         try:
-            server = stats_delta(before, server_stats(args.url))
+            server = stats_delta(before, server_stats(stats_url)) if stats_url else None
         except Exception as e:  # noqa: BLE001 — the server died during the run
             server = {"error": str(e)}
             if result["complete"]:
@@ -244,7 +245,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="nvlm-bench", description="NVLM latency benchmarks and rooflines.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="benchmark a Triton endpoint")
-    r.add_argument("--url", default="127.0.0.1:8001")
+    r.add_argument("--url", default="127.0.0.1:8001",
+                   help="Triton gRPC host:port, or the OpenAI API's http://host:port/v1 (nvlm-serve --openai-port)")
+    r.add_argument("--triton-url", help="with an OpenAI --url: Triton's gRPC host:port, for server statistics")
     r.add_argument("--model", default="nvlm")
     r.add_argument("--concurrency", help="closed-loop levels, e.g. 1,4,16")
     r.add_argument("--request-rate", help="open-loop Poisson rates in requests/s, e.g. 0.5,1")

@@ -45,7 +45,7 @@ def print_table(result: dict) -> None:
         print(f"{run['mode']:<13}{run['level']:>6}{s['succeeded']:>5}/{s['requests']:<3}{f('ttft_ms', 'p50'):>10}"
               f"{f('ttft_ms', 'p99'):>10}{f('itl_ms', 'mean'):>10}{f('tpot_ms', 'mean'):>8}{f('e2e_ms', 'p50'):>9}"
               f"{(s['output_tokens_per_s'] or 0):>8.1f}{(s['requests_per_s'] or 0):>7.2f}")
-        for model, st in sorted(run["server"].items()):
+        for model, st in sorted((run["server"] or {}).items()):
             if isinstance(st, dict) and "queue_ms" in st:
                 print(f"    {model:<16} queue {st['queue_ms']:8.2f} ms  compute {st['compute_infer_ms']:8.2f} ms")
         for label, r in sorted((run["vs_roofline"] or {}).items()):
@@ -100,7 +100,7 @@ def write_plots(result: dict, out: Path) -> list[str]:
     labels = [f"{r['mode'][0]}{r['level']}" for r in result["runs"]]
     bottom = np.zeros(len(labels))
     for m in models:
-        stage = [r["server"].get(m) for r in result["runs"]]
+        stage = [(r["server"] or {}).get(m) for r in result["runs"]]
         vals = np.array([s["queue_ms"] + s["compute_infer_ms"] if isinstance(s, dict) else 0 for s in stage])
         ax.bar(labels, vals, bottom=bottom, label=m)
         bottom += vals

@@ -155,7 +155,10 @@ class NVLMClient:
         log_probs, cum = ([] if decoding and decoding.log_probs else None), None
         end, finished = None, False
         try:
-            self.client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
+            try:
+                self.client.async_stream_infer(self.model, inputs, enable_empty_final_response=True)
+            except Exception as e:  # noqa: BLE001 — a stream the server closed (it died): tritonclient's own error
+                raise ClientError(f"cannot reach Triton at {self.url}: {e}") from None
             while True:
                 try:
                     arrived, result, error = done.get(timeout=self.timeout)

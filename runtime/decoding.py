@@ -11,6 +11,7 @@ keeps one `Decoder` per active request) computes the same tokens as the engine w
   and the end id is masked while fewer than `min_length` tokens were generated;
 - bad words (`bad_words_list`): a one-token word is never produced; for a longer word, its last token
   is banned whenever the sequence ends with the word's other tokens;
+- stop and bad words are sent as their tokens alone and after a space (`word_list`);
 - stop words (`stop_words_list`): generation ends as soon as the generated tokens end with one of them
   (a word is matched within the generated tokens, never across the prompt's end); the engine returns the
   stop word's tokens, the entry model removes them (`StopFilter`);
@@ -36,10 +37,17 @@ from runtime.core.errors import InputError
 Words = tuple[tuple[int, ...], ...]  # token sequences, each non-empty
 
 
-def word_list(encode: Callable[[str], list[int]], words: Iterable[str]) -> Words:
-    """Words → token sequences, each word tokenized alone; words with no tokens are dropped (as NVIDIA's
-    preprocessing drops them)."""
-    return tuple(tuple(ids) for ids in (encode(w) for w in words) if ids)
+def word_list(encode: Callable[[str], list[int]], words: Iterable[str], spaced: bool = True) -> Words:
+    """Words → token sequences, each word tokenized alone (as NVIDIA's preprocessing does; words with no
+    tokens are dropped). `spaced`: also the word after a space — a byte-level BPE spells "cat" inside a
+    sentence as the token " cat", which the word alone never matches."""
+    out: list[tuple[int, ...]] = []
+    for w in words:
+        for variant in (w, " " + w) if spaced and not w.startswith(" ") else (w,):
+            ids = tuple(encode(variant))
+            if ids and ids not in out:
+                out.append(ids)
+    return tuple(out)
 
 
 def to_trtllm(words: Words) -> np.ndarray:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from runtime.client import ClientError, NVLMClient
+from runtime.openai_client import OpenAIChatClient
 
 from .workloads import Item
 
@@ -27,6 +28,13 @@ class Sample:
     tokens: int = 0
     index: int = -1  # the request's number in its run; its workload item is items[index % len(items)]
     token_ids: list[int] = field(default_factory=list)
+
+
+def client_for(url: str, model: str, keep_stream: bool = False):
+    """The endpoint's client: the OpenAI API for an http(s) URL (…/v1), Triton gRPC otherwise."""
+    if url.startswith(("http://", "https://")):
+        return OpenAIChatClient(url, model, keep_stream=keep_stream)
+    return NVLMClient(url, model, keep_stream=keep_stream)
 
 
 def one_request(client, item: Item, max_tokens: int, seed: int, min_tokens: int = 0, index: int = -1) -> Sample:
@@ -112,7 +120,7 @@ def run_closed_loop(url, model, items, concurrency, requests, max_tokens, seed, 
     lock, next_index, samples = threading.Lock(), [0], []
 
     def worker():
-        client = NVLMClient(url, model, keep_stream=keep_streams)
+        client = client_for(url, model, keep_streams)
         try:
             while not dead.is_set():
                 with lock:
@@ -147,7 +155,7 @@ def run_open_loop(url, model, items, rate, requests, max_tokens, seed, *, min_to
     # one stream at a time, so overlapping requests take more clients from the pool.
     idle: queue.SimpleQueue = queue.SimpleQueue()
     for _ in range(4):
-        c = NVLMClient(url, model)
+        c = client_for(url, model)
         c.check()
         idle.put(c)
 
@@ -155,7 +163,7 @@ def run_open_loop(url, model, items, rate, requests, max_tokens, seed, *, min_to
         try:
             client = idle.get_nowait()
         except queue.Empty:
-            client = NVLMClient(url, model)
+            client = client_for(url, model)
         s = _measure(client, items[k % len(items)], max_tokens, seed + k, min_tokens, dead, k)
         idle.put(client)
         with lock:

@@ -22,6 +22,7 @@ images whose `<Image>` opens at or before its first character; tokens before the
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -40,7 +41,7 @@ class Message:
     content: str
 
 
-__all__ = ["CrossInputs", "KeyTile", "Message", "PromptInputs", "key_ranges", "PromptLayout", "build_prompt", "expand_images", "image_text", "tile_tags",
+__all__ = ["chat_messages", "CrossInputs", "KeyTile", "Message", "PromptInputs", "key_ranges", "PromptLayout", "build_prompt", "expand_images", "image_text", "tile_tags",
            "with_image_placeholders"]
 
 
@@ -106,6 +107,32 @@ def with_image_placeholders(prompt: str, num_images: int) -> str:
     if num_images and IMAGE_PLACEHOLDER not in prompt:
         return f"{IMAGE_PLACEHOLDER}\n" * num_images + prompt
     return prompt
+
+
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(raw: str, num_images: int) -> list[Message]:
+    """A conversation sent as JSON (`[{"role": ..., "content": ...}, ...]`, the entry's `messages` input) →
+    messages. Images sit where their <image> placeholders are; a conversation without any gets them in
+    front of its first user turn, as a single prompt does (`with_image_placeholders`)."""
+    try:
+        items = json.loads(raw)
+    except ValueError as e:
+        raise InputError(f"messages is not valid JSON: {e}") from None
+    if not isinstance(items, list) or not items:
+        raise InputError("messages must be a non-empty JSON list of {\"role\", \"content\"} objects")
+    out = []
+    for i, m in enumerate(items):
+        if not isinstance(m, dict) or m.get("role") not in CHAT_ROLES or not isinstance(m.get("content"), str):
+            raise InputError(f"messages[{i}] must be {{\"role\": one of {', '.join(CHAT_ROLES)}, \"content\": text}}")
+        out.append(Message(m["role"], m["content"]))
+    if out[-1].role != "user":
+        raise InputError("the last message must be the user's (the model answers it)")
+    if num_images and not any(IMAGE_PLACEHOLDER in m.content for m in out):
+        first = next(i for i, m in enumerate(out) if m.role == "user")
+        out[first] = Message("user", with_image_placeholders(out[first].content, num_images))
+    return out
 
 
 @dataclass(frozen=True)

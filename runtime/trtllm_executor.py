@@ -184,17 +184,24 @@ class TRTLLMExecutor:
         x1, x2 = x[..., : d // 2], x[..., d // 2:]
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
-    def _attention(self, layer: RankLayer, x: torch.Tensor, cache: KVCache, li: int, start: int) -> torch.Tensor:
+    def _qkv(self, layer: RankLayer, x: torch.Tensor):
+        """x [T, hidden] → q [T, H, D], k and v [T, KV, D] (column-parallel: each rank gives [q_r; k_r; v_r])."""
         t_len, d = x.shape[0], self.head_dim
         nh, nkv = self.num_heads // self.tp, self.num_kv_heads // self.tp
         qs, ks, vs = [], [], []
-        for lin in layer.qkv:  # column-parallel: each rank produces [q_r; k_r; v_r]
+        for lin in layer.qkv:
             out = lin(x)  # [T, (nh + 2 nkv) D]
             q, k, v = out.split([nh * d, nkv * d, nkv * d], dim=-1)
             qs.append(q), ks.append(k), vs.append(v)
-        q = torch.cat(qs, -1).view(t_len, self.num_heads, d).transpose(0, 1)  # [H, T, D]
-        k = torch.cat(ks, -1).view(t_len, self.num_kv_heads, d).transpose(0, 1)  # [KV, T, D]
-        v = torch.cat(vs, -1).view(t_len, self.num_kv_heads, d).transpose(0, 1)
+        return (torch.cat(qs, -1).view(t_len, self.num_heads, d), torch.cat(ks, -1).view(t_len, self.num_kv_heads, d),
+                torch.cat(vs, -1).view(t_len, self.num_kv_heads, d))
+
+    def _attend(self, layer: RankLayer, q, k, v, cache: KVCache, li: int) -> torch.Tensor:
+        """One sequence's new tokens (q [T, H, D], k, v [T, KV, D]) against its cache, extended here;
+        returns the context [T, H·D]."""
+        t_len, d = q.shape[0], self.head_dim
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T, D], [KV, T, D]
+        start = cache.keys[li].shape[1] if li < len(cache.keys) else 0  # layer li's own length so far
         total = start + t_len
         pos = torch.arange(start, total)
         q, k = self._rope(q, pos, total), self._rope(k, pos, total)
@@ -215,10 +222,16 @@ class TRTLLMExecutor:
         scores = q @ k_all.transpose(1, 2) / math.sqrt(d)  # [H, T, S]
         causal = torch.arange(total)[None, :] <= pos[:, None]  # [T, S]
         scores = scores.masked_fill(~causal, float("-inf"))
-        ctx = (scores.softmax(-1) @ v_all).transpose(0, 1).reshape(t_len, self.num_heads * d)  # [T, H·D]
+        return (scores.softmax(-1) @ v_all).transpose(0, 1).reshape(t_len, self.num_heads * d)  # [T, H·D]
+
+    def _dense(self, layer: RankLayer, ctx: torch.Tensor) -> torch.Tensor:
         # row-parallel: rank r's dense sees its own heads' context; partial outputs are summed
-        per = nh * d
+        per = self.num_heads // self.tp * self.head_dim
         return sum(lin(ctx[:, r * per:(r + 1) * per]) for r, lin in enumerate(layer.dense))
+
+    def _attention(self, layer: RankLayer, x: torch.Tensor, cache: KVCache, li: int) -> torch.Tensor:
+        q, k, v = self._qkv(layer, x)
+        return self._dense(layer, self._attend(layer, q, k, v, cache, li))
 
     def _mlp(self, layer: RankLayer, x: torch.Tensor) -> torch.Tensor:
         out = 0
@@ -247,9 +260,21 @@ class TRTLLMExecutor:
     def forward(self, ids: Sequence[int], table: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
         """Run new tokens through the model, extending `cache`; returns logits [T, vocab]."""
         x = self.embed(ids, table)
-        start = cache.length
         for li, layer in enumerate(self.layers):
-            x = x + self._attention(layer, rms_norm(x, layer.input_norm, self.eps), cache, li, start)
+            x = x + self._attention(layer, rms_norm(x, layer.input_norm, self.eps), cache, li)
+            x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.eps))
+        return rms_norm(x, self.final_norm, self.eps) @ self.lm_head.T
+
+    def decode_step(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
+        """One decode step for a batch of sequences, each at its own length: token b extends caches[b].
+        The linear layers run on the batch's rows together (what in-flight batching buys); attention runs
+        per sequence against its own cache. Returns logits [B, vocab]."""
+        x = self.embedding[torch.as_tensor(list(tokens), dtype=torch.long)]  # [B, hidden]
+        for li, layer in enumerate(self.layers):
+            q, k, v = self._qkv(layer, rms_norm(x, layer.input_norm, self.eps))  # [B, H, D], [B, KV, D]
+            ctx = torch.cat([self._attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], c, li)
+                             for b, c in enumerate(caches)])
+            x = x + self._dense(layer, ctx)
             x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.eps))
         return rms_norm(x, self.final_norm, self.eps) @ self.lm_head.T
 

@@ -137,7 +137,9 @@ def test_word_list_layout_is_tensorrt_llm_s():
         from_trtllm(np.zeros((3, 4), np.int32), "bad_words_list")
     with pytest.raises(InputError, match="increasing"):
         from_trtllm(np.array([[1, 2, 3], [2, 1, -1]]), "bad_words_list")
-    assert word_list(lambda w: [ord(ch) for ch in w], ["ab", "", "c"]) == ((97, 98), (99,))
+    enc = lambda w: [ord(ch) for ch in w]  # noqa: E731 — one token per character
+    assert word_list(enc, ["ab", "", "c"], spaced=False) == ((97, 98), (99,))
+    assert word_list(enc, ["ab", " c"]) == ((97, 98), (32, 97, 98), (32, 99))  # and after a space
 
 
 def test_controls_refuse_bad_values():

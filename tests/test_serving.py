@@ -762,8 +762,11 @@ def test_bench_server_dying_mid_run_saves_partial_results(build, tmp_path):
     def kill_after_some_requests():
         stats = grpcclient.InferenceServerClient(srv.grpc_url)
         while srv.proc.poll() is None:
-            done = stats.get_inference_statistics("nvlm", as_json=True)["model_stats"][0]["inference_stats"]
-            if int(done.get("success", {}).get("count", 0)) >= 4:  # 1 warm-up + 3 measured
+            # the entry model counts a request when it admits it (decoupled: its workers answer later), the
+            # preprocessing model when it has served it: at concurrency 1, five preprocessed means the
+            # warm-up and three measured requests have ended
+            done = stats.get_inference_statistics("preprocessing", as_json=True)["model_stats"][0]["inference_stats"]
+            if int(done.get("success", {}).get("count", 0)) >= 5:
                 srv.proc.kill()
                 return
             time.sleep(0.05)

@@ -67,3 +67,26 @@ def test_entry_point_accepts_benchmark_tool_inputs():
     assert dtypes["seed"] == "UINT64" and dtypes["prompt_table_extra_id"] == "UINT64"
     assert {"num_input_tokens", "num_output_tokens", "text_output"} <= {t.name for t in entry.outputs}
     assert entry.decoupled
+
+
+@pytest.mark.parametrize("target", ["trt", "reference", "contract"])
+@pytest.mark.parametrize("max_batch", [8, 64])
+def test_entry_admits_as_many_requests_as_the_engine_batches(target, max_batch):
+    """The rendered entry model carries the engine's max batch size as its in-flight bound, in one
+    instance (its workers are threads), and its admission logic lets exactly that many run and as many
+    wait before it refuses with "server busy"."""
+    from triton_repo.serving import Admission, ServerBusy
+
+    specs = {s.name: parse(render(s)) for s in model_specs(target, family=NVLM_D, llm_hidden=64,
+                                                            max_batch_size=max_batch, engine_dir="/e/llm")}
+    entry, llm = specs["nvlm"], specs["tensorrt_llm"]
+    assert int(entry.parameters["max_in_flight"].string_value) == llm.max_batch_size == max_batch
+    assert sum(g.count for g in entry.instance_group) == 1 and entry.model_transaction_policy.decoupled
+    adm = Admission(max_batch, max_batch)
+    for _ in range(2 * max_batch):
+        adm.enter()
+    with pytest.raises(ServerBusy, match="server busy"):
+        adm.enter()
+    adm.leave()
+    adm.enter()  # a finished request frees its place
+    assert adm.count == 2 * max_batch

@@ -24,6 +24,7 @@ from pathlib import Path
 from runtime.core.errors import NVLMError
 
 from .keeper import shm_prefix
+from .openai_api import OpenAIServer
 
 # the Python backend's default shared-memory prefix, and the per-server prefix the keeper gives it
 SHM_PREFIXES = ("triton_python_backend_shm", "nvlm_shm_")
@@ -157,6 +158,17 @@ class TritonServer:
         self.stop()
 
 
+def _port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="nvlm-serve", description="Serve an nvlm-build output with Triton (CPU).")
     ap.add_argument("build", help="build directory (with triton_repo/) or a model repository")
@@ -165,6 +177,10 @@ def main(argv=None) -> int:
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--log-file")
+    ap.add_argument("--openai-port", type=int, help="also serve the OpenAI chat-completions API on this port")
+    ap.add_argument("--openai-model-name", default="nvlm", help="the model id the OpenAI API serves (default nvlm)")
+    ap.add_argument("--openai-image-dir", help="let OpenAI requests name local image files under this directory "
+                                               "(off by default: images come inline as data: URLs)")
     args = ap.parse_args(argv)
     build = Path(args.build)
     repo = build / "triton_repo" if (build / "triton_repo" / "nvlm").is_dir() else build
@@ -178,19 +194,34 @@ def main(argv=None) -> int:
               f"  docker run --gpus all --rm --net host --shm-size 4g --ulimit memlock=-1 -v {build.resolve()}:/build "
               "nvlm-trt-serve /build/deploy/launch.sh /build")
         return 0
+    if args.openai_port and not _port_free(args.host, args.openai_port):
+        print(f"nvlm-serve: error: OpenAI API on port {args.openai_port}: the port is in use; choose another "
+              "with --openai-port", file=sys.stderr)
+        return 2
     try:
         server = TritonServer(repo, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                               metrics_port=args.metrics_port, log_file=args.log_file).start()
     except NVLMError as e:
         print(f"nvlm-serve: error: {e}", file=sys.stderr)
         return 2
-    print(f"serving {repo} on grpc {server.grpc_url}, http {args.host}:{args.http_port}; log {server.log_file}",
-          flush=True)
+    openai = None
+    if args.openai_port:
+        try:
+            openai = OpenAIServer(server.grpc_url, args.host, args.openai_port, model=args.openai_model_name,
+                                  image_dir=args.openai_image_dir, tokenizer_dir=build / "tokenizer").start()
+        except Exception as e:  # noqa: BLE001 — a taken port, a missing extra: one line, and Triton stops
+            server.stop()
+            print(f"nvlm-serve: error: OpenAI API on port {args.openai_port}: {e}", file=sys.stderr)
+            return 2
+    print(f"serving {repo} on grpc {server.grpc_url}, http {args.host}:{args.http_port}"
+          + (f", OpenAI API {openai.url}" if openai else "") + f"; log {server.log_file}", flush=True)
     stop = {"now": False}
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.update(now=True))
     while not stop["now"] and server.proc.poll() is None:
         time.sleep(0.2)
+    if openai:
+        openai.stop()
     server.stop()
     print("stopped", flush=True)
     return 0

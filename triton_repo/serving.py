@@ -23,8 +23,9 @@ import numpy as np
 from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
 from runtime.core.families import PROMPT_TABLE_INPUTS
 from runtime.decoding import Controls, StopFilter, from_trtllm, to_trtllm, word_list
+from runtime.inflight import InflightBatcher
 from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
-from runtime.prompt import build_prompt, tile_tags, with_image_placeholders
+from runtime.prompt import build_prompt, chat_messages, tile_tags, with_image_placeholders
 from runtime.sampling import Sampling
 from runtime.tokenizer import NVLMTokenizer, StreamDecoder
 from runtime.trtllm_executor import Request, TRTLLMExecutor
@@ -167,8 +168,14 @@ class PreprocessingModel:
         prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
         blobs = _input(request, "image_bytes")
         images = [] if blobs is None else [bytes(b) for b in blobs.reshape(-1)]
+        chat = _input(request, "messages")  # a whole conversation (JSON) instead of one user turn
+        if chat is not None and chat.size:
+            raw = chat.reshape(-1)[0]
+            messages = chat_messages(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw), len(images))
+        else:
+            messages = with_image_placeholders(prompt, len(images))
         done = self._tile(images) if images else []  # refuses more images than the build's limit
-        p = build_prompt(self.tok, with_image_placeholders(prompt, len(images)), [d.num_tiles for d in done],
+        p = build_prompt(self.tok, messages, [d.num_tiles for d in done],
                          tokens_per_tile=self.cfg.tokens_per_tile, layout=self.layout)
         s = self.cfg.image_size
         pixels = np.concatenate([d.pixel_values for d in done]) if done else np.zeros((0, 3, s, s), np.float32)
@@ -243,8 +250,9 @@ _TYPE_NAMES = {"FP16": "TYPE_FP16", "BF16": "TYPE_BF16", "FP32": "TYPE_FP32"}
 class ReferenceLLMModel:
     """The `tensorrtllm` backend's I/O, computed by the reference executor (decoupled, streaming).
 
-    As in the backend, `execute` only admits requests: each one runs on its own thread (one at a time on
-    the executor), so that a later `execute` can deliver a `stop` request — the backend's way to stop a
+    As in the backend, `execute` only admits requests: each one goes to the in-flight batcher
+    (runtime/inflight.py; up to the build's max batch size decode together) and its thread waits for it,
+    so that a later `execute` can deliver a `stop` request — the backend's way to stop a
     request by its id, which the entry model uses when its client cancels — and the executor asks before
     every decode step whether its request was stopped or cancelled by Triton (a client that closed its
     stream). A cancelled request frees the executor within one step."""
@@ -256,7 +264,8 @@ class ReferenceLLMModel:
         self.build = build
         self.executor = TRTLLMExecutor.load(build / "llm")
         self.limits = read_limits(build)
-        self.lock = threading.Lock()  # the executor runs one request at a time
+        # in-flight batching, as the backend does: up to the engine's max batch size decode together
+        self.batcher = InflightBatcher(self.executor, self.limits.max_batch_size)
         self.stops: dict[str, threading.Event] = {}  # request id → its stop flag, while it runs
         self.stops_lock = threading.Lock()
 
@@ -274,6 +283,9 @@ class ReferenceLLMModel:
                 continue
             threading.Thread(target=self._run, args=(job, sender, pb), daemon=True).start()
         return None
+
+    def finalize(self):
+        self.batcher.close()
 
     def _stop(self, request, sender, pb):
         """NVIDIA's `stop` input: stop the running request with this request's id; it ends with the
@@ -347,18 +359,16 @@ class ReferenceLLMModel:
 
         cum = [0.0]
 
-        def on_token(_, tok, lp):
+        def on_token(tok, lp):
             cum[0] += lp or 0.0
             sender.send(emit([tok], [lp], cum[0]))
 
         try:
-            with self.lock:
-                if stream:
-                    result = self.executor.generate([req], on_token=on_token)[0]
-                    sender.send(flags=final)
-                else:
-                    result = self.executor.generate([req])[0]
-                    sender.send(emit(result.tokens, result.log_probs, result.cum_log_prob), flags=final)
+            result = self.batcher.submit(req, on_token if stream else None).result()
+            if stream:
+                sender.send(flags=final)
+            else:
+                sender.send(emit(result.tokens, result.log_probs, result.cum_log_prob), flags=final)
             if result.finish_reason == "cancelled":  # the fault tests read this line in the server log
                 print(f"tensorrt_llm: request {rid or '-'} cancelled after {len(result.tokens)} of "
                       f"{req.max_new_tokens} tokens", flush=True)
@@ -435,8 +445,39 @@ class PostprocessingModel:
 # --------------------------------------------------------------------------- entry point (BLS)
 
 
+class ServerBusy(ValueError):
+    pass
+
+
+class Admission:
+    """How many requests the entry model carries at once: up to `max_in_flight` run (each on its own worker
+    thread, so `execute` returns at once and the model's instance never caps concurrency), up to
+    `max_waiting` more wait for a worker in arrival order, and one beyond that is refused at once with a
+    "server busy" error (a client retries; an unbounded queue would only turn load into latency)."""
+
+    def __init__(self, max_in_flight: int, max_waiting: int):
+        self.max_in_flight, self.max_waiting = max_in_flight, max_waiting
+        self.count = 0  # running + waiting
+        self.lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.count >= self.max_in_flight + self.max_waiting:
+                raise ServerBusy(f"server busy: {self.max_in_flight} requests in flight and {self.max_waiting} "
+                                 "waiting (the build's max batch size); retry later")
+            self.count += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.count -= 1
+
+
 class EntryModel:
-    """Client-facing `nvlm`: tensorrtllm_backend's inputs, images as encoded bytes, streaming."""
+    """Client-facing `nvlm`: tensorrtllm_backend's inputs, images as encoded bytes, streaming.
+
+    Decoupled: `execute` hands each request to a worker thread (`Admission` bounds them by the build's max
+    batch size, rendered into the config as `max_in_flight`) and returns, so in-flight requests are bounded
+    by what the engine can batch, not by the instance count."""
 
     def initialize(self, args):
         build = _build_dir(args)
@@ -451,9 +492,32 @@ class EntryModel:
         self.vision_dtype = _torch_dtype(params["vision_dtype"])
         self.table_dtype = _torch_dtype(params["prompt_table_dtype"])
         self._held: list = []  # BLS iterators waiting for a cleanup barrier (_release)
+        self._held_lock = threading.Lock()
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = int(params.get("max_in_flight", self.limits.max_batch_size))
+        self.admission = Admission(n, n)
+        self.workers = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nvlm-request")
+
+    def finalize(self):
+        self.workers.shutdown(wait=False, cancel_futures=True)
 
     def execute(self, requests):
-        return _decoupled(requests, self._one, "")
+        pb = _pb()
+        for request in requests:
+            try:
+                self.admission.enter()
+            except ServerBusy as e:
+                request.get_response_sender().send(_error(str(e)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            self.workers.submit(self._work, request)
+        return None
+
+    def _work(self, request):
+        try:
+            _decoupled([request], self._one, "")
+        finally:
+            self.admission.leave()
 
     def _call(self, pb, model, inputs, outputs, decoupled=False, request_id=""):
         req = pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs,
@@ -495,9 +559,12 @@ class EntryModel:
         when each iterator returned its last response; once it returns, the erase has happened and the
         references kept here are the last. A cancelled request answers `is_cancelled()` from a cache (no
         barrier), so its iterators wait in `self._held` for the next request's barrier."""
-        self._held.extend(objects)
-        if not request.is_cancelled():
-            self._held.clear()
+        # one request at a time through the barrier: another worker's iterators, added after this barrier
+        # passed, must wait for their own
+        with self._held_lock:
+            self._held.extend(objects)
+            if not request.is_cancelled():
+                self._held.clear()
 
     def _one(self, request, sender, pb):
         max_tokens = _scalar(request, "max_tokens", None, int)
@@ -516,6 +583,9 @@ class EntryModel:
         if text is None:
             raise ValueError("text_input is required")
         pre_inputs = [pb.Tensor("text_input", text.reshape(1).astype(object))]
+        chat = _input(request, "messages")
+        if chat is not None and chat.size:
+            pre_inputs.append(pb.Tensor("messages", chat.reshape(1).astype(object)))
         blobs = _input(request, "image_bytes")
         if blobs is not None and blobs.size:
             pre_inputs.append(pb.Tensor("image_bytes", blobs.reshape(-1).astype(object)))
@@ -634,7 +704,8 @@ class EntryModel:
         for name in ("stop_words", "bad_words"):
             arr = _input(request, name)
             texts = [] if arr is None else [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in arr.reshape(-1)]
-            words[name] = word_list(self.tok.encode, texts)  # each word tokenized alone, as NVIDIA's preprocessing does
+            # each word tokenized alone, as NVIDIA's preprocessing does, and after a space
+            words[name] = word_list(self.tok.encode, texts)
             if words[name]:
                 sends.append((f"{name}_list", to_trtllm(words[name])))
         log_probs = _scalar(request, "return_log_probs", False, bool)

@@ -153,7 +153,10 @@ def entry_inputs() -> tuple[Tensor, ...]:
     """Client-facing inputs: NVIDIA's `ensemble` template's names and dtypes (the subset nvlm-trt
     implements), plus images as encoded bytes."""
 
-    ours = (Tensor("image_bytes", "BYTES", (-1,), optional=True),)
+    ours = (Tensor("image_bytes", "BYTES", (-1,), optional=True),
+            # a whole conversation as JSON [{"role", "content"}] (the OpenAI API sends one); replaces
+            # text_input's single user turn
+            Tensor("messages", "BYTES", (1,), optional=True))
     return ours + tuple(Tensor(e.name, e.dtype, e.dims, e.optional) for e in load_contract().client_inputs)
 
 
@@ -216,6 +219,7 @@ def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_
     pre = ModelSpec(
         "preprocessing", backend="python", platform=None, max_batch_size=0,
         inputs=(Tensor("text_input", "BYTES", (1,)), Tensor("image_bytes", "BYTES", (-1,), optional=True),
+                Tensor("messages", "BYTES", (1,), optional=True),
                 Tensor("prompt_table_extra_id", "UINT64", (1,), optional=True)),
         outputs=(Tensor("input_ids", "INT32", (-1,)), Tensor("pixel_values", "FP32", (-1, 3, s, s)),
                  Tensor("image_token_count", "INT32", (1,)), Tensor("prompt_table_extra_ids", "UINT64", (-1,))),
@@ -229,6 +233,9 @@ def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_
     # tensorrt_llm response as it arrives. It sends each callee the dtypes that callee declares,
     # which it reads from these parameters.
     entry = ModelSpec("nvlm", backend="python", platform=None, max_batch_size=0, inputs=entry_inputs(),
-                      outputs=entry_outputs(), decoupled=True, instance_count=4,
-                      parameters={**py, "vision_dtype": vis_dtype, "prompt_table_dtype": engine_dtype})
+                      outputs=entry_outputs(), decoupled=True, instance_count=1,
+                      # one instance: it hands each request to a worker thread (serving.EntryModel), so the
+                      # instance count no longer caps concurrency; the engine's max batch size does
+                      parameters={**py, "vision_dtype": vis_dtype, "prompt_table_dtype": engine_dtype,
+                                  "max_in_flight": max_batch_size})
     return [pre, vision, llm, post, entry]
