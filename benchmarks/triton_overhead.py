@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -48,25 +50,32 @@ def main():
     build_engine(ckpt, build, EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference",
                                                  vision_dtype="fp32", calib_size=4), progress=lambda m: None)
     image = (ROOT / "assets" / "demo_scene.png").read_bytes()
-    cases = {"text": ("Explain how a transformer generates text.", []),
-             "one image (3 tiles)": ("What shapes are in this picture?", [image])}
+    # (prompt, images, streamed): the same text request not streamed isolates the per-token hops (one
+    # response per token from tensorrt_llm to the entry model and from it to the client)
+    cases = {"text": ("Explain how a transformer generates text.", [], True),
+             "text, not streamed": ("Explain how a transformer generates text.", [], False),
+             "one image (3 tiles)": ("What shapes are in this picture?", [image], True)}
 
     pipeline = LocalPipeline(build)  # the same steps in-process: the baseline Triton's overhead is measured against
 
+    # every request generates exactly --max-tokens (min_tokens = max_tokens: the random default would stop
+    # early at its end token), served and in-process alike
     def local(prompt, images):
-        return pipeline.generate(prompt, images, args.max_tokens)
+        return pipeline.run(prompt, images, args.max_tokens, min_length=args.max_tokens).tokens
+
+    exact = {"min_tokens": ("INT32", np.array([args.max_tokens], np.int32))}
 
     rows = {}
     with TritonServer(build / "triton_repo", grpc_port=24001, http_port=24002, metrics_port=24003) as srv:
         client = NVLMClient(srv.grpc_url)
-        for name, (prompt, images) in cases.items():
-            client.generate(prompt, images, max_tokens=args.max_tokens, stream=True)  # warm-up
+        for name, (prompt, images, stream) in cases.items():
+            client.generate(prompt, images, max_tokens=args.max_tokens, stream=stream, extra=exact)  # warm-up
             local(prompt, images)
             served, inproc = [], []
             before = server_stats(srv.grpc_url)
             for _ in range(args.requests):
                 t = time.perf_counter()
-                client.generate(prompt, images, max_tokens=args.max_tokens, stream=True)
+                client.generate(prompt, images, max_tokens=args.max_tokens, stream=stream, extra=exact)
                 served.append(time.perf_counter() - t)
                 t = time.perf_counter()
                 local(prompt, images)
@@ -80,7 +89,8 @@ def main():
         items = [Item("Explain how a transformer generates text.", [], "text")]
         for c in [int(x) for x in args.concurrency.split(",")]:
             samples, wall = run_closed_loop(srv.grpc_url, "nvlm", items, c, max(args.requests, 4 * c),
-                                            args.max_tokens, 0, keep_streams=args.keep_streams)
+                                            args.max_tokens, 0, min_tokens=args.max_tokens,
+                                            keep_streams=args.keep_streams)
             s = summarize(samples, wall)
             sweep[c] = {"requests_per_s": s["requests_per_s"], "output_tokens_per_s": s["output_tokens_per_s"],
                         "ttft_p50_ms": s["ttft_ms"]["p50"], "e2e_p50_ms": s["e2e_ms"]["p50"], "failed": s["failed"]}

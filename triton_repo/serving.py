@@ -107,19 +107,6 @@ def _error(message: str):
     return pb.InferenceResponse(output_tensors=[], error=pb.TritonError(message))
 
 
-def _decoupled(requests, handle, prefix: str):
-    """Decoupled models answer through each request's sender; a failure closes that request with an
-    error response and the loop goes on with the next."""
-    pb = _pb()
-    for request in requests:
-        sender = request.get_response_sender()
-        try:
-            handle(request, sender, pb)
-        except Exception as e:  # noqa: BLE001 — every failure becomes this request's error
-            sender.send(_error(f"{prefix}{e}"), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-    return None
-
-
 # --------------------------------------------------------------------------- preprocessing
 
 
@@ -261,6 +248,14 @@ class ReferenceLLMModel:
         self._setup(_build_dir(args))
 
     def _setup(self, build: Path):
+        import os
+
+        import torch
+
+        # intra-op threads of the executor in this stub: it shares the machine with tritonserver, the other
+        # stubs and the clients, where idle-spinning OpenMP workers of a second thread cost more than they
+        # give on the reference model's small matrices (docs/PERFORMANCE.md)
+        torch.set_num_threads(int(os.environ.get("NVLM_EXECUTOR_THREADS", "1")))
         self.build = build
         self.executor = TRTLLMExecutor.load(build / "llm")
         self.limits = read_limits(build)
@@ -472,6 +467,25 @@ class Admission:
             self.count -= 1
 
 
+class _LeavingSender:
+    """A response sender that gives the request's admission place back just before its final response:
+    a client that sends its next request as soon as the last one ended must find the place free."""
+
+    def __init__(self, sender, leave, final_flag):
+        self.sender, self._leave, self.final = sender, leave, final_flag
+        self.left = False
+
+    def leave(self) -> None:
+        if not self.left:
+            self.left = True
+            self._leave()
+
+    def send(self, response=None, flags=0):
+        if flags & self.final:
+            self.leave()
+        return self.sender.send(response, flags=flags) if response is not None else self.sender.send(flags=flags)
+
+
 class EntryModel:
     """Client-facing `nvlm`: tensorrtllm_backend's inputs, images as encoded bytes, streaming.
 
@@ -514,10 +528,15 @@ class EntryModel:
         return None
 
     def _work(self, request):
+        pb = _pb()
+        sender = _LeavingSender(request.get_response_sender(), self.admission.leave,
+                                pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         try:
-            _decoupled([request], self._one, "")
+            self._one(request, sender, pb)
+        except Exception as e:  # noqa: BLE001 — every failure becomes this request's error
+            sender.send(_error(str(e)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         finally:
-            self.admission.leave()
+            sender.leave()
 
     def _call(self, pb, model, inputs, outputs, decoupled=False, request_id=""):
         req = pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs,
