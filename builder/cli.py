@@ -31,7 +31,7 @@ from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from triton_repo.generate import generate_repo, plan_pending
 
-from .demo_train import Recipe, evaluate_checkpoint, train_and_save
+from .demo_train import Phase, Recipe, evaluate_checkpoint, train_and_save
 from .engine_build import EngineBuildOptions, build_engine, format_summary
 from .llm_build import build_llm
 from .vision_export import export_vision
@@ -95,6 +95,10 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help=f"first part of the run on one-tile images only (default {d.single_tile_fraction})")
     p.add_argument("--shape-first", type=int, default=d.shape_first, metavar="N",
                    help="start with N one-tile samples of shape questions only (default 0)")
+    p.add_argument("--phases", metavar="SPEC",
+                   help="an explicit curriculum, e.g. '1200:one:1,2,1,1;2000:one:1,8,1,1;3000:all:1,2,1,1' (per phase: "
+                        "samples, one-tile or all canvases, weights of colour/shape/which_tile/count); replaces "
+                        "--samples, --single-tile-fraction and --shape-first")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (results depend on it)")
     p.add_argument("--no-tile-tags", action="store_true", help="ablation: prompts without NVLM's 1-D tile tags")
@@ -110,10 +114,19 @@ def _train(args) -> int:
 
     if not 0 <= args.shape_first <= args.samples:
         raise NVLMError(f"--shape-first {args.shape_first} must be between 0 and --samples {args.samples}")
-    recipe = Recipe(samples=args.samples, batch=args.batch, lr=args.lr, single_tile_fraction=args.single_tile_fraction,
-                    seed=args.seed, threads=args.threads, tile_tags=not args.no_tile_tags, shape_first=args.shape_first)
-    command = (f"nvlm-build demo-train {args.out} --samples {args.samples} --batch {args.batch} --lr {args.lr} "
-               f"--single-tile-fraction {args.single_tile_fraction} --shape-first {args.shape_first} --seed {args.seed} "
+    phases = ()
+    if args.phases:
+        try:
+            phases = Phase.parse(args.phases)
+        except ValueError as e:
+            raise NVLMError(f"--phases: {e}") from None
+    samples = sum(p.samples for p in phases) if phases else args.samples
+    recipe = Recipe(samples=samples, batch=args.batch, lr=args.lr, single_tile_fraction=args.single_tile_fraction,
+                    seed=args.seed, threads=args.threads, tile_tags=not args.no_tile_tags, shape_first=args.shape_first,
+                    phases=phases)
+    schedule = (f"--phases '{args.phases}'" if phases else
+                f"--samples {args.samples} --single-tile-fraction {args.single_tile_fraction} --shape-first {args.shape_first}")
+    command = (f"nvlm-build demo-train {args.out} {schedule} --batch {args.batch} --lr {args.lr} --seed {args.seed} "
                f"--threads {args.threads}"
                + (" --no-tile-tags" if args.no_tile_tags else ""))
     card = train_and_save(Path(args.out), recipe, command=command, eval_n=args.eval, eval_seed=args.eval_seed,

@@ -39,6 +39,34 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Phase:
+    """A stretch of the curriculum: `samples` questions on one-tile images only (`canvas` "one") or on
+    every canvas ("all"), question types drawn with weights `mix` (colour, shape, which_tile, count)."""
+
+    samples: int
+    canvas: str  # "one" | "all"
+    mix: tuple[float, ...]
+
+    def __post_init__(self):
+        if self.samples < 1 or self.canvas not in ("one", "all") or len(self.mix) != len(QUESTION_TYPES) \
+                or min(self.mix) < 0 or sum(self.mix) <= 0:
+            raise ValueError(f"a phase is SAMPLES:one|all:W,W,W,W (weights of {', '.join(QUESTION_TYPES)}), "
+                             f"got {self}")
+
+    @classmethod
+    def parse(cls, text: str) -> tuple["Phase", ...]:
+        """"1200:one:1,2,1,1;2000:one:1,8,1,1;3000:all:1,2,1,1" → phases."""
+        out = []
+        for part in text.split(";"):
+            try:
+                n, canvas, mix = part.split(":")
+                out.append(cls(int(n), canvas, tuple(float(w) for w in mix.split(","))))
+            except ValueError as e:
+                raise ValueError(f"phase {part!r}: {e}") from None
+        return tuple(out)
+
+
+@dataclass(frozen=True)
 class Recipe:
     samples: int = 6000  # training questions, each on a fresh image
     batch: int = 8  # samples per optimizer step
@@ -60,6 +88,9 @@ class Recipe:
     # weight of an auxiliary loss during training only: a linear probe on each regular tile's pooled image
     # tokens predicts its cell's shape and colour (the probe is discarded; the shipped model is plain NVLM-D)
     aux_weight: float = 1.0
+    # an explicit curriculum; when given it replaces shape_first / single_tile_fraction / question_mix and
+    # its samples add up to `samples`
+    phases: tuple[Phase, ...] = ()
 
     @property
     def steps(self) -> int:
@@ -68,6 +99,20 @@ class Recipe:
     def __post_init__(self):
         if self.shape_first > self.samples:
             raise ValueError(f"shape_first {self.shape_first} exceeds samples {self.samples}")
+        if self.phases and sum(p.samples for p in self.phases) != self.samples:
+            raise ValueError(f"the phases' samples add up to {sum(p.samples for p in self.phases)}, "
+                             f"not samples {self.samples}")
+
+    def schedule(self) -> tuple[Phase, ...]:
+        """The curriculum as phases (the explicit one, or the one shape_first / single_tile_fraction give)."""
+        if self.phases:
+            return self.phases
+        shape_only = tuple(1.0 if t == "shape" else 0.0 for t in QUESTION_TYPES)
+        one = int(self.single_tile_fraction * self.samples)
+        rest = self.samples - self.shape_first - one
+        parts = [(self.shape_first, "one", shape_only), (one, "one", self.question_mix),
+                 (rest, "all", self.question_mix)]
+        return tuple(Phase(n, c, m) for n, c, m in parts if n > 0)
 
 
 def sincos_2d(side: int, dim: int) -> torch.Tensor:
@@ -159,8 +204,8 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
     params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
     rng = np.random.default_rng([recipe.seed, 2024])
-    single_tile_samples = int(recipe.single_tile_fraction * recipe.samples)
-    mix = np.array(recipe.question_mix) / sum(recipe.question_mix)
+    # the phase of each sample, in order
+    plan = [p for p in recipe.schedule() for _ in range(p.samples)]
     history, done, t0 = [], 0, time.perf_counter()
     out = open(log_file, "a") if log_file else None
     try:
@@ -171,9 +216,13 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                 opt.zero_grad(set_to_none=True)
                 losses, by_type = [], {}
                 for _ in range(min(recipe.batch, recipe.samples - done)):
-                    shape_phase = done < recipe.shape_first
-                    canvas = CANVASES[0] if shape_phase or done < recipe.shape_first + single_tile_samples else None
-                    qtype = "shape" if shape_phase else QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=mix))]
+                    phase = plan[done]
+                    canvas = CANVASES[0] if phase.canvas == "one" else None
+                    if sum(w > 0 for w in phase.mix) == 1:  # one question type: no draw (as the runs before phases)
+                        qtype = QUESTION_TYPES[next(i for i, w in enumerate(phase.mix) if w > 0)]
+                    else:
+                        mix = np.array(phase.mix) / sum(phase.mix)
+                        qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=mix))]
                     s = sample(rng, qtype, canvas=canvas)
                     pv, ids, answer = encode_sample(s, tok, cfg, layout)
                     loss, aux = sample_loss(model, pv, ids, answer, tok.image_pad_id, probe, s.scene.cells)

@@ -163,3 +163,23 @@ def test_shape_first_phase(capsys):
     assert [set(r["loss_by_type"]) for r in h[:2]] == [{"shape"}, {"shape"}]
     assert main(["demo-train", "/nonexistent/w.safetensors", "--samples", "4", "--shape-first", "5"]) == 2
     assert "--shape-first 5 must be between 0 and --samples 4" in capsys.readouterr().err
+
+
+def test_phases_are_the_curriculum(capsys):
+    """An explicit curriculum: each phase's canvas and question types, in order; the old flags give the same
+    schedule as phases; a malformed spec is one line and exit 2."""
+    from builder.cli import main
+    from builder.demo_train import Phase, Recipe, train
+
+    phases = Phase.parse("4:one:0,1,0,0;4:all:0,0,0,1")
+    assert phases == (Phase(4, "one", (0.0, 1.0, 0.0, 0.0)), Phase(4, "all", (0.0, 0.0, 0.0, 1.0)))
+    _, h = train(Recipe(samples=8, batch=2, phases=phases, seed=2, threads=1))
+    assert [set(r["loss_by_type"]) for r in h] == [{"shape"}] * 2 + [{"count"}] * 2
+    old = Recipe(samples=10, shape_first=4, single_tile_fraction=0.2)
+    assert [(p.samples, p.canvas) for p in old.schedule()] == [(4, "one"), (2, "one"), (4, "all")]
+    with pytest.raises(ValueError, match="add up to 8"):
+        Recipe(samples=9, phases=phases)
+    for bad in ("4:some:1,1,1,1", "4:one:1,1", "x:one:1,1,1,1"):
+        assert main(["demo-train", "/nonexistent/w.safetensors", "--phases", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("nvlm-build demo-train: error: --phases") and err.count("\n") == 1
