@@ -99,6 +99,7 @@ class TRTLLMExecutor:
         self.rotary_base = float(c.get("rotary_base", 10000.0))
         self.rotary_scaling = c.get("rotary_scaling")
         self.max_positions = c["max_position_embeddings"]
+        self._inv_freq: dict[float, torch.Tensor] = {}  # RoPE inverse frequencies per base
 
     # ------------------------------------------------------------------ loading
 
@@ -178,7 +179,9 @@ class TRTLLMExecutor:
             base = base * ((factor * total_len / self.max_positions) - (factor - 1)) ** (d / (d - 2))
         elif rs and rs.get("type") not in (None, "dynamic"):
             raise CheckpointError(f"rotary_scaling type {rs.get('type')!r} is not supported by the reference executor")
-        inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # [D/2]
+        if base not in self._inv_freq:  # one table per base: recomputing it cost every decode step
+            self._inv_freq[base] = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # [D/2]
+        inv = self._inv_freq[base]
         ang = positions.float()[:, None] * inv[None, :]  # [T, D/2]
         cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # [T, D]
         x1, x2 = x[..., : d // 2], x[..., d // 2:]
@@ -217,12 +220,15 @@ class TRTLLMExecutor:
         k_all, v_all = cache.keys[li], cache.values[li]
         if k_all.dtype == torch.float8_e4m3fn:
             k_all, v_all = k_all.float() * layer.kv_scale, v_all.float() * layer.kv_scale
+        # GQA by grouping the query heads over their shared KV head (no copy of the cache per step)
         rep = self.num_heads // self.num_kv_heads
-        k_all, v_all = k_all.repeat_interleave(rep, 0), v_all.repeat_interleave(rep, 0)  # [H, S, D]
-        scores = q @ k_all.transpose(1, 2) / math.sqrt(d)  # [H, T, S]
-        causal = torch.arange(total)[None, :] <= pos[:, None]  # [T, S]
-        scores = scores.masked_fill(~causal, float("-inf"))
-        return (scores.softmax(-1) @ v_all).transpose(0, 1).reshape(t_len, self.num_heads * d)  # [T, H·D]
+        qg = q.reshape(self.num_kv_heads, rep, t_len, d)  # [KV, rep, T, D]
+        scores = qg @ k_all.transpose(1, 2)[:, None] / math.sqrt(d)  # [KV, rep, T, S]
+        if t_len > 1:  # one new token sees every cached position: no mask to apply
+            causal = torch.arange(total)[None, :] <= pos[:, None]  # [T, S]
+            scores = scores.masked_fill(~causal, float("-inf"))
+        ctx = (scores.softmax(-1) @ v_all[:, None]).reshape(self.num_heads, t_len, d)  # [H, T, D]
+        return ctx.transpose(0, 1).reshape(t_len, self.num_heads * d)  # [T, H·D]
 
     def _dense(self, layer: RankLayer, ctx: torch.Tensor) -> torch.Tensor:
         # row-parallel: rank r's dense sees its own heads' context; partial outputs are summed
