@@ -25,7 +25,6 @@ model (`_to_word_list_format`) produces by tokenizing each word alone, without s
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -79,7 +78,8 @@ def from_trtllm(arr: np.ndarray | None, name: str) -> Words:
 
 @dataclass(frozen=True)
 class Controls:
-    """A request's decoding controls (TensorRT-LLM's names; defaults leave the logits untouched)."""
+    """A request's decoding controls (TensorRT-LLM's names; defaults leave the logits untouched). Values are
+    checked where requests arrive, by runtime/sampling.py's rule set."""
 
     temperature: float = 0.0  # 0: greedy
     top_k: int = 1
@@ -93,13 +93,6 @@ class Controls:
     stop_words: Words = ()
     bad_words: Words = ()
     log_probs: bool = False
-
-    def __post_init__(self):
-        if not math.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise InputError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty}")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if not math.isfinite(getattr(self, name)):
-                raise InputError(f"{name} must be a finite number (0 = off), got {getattr(self, name)}")
 
     @property
     def penalised(self) -> bool:

@@ -74,10 +74,6 @@ class InflightBatcher:
             self._cv.notify()
         self._thread.join(timeout=30)
 
-    @property
-    def in_flight(self) -> int:
-        with self._cv:
-            return len(self._waiting) + len(self._active)
 
     # ------------------------------------------------------------------ the loop
 

@@ -33,4 +33,6 @@ class Sampling:
         for name, value in self.penalties:
             if not math.isfinite(value):
                 raise InputError(f"{name} must be a finite number, got {value}")
+            if name == "repetition_penalty" and value <= 0:  # it divides and multiplies logits (1 = off)
+                raise InputError(f"repetition_penalty must be a finite number > 0 (1 = off), got {value}")
         return self

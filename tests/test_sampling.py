@@ -20,6 +20,9 @@ def test_valid_settings_pass(kw):
     (dict(top_p=1.01), "top_p"), (dict(top_p=math.nan), "top_p"), (dict(min_tokens=-1), "min_tokens"),
     (dict(min_tokens=9), "min_tokens"), (dict(beam_width=0), "beam_width must be 1"),
     (dict(beam_width=4), "beam_width must be 1"), (dict(penalties=(("presence_penalty", math.nan),)), "presence_penalty"),
+    (dict(penalties=(("frequency_penalty", math.nan),)), "frequency_penalty must be a finite number"),
+    (dict(penalties=(("repetition_penalty", 0.0),)), "repetition_penalty must be a finite number > 0"),
+    (dict(penalties=(("repetition_penalty", -1.5),)), "repetition_penalty must be a finite number > 0"),
 ])
 def test_invalid_settings_are_refused_by_name(kw, message):
     with pytest.raises(InputError, match=message):

@@ -31,6 +31,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from runtime.client import ClientError, Decoding, NVLMClient
 from runtime.tokenizer import NVLMTokenizer
 
@@ -160,28 +162,15 @@ class ChatRequest:
     def generate(self, client: NVLMClient, on_text=None):
         temperature = self.temperature or 0.0
         sampled = temperature > 0
-        counts = {"return_num_input_tokens": ("BOOL", _np_bool()), "return_num_output_tokens": ("BOOL", _np_bool())}
-        extra = {"messages": ("BYTES", _np_bytes(json.dumps(self.messages))), **counts}
+        extra = {"messages": ("BYTES", np.array([json.dumps(self.messages).encode()], dtype=object)),
+                 "return_num_input_tokens": ("BOOL", np.array([True])),
+                 "return_num_output_tokens": ("BOOL", np.array([True]))}
         if self.min_tokens:
-            import numpy as np
-
             extra["min_tokens"] = ("INT32", np.array([self.min_tokens], np.int32))
         return client.generate("", self.images, max_tokens=self.max_tokens, stream=on_text is not None,
                                temperature=temperature, top_k=0 if sampled else 1,
                                top_p=self.top_p if sampled and self.top_p is not None else 0.0,
                                seed=self.seed or 0, on_text=on_text, extra=extra, decoding=self.decoding)
-
-
-def _np_bool():
-    import numpy as np
-
-    return np.array([True])
-
-
-def _np_bytes(text: str):
-    import numpy as np
-
-    return np.array([text.encode()], dtype=object)
 
 
 def _status(e: ClientError) -> APIError:

@@ -22,7 +22,7 @@ import numpy as np
 
 from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
 from runtime.core.families import PROMPT_TABLE_INPUTS
-from runtime.decoding import Controls, StopFilter, from_trtllm, to_trtllm, word_list
+from runtime.decoding import StopFilter, from_trtllm, to_trtllm, word_list
 from runtime.inflight import InflightBatcher
 from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
 from runtime.prompt import build_prompt, chat_messages, tile_tags, with_image_placeholders
@@ -34,6 +34,8 @@ from .contract import load_contract
 
 # the penalty inputs the entry model declares (tensorrtllm_backend names): checked finite when sent
 PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "length_penalty")
+# the same under the LLM step's names
+LLM_STEP_PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "len_penalty")
 
 
 def _pb():
@@ -311,9 +313,11 @@ class ReferenceLLMModel:
         if n is None:
             raise ValueError("request_output_len is required")
         self.limits.check_request(output_len=n, output_name="request_output_len")
+        penalties = {k: _scalar(request, k, None, float) for k in LLM_STEP_PENALTIES}
         sampling = Sampling(_scalar(request, "temperature", 0.0, float), _scalar(request, "runtime_top_k", 1, int),
                             _scalar(request, "runtime_top_p", 0.0, float), _scalar(request, "min_tokens", 0, int),
-                            _scalar(request, "beam_width", 1, int)).check(n)
+                            _scalar(request, "beam_width", 1, int),
+                            tuple((k, v) for k, v in penalties.items() if v is not None)).check(n)
         ids = ids.reshape(-1).astype(np.int64).tolist()
         self.limits.check_request(input_len=len(ids))
         table = self._table(request, pb)
@@ -324,16 +328,13 @@ class ReferenceLLMModel:
         if rid:
             with self.stops_lock:
                 self.stops[rid] = flag
-        controls = Controls(  # refuses a repetition penalty ≤ 0 and non-finite penalties, by name
-            repetition_penalty=_scalar(request, "repetition_penalty", 1.0, float),
-            presence_penalty=_scalar(request, "presence_penalty", 0.0, float),
-            frequency_penalty=_scalar(request, "frequency_penalty", 0.0, float))
-        _scalar(request, "len_penalty", 0.0, float)  # beam search only: no effect at beam width 1
+        # len_penalty is checked above and otherwise unused: beam search only, no effect at beam width 1
         req = Request(ids, n, table, end_id=_scalar(request, "end_id", None, int),
                       temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                       seed=_scalar(request, "seed", 0, int), min_length=sampling.min_tokens,
-                      repetition_penalty=controls.repetition_penalty, presence_penalty=controls.presence_penalty,
-                      frequency_penalty=controls.frequency_penalty,
+                      repetition_penalty=penalties["repetition_penalty"] or 1.0,
+                      presence_penalty=penalties["presence_penalty"] or 0.0,
+                      frequency_penalty=penalties["frequency_penalty"] or 0.0,
                       stop_words=from_trtllm(_input(request, "stop_words_list"), "stop_words_list"),
                       bad_words=from_trtllm(_input(request, "bad_words_list"), "bad_words_list"),
                       return_log_probs=_scalar(request, "return_log_probs", False, bool),
@@ -715,8 +716,7 @@ class EntryModel:
 
     def _decoding(self, request) -> "EntryDecoding":
         """The request's decoding controls, checked, as the tensors the LLM step takes (NVIDIA's names)."""
-        sent = {k: _scalar(request, k, None, float) for k in PENALTIES}
-        Controls(**{k: v for k, v in sent.items() if v is not None and k != "length_penalty"})  # range checks
+        sent = {k: _scalar(request, k, None, float) for k in PENALTIES}  # checked by Sampling in _one
         sends = [("len_penalty" if k == "length_penalty" else k, np.asarray([v], np.float32))
                  for k, v in sent.items() if v is not None]
         words = {}
