@@ -99,6 +99,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help="an explicit curriculum, e.g. '1200:one:1,2,1,1;2000:one:1,8,1,1;3000:all:1,2,1,1' (per phase: "
                         "samples, one-tile or all canvases, weights of colour/shape/which_tile/count); replaces "
                         "--samples, --single-tile-fraction and --shape-first")
+    p.add_argument("--init", metavar="WEIGHTS",
+                   help="continue from a demo-train output instead of the standard initialisation (a second stage; "
+                        "give it another --seed for fresh data)")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (results depend on it)")
     p.add_argument("--no-tile-tags", action="store_true", help="ablation: prompts without NVLM's 1-D tile tags")
@@ -123,12 +126,14 @@ def _train(args) -> int:
     samples = sum(p.samples for p in phases) if phases else args.samples
     recipe = Recipe(samples=samples, batch=args.batch, lr=args.lr, single_tile_fraction=args.single_tile_fraction,
                     seed=args.seed, threads=args.threads, tile_tags=not args.no_tile_tags, shape_first=args.shape_first,
-                    phases=phases)
+                    phases=phases, init=args.init or "")
+    if args.init and not Path(args.init).is_file():
+        raise NVLMError(f"--init {args.init}: no such file (give a demo-train output)")
     schedule = (f"--phases '{args.phases}'" if phases else
                 f"--samples {args.samples} --single-tile-fraction {args.single_tile_fraction} --shape-first {args.shape_first}")
     command = (f"nvlm-build demo-train {args.out} {schedule} --batch {args.batch} --lr {args.lr} --seed {args.seed} "
                f"--threads {args.threads}"
-               + (" --no-tile-tags" if args.no_tile_tags else ""))
+               + (" --no-tile-tags" if args.no_tile_tags else "") + (f" --init {args.init}" if args.init else ""))
     card = train_and_save(Path(args.out), recipe, command=command, eval_n=args.eval, eval_seed=args.eval_seed,
                           log_file=Path(args.log) if args.log else None)
     print(json.dumps(card, indent=2))

@@ -27,6 +27,7 @@ import torch
 
 from runtime.core.build_dir import sha256_file
 from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts, write_demo_checkpoint
+from runtime.core.errors import CheckpointError
 from runtime.core.families import PromptLayout, family_for
 from runtime.core.progress import bar
 from runtime.preprocess import preprocess_image_fast
@@ -91,6 +92,9 @@ class Recipe:
     # an explicit curriculum; when given it replaces shape_first / single_tile_fraction / question_mix and
     # its samples add up to `samples`
     phases: tuple[Phase, ...] = ()
+    # start from these weights (a `demo-train` output, released names) instead of the standard initialisation:
+    # a second stage that continues a run (fresh optimizer state and probe; use another seed for fresh data)
+    init: str = ""
 
     @property
     def steps(self) -> int:
@@ -199,7 +203,10 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
     _, cfg, raw_tok = demo_parts(DEMO_TRAINED_DIMS)
     tok = NVLMTokenizer(raw_tok, Path("<demo tokenizer>"))
     layout = family_for(cfg).prompt_layout if recipe.tile_tags else untagged(family_for(cfg).prompt_layout)
-    model = init_model(cfg, recipe.seed, recipe.sincos_positions).train()
+    model = init_model(cfg, recipe.seed, recipe.sincos_positions)
+    if recipe.init:
+        load_released(model, Path(recipe.init))
+    model.train()
     probe = TileProbe(cfg.llm.hidden_size) if recipe.aux_weight else None
     params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
@@ -264,6 +271,25 @@ def released_tensors(model: NVLMReference, dtype=torch.bfloat16) -> dict[str, to
     return out
 
 
+def load_released(model: NVLMReference, path: Path) -> None:
+    """Load weights saved by `released_tensors` (the family's weight map, forwards) into `model`, in its dtype."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    modules = model.component_modules()
+    for comp in family_for(model.cfg).components:
+        module = modules[comp.name]
+        wanted = {target: tensors.pop(source) for source, target, _ in comp.expand(model.cfg) if source in tensors}
+        params = {name for name, _ in module.named_parameters()}  # tied weights appear once here
+        missing = params - set(wanted)
+        if missing:
+            raise CheckpointError(f"{path}: no weights for {comp.name} {sorted(missing)[:3]} — not a demo-train output "
+                             f"of these dimensions")
+        module.load_state_dict({k: v.to(torch.float32) for k, v in wanted.items()}, strict=False)
+    if tensors:
+        raise CheckpointError(f"{path}: tensors the embedded default does not have: {sorted(tensors)[:3]}…")
+
+
 @torch.no_grad()
 def predict(model: NVLMReference, tok, samples, layout: PromptLayout | None = None, max_new_tokens: int = 4) -> list[str]:
     """Greedy answers of the reference model to task samples (the prompt exactly as training and serving build it)."""
@@ -297,10 +323,23 @@ def train_and_save(out: Path, recipe: Recipe, *, command: str, eval_n: int = 400
             ckpt = write_demo_checkpoint(Path(tmpdir) / "ckpt", weights=out)
             accuracy = evaluate_checkpoint(ckpt, eval_n, eval_seed, tile_tags=recipe.tile_tags)
     card = {"weights": out.name, "sha256": sha256_file(out), "command": command, "recipe": asdict(recipe),
+            "init": _init_card(recipe.init),
             "train_seconds": round(seconds, 1), "final_loss": history[-1]["loss"],
             "eval": {"questions": eval_n, "seed": eval_seed, "accuracy": accuracy}}
     out.with_suffix(".json").write_text(json.dumps(card, indent=2) + "\n")
     return card
+
+
+def _init_card(init: str) -> dict | None:
+    """What a continued run started from: the weights' checksum and, when present, their own card's command
+    and init (so the card of the last stage holds every command of the chain)."""
+    if not init:
+        return None
+    path = Path(init)
+    card = path.with_suffix(".json")
+    prior = json.loads(card.read_text()) if card.exists() else {}
+    return {"weights": path.name, "sha256": sha256_file(path), "command": prior.get("command"),
+            "train_seconds": prior.get("train_seconds"), "init": prior.get("init")}
 
 
 def evaluate_checkpoint(path: Path, n: int, seed: int, *, tile_tags: bool = True) -> dict:

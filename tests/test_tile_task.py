@@ -183,3 +183,42 @@ def test_phases_are_the_curriculum(capsys):
         assert main(["demo-train", "/nonexistent/w.safetensors", "--phases", bad]) == 2
         err = capsys.readouterr().err
         assert err.startswith("nvlm-build demo-train: error: --phases") and err.count("\n") == 1
+
+
+def test_a_second_stage_starts_from_the_first_stage_s_weights(tmp_path, capsys):
+    """--init: the continued run's starting point is exactly the given weights (not a fresh initialisation),
+    its card chains the first stage's command, and a file that is not a demo-train output is refused."""
+    from safetensors.torch import save_file
+
+    from builder.cli import main
+    from builder.demo_train import Recipe, init_model, load_released, released_tensors
+    from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts
+    from runtime.core.errors import CheckpointError
+
+    _, cfg, _ = demo_parts(DEMO_TRAINED_DIMS)
+    first, other = init_model(cfg, 3), init_model(cfg, 4)
+    w = tmp_path / "first.safetensors"
+    save_file(released_tensors(first), str(w))
+    a, b = released_tensors(first), released_tensors(other)
+    assert any(not (a[n] == b[n]).all() for n in a)  # the two starting points differ
+    load_released(other, w)
+    b = released_tensors(other)
+    assert all((a[n] == b[n]).all() for n in a)
+
+    assert main(["demo-train", str(w), "--samples", "2", "--batch", "2", "--threads", "1", "--eval", "0"]) == 0
+    out = tmp_path / "second.safetensors"
+    assert main(["demo-train", str(out), "--samples", "2", "--batch", "2", "--threads", "1", "--eval", "0",
+                 "--init", str(w), "--seed", "5"]) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["recipe"]["init"] == str(w) and f"--init {w}" in card["command"]
+    assert card["init"]["command"].startswith(f"nvlm-build demo-train {w} ") and len(card["init"]["sha256"]) == 64
+
+    save_file({"not.a.weight": released_tensors(first)["mlp1.0.weight"]}, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(CheckpointError, match="not a demo-train output"):
+        load_released(other, tmp_path / "bad.safetensors")
+    capsys.readouterr()
+    assert main(["demo-train", str(out), "--samples", "2", "--init", str(tmp_path / "bad.safetensors")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    assert main(["demo-train", str(out), "--samples", "2", "--init", str(tmp_path / "none.safetensors")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert Recipe().init == ""
