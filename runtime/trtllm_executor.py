@@ -74,12 +74,43 @@ class RankLayer:
 
 @dataclass
 class KVCache:
-    keys: list[torch.Tensor] = field(default_factory=list)  # per layer [kv_heads, T, D] (fp8 when quantized)
+    """One sequence's cache: per layer a buffer [kv_heads, capacity, D] (fp8 when quantized) filled up to that
+    layer's length. Capacity grows by doubling, so a decode step writes one row instead of copying the
+    whole cache (what a torch.cat per step cost)."""
+
+    keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
 
     @property
     def length(self) -> int:
-        return 0 if not self.keys else self.keys[0].shape[1]
+        return self.lengths[0] if self.lengths else 0
+
+    def layer_length(self, li: int) -> int:
+        return self.lengths[li] if li < len(self.lengths) else 0
+
+    def append(self, li: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Add layer li's new keys and values [KV, T, D]."""
+        t_len = k.shape[1]
+        if li == len(self.keys):
+            self.keys.append(k.new_empty(k.shape[0], t_len + 64, k.shape[2]))
+            self.values.append(v.new_empty(v.shape[0], t_len + 64, v.shape[2]))
+            self.lengths.append(0)
+        n = self.lengths[li]
+        if n + t_len > self.keys[li].shape[1]:
+            cap = max(2 * self.keys[li].shape[1], n + t_len)
+            for buffers in (self.keys, self.values):
+                grown = buffers[li].new_empty(buffers[li].shape[0], cap, buffers[li].shape[2])
+                grown[:, :n] = buffers[li][:, :n]
+                buffers[li] = grown
+        self.keys[li][:, n:n + t_len] = k
+        self.values[li][:, n:n + t_len] = v
+        self.lengths[li] = n + t_len
+
+    def layer(self, li: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer li's keys and values so far, [KV, length, D] each (views, no copy)."""
+        n = self.lengths[li]
+        return self.keys[li][:, :n], self.values[li][:, :n]
 
 
 class TRTLLMExecutor:
@@ -204,22 +235,12 @@ class TRTLLMExecutor:
         returns the context [T, H·D]."""
         t_len, d = q.shape[0], self.head_dim
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T, D], [KV, T, D]
-        start = cache.keys[li].shape[1] if li < len(cache.keys) else 0  # layer li's own length so far
+        start = cache.layer_length(li)  # layer li's own length so far
         total = start + t_len
         pos = torch.arange(start, total)
         q, k = self._rope(q, pos, total), self._rope(k, pos, total)
-        if layer.kv_scale is not None and self.kv_fp8:
-            k = (k / layer.kv_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-            v = (v / layer.kv_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-        if li < len(cache.keys):
-            cache.keys[li] = torch.cat([cache.keys[li], k], 1)
-            cache.values[li] = torch.cat([cache.values[li], v], 1)
-        else:
-            cache.keys.append(k)
-            cache.values.append(v)
-        k_all, v_all = cache.keys[li], cache.values[li]
-        if k_all.dtype == torch.float8_e4m3fn:
-            k_all, v_all = k_all.float() * layer.kv_scale, v_all.float() * layer.kv_scale
+        cache.append(li, *self._kv_store(layer, k, v))
+        k_all, v_all = self._kv_load(layer, *cache.layer(li))
         # GQA by grouping the query heads over their shared KV head (no copy of the cache per step)
         rep = self.num_heads // self.num_kv_heads
         qg = q.reshape(self.num_kv_heads, rep, t_len, d)  # [KV, rep, T, D]
@@ -229,6 +250,50 @@ class TRTLLMExecutor:
             scores = scores.masked_fill(~causal, float("-inf"))
         ctx = (scores.softmax(-1) @ v_all[:, None]).reshape(self.num_heads, t_len, d)  # [H, T, D]
         return ctx.transpose(0, 1).reshape(t_len, self.num_heads * d)  # [T, H·D]
+
+    def _kv_store(self, layer: RankLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as the cache holds them: fp8 with the layer's scale when the KV cache is quantized."""
+        if layer.kv_scale is None or not self.kv_fp8:
+            return k, v
+        return tuple((x / layer.kv_scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn) for x in (k, v))
+
+    def _kv_load(self, layer: RankLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if k.dtype != torch.float8_e4m3fn:
+            return k, v
+        return k.float() * layer.kv_scale, v.float() * layer.kv_scale
+
+    def _attend_step(self, layer: RankLayer, q, k, v, caches: Sequence[KVCache], li: int) -> torch.Tensor:
+        """One decode step's attention for a batch: q [B, H, D], k, v [B, KV, D], one new token per sequence
+        at its own position. The caches are gathered into one zero-padded [B, KV, S, D] block and attended
+        with a length mask in one batched matmul, as the engine's in-flight batch does (rather than a
+        Python loop of per-sequence attentions). Returns the context [B, H·D]."""
+        b_len, d, nkv = q.shape[0], self.head_dim, self.num_kv_heads
+        starts = [c.layer_length(li) for c in caches]
+        s_len = max(starts) + 1
+        pos = torch.tensor(starts)
+        # RoPE over the batch axis: each row at its own position ([H, B, D] with positions [B])
+        q = self._rope(q.transpose(0, 1), pos, s_len).transpose(0, 1)
+        k = self._rope(k.transpose(0, 1), pos, s_len).transpose(0, 1)
+        k, v = self._kv_store(layer, k, v)
+        keys = k.new_zeros(b_len, nkv, s_len, d)
+        values = v.new_zeros(b_len, nkv, s_len, d)
+        for b, cache in enumerate(caches):
+            cache.append(li, k[b][:, None], v[b][:, None])
+            keys[b, :, :starts[b] + 1], values[b, :, :starts[b] + 1] = cache.layer(li)
+        keys, values = self._kv_load(layer, keys, values)
+        rep = self.num_heads // nkv
+        qg = q.reshape(b_len, nkv, rep, d)  # [B, KV, rep, D]
+        scores = qg @ keys.transpose(-1, -2) / math.sqrt(d)  # [B, KV, rep, S]
+        valid = torch.arange(s_len)[None, :] <= pos[:, None]  # [B, S]: the cache and the new token
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        return (scores.softmax(-1) @ values).reshape(b_len, self.num_heads * d)  # [B, H·D]
+
+    def _per_sequence_rope(self, caches: Sequence[KVCache]) -> bool:
+        """Dynamic NTK scaling changes the RoPE base with each sequence's own length past the trained one:
+        then the batch cannot share one rotary table and attends sequence by sequence."""
+        rs = self.rotary_scaling
+        return bool(rs and rs.get("type") == "dynamic"
+                    and max(c.layer_length(0) for c in caches) + 1 > self.max_positions)
 
     def _dense(self, layer: RankLayer, ctx: torch.Tensor) -> torch.Tensor:
         # row-parallel: rank r's dense sees its own heads' context; partial outputs are summed
@@ -274,12 +339,16 @@ class TRTLLMExecutor:
     def decode_step(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
         """One decode step for a batch of sequences, each at its own length: token b extends caches[b].
         The linear layers run on the batch's rows together (what in-flight batching buys); attention runs
-        per sequence against its own cache. Returns logits [B, vocab]."""
+        batched over the padded caches. Returns logits [B, vocab]."""
         x = self.embedding[torch.as_tensor(list(tokens), dtype=torch.long)]  # [B, hidden]
+        one_by_one = self._per_sequence_rope(caches)
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, rms_norm(x, layer.input_norm, self.eps))  # [B, H, D], [B, KV, D]
-            ctx = torch.cat([self._attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], c, li)
-                             for b, c in enumerate(caches)])
+            if one_by_one:
+                ctx = torch.cat([self._attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], c, li)
+                                 for b, c in enumerate(caches)])
+            else:
+                ctx = self._attend_step(layer, q, k, v, caches, li)
             x = x + self._dense(layer, ctx)
             x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.eps))
         return rms_norm(x, self.final_norm, self.eps) @ self.lm_head.T

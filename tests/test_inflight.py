@@ -50,6 +50,45 @@ def test_kv_batched_decode_step_equals_single_steps(ex):
     assert [c.length for c in caches] == [4, 8, 2]
 
 
+def test_batched_steps_past_the_cache_capacity_equal_the_full_forward(ex):
+    """Many batched decode steps on sequences of different lengths: each cache grows past its first buffer
+    (prompt + 64 rows) and still gives the logits of one forward pass over the whole sequence."""
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, ex.vocab_size, (n,), generator=g).tolist() for n in (3, 70, 11)]
+    caches = [KVCache() for _ in prompts]
+    for p, c in zip(prompts, caches):
+        ex.forward(p, None, c)
+    seqs = [list(p) for p in prompts]
+    for _ in range(80):
+        toks = torch.randint(0, ex.vocab_size, (len(seqs),), generator=g).tolist()
+        out = ex.decode_step(toks, caches)
+        for s, t in zip(seqs, toks):
+            s.append(t)
+    assert [c.length for c in caches] == [len(s) for s in seqs] and caches[0].keys[0].shape[1] > 3 + 64
+    for b, s in enumerate(seqs):
+        assert torch.allclose(out[b], ex.forward(s, None, KVCache())[-1], atol=2e-3), b
+
+
+def test_dynamic_rope_past_the_trained_length_attends_sequence_by_sequence(ex, monkeypatch):
+    """Dynamic NTK scaling gives each sequence its own RoPE base past max_position_embeddings: the batched
+    step then equals each sequence's step alone (not one shared table for the batch)."""
+    import copy
+
+    monkeypatch.setattr(ex, "rotary_scaling", {"type": "dynamic", "factor": 2.0})
+    monkeypatch.setattr(ex, "max_positions", 6)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8], [9, 10]]
+    caches = [KVCache() for _ in prompts]
+    for p, c in zip(prompts, caches):
+        ex.forward(p, None, c)
+    alone = [ex.decode_step([t], [copy.deepcopy(c)])[0] for t, c in zip([11, 12], caches)]
+    batched = ex.decode_step([11, 12], caches)
+    for b in range(2):
+        assert torch.allclose(batched[b], alone[b], atol=1e-4), b
+    monkeypatch.setattr(ex, "rotary_scaling", None)
+    shared = ex.decode_step([11, 12], [copy.deepcopy(c) for c in caches])
+    assert not torch.allclose(shared[0], batched[0], atol=1e-3)  # the scaling matters at these lengths
+
+
 def test_staggered_arrivals_give_every_request_its_own_answer(ex):
     reqs = _requests(ex)
     alone = [ex.generate([r])[0] for r in reqs]
