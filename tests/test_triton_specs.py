@@ -90,3 +90,26 @@ def test_entry_admits_as_many_requests_as_the_engine_batches(target, max_batch):
     adm.leave()
     adm.enter()  # a finished request frees its place
     assert adm.count == 2 * max_batch
+
+
+def test_the_cancellation_check_is_asked_at_most_every_period(monkeypatch):
+    """`request.is_cancelled()` is a round trip to tritonserver: asked per token it cost one per token. The
+    throttle asks once per period, keeps the last answer in between, and a yes stays yes."""
+    import triton_repo.serving as serving
+
+    now = [100.0]
+    monkeypatch.setattr(serving.time, "monotonic", lambda: now[0])
+    answers, asked = iter([False, False, True, False]), []
+
+    def is_cancelled():
+        asked.append(now[0])
+        return next(answers)
+
+    gone = serving._AtMostEvery(is_cancelled, period=0.01)
+    assert [gone() for _ in range(50)] == [False] * 50 and asked == [100.0]
+    now[0] += 0.011
+    assert not gone() and len(asked) == 2
+    now[0] += 0.011
+    assert gone() and len(asked) == 3  # the client went away: seen within one period
+    now[0] += 1.0
+    assert gone() and len(asked) == 3  # and stays gone without asking again

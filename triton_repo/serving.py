@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +245,8 @@ class ReferenceLLMModel:
     so that a later `execute` can deliver a `stop` request — the backend's way to stop a
     request by its id, which the entry model uses when its client cancels — and the executor asks before
     every decode step whether its request was stopped or cancelled by Triton (a client that closed its
-    stream). A cancelled request frees the executor within one step."""
+    stream; asked at most every 10 ms, see `_AtMostEvery`). A cancelled request frees the executor within a
+    step or 10 ms."""
 
     def initialize(self, args):
         self._setup(_build_dir(args))
@@ -325,6 +327,7 @@ class ReferenceLLMModel:
             self.limits.check_request(image_tokens=table.shape[0])
         stream = _scalar(request, "streaming", False, bool)
         rid, flag = request.request_id(), threading.Event()
+        client_gone = _AtMostEvery(request.is_cancelled)
         if rid:
             with self.stops_lock:
                 self.stops[rid] = flag
@@ -338,7 +341,7 @@ class ReferenceLLMModel:
                       stop_words=from_trtllm(_input(request, "stop_words_list"), "stop_words_list"),
                       bad_words=from_trtllm(_input(request, "bad_words_list"), "bad_words_list"),
                       return_log_probs=_scalar(request, "return_log_probs", False, bool),
-                      cancelled=lambda: flag.is_set() or request.is_cancelled())
+                      cancelled=lambda: flag.is_set() or client_gone())
         return req, stream, rid
 
     def _run(self, job, sender, pb):
@@ -439,6 +442,24 @@ class PostprocessingModel:
 
 
 # --------------------------------------------------------------------------- entry point (BLS)
+
+
+class _AtMostEvery:
+    """A costly yes/no check asked at most once per `period` seconds; in between, the last answer stands, and a
+    yes stays yes. For `request.is_cancelled()`: each call is a round trip from the stub to tritonserver, and
+    asked for every token of every request it cost a round trip per token; a client that goes away is still
+    noticed within `period`."""
+
+    def __init__(self, check, period: float = 0.01):
+        self.check, self.period = check, period
+        self.answer, self.next = False, 0.0
+
+    def __call__(self) -> bool:
+        if not self.answer:
+            now = time.monotonic()
+            if now >= self.next:
+                self.answer, self.next = bool(self.check()), now + self.period
+        return self.answer
 
 
 class ServerBusy(ValueError):
@@ -654,6 +675,7 @@ class EntryModel:
         rid = uuid.uuid4().hex  # the LLM step's request id: a `stop` request names it
         responses = self._call(pb, "tensorrt_llm", llm_inputs, decoding.outputs, decoupled=True, request_id=rid)
         stopped, resp, out = False, None, None
+        client_gone = _AtMostEvery(request.is_cancelled)
         if stream and not decoding.exclude_input:
             sender.send(pb.InferenceResponse(output_tensors=[
                 pb.Tensor("text_output", np.asarray([text.push(self._prompt_ids(ids)).encode()], object)),
@@ -662,7 +684,7 @@ class EntryModel:
             for resp in responses:
                 if resp.has_error():
                     raise ValueError(resp.error().message())
-                if not stopped and request.is_cancelled():  # the client went away: stop generating for it
+                if not stopped and client_gone():  # the client went away: stop generating for it
                     stopped = True
                     self._stop(request, pb, rid)
                 out = pb.get_output_tensor_by_name(resp, "output_ids")
