@@ -1,0 +1,91 @@
+"""In-flight batching in isolation: one `TRTLLMExecutor.decode_step` for B sequences, batched attention
+against the baseline of attending sequence by sequence, in one run.
+
+    .venv/bin/python benchmarks/decode_step.py [--batch 1,2,4,8,16] [--context 39,300] [--threads 1]
+                                               [--repeats 30] [--format bf16] [--json F]
+
+The embedded default's LLM built in `--format` (bf16 by default; fp8 takes the FP8 KV cache too), each
+sequence with its own random prompt of `--context` tokens (lengths staggered by a few tokens, as an
+in-flight batch has them). Per B: the median of `--repeats` steps (each step extends every cache by one
+token, as serving does), for the batched path (`decode_step`) and for the baseline — the same step with
+attention run per sequence (the path kept for dynamic-NTK sequences past the trained length). Prints ms
+per step, ms per token, and baseline ÷ batched.
+"""
+
+import argparse
+import copy
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def _ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",")]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=_ints, default=[1, 2, 4, 8, 16])
+    p.add_argument("--context", type=_ints, default=[39, 300], help="prompt tokens per sequence")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--format", default="bf16")
+    p.add_argument("--json", help="also write the rows here")
+    args = p.parse_args()
+
+    import torch
+
+    from builder.llm_build import build_llm
+    from runtime.core.demo_checkpoint import write_demo_checkpoint
+    from runtime.core.llm_formats import BuildOptions, get_format
+    from runtime.trtllm_executor import KVCache, TRTLLMExecutor
+
+    torch.set_num_threads(args.threads)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = write_demo_checkpoint(Path(tmp) / "ckpt")
+        build_llm(ckpt, Path(tmp) / "llm", BuildOptions(get_format(args.format), kv_cache_fp8=args.format == "fp8"),
+                  calib_size=4, fidelity=False)
+        ex = TRTLLMExecutor.load(Path(tmp) / "llm")
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for ctx in args.context:
+                for b_len in args.batch:
+                    caches = []
+                    for b in range(b_len):
+                        c = KVCache()
+                        ex.forward(torch.randint(0, ex.vocab_size, (ctx + 3 * b,), generator=g).tolist(), None, c)
+                        caches.append(c)
+                    tokens = torch.randint(0, ex.vocab_size, (b_len,), generator=g).tolist()
+                    row = {"context": ctx, "batch": b_len}
+                    for name, one_by_one in (("baseline", True), ("batched", False)):
+                        work = copy.deepcopy(caches)
+                        ex._per_sequence_rope = lambda _c, v=one_by_one: v  # noqa: E731 — the path to time
+                        times = []
+                        for _ in range(args.repeats):
+                            t0 = time.perf_counter()
+                            ex.decode_step(tokens, work)
+                            times.append(time.perf_counter() - t0)
+                        row[name + "_ms"] = statistics.median(times) * 1e3
+                    del ex._per_sequence_rope
+                    row["ratio"] = row["baseline_ms"] / row["batched_ms"]
+                    rows.append(row)
+                    print(f"context {ctx:4d}  B {b_len:2d}: per sequence {row['baseline_ms']:7.2f} ms, batched "
+                          f"{row['batched_ms']:7.2f} ms ({row['batched_ms'] / b_len:5.2f} ms/token), "
+                          f"{row['ratio']:.2f}×", flush=True)
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} thread(s), "
+          f"{args.format}, median of {args.repeats} steps")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
