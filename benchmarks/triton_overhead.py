@@ -10,11 +10,13 @@ for the same text and one-image requests measures (a) end-to-end latency through
 reference executor; and where the served time goes per request (Triton's per-model statistics: queue and
 compute of each model; the rest is gRPC, the client and the entry model's own work). Then runs
 `nvlm-bench`'s closed loop on text requests at each concurrency and prints requests/s against
-concurrency 1 (the ratio issue 16 asks for: ≥ 3× at 8).
+concurrency 1 (the ratio issue 16 asks for: ≥ 3× at 8), and where the CPU goes at each level: CPU ms per
+generated token of tritonserver, of each model's Python stub and of the client (this process), from /proc.
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -25,6 +27,43 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def _label(pid: int) -> str:
+    """tritonserver, or the model a Python-backend stub serves (its model.py's directory), or the exe."""
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    model = next((a for a in args if a.endswith("model.py")), None)
+    return f"stub {Path(model).parent.parent.name}" if model else Path(args[0]).name
+
+
+def cpu_by_process(root: int) -> dict[str, float]:
+    """CPU seconds so far of the server's processes (tritonserver and one stub per model), by label, and of
+    this process (the benchmark's client)."""
+    children: dict[int, list[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out: dict[str, float] = {}
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            label = _label(pid)
+            out[label] = out.get(label, 0.0) + _cpu_seconds(pid)
+        except OSError:
+            continue
+    out["client (this process)"] = _cpu_seconds(os.getpid())
+    return out
 
 
 def main():
@@ -88,12 +127,17 @@ def main():
         sweep = {}
         items = [Item("Explain how a transformer generates text.", [], "text")]
         for c in [int(x) for x in args.concurrency.split(",")]:
+            cpu0 = cpu_by_process(srv.proc.pid)
             samples, wall = run_closed_loop(srv.grpc_url, "nvlm", items, c, max(args.requests, 4 * c),
                                             args.max_tokens, 0, min_tokens=args.max_tokens,
                                             keep_streams=args.keep_streams)
+            cpu1 = cpu_by_process(srv.proc.pid)
             s = summarize(samples, wall)
+            tokens = s["output_tokens_per_s"] * wall
             sweep[c] = {"requests_per_s": s["requests_per_s"], "output_tokens_per_s": s["output_tokens_per_s"],
-                        "ttft_p50_ms": s["ttft_ms"]["p50"], "e2e_p50_ms": s["e2e_ms"]["p50"], "failed": s["failed"]}
+                        "ttft_p50_ms": s["ttft_ms"]["p50"], "e2e_p50_ms": s["e2e_ms"]["p50"], "failed": s["failed"],
+                        # where the CPU goes: ms of CPU per generated token, by process
+                        "cpu_ms_per_token": {k: (cpu1[k] - cpu0.get(k, 0.0)) * 1e3 / tokens for k in cpu1}}
     print(f"{'request':<22}{'served ms':>10}{'in-process ms':>15}{'overhead ms':>13}{'ratio':>7}")
     for k, r in rows.items():
         print(f"{k:<22}{r['served_ms']:>10.1f}{r['in_process_ms']:>15.1f}{r['overhead_ms']:>13.1f}{r['ratio']:>7.2f}")
@@ -104,6 +148,11 @@ def main():
     for c, r in sweep.items():
         print(f"{c:<12}{r['requests_per_s']:>7.2f}{r['requests_per_s'] / base:>7.2f}{r['output_tokens_per_s']:>8.1f}"
               f"{r['ttft_p50_ms']:>13.1f}{r['e2e_p50_ms']:>12.1f}{r['failed']:>8}")
+    print("CPU ms per generated token, by process (server's processes and this client), at each concurrency:")
+    for c, r in sweep.items():
+        cpu = r["cpu_ms_per_token"]
+        print(f"  c={c:<3} total {sum(cpu.values()):5.2f}: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                                    sorted(cpu.items(), key=lambda kv: -kv[1])))
     if args.json:
         args.json.write_text(json.dumps({"overhead": rows, "sweep": sweep, "date": time.strftime("%Y-%m-%d")}, indent=2))
 

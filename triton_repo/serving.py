@@ -265,6 +265,7 @@ class ReferenceLLMModel:
         self.limits = read_limits(build)
         # in-flight batching, as the backend does: up to the engine's max batch size decode together
         self.batcher = InflightBatcher(self.executor, self.limits.max_batch_size)
+        self.outbox = _Outbox()
         self.stops: dict[str, threading.Event] = {}  # request id → its stop flag, while it runs
         self.stops_lock = threading.Lock()
 
@@ -285,6 +286,7 @@ class ReferenceLLMModel:
 
     def finalize(self):
         self.batcher.close()
+        self.outbox.close()
 
     def _stop(self, request, sender, pb):
         """NVIDIA's `stop` input: stop the running request with this request's id; it ends with the
@@ -356,28 +358,26 @@ class ReferenceLLMModel:
                         pb.Tensor("cum_log_probs", np.asarray([[cum]], np.float32))]
             return pb.InferenceResponse(output_tensors=out)
 
+        cum = [0.0]
+        send = self.outbox.put
+
+        def on_token(tok, lp):  # called by the batcher's loop: it only enqueues
+            cum[0] += lp or 0.0
+            total = cum[0]
+            send(lambda: sender.send(emit([tok], [lp], total)))
+
         try:
-            tokens = _TokenStream() if stream else None
-            future = self.batcher.submit(req, tokens.push if stream else None)
+            result = self.batcher.submit(req, on_token if stream else None).result()
             if stream:
-                future.add_done_callback(lambda _: tokens.close())
-                cum = 0.0
-                while (chunk := tokens.take()) is not None:  # this request's thread sends; the loop computes
-                    cum += sum(lp or 0.0 for lp in chunk[1])
-                    sender.send(emit(*chunk, cum))
-            result = future.result()
-            if stream:
-                sender.send(flags=final)
+                send(lambda: sender.send(flags=final))
             else:
-                sender.send(emit(result.tokens, result.log_probs, result.cum_log_prob), flags=final)
+                send(lambda: sender.send(emit(result.tokens, result.log_probs, result.cum_log_prob), flags=final))
             if result.finish_reason == "cancelled":  # the fault tests read this line in the server log
                 print(f"tensorrt_llm: request {rid or '-'} cancelled after {len(result.tokens)} of "
                       f"{req.max_new_tokens} tokens", flush=True)
         except Exception as e:  # noqa: BLE001 — a failure ends this request with an error
-            try:
-                sender.send(_error(f"tensorrt_llm: {e}"), flags=final)
-            except Exception:  # noqa: BLE001 — the request is gone (cancelled): nothing to tell
-                pass
+            message = f"tensorrt_llm: {e}"
+            send(lambda: sender.send(_error(message), flags=final))
         finally:
             if rid:
                 with self.stops_lock:
@@ -464,41 +464,33 @@ class _AtMostEvery:
         return self.answer
 
 
-class _TokenStream:
-    """A streamed request's tokens, from the in-flight batcher's loop to the request's own thread, which
-    sends them. The loop only appends (no stub-to-server round trip inside the decode step, where every
-    send held up the whole batch), and tokens that arrive while a response is being sent go out together
-    in the next one (output_ids [1, 1, n]; the backend's streaming responses carry the tokens new since
-    the last one). Unloaded, that is one token per response; under load, fewer hops per token."""
+class _Outbox:
+    """The LLM step's one sending thread: every streamed token's response and every final response goes
+    through it, in order. The batcher's decode loop only enqueues — a send is a round trip from the stub to
+    tritonserver, and made inside the loop it held up the whole batch — while all responses still leave
+    from one thread: sending from each request's own thread instead hung the bundled server's Python
+    backend (r24.10) in the soak test, every stub idle and sends never acknowledged."""
 
     def __init__(self):
-        self.cond = threading.Condition()
-        self.tokens: list[int] = []
-        self.log_probs: list = []
-        self.closed = False
+        import queue
 
-    def push(self, token: int, log_prob) -> None:
-        with self.cond:
-            self.tokens.append(token)
-            self.log_probs.append(log_prob)
-            self.cond.notify()
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name="llm-step-sender", daemon=True)
+        self.thread.start()
+
+    def put(self, send) -> None:
+        self.queue.put(send)
 
     def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify()
+        self.queue.put(None)
+        self.thread.join(timeout=10)
 
-    def take(self):
-        """(tokens, log probs) that arrived since the last take, waiting for at least one; None once closed
-        and drained."""
-        with self.cond:
-            while not self.tokens and not self.closed:
-                self.cond.wait()
-            if not self.tokens:
-                return None
-            out = (self.tokens, self.log_probs)
-            self.tokens, self.log_probs = [], []
-            return out
+    def _loop(self) -> None:
+        while (send := self.queue.get()) is not None:
+            try:
+                send()
+            except Exception:  # noqa: BLE001 — the request is gone (cancelled): nothing to tell
+                pass
 
 
 class ServerBusy(ValueError):
