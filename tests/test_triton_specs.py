@@ -113,3 +113,26 @@ def test_the_cancellation_check_is_asked_at_most_every_period(monkeypatch):
     assert gone() and len(asked) == 3  # the client went away: seen within one period
     now[0] += 1.0
     assert gone() and len(asked) == 3  # and stays gone without asking again
+
+
+def test_the_llm_step_outbox_sends_in_order_from_one_thread_and_survives_a_failed_send():
+    """Every response of the LLM step leaves through one sending thread, in the order the decode loop and
+    the request threads queued them; a send that fails (its client gone) does not stop the others."""
+    import threading
+
+    from triton_repo.serving import _Outbox
+
+    box, sent, threads = _Outbox(), [], set()
+
+    def send(k):
+        threads.add(threading.get_ident())
+        if k == 3:
+            raise RuntimeError("the client went away")
+        sent.append(k)
+
+    for k in range(8):
+        box.put(lambda k=k: send(k))
+    box.close()
+    assert sent == [0, 1, 2, 4, 5, 6, 7]
+    assert threads == {box.thread.ident} and box.thread.ident != threading.get_ident()
+    assert not box.thread.is_alive()
