@@ -138,7 +138,7 @@ class TRTLLMExecutor:
         self.rotary_base = float(c.get("rotary_base", 10000.0))
         self.rotary_scaling = c.get("rotary_scaling")
         self.max_positions = c["max_position_embeddings"]
-        self._inv_freq: dict[float, torch.Tensor] = {}  # RoPE inverse frequencies per base
+        self._plain_inv_freq: torch.Tensor | None = None  # RoPE inverse frequencies at the configured base
 
     # ------------------------------------------------------------------ loading
 
@@ -207,21 +207,32 @@ class TRTLLMExecutor:
 
     # ------------------------------------------------------------------ forward
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor, total_len: int) -> torch.Tensor:
-        """GPT-NeoX rotary embedding; x: [H, T, D]."""
-        d = self.head_dim
-        base = self.rotary_base
-        rs = self.rotary_scaling
+    def _inv_freq(self, total_len: int) -> torch.Tensor:
+        """RoPE inverse frequencies [D/2] for a sequence of `total_len` tokens: the base grows with the length
+        past the trained one under dynamic NTK scaling, as transformers and TensorRT-LLM apply it."""
+        d, base, rs = self.head_dim, self.rotary_base, self.rotary_scaling
         if rs and rs.get("type") == "dynamic" and total_len > self.max_positions:
-            # dynamic NTK scaling, as transformers and TensorRT-LLM apply it past the trained length
             factor = rs["factor"]
             base = base * ((factor * total_len / self.max_positions) - (factor - 1)) ** (d / (d - 2))
-        elif rs and rs.get("type") not in (None, "dynamic"):
+            return 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        if rs and rs.get("type") not in (None, "dynamic"):
             raise CheckpointError(f"rotary_scaling type {rs.get('type')!r} is not supported by the reference executor")
-        if base not in self._inv_freq:  # one table per base: recomputing it cost every decode step
-            self._inv_freq[base] = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))  # [D/2]
-        inv = self._inv_freq[base]
-        ang = positions.float()[:, None] * inv[None, :]  # [T, D/2]
+        if self._plain_inv_freq is None:  # computed once: recomputing it cost every decode step
+            self._plain_inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+        return self._plain_inv_freq
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor, total_lens: int | Sequence[int]) -> torch.Tensor:
+        """GPT-NeoX rotary embedding; x: [H, T, D], positions [T]. `total_lens`: the length of the sequence
+        the T tokens belong to, or one length per token when each is a different sequence's (a decode
+        step's batch: under dynamic NTK scaling each then has its own base)."""
+        d = self.head_dim
+        if isinstance(total_lens, int):
+            inv = self._inv_freq(total_lens)[None, :]  # [1, D/2]
+        elif self._inv_freq(max(total_lens)) is self._plain_inv_freq:  # every row on the plain base
+            inv = self._plain_inv_freq[None, :]
+        else:
+            inv = torch.stack([self._inv_freq(t) for t in total_lens])  # [T, D/2]
+        ang = positions.float()[:, None] * inv  # [T, D/2]
         cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # [T, D]
         x1, x2 = x[..., : d // 2], x[..., d // 2:]
         return x * cos + torch.cat([-x2, x1], -1) * sin
@@ -241,18 +252,22 @@ class TRTLLMExecutor:
     def _attend(self, layer: RankLayer, q, k, v, cache: KVCache, li: int) -> torch.Tensor:
         """One sequence's new tokens (q [T, H, D], k, v [T, KV, D]) against its cache, extended here;
         returns the context [T, H·D]."""
-        t_len, d = q.shape[0], self.head_dim
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [H, T, D], [KV, T, D]
         start = cache.layer_length(li)  # layer li's own length so far
-        total = start + t_len
-        pos = torch.arange(start, total)
-        q, k = self._rope(q, pos, total), self._rope(k, pos, total)
+        pos = torch.arange(start, start + q.shape[1])
+        total = start + q.shape[1]
+        return self._attend_rotated(layer, self._rope(q, pos, total), self._rope(k, pos, total), v, cache, li)
+
+    def _attend_rotated(self, layer: RankLayer, q, k, v, cache: KVCache, li: int) -> torch.Tensor:
+        """q [H, T, D], k, v [KV, T, D] with RoPE applied: write k, v to the cache and attend; [T, H·D]."""
+        t_len, start = q.shape[1], cache.layer_length(li)
         cache.append(li, *self._kv_store(layer, k, v))
         k_all, v_all = self._kv_load(layer, *cache.layer(li))
         # one new token sees every cached position (no mask); a prompt from position 0 is plain causal
-        mask = None if t_len == 1 or start == 0 else torch.arange(total)[None, :] <= pos[:, None]  # [T, S]
+        pos = torch.arange(start, start + t_len)
+        mask = None if t_len == 1 or start == 0 else torch.arange(start + t_len)[None, :] <= pos[:, None]  # [T, S]
         ctx = _sdpa(q[None], k_all[None], v_all[None], mask, causal=t_len > 1 and start == 0)[0]  # [H, T, D]
-        return ctx.transpose(0, 1).reshape(t_len, self.num_heads * d)  # [T, H·D]
+        return ctx.transpose(0, 1).reshape(t_len, self.num_heads * self.head_dim)  # [T, H·D]
 
     def _kv_store(self, layer: RankLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values as the cache holds them: fp8 with the layer's scale when the KV cache is quantized."""
@@ -267,31 +282,16 @@ class TRTLLMExecutor:
 
     def _attend_step(self, layer: RankLayer, q, k, v, caches: Sequence[KVCache], li: int) -> torch.Tensor:
         """One decode step's attention for a batch: q [B, H, D], k, v [B, KV, D], one new token per sequence
-        at its own position. RoPE and the KV write run on the batch's rows together; then each sequence
-        attends over a view of its own cache (one fused op each, no copy): gathering the caches into one
-        zero-padded block for a single batched op cost more in copies than it saved once prompts hold
-        image tokens (1.8x slower at 1,300 tokens, B 8; benchmarks/decode_step.py). Returns [B, H·D]."""
-        b_len, d = q.shape[0], self.head_dim
+        at its own position. RoPE runs on the batch's rows together (each at its own position and length);
+        then each sequence attends over a view of its own cache (one fused op each, no copy): gathering the
+        caches into one zero-padded block for a single batched op cost more in copies than it saved once
+        prompts hold image tokens (1.8x slower at 1,300 tokens, B 8; benchmarks/decode_step.py). Returns [B, H·D]."""
         starts = [c.layer_length(li) for c in caches]
-        pos = torch.tensor(starts)
-        s_len = max(starts) + 1
-        # RoPE over the batch axis: each row at its own position ([H, B, D] with positions [B])
-        q = self._rope(q.transpose(0, 1), pos, s_len).transpose(0, 1)
-        k = self._rope(k.transpose(0, 1), pos, s_len).transpose(0, 1)
-        k, v = self._kv_store(layer, k, v)
-        ctx = q.new_empty(b_len, self.num_heads, 1, d)
-        for b, cache in enumerate(caches):
-            cache.append(li, k[b][:, None], v[b][:, None])
-            keys, values = self._kv_load(layer, *cache.layer(li))
-            ctx[b] = _sdpa(q[b][None, :, None], keys[None], values[None], None)[0]  # the new token sees it all
-        return ctx.reshape(b_len, self.num_heads * d)
-
-    def _per_sequence_rope(self, caches: Sequence[KVCache]) -> bool:
-        """Dynamic NTK scaling changes the RoPE base with each sequence's own length past the trained one:
-        then the batch cannot share one rotary table and attends sequence by sequence."""
-        rs = self.rotary_scaling
-        return bool(rs and rs.get("type") == "dynamic"
-                    and max(c.layer_length(0) for c in caches) + 1 > self.max_positions)
+        pos, totals = torch.tensor(starts), [s + 1 for s in starts]
+        q = self._rope(q.transpose(0, 1), pos, totals).transpose(0, 1)  # [H, B, D] rows at their positions
+        k = self._rope(k.transpose(0, 1), pos, totals).transpose(0, 1)
+        return torch.cat([self._attend_rotated(layer, q[b][:, None], k[b][:, None], v[b][:, None], cache, li)
+                          for b, cache in enumerate(caches)])
 
     def _dense(self, layer: RankLayer, ctx: torch.Tensor) -> torch.Tensor:
         # row-parallel: rank r's dense sees its own heads' context; partial outputs are summed
@@ -339,14 +339,9 @@ class TRTLLMExecutor:
         The linear layers, RoPE and the KV writes run on the batch's rows together (what in-flight batching
         buys); each sequence attends over its own cache. Returns logits [B, vocab]."""
         x = self.embedding[torch.as_tensor(list(tokens), dtype=torch.long)]  # [B, hidden]
-        one_by_one = self._per_sequence_rope(caches)
         for li, layer in enumerate(self.layers):
             q, k, v = self._qkv(layer, rms_norm(x, layer.input_norm, self.eps))  # [B, H, D], [B, KV, D]
-            if one_by_one:
-                ctx = torch.cat([self._attend(layer, q[b:b + 1], k[b:b + 1], v[b:b + 1], c, li)
-                                 for b, c in enumerate(caches)])
-            else:
-                ctx = self._attend_step(layer, q, k, v, caches, li)
+            ctx = self._attend_step(layer, q, k, v, caches, li)
             x = x + self._dense(layer, ctx)
             x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.eps))
         return rms_norm(x, self.final_norm, self.eps) @ self.lm_head.T

@@ -69,9 +69,9 @@ def test_batched_steps_past_the_cache_capacity_equal_the_full_forward(ex):
         assert torch.allclose(out[b], ex.forward(s, None, KVCache())[-1], atol=2e-3), b
 
 
-def test_dynamic_rope_past_the_trained_length_attends_sequence_by_sequence(ex, monkeypatch):
+def test_dynamic_rope_past_the_trained_length_gives_each_sequence_its_own_base(ex, monkeypatch):
     """Dynamic NTK scaling gives each sequence its own RoPE base past max_position_embeddings: the batched
-    step then equals each sequence's step alone (not one shared table for the batch)."""
+    step (RoPE on the batch's rows, each at its own length) equals each sequence's step alone."""
     import copy
 
     monkeypatch.setattr(ex, "rotary_scaling", {"type": "dynamic", "factor": 2.0})
