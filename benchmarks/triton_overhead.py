@@ -44,19 +44,10 @@ def _label(pid: int) -> str:
 def cpu_by_process(root: int) -> dict[str, float]:
     """CPU seconds so far of the server's processes (tritonserver and one stub per model), by label, and of
     this process (the benchmark's client)."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError, IndexError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
+    from triton_repo.keeper import descendants
+
     out: dict[str, float] = {}
-    todo = list(children.get(root, []))
-    while todo:
-        pid = todo.pop()
-        todo += children.get(pid, [])
+    for pid in descendants(root):
         try:
             label = _label(pid)
             out[label] = out.get(label, 0.0) + _cpu_seconds(pid)

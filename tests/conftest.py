@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from triton_repo.keeper import descendants  # noqa: F401 — the tests' name for it
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
 sys.path.insert(0, str(ROOT))
@@ -89,17 +91,3 @@ def server_ports(slot: int) -> int:
     return 20000 + (os.getpid() % 500) * 24 + slot * 3
 
 
-def descendants(root: int) -> set[int]:
-    """PIDs of every process below `root`, from /proc/*/stat."""
-    parents = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
-        found |= frontier
-    return found

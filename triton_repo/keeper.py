@@ -109,6 +109,22 @@ def main(argv=None) -> int:
     return server.returncode if server.returncode >= 0 else 128 - server.returncode
 
 
+def descendants(root: int) -> set[int]:
+    """PIDs of every process below `root`, from /proc/*/stat."""
+    parents = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                parents[int(p.name)] = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
 def _stubs(server_pid: int) -> set[int]:
     """Live backend stubs of the server (its children running triton_python_backend_stub)."""
     out = set()
