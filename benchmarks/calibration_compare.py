@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 def main():
     from builder.calibration import builtin_samples, embed_samples
-    from builder.fidelity import prepare_prompts
+    from builder.fidelity import decoder_logits, prepare_prompts
     from builder.llm_build import quantize
     from runtime.core.demo_checkpoint import write_demo_checkpoint
     from runtime.core.llm_formats import BuildOptions, get_format
@@ -43,16 +43,14 @@ def main():
     ref = reference_model(ckpt)
     tok = NVLMTokenizer.from_dir(ckpt)
     runs = prepare_prompts(ref, tok)
-    with torch.no_grad():
-        base = [ref.llm(inputs_embeds=r.embeds).logits[0] for r in runs]
+    base = [decoder_logits(ref.llm, r) for r in runs]
     samples = builtin_samples(args.samples, seed=7)
     rows = []
     for fmt in ("fp8", "int4_awq", "w4a8_awq"):
         for mode in ("text-only", "multimodal"):
             embeds = list(embed_samples(samples, ref, tok, text_only=mode == "text-only"))
             model = quantize(ref, BuildOptions(get_format(fmt), kv_cache_fp8=fmt == "fp8"), embeds)
-            with torch.no_grad():
-                outs = [model(inputs_embeds=r.embeds).logits[0] for r in runs]
+            outs = [decoder_logits(model, r) for r in runs]
             a, b = torch.cat(outs), torch.cat(base)
             text = torch.cat([r.text for r in runs])
             scale = b.abs().max()

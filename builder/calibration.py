@@ -16,8 +16,9 @@ Sources:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 from runtime.core.errors import NVLMError
 from runtime.core.families import family_for
@@ -97,10 +98,24 @@ def select(samples: list[CalibSample], size: int) -> list[CalibSample]:
     return samples[:size]
 
 
-def embed_samples(samples: list[CalibSample], model, tokenizer, *, text_only: bool = False,
-                  max_tokens: int | None = None) -> Iterator:
-    """Yield inputs_embeds [1, L, hidden] for each sample (image embeddings scattered in).
-    `text_only=True` drops the images (and their placeholders): the text-only baseline."""
+@dataclass(frozen=True)
+class CalibInput:
+    """One calibration prompt as the decoder takes it: its input embeddings [1, L, hidden] (image embeddings
+    scattered in) and the context its pass runs in — NVLM-X/H: the image keys/values and key ranges that
+    the cross-attention blocks read (runtime/cross_reference.py), so that the self-attention layers are
+    calibrated on the activations the images give them; NVLM-D: nothing."""
+
+    embeds: object
+    context: Callable[[], ContextManager]
+
+    def run(self, decoder):
+        with self.context():
+            return decoder(inputs_embeds=self.embeds)
+
+
+def embed_samples(samples: list[CalibSample], model, tokenizer, *, text_only: bool = False) -> Iterator[CalibInput]:
+    """Yield each sample as the decoder takes it (`CalibInput`). `text_only=True` drops the images (and their
+    placeholders): the text-only baseline."""
     import torch
 
 
@@ -115,8 +130,5 @@ def embed_samples(samples: list[CalibSample], model, tokenizer, *, text_only: bo
         p = build_prompt(tokenizer, prompt, tiles, tokens_per_tile=pcfg.tokens_per_tile, layout=layout)
         ids = torch.tensor([p.input_ids])
         with torch.no_grad():
-            img = model.encode_images(pixel_values).flatten(0, 1) if pixel_values is not None else None
-            emb = model.embed(ids, img, tokenizer.image_pad_id)
-        if max_tokens:
-            emb = emb[:, :max_tokens]
-        yield emb
+            emb, step = model.prefill_inputs(ids, pixel_values, tokenizer.image_pad_id, p.cross)
+        yield CalibInput(emb, partial(step, None))

@@ -1,15 +1,18 @@
-"""Fidelity report: proof that a built TensorRT-LLM checkpoint computes what NVLM-D computes.
+"""Fidelity report: proof that a built TensorRT-LLM checkpoint computes what the NVLM model computes.
 
 `reports/fidelity.json`: {"format", "passed", "prompts", "checks": [{name, metric, value,
 threshold, passed, why}]}. Checks run on fixed multimodal prompts (synthetic scenes of 1, 3 and 7
 tiles, two images in one prompt, and a text-only prompt), through the reference executor of the
 checkpoint (runtime/trtllm_executor.py) with image embeddings passed the way the engine gets them:
-as a prompt-embedding table addressed by fake ids ≥ vocab_size.
+as a prompt-embedding table addressed by fake ids ≥ vocab_size (NVLM-D, NVLM-H's thumbnails) and as
+encoder features with a key range per token (NVLM-X/H's cross-attention).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
@@ -80,6 +83,16 @@ class PromptRun:
     table: torch.Tensor | None  # [num_image_tokens, hidden]
     embeds: torch.Tensor  # [1, L, hidden] for HF-style models
     text: torch.Tensor  # [L] bool: positions whose input is a text token
+    # NVLM-X/H: the encoder features [keys, hidden] and each token's key range, as the engine gets them, and
+    # the reference decoder's context per pass (`step`: None the prompt, k the k-th generated token): the
+    # image keys/values its cross-attention blocks read. NVLM-D: None, and a context that does nothing.
+    features: torch.Tensor | None = None
+    key_ranges: tuple | None = None
+    step: Callable = lambda step: nullcontext()
+
+    def request(self, max_new_tokens: int, **kw) -> Request:
+        return Request(self.trt_ids, max_new_tokens, self.table, encoder_features=self.features,
+                       key_ranges=self.key_ranges, **kw)
 
 
 def prepare_prompts(reference, tokenizer) -> list[PromptRun]:
@@ -89,16 +102,15 @@ def prepare_prompts(reference, tokenizer) -> list[PromptRun]:
         pre = preprocess_images(images, pcfg, max_images=len(images)) if images else []
         p = build_prompt(tokenizer, text, [x.num_tiles for x in pre], tokens_per_tile=pcfg.tokens_per_tile,
                          layout=layout)
-        table = None
-        if pre:
-            pv = torch.cat([torch.from_numpy(x.pixel_values) for x in pre])
-            table = reference.encode_images(pv).flatten(0, 1)  # [ΣT·256, hidden]
+        pv = torch.cat([torch.from_numpy(x.pixel_values) for x in pre]) if pre else None
         ids = torch.tensor([p.input_ids])
         with torch.no_grad():
-            emb = reference.embed(ids, table, tokenizer.image_pad_id)
+            tiles = reference.encode_images(pv) if pv is not None else None  # [T, 256, hidden]
+            table, features = reference.engine_image_inputs(tiles, p.cross)
+            emb, step = reference.prefill_inputs(ids, pv, tokenizer.image_pad_id, p.cross)
         text_mask = torch.tensor(p.input_ids) != tokenizer.image_pad_id
         runs.append(PromptRun(list(p.input_ids), p.trtllm_input_ids(reference.cfg.llm.vocab_size), table, emb,
-                              text_mask))
+                              text_mask, features, None if p.cross is None else p.cross.key_ranges, step))
     return runs
 
 
@@ -112,11 +124,11 @@ def _top1(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _executor_logits(executor, run: PromptRun) -> torch.Tensor:
     with torch.no_grad():
-        return executor.forward(run.trt_ids, run.table, KVCache())
+        return executor.prefill(run.request(1), KVCache())
 
 
-def _hf_logits(model, run: PromptRun) -> torch.Tensor:
-    with torch.no_grad():
+def decoder_logits(model, run: PromptRun) -> torch.Tensor:
+    with torch.no_grad(), run.step(None):
         return model(inputs_embeds=run.embeds).logits[0].float()
 
 
@@ -193,7 +205,7 @@ def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer,
     """`task`: the source is the trained embedded default; add its task-accuracy check."""
     runs = prepare_prompts(reference, tokenizer)
     ex = [_executor_logits(executor, r) for r in track(runs, f"fidelity: {fmt_name} checkpoint", unit="prompt")]
-    ref = [_hf_logits(reference.llm, r) for r in runs]
+    ref = [decoder_logits(reference.llm, r) for r in runs]
     ex_all, ref_all = torch.cat(ex), torch.cat(ref)
     text = torch.cat([r.text for r in runs])
     checks: list[Check] = []
@@ -201,17 +213,17 @@ def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer,
         same = 0
         for r in track(runs, "fidelity: greedy decoding", unit="prompt"):
             want = _greedy_reference(reference, r)
-            got = executor.generate([Request(r.trt_ids, GREEDY_TOKENS, r.table)])[0].tokens
+            got = executor.generate([r.request(GREEDY_TOKENS)])[0].tokens
             same += got == want
         checks.append(Check("greedy_tokens_vs_reference", f"fraction of {len(runs)} prompts whose {GREEDY_TOKENS} "
-                            "greedy tokens equal the reference NVLM-D's", same / len(runs), 1.0, same == len(runs),
+                            "greedy tokens equal the reference model's", same / len(runs), 1.0, same == len(runs),
                             "unquantized builds must decode exactly like the reference"))
         rel = _rel(ex_all, ref_all)
         checks.append(Check("logits_vs_reference", "max |Δlogit| / max |logit| over all prompt positions", rel,
                             UNQUANTIZED_LOGITS_REL, rel <= UNQUANTIZED_LOGITS_REL,
                             "same weights, float32 arithmetic both sides: only summation order differs"))
     else:
-        fq = torch.cat([_hf_logits(fake_quant, r) for r in runs])
+        fq = torch.cat([decoder_logits(fake_quant, r) for r in runs])
         rel, top1 = _rel(ex_all, fq), _top1(ex_all[text], fq[text])
         limit = QUANTIZED_FP8_KV_LOGITS_REL if executor.kv_fp8 else QUANTIZED_LOGITS_REL
         checks.append(Check("logits_vs_modelopt_fake_quant", "max |Δlogit| / max |logit| vs modelopt's fake-quantized "
@@ -219,7 +231,7 @@ def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer,
                             "the exported checkpoint must compute what modelopt calibrated"))
         checks.append(Check("top1_vs_modelopt_fake_quant", "fraction of text positions with the same argmax", top1,
                             TOP1_AGREEMENT_MIN, top1 >= TOP1_AGREEMENT_MIN, "issue requirement: ≥ 99%"))
-        checks.append(Check("quantized_vs_unquantized_logits", "max |Δlogit| / max |logit| vs the reference NVLM-D",
+        checks.append(Check("quantized_vs_unquantized_logits", "max |Δlogit| / max |logit| vs the reference model",
                             _rel(ex_all, ref_all), None, True, "the cost of quantization, reported"))
         checks.append(Check("quantized_vs_unquantized_top1", "fraction of text positions with the reference's "
                             "argmax", _top1(ex_all[text], ref_all[text]), None, True, "the cost of quantization, reported"))
@@ -234,10 +246,13 @@ def _greedy_reference(reference, run: PromptRun) -> list[int]:
     from transformers import DynamicCache
 
     with torch.no_grad():
-        out = reference.llm(inputs_embeds=run.embeds, past_key_values=DynamicCache(), use_cache=True)
+        with run.step(None):
+            out = reference.llm(inputs_embeds=run.embeds, past_key_values=DynamicCache(), use_cache=True)
         tokens = []
-        for _ in range(GREEDY_TOKENS):
+        for k in range(GREEDY_TOKENS):
             nxt = int(out.logits[0, -1].argmax())
             tokens.append(nxt)
-            out = reference.llm(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+            with run.step(k):
+                out = reference.llm(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values,
+                                    use_cache=True)
     return tokens

@@ -27,9 +27,15 @@ from runtime.core.checkpoint import Checkpoint
 from runtime.core.demo_checkpoint import is_trained_default
 from runtime.core.errors import NVLMError, OutputExistsError
 from runtime.core.fsutil import publish_dir
-from runtime.core.llm_formats import BuildOptions, kv_cache_name, validate
+from runtime.core.llm_formats import FP8_MAX, BuildOptions, kv_cache_name, q8, validate
 from runtime.core.progress import bar, track
-from runtime.core.trtllm_checkpoint import count_tensors, repad_vocab, trtllm_config, write_unquantized
+from runtime.core.trtllm_checkpoint import (
+    add_cross_attention,
+    count_tensors,
+    repad_vocab,
+    trtllm_config,
+    write_unquantized,
+)
 from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from runtime.trtllm_executor import TRTLLMExecutor
@@ -45,18 +51,46 @@ class FidelityError(NVLMError):
 
 
 def quantize(reference, opts: BuildOptions, embeds: list):
-    """modelopt fake-quantization of a copy of the reference LLM, calibrated on `embeds`."""
+    """modelopt fake-quantization of a copy of the reference LLM (its Qwen2 decoder), calibrated on `embeds`
+    (calibration.CalibInput). NVLM-X/H: the copy keeps the reference's cross-attention hooks, so it runs with
+    the reference's own gated blocks, unquantized — as the checkpoint stores them (docs/llm.md)."""
     import modelopt.torch.quantization as mtq
 
     model = copy.deepcopy(reference.llm).eval()
     cfg = opts.fmt.modelopt_config(opts.kv_cache_fp8, opts.awq_group_size)
 
     def forward_loop(m):  # modelopt runs it once per calibration pass (AWQ: several)
-        for emb in track(embeds, f"calibrating {opts.fmt.name}", unit="sample"):
-            m(inputs_embeds=emb)
+        for sample in track(embeds, f"calibrating {opts.fmt.name}", unit="sample"):
+            sample.run(m)
 
     with _quiet():
         mtq.quantize(model, cfg, forward_loop=forward_loop)
+    return model
+
+
+def as_stored(model, opts: BuildOptions):
+    """Make the fake-quantized model's FP8 weights the values the checkpoint stores.
+
+    The export casts W / s to e4m3 (round to nearest, ties to even) and the engine multiplies those bytes by s;
+    modelopt's CPU fake quantization reaches the same e4m3 grid through another float computation of W / s,
+    and a bf16 weight that sits exactly halfway between two e4m3 values — common, since both W and the
+    scale's amax are bf16 values — lands on the other neighbour (measured: 168 → 176 instead of 160 on the
+    released-layout test checkpoint, a 2% error in that layer's outputs that the fidelity report then
+    charged to the checkpoint). The weights are replaced by q8(W / s) · s from the model's own W and
+    scale — not read back from the checkpoint, so a wrong stored value or scale still shows — and the
+    weight quantizers switched off; activations stay modelopt's."""
+    import torch
+
+    if opts.fmt.quant_algo != "FP8":
+        return model
+    with torch.no_grad():
+        for module in model.modules():
+            wq = getattr(module, "weight_quantizer", None)
+            if wq is None or not wq.is_enabled or getattr(wq, "num_bits", None) != (4, 3) or wq.amax is None:
+                continue
+            scale = wq.amax.float() / FP8_MAX
+            module.weight.copy_((q8(module.weight.float() / scale) * scale).to(module.weight.dtype))
+            wq.disable()
     return model
 
 
@@ -72,7 +106,7 @@ def _quiet():
         log.debug("modelopt: %s", buf.getvalue().strip())
 
 
-def export(model, ckpt_cfg, opts: BuildOptions, out: Path) -> dict:
+def export(model, ckpt, opts: BuildOptions, out: Path) -> dict:
     """modelopt's TensorRT-LLM export, then our config.json (modelopt 0.47 writes architecture
     "QWenForCausalLM" without qwen_type, which TensorRT-LLM would build as Qwen-1).
 
@@ -87,7 +121,9 @@ def export(model, ckpt_cfg, opts: BuildOptions, out: Path) -> dict:
         export_tensorrt_llm_checkpoint(model, decoder_type="qwen", dtype=torch.bfloat16,
                                        export_dir=str(out), inference_tensor_parallel=opts.tp,
                                        inference_pipeline_parallel=opts.pp)
-    repad_vocab(out, ckpt_cfg, opts.tp, opts.pp)  # modelopt pads AWQ vocabularies to 64; TensorRT-LLM to TP
+    repad_vocab(out, ckpt.config, opts.tp, opts.pp)  # modelopt pads AWQ vocabularies to 64; TensorRT-LLM to TP
+    if ckpt.config.cross_attention_layers:  # NVLM-X/H: modelopt knows the Qwen2 decoder, not the gated blocks
+        add_cross_attention(ckpt, opts, out)
     exported = json.loads((out / "config.json").read_text())
     q = exported["quantization"]
     if q.get("quant_algo") != opts.fmt.quant_algo:
@@ -95,7 +131,7 @@ def export(model, ckpt_cfg, opts: BuildOptions, out: Path) -> dict:
                         "this modelopt version is not supported")
     if opts.kv_cache_fp8 and q.get("kv_cache_quant_algo") != "FP8":
         raise NVLMError(f"modelopt exported kv_cache_quant_algo {q.get('kv_cache_quant_algo')!r}, expected 'FP8'")
-    config = trtllm_config(ckpt_cfg, opts, q)
+    config = trtllm_config(ckpt.config, opts, q)
     config["producer"]["modelopt"] = exported.get("producer", {}).get("version")
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config
@@ -126,7 +162,8 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
             embeds = list(track(embed_samples(samples, reference, tokenizer), "embedding calibration samples",
                                 total=len(samples), unit="sample"))
             fake = quantize(reference, opts, embeds)
-            config = export(fake, ckpt.config, opts, tmp)
+            config = export(fake, ckpt, opts, tmp)
+            as_stored(fake, opts)
         else:
             with bar(count_tensors(ckpt, opts), f"converting to {opts.fmt.name}", unit="tensor") as advance:
                 config = write_unquantized(ckpt, opts, tmp, progress=advance)

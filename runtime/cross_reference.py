@@ -162,6 +162,13 @@ class CrossAttentionReference(NVLMReference):
             raise InputError(f"{states.shape[0]} image keys built for a prompt laid out for {cross.num_keys}")
         return states
 
+    def engine_image_inputs(self, tiles: torch.Tensor | None, cross: CrossInputs | None = None):
+        """The thumbnails' rows of the prompt table (NVLM-H) and the key sequence as encoder features."""
+        if cross is None:
+            raise InputError(f"{self.cfg.architecture} needs the prompt's cross-attention inputs")
+        table = tiles[list(cross.inline_tiles)].flatten(0, 1) if cross.inline_tiles else None
+        return table, (self.image_states(tiles, cross) if cross.key_tiles else None)
+
     def _prepare(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, image_token_id: int,
                  cross: CrossInputs | None):
         if cross is None:

@@ -133,7 +133,7 @@ class InflightBatcher:
         if req.cancelled is not None and req.cancelled():
             fut.set_result(Result([], "cancelled"))
             return
-        logits = self.executor.forward(req.input_ids, req.prompt_table, a.cache)[-1]
+        logits = self.executor.prefill(req, a.cache)[-1]
         if not self._emit(a, logits):
             self._active.append(a)
 

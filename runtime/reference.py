@@ -195,6 +195,13 @@ class NVLMReference(nn.Module):
                                    past_key_values=out.past_key_values, use_cache=True)
         return GenerationResult(tokens, False)
 
+    def engine_image_inputs(self, tiles: torch.Tensor | None, cross=None):
+        """A prompt's images as TensorRT-LLM takes them, from the encoded tiles [T, tokens, hidden]: the
+        prompt-embedding table [rows, hidden] (rows at the fake ids) and the encoder features [keys, hidden]
+        that cross-attention reads (None where the family has none). NVLM-D: every tile in the table."""
+        _no_cross(cross)
+        return (None if tiles is None else tiles.flatten(0, 1)), None
+
     def prefill_inputs(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, image_token_id: int, cross):
         """The prompt's input embeddings [1, L, hidden], and a context manager factory wrapping each decoder pass
         (`step`: None for the prompt, else the decoding step) — what a family with more per-pass inputs than

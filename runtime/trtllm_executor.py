@@ -13,12 +13,21 @@ Numerics (what the engine's kernels compute; arithmetic here in float32):
 - W4A8_AWQ:     y = q8((x ⊙ pqs) / a)·a · (q8(q4·s_group / s2)·s2)ᵀ
 - FP8 KV cache: K, V (after RoPE) stored as q8(k / s_kv), read back ·s_kv
 - prompt-embedding table: token ids ≥ vocab_size index rows (id − vocab_size) of the table
+- NVLM-X/H gated cross-attention blocks (after the self-attention layers config.json's
+  `cross_attention_layers` names; stored in 16 bits in every format):
+      x = x + tanh(gate_attn) · dense(attn(q = norm(x), image keys/values))
+      x = x + tanh(gate_ffwd) · MLP(norm(x)) · [the row reads at least one key]
+  Each token reads the key range `[lo, hi)` the prompt gives it (runtime/prompt.py, `key_ranges`); a
+  generated token reads every key. A request's image keys/values are computed once per cross-attention
+  layer from its encoder features (the k/v rows of the fused qkv) and kept beside its KV cache, as
+  TensorRT-LLM keeps a cross KV cache; a request without image keys skips the blocks.
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -67,8 +76,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
 
 
 @dataclass
-class RankLayer:
-    """Layer j of one PP stage: one entry per TP rank for the sharded parts."""
+class Block:
+    """A decoder block's norms and linear layers, one entry per TP rank for the sharded ones."""
 
     input_norm: torch.Tensor
     post_norm: torch.Tensor
@@ -77,7 +86,38 @@ class RankLayer:
     fc: list[Linear]
     gate: list[Linear]
     proj: list[Linear]
+
+
+@dataclass
+class RankLayer(Block):
+    """Self-attention layer j of one PP stage."""
+
     kv_scale: torch.Tensor | None
+
+
+@dataclass
+class XLayer(Block):
+    """One gated cross-attention block (NVLM-X/H): q/k/v/dense and the MLP computed as a RankLayer's."""
+
+    gate_attn: torch.Tensor  # tanh already applied, float32 scalar
+    gate_ffwd: torch.Tensor
+
+
+@dataclass
+class CrossKV:
+    """One request's image keys and values for every cross-attention layer, [KV, keys, D] each: computed
+    once from its encoder features and read by every step of the request."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    # the key range of every generated token: the prompt's last row, as the backend reuses the last row of a
+    # request's cross_attention_mask for its generation steps (TransformerBuffers::copyCrossAttentionMasks);
+    # all the keys for an NVLM prompt, whose last token follows every image
+    decode: tuple[int, int] = (0, 0)
+
+    @property
+    def num_keys(self) -> int:
+        return self.keys[0].shape[1] if self.keys else 0
 
 
 @dataclass
@@ -89,6 +129,7 @@ class KVCache:
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    cross: CrossKV | None = None  # NVLM-X/H: the request's image keys/values (None: no image keys)
 
     @property
     def length(self) -> int:
@@ -123,9 +164,10 @@ class KVCache:
 
 class TRTLLMExecutor:
     def __init__(self, directory: Path, config: dict, layers: list[RankLayer], embedding: torch.Tensor,
-                 final_norm: torch.Tensor, lm_head: torch.Tensor):
+                 final_norm: torch.Tensor, lm_head: torch.Tensor, xattn: dict[int, XLayer] | None = None):
         self.directory, self.config = directory, config
         self.layers, self.embedding, self.final_norm, self.lm_head = layers, embedding, final_norm, lm_head
+        self.xattn = xattn or {}  # self-attention layer index → the cross-attention block that follows it
         c = config
         self.vocab_size = c["vocab_size"]
         self.hidden_size = c["hidden_size"]
@@ -152,7 +194,8 @@ class TRTLLMExecutor:
             raise CheckpointError(f"{cfg_file} not found: not a TensorRT-LLM checkpoint directory")
         config = json.loads(cfg_file.read_text())
         try:
-            table = family_for_trtllm(config.get("architecture")).trtllm_layout
+            family = family_for_trtllm(config.get("architecture"))
+            table = family.trtllm_layout
         except UnsupportedArchitectureError as e:
             raise CheckpointError(f"{cfg_file}: {e}") from None
         m = config["mapping"]
@@ -172,9 +215,37 @@ class TRTLLMExecutor:
             keys = set(ranks[rank].keys())
             return lambda name: ranks[rank].get_tensor(name) if name in keys else None
 
+        excluded = (config.get("quantization") or {}).get("exclude_modules") or []
+        plain = format_for_algo(None)
+
+        def fmt_of(prefix: str) -> LLMFormat:  # TensorRT-LLM keeps a module that exclude_modules matches unquantized
+            return plain if any(fnmatch(prefix.rstrip("."), pat) for pat in excluded) else fmt
+
         layers, per_stage = [], config["num_hidden_layers"] // pp
+        after = list(config.get("cross_attention_layers") or [])
+        if after and not family.prompt_layout.cross_attention:
+            raise CheckpointError(f"{cfg_file}: cross_attention_layers in a {config.get('architecture')} checkpoint")
+        if family.prompt_layout.cross_attention and not after:
+            raise CheckpointError(f"{cfg_file}: a {config.get('architecture')} checkpoint needs cross_attention_layers")
+        xattn: dict[int, XLayer] = {}
         for p in range(pp):
             gets = [getter(p * tp + t) for t in range(tp)]
+            for j, i in enumerate(layout.xattn_stages(after, config["num_hidden_layers"], pp)[p]):
+                def xlinears(role):
+                    prefix = layout.prefix(table, role, j)
+                    return [Linear(g, prefix, fmt_of(prefix)) for g in gets]
+
+                def whole(role):
+                    t = gets[0](layout.target(table, role, j))
+                    if t is None:
+                        raise CheckpointError(f"{directory}: {layout.target(table, role, j)} missing (cross-attention "
+                                              f"layer {i}, PP stage {p})")
+                    return t.float()
+
+                xattn[after[i]] = XLayer(
+                    input_norm=whole("x_input_norm"), post_norm=whole("x_post_norm"), qkv=xlinears("x_qkv"),
+                    dense=xlinears("x_dense"), fc=xlinears("x_fc"), gate=xlinears("x_gate"), proj=xlinears("x_proj"),
+                    gate_attn=whole("x_gate_attn").reshape(()).tanh(), gate_ffwd=whole("x_gate_ffwd").reshape(()).tanh())
             for j in range(per_stage):
                 kv = gets[0](layout.KV_SCALE.format(j=j))
 
@@ -203,7 +274,7 @@ class TRTLLMExecutor:
                                       f"vocab_size {vocab} padded to a multiple of TP ({rows})")
         embedding, lm_head = embedding[:vocab], lm_head[:vocab]
         final_norm = last[0](layout.target(table, "final_norm")).float()
-        return cls(directory, config, layers, embedding, final_norm, lm_head)
+        return cls(directory, config, layers, embedding, final_norm, lm_head, xattn)
 
     # ------------------------------------------------------------------ forward
 
@@ -309,6 +380,62 @@ class TRTLLMExecutor:
             out = out + proj(h)
         return out
 
+    # ------------------------------------------------------------------ cross-attention (NVLM-X/H)
+
+    def cross_kv(self, features: torch.Tensor) -> CrossKV:
+        """A request's encoder features [keys, hidden] → every cross-attention layer's keys/values, once: the
+        k/v rows of each block's fused qkv (no rotary: image keys have no positions)."""
+        if not self.xattn:
+            raise InputError("encoder features were given to a model without cross-attention layers")
+        if features.ndim != 2 or features.shape[1] != self.hidden_size:
+            raise InputError(f"encoder features must be [keys, {self.hidden_size}], got {list(features.shape)}")
+        x = features.float()
+        keys, values = [], []
+        for li in sorted(self.xattn):
+            _, k, v = self._qkv(self.xattn[li], x)  # [K, KV, D] each
+            keys.append(k.transpose(0, 1).contiguous())
+            values.append(v.transpose(0, 1).contiguous())
+        return CrossKV(keys, values)
+
+    def _cross_block(self, li: int, x: torch.Tensor, crosses: Sequence[CrossKV | None],
+                     ranges: torch.Tensor | None) -> torch.Tensor:
+        """The gated block after self-attention layer li. x [T, hidden]: one sequence's T tokens (len(crosses)
+        1, `ranges` [T, 2] the key range of each; None: generated tokens, which read the request's decode
+        range) or a decode step's batch, one token per sequence (len(crosses) T, each its request's decode
+        range). A row that reads no key gets exactly nothing."""
+        xl, d = self.xattn[li], self.head_dim
+        j = sorted(self.xattn).index(li)
+        q, _, _ = self._qkv(xl, rms_norm(x, xl.input_norm, self.eps))  # [T, H, D]
+        ctx = x.new_zeros(x.shape[0], self.num_heads * d)
+        reads = x.new_zeros(x.shape[0], 1)
+        one = len(crosses) == 1
+        for b, cross in enumerate(crosses):
+            if cross is None or cross.num_keys == 0:
+                continue
+            k, v = cross.keys[j][None], cross.values[j][None]  # [1, KV, K, D]
+            rows = slice(None) if one else slice(b, b + 1)
+            qb = q[rows].transpose(0, 1)[None]  # [1, H, t, D]
+            mask = None
+            if one and ranges is not None:
+                pos = torch.arange(cross.num_keys)
+                mask = (pos[None, :] >= ranges[:, :1]) & (pos[None, :] < ranges[:, 1:])  # [T, K]
+                live = mask.any(-1)
+                mask[~live] = True  # a row with no keys attends to something harmless; its output is dropped
+                out = _sdpa(qb, k, v, mask)[0].transpose(0, 1).reshape(-1, self.num_heads * d)
+                ctx[rows] = out * live[:, None]
+                reads[rows] = live[:, None].float()
+            else:
+                lo, hi = cross.decode
+                if hi <= lo:
+                    continue
+                ctx[rows] = _sdpa(qb, k[:, :, lo:hi], v[:, :, lo:hi], None)[0].transpose(0, 1).reshape(
+                    -1, self.num_heads * d)
+                reads[rows] = 1.0
+        if not bool(reads.any()):  # no row reads an image: the block adds exactly nothing (skip_cross_attn_blocks)
+            return x
+        x = x + xl.gate_attn * self._dense(xl, ctx)
+        return x + xl.gate_ffwd * self._mlp(xl, rms_norm(x, xl.post_norm, self.eps)) * reads
+
     def embed(self, ids: Sequence[int], table: torch.Tensor | None) -> torch.Tensor:
         ids_t = torch.as_tensor(list(ids), dtype=torch.long)
         fake = ids_t >= self.vocab_size
@@ -326,13 +453,36 @@ class TRTLLMExecutor:
             x[fake] = table[ids_t[fake] - self.vocab_size].float()
         return x  # [T, hidden]
 
-    def forward(self, ids: Sequence[int], table: torch.Tensor | None, cache: KVCache) -> torch.Tensor:
-        """Run new tokens through the model, extending `cache`; returns logits [T, vocab]."""
+    def forward(self, ids: Sequence[int], table: torch.Tensor | None, cache: KVCache,
+                key_ranges: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Run new tokens through the model, extending `cache`; returns logits [T, vocab]. NVLM-X/H: the
+        tokens read `cache.cross` (set by `prefill`), each its own `key_ranges` entry (None: every key)."""
         x = self.embed(ids, table)
+        ranges = None if key_ranges is None else torch.as_tensor(key_ranges, dtype=torch.long).reshape(-1, 2)
         for li, layer in enumerate(self.layers):
             x = x + self._attention(layer, rms_norm(x, layer.input_norm, self.eps), cache, li)
             x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.eps))
+            if li in self.xattn:
+                x = self._cross_block(li, x, [cache.cross], ranges)
         return rms_norm(x, self.final_norm, self.eps) @ self.lm_head.T
+
+    def prefill(self, req: "Request", cache: KVCache) -> torch.Tensor:
+        """A request's prompt (the context phase): its image keys/values into `cache.cross`, then the prompt
+        through the model; logits [T, vocab]."""
+        ranges = None
+        if req.encoder_features is not None and req.encoder_features.shape[0]:
+            n = req.encoder_features.shape[0]
+            if req.key_ranges is None or len(req.key_ranges) != len(req.input_ids):
+                raise InputError(f"{len(req.input_ids)} input tokens need as many key ranges (the prompt's "
+                                 f"cross-attention mask), got {None if req.key_ranges is None else len(req.key_ranges)}")
+            ranges = [(int(lo), int(hi)) for lo, hi in req.key_ranges]
+            if any(not 0 <= lo <= hi <= n for lo, hi in ranges):
+                raise InputError(f"key ranges must lie within the {n} encoder features")
+            cache.cross = self.cross_kv(req.encoder_features)
+            cache.cross.decode = ranges[-1]
+        elif req.key_ranges is not None and any(hi > lo for lo, hi in req.key_ranges):
+            raise InputError("key ranges read image keys, but no encoder features were given")
+        return self.forward(req.input_ids, req.prompt_table, cache, ranges)
 
     def decode_step(self, tokens: Sequence[int], caches: Sequence[KVCache]) -> torch.Tensor:
         """One decode step for a batch of sequences, each at its own length: token b extends caches[b].
@@ -344,6 +494,8 @@ class TRTLLMExecutor:
             ctx = self._attend_step(layer, q, k, v, caches, li)
             x = x + self._dense(layer, ctx)
             x = x + self._mlp(layer, rms_norm(x, layer.post_norm, self.eps))
+            if li in self.xattn:
+                x = self._cross_block(li, x, [c.cross for c in caches], None)
         return rms_norm(x, self.final_norm, self.eps) @ self.lm_head.T
 
     # ------------------------------------------------------------------ generation
@@ -362,7 +514,7 @@ class TRTLLMExecutor:
             raise InputError(f"request_output_len must be ≥ 1, got {req.max_new_tokens}")
         decoder = Decoder(req.input_ids, self.vocab_size, req.controls())
         cache = KVCache()
-        logits = self.forward(req.input_ids, req.prompt_table, cache)[-1]
+        logits = self.prefill(req, cache)[-1]
         reason = "length"
         for step in range(req.max_new_tokens):
             if req.cancelled is not None and req.cancelled():
@@ -384,6 +536,10 @@ class Request:
     input_ids: list[int]  # fake ids ≥ vocab_size index prompt_table rows
     max_new_tokens: int
     prompt_table: torch.Tensor | None = None  # [num_image_tokens, hidden]
+    # NVLM-X/H: the image features cross-attention reads [keys, hidden] (the `tensorrtllm` backend's
+    # encoder_input_features) and, per input token, the [lo, hi) of the keys it reads (runtime/prompt.py)
+    encoder_features: torch.Tensor | None = None
+    key_ranges: Sequence[tuple[int, int]] | None = None
     end_id: int | None = None
     temperature: float = 0.0
     top_k: int = 1

@@ -167,12 +167,6 @@ def test_missing_cross_attention_layer_is_named(demo_xh, tmp_path):
         Checkpoint.open(bad)
 
 
-def test_cli_refuses_to_build_until_the_converter_exists(demo_xh, tmp_path, capsys):
-    assert main(["llm", str(demo_xh), "-o", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
-    assert "no TensorRT-LLM converter for this family yet" in err and "Traceback" not in err
-
-
 # --------------------------------------------------------------------------- which query reads which key
 
 

@@ -255,7 +255,8 @@ NVLM_D = register_family(ModelFamily(
 
 # NVLM-X and NVLM-H: the paper's cross-attention architectures (arXiv 2409.11402 §3.2). NVIDIA published no
 # weights or code; the checkpoint layout is this project's (docs/nvlm_xh_layout.md). Their TensorRT-LLM
-# converter is not written yet: trtllm_layout None makes `nvlm-build llm/engine` refuse them with a clear error.
+# checkpoint is Qwen2's layout plus the gated cross-attention blocks (trtllm_layout.XATTN); the architecture
+# names are this project's model definition for GPU hosts (runtime/core/engines.py), TensorRT-LLM has none.
 NVLM_X = register_family(ModelFamily(
     name="nvlm-x",
     architectures=("NVLM_X",),
@@ -263,7 +264,8 @@ NVLM_X = register_family(ModelFamily(
     components=(INTERNVIT, MLP1_LINEAR, QWEN2, XATTN_LAYERS),
     reference="runtime.cross_reference:CrossAttentionReference",
     trtllm_architecture="NVLMXForCausalLM",
-    trtllm_layout=None,
+    trtllm_config={"qwen_type": "qwen2"},
+    trtllm_layout=trtllm_layout.QWEN2_XATTN,
     # the tags stay in the text (each attends to its own tile); every tile, thumbnail included, is read
     # through the gated cross-attention layers
     prompt_layout=PromptLayout(inline=_no_tile, in_text=_every_tile, keys=_every_tile),
@@ -277,7 +279,8 @@ NVLM_H = register_family(ModelFamily(
     components=(INTERNVIT, MLP1, QWEN2, XATTN_LAYERS),
     reference="runtime.cross_reference:CrossAttentionReference",
     trtllm_architecture="NVLMHForCausalLM",
-    trtllm_layout=None,
+    trtllm_config={"qwen_type": "qwen2"},
+    trtllm_layout=trtllm_layout.QWEN2_XATTN,
     # the thumbnail's tokens sit in the sequence as in NVLM-D; the regular tiles, each behind its tag's text
     # embeddings, are cross-attention keys
     prompt_layout=PromptLayout(inline=_thumbnail, in_text=_thumbnail, keys=_regular_tile, tag_keys=True),

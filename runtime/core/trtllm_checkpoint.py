@@ -21,7 +21,7 @@ from . import __version__
 from . import trtllm_layout as layout
 from .config import NVLMConfig
 from .errors import CheckpointError
-from .families import LLM, family_for
+from .families import DECODER_ROLES, family_for
 from .llm_formats import BuildOptions
 from .trtllm_layout import SOURCE_PREFIX, Row
 
@@ -39,7 +39,7 @@ def trtllm_config(cfg: NVLMConfig, opts: BuildOptions, quantization: dict) -> di
     rotary_scaling = None
     if llm.rope_scaling is not None:
         rotary_scaling = {"type": llm.rope_scaling.type, "factor": llm.rope_scaling.factor}
-    return {
+    config = {
         # the family's decoder as TensorRT-LLM's MODEL_MAP names it, and its own fields (runtime/core/families.py)
         "architecture": family.trtllm_architecture,
         **family.trtllm_config,
@@ -68,6 +68,18 @@ def trtllm_config(cfg: NVLMConfig, opts: BuildOptions, quantization: dict) -> di
         "quantization": quantization,
         "producer": {"name": "nvlm-trt", "version": __version__},
     }
+    if cfg.cross_attention_layers:
+        # NVLM-X/H (runtime/core/trtllm_layout.py, XATTN): where the gated blocks run, what they read, and
+        # mllama's switch for a request without images (the blocks are skipped, adding exactly nothing)
+        config.update({
+            "cross_attention_layers": list(cfg.cross_attention_layers),
+            "encoder_hidden_size": llm.hidden_size,  # image features arrive projected to the LLM width
+            "skip_cross_attn_blocks": True,
+        })
+        if quantization.get("quant_algo"):
+            excluded = list(quantization.get("exclude_modules") or [])
+            config["quantization"] = {**quantization, "exclude_modules": excluded + [layout.XATTN_MODULES]}
+    return config
 
 
 def unquantized_section() -> dict:
@@ -133,7 +145,8 @@ def rank_plan(ckpt, opts: BuildOptions, rank: int) -> list[RankTensor]:
     d = llm.head_dim
     nh, nkv = llm.num_heads // tp, llm.num_kv_heads // tp  # heads on this rank
     family = family_for(ckpt.config)
-    shapes = {name: shape for name, _, shape in family.component(LLM).expand(ckpt.config)}
+    shapes = {name: shape for c in family.components if c.name in DECODER_ROLES
+              for name, _, shape in c.expand(ckpt.config)}
 
     def src(name: str) -> torch.Tensor:
         return ckpt.get(SOURCE_PREFIX + name)
@@ -167,10 +180,13 @@ def rank_plan(ckpt, opts: BuildOptions, rank: int) -> list[RankTensor]:
                   for stage in layout.STAGES}
     plan: list[RankTensor] = []
     per_rank = llm.num_layers // pp
-    for stage, layers in (("first", [None] if p == 0 else []), ("layer", range(per_rank)),
+    xattn = layout.xattn_stages(ckpt.config.cross_attention_layers, llm.num_layers, pp)[p]
+    for stage, layers in (("first", [None] if p == 0 else []),
+                          ("layer", [(j, p * per_rank + j) for j in range(per_rank)]),
+                          ("xlayer", list(enumerate(xattn))),  # (index in the stage, global index)
                           ("last", [None] if p == pp - 1 else [])):
-        for j in layers:
-            i = None if j is None else p * per_rank + j  # global layer index
+        for at in layers:
+            j, i = (None, None) if at is None else at
             for row in stage_rows[stage]:
                 shape, produce = tensor(row, i)
                 plan.append(RankTensor(row.target.format(j=j), tuple(shape), produce))
@@ -192,6 +208,31 @@ def write_unquantized(ckpt, opts: BuildOptions, out: Path, progress=None) -> dic
     config = trtllm_config(ckpt.config, opts, unquantized_section())
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config
+
+
+def add_cross_attention(ckpt, opts: BuildOptions, out: Path) -> int:
+    """NVLM-X/H, quantized formats: modelopt's export holds the Qwen2 decoder; add the gated cross-attention
+    blocks (the layout's "xlayer" rows, in the checkpoint's 16-bit dtype: they are not quantized) to each
+    rank file, which is rewritten once. Returns how many tensors were added."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    added = 0
+    for rank in range(opts.world_size):
+        rows = [r for r in rank_plan(ckpt, opts, rank) if r.name.startswith(layout.XATTN_MODULES.rstrip("*"))]
+        if not rows:
+            continue
+        f = out / f"rank{rank}.safetensors"
+        with safe_open(str(f), framework="pt") as fh:
+            metadata = fh.metadata()
+        tensors = load_file(str(f))
+        clash = [r.name for r in rows if r.name in tensors]
+        if clash:
+            raise CheckpointError(f"{f}: the export already holds {clash[0]}")
+        tensors.update({r.name: r.produce().contiguous() for r in rows})
+        save_file(tensors, str(f), metadata=metadata)
+        added += len(rows)
+    return added
 
 
 def count_tensors(ckpt, opts: BuildOptions) -> int:

@@ -1,0 +1,231 @@
+"""NVLM-X/H through `nvlm-build llm`: the TensorRT-LLM checkpoint (Qwen2 layers + gated cross-attention blocks),
+its formats with their fidelity reports, TP/PP, and the reference executor's cross-attention (key ranges, image
+keys/values once per request, in-flight batches of requests with different images).
+
+Two independent sources per family: the embedded defaults and the checkpoints of tests/xattn_layout_writer.py
+(another depth, one KV head, cross-attention after layers 0 and 2 of 3, gates of both signs)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from builder.cli import main
+from builder.fidelity import prepare_prompts
+from builder.llm_build import build_llm
+from runtime.core.checkpoint import Checkpoint
+from runtime.core.demo_checkpoint import write_demo_checkpoint
+from runtime.core.errors import InputError
+from runtime.core.llm_formats import BuildOptions, get_format
+from runtime.inflight import InflightBatcher
+from runtime.reference import reference_model
+from runtime.tokenizer import NVLMTokenizer
+from runtime.trtllm_executor import KVCache, Request, TRTLLMExecutor
+
+ROOT = Path(__file__).resolve().parent.parent
+FORMATS = [("bf16", False), ("fp8", False), ("fp8", True), ("int4_awq", False)]
+SOURCES = ["demo-x", "demo-h", "written-x", "written-h"]
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    root = tmp_path_factory.mktemp("xh-src")
+    out = {}
+    for v in "xh":
+        out[f"demo-{v}"] = write_demo_checkpoint(root / f"demo-{v}", variant=v)
+        w = root / f"written-{v}"
+        subprocess.run([sys.executable, str(ROOT / "tests/xattn_layout_writer.py"), str(w), "--variant", v],
+                       check=True, capture_output=True)
+        out[f"written-{v}"] = w
+    return out
+
+
+@pytest.fixture(scope="module")
+def builds(tmp_path_factory, sources):
+    root = tmp_path_factory.mktemp("xh-llm")
+    out = {}
+    for label, ckpt in sources.items():
+        for fmt, kv in FORMATS:
+            d = root / f"{label}-{fmt}{'-kv8' if kv else ''}"
+            build_llm(ckpt, d, BuildOptions(get_format(fmt), kv_cache_fp8=kv), calib_size=4)
+            out[(label, fmt, kv)] = d
+    return out
+
+
+def _tensors(d: Path, rank: int = 0) -> dict:
+    with safe_open(str(d / f"rank{rank}.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+@pytest.mark.parametrize("label", SOURCES)
+@pytest.mark.parametrize("fmt, kv", FORMATS)
+def test_format_builds_and_passes_fidelity(builds, sources, label, fmt, kv):
+    d = builds[(label, fmt, kv)]
+    report = json.loads((d / "reports" / "fidelity.json").read_text())
+    assert report["passed"], report
+    names = {c["name"] for c in report["checks"]}
+    assert names >= ({"greedy_tokens_vs_reference", "logits_vs_reference"} if fmt == "bf16"
+                     else {"logits_vs_modelopt_fake_quant", "top1_vs_modelopt_fake_quant"})
+    cfg = json.loads((d / "config.json").read_text())
+    src = Checkpoint.open(sources[label]).config
+    assert cfg["architecture"] == {"x": "NVLMXForCausalLM", "h": "NVLMHForCausalLM"}[label[-1]]
+    assert cfg["cross_attention_layers"] == list(src.cross_attention_layers)
+    assert cfg["num_hidden_layers"] == src.llm.num_layers and cfg["qwen_type"] == "qwen2"
+    q = cfg["quantization"]
+    assert q["quant_algo"] == {"bf16": None, "fp8": "FP8", "int4_awq": "W4A16_AWQ"}[fmt]
+    assert q["kv_cache_quant_algo"] == ("FP8" if kv else None)
+    t = _tensors(d)
+    n = len(src.cross_attention_layers)
+    blocks = sorted({k.split(".")[2] for k in t if k.startswith("transformer.xattn_layers.")})
+    assert blocks == [str(j) for j in range(n)]
+    # the gated blocks are stored in 16 bits in every format and the TensorRT-LLM config says so
+    assert all(v.dtype == torch.bfloat16 for k, v in t.items() if k.startswith("transformer.xattn_layers."))
+    assert not any("scaling_factor" in k for k in t if k.startswith("transformer.xattn_layers."))
+    if fmt != "bf16":
+        assert "transformer.xattn_layers.*" in q["exclude_modules"]
+        assert t["transformer.layers.0.attention.qkv.weight"].dtype != torch.bfloat16  # the decoder is quantized
+    # a block's tensors are the source's, fused as TensorRT-LLM's mllama block names them
+    ck = Checkpoint.open(sources[label])
+    p = "language_model.model.xattn_layers.1."
+    want = torch.cat([ck.get(p + f"cross_attn.{x}_proj.weight") for x in "qkv"])
+    assert torch.equal(t["transformer.xattn_layers.1.cross_attention.qkv.weight"], want)
+    assert torch.equal(t["transformer.xattn_layers.1.gate_ffwd"], ck.get(p + "cross_attn_mlp_gate"))
+
+
+def _runs(ckpt):
+    ref = reference_model(ckpt)
+    return ref, prepare_prompts(ref, NVLMTokenizer.from_dir(ckpt))
+
+
+@pytest.mark.parametrize("variant", ["x", "h"])
+@pytest.mark.parametrize("fmt", ["bf16", "fp8"])
+def test_tp2_and_pp2_execute_to_the_same_tokens_as_tp1(tmp_path, sources, variant, fmt):
+    """The embedded defaults put a cross-attention layer after each of their 2 layers: at PP2 each stage
+    holds one (the second as its stage's block 0)."""
+    ckpt = sources[f"demo-{variant}"]
+    _, runs = _runs(ckpt)
+    tokens, logits = {}, {}
+    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
+        d = tmp_path / f"tp{tp}-pp{pp}"
+        build_llm(ckpt, d, BuildOptions(get_format(fmt), tp=tp, pp=pp), calib_size=4, fidelity=False)
+        if pp == 2:
+            assert "transformer.xattn_layers.0.gate_attn" in _tensors(d, 1)  # cross layer 1, on stage 1
+            assert "transformer.xattn_layers.1.gate_attn" not in _tensors(d, 0)
+        ex = TRTLLMExecutor.load(d)
+        tokens[(tp, pp)] = [ex.generate([r.request(6)])[0].tokens for r in runs]
+        logits = {**logits, (tp, pp): torch.cat([ex.prefill(r.request(1), KVCache()) for r in runs])}
+    assert tokens[(2, 1)] == tokens[(1, 1)] and tokens[(1, 2)] == tokens[(1, 1)]
+    # the logits of every prompt position too (the random default's greedy answers hardly depend on the
+    # image; its logits do): summation order only, plus FP8 rounding flips (fidelity.py's tolerance)
+    tol = (1e-4 if fmt == "bf16" else 5e-2) * float(logits[(1, 1)].abs().max())
+    for k in ((2, 1), (1, 2)):
+        assert (logits[k] - logits[(1, 1)]).abs().max() <= tol, k
+
+
+@pytest.fixture(scope="module", params=["demo-x", "demo-h"])
+def bf16(request, builds, sources):
+    d = builds[(request.param, "bf16", False)]
+    ref, runs = _runs(sources[request.param])
+    return TRTLLMExecutor.load(d), ref, runs
+
+
+def test_the_images_and_the_key_ranges_decide_the_logits(bf16):
+    """Dropping the image features, or letting every token read every key, gives other logits than the
+    reference; the ranges the prompt gives reproduce it."""
+    ex, ref, runs = bf16
+    from builder.fidelity import decoder_logits
+
+    r = runs[1]  # one 3-tile image
+    want = decoder_logits(ref.llm, r)
+    exact = ex.prefill(r.request(1), KVCache())
+    assert torch.allclose(exact, want, atol=1e-3 * float(want.abs().max()))
+    n = r.features.shape[0]
+    everything = ex.prefill(Request(r.trt_ids, 1, r.table, encoder_features=r.features,
+                                    key_ranges=[(0, n)] * len(r.trt_ids)), KVCache())
+    nothing = ex.prefill(Request(r.trt_ids, 1, r.table), KVCache())
+    last = slice(-1, None)  # the answer's logits: after the image, where every token reads every key
+    assert not torch.allclose(nothing[last], want[last], atol=1e-2)
+    assert not torch.allclose(everything, want, atol=1e-2)  # tag tokens (X) / pre-image tokens read other keys
+
+
+def test_text_only_request_skips_the_blocks_exactly(bf16):
+    ex, ref, runs = bf16
+    from builder.fidelity import decoder_logits
+
+    r = runs[-1]  # the text-only prompt
+    assert r.features is None
+    got = ex.prefill(r.request(1), KVCache())
+    torch.testing.assert_close(got, decoder_logits(ref.llm, r), rtol=0, atol=1e-4 * float(got.abs().max()))
+
+
+def test_inflight_batches_of_different_images_equal_each_alone(bf16):
+    """Requests with different images, image counts and lengths (and a text-only one) arrive staggered; each
+    one's tokens equal its tokens alone, and the image requests' answers differ from one another."""
+    ex, _, runs = bf16
+    # sampled with one seed: the random default's greedy answer hardly depends on the image, its distribution
+    # does, so each request's tokens tell its image apart (a mixed-up cross KV would show)
+    reqs = [r.request(10, temperature=1.0, top_k=0, seed=3) for r in runs]
+    alone = [ex.generate([q])[0].tokens for q in reqs]
+    batcher = InflightBatcher(ex, max_batch=4)
+    try:
+        futures = []
+        for q in reqs:
+            futures.append(batcher.submit(q))
+        got = [f.result(timeout=120).tokens for f in futures]
+    finally:
+        batcher.close()
+    assert got == alone
+    assert batcher.batched_rows > batcher.steps  # batches really formed
+    assert len({tuple(t) for t in alone[:4]}) > 1
+
+
+def test_a_batch_keeps_each_request_on_its_own_image_keys(bf16):
+    """Two decode rows with different images: each row's logits equal its request's alone (a swapped or
+    shared cross KV would give the other image's)."""
+    ex, _, runs = bf16
+    a, b = runs[0], runs[2]
+    caches = [KVCache(), KVCache()]
+    la = ex.prefill(a.request(1), caches[0])[-1]
+    lb = ex.prefill(b.request(1), caches[1])[-1]
+    toks = [int(la.argmax()), int(lb.argmax())]
+    step = ex.decode_step(toks, caches)
+    for row, (r, t) in enumerate(zip((a, b), toks)):
+        c = KVCache()
+        ex.prefill(r.request(1), c)
+        alone = ex.forward([t], None, c)[-1]
+        assert torch.allclose(step[row], alone, atol=1e-3), row
+    assert not torch.allclose(step[0], step[1], atol=1e-2)
+
+
+def test_cross_attention_inputs_are_checked(bf16, builds):
+    ex, _, runs = bf16
+    r = runs[1]
+    with pytest.raises(InputError, match="key ranges"):
+        ex.prefill(Request(r.trt_ids, 1, r.table, encoder_features=r.features, key_ranges=r.key_ranges[:-1]), KVCache())
+    with pytest.raises(InputError, match="within the"):
+        n = r.features.shape[0]
+        ex.prefill(Request(r.trt_ids, 1, r.table, encoder_features=r.features,
+                           key_ranges=[(0, n + 1)] * len(r.trt_ids)), KVCache())
+    with pytest.raises(InputError, match="no encoder features"):
+        ex.prefill(Request(r.trt_ids, 1, r.table, key_ranges=r.key_ranges), KVCache())
+    with pytest.raises(InputError, match=r"encoder features must be \[keys"):
+        ex.prefill(Request(r.trt_ids, 1, r.table, encoder_features=r.features[:, :8], key_ranges=r.key_ranges),
+                   KVCache())
+
+
+def test_nvlm_d_refuses_encoder_features(tmp_path, demo_ckpt):
+    d = tmp_path / "d"
+    build_llm(demo_ckpt, d, BuildOptions(get_format("bf16")), fidelity=False)
+    ex = TRTLLMExecutor.load(d)
+    with pytest.raises(InputError, match="without cross-attention layers"):
+        ex.prefill(Request([1, 2, 3], 1, encoder_features=torch.zeros(4, ex.hidden_size),
+                           key_ranges=[(0, 4)] * 3), KVCache())
+
+
+def test_cli_builds_nvlm_x(sources, tmp_path, capsys):
+    assert main(["llm", str(sources["written-x"]), "-o", str(tmp_path / "o"), "--quant", "bf16"]) == 0
+    assert json.loads((tmp_path / "o" / "reports" / "fidelity.json").read_text())["passed"]
