@@ -38,9 +38,11 @@ from runtime.core.build_dir import SCHEMA, read_manifest, sha256_file, tree_chec
 from runtime.core.checkpoint import Checkpoint
 from runtime.core.engines import ENGINE_RELEASE, detect
 from runtime.core.errors import OutputExistsError
+from runtime.core.families import family_for
 from runtime.core.fsutil import human_bytes
 from runtime.core.llm_formats import validate
 from runtime.core.progress import bar
+from runtime.tokenizer import NVLMTokenizer
 
 from .stages import STAGES, TOKENIZER_FILES, BuildError, Context, EngineBuildOptions
 
@@ -132,7 +134,12 @@ def build_engine(ckpt_path, out, opts: EngineBuildOptions, *, resume: bool = Fal
     partial = out.with_name(f".{out.name}.partial")
     ckpt = Checkpoint.open(ckpt_path)
     validate(ckpt.config, opts.llm)
-    opts = replace(opts, limits=opts.limits.resolve(ckpt.config.preprocess))
+    layout = family_for(ckpt.config).prompt_layout
+    tag_tokens = None
+    if layout.tag_keys:  # NVLM-H's keys include its tags' tokens
+        tok = NVLMTokenizer.from_dir(ckpt.directory)
+        tag_tokens = lambda tag: len(tok.encode(tag))  # noqa: E731
+    opts = replace(opts, limits=opts.limits.resolve(ckpt.config.preprocess, layout, tag_tokens))
     if opts.target not in ("auto", "trt", "reference"):
         raise BuildError(f"--target {opts.target!r}: choose auto, trt or reference")
     cap = detect()

@@ -9,6 +9,7 @@ A stage is `Stage(name, output, run(ctx, tmp) -> details, estimate_bytes(ctx))`;
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import sys
 from dataclasses import dataclass
@@ -21,13 +22,14 @@ from runtime.core.demo_checkpoint import is_trained_default
 from runtime.core.engines import (
     EngineLimits,
     build_vision_engine,
+    engine_gap,
     finish_script,
     trtllm_build_args,
     vision_engine_settings,
 )
 from runtime.core.errors import NVLMError
 from runtime.core.families import DECODER_ROLES, family_for
-from runtime.core.inspect import llm_breakdown
+from runtime.core.inspect import llm_bytes
 from runtime.core.llm_formats import BuildOptions, VisionFormat, kv_cache_name
 from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
@@ -124,6 +126,9 @@ def _llm(ctx: Context, tmp: Path) -> dict:
 def _engines(ctx: Context, tmp: Path) -> dict:
     o = ctx.opts
     llm_cmd = trtllm_build_args(Path("llm"), Path("engines/llm"), o.llm, o.limits)
+    gap = engine_gap(family_for(ctx.ckpt.config).trtllm_architecture)
+    if gap:  # NVLM-X/H: the script stops here with the reason, instead of a trtllm-build that cannot work
+        llm_cmd = ["sh", "-c", f"echo {shlex.quote('nvlm-trt: ' + gap)} >&2; exit 2"]
     vis = vision_engine_settings(ctx.ckpt.config, Path("vision"), Path("engines"), o.vision_dtype, o.limits,
                                  quant=o.vision_quant)
     settings = {"trtllm_build": llm_cmd, "vision_engine": vis.__dict__}
@@ -136,8 +141,10 @@ def _engines(ctx: Context, tmp: Path) -> dict:
     (tmp / "build_engines.sh").write_text(finish_script([llm_cmd, vision_cmd, repo_cmd]))
     (tmp / "build_engines.sh").chmod(0o755)
     if not ctx.engines_possible:
-        return {"status": "pending", "reason": ctx.engines_detail,
+        return {"status": "pending", "reason": gap or ctx.engines_detail,
                 "finish": "cd OUT && engines/build_engines.sh  (on a GPU host)"}
+    if gap:
+        raise BuildError(gap)
     import subprocess
 
 
@@ -186,9 +193,7 @@ def _vision_bytes(ctx: Context) -> int:
 
 
 def _llm_bytes(ctx: Context) -> int:
-    b = llm_breakdown(ctx.ckpt.config)
-    per = ctx.opts.llm.fmt.linear_bytes_per_param(ctx.opts.llm.awq_group_size)
-    return int(b.linear * per + 2 * (b.embedding + b.lm_head + b.other))
+    return llm_bytes(ctx.ckpt.config, ctx.opts.llm.fmt, ctx.opts.llm.awq_group_size)
 
 
 STAGES = [

@@ -59,6 +59,19 @@ def ranged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ranges: 
     return (probs @ v.float()).to(q.dtype)
 
 
+def key_sequence(tiles: torch.Tensor, key_tiles, embed) -> torch.Tensor:
+    """A request's cross-attention keys [num_keys, hidden]: per key tile (runtime/prompt.py KeyTile, in order)
+    its tag's token embeddings (NVLM-H; `embed(ids)` → [n, hidden]) then its projected tokens. tiles:
+    [T, tokens_per_tile, hidden], every tile of the request. The reference and the entry model (which takes
+    the tag embeddings from the built checkpoint) both build the keys here."""
+    parts = []
+    for kt in key_tiles:
+        if kt.tag_ids:
+            parts.append(embed(list(kt.tag_ids)).to(tiles.dtype))
+        parts.append(tiles[kt.tile])
+    return torch.cat(parts) if parts else tiles.new_zeros(0, tiles.shape[-1])
+
+
 class CrossAttention(nn.Module):
     """q/k/v/o projections without biases or q/k norms; no rotary embedding (keys are images, not positions)."""
 
@@ -151,13 +164,10 @@ class CrossAttentionReference(NVLMReference):
     def image_states(self, tiles: torch.Tensor | None, cross: CrossInputs) -> torch.Tensor:
         """The request's key sequence [num_keys, hidden]: each key tile's tag embeddings (NVLM-H) then its
         projected tokens. tiles: [T, tokens_per_tile, hidden], the projector's output for every tile."""
-        hidden = self.cfg.llm.hidden_size
-        parts = []
-        for kt in cross.key_tiles:
-            if kt.tag_ids:
-                parts.append(self.llm.get_input_embeddings()(torch.tensor(kt.tag_ids, device=tiles.device)))
-            parts.append(tiles[kt.tile])
-        states = torch.cat(parts) if parts else torch.zeros(0, hidden, dtype=self.dtype)
+        if tiles is None:
+            tiles = torch.zeros(0, 1, self.cfg.llm.hidden_size, dtype=self.dtype)
+        emb = self.llm.get_input_embeddings()
+        states = key_sequence(tiles, cross.key_tiles, lambda ids: emb(torch.tensor(ids, device=tiles.device)))
         if states.shape[0] != cross.num_keys:
             raise InputError(f"{states.shape[0]} image keys built for a prompt laid out for {cross.num_keys}")
         return states

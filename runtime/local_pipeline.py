@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
+from runtime.core.trtllm_checkpoint import embedding_rows
+from runtime.cross_reference import key_sequence
 from runtime.preprocess import preprocess_images
 from runtime.prompt import build_prompt, with_image_placeholders
 from runtime.tokenizer import NVLMTokenizer
@@ -24,9 +26,8 @@ class LocalPipeline:
     def __init__(self, build: str | Path, *, max_images: int | None = None):
         import onnxruntime as ort
 
-
-
         build = Path(build)
+        self.llm_dir = build / "llm"
         self.executor = TRTLLMExecutor.load(build / "llm")
         # the served table crosses Triton in the engine's dtype (PromptTuningBuffers::validate)
         self.table_dtype = engine_dtype(json.loads((build / "llm" / "config.json").read_text()))
@@ -50,11 +51,21 @@ class LocalPipeline:
         done = preprocess_images(images, self.cfg, max_images=self.max_images) if images else []
         p = build_prompt(self.tok, with_image_placeholders(prompt, len(images)), [d.num_tiles for d in done],
                          tokens_per_tile=self.cfg.tokens_per_tile, layout=self.layout)
-        table = None
+        table = features = None
         if done:
             emb = self.vision.run(None, {"pixel_values": np.concatenate([d.pixel_values for d in done])})[0]
+            emb = torch.from_numpy(emb.astype(np.float32))  # [tiles, tokens, hidden]
+            table = emb
+            if p.cross is not None:  # NVLM-X/H: thumbnails (H) in the table, the key tiles as encoder features
+                inline = list(p.cross.inline_tiles)
+                table = emb[inline] if inline else None
+                if p.cross.key_tiles:
+                    features = key_sequence(emb, p.cross.key_tiles, lambda ids: embedding_rows(self.llm_dir, ids))
+            # both cross Triton in the engine's dtype (PromptTuningBuffers::validate; the encoder input's template)
             dtype = {"BF16": torch.bfloat16, "FP16": torch.float16, "FP32": torch.float32}[self.table_dtype]
-            table = torch.from_numpy(emb.reshape(-1, emb.shape[-1]).astype(np.float32)).to(dtype).float()
+            table = None if table is None else table.reshape(-1, emb.shape[-1]).to(dtype).float()
+            features = None if features is None else features.to(dtype).float()
         req = Request(p.trtllm_input_ids(self.executor.vocab_size), max_tokens, table, end_id=self.tok.im_end_id,
+                      encoder_features=features, key_ranges=None if features is None else p.cross.key_ranges,
                       **controls)
         return self.executor.generate([req])[0]

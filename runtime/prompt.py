@@ -41,7 +41,8 @@ class Message:
     content: str
 
 
-__all__ = ["chat_messages", "CrossInputs", "KeyTile", "Message", "PromptInputs", "key_ranges", "PromptLayout", "build_prompt", "expand_images", "image_text", "tile_tags",
+__all__ = ["chat_messages", "CrossInputs", "KeyTile", "Message", "PromptInputs", "key_ranges", "mask_to_ranges",
+           "ranges_to_mask", "PromptLayout", "build_prompt", "expand_images", "image_text", "tile_tags",
            "with_image_placeholders"]
 
 
@@ -158,6 +159,35 @@ class CrossInputs:
     def decode_range(self) -> tuple[int, int]:
         """The range of every generated token: all images opened before it, i.e. every key."""
         return (0, self.num_keys)
+
+
+def ranges_to_mask(ranges: Sequence[tuple[int, int]], num_keys: int):
+    """Key ranges as the `tensorrtllm` backend's `cross_attention_mask`: bool [tokens, keys], row i True on
+    [lo_i, hi_i)."""
+    import numpy as np
+
+    r = np.asarray(ranges, dtype=np.int64).reshape(-1, 2)
+    keys = np.arange(num_keys)
+    return (keys[None, :] >= r[:, :1]) & (keys[None, :] < r[:, 1:])
+
+
+def mask_to_ranges(mask) -> list[tuple[int, int]]:
+    """A `cross_attention_mask` [tokens, keys] back to one `[lo, hi)` per row; NVLM's rule gives every token one
+    contiguous range (or none), so any other row is refused."""
+    import numpy as np
+
+    m = np.asarray(mask, dtype=bool)
+    if m.ndim != 2:
+        raise InputError(f"cross_attention_mask must be [tokens, keys], got shape {list(m.shape)}")
+    out = []
+    for i, row in enumerate(m):
+        on = np.flatnonzero(row)
+        lo, hi = (int(on[0]), int(on[-1]) + 1) if on.size else (0, 0)
+        if on.size and on.size != hi - lo:
+            raise InputError(f"cross_attention_mask row {i} is not one contiguous key range (NVLM's tokens each "
+                             "read one range of image keys: runtime/prompt.py, key_ranges)")
+        out.append((lo, hi))
+    return out
 
 
 def key_ranges(token_starts: Sequence[int], images: Sequence[tuple[int, int, int]],

@@ -25,7 +25,7 @@ from runtime.core.build_dir import read_manifest
 from runtime.core.config import NVLMConfig
 from runtime.core.errors import InputError
 from runtime.core.families import LLM, PROJECTOR, family_for, load_config
-from runtime.core.inspect import cross_kv_bytes_per_key, kv_bytes_per_token, llm_breakdown, request_shape
+from runtime.core.inspect import cross_kv_bytes_per_key, kv_bytes_per_token, llm_breakdown, llm_bytes, request_shape
 from runtime.core.llm_formats import get_format, get_vision_format, kv_cache_fp8
 
 
@@ -68,9 +68,7 @@ def cross_attention_flops(cfg: NVLMConfig, prompt_tokens: int, key_tokens: int) 
 
 
 def llm_weight_bytes(cfg: NVLMConfig, fmt: str) -> float:
-    b = llm_breakdown(cfg)
-    per = get_format(fmt).linear_bytes_per_param()
-    return b.linear * per + 2 * (b.lm_head + b.other)  # decode reads one embedding row, not the table
+    return llm_bytes(cfg, get_format(fmt), embedding=False)  # decode reads one embedding row, not the table
 
 
 @dataclass(frozen=True)

@@ -229,3 +229,48 @@ def test_nvlm_d_refuses_encoder_features(tmp_path, demo_ckpt):
 def test_cli_builds_nvlm_x(sources, tmp_path, capsys):
     assert main(["llm", str(sources["written-x"]), "-o", str(tmp_path / "o"), "--quant", "bf16"]) == 0
     assert json.loads((tmp_path / "o" / "reports" / "fidelity.json").read_text())["passed"]
+
+
+# --------------------------------------------------------------------------- trtllm-build flags (72B)
+
+
+@pytest.mark.parametrize("variant", ["x", "h"])
+def test_trtllm_build_flags_for_72b_follow_the_family(variant):
+    """NVLM-X/H-72B, max batch 8, one 7-tile image per request, 2,048 text tokens. By hand: NVLM-X puts no image
+    token in its sequence (no prompt table: no --max_multimodal_len) and reads 7 × 256 = 1,792 keys; NVLM-H puts
+    the thumbnail's 256 tokens in it (8 × 256 = 2,048 table rows over the batch) and reads the 6 regular tiles,
+    each behind its tag's tokens (5 here, as tag_tokens says): 6 × 261 = 1,566 keys."""
+    from pathlib import Path as P
+
+    from runtime.core.engines import EngineLimits, trtllm_build_args
+    from runtime.core.families import family_for, from_hf
+
+    raw = json.loads((ROOT / "tests" / "fixtures" / f"nvlm_{variant}_72b_config.json").read_text())
+    cfg = from_hf(raw)
+    limits = EngineLimits(max_batch_size=8, max_input_text_len=2048, max_output_len=1024).resolve(
+        cfg.preprocess, family_for(cfg).prompt_layout, lambda tag: 5)
+    args = trtllm_build_args(P("llm"), P("engines/llm"), BuildOptions(get_format("fp8"), tp=4), limits)
+    f = {args[i]: args[i + 1] for i in range(1, len(args) - 1, 2) if args[i].startswith("--")}
+    if variant == "x":
+        assert "--max_multimodal_len" not in f
+        assert f["--max_input_len"] == "2048" and f["--max_encoder_input_len"] == "1792"
+    else:
+        assert f["--max_multimodal_len"] == "2048" and f["--max_input_len"] == str(2048 + 256)
+        assert f["--max_encoder_input_len"] == "1566"
+    assert f["--max_seq_len"] == str(int(f["--max_input_len"]) + 1024) and f["--workers"] == "4"
+    too_many = limits.max_encoder_input_len + 1
+    with pytest.raises(InputError, match=f"{too_many} cross-attention keys"):
+        limits.check_request(keys=too_many)
+    limits.check_request(keys=too_many - 1)
+
+
+def test_nvlm_build_engine_on_the_independent_h_checkpoint(sources, tmp_path):
+    """The whole `nvlm-build engine` on NVLM-H (int4_awq): every CPU stage completes and its reports pass
+    (the LLM's fidelity and the vision export's onnxruntime checks); the LLM engine stays pending with the
+    reason (no TensorRT-LLM model definition for NVLM-H yet)."""
+    out = tmp_path / "eng"
+    assert main(["engine", str(sources["written-h"]), "-o", str(out), "--quant", "int4_awq", "--calib-size", "4"]) == 0
+    report = json.loads((out / "reports" / "fidelity.json").read_text())
+    assert report["passed"] and {c["component"] for c in report["checks"]} == {"llm", "vision"}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert "NVLMHForCausalLM" in manifest["stages"]["engines"]["details"]["reason"]

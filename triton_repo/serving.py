@@ -22,11 +22,21 @@ from pathlib import Path
 import numpy as np
 
 from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
-from runtime.core.families import PROMPT_TABLE_INPUTS
+from runtime.core.families import ENCODER_INPUTS, PROMPT_TABLE_INPUTS
+from runtime.core.trtllm_checkpoint import embedding_rows
+from runtime.cross_reference import key_sequence
 from runtime.decoding import StopFilter, from_trtllm, to_trtllm, word_list
 from runtime.inflight import InflightBatcher
 from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
-from runtime.prompt import build_prompt, chat_messages, tile_tags, with_image_placeholders
+from runtime.prompt import (
+    KeyTile,
+    build_prompt,
+    chat_messages,
+    mask_to_ranges,
+    ranges_to_mask,
+    tile_tags,
+    with_image_placeholders,
+)
 from runtime.sampling import Sampling
 from runtime.tokenizer import NVLMTokenizer, StreamDecoder
 from runtime.trtllm_executor import Request, TRTLLMExecutor
@@ -176,7 +186,25 @@ class PreprocessingModel:
             pb.Tensor("pixel_values", pixels.astype(np.float32)),
             pb.Tensor("image_token_count", np.asarray([p.num_image_tokens], np.int32)),
             pb.Tensor("prompt_table_extra_ids", np.asarray(p.prompt_table_extra_ids(images, salt), np.uint64)),
-        ])
+        ] + ([] if p.cross is None else [pb.Tensor(k, v) for k, v in cross_tensors(p.cross).items()]))
+
+
+def cross_tensors(cross) -> dict[str, np.ndarray]:
+    """NVLM-X/H: what the entry model needs, beside the tiles, to build the LLM step's encoder inputs —
+    each token's key range, which tiles are key tiles (with their tag ids, NVLM-H: padded with -1) and which
+    sit in the sequence (their rows go to the prompt table)."""
+    width = max([len(kt.tag_ids) for kt in cross.key_tiles], default=0)
+    tags = np.full((len(cross.key_tiles), width), -1, np.int32)
+    for i, kt in enumerate(cross.key_tiles):
+        tags[i, :len(kt.tag_ids)] = kt.tag_ids
+    return {"key_ranges": np.asarray(cross.key_ranges, np.int32).reshape(-1, 2),
+            "key_tiles": np.asarray([kt.tile for kt in cross.key_tiles], np.int32),
+            "key_tag_ids": tags, "inline_tiles": np.asarray(cross.inline_tiles, np.int32)}
+
+
+CROSS_OUTPUTS = ("key_ranges", "key_tiles", "key_tag_ids", "inline_tiles")
+# the LLM step's tensors that the entry model builds with their batch dimension already (torch, any dtype)
+_BATCHED_BY_SENDER = ("prompt_embedding_table", "encoder_input_features")
 
 
 # --------------------------------------------------------------------------- vision encoder
@@ -308,6 +336,38 @@ class ReferenceLLMModel:
         table = _as_torch(t)
         return None if table.numel() == 0 else table.reshape(-1, table.shape[-1]).float()
 
+    def _features(self, request, pb):
+        """`encoder_input_features` as float32 [keys, hidden] (any declared dtype), or None."""
+        t = pb.get_input_tensor_by_name(request, "encoder_input_features")
+        if t is None:
+            return None
+        x = _as_torch(t)
+        return None if x.numel() == 0 else x.reshape(-1, x.shape[-1]).float()
+
+    def _encoder(self, request, pb, input_len: int):
+        """NVLM-X/H: the backend's encoder-decoder inputs as the executor's encoder features and key ranges.
+        `cross_attention_mask` is [input tokens, keys] as the backend takes it (generated tokens reuse its last
+        row); each row must be one contiguous range, NVLM's rule."""
+        features = self._features(request, pb)
+        mask = _input(request, "cross_attention_mask")
+        if features is None:
+            if mask is not None and mask.size and mask.any():
+                raise ValueError("cross_attention_mask reads image keys, but no encoder_input_features were given")
+            return None, None
+        keys = features.shape[0]
+        self.limits.check_request(keys=keys)
+        length = _scalar(request, "encoder_output_lengths", keys, int)
+        if length != keys:
+            raise ValueError(f"encoder_output_lengths {length} differs from the {keys} rows of encoder_input_features")
+        if mask is None:
+            raise ValueError("encoder_input_features need a cross_attention_mask [input tokens, keys]: NVLM's tokens "
+                             "read different image keys")
+        mask = mask.reshape(mask.shape[-2:]) if mask.ndim >= 2 else mask
+        if tuple(mask.shape) != (input_len, keys):
+            raise ValueError(f"cross_attention_mask is {list(mask.shape)}, expected [{input_len}, {keys}] "
+                             "(input tokens, encoder features)")
+        return features, mask_to_ranges(mask)
+
     def _admit(self, request, pb):
         """Validate a request against the build's limits and make its executor request (no compute)."""
         ids = _input(request, "input_ids")
@@ -327,6 +387,7 @@ class ReferenceLLMModel:
         table = self._table(request, pb)
         if table is not None:
             self.limits.check_request(image_tokens=table.shape[0])
+        features, ranges = self._encoder(request, pb, len(ids))
         stream = _scalar(request, "streaming", False, bool)
         rid, flag = request.request_id(), threading.Event()
         client_gone = _AtMostEvery(request.is_cancelled)
@@ -334,7 +395,8 @@ class ReferenceLLMModel:
             with self.stops_lock:
                 self.stops[rid] = flag
         # len_penalty is checked above and otherwise unused: beam search only, no effect at beam width 1
-        req = Request(ids, n, table, end_id=_scalar(request, "end_id", None, int),
+        req = Request(ids, n, table, encoder_features=features, key_ranges=ranges,
+                      end_id=_scalar(request, "end_id", None, int),
                       temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                       seed=_scalar(request, "seed", 0, int), min_length=sampling.min_tokens,
                       repetition_penalty=penalties["repetition_penalty"] or 1.0,
@@ -408,6 +470,14 @@ class ContractLLMModel(ReferenceLLMModel):
                                "nvlm-build output (the stand-in computes with BUILD/llm)")
         self.engine_dtype = engine_dtype(json.loads((self.build / "llm" / "config.json").read_text()))
         self._setup(self.build)
+
+    def _features(self, request, pb):
+        t = pb.get_input_tensor_by_name(request, "encoder_input_features")
+        if t is not None and _torch_dtype_name(_as_torch(t).dtype) != self.engine_dtype:
+            # the config declares the engine dtype (${encoder_input_features_data_type}): Triton refuses
+            # another before the backend sees it; this keeps a direct caller's mistake as clear
+            raise ValueError(f"encoder_input_features must be {self.engine_dtype}, the engine's dtype")
+        return super()._features(request, pb)
 
     def _table(self, request, pb):
         t = pb.get_input_tensor_by_name(request, "prompt_embedding_table")
@@ -549,9 +619,15 @@ class EntryModel:
     def initialize(self, args):
         build = _build_dir(args)
         family = read_family(build)
-        if family.llm_step_image_inputs != PROMPT_TABLE_INPUTS:  # the one image path built below
-            raise RuntimeError(f"the entry model sends image features as a prompt table; family {family.name} "
-                               f"takes {family.llm_step_image_inputs}")
+        known = set(PROMPT_TABLE_INPUTS) | set(ENCODER_INPUTS)  # the two image paths built below
+        if not set(family.llm_step_image_inputs) <= known:
+            raise RuntimeError(f"the entry model sends image features as a prompt table and as encoder features; "
+                               f"family {family.name} takes {family.llm_step_image_inputs}")
+        # NVLM-X/H: image keys as the LLM step's encoder inputs (and NVLM-H's thumbnails as table rows)
+        self.cross = family.prompt_layout.cross_attention
+        self.sends_table = set(PROMPT_TABLE_INPUTS) <= set(family.llm_step_image_inputs)
+        self.llm_dir = build / "llm"
+        self._tag_rows: dict[int, object] = {}  # NVLM-H: tag token id → its embedding row (the built model's)
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.limits = read_limits(build)
         params = _params(args)
@@ -665,7 +741,8 @@ class EntryModel:
         if salt is not None and salt.size:
             pre_inputs.append(pb.Tensor("prompt_table_extra_id", salt.reshape(1).astype(np.uint64)))
         pre = self._call(pb, "preprocessing", pre_inputs,
-                         ["input_ids", "pixel_values", "image_token_count", "prompt_table_extra_ids"])
+                         ["input_ids", "pixel_values", "image_token_count", "prompt_table_extra_ids"]
+                         + (list(CROSS_OUTPUTS) if self.cross else []))
         ids = pb.get_output_tensor_by_name(pre, "input_ids").as_numpy()
         pixels = pb.get_output_tensor_by_name(pre, "pixel_values").as_numpy()
         # Every tensor below is one of the family's llm_step_inputs, in the dtype the contract gives it.
@@ -686,15 +763,21 @@ class EntryModel:
 
             x = torch.from_numpy(pixels).to(self.vision_dtype)
             vis = self._call(pb, "vision_encoder", [_from_torch("pixel_values", x)], ["image_embeds"])
-            emb = _as_torch(pb.get_output_tensor_by_name(vis, "image_embeds"))
-            # the engine's dtype: PromptTuningBuffers::validate refuses any other
-            table = emb.reshape(-1, emb.shape[-1]).to(self.table_dtype)
-            extra = pb.get_output_tensor_by_name(pre, "prompt_table_extra_ids").as_numpy()
-            llm_inputs += [_from_torch("prompt_embedding_table", table[None]),
-                           pb.Tensor("prompt_vocab_size", np.asarray([table.shape[0]], np.int32)),
-                           pb.Tensor("prompt_table_extra_ids", extra.astype(np.uint64))]
+            emb = _as_torch(pb.get_output_tensor_by_name(vis, "image_embeds"))  # [tiles, tokens, hidden]
+            table, features = emb, None
+            if self.cross:
+                table, features = self._cross_inputs(pb, pre, emb)
+                if features is not None:
+                    llm_inputs += features
+            if table is not None and table.shape[0]:
+                # the engine's dtype: PromptTuningBuffers::validate refuses any other
+                table = table.reshape(-1, table.shape[-1]).to(self.table_dtype)
+                extra = pb.get_output_tensor_by_name(pre, "prompt_table_extra_ids").as_numpy()
+                llm_inputs += [_from_torch("prompt_embedding_table", table[None]),
+                               pb.Tensor("prompt_vocab_size", np.asarray([table.shape[0]], np.int32)),
+                               pb.Tensor("prompt_table_extra_ids", extra.astype(np.uint64))]
         # tensorrt_llm batches (max_batch_size > 0): every tensor carries a leading batch dimension of 1
-        llm_inputs = [t if t.name() == "prompt_embedding_table" else pb.Tensor(t.name(), t.as_numpy()[None, ...])
+        llm_inputs = [t if t.name() in _BATCHED_BY_SENDER else pb.Tensor(t.name(), t.as_numpy()[None, ...])
                       for t in llm_inputs]
         stream = _scalar(request, "stream", False, bool)
         tokens: list[int] = []  # every token the engine returned (a stop word's included)
@@ -766,6 +849,33 @@ class EntryModel:
                 output_tensors=[pb.Tensor("text_output", text_out), pb.Tensor("output_ids", np.asarray(returned, np.int32))]
                 + self._log_prob_tensors(decoding, log_probs[:len(kept)], cum=sum(log_probs[:len(kept)])) + counts),
                 flags=final)
+
+    def _cross_inputs(self, pb, pre, emb):
+        """NVLM-X/H: the prompt-table rows (the tiles whose tokens sit in the sequence: NVLM-H's thumbnails) and
+        the `tensorrtllm` backend's encoder inputs — the key sequence as `encoder_input_features` [1, keys,
+        hidden] in the engine dtype, `encoder_output_lengths`, and `cross_attention_mask` [1, tokens, keys]
+        from each token's key range (runtime/prompt.py). None for the features when the prompt has no key tile."""
+        got = {k: pb.get_output_tensor_by_name(pre, k).as_numpy() for k in CROSS_OUTPUTS}
+        inline = got["inline_tiles"].reshape(-1).tolist()
+        table = emb[inline] if inline else None
+        tiles = got["key_tiles"].reshape(-1).tolist()
+        if not tiles:
+            return table, None
+        key_tiles = [KeyTile(t, 0, tuple(int(i) for i in row if i >= 0)) for t, row in zip(tiles, got["key_tag_ids"])]
+        keys = key_sequence(emb.float(), key_tiles, self._tag_embeddings)  # [K, hidden]
+        mask = ranges_to_mask(got["key_ranges"], keys.shape[0])  # [tokens, K]
+        return table, [_from_torch("encoder_input_features", keys.to(self.table_dtype)[None]),
+                       pb.Tensor("encoder_output_lengths", np.asarray([keys.shape[0]], np.int32)),
+                       pb.Tensor("cross_attention_mask", mask)]
+
+    def _tag_embeddings(self, ids):
+        """NVLM-H's tag embeddings [len(ids), hidden]: the built checkpoint's own rows, read once per id."""
+        import torch
+
+        missing = [i for i in ids if i not in self._tag_rows]
+        if missing:
+            self._tag_rows.update(zip(missing, embedding_rows(self.llm_dir, missing)))
+        return torch.stack([self._tag_rows[i] for i in ids])
 
     def _decoding(self, request) -> "EntryDecoding":
         """The request's decoding controls, checked, as the tensors the LLM step takes (NVIDIA's names)."""

@@ -222,7 +222,11 @@ def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_
                 Tensor("messages", "BYTES", (1,), optional=True),
                 Tensor("prompt_table_extra_id", "UINT64", (1,), optional=True)),
         outputs=(Tensor("input_ids", "INT32", (-1,)), Tensor("pixel_values", "FP32", (-1, 3, s, s)),
-                 Tensor("image_token_count", "INT32", (1,)), Tensor("prompt_table_extra_ids", "UINT64", (-1,))),
+                 Tensor("image_token_count", "INT32", (1,)), Tensor("prompt_table_extra_ids", "UINT64", (-1,)),
+                 # NVLM-X/H (serving.cross_tensors): each token's key range, the key tiles and their tag ids,
+                 # the tiles whose tokens sit in the sequence
+                 Tensor("key_ranges", "INT32", (-1, 2)), Tensor("key_tiles", "INT32", (-1,)),
+                 Tensor("key_tag_ids", "INT32", (-1, -1)), Tensor("inline_tiles", "INT32", (-1,))),
         parameters=py)
     post = ModelSpec(
         "postprocessing", backend="python", platform=None, max_batch_size=0,

@@ -17,9 +17,11 @@ import shlex
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 from .config import NVLMConfig, PreprocessConfig
 from .errors import InputError, NVLMError
+from .families import PromptLayout, tile_tags
 from .llm_formats import BuildOptions, VisionFormat
 
 ENGINE_RELEASE = "TensorRT-LLM 1.2 (NGC container nvcr.io/nvidia/tensorrt-llm/release:1.2.x)"
@@ -87,33 +89,56 @@ class EngineLimits:
     max_input_text_len: int = 2048  # text tokens beside the image tokens
     max_output_len: int = 1024
     tokens_per_tile: int | None = None  # always the checkpoint's (256 for NVLM: pixel shuffle of 32×32)
+    # from the family's prompt layout, at a full image (max_tiles_per_image tiles): the image tokens it puts
+    # in the decoder sequence (None: every tile's, NVLM-D; NVLM-H: the thumbnail's; NVLM-X: 0) and the
+    # cross-attention keys it gives (NVLM-X/H; NVLM-H's include its tags' tokens)
+    inline_tokens_per_image: int | None = None
+    keys_per_image: int = 0
 
-    def resolve(self, pre: PreprocessConfig) -> "EngineLimits":
-        """Tokens per tile from the checkpoint's preprocessing, and its tiles per image unless given."""
+    def resolve(self, pre: PreprocessConfig, layout: PromptLayout | None = None,
+                tag_tokens: Callable[[str], int] | None = None) -> "EngineLimits":
+        """Tokens per tile from the checkpoint's preprocessing, and its tiles per image unless given; with the
+        family's `layout` (and, where tags are keys, `tag_tokens(tag)`: a tag's token count), its image
+        tokens and keys per image."""
         tiles = self.max_tiles_per_image if self.max_tiles_per_image is not None else pre.max_tiles_per_image
         for name, v in (("max batch size", self.max_batch_size), ("tiles per image", tiles),
                         ("images per request", self.max_images_per_request),
                         ("input length", self.max_input_text_len), ("output length", self.max_output_len)):
             if v < 1:
                 raise EngineToolError(f"{name} must be ≥ 1, got {v}")
-        return replace(self, max_tiles_per_image=tiles, tokens_per_tile=pre.tokens_per_tile)
+        per = pre.tokens_per_tile
+        inline, keys = self.inline_tokens_per_image, self.keys_per_image
+        if layout is not None:  # every count grows with the tile count: a full image is the largest
+            inline = layout.inline_tokens([tiles], per)
+            keys = sum(per + (tag_tokens(tag) if layout.tag_keys else 0) for tag in tile_tags(tiles) if layout.keys(tag))
+        return replace(self, max_tiles_per_image=tiles, tokens_per_tile=per,
+                       inline_tokens_per_image=tiles * per if inline is None else inline, keys_per_image=keys)
 
     def record(self) -> dict:
         """The manifest's `limits`: the fields and what trtllm-build is sized from."""
         return {**asdict(self), "max_input_len": self.max_input_len, "max_seq_len": self.max_seq_len,
-                "max_multimodal_len": self.max_multimodal_len, "max_vision_tiles": self.max_vision_tiles}
+                "max_multimodal_len": self.max_multimodal_len, "max_vision_tiles": self.max_vision_tiles,
+                "max_encoder_input_len": self.max_encoder_input_len}
 
     @classmethod
     def from_record(cls, rec: dict) -> "EngineLimits":
-        return cls(**{k: rec[k] for k in cls.__dataclass_fields__})
+        # records made before the per-family counts: NVLM-D's (every tile inline, no keys)
+        extra = {"inline_tokens_per_image": rec["max_tiles_per_image"] * rec["tokens_per_tile"], "keys_per_image": 0}
+        return cls(**{k: rec[k] if k in rec else extra[k] for k in cls.__dataclass_fields__})
 
     @property
     def max_multimodal_len(self) -> int:
-        return self.max_batch_size * self.max_images_per_request * self.max_tiles_per_image * self.tokens_per_tile
+        """Prompt-table rows over the batch (trtllm-build --max_multimodal_len)."""
+        return self.max_batch_size * self.max_images_per_request * self.inline_tokens_per_image
 
     @property
     def max_image_tokens_per_request(self) -> int:
-        return self.max_images_per_request * self.max_tiles_per_image * self.tokens_per_tile
+        return self.max_images_per_request * self.inline_tokens_per_image
+
+    @property
+    def max_encoder_input_len(self) -> int:
+        """Cross-attention keys of one request (trtllm-build --max_encoder_input_len); 0 without cross-attention."""
+        return self.max_images_per_request * self.keys_per_image
 
     @property
     def max_input_len(self) -> int:
@@ -132,7 +157,7 @@ class EngineLimits:
         return self.max_images_per_request * self.max_tiles_per_image
 
     def check_request(self, *, tiles: int | None = None, input_len: int | None = None,
-                      image_tokens: int | None = None, output_len: int | None = None,
+                      image_tokens: int | None = None, output_len: int | None = None, keys: int | None = None,
                       output_name: str = "the output length") -> None:
         """The one check of a request against the build's limits, called by every model of a served build
         (the entry model and each internal model, which clients can reach directly) before it computes:
@@ -150,11 +175,28 @@ class EngineLimits:
         if image_tokens is not None and image_tokens > self.max_image_tokens_per_request:
             raise InputError(f"{image_tokens} image tokens is above this build's limit of "
                              f"{self.max_image_tokens_per_request} image tokens per request; {rebuild}")
+        if keys is not None and keys > self.max_encoder_input_len:
+            raise InputError(f"{keys} cross-attention keys (encoder features) is above this build's limit of "
+                             f"{self.max_encoder_input_len} per request; {rebuild}")
         if output_len is not None and not 1 <= output_len <= self.max_output_len:
             raise InputError(f"{output_name} must be in 1…{self.max_output_len}, got {output_len}")
 
 
 # --------------------------------------------------------------------------- trtllm-build
+
+
+# TensorRT-LLM architectures `trtllm-build` builds as they are (its MODEL_MAP). NVLM-X/H's decoders
+# (NVLMXForCausalLM / NVLMHForCausalLM) need this project's model definition, which is not written yet.
+ENGINE_ARCHITECTURES = ("Qwen2ForCausalLM",)
+
+
+def engine_gap(trtllm_architecture: str) -> str | None:
+    """Why an LLM engine cannot be built for this architecture (None: it can)."""
+    if trtllm_architecture in ENGINE_ARCHITECTURES:
+        return None
+    return (f"no TensorRT-LLM model definition for {trtllm_architecture} yet (TensorRT-LLM has none, and the one "
+            "nvlm-trt will add on the mllama engine-path precedent is not written): the LLM engine cannot be built; "
+            "the CPU reference and contract targets serve this build (docs/engine.md)")
 
 
 def trtllm_build_args(ckpt_dir: Path, engine_dir: Path, opts: BuildOptions, limits: EngineLimits) -> list[str]:
@@ -172,10 +214,13 @@ def trtllm_build_args(ckpt_dir: Path, engine_dir: Path, opts: BuildOptions, limi
         "--max_input_len", str(limits.max_input_len),
         "--max_seq_len", str(limits.max_seq_len),
         "--max_num_tokens", str(limits.max_batch_size * limits.max_input_len),
-        # prompt-embedding table rows for image tokens (alias of --max_prompt_embedding_table_size)
-        "--max_multimodal_len", str(limits.max_multimodal_len),
-        "--workers", str(opts.world_size),
     ]
+    if limits.max_multimodal_len:  # NVLM-X has no image token in its decoder sequence
+        # prompt-embedding table rows for image tokens (alias of --max_prompt_embedding_table_size)
+        args += ["--max_multimodal_len", str(limits.max_multimodal_len)]
+    if limits.max_encoder_input_len:  # NVLM-X/H: the image keys cross-attention reads, per request
+        args += ["--max_encoder_input_len", str(limits.max_encoder_input_len)]
+    args += ["--workers", str(opts.world_size)]
     if opts.fmt.fp8_context_fmha and opts.kv_cache_fp8:
         args += ["--use_fp8_context_fmha", "enable"]  # FP8 attention in the context phase (Hopper)
     return args

@@ -37,7 +37,10 @@ from .weight_map import INTERNVIT, MLP1, MLP1_LINEAR, QWEN2, XATTN_LAYERS, Compo
 
 # component roles (ComponentMap.name): inspect, sizing and the roofline ask for them by role
 VISION, PROJECTOR, LLM, XATTN = "vision", "projector", "llm", "xattn"
-DECODER_ROLES = (LLM, XATTN)  # the components that make up the decoder (sharded over TP, quantizable)
+DECODER_ROLES = (LLM, XATTN)  # the components that make up the decoder (sharded over TP)
+# the decoder components a quantization format quantizes: NVLM-X/H's cross-attention blocks stay in 16 bits in
+# every format (measured and argued in docs/llm.md, "NVLM-X and NVLM-H")
+QUANTIZED_ROLES = (LLM,)
 
 
 def tile_tags(num_tiles: int) -> list[str]:

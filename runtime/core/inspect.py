@@ -21,7 +21,7 @@ from pathlib import Path
 
 from .checkpoint import Checkpoint, refuse_pickle
 from .config import NVLMConfig
-from .families import DECODER_ROLES, family_for, load_config
+from .families import DECODER_ROLES, QUANTIZED_ROLES, family_for, load_config
 from .llm_formats import FORMATS
 
 SCHEMA = "nvlm-trt/inspect/v1"
@@ -69,6 +69,15 @@ def llm_breakdown(cfg: NVLMConfig, roles: tuple[str, ...] = DECODER_ROLES) -> LL
     return LLMBreakdown(**parts)
 
 
+def llm_bytes(cfg: NVLMConfig, fmt, group_size: int = 128, *, embedding: bool = True) -> int:
+    """Bytes of the decoder's weights in format `fmt` (an LLMFormat): the linear layers of the quantized
+    components at the format's width, everything else in 16 bits — norms, lm_head, the embedding (unless
+    `embedding` is False: decoding reads one row of it) and NVLM-X/H's cross-attention blocks."""
+    every, quantized = llm_breakdown(cfg), llm_breakdown(cfg, QUANTIZED_ROLES)
+    plain = every.linear - quantized.linear + every.lm_head + every.other + (every.embedding if embedding else 0)
+    return int(quantized.linear * fmt.linear_bytes_per_param(group_size) + 2 * plain)
+
+
 def kv_bytes_per_token(cfg: NVLMConfig, dtype_bytes: int, tp: int = 1) -> int:
     """K and V for every layer of one token, on one TP rank."""
     kv_heads_per_rank = max(1, cfg.llm.num_kv_heads // tp)
@@ -102,20 +111,19 @@ def request_shape(cfg: NVLMConfig, tiles_per_image, text_tokens: int) -> Request
 
 def memory_plan(cfg: NVLMConfig, kv_tokens: int = DEFAULT_KV_TOKENS,
                 gpu_bytes: int = H100_MEMORY_BYTES, reserve_bytes: int = RESERVE_BYTES) -> dict:
-    b = llm_breakdown(cfg)
     vision_params = sum(c.num_params(cfg) for c in family_for(cfg).components if c.name not in DECODER_ROLES)
     vision_bytes = 2 * vision_params
     plans = []
     for fmt in FORMATS.values():  # AWQ at its default group of 128 input channels
-        llm_bytes = int(b.linear * fmt.linear_bytes_per_param()) + 2 * (b.embedding + b.lm_head + b.other)
+        decoder_bytes = llm_bytes(cfg, fmt)
         kv_dtype_bytes = 1 if fmt.plan_kv_fp8 else 2
         for tp in TP_SIZES:
-            weights = llm_bytes // tp + vision_bytes
+            weights = decoder_bytes // tp + vision_bytes
             kv = kv_tokens * kv_bytes_per_token(cfg, kv_dtype_bytes, tp)
             total = weights + kv + reserve_bytes
             plans.append({
                 "weights": fmt.name, "kv_cache_dtype": "fp8" if kv_dtype_bytes == 1 else "bf16", "tp": tp,
-                "llm_weight_bytes": llm_bytes, "llm_weight_bytes_per_gpu": llm_bytes // tp,
+                "llm_weight_bytes": decoder_bytes, "llm_weight_bytes_per_gpu": decoder_bytes // tp,
                 "vision_weight_bytes": vision_bytes, "weight_bytes_per_gpu": weights,
                 "kv_cache_bytes_per_gpu": kv, "reserve_bytes": reserve_bytes, "total_bytes_per_gpu": total,
                 "fits": total <= gpu_bytes,

@@ -21,7 +21,7 @@ from . import __version__
 from . import trtllm_layout as layout
 from .config import NVLMConfig
 from .errors import CheckpointError
-from .families import DECODER_ROLES, family_for
+from .families import DECODER_ROLES, family_for, family_for_trtllm
 from .llm_formats import BuildOptions
 from .trtllm_layout import SOURCE_PREFIX, Row
 
@@ -233,6 +233,26 @@ def add_cross_attention(ckpt, opts: BuildOptions, out: Path) -> int:
         save_file(tensors, str(f), metadata=metadata)
         added += len(rows)
     return added
+
+
+def embedding_rows(directory: Path, ids) -> torch.Tensor:
+    """Rows of a TensorRT-LLM checkpoint's token embedding [len(ids), hidden], float32, read from the first
+    PP stage's rank files (the rows are split over TP, vocabulary-padded). NVLM-H's serving takes its tag
+    embeddings (cross-attention keys) from here, so that they are the built model's own."""
+    from safetensors import safe_open
+
+    cfg = json.loads((Path(directory) / "config.json").read_text())
+    tp, vocab = cfg["mapping"]["tp_size"], cfg["vocab_size"]
+    table = family_for_trtllm(cfg.get("architecture")).trtllm_layout
+    name, per_rank = layout.target(table, "embedding"), layout.vocab_rows(vocab, tp) // tp
+    rows = []
+    for i in ids:
+        if not 0 <= int(i) < vocab:
+            raise CheckpointError(f"token id {i} is outside the vocabulary ({vocab})")
+        rank, local = divmod(int(i), per_rank)
+        with safe_open(str(Path(directory) / f"rank{rank}.safetensors"), framework="pt") as fh:
+            rows.append(fh.get_slice(name)[local:local + 1].float())
+    return torch.cat(rows) if rows else torch.zeros(0, cfg["hidden_size"])
 
 
 def count_tensors(ckpt, opts: BuildOptions) -> int:
