@@ -365,7 +365,7 @@ class ReferenceLLMModel:
         mask = mask.reshape(mask.shape[-2:]) if mask.ndim >= 2 else mask
         if tuple(mask.shape) != (input_len, keys):
             raise ValueError(f"cross_attention_mask is {list(mask.shape)}, expected [{input_len}, {keys}] "
-                             "(input tokens, encoder features)")
+                             f"(input tokens, encoder features: {load_contract().cite('cross_attention_masks')})")
         return features, mask_to_ranges(mask)
 
     def _admit(self, request, pb):
