@@ -33,17 +33,20 @@ GREEDY_TOKENS = 8
 # catching any wrong tensor, split or layout (those give O(1) errors).
 UNQUANTIZED_LOGITS_REL = 1e-3
 # Quantized: the executor reads the exported checkpoint and the fake-quantized model is the one the
-# export processed (fused layers share scales), so both quantize identically — except that float32
-# summation-order differences can push an activation across an FP8 rounding boundary, an error of
-# one e4m3 step (6%) on that element, which propagates. Observed on the embedded default: ≤ 0.003
-# (int4_awq), ≤ 0.02 (fp8, w4a8_awq), ≤ 0.03 (fp8 + FP8 KV cache). 0.05 keeps margin; real format
-# errors (wrong packing, nibble order, scale layout, split) give ≥ 0.3.
+# export processed (fused layers share scales), with its FP8 weights and FP8 KV-cache scales set to what
+# the checkpoint stores (llm_build.as_stored: modelopt's CPU fake quantization rounds e4m3 ties another
+# way, and the export merges K/V scales and clamps them to ≥ 1.0; before that, 0.03–0.05 was charged to
+# the checkpoint). What remains is float32 summation order pushing an activation across an FP8 rounding
+# boundary — one e4m3 step (6%) on that element, which propagates. Observed since: 0.000–0.018 (fp8),
+# 0.006–0.020 (fp8 + FP8 KV cache), ≤ 0.003 (int4_awq) on the embedded defaults and the independently
+# written checkpoints; w4a8_awq 0.021 (demo) and 0.045 (released layout) — its FP8 weight stage is not
+# set to the stored values yet (a sequential int4 → fp8 quantizer), so the tie rounding above may still
+# count there: the one format near the bound. 0.05 keeps margin for the others; real format errors (wrong
+# packing, nibble order, scale layout, split) give ≥ 0.3.
 QUANTIZED_LOGITS_REL = 5e-2
-# With an FP8 KV cache a flipped rounding step lands in a cached key or value that every later
-# position reads, and with few KV heads every query head reads it: 0.051 observed on the released-
-# layout writer's checkpoint (one KV head) on an AMD EPYC host, whose float32 kernels sum in another
-# order than the Intel hosts where ≤ 0.03 was seen. 0.08 keeps 4× below the real format errors.
-QUANTIZED_FP8_KV_LOGITS_REL = 8e-2
+# With an FP8 KV cache a flipped step lands in a cached key or value that every later position reads (and
+# with few KV heads every query head reads it); the same bound has held since the scales match.
+QUANTIZED_FP8_KV_LOGITS_REL = 5e-2
 # Top-1 agreement (issue requirement ≥ 99%) is counted at text positions: at image-token positions
 # the next token is fixed by the prompt (more image tokens or a tile tag), their logits are never
 # sampled, and an untrained image embedding gives them no preference to agree on.

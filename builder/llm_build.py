@@ -69,7 +69,7 @@ def quantize(reference, opts: BuildOptions, embeds: list):
 
 
 def as_stored(model, opts: BuildOptions):
-    """Make the fake-quantized model's FP8 weights the values the checkpoint stores.
+    """Make the fake-quantized model's FP8 weights (and FP8 KV-cache scales) the values the checkpoint stores.
 
     The export casts W / s to e4m3 (round to nearest, ties to even) and the engine multiplies those bytes by s;
     modelopt's CPU fake quantization reaches the same e4m3 grid through another float computation of W / s,
@@ -81,6 +81,8 @@ def as_stored(model, opts: BuildOptions):
     weight quantizers switched off; activations stay modelopt's."""
     import torch
 
+    if opts.kv_cache_fp8:
+        _kv_as_stored(model)
     if opts.fmt.quant_algo != "FP8":
         return model
     with torch.no_grad():
@@ -92,6 +94,26 @@ def as_stored(model, opts: BuildOptions):
             module.weight.copy_((q8(module.weight.float() / scale) * scale).to(module.weight.dtype))
             wq.disable()
     return model
+
+
+def _kv_as_stored(model) -> None:
+    """The FP8 KV cache as the checkpoint stores it: one `kv_cache_scaling_factor` per layer for K and V both —
+    the larger of the two scales, each clamped to at least 1.0 (modelopt's export: `get_kv_cache_scaling_factor`
+    and its K/V merge) — where modelopt's fake quantization rounds K and V each with its own amax / 448. The
+    engine rounds with the stored scale, so the reference does too (measured: the last 0.02–0.05 of the
+    FP8-KV fidelity difference)."""
+    import torch
+    from modelopt.torch.export.quant_utils import get_kv_cache_scaling_factor
+
+    with _quiet():
+        for module in model.modules():
+            k, v = getattr(module, "k_bmm_quantizer", None), getattr(module, "v_bmm_quantizer", None)
+            if k is None or v is None or not (k.is_enabled and v.is_enabled) or k.amax is None or v.amax is None:
+                continue
+            scales = [x for x in get_kv_cache_scaling_factor(module) if x is not None]
+            stored = torch.stack([x.float().reshape(()) for x in scales]).max()
+            for q in (k, v):
+                q.amax = (stored * FP8_MAX).to(q.amax.dtype).reshape(q.amax.shape)
 
 
 @contextlib.contextmanager
