@@ -18,7 +18,8 @@ Numerics (what the engine's kernels compute; arithmetic here in float32):
       x = x + tanh(gate_attn) · dense(attn(q = norm(x), image keys/values))
       x = x + tanh(gate_ffwd) · MLP(norm(x)) · [the row reads at least one key]
   Each token reads the key range `[lo, hi)` the prompt gives it (runtime/prompt.py, `key_ranges`); a
-  generated token reads every key. A request's image keys/values are computed once per cross-attention
+  generated token reads the prompt's last range, as the backend reuses the mask's last row (every key, for
+  an NVLM prompt). A request's image keys/values are computed once per cross-attention
   layer from its encoder features (the k/v rows of the fused qkv) and kept beside its KV cache, as
   TensorRT-LLM keeps a cross KV cache; a request without image keys skips the blocks.
 """
@@ -456,7 +457,8 @@ class TRTLLMExecutor:
     def forward(self, ids: Sequence[int], table: torch.Tensor | None, cache: KVCache,
                 key_ranges: Sequence[tuple[int, int]] | None = None) -> torch.Tensor:
         """Run new tokens through the model, extending `cache`; returns logits [T, vocab]. NVLM-X/H: the
-        tokens read `cache.cross` (set by `prefill`), each its own `key_ranges` entry (None: every key)."""
+        tokens read `cache.cross` (set by `prefill`), each its own `key_ranges` entry (None: generated tokens,
+        which read the request's decode range)."""
         x = self.embed(ids, table)
         ranges = None if key_ranges is None else torch.as_tensor(key_ranges, dtype=torch.long).reshape(-1, 2)
         for li, layer in enumerate(self.layers):
