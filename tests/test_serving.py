@@ -494,42 +494,75 @@ def test_int4_build_with_an_odd_vocabulary_serves(tmp_path):
     assert all(t < 523 for t in ans.tokens)
 
 
+def _ready(base: int) -> bool:
+    """What a load balancer polls: GET /v2/health/ready, 200 or not."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{base + 1}/v2/health/ready", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def _heals(srv, base: int, down_within: float) -> None:
+    """Readiness goes down within `down_within` s, comes back by itself, and the next request is answered."""
+    deadline, went_down = time.time() + down_within, False
+    while time.time() < deadline and not went_down:
+        went_down = not _ready(base)
+        time.sleep(0.1)
+    assert went_down, "readiness stayed true with a broken server"
+    deadline = time.time() + 180
+    while time.time() < deadline and not _ready(base):
+        time.sleep(0.5)
+    assert _ready(base), "the server did not come back"
+    assert len(NVLMClient(srv.grpc_url).generate("Still there?", max_tokens=3).tokens) == 3
+
+
+def _server_pid(srv) -> int:
+    return next(p for p in _descendants(srv.proc.pid) if _ppid(p) == srv.proc.pid)
+
+
+def _stub(server_pid: int, model: str) -> int:
+    return next(p for p in _descendants(server_pid) if f"/{model}/1/model.py".encode() in Path(f"/proc/{p}/cmdline").read_bytes())
+
+
 @pytest.mark.faults
 def test_a_dead_stub_turns_readiness_off_and_the_server_heals(build):
     """kill -9 the tensorrt_llm stub: before, every later request failed ("Stub process … is not healthy")
     while readiness stayed 200. Now the keeper restarts the server: readiness goes down, comes back by
     itself, and the next request is answered."""
     import signal
-    import urllib.request
 
     from triton_repo.server import TritonServer
 
     base = _ports(2)
-
-    def ready():  # what a load balancer polls: GET /v2/health/ready, 200 or not
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{base + 1}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
     with TritonServer(build / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2) as srv:
-        assert ready()
-        server_pid = next(p for p in _descendants(srv.proc.pid) if _ppid(p) == srv.proc.pid)
-        stub = next(p for p in _descendants(server_pid)
-                    if b"tensorrt_llm" in Path(f"/proc/{p}/cmdline").read_bytes())
+        assert _ready(base)
+        os.kill(_stub(_server_pid(srv), "tensorrt_llm"), signal.SIGKILL)
+        _heals(srv, base, 30)
 
-        os.kill(stub, signal.SIGKILL)
-        deadline, went_down = time.time() + 30, False
-        while time.time() < deadline and not went_down:
-            went_down = not ready()
-            time.sleep(0.1)
-        assert went_down, "readiness stayed true with a dead stub"
-        deadline = time.time() + 180
-        while time.time() < deadline and not ready():
-            time.sleep(0.5)
-        assert ready(), "the server did not come back"
-        assert len(NVLMClient(srv.grpc_url).generate("Still there?", max_tokens=3).tokens) == 3
+
+@pytest.mark.faults
+@pytest.mark.parametrize("frozen", ["nvlm stub", "tritonserver"])
+def test_a_frozen_server_heals(build, frozen):
+    """SIGSTOP freezes a process without killing it: the entry model's stub (Triton then answers every request
+    "Stub process … is not healthy" while readiness stays 200 and nothing restarts it), or tritonserver itself
+    (no answer at all — what the bundled Python backend's intermittent deadlock looks like from outside). The
+    keeper's probe request notices either (here after 8 s instead of the default 60) and restarts the server."""
+    import signal
+
+    from triton_repo.server import TritonServer
+
+    base = _ports(2)
+    with TritonServer(build / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2,
+                      hang_timeout=8, probe_interval=2) as srv:
+        assert len(NVLMClient(srv.grpc_url).generate("Hello?", max_tokens=2).tokens) == 2
+        server_pid = _server_pid(srv)
+        os.kill(server_pid if frozen == "tritonserver" else _stub(server_pid, "nvlm"), signal.SIGSTOP)
+        _heals(srv, base, 60)
+        why = "not healthy" if frozen == "nvlm stub" else "no response to a probe request in 8 s"
+        assert why in srv.log_file.read_text()
 
 
 @pytest.mark.faults

@@ -12,7 +12,11 @@ nvlm-serve starts this small process and it starts tritonserver, in the keeper's
 - when tritonserver exits on its own, cleans up the same way but keeps the log (it says why);
 - when a backend stub dies, restarts tritonserver (Triton would keep reporting ready while every
   request to that model fails): readiness is down during the restart, requests in flight fail with
-  an error, and the server comes back on its own — at most MAX_RESTARTS times in RESTART_WINDOW_S.
+  an error, and the server comes back on its own — at most MAX_RESTARTS times in RESTART_WINDOW_S;
+- when the server stops answering — a probe request (one token of text through the entry model, every
+  PROBE_INTERVAL_S) gets no response at all within HANG_TIMEOUT_S — restarts it the same way: the bundled
+  Python backend can deadlock a stub under streaming load (docs/serving.md, "An intermittent hang"), with
+  every process alive and ready, which no other check sees. Any response, an error included, is an answer.
 
 PR_SET_PDEATHSIG fires when the thread that started the keeper exits: start servers from a thread
 that lives as long as they should (nvlm-serve and the tests use the main thread).
@@ -22,18 +26,25 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
 SHM_DIR = Path("/dev/shm")
 MAX_RESTARTS, RESTART_WINDOW_S = 5, 600  # beyond this the keeper gives up and exits (nvlm-serve with it)
+# A probe answers in well under a second on an idle CPU server and within seconds under load (the entry model
+# admits it or refuses it as busy at once); a minute without any response is a server that no longer works.
+PROBE_INTERVAL_S, HANG_TIMEOUT_S = 10.0, 60.0
+PROBE_MODEL = "nvlm"
 
 
 def shm_prefix(keeper_pid: int) -> str:
@@ -65,6 +76,9 @@ def main(argv=None) -> int:
     ap.add_argument("--parent", type=int, required=True)
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--grace", type=float, default=30.0)
+    ap.add_argument("--hang-timeout", type=float, default=HANG_TIMEOUT_S,
+                    help="restart the server when a probe request gets no response for this long (0: no probe)")
+    ap.add_argument("--probe-interval", type=float, default=PROBE_INTERVAL_S)
     ap.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -81,7 +95,8 @@ def main(argv=None) -> int:
     while True:
         # if the keeper itself is killed (SIGKILL leaves it no time to stop anything), the server goes too
         server = subprocess.Popen(cmd, preexec_fn=lambda: _set_pdeathsig(signal.SIGKILL))
-        dead_stub = _watch(server, stop, _ready_url(cmd))
+        probe = Probe(_base_url(cmd), args.probe_interval, args.hang_timeout) if args.hang_timeout > 0 else None
+        failure = _watch(server, stop, _ready_url(cmd), probe)
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
             try:
@@ -92,14 +107,14 @@ def main(argv=None) -> int:
         server.wait()
         _wait_group_gone()
         restarts = [t for t in restarts if time.time() - t < RESTART_WINDOW_S]
-        if dead_stub is None or stop["signal"] is not None:
+        if failure is None or stop["signal"] is not None:
             break
         if len(restarts) >= MAX_RESTARTS:
-            print(f"keeper: backend stub {dead_stub} died; {MAX_RESTARTS} restarts in {RESTART_WINDOW_S} s already, "
+            print(f"keeper: {failure}; {MAX_RESTARTS} restarts in {RESTART_WINDOW_S} s already, "
                   "giving up", flush=True)
             break
         restarts.append(time.time())
-        print(f"keeper: backend stub {dead_stub} died; tritonserver is not ready while it restarts "
+        print(f"keeper: {failure}; tritonserver is not ready while it restarts "
               f"(restart {len(restarts)} in the last {RESTART_WINDOW_S} s)", flush=True)
         for seg in SHM_DIR.glob(shm_prefix(os.getpid()) + "*"):  # the dead server's segments
             seg.unlink(missing_ok=True)
@@ -141,13 +156,60 @@ def _stubs(server_pid: int) -> set[int]:
     return out
 
 
-def _ready_url(cmd: list[str]) -> str | None:
-    """tritonserver's HTTP readiness endpoint, from its command line."""
+def _base_url(cmd: list[str]) -> str:
+    """tritonserver's HTTP address, from its command line."""
     def value(flag, default):
         return cmd[cmd.index(flag) + 1] if flag in cmd[:-1] else default
 
-    port = value("--http-port", "8000")
-    return f"http://{value('--http-address', '127.0.0.1')}:{port}/v2/health/ready"
+    return f"http://{value('--http-address', '127.0.0.1')}:{value('--http-port', '8000')}"
+
+
+def _ready_url(cmd: list[str]) -> str:
+    """tritonserver's HTTP readiness endpoint."""
+    return _base_url(cmd) + "/v2/health/ready"
+
+
+class Probe:
+    """One small request at a time through the entry model (HTTP `generate_stream`: one token of text), every
+    `interval` seconds once the server is ready. `failure()`: the request in flight has had no response for
+    `timeout` seconds, or Triton answered that a stub is not healthy (a frozen or vanished stub, which it
+    neither restarts nor reports through readiness). Each request runs on its own thread, so one that never
+    returns blocks only that thread."""
+
+    BODY = json.dumps({"text_input": "ping", "max_tokens": 1}).encode()
+
+    def __init__(self, base_url: str, interval: float, timeout: float):
+        self.url = f"{base_url}/v2/models/{PROBE_MODEL}/generate_stream"
+        self.interval, self.timeout = interval, timeout
+        self.started: float | None = None  # the request in flight since (None: none)
+        self.last = 0.0
+        self.unhealthy: str | None = None  # Triton's own answer that a stub no longer works
+
+    def failure(self) -> str | None:
+        """Why the server no longer works (None: it answers)."""
+        now = time.monotonic()
+        if self.unhealthy:
+            return self.unhealthy
+        if self.started is None and now - self.last >= self.interval:
+            self.started = now
+            threading.Thread(target=self._one, daemon=True).start()
+        if self.started is not None and now - self.started > self.timeout:
+            return f"no response to a probe request in {self.timeout:.0f} s (a hung server or backend stub)"
+        return None
+
+    def _one(self) -> None:
+        req = urllib.request.Request(self.url, data=self.BODY, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout + 5) as r:
+                text = r.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as e:  # refused as busy, a bad request: an answer, unless it says unhealthy
+            text = e.read().decode("utf-8", "replace")
+        except OSError:  # no answer at all: failure() sees the time pass
+            text = ""
+        if "is not healthy" in text:
+            # Triton found a stub frozen or gone but keeps it (and readiness) as it is: every request fails
+            self.unhealthy = "a probe request was refused: " + text.strip().replace("\n", " ")[:200]
+        self.started, self.last = None, time.monotonic()
 
 
 def _is_ready(url: str) -> bool:
@@ -158,8 +220,9 @@ def _is_ready(url: str) -> bool:
         return False
 
 
-def _watch(server: subprocess.Popen, stop: dict, ready_url: str) -> int | None:
-    """Wait until the server exits or a signal arrives (None), or a backend stub dies (its PID).
+def _watch(server: subprocess.Popen, stop: dict, ready_url: str, probe: Probe | None = None) -> str | None:
+    """Wait until the server exits or a signal arrives (None), or a backend stub dies or the server stops
+    answering (why, for the log).
 
     The Python backend does not restart a dead stub, and Triton keeps reporting the model ready
     while every request to it fails (triton-inference-server/server#7862, #8604), so a dead stub
@@ -174,7 +237,10 @@ def _watch(server: subprocess.Popen, stop: dict, ready_url: str) -> int | None:
         else:
             gone = watched - _stubs(server.pid)
             if gone:
-                return min(gone)
+                return f"backend stub {min(gone)} died"
+            failed = None if probe is None else probe.failure()
+            if failed:
+                return failed
         time.sleep(0.25)
     return None
 

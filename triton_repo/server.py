@@ -23,7 +23,7 @@ from pathlib import Path
 
 from runtime.core.errors import NVLMError
 
-from .keeper import shm_prefix
+from .keeper import HANG_TIMEOUT_S, PROBE_INTERVAL_S, shm_prefix
 from .openai_api import OpenAIServer
 
 # the Python backend's default shared-memory prefix, and the per-server prefix the keeper gives it
@@ -57,8 +57,11 @@ def _load_errors(log: str, limit: int = 3000) -> str:
 
 class TritonServer:
     def __init__(self, repo: str | Path, *, host: str = "127.0.0.1", grpc_port: int = 8001, http_port: int = 8000,
-                 metrics_port: int = 8002, log_file: str | Path | None = None):
+                 metrics_port: int = 8002, log_file: str | Path | None = None,
+                 hang_timeout: float = HANG_TIMEOUT_S, probe_interval: float = PROBE_INTERVAL_S):
         self.repo = Path(repo).resolve()
+        # the keeper restarts a server that answers no probe request for hang_timeout s (0: no probe)
+        self.hang_timeout, self.probe_interval = hang_timeout, probe_interval
         self.host, self.grpc_port, self.http_port, self.metrics_port = host, grpc_port, http_port, metrics_port
         self.workdir = Path(tempfile.mkdtemp(prefix="nvlm-serve-"))
         self.log_file = Path(log_file) if log_file else self.workdir / "tritonserver.log"
@@ -101,7 +104,8 @@ class TritonServer:
         self.log = open(self.log_file, "w")
         # the keeper (triton_repo/keeper.py) runs tritonserver and stops it when this process dies
         keeper = [sys.executable, "-m", "triton_repo.keeper", "--parent", str(os.getpid()),
-                  "--workdir", str(self.workdir), "--"]
+                  "--workdir", str(self.workdir), "--hang-timeout", str(self.hang_timeout),
+                  "--probe-interval", str(self.probe_interval), "--"]
         self.proc = subprocess.Popen(keeper + self.command(), env=self.env(), stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         client = grpcclient.InferenceServerClient(f"{self.host}:{self.grpc_port}")
@@ -177,6 +181,9 @@ def main(argv=None) -> int:
     ap.add_argument("--http-port", type=int, default=8000)
     ap.add_argument("--metrics-port", type=int, default=8002)
     ap.add_argument("--log-file")
+    ap.add_argument("--hang-timeout", type=float, default=HANG_TIMEOUT_S,
+                    help=f"restart the server when a probe request (one token, every {PROBE_INTERVAL_S:.0f} s) gets "
+                         f"no response for this many seconds (default {HANG_TIMEOUT_S:.0f}; 0: no probe)")
     ap.add_argument("--openai-port", type=int, help="also serve the OpenAI chat-completions API on this port")
     ap.add_argument("--openai-model-name", default="nvlm", help="the model id the OpenAI API serves (default nvlm)")
     ap.add_argument("--openai-image-dir", help="let OpenAI requests name local image files under this directory "
@@ -200,7 +207,8 @@ def main(argv=None) -> int:
         return 2
     try:
         server = TritonServer(repo, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
-                              metrics_port=args.metrics_port, log_file=args.log_file).start()
+                              metrics_port=args.metrics_port, log_file=args.log_file,
+                              hang_timeout=args.hang_timeout).start()
     except NVLMError as e:
         print(f"nvlm-serve: error: {e}", file=sys.stderr)
         return 2
