@@ -790,7 +790,9 @@ def test_bench_server_dying_mid_run_saves_partial_results(build, tmp_path):
     from triton_repo.server import TritonServer
 
     base = _ports(2)
-    srv = TritonServer(build / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2).start()
+    # hang_timeout=0: the keeper's probe requests pass through preprocessing too and would count below
+    srv = TritonServer(build / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2,
+                       hang_timeout=0).start()
 
     def kill_after_some_requests():
         stats = grpcclient.InferenceServerClient(srv.grpc_url)
