@@ -20,10 +20,14 @@ from runtime.core.build_dir import write_preprocess
 from runtime.core.checkpoint import Checkpoint
 from runtime.core.demo_checkpoint import is_trained_default
 from runtime.core.engines import (
+    MODEL_FILE_VAR,
     EngineLimits,
+    ShellWord,
     build_vision_engine,
     engine_gap,
     finish_script,
+    model_file,
+    model_file_line,
     trtllm_build_args,
     vision_engine_settings,
 )
@@ -125,9 +129,12 @@ def _llm(ctx: Context, tmp: Path) -> dict:
 
 def _engines(ctx: Context, tmp: Path) -> dict:
     o = ctx.opts
-    llm_cmd = trtllm_build_args(Path("llm"), Path("engines/llm"), o.llm, o.limits)
-    gap = engine_gap(family_for(ctx.ckpt.config).trtllm_architecture)
-    if gap:  # NVLM-X/H: the script stops here with the reason, instead of a trtllm-build that cannot work
+    family = family_for(ctx.ckpt.config)
+    # NVLM-X/H: this project's model definition, found on the host the script runs on
+    script_model = (ShellWord(f'"${MODEL_FILE_VAR}"'), family.trtllm_architecture) if family.engine_model else None
+    llm_cmd = trtllm_build_args(Path("llm"), Path("engines/llm"), o.llm, o.limits, script_model)
+    gap = engine_gap(family, o.llm)
+    if gap:  # options the engine cannot take: the script stops here with the reason, not in trtllm-build
         llm_cmd = ["sh", "-c", f"echo {shlex.quote('nvlm-trt: ' + gap)} >&2; exit 2"]
     vis = vision_engine_settings(ctx.ckpt.config, Path("vision"), Path("engines"), o.vision_dtype, o.limits,
                                  quant=o.vision_quant)
@@ -138,7 +145,8 @@ def _engines(ctx: Context, tmp: Path) -> dict:
                   "d = json.load(open('engines/settings.json'))['vision_engine']; "
                   "print(b(S(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})))"]
     repo_cmd = ["python3", "-m", "builder.cli", "triton-repo", ".", "-o", "triton_repo", "--target", "trt", "--force"]
-    (tmp / "build_engines.sh").write_text(finish_script([llm_cmd, vision_cmd, repo_cmd]))
+    extra = model_file_line(family.engine_model) if family.engine_model and not gap else ""
+    (tmp / "build_engines.sh").write_text(finish_script([llm_cmd, vision_cmd, repo_cmd], extra))
     (tmp / "build_engines.sh").chmod(0o755)
     if not ctx.engines_possible:
         return {"status": "pending", "reason": gap or ctx.engines_detail,
@@ -150,7 +158,8 @@ def _engines(ctx: Context, tmp: Path) -> dict:
 
     # Build into this stage's temporary folder (renamed to engines/ when done), reading the finished
     # llm/ and vision/ stages by absolute path.
-    subprocess.run(trtllm_build_args(ctx.root / "llm", tmp / "llm", o.llm, o.limits), check=True)
+    model = (model_file(family.engine_model), family.trtllm_architecture) if family.engine_model else None
+    subprocess.run(trtllm_build_args(ctx.root / "llm", tmp / "llm", o.llm, o.limits, model), check=True)
     built = build_vision_engine(vision_engine_settings(ctx.ckpt.config, ctx.root / "vision", tmp, o.vision_dtype,
                                                        o.limits, quant=o.vision_quant))
     return {"status": "built", "vision_output_shape": built["output_shape"]}

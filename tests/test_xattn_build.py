@@ -266,11 +266,12 @@ def test_trtllm_build_flags_for_72b_follow_the_family(variant):
 
 def test_nvlm_build_engine_on_the_independent_h_checkpoint(sources, tmp_path):
     """The whole `nvlm-build engine` on NVLM-H (int4_awq): every CPU stage completes and its reports pass
-    (the LLM's fidelity and the vision export's onnxruntime checks); the LLM engine stays pending with the
-    reason (no TensorRT-LLM model definition for NVLM-H yet)."""
+    (the LLM's fidelity and the vision export's onnxruntime checks); the LLM engine stays pending (no TensorRT
+    here), its GPU-host script building it with this project's NVLM-H model definition."""
     out = tmp_path / "eng"
     assert main(["engine", str(sources["written-h"]), "-o", str(out), "--quant", "int4_awq", "--calib-size", "4"]) == 0
     report = json.loads((out / "reports" / "fidelity.json").read_text())
     assert report["passed"] and {c["component"] for c in report["checks"]} == {"llm", "vision"}
     manifest = json.loads((out / "manifest.json").read_text())
-    assert "NVLMHForCausalLM" in manifest["stages"]["engines"]["details"]["reason"]
+    assert "TensorRT" in manifest["stages"]["engines"]["details"]["reason"]
+    assert "--model_cls_name NVLMHForCausalLM" in (out / "engines" / "build_engines.sh").read_text()

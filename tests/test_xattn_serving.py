@@ -9,11 +9,13 @@ right image (a dropped, swapped or mixed-up image fails)."""
 
 import io
 import threading
+from pathlib import Path
 
 import pytest
 
 from builder.engine_build import EngineBuildOptions, build_engine
 from runtime.client import ClientError, Decoding, NVLMClient
+from runtime.core.build_dir import engine_dtype, read_family, read_limits
 from runtime.core.demo_checkpoint import write_demo_checkpoint
 from runtime.core.engines import EngineLimits
 from runtime.core.llm_formats import BuildOptions, get_format
@@ -170,18 +172,78 @@ def _bf16_input(grpcclient, name, arr):
     return t
 
 
-def test_the_engine_stage_says_why_no_llm_engine_can_be_built(family):
-    """No TensorRT-LLM model definition exists for NVLM-X/H yet: the build records the stage as pending with
-    that reason, and its GPU-host script stops at the LLM engine with it (exit 2), not at a failing trtllm-build."""
+def test_the_engine_script_builds_with_the_projects_model_definition(family):
+    """Where TensorRT is missing the engines stage is pending, and its GPU-host script builds the LLM engine with
+    this project's model definition: trtllm-build --model_cls_file names the file that the host's nvlm-trt holds
+    (found there, here this checkout's), the class is the family's architecture, the rank builds run in one
+    process, and the encoder length is the build's. Run here, the script gets as far as trtllm-build."""
     import json
+    import os
+    import shlex
     import subprocess
+    import sys
+
+    from tests.conftest import ROOT
 
     variant, _, local = family
     build = local.llm_dir.parent
     details = json.loads((build / "manifest.json").read_text())["stages"]["engines"]["details"]
-    arch = {"x": "NVLMXForCausalLM", "h": "NVLMHForCausalLM"}[variant]
-    assert details["status"] == "pending" and f"no TensorRT-LLM model definition for {arch}" in details["reason"]
+    assert details["status"] == "pending" and "TensorRT" in details["reason"]
     script = (build / "engines" / "build_engines.sh").read_text()
-    assert "trtllm-build" not in script
-    run = subprocess.run(["bash", str(build / "engines" / "build_engines.sh")], capture_output=True, text=True)
-    assert run.returncode == 2 and arch in run.stderr
+    arch = {"x": "NVLMXForCausalLM", "h": "NVLMHForCausalLM"}[variant]
+    line = next(x for x in script.splitlines() if x.startswith("trtllm-build"))
+    words = shlex.split(line.replace('"$NVLM_MODEL_FILE"', "MODEL_FILE"))
+    flags = {words[i]: words[i + 1] for i in range(1, len(words) - 1) if words[i].startswith("--")}
+    limits = read_limits(build)
+    assert flags["--model_cls_file"] == "MODEL_FILE" and flags["--model_cls_name"] == arch
+    assert flags["--workers"] == "1" and flags["--max_encoder_input_len"] == str(limits.max_encoder_input_len)
+    assert ("--max_multimodal_len" in flags) == (variant == "h")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    find = next(x for x in script.splitlines() if x.startswith("NVLM_MODEL_FILE="))
+    got = subprocess.run(["bash", "-c", f"cd /; {find}; echo \"$NVLM_MODEL_FILE\""], capture_output=True,
+                         text=True, env=env)
+    assert Path(got.stdout.strip()) == ROOT / "builder" / "trtllm_nvlm.py", got.stderr
+    run = subprocess.run(["bash", str(build / "engines" / "build_engines.sh")], capture_output=True, text=True,
+                         env={**env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}/usr/bin:/bin"})
+    assert run.returncode != 0 and "trtllm-build" in run.stderr  # not installed here: the next step is the engine
+
+
+def test_the_trt_repository_splits_the_kv_memory_and_reuses_no_block(family, tmp_path):
+    """An engine with cross-attention needs the backend's cross_kv_cache_fraction (it refuses to load without it)
+    and no KV-cache block reuse (a block is found by its tokens, not by the images mixed into it): the generated
+    trt repository carries both, the check flags either missing, and the contract stand-in refuses to load
+    without the fraction, with the backend's message."""
+    import json
+
+    from runtime.core.xattn_engine import cross_kv_cache_fraction, engine_layers
+    from triton_repo.check import check_repository
+    from triton_repo.serving import ContractLLMModel
+    from triton_repo.specs import llm_step_sends, parse
+
+    variant, _, local = family
+    build = local.llm_dir.parent
+    repo = tmp_path / "trt"
+    generate_repo(build, repo, "trt")
+    cfg_path = repo / "tensorrt_llm" / "config.pbtxt"
+    params = {k: v.string_value for k, v in parse(cfg_path.read_text()).parameters.items()}
+    limits = read_limits(build)
+    want = cross_kv_cache_fraction(engine_layers(json.loads((build / "llm" / "config.json").read_text())),
+                                   max_encoder_input_len=limits.max_encoder_input_len, max_seq_len=limits.max_seq_len)
+    assert float(params["cross_kv_cache_fraction"]) == want and params["enable_kv_cache_reuse"] == "false"
+    engine = engine_dtype(json.loads((build / "llm" / "config.json").read_text()))
+    sends = llm_step_sends(engine, read_family(build))
+    assert "skip_cross_attn_blocks" in sends
+    assert check_repository(repo, engine=engine, sends=sends) == []
+    text = cfg_path.read_text()
+    reuse = 'key: "enable_kv_cache_reuse"\n  value {\n    string_value: "%s"'
+    assert reuse % "false" in text
+    cfg_path.write_text(text.replace(reuse % "false", reuse % "true"))
+    assert any("block reuse is on for an engine with cross-attention" in p
+               for p in check_repository(repo, engine=engine, sends=sends))
+    cfg_path.write_text(text.replace('key: "cross_kv_cache_fraction"', 'key: "cross_kv_fraction"'))
+    assert any("Must set crossKvCacheFraction" in p for p in check_repository(repo, engine=engine, sends=sends))
+    stand_in = {"gpt_model_type": "inflight_fused_batching", "tokenizer_dir": "", "xgrammar_tokenizer_info_path": "",
+                "guided_decoding_backend": "", "gpt_model_path": str(build / "engines" / "llm")}
+    args = {"model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in stand_in.items()}})}
+    with pytest.raises(RuntimeError, match="Must set crossKvCacheFraction for encoder-decoder model"):
+        ContractLLMModel().initialize(args)

@@ -15,6 +15,27 @@ def _declared(cfg) -> dict[str, str]:
     return {i.name: dtype_name(i.data_type) for i in cfg.input}
 
 
+def cross_fraction_problem(params: dict[str, str], *, cross: bool) -> str | None:
+    """What the backend refuses at load about `cross_kv_cache_fraction`, the cross KV cache's share of the KV
+    memory: required exactly when the engine has cross-attention (contract `cross_attention`)."""
+    c = load_contract()
+    fraction = params.get("cross_kv_cache_fraction", "").strip()
+    if cross and not fraction:
+        return (f"{c.message('cross_fraction_missing')} ({c.cite('cross_kv_cache')}): set the tensorrt_llm "
+                "parameter cross_kv_cache_fraction")
+    if not cross and fraction:
+        return (f"{c.message('cross_fraction_unused')} ({c.cite('cross_kv_cache')}): remove the tensorrt_llm "
+                "parameter cross_kv_cache_fraction")
+    if cross:
+        try:
+            ok = 0.0 < float(fraction) < 1.0
+        except ValueError:
+            ok = False
+        if not ok:
+            return f"cross_kv_cache_fraction {fraction!r} must be a number between 0 and 1 (exclusive)"
+    return None
+
+
 def check_repository(repo: str | Path, *, engine: str, sends: dict[str, str], vision_sends: str | None = None) -> list[str]:
     """Violations of the backend contract in a rendered repository (empty: it meets it).
 
@@ -56,6 +77,13 @@ def check_repository(repo: str | Path, *, engine: str, sends: dict[str, str], vi
         if reuse and "prompt_embedding_table" in sends and sends.get("prompt_table_extra_ids") != "UINT64":
             problems.append("KV-cache block reuse is on but images are not keyed: send prompt_table_extra_ids "
                             "(UINT64, one per input token) or set enable_kv_cache_reuse false")
+        cross = "encoder_input_features" in sends
+        fraction = cross_fraction_problem(params, cross=cross)
+        problems += [fraction] if fraction else []
+        if cross and reuse:
+            problems.append("KV-cache block reuse is on for an engine with cross-attention: a block is found by its "
+                            "tokens, not by the image features mixed into it; set enable_kv_cache_reuse false "
+                            f"(as {c.cite('mllama_recipe')} does)")
     if vision_sends is not None and (repo / "vision_encoder" / "config.pbtxt").is_file():
         vis = parse((repo / "vision_encoder" / "config.pbtxt").read_text())
         got = _declared(vis).get("pixel_values")

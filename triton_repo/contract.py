@@ -59,7 +59,7 @@ class Contract:
 
     def cite(self, source: str) -> str:
         s = self.sources[source]
-        return f"NVIDIA/TensorRT-LLM {s['path']}@{s['commit'][:12]}"
+        return f"{s.get('repository', 'NVIDIA/TensorRT-LLM')} {s['path']}@{s['commit'][:12]}"
 
 
 def _entries(rows, with_flags: bool = True) -> tuple[IOEntry, ...]:

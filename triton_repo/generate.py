@@ -18,6 +18,7 @@ from pathlib import Path
 
 from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
 from runtime.core.engines import kv_cache_free_gpu_mem_fraction
+from runtime.core.xattn_engine import cross_kv_cache_fraction, engine_layers
 
 from .check import check_repository
 from .contract import ContractError
@@ -47,6 +48,14 @@ def _kv_fraction(build: Path, limits) -> float:
                                           max_vision_tiles=limits.max_vision_tiles)
 
 
+def _cross_fraction(llm_config: dict, limits) -> float | None:
+    """The cross KV cache's share for an engine with cross-attention (NVLM-X/H); None without."""
+    if not llm_config.get("cross_attention_layers"):
+        return None
+    return cross_kv_cache_fraction(engine_layers(llm_config), max_encoder_input_len=limits.max_encoder_input_len,
+                                   max_seq_len=limits.max_seq_len)
+
+
 def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "reference",
                   build_path: str | Path | None = None, repo_path: str | Path | None = None) -> list[str]:
     """`build_path`: where the build will live when served (defaults to `build_dir`); `repo_path`: where
@@ -72,6 +81,7 @@ def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "refere
                         engine_dtype=engine, vision_dtype=vision,
                         engine_dir=str(served / "engines" / "llm"), build_dir=build_param,
                         kv_cache_free_gpu_mem_fraction=_kv_fraction(build, limits),
+                        cross_kv_cache_fraction=_cross_fraction(cfg, limits),
                         image_size=pre.image_size, tokens_per_tile=pre.tokens_per_tile)
     written = []
     for spec in specs:

@@ -41,6 +41,7 @@ from runtime.sampling import Sampling
 from runtime.tokenizer import NVLMTokenizer, StreamDecoder
 from runtime.trtllm_executor import Request, TRTLLMExecutor
 
+from .check import cross_fraction_problem
 from .contract import load_contract
 
 # the penalty inputs the entry model declares (tensorrtllm_backend names): checked finite when sent
@@ -468,7 +469,11 @@ class ContractLLMModel(ReferenceLLMModel):
         if not (self.build / "llm" / "config.json").is_file():
             raise RuntimeError(f"gpt_model_path {params.get('gpt_model_path')!r} is not BUILD/engines/llm of an "
                                "nvlm-build output (the stand-in computes with BUILD/llm)")
-        self.engine_dtype = engine_dtype(json.loads((self.build / "llm" / "config.json").read_text()))
+        llm_config = json.loads((self.build / "llm" / "config.json").read_text())
+        refused = cross_fraction_problem(params, cross=bool(llm_config.get("cross_attention_layers")))
+        if refused:  # TrtGptModelInflightBatching refuses it when it creates the KV caches, at load
+            raise RuntimeError(refused)
+        self.engine_dtype = engine_dtype(llm_config)
         self._setup(self.build)
 
     def _features(self, request, pb):
@@ -776,6 +781,10 @@ class EntryModel:
                 llm_inputs += [_from_torch("prompt_embedding_table", table[None]),
                                pb.Tensor("prompt_vocab_size", np.asarray([table.shape[0]], np.int32)),
                                pb.Tensor("prompt_table_extra_ids", extra.astype(np.uint64))]
+        if self.cross and not any(t.name() == "encoder_input_features" for t in llm_inputs):
+            # no image key: the engine may skip its cross-attention blocks (mllama's switch, which the backend
+            # applies when every request of a batch asks); without it they read no key and add nothing anyway
+            llm_inputs.append(pb.Tensor("skip_cross_attn_blocks", np.asarray([True])))
         # tensorrt_llm batches (max_batch_size > 0): every tensor carries a leading batch dimension of 1
         llm_inputs = [t if t.name() in _BATCHED_BY_SENDER else pb.Tensor(t.name(), t.as_numpy()[None, ...])
                       for t in llm_inputs]

@@ -166,9 +166,18 @@ def entry_outputs() -> tuple[Tensor, ...]:
         Tensor(e.name, e.dtype, e.dims) for e in load_contract().client_outputs)
 
 
-def trtllm_parameters(engine_dir: str | None, kv_cache_free_gpu_mem_fraction: float) -> dict:
+def trtllm_parameters(engine_dir: str | None, kv_cache_free_gpu_mem_fraction: float,
+                      cross_kv_cache_fraction: float | None = None) -> dict:
     """Parameters of the `tensorrtllm` model (NVIDIA's template keys). The three guided-decoding keys are
-    read without a fallback by the backend: present and empty means off."""
+    read without a fallback by the backend: present and empty means off. `cross_kv_cache_fraction`: an engine
+    with cross-attention (NVLM-X/H), whose KV memory the backend splits between a self and a cross cache, and
+    whose blocks must not be reused (the contract's `cross_attention` rule); None: without."""
+    cross = {} if cross_kv_cache_fraction is None else {
+        "cross_kv_cache_fraction": cross_kv_cache_fraction, "enable_kv_cache_reuse": "false"}
+    return {**_nvidia_parameters(engine_dir, kv_cache_free_gpu_mem_fraction), **cross}
+
+
+def _nvidia_parameters(engine_dir: str | None, kv_cache_free_gpu_mem_fraction: float) -> dict:
     return {"max_beam_width": 1, "FORCE_CPU_ONLY_INPUT_TENSORS": "no",
             "gpt_model_type": "inflight_fused_batching", "gpt_model_path": engine_dir,
             "batch_scheduler_policy": "guaranteed_no_evict",
@@ -182,8 +191,8 @@ def trtllm_parameters(engine_dir: str | None, kv_cache_free_gpu_mem_fraction: fl
 
 def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_size: int,
                 engine_dtype: str = "BF16", vision_dtype: str = "FP16", engine_dir: str | None = None, build_dir: str = "",
-                kv_cache_free_gpu_mem_fraction: float = 0.9, image_size: int = 448,
-                tokens_per_tile: int = 256) -> list[ModelSpec]:
+                kv_cache_free_gpu_mem_fraction: float = 0.9, cross_kv_cache_fraction: float | None = None,
+                image_size: int = 448, tokens_per_tile: int = 256) -> list[ModelSpec]:
     """Model configs of the repository for `target` (TARGETS). `engine_dtype`: the LLM engine's activation
     dtype (the prompt table must match it); `vision_dtype`: the vision engine's I/O dtype. Python models
     find the build (tokenizer, preprocess.json, vision ONNX, llm checkpoint) through `build_dir`."""
@@ -208,7 +217,8 @@ def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_
             "tensorrt_llm", backend="tensorrtllm" if target == "trt" else "python", platform=None,
             max_batch_size=max_batch_size, inputs=_contract_tensors(contract.inputs, engine_dtype),
             outputs=_contract_tensors(contract.outputs, engine_dtype), decoupled=True,
-            parameters=trtllm_parameters(engine_dir, kv_cache_free_gpu_mem_fraction), dynamic_batching=True)
+            parameters=trtllm_parameters(engine_dir, kv_cache_free_gpu_mem_fraction, cross_kv_cache_fraction),
+            dynamic_batching=True)
     else:
         llm = ModelSpec(
             "tensorrt_llm", backend="python", platform=None, max_batch_size=max_batch_size,

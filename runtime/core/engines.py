@@ -21,7 +21,7 @@ from typing import Callable
 
 from .config import NVLMConfig, PreprocessConfig
 from .errors import InputError, NVLMError
-from .families import PromptLayout, tile_tags
+from .families import ModelFamily, PromptLayout, tile_tags
 from .llm_formats import BuildOptions, VisionFormat
 
 ENGINE_RELEASE = "TensorRT-LLM 1.2 (NGC container nvcr.io/nvidia/tensorrt-llm/release:1.2.x)"
@@ -185,22 +185,54 @@ class EngineLimits:
 # --------------------------------------------------------------------------- trtllm-build
 
 
-# TensorRT-LLM architectures `trtllm-build` builds as they are (its MODEL_MAP). NVLM-X/H's decoders
-# (NVLMXForCausalLM / NVLMHForCausalLM) need this project's model definition, which is not written yet.
-ENGINE_ARCHITECTURES = ("Qwen2ForCausalLM",)
+class ShellWord(str):
+    """A command-line word that `finish_script` writes as it is (a shell expansion), not quoted."""
 
 
-def engine_gap(trtllm_architecture: str) -> str | None:
-    """Why an LLM engine cannot be built for this architecture (None: it can)."""
-    if trtllm_architecture in ENGINE_ARCHITECTURES:
+# where build_engines.sh finds the project's model definition on the GPU host (find_spec: without importing it)
+MODEL_FILE_VAR = "NVLM_MODEL_FILE"
+
+
+def model_file(module: str) -> str:
+    """The file of a project module, found without importing it (it imports TensorRT-LLM at its top): what
+    trtllm-build's --model_cls_file takes."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise EngineToolError(f"{module} is not installed with nvlm-trt; reinstall nvlm-trt (pip install -e .)")
+    return spec.origin
+
+
+def model_file_line(module: str) -> str:
+    """The line of build_engines.sh that finds the model definition on the host it runs on."""
+    find = f"import importlib.util; print(importlib.util.find_spec({module!r}).origin)"
+    return f'{MODEL_FILE_VAR}="$(python3 -c {shlex.quote(find)})"'
+
+
+def engine_gap(family: ModelFamily, opts: BuildOptions) -> str | None:
+    """Why this family's LLM engine cannot be built with these options (None: it can).
+
+    NVLM-X/H engines (builder/trtllm_nvlm.py, runtime/core/xattn_engine.py) are built with PP = 1: TensorRT-LLM's
+    runtime does not offset the cross-attention head list by the PP stage's first layer (modelConfig.h), so later
+    stages would read the wrong heads. And without an FP8 KV cache: TensorRT-LLM's FP8 KV cache quantizes every
+    attention's cache, the cross-attention's too, and needs a scale for it, which the checkpoint does not carry
+    (its cross-attention blocks stay in 16 bits, docs/llm.md)."""
+    if not family.prompt_layout.cross_attention:
         return None
-    return (f"no TensorRT-LLM model definition for {trtllm_architecture} yet (TensorRT-LLM has none, and the one "
-            "nvlm-trt will add on the mllama engine-path precedent is not written): the LLM engine cannot be built; "
-            "the CPU reference and contract targets serve this build (docs/engine.md)")
+    if opts.pp > 1:
+        return (f"{family.trtllm_architecture} engines are built with PP = 1 (TensorRT-LLM's runtime does not offset "
+                "the cross-attention KV-head list by the pipeline stage, modelConfig.h): use --pp 1 and --tp for the "
+                "GPUs; the CPU reference and contract targets serve this build (docs/engine.md)")
+    if opts.kv_cache_fp8:
+        return (f"{family.trtllm_architecture} engines have no FP8 KV cache yet (it would cover the cross-attention "
+                "cache too, whose scale the checkpoint does not carry): rebuild without --kv-cache-dtype fp8; the CPU "
+                "reference and contract targets serve this build (docs/engine.md)")
+    return None
 
 
-def trtllm_build_args(ckpt_dir: Path, engine_dir: Path, opts: BuildOptions, limits: EngineLimits) -> list[str]:
-    """The trtllm-build command line for one LLM checkpoint (TensorRT-LLM ≤ 1.2 flag names)."""
+def trtllm_build_args(ckpt_dir: Path, engine_dir: Path, opts: BuildOptions, limits: EngineLimits,
+                      engine_model: tuple[str, str] | None = None) -> list[str]:
+    """The trtllm-build command line for one LLM checkpoint (TensorRT-LLM ≤ 1.2 flag names). `engine_model`:
+    (file, class) of this project's model definition (NVLM-X/H), which trtllm-build loads by path."""
     args = [
         "trtllm-build",
         "--checkpoint_dir", str(ckpt_dir),
@@ -220,7 +252,12 @@ def trtllm_build_args(ckpt_dir: Path, engine_dir: Path, opts: BuildOptions, limi
         args += ["--max_multimodal_len", str(limits.max_multimodal_len)]
     if limits.max_encoder_input_len:  # NVLM-X/H: the image keys cross-attention reads, per request
         args += ["--max_encoder_input_len", str(limits.max_encoder_input_len)]
-    args += ["--workers", str(opts.world_size)]
+    if engine_model:
+        # trtllm-build imports the file as the module `models` in its own process; rank builds in spawned
+        # workers could not import it again, so they run one after the other
+        args += ["--model_cls_file", engine_model[0], "--model_cls_name", engine_model[1], "--workers", "1"]
+    else:
+        args += ["--workers", str(opts.world_size)]
     if opts.fmt.fp8_context_fmha and opts.kv_cache_fp8:
         args += ["--use_fp8_context_fmha", "enable"]  # FP8 attention in the context phase (Hopper)
     return args
@@ -311,7 +348,7 @@ def finish_script(commands: list[list[str]], extra: str = "") -> str:
              "# with nvlm-trt installed (the image of deploy/Dockerfile has both): builds the LLM and vision",
              "# engines, then rewrites triton_repo/ as the trt target for this host's paths.",
              "set -euo pipefail", 'cd "$(dirname "$0")/.."', extra]
-    lines += [" ".join(shlex.quote(c) for c in cmd) for cmd in commands]
+    lines += [" ".join(c if isinstance(c, ShellWord) else shlex.quote(c) for c in cmd) for cmd in commands]
     return "\n".join(line for line in lines if line is not None) + "\n"
 
 

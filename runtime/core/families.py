@@ -137,7 +137,7 @@ LLM_STEP_CONTROL_INPUTS = ("stop",)
 PROMPT_TABLE_INPUTS = ("prompt_embedding_table", "prompt_vocab_size", "prompt_table_extra_ids")
 # image features as the encoder output that cross-attention reads: the `tensorrtllm` backend's
 # encoder-decoder inputs (DESIGN.md §2.3); which of them NVLM-X/H send is settled with their LLM step
-ENCODER_INPUTS = ("encoder_input_features", "encoder_output_lengths", "cross_attention_mask")
+ENCODER_INPUTS = ("encoder_input_features", "encoder_output_lengths", "cross_attention_mask", "skip_cross_attn_blocks")
 
 
 @dataclass(frozen=True)
@@ -150,6 +150,9 @@ class ModelFamily:
     trtllm_architecture: str  # TensorRT-LLM's name for the decoder (its MODEL_MAP key)
     trtllm_layout: tuple[Row, ...] | None  # None: no TensorRT-LLM converter for this family yet (NVLM-X/H)
     trtllm_config: dict = field(default_factory=dict)  # family-specific fields of the checkpoint config
+    # the module of this project's TensorRT-LLM model definition of the decoder, which trtllm-build loads with
+    # --model_cls_file (its class: trtllm_architecture); None: TensorRT-LLM's own MODEL_MAP builds it
+    engine_model: str | None = None
     prompt_layout: PromptLayout = PromptLayout()  # how images are written into the prompt
     llm_step_image_inputs: tuple[str, ...] = PROMPT_TABLE_INPUTS  # how image features reach the LLM step
 
@@ -259,7 +262,7 @@ NVLM_D = register_family(ModelFamily(
 # NVLM-X and NVLM-H: the paper's cross-attention architectures (arXiv 2409.11402 §3.2). NVIDIA published no
 # weights or code; the checkpoint layout is this project's (docs/nvlm_xh_layout.md). Their TensorRT-LLM
 # checkpoint is Qwen2's layout plus the gated cross-attention blocks (trtllm_layout.XATTN); the architecture
-# names are this project's model definition for GPU hosts (runtime/core/engines.py), TensorRT-LLM has none.
+# names are this project's model definition for GPU hosts (builder/trtllm_nvlm.py), TensorRT-LLM has none.
 NVLM_X = register_family(ModelFamily(
     name="nvlm-x",
     architectures=("NVLM_X",),
@@ -268,6 +271,7 @@ NVLM_X = register_family(ModelFamily(
     reference="runtime.cross_reference:CrossAttentionReference",
     trtllm_architecture="NVLMXForCausalLM",
     trtllm_config={"qwen_type": "qwen2"},
+    engine_model="builder.trtllm_nvlm",
     trtllm_layout=trtllm_layout.QWEN2_XATTN,
     # the tags stay in the text (each attends to its own tile); every tile, thumbnail included, is read
     # through the gated cross-attention layers
@@ -283,6 +287,7 @@ NVLM_H = register_family(ModelFamily(
     reference="runtime.cross_reference:CrossAttentionReference",
     trtllm_architecture="NVLMHForCausalLM",
     trtllm_config={"qwen_type": "qwen2"},
+    engine_model="builder.trtllm_nvlm",
     trtllm_layout=trtllm_layout.QWEN2_XATTN,
     # the thumbnail's tokens sit in the sequence as in NVLM-D; the regular tiles, each behind its tag's text
     # embeddings, are cross-attention keys
