@@ -98,7 +98,9 @@ class PromptRun:
                        key_ranges=self.key_ranges, **kw)
 
 
-def prepare_prompts(reference, tokenizer) -> list[PromptRun]:
+def prepare_prompts(reference, tokenizer, cross_kv_scales: list[float] | None = None) -> list[PromptRun]:
+    """The fidelity prompts, prepared once for every model compared. `cross_kv_scales` (NVLM-X/H with an FP8 KV
+    cache): the image keys/values each pass reads are rounded as the cache holds them."""
     pcfg, layout = reference.cfg.preprocess, family_for(reference.cfg).prompt_layout
     runs = []
     for text, images in fidelity_prompts():
@@ -110,7 +112,8 @@ def prepare_prompts(reference, tokenizer) -> list[PromptRun]:
         with torch.no_grad():
             tiles = reference.encode_images(pv) if pv is not None else None  # [T, 256, hidden]
             table, features = reference.engine_image_inputs(tiles, p.cross)
-            emb, step = reference.prefill_inputs(ids, pv, tokenizer.image_pad_id, p.cross)
+            scales = {} if cross_kv_scales is None else {"kv_scales": cross_kv_scales}
+            emb, step = reference.prefill_inputs(ids, pv, tokenizer.image_pad_id, p.cross, **scales)
         text_mask = torch.tensor(p.input_ids) != tokenizer.image_pad_id
         runs.append(PromptRun(list(p.input_ids), p.trtllm_input_ids(reference.cfg.llm.vocab_size), table, emb,
                               text_mask, features, None if p.cross is None else p.cross.key_ranges, step))
@@ -226,7 +229,9 @@ def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer,
                             UNQUANTIZED_LOGITS_REL, rel <= UNQUANTIZED_LOGITS_REL,
                             "same weights, float32 arithmetic both sides: only summation order differs"))
     else:
-        fq = torch.cat([decoder_logits(fake_quant, r) for r in runs])
+        scales = getattr(fake_quant, "cross_kv_scales", None)  # NVLM-X/H, FP8 KV: the image keys/values rounded too
+        fq_runs = runs if scales is None else prepare_prompts(reference, tokenizer, scales)
+        fq = torch.cat([decoder_logits(fake_quant, r) for r in fq_runs])
         rel, top1 = _rel(ex_all, fq), _top1(ex_all[text], fq[text])
         limit = QUANTIZED_FP8_KV_LOGITS_REL if executor.kv_fp8 else QUANTIZED_LOGITS_REL
         checks.append(Check("logits_vs_modelopt_fake_quant", "max |Δlogit| / max |logit| vs modelopt's fake-quantized "

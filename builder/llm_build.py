@@ -27,7 +27,7 @@ from runtime.core.checkpoint import Checkpoint
 from runtime.core.demo_checkpoint import is_trained_default
 from runtime.core.errors import NVLMError, OutputExistsError
 from runtime.core.fsutil import publish_dir
-from runtime.core.llm_formats import FP8_MAX, BuildOptions, kv_cache_name, q8, validate
+from runtime.core.llm_formats import FP8_MAX, BuildOptions, kv_cache_name, kv_scale, q8, validate
 from runtime.core.progress import bar, track
 from runtime.core.trtllm_checkpoint import (
     add_cross_attention,
@@ -117,6 +117,31 @@ def _kv_as_stored(model) -> None:
 
 
 @contextlib.contextmanager
+def _cross_kv_amax(reference):
+    """The largest |key| or |value| each gated cross-attention block of `reference` computes while the block is
+    active (a list, one per block; empty for NVLM-D): what an FP8 KV cache's scale for the block's image
+    keys/values is calibrated from, as modelopt calibrates the self-attention's from its k/v amax."""
+    import torch
+
+    blocks = list(getattr(reference, "xattn", []))
+    amax = [0.0] * len(blocks)
+
+    def watch(j):
+        def hook(module, args, out):
+            amax[j] = max(amax[j], float(out.detach().abs().max())) if out.numel() else amax[j]
+        return hook
+
+    handles = [proj.register_forward_hook(watch(j)) for j, b in enumerate(blocks)
+               for proj in (b.cross_attn.k_proj, b.cross_attn.v_proj)]
+    try:
+        with torch.no_grad():
+            yield amax
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
 def _quiet():
     """modelopt prints progress to stdout and warns that tensorrt_llm is absent (harmless on CPU);
     keep both out of the user's output, but in the debug log."""
@@ -145,7 +170,7 @@ def export(model, ckpt, opts: BuildOptions, out: Path) -> dict:
                                        inference_pipeline_parallel=opts.pp)
     repad_vocab(out, ckpt.config, opts.tp, opts.pp)  # modelopt pads AWQ vocabularies to 64; TensorRT-LLM to TP
     if ckpt.config.cross_attention_layers:  # NVLM-X/H: modelopt knows the Qwen2 decoder, not the gated blocks
-        add_cross_attention(ckpt, opts, out)
+        add_cross_attention(ckpt, opts, out, kv_scales=getattr(model, "cross_kv_scales", None))
     exported = json.loads((out / "config.json").read_text())
     q = exported["quantization"]
     if q.get("quant_algo") != opts.fmt.quant_algo:
@@ -181,9 +206,13 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
             tokenizer.check_vocab(ckpt.config.llm.vocab_size)
         if opts.fmt.quantized:
             log.info("calibrating %s on %d multimodal samples", opts.fmt.name, len(samples))
-            embeds = list(track(embed_samples(samples, reference, tokenizer), "embedding calibration samples",
-                                total=len(samples), unit="sample"))
+            with _cross_kv_amax(reference) as amax:  # NVLM-X/H: the image keys/values, computed while embedding
+                embeds = list(track(embed_samples(samples, reference, tokenizer), "embedding calibration samples",
+                                    total=len(samples), unit="sample"))
             fake = quantize(reference, opts, embeds)
+            # NVLM-X/H with an FP8 KV cache: one scale per gated block, by modelopt's rule; the comparison model
+            # of the fidelity report rounds its image keys/values with them too (fidelity.build_report)
+            fake.cross_kv_scales = [kv_scale(a) for a in amax] if opts.kv_cache_fp8 and amax else None
             config = export(fake, ckpt, opts, tmp)
             as_stored(fake, opts)
         else:

@@ -26,6 +26,7 @@ from torch import nn
 from runtime.core.config import PROJECTOR_LINEAR, LLMConfig, NVLMConfig, ProjectorConfig
 from runtime.core.errors import InputError
 from runtime.core.families import XATTN
+from runtime.core.llm_formats import kv_round
 
 from .prompt import CrossInputs
 from .reference import NVLMReference
@@ -213,8 +214,12 @@ class CrossAttentionReference(NVLMReference):
         with self._reading(kv, cross.key_ranges):
             return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
 
-    def prefill_inputs(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, image_token_id: int, cross):
+    def prefill_inputs(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, image_token_id: int, cross,
+                       kv_scales: list[float] | None = None):
         """The prompt's embeddings, and each pass reading the image keys/values computed here once: the prompt
-        with its tokens' key ranges, every generated token with all keys."""
+        with its tokens' key ranges, every generated token with all keys. `kv_scales` (one per block): the
+        keys/values as an FP8 KV cache with those scales holds them (the comparison model of an FP8-KV build)."""
         embeds, kv = self._prepare(ids, pixel_values, image_token_id, cross)
+        if kv_scales is not None:
+            kv = [tuple(kv_round(t, s).to(t.dtype) for t in pair) for pair, s in zip(kv, kv_scales, strict=True)]
         return embeds, lambda step: self._reading(kv, cross.key_ranges if step is None else [cross.decode_range])

@@ -37,7 +37,7 @@ import torch
 from runtime.core import trtllm_layout as layout
 from runtime.core.errors import CheckpointError, InputError, UnsupportedArchitectureError
 from runtime.core.families import family_for_trtllm
-from runtime.core.llm_formats import FP8_MAX, LLMFormat, UnsupportedCombinationError, format_for_algo, q8
+from runtime.core.llm_formats import FP8_MAX, LLMFormat, UnsupportedCombinationError, format_for_algo, kv_round, q8
 from runtime.decoding import Controls, Decoder, Words
 
 
@@ -62,6 +62,10 @@ class Linear:
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def _optional_float(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float().reshape(())
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool = False):
@@ -102,6 +106,7 @@ class XLayer(Block):
 
     gate_attn: torch.Tensor  # tanh already applied, float32 scalar
     gate_ffwd: torch.Tensor
+    kv_scale: torch.Tensor | None = None  # an FP8 KV cache's scale for the block's image keys/values
 
 
 @dataclass
@@ -246,7 +251,8 @@ class TRTLLMExecutor:
                 xattn[after[i]] = XLayer(
                     input_norm=whole("x_input_norm"), post_norm=whole("x_post_norm"), qkv=xlinears("x_qkv"),
                     dense=xlinears("x_dense"), fc=xlinears("x_fc"), gate=xlinears("x_gate"), proj=xlinears("x_proj"),
-                    gate_attn=whole("x_gate_attn").reshape(()).tanh(), gate_ffwd=whole("x_gate_ffwd").reshape(()).tanh())
+                    gate_attn=whole("x_gate_attn").reshape(()).tanh(), gate_ffwd=whole("x_gate_ffwd").reshape(()).tanh(),
+                    kv_scale=_optional_float(gets[0](layout.XKV_SCALE.format(j=j))))
             for j in range(per_stage):
                 kv = gets[0](layout.KV_SCALE.format(j=j))
 
@@ -393,7 +399,13 @@ class TRTLLMExecutor:
         x = features.float()
         keys, values = [], []
         for li in sorted(self.xattn):
-            _, k, v = self._qkv(self.xattn[li], x)  # [K, KV, D] each
+            xl = self.xattn[li]
+            _, k, v = self._qkv(xl, x)  # [K, KV, D] each
+            if self.kv_fp8:  # the engine's FP8 KV cache holds the image keys/values too, with the block's scale
+                if xl.kv_scale is None:
+                    raise CheckpointError(f"{self.directory}: an FP8 KV cache without the cross-attention blocks' "
+                                          "kv_cache_scaling_factor; rebuild the checkpoint with this nvlm-trt")
+                k, v = kv_round(k, xl.kv_scale), kv_round(v, xl.kv_scale)
             keys.append(k.transpose(0, 1).contiguous())
             values.append(v.transpose(0, 1).contiguous())
         return CrossKV(keys, values)

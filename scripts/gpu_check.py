@@ -249,26 +249,42 @@ def check_runtime(device, timer, repeats: int, seed: int, self_test: bool) -> di
 
 
 def check_trt_serving(work: Path, seed: int) -> dict:
-    """Where TensorRT-LLM (with trtllm-build) and NGC's tritonserver are present: build the embedded
-    default's engines (bf16, the trt target), serve the real trt repository and send one text and one
-    image request; greedy tokens are compared with the reference target's in-process pipeline.
-    Elsewhere: skipped, with the reason."""
-    import shutil
-    import subprocess
-
+    """Where TensorRT-LLM (with trtllm-build) and NGC's tritonserver are present: for each embedded default
+    (NVLM-D; NVLM-X and NVLM-H, whose LLM engines come from builder/trtllm_nvlm.py and have never been built
+    before), build its engines (bf16, the trt target), serve the real trt repository and send one text and one
+    image request; greedy tokens and their log-probs are compared with the reference target's in-process
+    pipeline (log-probs because the random defaults' tokens hardly depend on the image). Elsewhere: skipped,
+    with the reason. One family's failure is recorded and the next one still runs."""
     from runtime.core.engines import detect
 
     cap = detect()
     server_bin = Path("/opt/tritonserver/bin/tritonserver")
     if not cap.can_build or not server_bin.is_file():
         return {"skipped": f"{cap.detail}; tritonserver {'present' if server_bin.is_file() else 'absent'}"}
-    from runtime.client import NVLMClient
+    out = {}
+    for variant in ("d", "x", "h"):
+        try:
+            out[variant] = _serve_one(work / variant, variant, seed, server_bin)
+        except Exception as e:  # noqa: BLE001 — the report says what failed; the next family still runs
+            out[variant] = {"error": f"{type(e).__name__}: {e}"[:2000], "passed": False}
+    out["passed"] = all(v.get("passed", False) for v in out.values())
+    return out
+
+
+LOG_PROB_TOLERANCE = 0.05  # bf16 engine against the float32 reference executor, per generated token
+
+
+def _serve_one(work: Path, variant: str, seed: int, server_bin: Path) -> dict:
+    import shutil
+    import subprocess
+
+    from runtime.client import Decoding, NVLMClient
     from runtime.core.demo_checkpoint import write_demo_checkpoint
     from runtime.local_pipeline import LocalPipeline
 
     ckpt, build = work / "ckpt", work / "build"
     shutil.rmtree(work, ignore_errors=True)
-    write_demo_checkpoint(ckpt, seed=seed)
+    write_demo_checkpoint(ckpt, seed=seed, variant=variant)
     subprocess.run([sys.executable, "-m", "builder.cli", "engine", str(ckpt), "-o", str(build), "--quant", "bf16",
                     "--vision-dtype", "fp32", "--target", "trt", "--calib-size", "4"], check=True)
     proc = subprocess.Popen([str(server_bin), f"--model-repository={build / 'triton_repo'}", "--grpc-port=18001",
@@ -290,11 +306,12 @@ def check_trt_serving(work: Path, seed: int) -> dict:
         out = {}
         for name, prompt, images in (("text", "Write one sentence about the sea.", []),
                                      ("image", "What shapes are in this picture?", [image])):
-            served = client.generate(prompt, images, max_tokens=16)
-            want = local.generate(prompt, [p.read_bytes() for p in images], 16)
-            out[name] = {"served": served.tokens, "reference": want, "equal": served.tokens == want,
-                         "seconds": served.seconds}
-        out["passed"] = all(v["equal"] for v in out.values())
+            served = client.generate(prompt, images, max_tokens=16, decoding=Decoding(log_probs=True))
+            want = local.run(prompt, [p.read_bytes() for p in images], 16, return_log_probs=True)
+            worst = max((abs(a - b) for a, b in zip(served.log_probs, want.log_probs)), default=0.0)
+            out[name] = {"served": served.tokens, "reference": want.tokens, "equal": served.tokens == want.tokens,
+                         "max_log_prob_diff": worst, "seconds": served.seconds}
+        out["passed"] = all(v["equal"] and v["max_log_prob_diff"] <= LOG_PROB_TOLERANCE for v in out.values())
         return out
     finally:
         os.killpg(proc.pid, 15)
@@ -418,7 +435,7 @@ def write_report(result, out_dir: Path):
         lines += [f"| {k} | {v:.4g} |" for k, v in xa["timing"].items()]
     trt = result.get("trt_serving")
     if trt:
-        lines += ["", "## trt target served by NGC tritonserver (embedded default, bf16 engines)", "",
+        lines += ["", "## trt target served by NGC tritonserver (embedded defaults D, X, H; bf16 engines)", "",
                   f"```\n{json.dumps(trt, indent=1)[:3000]}\n```"]
     (out_dir / "gpu_check.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

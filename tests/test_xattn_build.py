@@ -14,14 +14,18 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from builder.calibration import builtin_samples, embed_samples, select
 from builder.cli import main
 from builder.fidelity import prepare_prompts
-from builder.llm_build import build_llm
+from builder.llm_build import _cross_kv_amax, build_llm
 from runtime.core.checkpoint import Checkpoint
 from runtime.core.demo_checkpoint import write_demo_checkpoint
 from runtime.core.errors import InputError
+from runtime.core.families import family_for
 from runtime.core.llm_formats import BuildOptions, get_format
 from runtime.inflight import InflightBatcher
+from runtime.preprocess import preprocess_images
+from runtime.prompt import build_prompt
 from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from runtime.trtllm_executor import KVCache, Request, TRTLLMExecutor
@@ -82,9 +86,17 @@ def test_format_builds_and_passes_fidelity(builds, sources, label, fmt, kv):
     n = len(src.cross_attention_layers)
     blocks = sorted({k.split(".")[2] for k in t if k.startswith("transformer.xattn_layers.")})
     assert blocks == [str(j) for j in range(n)]
-    # the gated blocks are stored in 16 bits in every format and the TensorRT-LLM config says so
-    assert all(v.dtype == torch.bfloat16 for k, v in t.items() if k.startswith("transformer.xattn_layers."))
-    assert not any("scaling_factor" in k for k in t if k.startswith("transformer.xattn_layers."))
+    # the gated blocks are stored in 16 bits in every format and the TensorRT-LLM config says so; with an FP8 KV
+    # cache (which holds their image keys/values too) each carries its cache scale, calibrated as modelopt does
+    kv_scales = {k: v for k, v in t.items() if k.endswith("cross_attention.kv_cache_scaling_factor")}
+    assert all(v.dtype == torch.bfloat16 for k, v in t.items()
+               if k.startswith("transformer.xattn_layers.") and k not in kv_scales)
+    assert not any("scaling_factor" in k for k in t if k.startswith("transformer.xattn_layers.") and k not in kv_scales)
+    assert len(kv_scales) == (n if kv else 0)
+    if kv:
+        want = _cross_kv_scales(Checkpoint.open(sources[label]).directory)
+        got = [float(kv_scales[f"transformer.xattn_layers.{j}.cross_attention.kv_cache_scaling_factor"]) for j in range(n)]
+        assert got == pytest.approx(want, rel=1e-6)
     if fmt != "bf16":
         assert "transformer.xattn_layers.*" in q["exclude_modules"]
         assert t["transformer.layers.0.attention.qkv.weight"].dtype != torch.bfloat16  # the decoder is quantized
@@ -94,6 +106,43 @@ def test_format_builds_and_passes_fidelity(builds, sources, label, fmt, kv):
     want = torch.cat([ck.get(p + f"cross_attn.{x}_proj.weight") for x in "qkv"])
     assert torch.equal(t["transformer.xattn_layers.1.cross_attention.qkv.weight"], want)
     assert torch.equal(t["transformer.xattn_layers.1.gate_ffwd"], ck.get(p + "cross_attn_mlp_gate"))
+
+
+def _cross_kv_scales(ckpt) -> list[float]:
+    """Each block's FP8 KV-cache scale by hand: the largest |k| or |v| its image keys reach over the build's
+    calibration samples (the built-in set, 4), / 448, at least 1 (modelopt's clamp)."""
+    return [max(a / 448.0, 1.0) for a in _cross_kv_amax_by_hand(ckpt)]
+
+
+def _cross_kv_amax_by_hand(ckpt) -> list[float]:
+    ref, tok = reference_model(ckpt), NVLMTokenizer.from_dir(ckpt)
+    pcfg, amax = ref.cfg.preprocess, [0.0] * len(ref.xattn)
+    for s in select(builtin_samples(4), 4):
+        if s.image is None:
+            continue
+        (pre,) = preprocess_images([s.image], pcfg, max_images=1)
+        p = build_prompt(tok, s.prompt, [pre.num_tiles], tokens_per_tile=pcfg.tokens_per_tile,
+                         layout=family_for(ref.cfg).prompt_layout)
+        with torch.no_grad():
+            _, kv = ref._prepare(torch.tensor([p.input_ids]), torch.from_numpy(pre.pixel_values), tok.image_pad_id,
+                                 p.cross)
+        for j, (k, v) in enumerate(kv):
+            if k.numel():  # NVLM-H: a one-tile image has no key
+                amax[j] = max(amax[j], float(k.abs().max()), float(v.abs().max()))
+    return amax
+
+
+@pytest.mark.parametrize("variant", ["x", "h"])
+def test_the_cross_kv_calibration_sees_every_blocks_image_keys(sources, variant):
+    """What an FP8-KV build calibrates its blocks' cache scales from equals the largest |k|, |v| of each block's
+    image keys over the calibration set, computed by hand; the blocks differ (so a scale from the wrong block,
+    or one block's for all, would not match)."""
+    ckpt = sources[f"demo-{variant}"]
+    ref, tok = reference_model(ckpt), NVLMTokenizer.from_dir(ckpt)
+    with _cross_kv_amax(ref) as amax:
+        list(embed_samples(select(builtin_samples(4), 4), ref, tok))
+    want = _cross_kv_amax_by_hand(ckpt)
+    assert amax == pytest.approx(want, rel=1e-6) and min(want) > 0 and len(set(want)) == len(want)
 
 
 def _runs(ckpt):
@@ -275,3 +324,21 @@ def test_nvlm_build_engine_on_the_independent_h_checkpoint(sources, tmp_path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert "TensorRT" in manifest["stages"]["engines"]["details"]["reason"]
     assert "--model_cls_name NVLMHForCausalLM" in (out / "engines" / "build_engines.sh").read_text()
+
+
+@pytest.mark.parametrize("label", ["demo-x", "written-h"])
+def test_an_fp8_kv_cache_holds_the_image_keys_rounded_with_the_blocks_scale(builds, label):
+    """The executor of an FP8-KV build gives its blocks the image keys/values the engine's FP8 cache holds:
+    q8(k / s) · s with each block's stored scale — the same 16-bit blocks' keys as the build without an FP8
+    cache, rounded, and not equal to them."""
+    from runtime.core import trtllm_layout as layout
+    from runtime.core.llm_formats import kv_round
+
+    plain, fp8 = TRTLLMExecutor.load(builds[(label, "fp8", False)]), TRTLLMExecutor.load(builds[(label, "fp8", True)])
+    features = torch.randn(40, plain.hidden_size, generator=torch.Generator().manual_seed(5)) * 3
+    a, b = plain.cross_kv(features), fp8.cross_kv(features)
+    t = _tensors(builds[(label, "fp8", True)])
+    for j, (k0, k1, v0, v1) in enumerate(zip(a.keys, b.keys, a.values, b.values)):
+        s = float(t[layout.XKV_SCALE.format(j=j)])
+        assert torch.equal(k1, kv_round(k0, s)) and torch.equal(v1, kv_round(v0, s))
+        assert not torch.equal(k1, k0)

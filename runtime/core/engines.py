@@ -213,19 +213,11 @@ def engine_gap(family: ModelFamily, opts: BuildOptions) -> str | None:
 
     NVLM-X/H engines (builder/trtllm_nvlm.py, runtime/core/xattn_engine.py) are built with PP = 1: TensorRT-LLM's
     runtime does not offset the cross-attention head list by the PP stage's first layer (modelConfig.h), so later
-    stages would read the wrong heads. And without an FP8 KV cache: TensorRT-LLM's FP8 KV cache quantizes every
-    attention's cache, the cross-attention's too, and needs a scale for it, which the checkpoint does not carry
-    (its cross-attention blocks stay in 16 bits, docs/llm.md)."""
-    if not family.prompt_layout.cross_attention:
-        return None
-    if opts.pp > 1:
+    stages would read the wrong heads."""
+    if family.prompt_layout.cross_attention and opts.pp > 1:
         return (f"{family.trtllm_architecture} engines are built with PP = 1 (TensorRT-LLM's runtime does not offset "
                 "the cross-attention KV-head list by the pipeline stage, modelConfig.h): use --pp 1 and --tp for the "
                 "GPUs; the CPU reference and contract targets serve this build (docs/engine.md)")
-    if opts.kv_cache_fp8:
-        return (f"{family.trtllm_architecture} engines have no FP8 KV cache yet (it would cover the cross-attention "
-                "cache too, whose scale the checkpoint does not carry): rebuild without --kv-cache-dtype fp8; the CPU "
-                "reference and contract targets serve this build (docs/engine.md)")
     return None
 
 

@@ -33,6 +33,17 @@ def q8(x):
     return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
 
 
+def kv_scale(amax: float) -> float:
+    """The FP8 KV-cache scale a checkpoint stores for an attention whose keys/values reach `amax`: amax / 448,
+    at least 1.0 (modelopt's export clamps it so: `get_kv_cache_scaling_factor`)."""
+    return max(float(amax) / FP8_MAX, 1.0)
+
+
+def kv_round(x, scale):
+    """Keys or values as an FP8 KV cache with `scale` gives them back: q8(x / scale) · scale."""
+    return q8(x.float() / scale) * scale
+
+
 def unpack_int4(packed):
     """[out/2, in] int8 → [out, in] float in [-8, 7]: byte (p, i) holds rows 2p (low nibble), 2p+1 (high)."""
     import torch

@@ -210,13 +210,19 @@ def write_unquantized(ckpt, opts: BuildOptions, out: Path, progress=None) -> dic
     return config
 
 
-def add_cross_attention(ckpt, opts: BuildOptions, out: Path) -> int:
+def add_cross_attention(ckpt, opts: BuildOptions, out: Path, kv_scales: list[float] | None = None) -> int:
     """NVLM-X/H, quantized formats: modelopt's export holds the Qwen2 decoder; add the gated cross-attention
     blocks (the layout's "xlayer" rows, in the checkpoint's 16-bit dtype: they are not quantized) to each
-    rank file, which is rewritten once. Returns how many tensors were added."""
+    rank file, which is rewritten once. `kv_scales` (an FP8 KV cache): one per block, in block order, written
+    as the block's `kv_cache_scaling_factor` in the dtype and shape of the self-attention's. Returns how many
+    tensors were added."""
     from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
+    cfg = ckpt.config
+    if opts.kv_cache_fp8 and (kv_scales is None or len(kv_scales) != len(cfg.cross_attention_layers)):
+        raise CheckpointError("an FP8 KV cache needs one calibrated scale per cross-attention block")
+    stages = layout.xattn_stages(cfg.cross_attention_layers, cfg.llm.num_layers, opts.pp)
     added = 0
     for rank in range(opts.world_size):
         rows = [r for r in rank_plan(ckpt, opts, rank) if r.name.startswith(layout.XATTN_MODULES.rstrip("*"))]
@@ -229,9 +235,14 @@ def add_cross_attention(ckpt, opts: BuildOptions, out: Path) -> int:
         clash = [r.name for r in rows if r.name in tensors]
         if clash:
             raise CheckpointError(f"{f}: the export already holds {clash[0]}")
-        tensors.update({r.name: r.produce().contiguous() for r in rows})
+        new = {r.name: r.produce().contiguous() for r in rows}
+        if opts.kv_cache_fp8:
+            like = tensors[layout.KV_SCALE.format(j=0)]
+            for j, i in enumerate(stages[rank // opts.tp]):
+                new[layout.XKV_SCALE.format(j=j)] = torch.full_like(like, kv_scales[i])
+        tensors.update(new)
         save_file(tensors, str(f), metadata=metadata)
-        added += len(rows)
+        added += len(new)
     return added
 
 

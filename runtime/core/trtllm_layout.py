@@ -100,6 +100,9 @@ assert all(r.split in SPLITS and r.stage in STAGES for r in QWEN2_XATTN)
 # `activation_scaling_factor`, `prequant_scaling_factor` (read by LLMFormat.dequantize) and, with an FP8
 # KV cache, one per attention layer:
 KV_SCALE = _L + "attention.kv_cache_scaling_factor"
+# NVLM-X/H with an FP8 KV cache: TensorRT-LLM's FP8 KV cache holds the cross-attention's image keys/values too,
+# so each gated block carries its scale (calibrated by llm_build.quantize, the same rule as modelopt's)
+XKV_SCALE = _X + "cross_attention.kv_cache_scaling_factor"
 
 
 def xattn_stages(cross_attention_layers, num_layers: int, pp: int) -> list[list[int]]:
