@@ -109,3 +109,33 @@ def test_the_cross_kv_cache_share_is_set_exactly_when_the_engine_has_cross_atten
 def test_the_model_definition_without_tensorrt_llm_names_the_release_to_use():
     with pytest.raises(ImportError, match=r"needs TensorRT-LLM 1\.2 with TensorRT .*nvcr\.io/nvidia/tensorrt-llm"):
         importlib.import_module("builder.trtllm_nvlm")
+
+
+def _assigned_attributes(tree, cls: str) -> set[str]:
+    """The `self.X = …` names of a class's __init__ in builder/trtllm_nvlm.py (read, not imported: it needs
+    TensorRT-LLM)."""
+    import ast
+
+    node = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls)
+    init = next(n for n in node.body if isinstance(n, ast.FunctionDef) and n.name == "__init__")
+    return {t.attr for n in ast.walk(init) if isinstance(n, ast.Assign) for t in n.targets
+            if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name) and t.value.id == "self"}
+
+
+def test_the_model_definition_holds_the_modules_the_checkpoint_names():
+    """TensorRT-LLM loads a rank file by matching its names against the model's parameter tree (a missing one is
+    fatal). The definition's module attributes are read from its source and checked against the layout table's
+    names: every top-level module and every module of a gated block that XATTN / QWEN2 write."""
+    import ast
+
+    from runtime.core import trtllm_layout as layout
+
+    tree = ast.parse((ROOT / "builder" / "trtllm_nvlm.py").read_text())
+    block = {r.target.split(".")[3] for r in layout.XATTN}  # transformer.xattn_layers.{j}.<module>...
+    assert block == {"input_layernorm", "cross_attention", "gate_attn", "post_layernorm", "mlp", "gate_ffwd"}
+    assert block <= _assigned_attributes(tree, "GatedCrossAttentionBlock")
+    model = {r.target.split(".")[1] for r in layout.QWEN2_XATTN if r.target.startswith("transformer.")}
+    assert model == {"vocab_embedding", "layers", "xattn_layers", "ln_f"}
+    assert model <= _assigned_attributes(tree, "NVLMXModel")
+    top = {r.target.split(".")[0] for r in layout.QWEN2_XATTN}
+    assert top == {"transformer", "lm_head"} and top <= _assigned_attributes(tree, "NVLMXForCausalLM")
