@@ -320,7 +320,10 @@ class NVLMXForCausalLM(PretrainedModel):
                                                             plan.cross_kv_cache_pools, "cross_kv"),
             host_cross_kv_cache_pool_mapping=pool_mapping("host_cross_kv_cache_pool_mapping"))
         # the dense mask [tokens, keys] (True: the token reads that key) and its bit-packed form, which the
-        # runtime builds for context requests: rows padded to 128 over the batch, columns to 256, 32 bits a word
+        # runtime builds for context requests: rows padded to 128 over the batch, columns to 256, 32 bits a word.
+        # Passed to the layers as the request sent it: the context kernel reads the packed bits (set: attend),
+        # the generation kernel one dense value per row (1: attend) — unlike mllama, no in-graph rewrite
+        # (docs/engine.md, "The mask, as the kernels read it")
         packed_rows = max_batch_size * math.ceil(max_input_len / 128) * 128
         packed_cols = math.ceil(enc / 256) * 256 // 32
         attention_mask_params = AttentionMaskParams(
