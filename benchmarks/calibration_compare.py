@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 def main():
     from builder.calibration import builtin_samples, embed_samples
-    from builder.fidelity import decoder_logits, prepare_prompts
+    from builder.fidelity import decoder_logits, logit_errors, prepare_prompts
     from builder.llm_build import quantize
     from runtime.core.demo_checkpoint import write_demo_checkpoint
     from runtime.core.llm_formats import BuildOptions, get_format
@@ -50,15 +50,11 @@ def main():
         for mode in ("text-only", "multimodal"):
             embeds = list(embed_samples(samples, ref, tok, text_only=mode == "text-only"))
             model = quantize(ref, BuildOptions(get_format(fmt), kv_cache_fp8=fmt == "fp8"), embeds)
-            outs = [decoder_logits(model, r) for r in runs]
-            a, b = torch.cat(outs), torch.cat(base)
+            a, b = torch.cat([decoder_logits(model, r) for r in runs]), torch.cat(base)
             text = torch.cat([r.text for r in runs])
-            scale = b.abs().max()
             rows.append({"format": fmt + (" + fp8 kv" if fmt == "fp8" else ""), "calibration": mode,
-                         "max_rel": float((a - b).abs().max() / scale),
-                         "mean_rel": float((a - b).abs().mean() / scale),
-                         "image_positions_mean_rel": float((a - b)[~text].abs().mean() / scale),
-                         "top1_text": float((a[text].argmax(-1) == b[text].argmax(-1)).float().mean())})
+                         **logit_errors(a, b, text),
+                         "image_positions_mean_rel": float((a - b)[~text].abs().mean() / b.abs().max())})
     print(f"{'format':<16}{'calibration':<12}{'max rel':>9}{'mean rel':>10}{'img mean':>10}{'top-1':>7}")
     for r in rows:
         print(f"{r['format']:<16}{r['calibration']:<12}{r['max_rel']:>9.4f}{r['mean_rel']:>10.5f}"

@@ -26,11 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 
 def _errors(outs, base, runs) -> dict:
-    a, b = torch.cat(outs), torch.cat(base)
-    text = torch.cat([r.text for r in runs])
-    scale = b.abs().max()
-    return {"max_rel": float((a - b).abs().max() / scale), "mean_rel": float((a - b).abs().mean() / scale),
-            "top1_text": float((a[text].argmax(-1) == b[text].argmax(-1)).float().mean())}
+    from builder.fidelity import logit_errors
+
+    return logit_errors(torch.cat(outs), torch.cat(base), torch.cat([r.text for r in runs]))
 
 
 def quantize_everything(ckpt, tok, fmt, samples):

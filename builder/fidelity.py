@@ -98,9 +98,8 @@ class PromptRun:
                        key_ranges=self.key_ranges, **kw)
 
 
-def prepare_prompts(reference, tokenizer, cross_kv_scales: list[float] | None = None) -> list[PromptRun]:
-    """The fidelity prompts, prepared once for every model compared. `cross_kv_scales` (NVLM-X/H with an FP8 KV
-    cache): the image keys/values each pass reads are rounded as the cache holds them."""
+def prepare_prompts(reference, tokenizer) -> list[PromptRun]:
+    """The fidelity prompts, prepared once for every model compared."""
     pcfg, layout = reference.cfg.preprocess, family_for(reference.cfg).prompt_layout
     runs = []
     for text, images in fidelity_prompts():
@@ -112,8 +111,7 @@ def prepare_prompts(reference, tokenizer, cross_kv_scales: list[float] | None = 
         with torch.no_grad():
             tiles = reference.encode_images(pv) if pv is not None else None  # [T, 256, hidden]
             table, features = reference.engine_image_inputs(tiles, p.cross)
-            scales = {} if cross_kv_scales is None else {"kv_scales": cross_kv_scales}
-            emb, step = reference.prefill_inputs(ids, pv, tokenizer.image_pad_id, p.cross, **scales)
+            emb, step = reference.prefill_inputs(ids, pv, tokenizer.image_pad_id, p.cross)
         text_mask = torch.tensor(p.input_ids) != tokenizer.image_pad_id
         runs.append(PromptRun(list(p.input_ids), p.trtllm_input_ids(reference.cfg.llm.vocab_size), table, emb,
                               text_mask, features, None if p.cross is None else p.cross.key_ranges, step))
@@ -126,6 +124,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def _top1(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.argmax(-1) == b.argmax(-1)).float().mean())
+
+
+def logit_errors(a: torch.Tensor, b: torch.Tensor, text: torch.Tensor) -> dict:
+    """Logits `a` against `b` ([positions, vocab]): max and mean |Δlogit| / max |logit|, and the top-1 agreement
+    at the `text` positions — the figures the benchmarks compare quantization choices by."""
+    return {"max_rel": _rel(a, b), "mean_rel": float((a - b).abs().mean() / b.abs().max()),
+            "top1_text": _top1(a[text], b[text])}
 
 
 def _executor_logits(executor, run: PromptRun) -> torch.Tensor:
@@ -207,8 +212,10 @@ class ExportedVision:
 
 
 def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer, fake_quant=None, *,
-                 task: bool = False) -> dict:
-    """`task`: the source is the trained embedded default; add its task-accuracy check."""
+                 cross_kv_scales: list[float] | None = None, task: bool = False) -> dict:
+    """`cross_kv_scales`: NVLM-X/H with an FP8 KV cache, the blocks' stored scales, with which the comparison
+    model rounds its image keys/values as the engine's cache does. `task`: the source is the trained embedded
+    default; add its task-accuracy check."""
     runs = prepare_prompts(reference, tokenizer)
     ex = [_executor_logits(executor, r) for r in track(runs, f"fidelity: {fmt_name} checkpoint", unit="prompt")]
     ref = [decoder_logits(reference.llm, r) for r in runs]
@@ -229,9 +236,8 @@ def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer,
                             UNQUANTIZED_LOGITS_REL, rel <= UNQUANTIZED_LOGITS_REL,
                             "same weights, float32 arithmetic both sides: only summation order differs"))
     else:
-        scales = getattr(fake_quant, "cross_kv_scales", None)  # NVLM-X/H, FP8 KV: the image keys/values rounded too
-        fq_runs = runs if scales is None else prepare_prompts(reference, tokenizer, scales)
-        fq = torch.cat([decoder_logits(fake_quant, r) for r in fq_runs])
+        with reference.fp8_cross_kv(cross_kv_scales) if cross_kv_scales else nullcontext():
+            fq = torch.cat([decoder_logits(fake_quant, r) for r in runs])
         rel, top1 = _rel(ex_all, fq), _top1(ex_all[text], fq[text])
         limit = QUANTIZED_FP8_KV_LOGITS_REL if executor.kv_fp8 else QUANTIZED_LOGITS_REL
         checks.append(Check("logits_vs_modelopt_fake_quant", "max |Δlogit| / max |logit| vs modelopt's fake-quantized "

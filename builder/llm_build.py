@@ -153,7 +153,7 @@ def _quiet():
         log.debug("modelopt: %s", buf.getvalue().strip())
 
 
-def export(model, ckpt, opts: BuildOptions, out: Path) -> dict:
+def export(model, ckpt, opts: BuildOptions, out: Path, cross_kv_scales: list[float] | None = None) -> dict:
     """modelopt's TensorRT-LLM export, then our config.json (modelopt 0.47 writes architecture
     "QWenForCausalLM" without qwen_type, which TensorRT-LLM would build as Qwen-1).
 
@@ -170,7 +170,7 @@ def export(model, ckpt, opts: BuildOptions, out: Path) -> dict:
                                        inference_pipeline_parallel=opts.pp)
     repad_vocab(out, ckpt.config, opts.tp, opts.pp)  # modelopt pads AWQ vocabularies to 64; TensorRT-LLM to TP
     if ckpt.config.cross_attention_layers:  # NVLM-X/H: modelopt knows the Qwen2 decoder, not the gated blocks
-        add_cross_attention(ckpt, opts, out, kv_scales=getattr(model, "cross_kv_scales", None))
+        add_cross_attention(ckpt, opts, out, kv_scales=cross_kv_scales)
     exported = json.loads((out / "config.json").read_text())
     q = exported["quantization"]
     if q.get("quant_algo") != opts.fmt.quant_algo:
@@ -199,7 +199,7 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
 
     def write(tmp: Path) -> None:
         t0 = time.perf_counter()
-        reference = tokenizer = fake = None
+        reference = tokenizer = fake = cross_kv_scales = None
         if fidelity or opts.fmt.quantized:
             reference = reference_model(ckpt)
             tokenizer = NVLMTokenizer.from_dir(ckpt.directory)
@@ -212,8 +212,8 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
             fake = quantize(reference, opts, embeds)
             # NVLM-X/H with an FP8 KV cache: one scale per gated block, by modelopt's rule; the comparison model
             # of the fidelity report rounds its image keys/values with them too (fidelity.build_report)
-            fake.cross_kv_scales = [kv_scale(a) for a in amax] if opts.kv_cache_fp8 and amax else None
-            config = export(fake, ckpt, opts, tmp)
+            cross_kv_scales = [kv_scale(a) for a in amax] if opts.kv_cache_fp8 and amax else None
+            config = export(fake, ckpt, opts, tmp, cross_kv_scales)
             as_stored(fake, opts)
         else:
             with bar(count_tensors(ckpt, opts), f"converting to {opts.fmt.name}", unit="tensor") as advance:
@@ -221,7 +221,7 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
         report = None
         if fidelity:
             report = build_report(opts.fmt.name, opts.fmt.quantized, TRTLLMExecutor.load(tmp), reference, tokenizer, fake,
-                                  task=is_trained_default(ckpt.directory))
+                                  cross_kv_scales=cross_kv_scales, task=is_trained_default(ckpt.directory))
             (tmp / "reports").mkdir()
             (tmp / "reports" / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
             if not report["passed"]:

@@ -129,6 +129,7 @@ class CrossAttentionReference(NVLMReference):
         super().__init__(cfg)
         self.xattn = nn.ModuleList(GatedCrossAttention(cfg.llm) for _ in cfg.cross_attention_layers)
         self._step: tuple[list, torch.Tensor] | None = None  # (per-layer k/v, ranges of the running queries)
+        self._kv_scales: list[float] | None = None  # fp8_cross_kv: round the image keys/values as that cache does
         for j, i in enumerate(cfg.cross_attention_layers):
             self.llm.model.layers[i].register_forward_hook(self._after_layer(j))
 
@@ -148,7 +149,10 @@ class CrossAttentionReference(NVLMReference):
             hidden = output[0] if isinstance(output, tuple) else output  # [1, L, hidden]
             if hidden.shape[0] != 1:
                 raise InputError("the cross-attention reference runs one sequence at a time")
-            new = self.xattn[j](hidden[0], kv[j], ranges)[None]
+            kv_j = kv[j]
+            if self._kv_scales is not None:
+                kv_j = tuple(kv_round(t, self._kv_scales[j]).to(t.dtype) for t in kv_j)
+            new = self.xattn[j](hidden[0], kv_j, ranges)[None]
             return (new, *output[1:]) if isinstance(output, tuple) else new
         return hook
 
@@ -214,12 +218,20 @@ class CrossAttentionReference(NVLMReference):
         with self._reading(kv, cross.key_ranges):
             return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).logits
 
-    def prefill_inputs(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, image_token_id: int, cross,
-                       kv_scales: list[float] | None = None):
+    def prefill_inputs(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, image_token_id: int, cross):
         """The prompt's embeddings, and each pass reading the image keys/values computed here once: the prompt
-        with its tokens' key ranges, every generated token with all keys. `kv_scales` (one per block): the
-        keys/values as an FP8 KV cache with those scales holds them (the comparison model of an FP8-KV build)."""
+        with its tokens' key ranges, every generated token with all keys."""
         embeds, kv = self._prepare(ids, pixel_values, image_token_id, cross)
-        if kv_scales is not None:
-            kv = [tuple(kv_round(t, s).to(t.dtype) for t in pair) for pair, s in zip(kv, kv_scales, strict=True)]
         return embeds, lambda step: self._reading(kv, cross.key_ranges if step is None else [cross.decode_range])
+
+    @contextmanager
+    def fp8_cross_kv(self, scales: list[float]):
+        """Passes inside read each block's image keys/values as an FP8 KV cache with `scales` (one per block)
+        holds them: the comparison model of an FP8-KV build (builder/fidelity.py)."""
+        if len(scales) != len(self.xattn):
+            raise InputError(f"{len(scales)} FP8 KV scales for {len(self.xattn)} cross-attention blocks")
+        self._kv_scales = list(scales)
+        try:
+            yield
+        finally:
+            self._kv_scales = None

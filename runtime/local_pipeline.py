@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
-from runtime.core.trtllm_checkpoint import embedding_rows
+from runtime.core.trtllm_checkpoint import EmbeddingRows
 from runtime.cross_reference import key_sequence
 from runtime.preprocess import preprocess_images
 from runtime.prompt import build_prompt, with_image_placeholders
@@ -28,6 +28,7 @@ class LocalPipeline:
 
         build = Path(build)
         self.llm_dir = build / "llm"
+        self._tag_embeddings = EmbeddingRows(self.llm_dir)  # NVLM-H: its tags' rows, read once
         self.executor = TRTLLMExecutor.load(build / "llm")
         # the served table crosses Triton in the engine's dtype (PromptTuningBuffers::validate)
         self.table_dtype = engine_dtype(json.loads((build / "llm" / "config.json").read_text()))
@@ -60,7 +61,7 @@ class LocalPipeline:
                 inline = list(p.cross.inline_tiles)
                 table = emb[inline] if inline else None
                 if p.cross.key_tiles:
-                    features = key_sequence(emb, p.cross.key_tiles, lambda ids: embedding_rows(self.llm_dir, ids))
+                    features = key_sequence(emb, p.cross.key_tiles, self._tag_embeddings)
             # both cross Triton in the engine's dtype (PromptTuningBuffers::validate; the encoder input's template)
             dtype = {"BF16": torch.bfloat16, "FP16": torch.float16, "FP32": torch.float32}[self.table_dtype]
             table = None if table is None else table.reshape(-1, emb.shape[-1]).to(dtype).float()

@@ -174,6 +174,7 @@ class TRTLLMExecutor:
         self.directory, self.config = directory, config
         self.layers, self.embedding, self.final_norm, self.lm_head = layers, embedding, final_norm, lm_head
         self.xattn = xattn or {}  # self-attention layer index → the cross-attention block that follows it
+        self._xattn_order = {li: j for j, li in enumerate(sorted(self.xattn))}  # its index among the blocks
         c = config
         self.vocab_size = c["vocab_size"]
         self.hidden_size = c["hidden_size"]
@@ -416,8 +417,7 @@ class TRTLLMExecutor:
         1, `ranges` [T, 2] the key range of each; None: generated tokens, which read the request's decode
         range) or a decode step's batch, one token per sequence (len(crosses) T, each its request's decode
         range). A row that reads no key gets exactly nothing."""
-        xl, d = self.xattn[li], self.head_dim
-        j = sorted(self.xattn).index(li)
+        xl, d, j = self.xattn[li], self.head_dim, self._xattn_order[li]
         q, _, _ = self._qkv(xl, rms_norm(x, xl.input_norm, self.eps))  # [T, H, D]
         ctx = x.new_zeros(x.shape[0], self.num_heads * d)
         reads = x.new_zeros(x.shape[0], 1)

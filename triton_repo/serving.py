@@ -23,7 +23,7 @@ import numpy as np
 
 from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
 from runtime.core.families import ENCODER_INPUTS, PROMPT_TABLE_INPUTS
-from runtime.core.trtllm_checkpoint import embedding_rows
+from runtime.core.trtllm_checkpoint import EmbeddingRows
 from runtime.cross_reference import key_sequence
 from runtime.decoding import StopFilter, from_trtllm, to_trtllm, word_list
 from runtime.inflight import InflightBatcher
@@ -329,21 +329,24 @@ class ReferenceLLMModel:
             flag.set()
         sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _table(self, request, pb):
-        """The prompt-embedding table as float32 [rows, hidden] (any declared dtype), or None."""
-        t = pb.get_input_tensor_by_name(request, "prompt_embedding_table")
-        if t is None:
-            return None
-        table = _as_torch(t)
-        return None if table.numel() == 0 else table.reshape(-1, table.shape[-1]).float()
-
-    def _features(self, request, pb):
-        """`encoder_input_features` as float32 [keys, hidden] (any declared dtype), or None."""
-        t = pb.get_input_tensor_by_name(request, "encoder_input_features")
+    def _rows(self, request, pb, name: str):
+        """A [..., rows, hidden] input (the prompt-embedding table, the encoder features) as float32 [rows,
+        hidden], or None when absent or empty. The reference target takes any declared dtype."""
+        t = pb.get_input_tensor_by_name(request, name)
         if t is None:
             return None
         x = _as_torch(t)
+        self._check_dtype(name, x)
         return None if x.numel() == 0 else x.reshape(-1, x.shape[-1]).float()
+
+    def _check_dtype(self, name: str, x) -> None:
+        pass
+
+    def _table(self, request, pb):
+        return self._rows(request, pb, "prompt_embedding_table")
+
+    def _features(self, request, pb):
+        return self._rows(request, pb, "encoder_input_features")
 
     def _encoder(self, request, pb, input_len: int):
         """NVLM-X/H: the backend's encoder-decoder inputs as the executor's encoder features and key ranges.
@@ -476,26 +479,21 @@ class ContractLLMModel(ReferenceLLMModel):
         self.engine_dtype = engine_dtype(llm_config)
         self._setup(self.build)
 
-    def _features(self, request, pb):
-        t = pb.get_input_tensor_by_name(request, "encoder_input_features")
-        if t is not None and _torch_dtype_name(_as_torch(t).dtype) != self.engine_dtype:
-            # the config declares the engine dtype (${encoder_input_features_data_type}): Triton refuses
-            # another before the backend sees it; this keeps a direct caller's mistake as clear
-            raise ValueError(f"encoder_input_features must be {self.engine_dtype}, the engine's dtype")
-        return super()._features(request, pb)
+    def _check_dtype(self, name: str, x) -> None:
+        if _torch_dtype_name(x.dtype) == self.engine_dtype:
+            return
+        if name == "prompt_embedding_table":  # PromptTuningBuffers::validate
+            raise ValueError(self.contract.message("table_dtype"))
+        # the config declares the engine dtype (${encoder_input_features_data_type}): Triton refuses another
+        # before the backend sees it; this keeps a direct caller's mistake as clear
+        raise ValueError(f"{name} must be {self.engine_dtype}, the engine's dtype")
 
     def _table(self, request, pb):
-        t = pb.get_input_tensor_by_name(request, "prompt_embedding_table")
-        if t is None:
-            return None
-        table = _as_torch(t)
-        if _torch_dtype_name(table.dtype) != self.engine_dtype:  # PromptTuningBuffers::validate
-            raise ValueError(self.contract.message("table_dtype"))
-        table = table.reshape(-1, table.shape[-1])
+        table = super()._table(request, pb)
         rows = _scalar(request, "prompt_vocab_size", None, int)
-        if rows is not None and rows != table.shape[0]:
+        if table is not None and rows is not None and rows != table.shape[0]:
             raise ValueError(self.contract.message("table_rows"))
-        return table.float()
+        return table
 
 
 # --------------------------------------------------------------------------- postprocessing
@@ -630,9 +628,7 @@ class EntryModel:
                                f"family {family.name} takes {family.llm_step_image_inputs}")
         # NVLM-X/H: image keys as the LLM step's encoder inputs (and NVLM-H's thumbnails as table rows)
         self.cross = family.prompt_layout.cross_attention
-        self.sends_table = set(PROMPT_TABLE_INPUTS) <= set(family.llm_step_image_inputs)
-        self.llm_dir = build / "llm"
-        self._tag_rows: dict[int, object] = {}  # NVLM-H: tag token id → its embedding row (the built model's)
+        self._tag_embeddings = EmbeddingRows(build / "llm")  # NVLM-H: its tags' rows, the built model's own
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
         self.limits = read_limits(build)
         params = _params(args)
@@ -876,15 +872,6 @@ class EntryModel:
         return table, [_from_torch("encoder_input_features", keys.to(self.table_dtype)[None]),
                        pb.Tensor("encoder_output_lengths", np.asarray([keys.shape[0]], np.int32)),
                        pb.Tensor("cross_attention_mask", mask)]
-
-    def _tag_embeddings(self, ids):
-        """NVLM-H's tag embeddings [len(ids), hidden]: the built checkpoint's own rows, read once per id."""
-        import torch
-
-        missing = [i for i in ids if i not in self._tag_rows]
-        if missing:
-            self._tag_rows.update(zip(missing, embedding_rows(self.llm_dir, missing)))
-        return torch.stack([self._tag_rows[i] for i in ids])
 
     def _decoding(self, request) -> "EntryDecoding":
         """The request's decoding controls, checked, as the tensors the LLM step takes (NVIDIA's names)."""

@@ -248,22 +248,42 @@ def add_cross_attention(ckpt, opts: BuildOptions, out: Path, kv_scales: list[flo
 
 def embedding_rows(directory: Path, ids) -> torch.Tensor:
     """Rows of a TensorRT-LLM checkpoint's token embedding [len(ids), hidden], float32, read from the first
-    PP stage's rank files (the rows are split over TP, vocabulary-padded). NVLM-H's serving takes its tag
-    embeddings (cross-attention keys) from here, so that they are the built model's own."""
+    PP stage's rank files (the rows are split over TP, vocabulary-padded; each file is opened once). NVLM-H's
+    serving takes its tag embeddings (cross-attention keys) from here, so that they are the built model's own."""
     from safetensors import safe_open
 
     cfg = json.loads((Path(directory) / "config.json").read_text())
     tp, vocab = cfg["mapping"]["tp_size"], cfg["vocab_size"]
     table = family_for_trtllm(cfg.get("architecture")).trtllm_layout
     name, per_rank = layout.target(table, "embedding"), layout.vocab_rows(vocab, tp) // tp
-    rows = []
-    for i in ids:
-        if not 0 <= int(i) < vocab:
-            raise CheckpointError(f"token id {i} is outside the vocabulary ({vocab})")
-        rank, local = divmod(int(i), per_rank)
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise CheckpointError(f"token id {bad[0]} is outside the vocabulary ({vocab})")
+    rows = torch.zeros(len(ids), cfg["hidden_size"])
+    for rank in sorted({i // per_rank for i in ids}):
         with safe_open(str(Path(directory) / f"rank{rank}.safetensors"), framework="pt") as fh:
-            rows.append(fh.get_slice(name)[local:local + 1].float())
-    return torch.cat(rows) if rows else torch.zeros(0, cfg["hidden_size"])
+            part = fh.get_slice(name)
+            for k, i in enumerate(ids):
+                if i // per_rank == rank:
+                    rows[k] = part[i % per_rank:i % per_rank + 1].float()[0]
+    return rows
+
+
+class EmbeddingRows:
+    """`embedding_rows` of one checkpoint, each id read once and kept: NVLM-H's few tag ids, asked for by every
+    request of a served build."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        self._rows: dict[int, torch.Tensor] = {}
+
+    def __call__(self, ids) -> torch.Tensor:
+        ids = [int(i) for i in ids]
+        missing = sorted({i for i in ids if i not in self._rows})
+        if missing:
+            self._rows.update(zip(missing, embedding_rows(self.directory, missing)))
+        return torch.stack([self._rows[i] for i in ids]) if ids else embedding_rows(self.directory, [])
 
 
 def count_tensors(ckpt, opts: BuildOptions) -> int:
