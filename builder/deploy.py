@@ -32,8 +32,8 @@ TRITONSERVER = "/opt/tritonserver/bin/tritonserver"
 PACKAGES = ("builder", "runtime", "plugins", "triton_repo")
 # What the Python models import beyond the NGC image (which has torch, numpy, transformers, tokenizers,
 # safetensors). Pillow: NVLM's tiling needs < 12.2 (runtime/preprocess.py:check_pillow); the image's own
-# Pillow may be newer.
-CONTAINER_PIP = ("pillow>=9.1,<12.2", "safetensors>=0.4", "tokenizers>=0.19")
+# Pillow may be newer. tritonclient: the entry model streams to the LLM step over gRPC (triton_repo/llm_link.py).
+CONTAINER_PIP = ("pillow>=9.1,<12.2", "safetensors>=0.4", "tokenizers>=0.19", "tritonclient[grpc]>=2.48")
 
 
 def tritonserver_command(world_size: int, repo: str, *, grpc_port: str = "${GRPC_PORT}",
@@ -87,6 +87,8 @@ def launch_script(world_size: int) -> str:
 set -euo pipefail
 BUILD=$(cd "${{1:-$(dirname "$0")/..}}" && pwd)
 GRPC_PORT=${{GRPC_PORT:-8001}} HTTP_PORT=${{HTTP_PORT:-8000}} METRICS_PORT=${{METRICS_PORT:-8002}}
+# the entry model reaches the LLM step through this server's gRPC port (triton_repo/llm_link.py)
+export NVLM_TRITON_GRPC_URL=127.0.0.1:$GRPC_PORT
 WORLD={world_size}
 python3 - <<'PY'
 import importlib.util, sys

@@ -24,6 +24,7 @@ from pathlib import Path
 from runtime.core.errors import NVLMError
 
 from .keeper import HANG_TIMEOUT_S, PROBE_INTERVAL_S, shm_prefix
+from .llm_link import URL_ENV
 from .openai_api import OpenAIServer
 
 # the Python backend's default shared-memory prefix, and the per-server prefix the keeper gives it
@@ -95,6 +96,9 @@ class TritonServer:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (str(libs), sysconfig.get_config_var("LIBDIR") or "", env.get("LD_LIBRARY_PATH", "")) if p)
+        # the entry model streams to the LLM step through this server's own gRPC port (llm_link.py)
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        env[URL_ENV] = f"{host}:{self.grpc_port}"
         return env
 
     def start(self, timeout: float = 120.0) -> "TritonServer":

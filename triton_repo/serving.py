@@ -43,6 +43,7 @@ from runtime.trtllm_executor import Request, TRTLLMExecutor
 
 from .check import cross_fraction_problem
 from .contract import load_contract
+from .llm_link import LLMLink
 
 # the penalty inputs the entry model declares (tensorrtllm_backend names): checked finite when sent
 PENALTIES = ("repetition_penalty", "presence_penalty", "frequency_penalty", "length_penalty")
@@ -635,8 +636,8 @@ class EntryModel:
         # the callees' declared dtypes, rendered from the build (vision engine and LLM engine dtypes)
         self.vision_dtype = _torch_dtype(params["vision_dtype"])
         self.table_dtype = _torch_dtype(params["prompt_table_dtype"])
-        self._held: list = []  # BLS iterators waiting for a cleanup barrier (_release)
-        self._held_lock = threading.Lock()
+        # the LLM step over a gRPC stream per worker, not decoupled BLS (llm_link.py says why)
+        self.llm = LLMLink("tensorrt_llm")
         from concurrent.futures import ThreadPoolExecutor
 
         n = int(params.get("max_in_flight", self.limits.max_batch_size))
@@ -645,6 +646,7 @@ class EntryModel:
 
     def finalize(self):
         self.workers.shutdown(wait=False, cancel_futures=True)
+        self.llm.close()
 
     def execute(self, requests):
         pb = _pb()
@@ -668,52 +670,20 @@ class EntryModel:
         finally:
             sender.leave()
 
-    def _call(self, pb, model, inputs, outputs, decoupled=False, request_id=""):
-        req = pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs,
-                                  request_id=request_id)
-        resp = req.exec(decoupled=decoupled)
-        if decoupled:
-            return resp
+    def _call(self, pb, model, inputs, outputs):
+        """A BLS call to a non-decoupled model (preprocessing, vision_encoder, postprocessing)."""
+        req = pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
+        resp = req.exec()
         if resp.has_error():
             raise ValueError(resp.error().message())
         return resp
 
-    def _stop(self, request, pb, rid: str) -> None:
+    def _stop(self, rid: str) -> None:
         """NVIDIA's way to stop a request in the `tensorrtllm` backend: a request with the same id and
         `stop` set (with the inputs Triton requires). Its own response is empty."""
-        stop = [pb.Tensor("input_ids", np.zeros((1, 1), np.int32)), pb.Tensor("input_lengths", np.ones((1, 1), np.int32)),
-                pb.Tensor("request_output_len", np.ones((1, 1), np.int32)), pb.Tensor("stop", np.ones((1, 1), bool))]
-        responses = self._call(pb, "tensorrt_llm", stop, ["output_ids"], decoupled=True, request_id=rid)
-        try:
-            errors = [resp.error().message() for resp in responses if resp.has_error()]
-        finally:
-            self._release(request, responses)
-            del responses
-        if errors:
-            raise ValueError(errors[0])
-
-    def _release(self, request, *objects) -> None:
-        """Drop BLS response iterators (and their responses) only after the stub has processed their
-        cleanup, so that they die here, on the thread that runs `execute`, holding the GIL.
-
-        In the bundled server's Python backend (Triton 2.51, r24.10) the stub's
-        `ServiceStubToParentRequests` thread erases a finished iterator from its map (`Stub::SendCleanupId`)
-        without the GIL; when Python has already dropped the iterator, that erase destroys the iterator,
-        its responses and their tensors' NumPy arrays on that thread, racing the interpreter. Under
-        perf_analyzer-style load the entry stub crashed about once per 700 requests (segfaults in libpython,
-        an abort in `list_dealloc` of BLS tensors, "malloc(): unaligned fastbin chunk").
-        python_backend#390 (first in r24.12, Triton 2.53) takes the GIL in `~PbTensor`.
-
-        The barrier: `is_cancelled()` is answered by that same thread, in order, after the cleanups queued
-        when each iterator returned its last response; once it returns, the erase has happened and the
-        references kept here are the last. A cancelled request answers `is_cancelled()` from a cache (no
-        barrier), so its iterators wait in `self._held` for the next request's barrier."""
-        # one request at a time through the barrier: another worker's iterators, added after this barrier
-        # passed, must wait for their own
-        with self._held_lock:
-            self._held.extend(objects)
-            if not request.is_cancelled():
-                self._held.clear()
+        stop = [("input_ids", np.zeros((1, 1), np.int32)), ("input_lengths", np.ones((1, 1), np.int32)),
+                ("request_output_len", np.ones((1, 1), np.int32)), ("stop", np.ones((1, 1), bool))]
+        self.llm.run(stop, ["output_ids"], rid)
 
     def _one(self, request, sender, pb):
         max_tokens = _scalar(request, "max_tokens", None, int)
@@ -748,17 +718,17 @@ class EntryModel:
         pixels = pb.get_output_tensor_by_name(pre, "pixel_values").as_numpy()
         # Every tensor below is one of the family's llm_step_inputs, in the dtype the contract gives it.
         llm_inputs = [
-            pb.Tensor("input_ids", ids.astype(np.int32)),
-            pb.Tensor("input_lengths", np.asarray([ids.size], np.int32)),
-            pb.Tensor("request_output_len", np.asarray([max_tokens], np.int32)),
-            pb.Tensor("end_id", np.asarray([_scalar(request, "end_id", self.tok.im_end_id, int)], np.int32)),
-            pb.Tensor("streaming", np.asarray([_scalar(request, "stream", False, bool)], bool)),
-            pb.Tensor("temperature", np.asarray([sampling.temperature], np.float32)),
-            pb.Tensor("runtime_top_k", np.asarray([sampling.top_k], np.int32)),
-            pb.Tensor("runtime_top_p", np.asarray([sampling.top_p], np.float32)),
-            pb.Tensor("seed", np.asarray([_scalar(request, "seed", 0, int)], np.uint64)),
-            pb.Tensor("min_tokens", np.asarray([min_tokens], np.int32)),
-        ] + [pb.Tensor(name, arr) for name, arr in decoding.sends]
+            ("input_ids", ids.astype(np.int32)),
+            ("input_lengths", np.asarray([ids.size], np.int32)),
+            ("request_output_len", np.asarray([max_tokens], np.int32)),
+            ("end_id", np.asarray([_scalar(request, "end_id", self.tok.im_end_id, int)], np.int32)),
+            ("streaming", np.asarray([_scalar(request, "stream", False, bool)], bool)),
+            ("temperature", np.asarray([sampling.temperature], np.float32)),
+            ("runtime_top_k", np.asarray([sampling.top_k], np.int32)),
+            ("runtime_top_p", np.asarray([sampling.top_p], np.float32)),
+            ("seed", np.asarray([_scalar(request, "seed", 0, int)], np.uint64)),
+            ("min_tokens", np.asarray([min_tokens], np.int32)),
+        ] + list(decoding.sends)
         if pixels.shape[0]:
             import torch
 
@@ -774,16 +744,15 @@ class EntryModel:
                 # the engine's dtype: PromptTuningBuffers::validate refuses any other
                 table = table.reshape(-1, table.shape[-1]).to(self.table_dtype)
                 extra = pb.get_output_tensor_by_name(pre, "prompt_table_extra_ids").as_numpy()
-                llm_inputs += [_from_torch("prompt_embedding_table", table[None]),
-                               pb.Tensor("prompt_vocab_size", np.asarray([table.shape[0]], np.int32)),
-                               pb.Tensor("prompt_table_extra_ids", extra.astype(np.uint64))]
-        if self.cross and not any(t.name() == "encoder_input_features" for t in llm_inputs):
+                llm_inputs += [("prompt_embedding_table", table[None]),
+                               ("prompt_vocab_size", np.asarray([table.shape[0]], np.int32)),
+                               ("prompt_table_extra_ids", extra.astype(np.uint64))]
+        if self.cross and not any(name == "encoder_input_features" for name, _ in llm_inputs):
             # no image key: the engine may skip its cross-attention blocks (mllama's switch, which the backend
             # applies when every request of a batch asks); without it they read no key and add nothing anyway
-            llm_inputs.append(pb.Tensor("skip_cross_attn_blocks", np.asarray([True])))
+            llm_inputs.append(("skip_cross_attn_blocks", np.asarray([True])))
         # tensorrt_llm batches (max_batch_size > 0): every tensor carries a leading batch dimension of 1
-        llm_inputs = [t if t.name() in _BATCHED_BY_SENDER else pb.Tensor(t.name(), t.as_numpy()[None, ...])
-                      for t in llm_inputs]
+        llm_inputs = [(name, v if name in _BATCHED_BY_SENDER else v[None, ...]) for name, v in llm_inputs]
         stream = _scalar(request, "stream", False, bool)
         tokens: list[int] = []  # every token the engine returned (a stop word's included)
         log_probs: list[float] = []
@@ -792,38 +761,32 @@ class EntryModel:
 
         text = StreamDecoder(self.tok)
         rid = uuid.uuid4().hex  # the LLM step's request id: a `stop` request names it
-        responses = self._call(pb, "tensorrt_llm", llm_inputs, decoding.outputs, decoupled=True, request_id=rid)
-        stopped, resp, out = False, None, None
+        responses = self.llm.generate(llm_inputs, decoding.outputs, rid)
+        stopped = False
         client_gone = _AtMostEvery(request.is_cancelled)
         if stream and not decoding.exclude_input:
             sender.send(pb.InferenceResponse(output_tensors=[
                 pb.Tensor("text_output", np.asarray([text.push(self._prompt_ids(ids)).encode()], object)),
                 pb.Tensor("output_ids", ids.reshape(-1).astype(np.int32))]))
-        try:
-            for resp in responses:
-                if resp.has_error():
-                    raise ValueError(resp.error().message())
-                if not stopped and client_gone():  # the client went away: stop generating for it
-                    stopped = True
-                    self._stop(request, pb, rid)
-                out = pb.get_output_tensor_by_name(resp, "output_ids")
-                if out is None:  # the final, empty response of a stream
-                    continue
-                new = out.as_numpy().reshape(-1).tolist()
-                tokens += new
-                lp = pb.get_output_tensor_by_name(resp, "output_log_probs")
-                if lp is not None:
-                    log_probs += lp.as_numpy().reshape(-1).tolist()[-len(new):] if new else []
-                safe = stops.push(new)
-                if stream and not stopped:  # one response per engine response, even when its text is held back
-                    sender.send(pb.InferenceResponse(output_tensors=[
-                        pb.Tensor("text_output", np.asarray([text.push(safe).encode()], object)),
-                        pb.Tensor("output_ids", np.asarray(safe, np.int32))]
-                        + self._log_prob_tensors(decoding, log_probs[released:released + len(safe)])))
-                released += len(safe)
-        finally:
-            self._release(request, responses, resp, out)
-            del responses, resp, out
+        for resp in responses:
+            if not stopped and client_gone():  # the client went away: stop generating for it
+                stopped = True
+                self._stop(rid)
+            out = resp.as_numpy("output_ids")
+            if out is None:  # the final, empty response of a stream
+                continue
+            new = out.reshape(-1).tolist()
+            tokens += new
+            lp = resp.as_numpy("output_log_probs")
+            if lp is not None:
+                log_probs += lp.reshape(-1).tolist()[-len(new):] if new else []
+            safe = stops.push(new)
+            if stream and not stopped:  # one response per engine response, even when its text is held back
+                sender.send(pb.InferenceResponse(output_tensors=[
+                    pb.Tensor("text_output", np.asarray([text.push(safe).encode()], object)),
+                    pb.Tensor("output_ids", np.asarray(safe, np.int32))]
+                    + self._log_prob_tensors(decoding, log_probs[released:released + len(safe)])))
+            released += len(safe)
         if stopped:
             raise ValueError("request cancelled")
         tail = stops.finish()  # held back as a possible stop word's start, and it was not one
@@ -869,9 +832,9 @@ class EntryModel:
         key_tiles = [KeyTile(t, 0, tuple(int(i) for i in row if i >= 0)) for t, row in zip(tiles, got["key_tag_ids"])]
         keys = key_sequence(emb.float(), key_tiles, self._tag_embeddings)  # [K, hidden]
         mask = ranges_to_mask(got["key_ranges"], keys.shape[0])  # [tokens, K]
-        return table, [_from_torch("encoder_input_features", keys.to(self.table_dtype)[None]),
-                       pb.Tensor("encoder_output_lengths", np.asarray([keys.shape[0]], np.int32)),
-                       pb.Tensor("cross_attention_mask", mask)]
+        return table, [("encoder_input_features", keys.to(self.table_dtype)[None]),
+                       ("encoder_output_lengths", np.asarray([keys.shape[0]], np.int32)),
+                       ("cross_attention_mask", mask)]
 
     def _decoding(self, request) -> "EntryDecoding":
         """The request's decoding controls, checked, as the tensors the LLM step takes (NVIDIA's names)."""
