@@ -1,6 +1,7 @@
 """The deployment kit every build carries (builder/deploy.py). Nothing here runs on a GPU: the
 commands are checked as text, against NVIDIA's launch_triton_server.py (leader mode)."""
 
+import os
 import shlex
 import subprocess
 
@@ -38,13 +39,20 @@ def test_launch_script_is_valid_bash_and_expands_the_build_path(tmp_path):
     text = script.read_text()
     assert '"--model-repository=$BUILD/triton_repo"' in text  # double-quoted: the shell expands it
     assert "WORLD=2" in text and "engines/build_engines.sh" in text and "--target trt --force" in text
+    # the entry model's link to the LLM step (triton_repo/llm_link.py) gets the port the server listens on
+    lines = [ln for ln in text.splitlines() if ln.startswith(("GRPC_PORT=", "export NVLM_TRITON_GRPC_URL="))]
+    assert len(lines) == 2
+    got = subprocess.run(["bash", "-c", "; ".join(lines) + '; echo "$NVLM_TRITON_GRPC_URL"'],
+                         env={"GRPC_PORT": "9101", "PATH": os.environ["PATH"]}, capture_output=True, text=True)
+    assert got.stdout.strip() == "127.0.0.1:9101"
 
 
 def test_dockerfile_installs_nvlm_trt_into_the_ngc_image():
     text = dockerfile()
     assert f"ARG TRITON_IMAGE={TRITON_IMAGE}" in text and "trtllm-python-py3" in TRITON_IMAGE
     assert "pip install --no-cache-dir --no-deps /opt/nvlm-trt" in text
-    assert "pillow>=9.1,<12.2" in shlex.split(text.split("RUN ", 1)[1].replace("\\\n", " "))
+    pip = shlex.split(text.split("RUN ", 1)[1].replace("\\\n", " "))
+    assert "pillow>=9.1,<12.2" in pip and "tritonclient[grpc]>=2.48" in pip
     assert "import triton_repo.serving" in text
 
 

@@ -871,3 +871,55 @@ def test_bench_jsonl_workload_errors(tmp_path):
     assert [(i.prompt, len(i.images), i.label) for i in items] == [("hi", 0, "line 1"), ("one", 1, "line 3"),
                                                                    ("two", 2, "line 4")]
     assert items[2].images[1] == IMAGE.read_bytes()
+
+
+def test_llm_link_drops_an_abandoned_stream(server, build):
+    """The entry model's gRPC link to the LLM step (triton_repo/llm_link.py): a request abandoned after its
+    first response must not leave its later responses on the thread's stream for the next request. Two
+    prompts with different answers: request A (32 tokens, streamed) is dropped after one token, then B runs
+    on the same thread and must get exactly the tokens B gets on a fresh link — A's leftovers would differ
+    (sampled with different seeds: the random-weight default answers every greedy prompt alike)."""
+    from runtime.tokenizer import NVLMTokenizer
+    from triton_repo.llm_link import LLMLink
+
+    tok = NVLMTokenizer.from_dir(build / "tokenizer")
+
+    def inputs(prompt, n, seed):
+        ids = np.asarray(tok.encode(prompt), np.int32)
+        return [("input_ids", ids[None]), ("input_lengths", np.asarray([[ids.size]], np.int32)),
+                ("request_output_len", np.asarray([[n]], np.int32)), ("streaming", np.asarray([[True]])),
+                ("end_id", np.asarray([[tok.im_end_id]], np.int32)), ("temperature", np.asarray([[1.0]], np.float32)),
+                ("runtime_top_k", np.asarray([[50]], np.int32)), ("seed", np.asarray([[seed]], np.uint64))]
+
+    def tokens(responses):
+        got = [r.as_numpy("output_ids") for r in responses]
+        return [t for a in got if a is not None for t in a.reshape(-1).tolist()]
+
+    fresh = LLMLink(url=server.grpc_url)
+    want_b = tokens(fresh.generate(inputs("Count to ten.", 8, 2), ["output_ids"], "b0"))
+    want_a = tokens(fresh.generate(inputs("Write one sentence about the sea.", 32, 1), ["output_ids"], "a0"))
+    fresh.close()
+    assert len(want_a) > 8 and want_a[1:9] != want_b  # A's leftovers would be told from B's answer
+
+    link = LLMLink(url=server.grpc_url)
+    a = link.generate(inputs("Write one sentence about the sea.", 32, 1), ["output_ids"], "a1")
+    first = next(a)
+    assert first.as_numpy("output_ids").reshape(-1).tolist() == want_a[:1]
+    a.close()  # abandoned: its stream is dropped
+    assert tokens(link.generate(inputs("Count to ten.", 8, 2), ["output_ids"], "b1")) == want_b
+    # a finished request keeps its stream for the next one, which is answered in full
+    assert tokens(link.generate(inputs("Count to ten.", 8, 2), ["output_ids"], "b2")) == want_b
+    link.close()
+
+
+def test_llm_link_sends_bf16_exactly():
+    """BF16 tensors (prompt tables, encoder features) reach the wire bit for bit: random values that
+    float16 or a rounding path would change."""
+    import torch
+
+    from triton_repo.llm_link import infer_input
+
+    x = (torch.randn(3, 5) * 1e3).to(torch.bfloat16)
+    t = infer_input("prompt_embedding_table", x)
+    assert t.datatype() == "BF16" and t.shape() == [3, 5]
+    assert t._get_content() == x.view(torch.int16).numpy().tobytes()

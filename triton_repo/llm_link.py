@@ -80,9 +80,11 @@ class _Stream:
 
         self.client = grpc.InferenceServerClient(url)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.closed = False
         self.client.start_stream(callback=lambda result, error: self.inbox.put((result, error)))
 
     def close(self) -> None:
+        self.closed = True
         try:
             self.client.stop_stream(cancel_requests=True)
         finally:
@@ -102,7 +104,7 @@ class LLMLink:
 
     def _stream(self) -> _Stream:
         s = getattr(self._local, "stream", None)
-        if s is None:
+        if s is None or s.closed:
             s = _Stream(self.url)
             self._local.stream = s
             with self._lock:
@@ -110,7 +112,10 @@ class LLMLink:
         return s
 
     def _drop(self, s: _Stream) -> None:
-        self._local.stream = None
+        # a generator may be finalized on another thread (garbage collection): clear only our own slot;
+        # the owner sees `closed` and opens a new stream
+        if getattr(self._local, "stream", None) is s:
+            self._local.stream = None
         with self._lock:
             self._all.discard(s)
         try:
