@@ -850,10 +850,11 @@ class EntryModel:
             if words[name]:
                 sends.append((f"{name}_list", to_trtllm(words[name])))
         log_probs = _scalar(request, "return_log_probs", False, bool)
-        outputs = ["output_ids", "sequence_length"]
+        # only what the entry reads: every tensor asked for is serialized into each streamed response
+        outputs = ["output_ids"]
         if log_probs:
             sends.append(("return_log_probs", np.asarray([True])))
-            outputs += ["output_log_probs", "cum_log_probs"]
+            outputs.append("output_log_probs")  # the cumulative sum is the entry's own (of what it returns)
         return EntryDecoding(sends, outputs, words["stop_words"], log_probs,
                              _scalar(request, "exclude_input_in_output", True, bool))
 
