@@ -287,9 +287,11 @@ def _serve_one(work: Path, variant: str, seed: int, server_bin: Path) -> dict:
     write_demo_checkpoint(ckpt, seed=seed, variant=variant)
     subprocess.run([sys.executable, "-m", "builder.cli", "engine", str(ckpt), "-o", str(build), "--quant", "bf16",
                     "--vision-dtype", "fp32", "--target", "trt", "--calib-size", "4"], check=True)
+    # the entry model streams to the LLM step through the server's own gRPC port (triton_repo/llm_link.py)
+    env = {**os.environ, "NVLM_TRITON_GRPC_URL": "127.0.0.1:18001"}
     proc = subprocess.Popen([str(server_bin), f"--model-repository={build / 'triton_repo'}", "--grpc-port=18001",
                              "--http-port=18000", "--metrics-port=18002", "--disable-auto-complete-config"],
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     try:
         client = NVLMClient("127.0.0.1:18001", timeout=300)
         deadline = time.time() + 600
