@@ -923,3 +923,18 @@ def test_llm_link_sends_bf16_exactly():
     t = infer_input("prompt_embedding_table", x)
     assert t.datatype() == "BF16" and t.shape() == [3, 5]
     assert t._get_content() == x.view(torch.int16).numpy().tobytes()
+
+
+def test_the_servers_env_points_the_llm_link_at_its_own_grpc_port(tmp_path):
+    """nvlm-serve tells the entry model where its own gRPC port is (a wildcard bind is reached on loopback)."""
+    import shutil
+
+    from triton_repo.llm_link import URL_ENV
+    from triton_repo.server import TritonServer
+
+    for host, want in (("0.0.0.0", "127.0.0.1:9101"), ("10.1.2.3", "10.1.2.3:9101")):
+        srv = TritonServer(tmp_path, host=host, grpc_port=9101)
+        try:
+            assert srv.env()[URL_ENV] == want
+        finally:
+            shutil.rmtree(srv.workdir)
