@@ -245,6 +245,12 @@ def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer,
                             "the exported checkpoint must compute what modelopt calibrated"))
         checks.append(Check("top1_vs_modelopt_fake_quant", "fraction of text positions with the same argmax", top1,
                             TOP1_AGREEMENT_MIN, top1 >= TOP1_AGREEMENT_MIN, "issue requirement: ≥ 99%"))
+        if cross_kv_scales:  # what rounding the image keys/values contributes (tells a missing rounding apart)
+            bare = torch.cat([decoder_logits(fake_quant, r) for r in runs])
+            checks.append(Check("logits_vs_fake_quant_without_cross_kv_rounding", "max |Δlogit| / max |logit| vs "
+                                "modelopt's fake-quantized model with its image keys/values not rounded to FP8",
+                                _rel(ex_all, bare), None, True, "the FP8 KV cache's rounding of the image keys/values, "
+                                "reported: the check above must be well below it"))
         checks.append(Check("quantized_vs_unquantized_logits", "max |Δlogit| / max |logit| vs the reference model",
                             _rel(ex_all, ref_all), None, True, "the cost of quantization, reported"))
         checks.append(Check("quantized_vs_unquantized_top1", "fraction of text positions with the reference's "

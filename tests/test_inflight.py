@@ -66,7 +66,17 @@ def test_batched_steps_past_the_cache_capacity_equal_the_full_forward(ex):
             s.append(t)
     assert [c.length for c in caches] == [len(s) for s in seqs] and caches[0].keys[0].shape[1] > 3 + 64
     for b, s in enumerate(seqs):
-        assert torch.allclose(out[b], ex.forward(s, None, KVCache())[-1], atol=2e-3), b
+        full = ex.forward(s, None, KVCache())[-1]
+        if not ex.kv_fp8:
+            assert torch.allclose(out[b], full, atol=2e-3), b
+            continue
+        # FP8 weights, activations and KV cache: a step's matmuls (one row) and the full pass's (every row)
+        # add in different orders, so a few values round to the neighbouring e4m3 step — on an AVX-512 host
+        # that moved these logits by up to 0.037, on others by under 2e-3. A lost history token moves them by
+        # 0.1-0.3 (measured): the bound is half of that move, computed here for this sequence.
+        lost = ex.forward(s[:-2] + s[-1:], None, KVCache())[-1]
+        err, wrong = (out[b] - full).abs().max(), (lost - full).abs().max()
+        assert err < 0.5 * wrong, (b, float(err), float(wrong))
 
 
 def test_dynamic_rope_past_the_trained_length_gives_each_sequence_its_own_base(ex, monkeypatch):

@@ -346,11 +346,15 @@ def test_an_fp8_kv_cache_holds_the_image_keys_rounded_with_the_blocks_scale(buil
 
 def test_the_fp8_kv_comparison_model_rounds_the_image_keys_as_the_cache_does(builds):
     """The fidelity report of an FP8-KV build compares against a model whose image keys/values are rounded with
-    the blocks' stored scales (CrossAttentionReference.fp8_cross_kv). Measured on the demo X default: 6e-5 with
-    the rounding, 0.0085 without it — so a bound of 1e-3 tells the two apart."""
+    the blocks' stored scales (CrossAttentionReference.fp8_cross_kv). Measured on the demo X default: 6e-5
+    (one host) and 1.6e-3 (an AVX-512 host, where a few FP8 values round the other way) with the rounding; 0.0085
+    and 0.0070 without it. The report carries both, so the test compares them on this host: a comparison model
+    that did not round would give the same value twice; half is the bound."""
     report = json.loads((builds[("demo-x", "fp8", True)] / "reports" / "fidelity.json").read_text())
-    check = next(c for c in report["checks"] if c["name"] == "logits_vs_modelopt_fake_quant")
-    assert check["value"] <= 1e-3, check
+    checks = {c["name"]: c for c in report["checks"]}
+    rounded = checks["logits_vs_modelopt_fake_quant"]["value"]
+    bare = checks["logits_vs_fake_quant_without_cross_kv_rounding"]["value"]
+    assert rounded <= 0.5 * bare, (rounded, bare)
 
 
 def test_tag_embeddings_are_the_built_checkpoints_rows_at_tp2(sources, tmp_path):
