@@ -938,3 +938,15 @@ def test_the_servers_env_points_the_llm_link_at_its_own_grpc_port(tmp_path):
             assert srv.env()[URL_ENV] == want
         finally:
             shutil.rmtree(srv.workdir)
+
+
+def test_llm_link_names_the_address_it_cannot_reach():
+    """A server whose entry model looks for the LLM step at the wrong address says which address and how to
+    set it, and the next request fails the same way (a new stream, not a broken one)."""
+    from triton_repo.llm_link import URL_ENV, LLMLink
+
+    link = LLMLink(url="127.0.0.1:1")
+    for _ in range(2):
+        with pytest.raises(ValueError, match=rf"cannot reach the LLM step at 127\.0\.0\.1:1.*{URL_ENV}"):
+            list(link.generate([("input_ids", np.zeros((1, 3), np.int32))], ["output_ids"], "r"))
+    link.close()

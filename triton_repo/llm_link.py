@@ -45,15 +45,15 @@ def server_url() -> str:
 def _bf16_array(x) -> tuple[np.ndarray, str]:
     """A torch bfloat16 tensor as the array tritonclient takes for BF16: ml_dtypes.bfloat16 from
     tritonclient r26.06 on, float32 (truncated to BF16 on the wire, exact for BF16 values) before it."""
+    import torch
     from tritonclient.utils import np_to_triton_dtype
 
     try:
         import ml_dtypes
-
-        if np_to_triton_dtype(np.dtype(ml_dtypes.bfloat16)) == "BF16":
-            return x.contiguous().view(__import__("torch").int16).numpy().view(ml_dtypes.bfloat16), "BF16"
     except ImportError:
-        pass
+        ml_dtypes = None
+    if ml_dtypes is not None and np_to_triton_dtype(np.dtype(ml_dtypes.bfloat16)) == "BF16":
+        return x.contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16), "BF16"
     return x.float().numpy(), "BF16"
 
 
@@ -136,12 +136,20 @@ class LLMLink:
                 s.client.async_stream_infer(self.model, [infer_input(n, v) for n, v in inputs],
                                             outputs=[grpc.InferRequestedOutput(n) for n in outputs],
                                             request_id=request_id, enable_empty_final_response=True)
-            except Exception as e:  # noqa: BLE001 — tritonclient's error for a stream the server closed
-                raise ValueError(f"cannot reach the LLM step at {self.url} ({URL_ENV}): {e}") from None
+            except Exception as e:  # noqa: BLE001 — a stream that failed: the detail went to the callback
+                try:
+                    e = s.inbox.get(timeout=1.0)[1] or e
+                except queue.Empty:
+                    pass
+                raise self._unreachable(e) from None
+            first = True
             while True:
                 result, error = s.inbox.get()
                 if error is not None:
+                    if first and "UNAVAILABLE" in str(getattr(error, "status", lambda: "")()):
+                        raise self._unreachable(error)
                     raise ValueError(error.message() if hasattr(error, "message") else str(error))
+                first = False
                 resp = result.get_response()
                 if resp.id != request_id:  # cannot happen on a stream used by one request at a time
                     raise ValueError(f"LLM step answered request {resp.id!r} on the stream of {request_id!r}")
@@ -153,6 +161,11 @@ class LLMLink:
         finally:
             if not clean:
                 self._drop(s)
+
+    def _unreachable(self, error) -> ValueError:
+        detail = error.message() if hasattr(error, "message") else str(error)
+        return ValueError(f"the entry model cannot reach the LLM step at {self.url}, its server's gRPC address "
+                          f"(set {URL_ENV} to it when tritonserver listens elsewhere): {detail}")
 
     def run(self, inputs: list, outputs: list[str], request_id: str) -> list:
         """Send a request and wait for all its responses, on a stream of its own (e.g. a `stop` request
