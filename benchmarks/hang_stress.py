@@ -95,6 +95,15 @@ def main(argv=None) -> int:
             samples, wall = result["run"]
             r = summarize(samples, wall)
             print(f"round {rnd}: {r['requests']} requests, {r['failed']} failed, {wall:.0f} s", flush=True)
+            for err in list(r["errors"])[:3]:
+                print(f"  error: {err}", flush=True)
+            if r["failed"]:  # what the server said (a dead stub: the keeper's restart line)
+                log = srv.log_file.read_text(errors="replace").splitlines() if srv.log_file.is_file() else []
+                for line in [ln for ln in log if "keeper" in ln or "Stub" in ln or "rror" in ln][:8]:
+                    print(f"  server: {line[:300]}", flush=True)
+                if args.stacks:
+                    args.stacks.mkdir(parents=True, exist_ok=True)
+                    shutil.copy(srv.log_file, args.stacks / f"round{rnd}-tritonserver.log")
     print(f"{hung} of {args.rounds} rounds hung")
     return 1 if hung else 0
 
