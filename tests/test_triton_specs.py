@@ -136,3 +136,23 @@ def test_the_llm_step_outbox_sends_in_order_from_one_thread_and_survives_a_faile
     assert sent == [0, 1, 2, 4, 5, 6, 7]
     assert threads == {box.thread.ident} and box.thread.ident != threading.get_ident()
     assert not box.thread.is_alive()
+
+
+def test_streamed_responses_carry_only_the_requested_outputs():
+    """The Python models build each streamed response with only the outputs its request asked for, so the
+    bundled backend never prunes one inside `send` (off the GIL: it corrupted the LLM step's heap)."""
+    from types import SimpleNamespace
+
+    from triton_repo.serving import _response
+
+    class T:
+        def __init__(self, n):
+            self.n = n
+
+        def name(self):
+            return self.n
+
+    pb = SimpleNamespace(InferenceResponse=lambda output_tensors: [t.name() for t in output_tensors])
+    both = [T("output_ids"), T("sequence_length")]
+    assert _response(pb, {"output_ids"}, both) == ["output_ids"]
+    assert _response(pb, set(), both) == ["output_ids", "sequence_length"]  # nothing named: all of them

@@ -125,6 +125,16 @@ def _error(message: str):
 # --------------------------------------------------------------------------- preprocessing
 
 
+def _response(pb, wanted: set, tensors: list):
+    """A streamed response with only the outputs its request asked for (`wanted`; empty: all). The bundled
+    Python backend (r24.10) drops unrequested outputs inside `response_sender.send`, which runs without the GIL
+    (ResponseSender::Send → PruneOutputTensors → ~PbTensor), so their NumPy arrays were freed off the GIL,
+    corrupting the interpreter's heap (python_backend 2082a3c, fixed in r24.12): they are dropped here instead."""
+    if wanted:
+        tensors = [t for t in tensors if t.name() in wanted]
+    return pb.InferenceResponse(output_tensors=tensors)
+
+
 class PreprocessingModel:
     """text_input (+ image_bytes) → TensorRT-LLM input_ids (fake ids at image positions), pixel_values."""
 
@@ -411,10 +421,10 @@ class ReferenceLLMModel:
                       bad_words=from_trtllm(_input(request, "bad_words_list"), "bad_words_list"),
                       return_log_probs=_scalar(request, "return_log_probs", False, bool),
                       cancelled=lambda: flag.is_set() or client_gone())
-        return req, stream, rid
+        return req, stream, rid, set(request.requested_output_names())
 
     def _run(self, job, sender, pb):
-        req, stream, rid = job
+        req, stream, rid, wanted = job
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
         def emit(tokens, lps, cum):
@@ -423,7 +433,7 @@ class ReferenceLLMModel:
             if req.return_log_probs:  # as the backend returns them: [batch, beam, tokens] and [batch, beam]
                 out += [pb.Tensor("output_log_probs", np.asarray([[lps]], np.float32)),
                         pb.Tensor("cum_log_probs", np.asarray([[cum]], np.float32))]
-            return pb.InferenceResponse(output_tensors=out)
+            return _response(pb, wanted, out)
 
         cum = [0.0]
         send = self.outbox.put
@@ -686,6 +696,7 @@ class EntryModel:
         self.llm.run(stop, ["output_ids"], rid)
 
     def _one(self, request, sender, pb):
+        wanted = set(request.requested_output_names())  # only these go out (_response says why)
         max_tokens = _scalar(request, "max_tokens", None, int)
         if max_tokens is None:
             raise ValueError("max_tokens is required")
@@ -765,7 +776,7 @@ class EntryModel:
         stopped = False
         client_gone = _AtMostEvery(request.is_cancelled)
         if stream and not decoding.exclude_input:
-            sender.send(pb.InferenceResponse(output_tensors=[
+            sender.send(_response(pb, wanted, [
                 pb.Tensor("text_output", np.asarray([text.push(self._prompt_ids(ids)).encode()], object)),
                 pb.Tensor("output_ids", ids.reshape(-1).astype(np.int32))]))
         for resp in responses:
@@ -782,7 +793,7 @@ class EntryModel:
                 log_probs += lp.reshape(-1).tolist()[-len(new):] if new else []
             safe = stops.push(new)
             if stream and not stopped:  # one response per engine response, even when its text is held back
-                sender.send(pb.InferenceResponse(output_tensors=[
+                sender.send(_response(pb, wanted, [
                     pb.Tensor("text_output", np.asarray([text.push(safe).encode()], object)),
                     pb.Tensor("output_ids", np.asarray(safe, np.int32))]
                     + self._log_prob_tensors(decoding, log_probs[released:released + len(safe)])))
@@ -801,7 +812,7 @@ class EntryModel:
             extra = self._log_prob_tensors(decoding, log_probs[released:released + len(tail)],
                                            cum=sum(log_probs[:released + len(tail)]))
             if rest or tail or counts or extra:
-                sender.send(pb.InferenceResponse(output_tensors=[
+                sender.send(_response(pb, wanted, [
                     pb.Tensor("text_output", np.asarray([rest.encode()], object)),
                     pb.Tensor("output_ids", np.asarray(tail, np.int32))] + extra + counts), flags=final)
             else:
@@ -813,8 +824,8 @@ class EntryModel:
                               ["text_output"])
             text_out = pb.get_output_tensor_by_name(post, "text_output").as_numpy()
             returned = kept if decoding.exclude_input else ids.reshape(-1).tolist() + kept
-            sender.send(pb.InferenceResponse(
-                output_tensors=[pb.Tensor("text_output", text_out), pb.Tensor("output_ids", np.asarray(returned, np.int32))]
+            sender.send(_response(pb, wanted,
+                [pb.Tensor("text_output", text_out), pb.Tensor("output_ids", np.asarray(returned, np.int32))]
                 + self._log_prob_tensors(decoding, log_probs[:len(kept)], cum=sum(log_probs[:len(kept)])) + counts),
                 flags=final)
 
