@@ -95,7 +95,7 @@ def main(argv=None) -> int:
             samples, wall = result["run"]
             r = summarize(samples, wall)
             print(f"round {rnd}: {r['requests']} requests, {r['failed']} failed, {wall:.0f} s", flush=True)
-            for err in list(r["errors"])[:3]:
+            for err in r["errors"][:3]:
                 print(f"  error: {err}", flush=True)
             if r["failed"]:  # what the server said (a dead stub: the keeper's restart line)
                 log = srv.log_file.read_text(errors="replace").splitlines() if srv.log_file.is_file() else []

@@ -85,10 +85,11 @@ class _Stream:
 
     def close(self) -> None:
         self.closed = True
-        try:
-            self.client.stop_stream(cancel_requests=True)
-        finally:
-            self.client.close()
+        for step in (lambda: self.client.stop_stream(cancel_requests=True), self.client.close):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 — a stream or channel the server already closed
+                pass
 
 
 class LLMLink:
@@ -118,74 +119,65 @@ class LLMLink:
             self._local.stream = None
         with self._lock:
             self._all.discard(s)
-        try:
-            s.close()
-        except Exception:  # noqa: BLE001 — a stream the server already closed
-            pass
+        s.close()
 
     def generate(self, inputs: list, outputs: list[str], request_id: str) -> Iterator:
-        """Send one request ((name, array or tensor) pairs, with their batch dimension) and yield its
-        responses (tritonclient InferResult) up to and including the final one. An error response raises
-        ValueError with the LLM step's message."""
-        from tritonclient import grpc
-
+        """Send one request ((name, array or tensor) pairs, with their batch dimension) on this thread's stream
+        and yield its responses (tritonclient InferResult) up to and including the final one. An error
+        response raises ValueError with the LLM step's message."""
         s = self._stream()
         clean = False
         try:
-            try:
-                s.client.async_stream_infer(self.model, [infer_input(n, v) for n, v in inputs],
-                                            outputs=[grpc.InferRequestedOutput(n) for n in outputs],
-                                            request_id=request_id, enable_empty_final_response=True)
-            except Exception as e:  # noqa: BLE001 — a stream that failed: the detail went to the callback
-                try:
-                    e = s.inbox.get(timeout=1.0)[1] or e
-                except queue.Empty:
-                    pass
-                raise self._unreachable(e) from None
-            first = True
-            while True:
-                result, error = s.inbox.get()
-                if error is not None:
-                    if first and "UNAVAILABLE" in str(getattr(error, "status", lambda: "")()):
-                        raise self._unreachable(error)
-                    raise ValueError(error.message() if hasattr(error, "message") else str(error))
-                first = False
-                resp = result.get_response()
-                if resp.id != request_id:  # cannot happen on a stream used by one request at a time
-                    raise ValueError(f"LLM step answered request {resp.id!r} on the stream of {request_id!r}")
-                final = FINAL in resp.parameters and resp.parameters[FINAL].bool_param
-                yield result
-                if final:
-                    clean = True
-                    return
+            yield from self._exchange(s, inputs, outputs, request_id)
+            clean = True
         finally:
             if not clean:
                 self._drop(s)
+
+    def run(self, inputs: list, outputs: list[str], request_id: str) -> list:
+        """Send a request and wait for all its responses, on a stream of its own (e.g. a `stop` request
+        sent while this thread's stream still carries the request it stops)."""
+        s = _Stream(self.url)
+        try:
+            return list(self._exchange(s, inputs, outputs, request_id))
+        finally:
+            s.close()
+
+    def _exchange(self, s: _Stream, inputs: list, outputs: list[str], request_id: str) -> Iterator:
+        from tritonclient import grpc
+
+        try:
+            s.client.async_stream_infer(self.model, [infer_input(n, v) for n, v in inputs],
+                                        outputs=[grpc.InferRequestedOutput(n) for n in outputs],
+                                        request_id=request_id, enable_empty_final_response=True)
+        except Exception as e:  # noqa: BLE001 — a stream that failed: the detail went to the callback
+            try:
+                e = s.inbox.get(timeout=1.0)[1] or e
+            except queue.Empty:
+                pass
+            raise self._unreachable(e) from None
+        first = True
+        while True:
+            result, error = s.inbox.get()
+            if error is not None:
+                if first and "UNAVAILABLE" in str(getattr(error, "status", lambda: "")()):
+                    raise self._unreachable(error)
+                raise ValueError(error.message() if hasattr(error, "message") else str(error))
+            first = False
+            resp = result.get_response()
+            if resp.id != request_id:  # cannot happen on a stream used by one request at a time
+                raise ValueError(f"LLM step answered request {resp.id!r} on the stream of {request_id!r}")
+            yield result
+            if FINAL in resp.parameters and resp.parameters[FINAL].bool_param:
+                return
 
     def _unreachable(self, error) -> ValueError:
         detail = error.message() if hasattr(error, "message") else str(error)
         return ValueError(f"the entry model cannot reach the LLM step at {self.url}, its server's gRPC address "
                           f"(set {URL_ENV} to it when tritonserver listens elsewhere): {detail}")
 
-    def run(self, inputs: list, outputs: list[str], request_id: str) -> list:
-        """Send a request and wait for all its responses, on a stream of its own (e.g. a `stop` request
-        sent while this thread's stream still carries the request it stops)."""
-        saved = getattr(self._local, "stream", None)
-        self._local.stream = None
-        try:
-            got = list(self.generate(inputs, outputs, request_id))
-            s = self._local.stream
-            if s is not None:
-                self._drop(s)
-            return got
-        finally:
-            self._local.stream = saved
-
     def close(self) -> None:
         with self._lock:
             streams, self._all = list(self._all), set()
         for s in streams:
-            try:
-                s.close()
-            except Exception:  # noqa: BLE001
-                pass
+            s.close()

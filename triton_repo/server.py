@@ -97,8 +97,7 @@ class TritonServer:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (str(libs), sysconfig.get_config_var("LIBDIR") or "", env.get("LD_LIBRARY_PATH", "")) if p)
         # the entry model streams to the LLM step through this server's own gRPC port (llm_link.py)
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
-        env[URL_ENV] = f"{host}:{self.grpc_port}"
+        env[URL_ENV] = self.grpc_url
         return env
 
     def start(self, timeout: float = 120.0) -> "TritonServer":
@@ -134,7 +133,9 @@ class TritonServer:
 
     @property
     def grpc_url(self) -> str:
-        return f"{self.host}:{self.grpc_port}"
+        """Where a client on this host reaches the gRPC endpoint (a wildcard bind: on loopback)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+        return f"{host}:{self.grpc_port}"
 
     def stop(self, timeout: float = 45.0) -> None:
         """SIGTERM to the keeper, which stops the server and removes its shared memory and folder."""
