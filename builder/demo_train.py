@@ -89,6 +89,12 @@ class Recipe:
     # weight of an auxiliary loss during training only: a linear probe on each regular tile's pooled image
     # tokens predicts its cell's shape and colour (the probe is discarded; the shipped model is plain NVLM-D)
     aux_weight: float = 1.0
+    # weight of a second training-only loss on the decoder's first layer (`DecoderProbe`): each image token
+    # predicts which tile it belongs to, and the prompt's last token the tile K a colour/shape question names.
+    # The answers to those questions are a two-hop lookup (K → the tokens after `<tile_K>` → their colour) that
+    # a two-layer decoder can only do with its first layer doing the first hop; without a hint the runs
+    # plateaued there (docs/demo_model.md). 0: off (the runs before it)
+    decoder_probe: float = 0.0
     # an explicit curriculum; when given it replaces shape_first / single_tile_fraction / question_mix and
     # its samples add up to `samples`
     phases: tuple[Phase, ...] = ()
@@ -186,15 +192,58 @@ class TileProbe(torch.nn.Module):
         return ce(logits[:, :len(SHAPES)], shape) + ce(logits[:, len(SHAPES):], colour)
 
 
+class DecoderProbe(torch.nn.Module):
+    """Training-only: the decoder's first-layer output → (per image token) its tile: 1..4 or the thumbnail;
+    (at the prompt's last token, for questions about tile K) K."""
+
+    THUMBNAIL = 4  # class of the thumbnail's tokens; regular tiles are 0..3
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.tile = torch.nn.Linear(hidden, self.THUMBNAIL + 1)
+        self.asked = torch.nn.Linear(hidden, self.THUMBNAIL)
+
+    @classmethod
+    def targets(cls, image_tokens: int, regular: int, tokens_per_tile: int) -> torch.Tensor:
+        """Each image token's class: its tile's 0-based index among the regular tiles, or THUMBNAIL."""
+        tile = torch.arange(image_tokens) // tokens_per_tile
+        return torch.where(tile < regular, tile, torch.tensor(cls.THUMBNAIL))
+
+    def forward(self, first: torch.Tensor, image_pos: torch.Tensor, regular: int, tokens_per_tile: int,
+                asked_tile: int | None) -> torch.Tensor:
+        """first [S, hidden] (sequence without the answer's teacher-forced tokens: its last row is the prompt's
+        last token); image_pos [T·256] the image tokens' positions in order, regular the count of cell tiles."""
+        ce = torch.nn.functional.cross_entropy
+        loss = ce(self.tile(first[image_pos]), self.targets(len(image_pos), regular, tokens_per_tile))
+        if asked_tile is not None:
+            loss = loss + ce(self.asked(first[-1:]), torch.tensor([asked_tile]))
+        return loss
+
+
+def asked_tile(s) -> int | None:
+    """The 0-based tile a colour or shape question names (None for the other types)."""
+    if s.qtype not in ("colour", "shape"):
+        return None
+    return int(s.question.rsplit(" ", 1)[1].rstrip("?")) - 1
+
+
 def sample_loss(model: NVLMReference, pv: torch.Tensor, ids: list[int], answer: list[int], pad_id: int,
-                probe: TileProbe | None = None, cells=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean cross-entropy of the answer tokens given the prompt (teacher forcing), the probe's loss or 0)."""
+                probe: TileProbe | None = None, cells=None, decoder_probe: DecoderProbe | None = None,
+                asked: int | None = None, weights: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy of the answer tokens given the prompt (teacher forcing), the probes' loss weighted by
+    `weights` (tile probe, decoder probe), or 0)."""
     seq = torch.tensor([ids + answer[:-1]])
     tiles = model.encode_tiles(pv)  # [T, 256, hidden]
     embeds = model.embed(seq, tiles.flatten(0, 1), pad_id)
-    hidden = model.llm.model(inputs_embeds=embeds).last_hidden_state[0, -len(answer):]  # [A, hidden]
+    out = model.llm.model(inputs_embeds=embeds, output_hidden_states=decoder_probe is not None)
+    hidden = out.last_hidden_state[0, -len(answer):]  # [A, hidden]
     loss = torch.nn.functional.cross_entropy(model.llm.lm_head(hidden), torch.tensor(answer))
-    return loss, (torch.zeros(()) if probe is None else probe(tiles, cells))
+    aux = torch.zeros(()) if probe is None else weights[0] * probe(tiles, cells)
+    if decoder_probe is not None:
+        first = out.hidden_states[1][0, :len(ids)]  # after decoder layer 1, prompt positions only
+        image_pos = (torch.tensor(ids) == pad_id).nonzero().flatten()
+        aux = aux + weights[1] * decoder_probe(first, image_pos, len(cells), tiles.shape[1], asked)
+    return loss, aux
 
 
 def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, list[dict]]:
@@ -208,7 +257,8 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
         load_released(model, Path(recipe.init))
     model.train()
     probe = TileProbe(cfg.llm.hidden_size) if recipe.aux_weight else None
-    params = list(model.parameters()) + (list(probe.parameters()) if probe else [])
+    dprobe = DecoderProbe(cfg.llm.hidden_size) if recipe.decoder_probe else None
+    params = list(model.parameters()) + [p for m in (probe, dprobe) if m for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
     rng = np.random.default_rng([recipe.seed, 2024])
     # the phase of each sample, in order
@@ -221,7 +271,7 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                 for group in opt.param_groups:
                     group["lr"] = lr_at(recipe, step)
                 opt.zero_grad(set_to_none=True)
-                losses, by_type = [], {}
+                losses, auxes, by_type = [], [], {}
                 for _ in range(min(recipe.batch, recipe.samples - done)):
                     phase = plan[done]
                     canvas = CANVASES[0] if phase.canvas == "one" else None
@@ -232,15 +282,18 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                         qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=mix))]
                     s = sample(rng, qtype, canvas=canvas)
                     pv, ids, answer = encode_sample(s, tok, cfg, layout)
-                    loss, aux = sample_loss(model, pv, ids, answer, tok.image_pad_id, probe, s.scene.cells)
-                    ((loss + recipe.aux_weight * aux) / recipe.batch).backward()
+                    loss, aux = sample_loss(model, pv, ids, answer, tok.image_pad_id, probe, s.scene.cells,
+                                            dprobe, asked_tile(s), (recipe.aux_weight, recipe.decoder_probe))
+                    ((loss + aux) / recipe.batch).backward()
                     losses.append(loss.item())
+                    auxes.append(aux.item())
                     by_type.setdefault(qtype, []).append(loss.item())
                     done += 1
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 row = {"step": step + 1, "samples": done, "loss": sum(losses) / len(losses),
                        "loss_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
+                       "probes": sum(auxes) / len(auxes),
                        "lr": lr_at(recipe, step), "seconds": round(time.perf_counter() - t0, 2)}
                 history.append(row)
                 if out:

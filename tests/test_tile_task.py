@@ -222,3 +222,30 @@ def test_a_second_stage_starts_from_the_first_stage_s_weights(tmp_path, capsys):
     assert main(["demo-train", str(out), "--samples", "2", "--init", str(tmp_path / "none.safetensors")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert Recipe().init == ""
+
+
+def test_decoder_probe_targets_and_its_loss_in_training():
+    """The training-only probe on the decoder's first layer: each image token's class is its tile (row-major
+    cell order) or the thumbnail; the tile a question names is parsed from it; with the probe on, the logged
+    probe loss includes it (higher at the start than without) and the run still repeats exactly."""
+    from builder.demo_train import DecoderProbe, Recipe, asked_tile, train
+
+    t = DecoderProbe.targets(5 * 256, 4, 256)
+    assert [int((t == k).sum()) for k in range(5)] == [256] * 5
+    assert t[255] == 0 and t[256] == 1 and t[-1] == DecoderProbe.THUMBNAIL
+    t = DecoderProbe.targets(3 * 256, 2, 256)  # 896×448: two tiles and the thumbnail
+    assert [int((t == k).sum()) for k in range(5)] == [256, 256, 0, 0, 256]
+    assert DecoderProbe.targets(256, 1, 256).tolist() == [0] * 256
+    rng = np.random.default_rng(3)
+    assert asked_tile(sample(rng, "colour", canvas=(896, 896))) in range(4)
+    s = Sample(random_scene(rng, (1344, 448)), "shape", "What shape is in tile 3?", "circle")
+    assert asked_tile(s) == 2
+    assert asked_tile(sample(rng, "count")) is None and asked_tile(sample(rng, "which_tile")) is None
+
+    base = dict(samples=4, batch=2, phases=(), single_tile_fraction=0.0, seed=5, threads=1)
+    _, off = train(Recipe(**base))
+    _, on1 = train(Recipe(**base, decoder_probe=1.0))
+    _, on2 = train(Recipe(**base, decoder_probe=1.0))
+    assert [r["loss"] for r in on1] == [r["loss"] for r in on2]
+    assert on1[0]["loss"] == off[0]["loss"]  # the first step's answer loss is before any update
+    assert on1[0]["probes"] > off[0]["probes"] + 1.0  # + a 5-way and a 4-way cross-entropy at initialisation
