@@ -108,6 +108,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-probe", type=float, default=d.decoder_probe, metavar="W",
                    help="weight of the training-only probe on the decoder's first layer (each image token's tile, "
                         f"the tile a question names; default {d.decoder_probe}: off)")
+    p.add_argument("--attention-hint", type=float, default=d.attention_hint, metavar="W",
+                   help="weight of the training-only hint that a head of the decoder's second layer attends to the "
+                        f"tile an answer is about (default {d.attention_hint}: off)")
     p.add_argument("--eval", type=int, default=400, metavar="N", help="held-out questions to score (0: none)")
     p.add_argument("--eval-seed", type=int, default=1)
     p.add_argument("--log", help="append the per-step loss log here (JSONL)")
@@ -129,7 +132,8 @@ def _train(args) -> int:
     samples = sum(p.samples for p in phases) if phases else args.samples
     recipe = Recipe(samples=samples, batch=args.batch, lr=args.lr, single_tile_fraction=args.single_tile_fraction,
                     seed=args.seed, threads=args.threads, tile_tags=not args.no_tile_tags, shape_first=args.shape_first,
-                    phases=phases, init=args.init or "", decoder_probe=args.decoder_probe)
+                    phases=phases, init=args.init or "", decoder_probe=args.decoder_probe,
+                    attention_hint=args.attention_hint)
     if args.init and not Path(args.init).is_file():
         raise NVLMError(f"--init {args.init}: no such file (give a demo-train output)")
     schedule = (f"--phases '{args.phases}'" if phases else
@@ -137,7 +141,8 @@ def _train(args) -> int:
     command = (f"nvlm-build demo-train {args.out} {schedule} --batch {args.batch} --lr {args.lr} --seed {args.seed} "
                f"--threads {args.threads}"
                + (" --no-tile-tags" if args.no_tile_tags else "")
-               + (f" --decoder-probe {args.decoder_probe}" if args.decoder_probe else "") + (f" --init {args.init}" if args.init else ""))
+               + (f" --decoder-probe {args.decoder_probe}" if args.decoder_probe else "")
+               + (f" --attention-hint {args.attention_hint}" if args.attention_hint else "") + (f" --init {args.init}" if args.init else ""))
     card = train_and_save(Path(args.out), recipe, command=command, eval_n=args.eval, eval_seed=args.eval_seed,
                           log_file=Path(args.log) if args.log else None)
     print(json.dumps(card, indent=2))

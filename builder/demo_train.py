@@ -95,6 +95,11 @@ class Recipe:
     # a two-layer decoder can only do with its first layer doing the first hop; without a hint the runs
     # plateaued there (docs/demo_model.md). 0: off (the runs before it)
     decoder_probe: float = 0.0
+    # weight of a training-only hint on the second hop: the first head of the decoder's second layer, at the
+    # position that predicts the tile-dependent answer token, is pushed (−log of its attention mass) onto the
+    # image tokens of the tile the answer is about (the tile a colour/shape question names; for which_tile, the
+    # tile of that colour). The shipped model is unchanged; the hint only shapes where the gradient goes. 0: off
+    attention_hint: float = 0.0
     # an explicit curriculum; when given it replaces shape_first / single_tile_fraction / question_mix and
     # its samples add up to `samples`
     phases: tuple[Phase, ...] = ()
@@ -227,15 +232,34 @@ def asked_tile(s) -> int | None:
     return int(s.question.rsplit(" ", 1)[1].rstrip("?")) - 1
 
 
+def looked_up(s) -> tuple[int, int] | None:
+    """(index of the answer token that depends on one tile, that tile 0-based) of a question, or None (count):
+    colour/shape → the first answer token and the tile named; which_tile → " K" of "tile K" and K."""
+    if s.qtype == "which_tile":
+        return 1, int(s.answer.split()[1]) - 1
+    k = asked_tile(s)
+    return None if k is None else (0, k)
+
+
+def attention_mass_loss(attn: torch.Tensor, row: int, image_pos: torch.Tensor, tile: int,
+                        tokens_per_tile: int) -> torch.Tensor:
+    """−log of the attention mass row `row` of `attn` [S, S] puts on the image tokens of `tile`."""
+    cols = image_pos[tile * tokens_per_tile:(tile + 1) * tokens_per_tile]
+    return -torch.log(attn[row, cols].sum() + 1e-6)
+
+
 def sample_loss(model: NVLMReference, pv: torch.Tensor, ids: list[int], answer: list[int], pad_id: int,
                 probe: TileProbe | None = None, cells=None, decoder_probe: DecoderProbe | None = None,
-                asked: int | None = None, weights: tuple[float, float] = (1.0, 1.0)) -> tuple[torch.Tensor, torch.Tensor]:
+                asked: int | None = None, weights: tuple[float, ...] = (1.0, 1.0, 0.0),
+                lookup: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy of the answer tokens given the prompt (teacher forcing), the probes' loss weighted by
     `weights` (tile probe, decoder probe), or 0)."""
     seq = torch.tensor([ids + answer[:-1]])
     tiles = model.encode_tiles(pv)  # [T, 256, hidden]
     embeds = model.embed(seq, tiles.flatten(0, 1), pad_id)
-    out = model.llm.model(inputs_embeds=embeds, output_hidden_states=decoder_probe is not None)
+    hint = len(weights) > 2 and weights[2] > 0 and lookup is not None
+    out = model.llm.model(inputs_embeds=embeds, output_hidden_states=decoder_probe is not None,
+                          output_attentions=hint)
     hidden = out.last_hidden_state[0, -len(answer):]  # [A, hidden]
     loss = torch.nn.functional.cross_entropy(model.llm.lm_head(hidden), torch.tensor(answer))
     aux = torch.zeros(()) if probe is None else weights[0] * probe(tiles, cells)
@@ -243,6 +267,11 @@ def sample_loss(model: NVLMReference, pv: torch.Tensor, ids: list[int], answer: 
         first = out.hidden_states[1][0, :len(ids)]  # after decoder layer 1, prompt positions only
         image_pos = (torch.tensor(ids) == pad_id).nonzero().flatten()
         aux = aux + weights[1] * decoder_probe(first, image_pos, len(cells), tiles.shape[1], asked)
+    if hint:
+        image_pos = (torch.tensor(ids) == pad_id).nonzero().flatten()
+        offset, tile = lookup
+        attn = out.attentions[1][0, 0]  # second layer, first head: [S, S]
+        aux = aux + weights[2] * attention_mass_loss(attn, len(ids) - 1 + offset, image_pos, tile, tiles.shape[1])
     return loss, aux
 
 
@@ -283,7 +312,9 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                     s = sample(rng, qtype, canvas=canvas)
                     pv, ids, answer = encode_sample(s, tok, cfg, layout)
                     loss, aux = sample_loss(model, pv, ids, answer, tok.image_pad_id, probe, s.scene.cells,
-                                            dprobe, asked_tile(s), (recipe.aux_weight, recipe.decoder_probe))
+                                            dprobe, asked_tile(s),
+                                            (recipe.aux_weight, recipe.decoder_probe, recipe.attention_hint),
+                                            looked_up(s))
                     ((loss + aux) / recipe.batch).backward()
                     losses.append(loss.item())
                     auxes.append(aux.item())

@@ -249,3 +249,32 @@ def test_decoder_probe_targets_and_its_loss_in_training():
     assert [r["loss"] for r in on1] == [r["loss"] for r in on2]
     assert on1[0]["loss"] == off[0]["loss"]  # the first step's answer loss is before any update
     assert on1[0]["probes"] > off[0]["probes"] + 1.0  # + a 5-way and a 4-way cross-entropy at initialisation
+
+
+def test_attention_hint_targets_the_tile_the_answer_is_about():
+    """The second-hop hint: which answer token depends on which tile, per question type; its loss is low when
+    the row attends to that tile's image tokens and high when it attends to another tile's."""
+    import torch
+
+    from builder.demo_train import Recipe, attention_mass_loss, looked_up, train
+
+    scene = random_scene(np.random.default_rng(4), (896, 896))
+    assert looked_up(Sample(scene, "colour", "What colour is the shape in tile 4?", "red")) == (0, 3)
+    assert looked_up(Sample(scene, "shape", "What shape is in tile 1?", "circle")) == (0, 0)
+    assert looked_up(Sample(scene, "which_tile", "Which tile has the red shape?", "tile 2")) == (1, 1)
+    assert looked_up(Sample(scene, "count", "How many shapes are there?", "4")) is None
+
+    per_tile, text = 4, 3  # a toy sequence: 3 text tokens, then 3 tiles of 4 image tokens
+    image_pos = torch.arange(text, text + 3 * per_tile)
+    attn = torch.zeros(20, 20)
+    attn[19, image_pos[per_tile:2 * per_tile]] = 0.25  # the last row attends to tile 1 (0-based) only
+    right = attention_mass_loss(attn, 19, image_pos, 1, per_tile)
+    wrong = attention_mass_loss(attn, 19, image_pos, 2, per_tile)
+    assert abs(right.item()) < 1e-5 and wrong.item() > 10
+
+    base = dict(samples=4, batch=2, phases=(), single_tile_fraction=0.0, seed=5, threads=1, decoder_probe=1.0)
+    _, off = train(Recipe(**base))
+    _, on1 = train(Recipe(**base, attention_hint=1.0))
+    _, on2 = train(Recipe(**base, attention_hint=1.0))
+    assert [r["loss"] for r in on1] == [r["loss"] for r in on2] and on1[0]["loss"] == off[0]["loss"]
+    assert on1[0]["probes"] > off[0]["probes"]
