@@ -111,6 +111,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-hint", type=float, default=d.attention_hint, metavar="W",
                    help="weight of the training-only hint that a head of the decoder's second layer attends to the "
                         f"tile an answer is about (default {d.attention_hint}: off)")
+    p.add_argument("--question-probe", type=float, default=d.question_probe, metavar="W",
+                   help="weight of the training-only probe of the question's type on the decoder's first layer "
+                        f"(needs --decoder-probe; default {d.question_probe}: off)")
     p.add_argument("--eval", type=int, default=400, metavar="N", help="held-out questions to score (0: none)")
     p.add_argument("--eval-seed", type=int, default=1)
     p.add_argument("--log", help="append the per-step loss log here (JSONL)")
@@ -130,10 +133,14 @@ def _train(args) -> int:
         except ValueError as e:
             raise NVLMError(f"--phases: {e}") from None
     samples = sum(p.samples for p in phases) if phases else args.samples
-    recipe = Recipe(samples=samples, batch=args.batch, lr=args.lr, single_tile_fraction=args.single_tile_fraction,
-                    seed=args.seed, threads=args.threads, tile_tags=not args.no_tile_tags, shape_first=args.shape_first,
-                    phases=phases, init=args.init or "", decoder_probe=args.decoder_probe,
-                    attention_hint=args.attention_hint)
+    try:
+        recipe = Recipe(samples=samples, batch=args.batch, lr=args.lr, single_tile_fraction=args.single_tile_fraction,
+                        seed=args.seed, threads=args.threads, tile_tags=not args.no_tile_tags,
+                        shape_first=args.shape_first, phases=phases, init=args.init or "",
+                        decoder_probe=args.decoder_probe, attention_hint=args.attention_hint,
+                        question_probe=args.question_probe)
+    except ValueError as e:
+        raise NVLMError(str(e)) from None
     if args.init and not Path(args.init).is_file():
         raise NVLMError(f"--init {args.init}: no such file (give a demo-train output)")
     schedule = (f"--phases '{args.phases}'" if phases else
@@ -142,7 +149,8 @@ def _train(args) -> int:
                f"--threads {args.threads}"
                + (" --no-tile-tags" if args.no_tile_tags else "")
                + (f" --decoder-probe {args.decoder_probe}" if args.decoder_probe else "")
-               + (f" --attention-hint {args.attention_hint}" if args.attention_hint else "") + (f" --init {args.init}" if args.init else ""))
+               + (f" --attention-hint {args.attention_hint}" if args.attention_hint else "")
+               + (f" --question-probe {args.question_probe}" if args.question_probe else "") + (f" --init {args.init}" if args.init else ""))
     card = train_and_save(Path(args.out), recipe, command=command, eval_n=args.eval, eval_seed=args.eval_seed,
                           log_file=Path(args.log) if args.log else None)
     print(json.dumps(card, indent=2))

@@ -100,6 +100,10 @@ class Recipe:
     # image tokens of the tile the answer is about (the tile a colour/shape question names; for which_tile, the
     # tile of that colour). The shipped model is unchanged; the hint only shapes where the gradient goes. 0: off
     attention_hint: float = 0.0
+    # weight of a training-only probe of the question's type at the prompt's last token after the decoder's first
+    # layer: colour questions also contain "shape" ("What colour is the shape in tile K?"), and the mixed runs
+    # answered one-tile colour questions at about chance long after shape questions were learned. 0: off
+    question_probe: float = 0.0
     # an explicit curriculum; when given it replaces shape_first / single_tile_fraction / question_mix and
     # its samples add up to `samples`
     phases: tuple[Phase, ...] = ()
@@ -114,6 +118,8 @@ class Recipe:
     def __post_init__(self):
         if self.shape_first > self.samples:
             raise ValueError(f"shape_first {self.shape_first} exceeds samples {self.samples}")
+        if self.question_probe and not self.decoder_probe:
+            raise ValueError("question_probe is a head of the decoder probe: give decoder_probe > 0 too")
         if self.phases and sum(p.samples for p in self.phases) != self.samples:
             raise ValueError(f"the phases' samples add up to {sum(p.samples for p in self.phases)}, "
                              f"not samples {self.samples}")
@@ -207,6 +213,7 @@ class DecoderProbe(torch.nn.Module):
         super().__init__()
         self.tile = torch.nn.Linear(hidden, self.THUMBNAIL + 1)
         self.asked = torch.nn.Linear(hidden, self.THUMBNAIL)
+        self.question = torch.nn.Linear(hidden, len(QUESTION_TYPES))
 
     @classmethod
     def targets(cls, image_tokens: int, regular: int, tokens_per_tile: int) -> torch.Tensor:
@@ -251,7 +258,7 @@ def attention_mass_loss(attn: torch.Tensor, row: int, image_pos: torch.Tensor, t
 def sample_loss(model: NVLMReference, pv: torch.Tensor, ids: list[int], answer: list[int], pad_id: int,
                 probe: TileProbe | None = None, cells=None, decoder_probe: DecoderProbe | None = None,
                 asked: int | None = None, weights: tuple[float, ...] = (1.0, 1.0, 0.0),
-                lookup: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                lookup: tuple[int, int] | None = None, qtype: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean cross-entropy of the answer tokens given the prompt (teacher forcing), the probes' loss weighted by
     `weights` (tile probe, decoder probe), or 0)."""
     seq = torch.tensor([ids + answer[:-1]])
@@ -267,6 +274,9 @@ def sample_loss(model: NVLMReference, pv: torch.Tensor, ids: list[int], answer: 
         first = out.hidden_states[1][0, :len(ids)]  # after decoder layer 1, prompt positions only
         image_pos = (torch.tensor(ids) == pad_id).nonzero().flatten()
         aux = aux + weights[1] * decoder_probe(first, image_pos, len(cells), tiles.shape[1], asked)
+        if len(weights) > 3 and weights[3] > 0 and qtype is not None:
+            aux = aux + weights[3] * torch.nn.functional.cross_entropy(
+                decoder_probe.question(first[-1:]), torch.tensor([QUESTION_TYPES.index(qtype)]))
     if hint:
         image_pos = (torch.tensor(ids) == pad_id).nonzero().flatten()
         offset, tile = lookup
@@ -313,8 +323,8 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                     pv, ids, answer = encode_sample(s, tok, cfg, layout)
                     loss, aux = sample_loss(model, pv, ids, answer, tok.image_pad_id, probe, s.scene.cells,
                                             dprobe, asked_tile(s),
-                                            (recipe.aux_weight, recipe.decoder_probe, recipe.attention_hint),
-                                            looked_up(s))
+                                            (recipe.aux_weight, recipe.decoder_probe, recipe.attention_hint,
+                                             recipe.question_probe), looked_up(s), s.qtype)
                     ((loss + aux) / recipe.batch).backward()
                     losses.append(loss.item())
                     auxes.append(aux.item())

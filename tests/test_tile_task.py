@@ -278,3 +278,17 @@ def test_attention_hint_targets_the_tile_the_answer_is_about():
     _, on2 = train(Recipe(**base, attention_hint=1.0))
     assert [r["loss"] for r in on1] == [r["loss"] for r in on2] and on1[0]["loss"] == off[0]["loss"]
     assert on1[0]["probes"] > off[0]["probes"]
+
+
+def test_question_probe_is_a_head_of_the_decoder_probe(capsys):
+    from builder.cli import main
+    from builder.demo_train import Recipe, train
+
+    with pytest.raises(ValueError, match="give decoder_probe"):
+        Recipe(question_probe=1.0)
+    assert main(["demo-train", "/nonexistent/w.safetensors", "--question-probe", "1"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+    base = dict(samples=2, batch=2, phases=(), single_tile_fraction=0.0, seed=5, threads=1, decoder_probe=1.0)
+    _, off = train(Recipe(**base))
+    _, on = train(Recipe(**base, question_probe=1.0))
+    assert on[0]["loss"] == off[0]["loss"] and on[0]["probes"] > off[0]["probes"] + 0.5  # + a 4-way cross-entropy
