@@ -114,6 +114,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question-probe", type=float, default=d.question_probe, metavar="W",
                    help="weight of the training-only probe of the question's type on the decoder's first layer "
                         f"(needs --decoder-probe; default {d.question_probe}: off)")
+    p.add_argument("--probe-pooling", choices=("mean_max", "mean"), default=d.probe_pooling,
+                   help=f"how the training-only tile probe pools a tile's tokens (default {d.probe_pooling})")
     p.add_argument("--eval", type=int, default=400, metavar="N", help="held-out questions to score (0: none)")
     p.add_argument("--eval-seed", type=int, default=1)
     p.add_argument("--log", help="append the per-step loss log here (JSONL)")
@@ -138,7 +140,7 @@ def _train(args) -> int:
                         seed=args.seed, threads=args.threads, tile_tags=not args.no_tile_tags,
                         shape_first=args.shape_first, phases=phases, init=args.init or "",
                         decoder_probe=args.decoder_probe, attention_hint=args.attention_hint,
-                        question_probe=args.question_probe)
+                        question_probe=args.question_probe, probe_pooling=args.probe_pooling)
     except ValueError as e:
         raise NVLMError(str(e)) from None
     if args.init and not Path(args.init).is_file():
@@ -150,7 +152,8 @@ def _train(args) -> int:
                + (" --no-tile-tags" if args.no_tile_tags else "")
                + (f" --decoder-probe {args.decoder_probe}" if args.decoder_probe else "")
                + (f" --attention-hint {args.attention_hint}" if args.attention_hint else "")
-               + (f" --question-probe {args.question_probe}" if args.question_probe else "") + (f" --init {args.init}" if args.init else ""))
+               + (f" --question-probe {args.question_probe}" if args.question_probe else "")
+               + (f" --probe-pooling {args.probe_pooling}" if args.probe_pooling != "mean_max" else "") + (f" --init {args.init}" if args.init else ""))
     card = train_and_save(Path(args.out), recipe, command=command, eval_n=args.eval, eval_seed=args.eval_seed,
                           log_file=Path(args.log) if args.log else None)
     print(json.dumps(card, indent=2))

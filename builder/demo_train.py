@@ -104,6 +104,11 @@ class Recipe:
     # layer: colour questions also contain "shape" ("What colour is the shape in tile K?"), and the mixed runs
     # answered one-tile colour questions at about chance long after shape questions were learned. 0: off
     question_probe: float = 0.0
+    # how the tile probe pools a tile's image tokens: "mean_max" (mean ‖ max, the runs before 2026-12-01) or
+    # "mean". The decoder reads a tile through attention, a weighted mean: with "mean_max" the probe can be
+    # satisfied by features only a max exposes (the probe knew shape almost perfectly while the answers to
+    # shape questions stayed near chance); "mean" asks the tower for what attention can read
+    probe_pooling: str = "mean_max"
     # an explicit curriculum; when given it replaces shape_first / single_tile_fraction / question_mix and
     # its samples add up to `samples`
     phases: tuple[Phase, ...] = ()
@@ -118,6 +123,8 @@ class Recipe:
     def __post_init__(self):
         if self.shape_first > self.samples:
             raise ValueError(f"shape_first {self.shape_first} exceeds samples {self.samples}")
+        if self.probe_pooling not in ("mean_max", "mean"):
+            raise ValueError(f"probe_pooling is mean_max or mean, got {self.probe_pooling!r}")
         if self.question_probe and not self.decoder_probe:
             raise ValueError("question_probe is a head of the decoder probe: give decoder_probe > 0 too")
         if self.phases and sum(p.samples for p in self.phases) != self.samples:
@@ -188,15 +195,23 @@ def untagged(layout: PromptLayout) -> PromptLayout:
 class TileProbe(torch.nn.Module):
     """Training-only: (mean ‖ max)-pooled image tokens of a tile → its cell's shape and colour."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, hidden: int, pooling: str = "mean_max"):
         super().__init__()
-        self.head = torch.nn.Linear(2 * hidden, len(SHAPES) + len(COLOURS))
+        if pooling not in ("mean_max", "mean"):
+            raise ValueError(f"probe pooling is mean_max or mean, got {pooling!r}")
+        self.pooling = pooling
+        self.head = torch.nn.Linear((2 if pooling == "mean_max" else 1) * hidden, len(SHAPES) + len(COLOURS))
+
+    def pool(self, tiles: torch.Tensor) -> torch.Tensor:
+        """[n, 256, hidden] → [n, hidden] (mean) or [n, 2·hidden] (mean ‖ max)."""
+        if self.pooling == "mean":
+            return tiles.mean(1)
+        return torch.cat([tiles.mean(1), tiles.amax(1)], dim=-1)
 
     def forward(self, tiles: torch.Tensor, cells) -> torch.Tensor:
         """tiles [T, 256, hidden] (regular tiles first, in cell order) → mean cross-entropy over the cells."""
         n = len(cells)
-        pooled = torch.cat([tiles[:n].mean(1), tiles[:n].amax(1)], dim=-1)
-        logits = self.head(pooled)
+        logits = self.head(self.pool(tiles[:n]))
         shape = torch.tensor([SHAPES.index(s) for s, _ in cells])
         colour = torch.tensor([list(COLOURS).index(c) for _, c in cells])
         ce = torch.nn.functional.cross_entropy
@@ -295,7 +310,7 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
     if recipe.init:
         load_released(model, Path(recipe.init))
     model.train()
-    probe = TileProbe(cfg.llm.hidden_size) if recipe.aux_weight else None
+    probe = TileProbe(cfg.llm.hidden_size, recipe.probe_pooling) if recipe.aux_weight else None
     dprobe = DecoderProbe(cfg.llm.hidden_size) if recipe.decoder_probe else None
     params = list(model.parameters()) + [p for m in (probe, dprobe) if m for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))

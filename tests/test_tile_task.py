@@ -292,3 +292,24 @@ def test_question_probe_is_a_head_of_the_decoder_probe(capsys):
     _, off = train(Recipe(**base))
     _, on = train(Recipe(**base, question_probe=1.0))
     assert on[0]["loss"] == off[0]["loss"] and on[0]["probes"] > off[0]["probes"] + 0.5  # + a 4-way cross-entropy
+
+
+def test_tile_probe_pooling():
+    """The tile probe pools mean ‖ max (the earlier runs) or mean only: a tile whose cell is told only by its
+    maximum is separable by the first and not by the second."""
+    import torch
+
+    from builder.demo_train import Recipe, TileProbe
+
+    assert TileProbe(8).head.in_features == 16 and TileProbe(8, "mean").head.in_features == 8
+    with pytest.raises(ValueError, match="mean_max or mean"):
+        Recipe(probe_pooling="max")
+    # two tiles with the same mean and different maxima
+    a = torch.zeros(1, 4, 8)
+    a[0, 0, 0], a[0, 1, 0] = 2.0, -2.0
+    b = torch.zeros(1, 4, 8)
+    b[0, 0, 0], b[0, 1, 0] = 1.0, -1.0
+    for pooling, separable in (("mean_max", True), ("mean", False)):
+        probe = TileProbe(8, pooling)
+        assert (not torch.equal(probe.pool(a), probe.pool(b))) == separable
+        assert probe(a, [("circle", "red")]).item() > 0
