@@ -273,9 +273,10 @@ def attention_mass_loss(attn: torch.Tensor, row: int, image_pos: torch.Tensor, t
 def sample_loss(model: NVLMReference, pv: torch.Tensor, ids: list[int], answer: list[int], pad_id: int,
                 probe: TileProbe | None = None, cells=None, decoder_probe: DecoderProbe | None = None,
                 asked: int | None = None, weights: tuple[float, ...] = (1.0, 1.0, 0.0),
-                lookup: tuple[int, int] | None = None, qtype: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                lookup: tuple[int, int] | None = None, qtype: str | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(mean cross-entropy of the answer tokens given the prompt (teacher forcing), the probes' loss weighted by
-    `weights` (tile probe, decoder probe), or 0)."""
+    `weights` (tile probe, decoder probe, attention hint, question probe) or 0, whether every answer token is
+    the argmax)."""
     seq = torch.tensor([ids + answer[:-1]])
     tiles = model.encode_tiles(pv)  # [T, 256, hidden]
     embeds = model.embed(seq, tiles.flatten(0, 1), pad_id)
@@ -283,7 +284,11 @@ def sample_loss(model: NVLMReference, pv: torch.Tensor, ids: list[int], answer: 
     out = model.llm.model(inputs_embeds=embeds, output_hidden_states=decoder_probe is not None,
                           output_attentions=hint)
     hidden = out.last_hidden_state[0, -len(answer):]  # [A, hidden]
-    loss = torch.nn.functional.cross_entropy(model.llm.lm_head(hidden), torch.tensor(answer))
+    logits = model.llm.lm_head(hidden)
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(answer))
+    # teacher-forced exact match of the whole answer: a running accuracy for the loss log (the loss is a mean over
+    # the answer's tokens, most of which are decided by its first, so it understates how often the answer is wrong)
+    exact = bool((logits.argmax(-1) == torch.tensor(answer)).all())
     aux = torch.zeros(()) if probe is None else weights[0] * probe(tiles, cells)
     if decoder_probe is not None:
         first = out.hidden_states[1][0, :len(ids)]  # after decoder layer 1, prompt positions only
@@ -297,7 +302,7 @@ def sample_loss(model: NVLMReference, pv: torch.Tensor, ids: list[int], answer: 
         offset, tile = lookup
         attn = out.attentions[1][0, 0]  # second layer, first head: [S, S]
         aux = aux + weights[2] * attention_mass_loss(attn, len(ids) - 1 + offset, image_pos, tile, tiles.shape[1])
-    return loss, aux
+    return loss, aux, exact
 
 
 def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, list[dict]]:
@@ -325,7 +330,7 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                 for group in opt.param_groups:
                     group["lr"] = lr_at(recipe, step)
                 opt.zero_grad(set_to_none=True)
-                losses, auxes, by_type = [], [], {}
+                losses, auxes, by_type, hits = [], [], {}, {}
                 for _ in range(min(recipe.batch, recipe.samples - done)):
                     phase = plan[done]
                     canvas = CANVASES[0] if phase.canvas == "one" else None
@@ -336,7 +341,7 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                         qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=mix))]
                     s = sample(rng, qtype, canvas=canvas)
                     pv, ids, answer = encode_sample(s, tok, cfg, layout)
-                    loss, aux = sample_loss(model, pv, ids, answer, tok.image_pad_id, probe, s.scene.cells,
+                    loss, aux, exact = sample_loss(model, pv, ids, answer, tok.image_pad_id, probe, s.scene.cells,
                                             dprobe, asked_tile(s),
                                             (recipe.aux_weight, recipe.decoder_probe, recipe.attention_hint,
                                              recipe.question_probe), looked_up(s), s.qtype)
@@ -344,11 +349,13 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                     losses.append(loss.item())
                     auxes.append(aux.item())
                     by_type.setdefault(qtype, []).append(loss.item())
+                    hits.setdefault(qtype, []).append(exact)
                     done += 1
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 opt.step()
                 row = {"step": step + 1, "samples": done, "loss": sum(losses) / len(losses),
                        "loss_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
+                       "exact_by_type": {t: sum(v) / len(v) for t, v in sorted(hits.items())},
                        "probes": sum(auxes) / len(auxes),
                        "lr": lr_at(recipe, step), "seconds": round(time.perf_counter() - t0, 2)}
                 history.append(row)

@@ -101,6 +101,9 @@ def test_twenty_training_steps_lower_the_loss_and_repeat_exactly(tmp_path):
     m1, h1 = train(recipe, tmp_path / "log.jsonl")
     m2, h2 = train(recipe)
     assert len(h1) == 20 and [r["loss"] for r in h1] == [r["loss"] for r in h2]
+    # the running exact-match: none at initialisation (a 640-token vocabulary), a fraction per type
+    assert h1[0]["exact_by_type"] and set(h1[0]["exact_by_type"].values()) == {0.0}
+    assert all(0 <= v <= 1 for r in h1 for v in r["exact_by_type"].values())
     first, last = np.mean([r["loss"] for r in h1[:5]]), np.mean([r["loss"] for r in h1[-5:]])
     assert last < 0.75 * first, (first, last)
     t1, t2 = released_tensors(m1), released_tensors(m2)
