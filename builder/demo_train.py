@@ -270,39 +270,65 @@ def attention_mass_loss(attn: torch.Tensor, row: int, image_pos: torch.Tensor, t
     return -torch.log(attn[row, cols].sum() + 1e-6)
 
 
-def sample_loss(model: NVLMReference, pv: torch.Tensor, ids: list[int], answer: list[int], pad_id: int,
-                probe: TileProbe | None = None, cells=None, decoder_probe: DecoderProbe | None = None,
-                asked: int | None = None, weights: tuple[float, ...] = (1.0, 1.0, 0.0),
-                lookup: tuple[int, int] | None = None, qtype: str | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """(mean cross-entropy of the answer tokens given the prompt (teacher forcing), the probes' loss weighted by
-    `weights` (tile probe, decoder probe, attention hint, question probe) or 0, whether every answer token is
-    the argmax)."""
+@dataclass
+class Aids:
+    """The training-only losses of a recipe: the tile probe, the decoder probe (with its question head) and the
+    attention hint, with their weights. None of it ships: the saved model is plain NVLM-D."""
+
+    recipe: Recipe
+    tile: TileProbe | None = None
+    decoder: DecoderProbe | None = None
+
+    @classmethod
+    def of(cls, recipe: Recipe, hidden: int) -> "Aids":
+        return cls(recipe, TileProbe(hidden, recipe.probe_pooling) if recipe.aux_weight else None,
+                   DecoderProbe(hidden) if recipe.decoder_probe else None)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in (self.tile, self.decoder) if m is not None for p in m.parameters()]
+
+    def loss(self, s, tiles: torch.Tensor, ids: list[int], pad_id: int, out) -> torch.Tensor:
+        """Their weighted sum for sample `s`, given the image tiles' features [T, 256, hidden] and the decoder's
+        output `out` (hidden states and attentions as `wants` asked for)."""
+        r, total = self.recipe, torch.zeros(())
+        if self.tile is not None:
+            total = total + r.aux_weight * self.tile(tiles, s.scene.cells)
+        image_pos = (torch.tensor(ids) == pad_id).nonzero().flatten()
+        if self.decoder is not None:
+            first = out.hidden_states[1][0, :len(ids)]  # after decoder layer 1, prompt positions only
+            total = total + r.decoder_probe * self.decoder(first, image_pos, len(s.scene.cells), tiles.shape[1],
+                                                            asked_tile(s))
+            if r.question_probe:
+                total = total + r.question_probe * torch.nn.functional.cross_entropy(
+                    self.decoder.question(first[-1:]), torch.tensor([QUESTION_TYPES.index(s.qtype)]))
+        lookup = looked_up(s)
+        if r.attention_hint and lookup is not None:
+            offset, tile = lookup
+            attn = out.attentions[1][0, 0]  # second layer, first head: [S, S]
+            total = total + r.attention_hint * attention_mass_loss(attn, len(ids) - 1 + offset, image_pos, tile,
+                                                                   tiles.shape[1])
+        return total
+
+    def wants(self, s) -> dict:
+        """The decoder outputs these losses read, for `model.llm.model(...)`."""
+        return {"output_hidden_states": self.decoder is not None,
+                "output_attentions": bool(self.recipe.attention_hint) and looked_up(s) is not None}
+
+
+def sample_loss(model: NVLMReference, s, pv: torch.Tensor, ids: list[int], answer: list[int], pad_id: int,
+                aids: Aids | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(mean cross-entropy of the answer tokens given the prompt (teacher forcing), the training aids' weighted
+    loss or 0, whether every answer token is the argmax)."""
     seq = torch.tensor([ids + answer[:-1]])
     tiles = model.encode_tiles(pv)  # [T, 256, hidden]
     embeds = model.embed(seq, tiles.flatten(0, 1), pad_id)
-    hint = len(weights) > 2 and weights[2] > 0 and lookup is not None
-    out = model.llm.model(inputs_embeds=embeds, output_hidden_states=decoder_probe is not None,
-                          output_attentions=hint)
-    hidden = out.last_hidden_state[0, -len(answer):]  # [A, hidden]
-    logits = model.llm.lm_head(hidden)
+    out = model.llm.model(inputs_embeds=embeds, **(aids.wants(s) if aids else {}))
+    logits = model.llm.lm_head(out.last_hidden_state[0, -len(answer):])  # [A, vocab]
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor(answer))
     # teacher-forced exact match of the whole answer: a running accuracy for the loss log (the loss is a mean over
     # the answer's tokens, most of which are decided by its first, so it understates how often the answer is wrong)
     exact = bool((logits.argmax(-1) == torch.tensor(answer)).all())
-    aux = torch.zeros(()) if probe is None else weights[0] * probe(tiles, cells)
-    if decoder_probe is not None:
-        first = out.hidden_states[1][0, :len(ids)]  # after decoder layer 1, prompt positions only
-        image_pos = (torch.tensor(ids) == pad_id).nonzero().flatten()
-        aux = aux + weights[1] * decoder_probe(first, image_pos, len(cells), tiles.shape[1], asked)
-        if len(weights) > 3 and weights[3] > 0 and qtype is not None:
-            aux = aux + weights[3] * torch.nn.functional.cross_entropy(
-                decoder_probe.question(first[-1:]), torch.tensor([QUESTION_TYPES.index(qtype)]))
-    if hint:
-        image_pos = (torch.tensor(ids) == pad_id).nonzero().flatten()
-        offset, tile = lookup
-        attn = out.attentions[1][0, 0]  # second layer, first head: [S, S]
-        aux = aux + weights[2] * attention_mass_loss(attn, len(ids) - 1 + offset, image_pos, tile, tiles.shape[1])
-    return loss, aux, exact
+    return loss, (aids.loss(s, tiles, ids, pad_id, out) if aids else torch.zeros(())), exact
 
 
 def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, list[dict]]:
@@ -315,9 +341,8 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
     if recipe.init:
         load_released(model, Path(recipe.init))
     model.train()
-    probe = TileProbe(cfg.llm.hidden_size, recipe.probe_pooling) if recipe.aux_weight else None
-    dprobe = DecoderProbe(cfg.llm.hidden_size) if recipe.decoder_probe else None
-    params = list(model.parameters()) + [p for m in (probe, dprobe) if m for p in m.parameters()]
+    aids = Aids.of(recipe, cfg.llm.hidden_size)
+    params = list(model.parameters()) + aids.parameters()
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
     rng = np.random.default_rng([recipe.seed, 2024])
     # the phase of each sample, in order
@@ -341,10 +366,7 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                         qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=mix))]
                     s = sample(rng, qtype, canvas=canvas)
                     pv, ids, answer = encode_sample(s, tok, cfg, layout)
-                    loss, aux, exact = sample_loss(model, pv, ids, answer, tok.image_pad_id, probe, s.scene.cells,
-                                            dprobe, asked_tile(s),
-                                            (recipe.aux_weight, recipe.decoder_probe, recipe.attention_hint,
-                                             recipe.question_probe), looked_up(s), s.qtype)
+                    loss, aux, exact = sample_loss(model, s, pv, ids, answer, tok.image_pad_id, aids)
                     ((loss + aux) / recipe.batch).backward()
                     losses.append(loss.item())
                     auxes.append(aux.item())
