@@ -31,7 +31,7 @@ from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from triton_repo.generate import generate_repo, plan_pending
 
-from .demo_train import Phase, Recipe, evaluate_checkpoint, train_and_save
+from .demo_train import POOLINGS, Phase, Recipe, evaluate_checkpoint, train_and_save
 from .engine_build import EngineBuildOptions, build_engine, format_summary
 from .llm_build import build_llm
 from .vision_export import export_vision
@@ -114,7 +114,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--question-probe", type=float, default=d.question_probe, metavar="W",
                    help="weight of the training-only probe of the question's type on the decoder's first layer "
                         f"(needs --decoder-probe; default {d.question_probe}: off)")
-    p.add_argument("--probe-pooling", choices=("mean_max", "mean"), default=d.probe_pooling,
+    p.add_argument("--probe-pooling", choices=POOLINGS, default=d.probe_pooling,
                    help=f"how the training-only tile probe pools a tile's tokens (default {d.probe_pooling})")
     p.add_argument("--eval", type=int, default=400, metavar="N", help="held-out questions to score (0: none)")
     p.add_argument("--eval-seed", type=int, default=1)
@@ -150,10 +150,11 @@ def _train(args) -> int:
     command = (f"nvlm-build demo-train {args.out} {schedule} --batch {args.batch} --lr {args.lr} --seed {args.seed} "
                f"--threads {args.threads}"
                + (" --no-tile-tags" if args.no_tile_tags else "")
-               + (f" --decoder-probe {args.decoder_probe}" if args.decoder_probe else "")
-               + (f" --attention-hint {args.attention_hint}" if args.attention_hint else "")
-               + (f" --question-probe {args.question_probe}" if args.question_probe else "")
-               + (f" --probe-pooling {args.probe_pooling}" if args.probe_pooling != "mean_max" else "") + (f" --init {args.init}" if args.init else ""))
+               # the training aids that differ from the recipe's defaults, under their flags
+               + "".join(f" --{name.replace('_', '-')} {getattr(args, name)}"
+                         for name in ("decoder_probe", "attention_hint", "question_probe", "probe_pooling")
+                         if getattr(args, name) != getattr(Recipe(), name))
+               + (f" --init {args.init}" if args.init else ""))
     card = train_and_save(Path(args.out), recipe, command=command, eval_n=args.eval, eval_seed=args.eval_seed,
                           log_file=Path(args.log) if args.log else None)
     print(json.dumps(card, indent=2))

@@ -38,6 +38,8 @@ from runtime.tokenizer import NVLMTokenizer
 
 log = logging.getLogger(__name__)
 
+POOLINGS = ("mean_max", "mean")  # how the training-only tile probe may pool a tile's tokens (Recipe.probe_pooling)
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -123,8 +125,8 @@ class Recipe:
     def __post_init__(self):
         if self.shape_first > self.samples:
             raise ValueError(f"shape_first {self.shape_first} exceeds samples {self.samples}")
-        if self.probe_pooling not in ("mean_max", "mean"):
-            raise ValueError(f"probe_pooling is mean_max or mean, got {self.probe_pooling!r}")
+        if self.probe_pooling not in POOLINGS:
+            raise ValueError(f"probe_pooling is one of {POOLINGS}, got {self.probe_pooling!r}")
         if self.question_probe and not self.decoder_probe:
             raise ValueError("question_probe is a head of the decoder probe: give decoder_probe > 0 too")
         if self.phases and sum(p.samples for p in self.phases) != self.samples:
@@ -197,8 +199,8 @@ class TileProbe(torch.nn.Module):
 
     def __init__(self, hidden: int, pooling: str = "mean_max"):
         super().__init__()
-        if pooling not in ("mean_max", "mean"):
-            raise ValueError(f"probe pooling is mean_max or mean, got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"probe pooling is one of {POOLINGS}, got {pooling!r}")
         self.pooling = pooling
         self.head = torch.nn.Linear((2 if pooling == "mean_max" else 1) * hidden, len(SHAPES) + len(COLOURS))
 
