@@ -116,6 +116,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                         f"(needs --decoder-probe; default {d.question_probe}: off)")
     p.add_argument("--probe-pooling", choices=POOLINGS, default=d.probe_pooling,
                    help=f"how the training-only tile probe pools a tile's tokens (default {d.probe_pooling})")
+    p.add_argument("--freeze-vision", action="store_true",
+                   help="train the decoder only, the vision tower and projector as --init has them (a second stage)")
     p.add_argument("--eval", type=int, default=400, metavar="N", help="held-out questions to score (0: none)")
     p.add_argument("--eval-seed", type=int, default=1)
     p.add_argument("--log", help="append the per-step loss log here (JSONL)")
@@ -140,7 +142,8 @@ def _train(args) -> int:
                         seed=args.seed, threads=args.threads, tile_tags=not args.no_tile_tags,
                         shape_first=args.shape_first, phases=phases, init=args.init or "",
                         decoder_probe=args.decoder_probe, attention_hint=args.attention_hint,
-                        question_probe=args.question_probe, probe_pooling=args.probe_pooling)
+                        question_probe=args.question_probe, probe_pooling=args.probe_pooling,
+                        freeze_vision=args.freeze_vision)
     except ValueError as e:
         raise NVLMError(str(e)) from None
     if args.init and not Path(args.init).is_file():
@@ -150,6 +153,7 @@ def _train(args) -> int:
     command = (f"nvlm-build demo-train {args.out} {schedule} --batch {args.batch} --lr {args.lr} --seed {args.seed} "
                f"--threads {args.threads}"
                + (" --no-tile-tags" if args.no_tile_tags else "")
+               + (" --freeze-vision" if args.freeze_vision else "")
                # the training aids that differ from the recipe's defaults, under their flags
                + "".join(f" --{name.replace('_', '-')} {getattr(args, name)}"
                          for name in ("decoder_probe", "attention_hint", "question_probe", "probe_pooling")

@@ -117,6 +117,11 @@ class Recipe:
     # start from these weights (a `demo-train` output, released names) instead of the standard initialisation:
     # a second stage that continues a run (fresh optimizer state and probe; use another seed for fresh data)
     init: str = ""
+    # train the decoder only: the vision tower and the projector keep their (`init`) weights and run without
+    # gradients — a second stage for a tower that already sees (one tile's colour and shape are a property of the
+    # tile alone, and the regular tiles of every canvas are cells of the same kind); 0.40 s instead of 0.72 s per
+    # sample on every canvas (1 thread, every aid on). The tile probe has nothing to train then and is off
+    freeze_vision: bool = False
 
     @property
     def steps(self) -> int:
@@ -129,6 +134,8 @@ class Recipe:
             raise ValueError(f"probe_pooling is one of {POOLINGS}, got {self.probe_pooling!r}")
         if self.question_probe and not self.decoder_probe:
             raise ValueError("question_probe is a head of the decoder probe: give decoder_probe > 0 too")
+        if self.freeze_vision and not self.init:
+            raise ValueError("freeze_vision keeps a trained vision tower: give init (a demo-train output) too")
         if self.phases and sum(p.samples for p in self.phases) != self.samples:
             raise ValueError(f"the phases' samples add up to {sum(p.samples for p in self.phases)}, "
                              f"not samples {self.samples}")
@@ -283,7 +290,8 @@ class Aids:
 
     @classmethod
     def of(cls, recipe: Recipe, hidden: int) -> "Aids":
-        return cls(recipe, TileProbe(hidden, recipe.probe_pooling) if recipe.aux_weight else None,
+        tile_probe = recipe.aux_weight and not recipe.freeze_vision
+        return cls(recipe, TileProbe(hidden, recipe.probe_pooling) if tile_probe else None,
                    DecoderProbe(hidden) if recipe.decoder_probe else None)
 
     def parameters(self) -> list[torch.nn.Parameter]:
@@ -322,7 +330,8 @@ def sample_loss(model: NVLMReference, s, pv: torch.Tensor, ids: list[int], answe
     """(mean cross-entropy of the answer tokens given the prompt (teacher forcing), the training aids' weighted
     loss or 0, whether every answer token is the argmax)."""
     seq = torch.tensor([ids + answer[:-1]])
-    tiles = model.encode_tiles(pv)  # [T, 256, hidden]
+    with torch.set_grad_enabled(any(p.requires_grad for p in model.vision.parameters())):
+        tiles = model.encode_tiles(pv)  # [T, 256, hidden]
     embeds = model.embed(seq, tiles.flatten(0, 1), pad_id)
     out = model.llm.model(inputs_embeds=embeds, **(aids.wants(s) if aids else {}))
     logits = model.llm.lm_head(out.last_hidden_state[0, -len(answer):])  # [A, vocab]
@@ -343,8 +352,11 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
     if recipe.init:
         load_released(model, Path(recipe.init))
     model.train()
+    if recipe.freeze_vision:
+        for module in (model.vision, model.projector):
+            module.requires_grad_(False)
     aids = Aids.of(recipe, cfg.llm.hidden_size)
-    params = list(model.parameters()) + aids.parameters()
+    params = [p for p in model.parameters() if p.requires_grad] + aids.parameters()
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
     rng = np.random.default_rng([recipe.seed, 2024])
     # the phase of each sample, in order
@@ -375,7 +387,7 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                     by_type.setdefault(qtype, []).append(loss.item())
                     hits.setdefault(qtype, []).append(exact)
                     done += 1
-                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
                 opt.step()
                 row = {"step": step + 1, "samples": done, "loss": sum(losses) / len(losses),
                        "loss_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},

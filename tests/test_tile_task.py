@@ -323,3 +323,33 @@ def test_tile_probe_pooling():
     for pooling, separable in (("mean_max", True), ("mean", False)):
         probe = TileProbe(8, pooling)
         assert (not torch.equal(probe.pool(a), probe.pool(b))) == separable
+
+
+def test_freeze_vision_trains_the_decoder_only(tmp_path, capsys):
+    """--freeze-vision: after a second stage the vision tower and projector are bit-identical to --init and the
+    decoder is not; it needs --init (one line, exit 2)."""
+    from safetensors.torch import load_file, save_file
+
+    from builder.cli import main
+    from builder.demo_train import Recipe, init_model, released_tensors
+    from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts
+
+    _, cfg, _ = demo_parts(DEMO_TRAINED_DIMS)
+    w = tmp_path / "first.safetensors"
+    save_file(released_tensors(init_model(cfg, 3)), str(w))
+    out = tmp_path / "second.safetensors"
+    assert main(["demo-train", str(out), "--phases", "4:all:1,1,1,1", "--batch", "2", "--threads", "1",
+                 "--eval", "0", "--init", str(w), "--freeze-vision", "--decoder-probe", "1"]) == 0
+    before, after = load_file(str(w)), load_file(str(out))
+    vision = [n for n in before if n.startswith(("vision_model.", "mlp1."))]
+    decoder = [n for n in before if n.startswith("language_model.")]
+    assert vision and decoder
+    assert all(before[n].equal(after[n]) for n in vision)
+    assert sum(not before[n].equal(after[n]) for n in decoder) > len(decoder) // 2
+    assert "--freeze-vision" in json.loads(out.with_suffix(".json").read_text())["command"]
+    capsys.readouterr()
+
+    with pytest.raises(ValueError, match="give init"):
+        Recipe(freeze_vision=True)
+    assert main(["demo-train", str(out), "--samples", "2", "--freeze-vision"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1
