@@ -102,6 +102,12 @@ class Recipe:
     # image tokens of the tile the answer is about (the tile a colour/shape question names; for which_tile, the
     # tile of that colour). The shipped model is unchanged; the hint only shapes where the gradient goes. 0: off
     attention_hint: float = 0.0
+    # weight of a training-only hint on the first hop's query side: a head of the decoder's first layer
+    # (`KEY_HINT_HEAD`), at the prompt's last token, is pushed (−log of its attention mass) onto the question's
+    # tile number (" K" of "... in tile K?"). Without it that token read only image tokens in the first layer
+    # (the 1,280 image keys drown one text key): K never reached it (a linear probe read it at chance, 25%, in
+    # run F) and the second layer could not select tile K. 0: off
+    key_hint: float = 0.0
     # weight of a training-only probe of the question's type at the prompt's last token after the decoder's first
     # layer: colour questions also contain "shape" ("What colour is the shape in tile K?"), and the mixed runs
     # answered one-tile colour questions at about chance long after shape questions were learned. 0: off
@@ -279,6 +285,21 @@ def attention_mass_loss(attn: torch.Tensor, row: int, image_pos: torch.Tensor, t
     return -torch.log(attn[row, cols].sum() + 1e-6)
 
 
+KEY_HINT_HEAD = 3  # a head of the second KV group: the first group's heads carry each image token's tile tag
+
+
+def tile_number_position(s, ids: list[int], tok) -> int | None:
+    """Position in `ids` of the tile number a colour/shape question names (its last occurrence: the question
+    follows the image), or None for the other types."""
+    k = asked_tile(s)
+    if k is None:
+        return None
+    number = tok.encode(f" {k + 1}")
+    if len(number) != 1:
+        raise ValueError(f"' {k + 1}' is {len(number)} tokens in this tokenizer, not one")
+    return len(ids) - 1 - ids[::-1].index(number[0])
+
+
 @dataclass
 class Aids:
     """The training-only losses of a recipe: the tile probe, the decoder probe (with its question head) and the
@@ -297,9 +318,11 @@ class Aids:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in (self.tile, self.decoder) if m is not None for p in m.parameters()]
 
-    def loss(self, s, tiles: torch.Tensor, ids: list[int], pad_id: int, out) -> torch.Tensor:
+    def loss(self, s, tiles: torch.Tensor, ids: list[int], pad_id: int, out, number_pos: int | None = None) \
+            -> torch.Tensor:
         """Their weighted sum for sample `s`, given the image tiles' features [T, 256, hidden] and the decoder's
-        output `out` (hidden states and attentions as `wants` asked for)."""
+        output `out` (hidden states and attentions as `wants` asked for); number_pos: where the tile number a
+        colour/shape question names is in `ids` (`tile_number_position`)."""
         r, total = self.recipe, torch.zeros(())
         if self.tile is not None:
             total = total + r.aux_weight * self.tile(tiles, s.scene.cells)
@@ -311,6 +334,9 @@ class Aids:
             if r.question_probe:
                 total = total + r.question_probe * torch.nn.functional.cross_entropy(
                     self.decoder.question(first[-1:]), torch.tensor([QUESTION_TYPES.index(s.qtype)]))
+        if r.key_hint and number_pos is not None:
+            attn = out.attentions[0][0, KEY_HINT_HEAD]  # first layer: [S, S]
+            total = total + r.key_hint * -torch.log(attn[len(ids) - 1, number_pos] + 1e-6)
         lookup = looked_up(s)
         if r.attention_hint and lookup is not None:
             offset, tile = lookup
@@ -321,12 +347,14 @@ class Aids:
 
     def wants(self, s) -> dict:
         """The decoder outputs these losses read, for `model.llm.model(...)`."""
+        r = self.recipe
         return {"output_hidden_states": self.decoder is not None,
-                "output_attentions": bool(self.recipe.attention_hint) and looked_up(s) is not None}
+                "output_attentions": (bool(r.attention_hint) and looked_up(s) is not None)
+                or (bool(r.key_hint) and asked_tile(s) is not None)}
 
 
 def sample_loss(model: NVLMReference, s, pv: torch.Tensor, ids: list[int], answer: list[int], pad_id: int,
-                aids: Aids | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                aids: Aids | None = None, number_pos: int | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(mean cross-entropy of the answer tokens given the prompt (teacher forcing), the training aids' weighted
     loss or 0, whether every answer token is the argmax)."""
     seq = torch.tensor([ids + answer[:-1]])
@@ -339,7 +367,7 @@ def sample_loss(model: NVLMReference, s, pv: torch.Tensor, ids: list[int], answe
     # teacher-forced exact match of the whole answer: a running accuracy for the loss log (the loss is a mean over
     # the answer's tokens, most of which are decided by its first, so it understates how often the answer is wrong)
     exact = bool((logits.argmax(-1) == torch.tensor(answer)).all())
-    return loss, (aids.loss(s, tiles, ids, pad_id, out) if aids else torch.zeros(())), exact
+    return loss, (aids.loss(s, tiles, ids, pad_id, out, number_pos) if aids else torch.zeros(())), exact
 
 
 def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, list[dict]]:
@@ -380,7 +408,8 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                         qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=mix))]
                     s = sample(rng, qtype, canvas=canvas)
                     pv, ids, answer = encode_sample(s, tok, cfg, layout)
-                    loss, aux, exact = sample_loss(model, s, pv, ids, answer, tok.image_pad_id, aids)
+                    number_pos = tile_number_position(s, ids, tok) if recipe.key_hint else None
+                    loss, aux, exact = sample_loss(model, s, pv, ids, answer, tok.image_pad_id, aids, number_pos)
                     ((loss + aux) / recipe.batch).backward()
                     losses.append(loss.item())
                     auxes.append(aux.item())
