@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from builder.demo_train import (DecoderProbe, asked_tile, encode_sample, init_model, load_released,
-                                tile_number_position)
+from builder.demo_train import DecoderProbe, asked_tile, encode_sample, init_model, load_released, tile_number_position
 from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts
 from runtime.core.families import family_for
 from runtime.tile_task import sample
