@@ -19,7 +19,7 @@ import logging
 import math
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -308,6 +308,7 @@ class Aids:
     recipe: Recipe
     tile: TileProbe | None = None
     decoder: DecoderProbe | None = None
+    last: dict = field(default_factory=dict)  # the last sample's losses by aid, unweighted (for the log)
 
     @classmethod
     def of(cls, recipe: Recipe, hidden: int) -> "Aids":
@@ -323,27 +324,28 @@ class Aids:
         """Their weighted sum for sample `s`, given the image tiles' features [T, 256, hidden] and the decoder's
         output `out` (hidden states and attentions as `wants` asked for); number_pos: where the tile number a
         colour/shape question names is in `ids` (`tile_number_position`)."""
-        r, total = self.recipe, torch.zeros(())
+        r, parts = self.recipe, {}  # name → (weight, unweighted loss)
         if self.tile is not None:
-            total = total + r.aux_weight * self.tile(tiles, s.scene.cells)
+            parts["tile_probe"] = (r.aux_weight, self.tile(tiles, s.scene.cells))
         image_pos = (torch.tensor(ids) == pad_id).nonzero().flatten()
         if self.decoder is not None:
             first = out.hidden_states[1][0, :len(ids)]  # after decoder layer 1, prompt positions only
-            total = total + r.decoder_probe * self.decoder(first, image_pos, len(s.scene.cells), tiles.shape[1],
-                                                            asked_tile(s))
+            parts["decoder_probe"] = (r.decoder_probe, self.decoder(first, image_pos, len(s.scene.cells),
+                                                                    tiles.shape[1], asked_tile(s)))
             if r.question_probe:
-                total = total + r.question_probe * torch.nn.functional.cross_entropy(
-                    self.decoder.question(first[-1:]), torch.tensor([QUESTION_TYPES.index(s.qtype)]))
+                parts["question_probe"] = (r.question_probe, torch.nn.functional.cross_entropy(
+                    self.decoder.question(first[-1:]), torch.tensor([QUESTION_TYPES.index(s.qtype)])))
         if r.key_hint and number_pos is not None:
             attn = out.attentions[0][0, KEY_HINT_HEAD]  # first layer: [S, S]
-            total = total + r.key_hint * -torch.log(attn[len(ids) - 1, number_pos] + 1e-6)
+            parts["key_hint"] = (r.key_hint, -torch.log(attn[len(ids) - 1, number_pos] + 1e-6))
         lookup = looked_up(s)
         if r.attention_hint and lookup is not None:
             offset, tile = lookup
             attn = out.attentions[1][0, 0]  # second layer, first head: [S, S]
-            total = total + r.attention_hint * attention_mass_loss(attn, len(ids) - 1 + offset, image_pos, tile,
-                                                                   tiles.shape[1])
-        return total
+            parts["attention_hint"] = (r.attention_hint, attention_mass_loss(attn, len(ids) - 1 + offset, image_pos,
+                                                                             tile, tiles.shape[1]))
+        self.last = {name: loss.item() for name, (_, loss) in parts.items()}
+        return sum((w * loss for w, loss in parts.values()), torch.zeros(()))
 
     def wants(self, s) -> dict:
         """The decoder outputs these losses read, for `model.llm.model(...)`."""
@@ -397,7 +399,7 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                 for group in opt.param_groups:
                     group["lr"] = lr_at(recipe, step)
                 opt.zero_grad(set_to_none=True)
-                losses, auxes, by_type, hits = [], [], {}, {}
+                losses, auxes, by_type, hits, by_aid = [], [], {}, {}, {}
                 for _ in range(min(recipe.batch, recipe.samples - done)):
                     phase = plan[done]
                     canvas = CANVASES[0] if phase.canvas == "one" else None
@@ -413,6 +415,8 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                     ((loss + aux) / recipe.batch).backward()
                     losses.append(loss.item())
                     auxes.append(aux.item())
+                    for name, value in aids.last.items():
+                        by_aid.setdefault(name, []).append(value)
                     by_type.setdefault(qtype, []).append(loss.item())
                     hits.setdefault(qtype, []).append(exact)
                     done += 1
@@ -422,6 +426,8 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                        "loss_by_type": {t: sum(v) / len(v) for t, v in sorted(by_type.items())},
                        "exact_by_type": {t: sum(v) / len(v) for t, v in sorted(hits.items())},
                        "probes": sum(auxes) / len(auxes),
+                       # each aid's unweighted loss, mean over the samples it applies to
+                       "aids": {name: sum(v) / len(v) for name, v in sorted(by_aid.items())},
                        "lr": lr_at(recipe, step), "seconds": round(time.perf_counter() - t0, 2)}
                 history.append(row)
                 if out:

@@ -385,3 +385,6 @@ def test_key_hint_points_at_the_question_s_tile_number():
     _, on2 = train(Recipe(**base, key_hint=1.0))
     assert [r["loss"] for r in on1] == [r["loss"] for r in on2] and on1[0]["loss"] == off[0]["loss"]
     assert on1[0]["probes"] > off[0]["probes"] + 1.0  # −log of a small attention mass
+    # the log has each aid's own loss: the tile probe (on by default) and the hint
+    assert set(on1[0]["aids"]) == {"tile_probe", "key_hint"} and set(off[0]["aids"]) == {"tile_probe"}
+    assert on1[0]["aids"]["key_hint"] > 1.0
