@@ -288,6 +288,26 @@ def attention_mass_loss(attn: torch.Tensor, row: int, image_pos: torch.Tensor, t
 KEY_HINT_HEAD = 3  # a head of the second KV group: the first group's heads carry each image token's tile tag
 
 
+def attention_log_probs(model: NVLMReference, layer: int, hidden: torch.Tensor, row: int, head: int) -> torch.Tensor:
+    """log-softmax [row + 1] of query `row`'s scores over keys 0..row in `head` of decoder layer `layer`, recomputed
+    from that layer's input `hidden` [S, hidden] as transformers' Qwen2 attention computes them (RMSNorm,
+    projections with bias, rotary, GQA). The attention probabilities the decoder returns underflow where a hint
+    is most needed (the first layer put 1e-27 of the last token's mass on the tile number in run G: −log of it
+    has no gradient left); the log-softmax of the scores keeps it."""
+    from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+    block = model.llm.model.layers[layer]
+    attn = block.self_attn
+    x = block.input_layernorm(hidden[:row + 1])[None]  # [1, R, hidden]
+    cos, sin = model.llm.model.rotary_emb(x, torch.arange(row + 1)[None])
+    q = attn.q_proj(x[:, row:]).view(1, 1, -1, attn.head_dim).transpose(1, 2)  # [1, heads, 1, d]
+    k = attn.k_proj(x).view(1, row + 1, -1, attn.head_dim).transpose(1, 2)  # [1, kv_heads, R, d]
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, row:], sin[:, row:])
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    kv = head // (q.shape[1] // k.shape[1])
+    return torch.log_softmax((q[0, head, 0] @ k[0, kv].T) * attn.scaling, dim=-1)
+
+
 def tile_number_position(s, ids: list[int], tok) -> int | None:
     """Position in `ids` of the tile number a colour/shape question names (its last occurrence: the question
     follows the image), or None for the other types."""
@@ -319,11 +339,12 @@ class Aids:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in (self.tile, self.decoder) if m is not None for p in m.parameters()]
 
-    def loss(self, s, tiles: torch.Tensor, ids: list[int], pad_id: int, out, number_pos: int | None = None) \
-            -> torch.Tensor:
+    def loss(self, s, tiles: torch.Tensor, ids: list[int], pad_id: int, out, number_pos: int | None = None,
+             model: NVLMReference | None = None) -> torch.Tensor:
         """Their weighted sum for sample `s`, given the image tiles' features [T, 256, hidden] and the decoder's
         output `out` (hidden states and attentions as `wants` asked for); number_pos: where the tile number a
-        colour/shape question names is in `ids` (`tile_number_position`)."""
+        colour/shape question names is in `ids` (`tile_number_position`); model: the model (the key hint
+        recomputes a first-layer attention row)."""
         r, parts = self.recipe, {}  # name → (weight, unweighted loss)
         if self.tile is not None:
             parts["tile_probe"] = (r.aux_weight, self.tile(tiles, s.scene.cells))
@@ -336,8 +357,8 @@ class Aids:
                 parts["question_probe"] = (r.question_probe, torch.nn.functional.cross_entropy(
                     self.decoder.question(first[-1:]), torch.tensor([QUESTION_TYPES.index(s.qtype)])))
         if r.key_hint and number_pos is not None:
-            attn = out.attentions[0][0, KEY_HINT_HEAD]  # first layer: [S, S]
-            parts["key_hint"] = (r.key_hint, -torch.log(attn[len(ids) - 1, number_pos] + 1e-6))
+            logp = attention_log_probs(model, 0, out.hidden_states[0][0], len(ids) - 1, KEY_HINT_HEAD)
+            parts["key_hint"] = (r.key_hint, -logp[number_pos])
         lookup = looked_up(s)
         if r.attention_hint and lookup is not None:
             offset, tile = lookup
@@ -350,9 +371,8 @@ class Aids:
     def wants(self, s) -> dict:
         """The decoder outputs these losses read, for `model.llm.model(...)`."""
         r = self.recipe
-        return {"output_hidden_states": self.decoder is not None,
-                "output_attentions": (bool(r.attention_hint) and looked_up(s) is not None)
-                or (bool(r.key_hint) and asked_tile(s) is not None)}
+        return {"output_hidden_states": self.decoder is not None or (bool(r.key_hint) and asked_tile(s) is not None),
+                "output_attentions": bool(r.attention_hint) and looked_up(s) is not None}
 
 
 def sample_loss(model: NVLMReference, s, pv: torch.Tensor, ids: list[int], answer: list[int], pad_id: int,
@@ -369,7 +389,7 @@ def sample_loss(model: NVLMReference, s, pv: torch.Tensor, ids: list[int], answe
     # teacher-forced exact match of the whole answer: a running accuracy for the loss log (the loss is a mean over
     # the answer's tokens, most of which are decided by its first, so it understates how often the answer is wrong)
     exact = bool((logits.argmax(-1) == torch.tensor(answer)).all())
-    return loss, (aids.loss(s, tiles, ids, pad_id, out, number_pos) if aids else torch.zeros(())), exact
+    return loss, (aids.loss(s, tiles, ids, pad_id, out, number_pos, model) if aids else torch.zeros(())), exact
 
 
 def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, list[dict]]:

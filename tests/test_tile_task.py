@@ -388,3 +388,38 @@ def test_key_hint_points_at_the_question_s_tile_number():
     # the log has each aid's own loss: the tile probe (on by default) and the hint
     assert set(on1[0]["aids"]) == {"tile_probe", "key_hint"} and set(off[0]["aids"]) == {"tile_probe"}
     assert on1[0]["aids"]["key_hint"] > 1.0
+
+
+def test_attention_log_probs_are_the_decoder_s_attention():
+    """The key hint's recomputed attention row equals the probabilities transformers' decoder returns, for
+    every head of both layers (GQA: heads 2 and 3 read the second KV head), on a real prompt."""
+    from pathlib import Path
+
+    import torch
+
+    from builder.demo_train import attention_log_probs, encode_sample, init_model
+    from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts
+    from runtime.core.families import family_for
+    from runtime.tokenizer import NVLMTokenizer
+
+    _, cfg, raw = demo_parts(DEMO_TRAINED_DIMS)
+    tok = NVLMTokenizer(raw, Path("<demo tokenizer>"))
+    model = init_model(cfg, 7)
+    with torch.no_grad():  # larger biases than the initialisation's zeros, so that rotary and bias both matter
+        for layer in model.llm.model.layers:
+            layer.self_attn.q_proj.bias.normal_(0, 0.5)
+            layer.self_attn.k_proj.bias.normal_(0, 0.5)
+    s = sample(np.random.default_rng(8), "colour", canvas=(896, 448))
+    pv, ids, _ = encode_sample(s, tok, cfg, family_for(cfg).prompt_layout)
+    with torch.no_grad():
+        embeds = model.embed(torch.tensor([ids]), model.encode_tiles(pv).flatten(0, 1), tok.image_pad_id)
+        out = model.llm.model(inputs_embeds=embeds, output_hidden_states=True, output_attentions=True)
+        for layer in (0, 1):
+            for head in range(cfg.llm.num_heads):
+                for row in (len(ids) - 1, 40):
+                    got = attention_log_probs(model, layer, out.hidden_states[layer][0], row, head).exp()
+                    want = out.attentions[layer][0, head, row, :row + 1]
+                    assert torch.allclose(got, want, atol=1e-6), (layer, head, row)
+        # and a wrong head is told apart
+        assert not torch.allclose(attention_log_probs(model, 0, out.hidden_states[0][0], len(ids) - 1, 0).exp(),
+                                  out.attentions[0][0, 2, len(ids) - 1])
