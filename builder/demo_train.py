@@ -102,6 +102,10 @@ class Recipe:
     # image tokens of the tile the answer is about (the tile a colour/shape question names; for which_tile, the
     # tile of that colour). The shipped model is unchanged; the hint only shapes where the gradient goes. 0: off
     attention_hint: float = 0.0
+    # how many of the second layer's heads (from the first) the attention hint pushes, its loss the mean over
+    # them. 1: the first head only (runs D–H, U1: the hinted head looked at tile K while the answer stayed near
+    # chance — the other heads, which read the colour, kept spreading over every tile)
+    attention_hint_heads: int = 1
     # weight of a training-only hint on the first hop's query side: a head of the decoder's first layer
     # (`KEY_HINT_HEAD`), at the prompt's last token, is pushed (−log of its attention mass) onto the question's
     # tile number (" K" of "... in tile K?"). Without it that token read only image tokens in the first layer
@@ -138,6 +142,8 @@ class Recipe:
             raise ValueError(f"shape_first {self.shape_first} exceeds samples {self.samples}")
         if self.probe_pooling not in POOLINGS:
             raise ValueError(f"probe_pooling is one of {POOLINGS}, got {self.probe_pooling!r}")
+        if self.attention_hint_heads < 1:
+            raise ValueError(f"attention_hint_heads is at least 1, got {self.attention_hint_heads}")
         if self.question_probe and not self.decoder_probe:
             raise ValueError("question_probe is a head of the decoder probe: give decoder_probe > 0 too")
         if self.freeze_vision and not self.init:
@@ -362,9 +368,12 @@ class Aids:
         lookup = looked_up(s)
         if r.attention_hint and lookup is not None:
             offset, tile = lookup
-            attn = out.attentions[1][0, 0]  # second layer, first head: [S, S]
-            parts["attention_hint"] = (r.attention_hint, attention_mass_loss(attn, len(ids) - 1 + offset, image_pos,
-                                                                             tile, tiles.shape[1]))
+            attn = out.attentions[1][0]  # second layer: [heads, S, S]
+            if r.attention_hint_heads > attn.shape[0]:
+                raise ValueError(f"attention_hint_heads {r.attention_hint_heads}: the decoder has {attn.shape[0]} heads")
+            parts["attention_hint"] = (r.attention_hint, torch.stack([
+                attention_mass_loss(attn[h], len(ids) - 1 + offset, image_pos, tile, tiles.shape[1])
+                for h in range(r.attention_hint_heads)]).mean())
         self.last = {name: loss.item() for name, (_, loss) in parts.items()}
         return sum((w * loss for w, loss in parts.values()), torch.zeros(()))
 

@@ -281,6 +281,11 @@ def test_attention_hint_targets_the_tile_the_answer_is_about():
     _, on2 = train(Recipe(**base, attention_hint=1.0))
     assert [r["loss"] for r in on1] == [r["loss"] for r in on2] and on1[0]["loss"] == off[0]["loss"]
     assert on1[0]["probes"] > off[0]["probes"]
+    # on every head of the second layer: another (mean) hint loss from the same first step
+    _, every = train(Recipe(**base, attention_hint=1.0, attention_hint_heads=4))
+    assert every[0]["loss"] == on1[0]["loss"] and every[0]["aids"]["attention_hint"] != on1[0]["aids"]["attention_hint"]
+    with pytest.raises(ValueError, match="at least 1"):
+        Recipe(attention_hint_heads=0)
 
 
 def test_question_probe_is_a_head_of_the_decoder_probe(capsys, tmp_path):
