@@ -107,10 +107,11 @@ class Recipe:
     # chance — the other heads, which read the colour, kept spreading over every tile)
     attention_hint_heads: int = 1
     # weight of a training-only hint on the first hop's query side: a head of the decoder's first layer
-    # (`KEY_HINT_HEAD`), at the prompt's last token, is pushed (−log of its attention mass) onto the question's
-    # tile number (" K" of "... in tile K?"). Without it that token read only image tokens in the first layer
-    # (the 1,280 image keys drown one text key): K never reached it (a linear probe read it at chance, 25%, in
-    # run F) and the second layer could not select tile K. 0: off
+    # (`KEY_HINT_HEAD`), where the tile-dependent answer token is predicted, is pushed (−log-softmax of its score)
+    # onto the question word the second hop searches with (`question_key`: the tile number " K" of "... in tile
+    # K?", the colour of "Which tile has the red shape?"). Without it the prompt's last token read only image
+    # tokens in the first layer (1,280 image keys drown one text key): K never reached it (a linear probe read it
+    # at chance, 25%, in run F) and the second layer could not select tile K. 0: off
     key_hint: float = 0.0
     # weight of a training-only probe of the question's type at the prompt's last token after the decoder's first
     # layer: colour questions also contain "shape" ("What colour is the shape in tile K?"), and the mixed runs
@@ -314,16 +315,18 @@ def attention_log_probs(model: NVLMReference, layer: int, hidden: torch.Tensor, 
     return torch.log_softmax((q[0, head, 0] @ k[0, kv].T) * attn.scaling, dim=-1)
 
 
-def tile_number_position(s, ids: list[int], tok) -> int | None:
-    """Position in `ids` of the tile number a colour/shape question names (its last occurrence: the question
-    follows the image), or None for the other types."""
-    k = asked_tile(s)
-    if k is None:
+def question_key(s, ids: list[int], tok) -> tuple[int, int] | None:
+    """(index of the answer token whose prediction needs it, its position in `ids`) of the question word that
+    the lookup's second hop searches with, or None (count): colour/shape → the tile number " K" and the first
+    answer token; which_tile → the colour word and " K" of "tile K" (predicted at the position of "tile")."""
+    lookup = looked_up(s)
+    if lookup is None:
         return None
-    number = tok.encode(f" {k + 1}")
-    if len(number) != 1:
-        raise ValueError(f"' {k + 1}' is {len(number)} tokens in this tokenizer, not one")
-    return len(ids) - 1 - ids[::-1].index(number[0])
+    word = f" {lookup[1] + 1}" if s.qtype in ("colour", "shape") else f" {s.question.split()[-2]}"
+    token = tok.encode(word)
+    if len(token) != 1:
+        raise ValueError(f"{word!r} is {len(token)} tokens in this tokenizer, not one")
+    return lookup[0], len(ids) - 1 - ids[::-1].index(token[0])  # its last occurrence: the question follows the image
 
 
 @dataclass
@@ -345,11 +348,11 @@ class Aids:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in (self.tile, self.decoder) if m is not None for p in m.parameters()]
 
-    def loss(self, s, tiles: torch.Tensor, ids: list[int], pad_id: int, out, number_pos: int | None = None,
+    def loss(self, s, tiles: torch.Tensor, ids: list[int], pad_id: int, out, key: tuple[int, int] | None = None,
              model: NVLMReference | None = None) -> torch.Tensor:
         """Their weighted sum for sample `s`, given the image tiles' features [T, 256, hidden] and the decoder's
-        output `out` (hidden states and attentions as `wants` asked for); number_pos: where the tile number a
-        colour/shape question names is in `ids` (`tile_number_position`); model: the model (the key hint
+        output `out` (hidden states and attentions as `wants` asked for); key: the question word the key hint
+        points the answer at (`question_key`); model: the model (the key hint
         recomputes a first-layer attention row)."""
         r, parts = self.recipe, {}  # name → (weight, unweighted loss)
         if self.tile is not None:
@@ -362,9 +365,10 @@ class Aids:
             if r.question_probe:
                 parts["question_probe"] = (r.question_probe, torch.nn.functional.cross_entropy(
                     self.decoder.question(first[-1:]), torch.tensor([QUESTION_TYPES.index(s.qtype)])))
-        if r.key_hint and number_pos is not None:
-            logp = attention_log_probs(model, 0, out.hidden_states[0][0], len(ids) - 1, KEY_HINT_HEAD)
-            parts["key_hint"] = (r.key_hint, -logp[number_pos])
+        if r.key_hint and key is not None:
+            offset, position = key
+            logp = attention_log_probs(model, 0, out.hidden_states[0][0], len(ids) - 1 + offset, KEY_HINT_HEAD)
+            parts["key_hint"] = (r.key_hint, -logp[position])
         lookup = looked_up(s)
         if r.attention_hint and lookup is not None:
             offset, tile = lookup
@@ -380,12 +384,12 @@ class Aids:
     def wants(self, s) -> dict:
         """The decoder outputs these losses read, for `model.llm.model(...)`."""
         r = self.recipe
-        return {"output_hidden_states": self.decoder is not None or (bool(r.key_hint) and asked_tile(s) is not None),
+        return {"output_hidden_states": self.decoder is not None or (bool(r.key_hint) and looked_up(s) is not None),
                 "output_attentions": bool(r.attention_hint) and looked_up(s) is not None}
 
 
 def sample_loss(model: NVLMReference, s, pv: torch.Tensor, ids: list[int], answer: list[int], pad_id: int,
-                aids: Aids | None = None, number_pos: int | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                aids: Aids | None = None, key: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(mean cross-entropy of the answer tokens given the prompt (teacher forcing), the training aids' weighted
     loss or 0, whether every answer token is the argmax)."""
     seq = torch.tensor([ids + answer[:-1]])
@@ -398,7 +402,7 @@ def sample_loss(model: NVLMReference, s, pv: torch.Tensor, ids: list[int], answe
     # teacher-forced exact match of the whole answer: a running accuracy for the loss log (the loss is a mean over
     # the answer's tokens, most of which are decided by its first, so it understates how often the answer is wrong)
     exact = bool((logits.argmax(-1) == torch.tensor(answer)).all())
-    return loss, (aids.loss(s, tiles, ids, pad_id, out, number_pos, model) if aids else torch.zeros(())), exact
+    return loss, (aids.loss(s, tiles, ids, pad_id, out, key, model) if aids else torch.zeros(())), exact
 
 
 def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, list[dict]]:
@@ -439,8 +443,8 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                         qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=mix))]
                     s = sample(rng, qtype, canvas=canvas)
                     pv, ids, answer = encode_sample(s, tok, cfg, layout)
-                    number_pos = tile_number_position(s, ids, tok) if recipe.key_hint else None
-                    loss, aux, exact = sample_loss(model, s, pv, ids, answer, tok.image_pad_id, aids, number_pos)
+                    key = question_key(s, ids, tok) if recipe.key_hint else None
+                    loss, aux, exact = sample_loss(model, s, pv, ids, answer, tok.image_pad_id, aids, key)
                     ((loss + aux) / recipe.batch).backward()
                     losses.append(loss.item())
                     auxes.append(aux.item())

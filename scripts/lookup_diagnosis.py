@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from builder.demo_train import DecoderProbe, asked_tile, encode_sample, init_model, load_released, tile_number_position
+from builder.demo_train import DecoderProbe, asked_tile, encode_sample, init_model, load_released, question_key
 from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts
 from runtime.core.families import family_for
 from runtime.tile_task import sample
@@ -79,7 +79,7 @@ def main() -> None:
         last_x.append(first[-1:])
         last_y.append(torch.tensor([k]))
         image_text_mass.append(a1[:, image_pos][:, :, text].sum(-1).mean(-1))
-        number_mass.append(a1[:, -1, tile_number_position(s, ids, tok)])
+        number_mass.append(a1[:, -1, question_key(s, ids, tok)[1]])
         last_image_mass.append(a1[:, -1, image_pos].sum(-1))
         asked_mass.append(a2[:, -1, image_pos[k * per_tile:(k + 1) * per_tile]].sum(-1))
 

@@ -360,30 +360,35 @@ def test_freeze_vision_trains_the_decoder_only(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
-def test_key_hint_points_at_the_question_s_tile_number():
-    """The first-hop hint's target is the question's " K" token (not a tile tag's digit), absent for the types
-    that name no tile; with the hint on, the logged aids' loss includes it and the run still repeats exactly."""
+def test_key_hint_points_at_the_question_word_the_lookup_searches_with():
+    """The first-hop hint's target: the question's " K" token (not a tile tag's digit) for colour/shape, read
+    where the first answer token is predicted; the colour word for which_tile, read where " K" of "tile K" is
+    predicted; none for count. With the hint on, the logged aids' loss includes it and the run repeats exactly."""
     from pathlib import Path
 
-    from builder.demo_train import Recipe, encode_sample, tile_number_position, train
+    from builder.demo_train import Recipe, encode_sample, question_key, train
     from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts
     from runtime.core.families import family_for
     from runtime.tokenizer import NVLMTokenizer
 
     _, cfg, raw = demo_parts(DEMO_TRAINED_DIMS)
     tok = NVLMTokenizer(raw, Path("<demo tokenizer>"))
+    layout = family_for(cfg).prompt_layout
     scene = random_scene(np.random.default_rng(4), (896, 896))
     for k in (1, 2, 3, 4):
         s = Sample(scene, "colour" if k % 2 else "shape",
                    f"What colour is the shape in tile {k}?" if k % 2 else f"What shape is in tile {k}?", "red")
-        _, ids, _ = encode_sample(s, tok, cfg, family_for(cfg).prompt_layout)
-        pos = tile_number_position(s, ids, tok)
-        assert tok.decode([ids[pos]]) == f" {k}" and tok.decode(ids[pos + 1:pos + 2]) == "?"
-    for s in (Sample(scene, "count", "How many shapes are there?", "4"),
-              Sample(scene, "which_tile", "Which tile has the red shape?", "tile 2")):
-        assert tile_number_position(s, [], tok) is None
+        _, ids, _ = encode_sample(s, tok, cfg, layout)
+        offset, pos = question_key(s, ids, tok)
+        assert offset == 0 and tok.decode([ids[pos]]) == f" {k}" and tok.decode(ids[pos + 1:pos + 2]) == "?"
+    for colour in ("red", "yellow"):
+        s = Sample(scene, "which_tile", f"Which tile has the {colour} shape?", "tile 2")
+        _, ids, _ = encode_sample(s, tok, cfg, layout)
+        offset, pos = question_key(s, ids, tok)
+        assert offset == 1 and tok.decode([ids[pos]]) == f" {colour}"
+    assert question_key(Sample(scene, "count", "How many shapes are there?", "4"), [], tok) is None
 
-    base = dict(samples=4, batch=2, phases=(), single_tile_fraction=1.0, question_mix=(1.0, 1.0, 0.0, 0.0), seed=5,
+    base = dict(samples=4, batch=2, phases=(), single_tile_fraction=1.0, question_mix=(1.0, 1.0, 1.0, 0.0), seed=5,
                 threads=1)
     _, off = train(Recipe(**base))
     _, on1 = train(Recipe(**base, key_hint=1.0))
