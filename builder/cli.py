@@ -118,6 +118,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
                    help=f"how the training-only tile probe pools a tile's tokens (default {d.probe_pooling})")
     p.add_argument("--attention-hint-heads", type=int, default=d.attention_hint_heads, metavar="N",
                    help=f"how many second-layer heads the attention hint pushes (default {d.attention_hint_heads})")
+    p.add_argument("--which-tile-hint-heads", type=int, default=d.which_tile_hint_heads, metavar="N",
+                   help="the same for which_tile questions (default 0: --attention-hint-heads)")
     p.add_argument("--key-hint", type=float, default=d.key_hint, metavar="W",
                    help="training only: push a first-layer head at the prompt's last token onto the question's tile "
                         "number (docs/demo_model.md; default 0: off)")
@@ -149,6 +151,7 @@ def _train(args) -> int:
                         decoder_probe=args.decoder_probe, attention_hint=args.attention_hint,
                         question_probe=args.question_probe, probe_pooling=args.probe_pooling, key_hint=args.key_hint,
                         attention_hint_heads=args.attention_hint_heads,
+                        which_tile_hint_heads=args.which_tile_hint_heads,
                         freeze_vision=args.freeze_vision)
     except ValueError as e:
         raise NVLMError(str(e)) from None
@@ -162,8 +165,8 @@ def _train(args) -> int:
                + (" --freeze-vision" if args.freeze_vision else "")
                # the training aids that differ from the recipe's defaults, under their flags
                + "".join(f" --{name.replace('_', '-')} {getattr(args, name)}"
-                         for name in ("decoder_probe", "attention_hint", "attention_hint_heads", "key_hint",
-                                      "question_probe", "probe_pooling")
+                         for name in ("decoder_probe", "attention_hint", "attention_hint_heads", "which_tile_hint_heads",
+                                      "key_hint", "question_probe", "probe_pooling")
                          if getattr(args, name) != getattr(Recipe(), name))
                + (f" --init {args.init}" if args.init else ""))
     card = train_and_save(Path(args.out), recipe, command=command, eval_n=args.eval, eval_seed=args.eval_seed,

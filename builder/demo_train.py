@@ -106,6 +106,9 @@ class Recipe:
     # them. 1: the first head only (runs D–H, U1: the hinted head looked at tile K while the answer stayed near
     # chance — the other heads, which read the colour, kept spreading over every tile)
     attention_hint_heads: int = 1
+    # the same for which_tile questions (0: attention_hint_heads). On every head (U4) which_tile was learned
+    # (held out 100%) and shape was not (49%); on one head (U1, V1) the other way round (64% / 89%)
+    which_tile_hint_heads: int = 0
     # weight of a training-only hint on the first hop's query side: a head of the decoder's first layer
     # (`KEY_HINT_HEAD`), where the tile-dependent answer token is predicted, is pushed (−log-softmax of its score)
     # onto the question word the second hop searches with (`question_key`: the tile number " K" of "... in tile
@@ -143,8 +146,9 @@ class Recipe:
             raise ValueError(f"shape_first {self.shape_first} exceeds samples {self.samples}")
         if self.probe_pooling not in POOLINGS:
             raise ValueError(f"probe_pooling is one of {POOLINGS}, got {self.probe_pooling!r}")
-        if self.attention_hint_heads < 1:
-            raise ValueError(f"attention_hint_heads is at least 1, got {self.attention_hint_heads}")
+        if self.attention_hint_heads < 1 or self.which_tile_hint_heads < 0:
+            raise ValueError(f"attention_hint_heads is at least 1 and which_tile_hint_heads at least 0, got "
+                             f"{self.attention_hint_heads}, {self.which_tile_hint_heads}")
         if self.question_probe and not self.decoder_probe:
             raise ValueError("question_probe is a head of the decoder probe: give decoder_probe > 0 too")
         if self.freeze_vision and not self.init:
@@ -373,11 +377,13 @@ class Aids:
         if r.attention_hint and lookup is not None:
             offset, tile = lookup
             attn = out.attentions[1][0]  # second layer: [heads, S, S]
-            if r.attention_hint_heads > attn.shape[0]:
-                raise ValueError(f"attention_hint_heads {r.attention_hint_heads}: the decoder has {attn.shape[0]} heads")
+            heads = r.which_tile_hint_heads if s.qtype == "which_tile" and r.which_tile_hint_heads \
+                else r.attention_hint_heads
+            if heads > attn.shape[0]:
+                raise ValueError(f"attention hint on {heads} heads: the decoder has {attn.shape[0]}")
             parts["attention_hint"] = (r.attention_hint, torch.stack([
                 attention_mass_loss(attn[h], len(ids) - 1 + offset, image_pos, tile, tiles.shape[1])
-                for h in range(r.attention_hint_heads)]).mean())
+                for h in range(heads)]).mean())
         self.last = {name: loss.item() for name, (_, loss) in parts.items()}
         return sum((w * loss for w, loss in parts.values()), torch.zeros(()))
 

@@ -284,6 +284,9 @@ def test_attention_hint_targets_the_tile_the_answer_is_about():
     # on every head of the second layer: another (mean) hint loss from the same first step
     _, every = train(Recipe(**base, attention_hint=1.0, attention_hint_heads=4))
     assert every[0]["loss"] == on1[0]["loss"] and every[0]["aids"]["attention_hint"] != on1[0]["aids"]["attention_hint"]
+    # which_tile questions on their own head count; the first step's colour/shape samples are unchanged
+    _, split = train(Recipe(**base, attention_hint=1.0, which_tile_hint_heads=4))
+    assert split[0]["aids"]["attention_hint"] != on1[0]["aids"]["attention_hint"]
     with pytest.raises(ValueError, match="at least 1"):
         Recipe(attention_hint_heads=0)
 
