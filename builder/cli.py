@@ -123,6 +123,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--key-hint", type=float, default=d.key_hint, metavar="W",
                    help="training only: push a first-layer head at the prompt's last token onto the question's tile "
                         "number (docs/demo_model.md; default 0: off)")
+    p.add_argument("--key-hint-types", default=",".join(d.key_hint_types), metavar="T,T",
+                   help=f"question types the key hint covers (default {','.join(d.key_hint_types)})")
     p.add_argument("--freeze-vision", action="store_true",
                    help="train the decoder only, the vision tower and projector as --init has them (a second stage)")
     p.add_argument("--eval", type=int, default=400, metavar="N", help="held-out questions to score (0: none)")
@@ -152,6 +154,7 @@ def _train(args) -> int:
                         question_probe=args.question_probe, probe_pooling=args.probe_pooling, key_hint=args.key_hint,
                         attention_hint_heads=args.attention_hint_heads,
                         which_tile_hint_heads=args.which_tile_hint_heads,
+                        key_hint_types=tuple(args.key_hint_types.split(",")),
                         freeze_vision=args.freeze_vision)
     except ValueError as e:
         raise NVLMError(str(e)) from None
@@ -163,6 +166,8 @@ def _train(args) -> int:
                f"--threads {args.threads}"
                + (" --no-tile-tags" if args.no_tile_tags else "")
                + (" --freeze-vision" if args.freeze_vision else "")
+               + (f" --key-hint-types {args.key_hint_types}"
+                  if tuple(args.key_hint_types.split(",")) != Recipe().key_hint_types else "")
                # the training aids that differ from the recipe's defaults, under their flags
                + "".join(f" --{name.replace('_', '-')} {getattr(args, name)}"
                          for name in ("decoder_probe", "attention_hint", "attention_hint_heads", "which_tile_hint_heads",

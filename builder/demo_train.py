@@ -116,6 +116,8 @@ class Recipe:
     # tokens in the first layer (1,280 image keys drown one text key): K never reached it (a linear probe read it
     # at chance, 25%, in run F) and the second layer could not select tile K. 0: off
     key_hint: float = 0.0
+    # the question types the key hint covers (run U1 ran before it covered which_tile: colour and shape only)
+    key_hint_types: tuple[str, ...] = ("colour", "shape", "which_tile")
     # weight of a training-only probe of the question's type at the prompt's last token after the decoder's first
     # layer: colour questions also contain "shape" ("What colour is the shape in tile K?"), and the mixed runs
     # answered one-tile colour questions at about chance long after shape questions were learned. 0: off
@@ -149,6 +151,8 @@ class Recipe:
         if self.attention_hint_heads < 1 or self.which_tile_hint_heads < 0:
             raise ValueError(f"attention_hint_heads is at least 1 and which_tile_hint_heads at least 0, got "
                              f"{self.attention_hint_heads}, {self.which_tile_hint_heads}")
+        if not set(self.key_hint_types) <= {"colour", "shape", "which_tile"}:
+            raise ValueError(f"key_hint_types are among colour, shape, which_tile; got {self.key_hint_types}")
         if self.question_probe and not self.decoder_probe:
             raise ValueError("question_probe is a head of the decoder probe: give decoder_probe > 0 too")
         if self.freeze_vision and not self.init:
@@ -390,7 +394,8 @@ class Aids:
     def wants(self, s) -> dict:
         """The decoder outputs these losses read, for `model.llm.model(...)`."""
         r = self.recipe
-        return {"output_hidden_states": self.decoder is not None or (bool(r.key_hint) and looked_up(s) is not None),
+        key_hint = bool(r.key_hint) and s.qtype in r.key_hint_types
+        return {"output_hidden_states": self.decoder is not None or key_hint,
                 "output_attentions": bool(r.attention_hint) and looked_up(s) is not None}
 
 
@@ -449,7 +454,7 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                         qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=mix))]
                     s = sample(rng, qtype, canvas=canvas)
                     pv, ids, answer = encode_sample(s, tok, cfg, layout)
-                    key = question_key(s, ids, tok) if recipe.key_hint else None
+                    key = question_key(s, ids, tok) if recipe.key_hint and qtype in recipe.key_hint_types else None
                     loss, aux, exact = sample_loss(model, s, pv, ids, answer, tok.image_pad_id, aids, key)
                     ((loss + aux) / recipe.batch).backward()
                     losses.append(loss.item())

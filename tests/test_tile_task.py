@@ -401,6 +401,13 @@ def test_key_hint_points_at_the_question_word_the_lookup_searches_with():
     # the log has each aid's own loss: the tile probe (on by default) and the hint
     assert set(on1[0]["aids"]) == {"tile_probe", "key_hint"} and set(off[0]["aids"]) == {"tile_probe"}
     assert on1[0]["aids"]["key_hint"] > 1.0
+    # restricted to colour/shape (run U1's hint), which_tile questions get none
+    which_only = dict(base, question_mix=(0.0, 0.0, 1.0, 0.0))
+    _, on = train(Recipe(**which_only, key_hint=1.0))
+    _, off = train(Recipe(**which_only, key_hint=1.0, key_hint_types=("colour", "shape")))
+    assert "key_hint" in on[0]["aids"] and "key_hint" not in off[0]["aids"]
+    with pytest.raises(ValueError, match="key_hint_types"):
+        Recipe(key_hint_types=("count",))
 
 
 def test_attention_log_probs_are_the_decoder_s_attention():
