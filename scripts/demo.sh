@@ -8,7 +8,7 @@ OUT=${NVLM_DEMO_DIR:-demo_out}
 NB=".venv/bin/nvlm-build"
 mkdir -p "$OUT"
 
-echo "== 1. generate the embedded default checkpoint (trained on the tile task once its weights are packaged, random until then: docs/demo_model.md)"
+echo "== 1. generate the embedded default checkpoint (trained on the tile task: docs/demo_model.md; --weights random for the seeded random one)"
 $NB demo-checkpoint "$OUT/nvlm-d-demo" --force
 # an image of the task it was trained on (drawn fresh from a seed it never saw): three cells, 1344x448
 .venv/bin/python -c "import numpy as np, sys; from runtime.tile_task import random_scene
