@@ -121,8 +121,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--which-tile-hint-heads", type=int, default=d.which_tile_hint_heads, metavar="N",
                    help="the same for which_tile questions (default 0: --attention-hint-heads)")
     p.add_argument("--key-hint", type=float, default=d.key_hint, metavar="W",
-                   help="training only: push a first-layer head at the prompt's last token onto the question's tile "
-                        "number (docs/demo_model.md; default 0: off)")
+                   help="training only: push a first-layer head, where the tile-dependent answer token is predicted, "
+                        "onto the question word the lookup searches with (docs/demo_model.md; default 0: off)")
     p.add_argument("--key-hint-types", default=",".join(d.key_hint_types), metavar="T,T",
                    help=f"question types the key hint covers (default {','.join(d.key_hint_types)})")
     p.add_argument("--freeze-vision", action="store_true",
@@ -146,6 +146,7 @@ def _train(args) -> int:
         except ValueError as e:
             raise NVLMError(f"--phases: {e}") from None
     samples = sum(p.samples for p in phases) if phases else args.samples
+    key_hint_types = tuple(args.key_hint_types.split(","))
     try:
         recipe = Recipe(samples=samples, batch=args.batch, lr=args.lr, single_tile_fraction=args.single_tile_fraction,
                         seed=args.seed, threads=args.threads, tile_tags=not args.no_tile_tags,
@@ -154,7 +155,7 @@ def _train(args) -> int:
                         question_probe=args.question_probe, probe_pooling=args.probe_pooling, key_hint=args.key_hint,
                         attention_hint_heads=args.attention_hint_heads,
                         which_tile_hint_heads=args.which_tile_hint_heads,
-                        key_hint_types=tuple(args.key_hint_types.split(",")),
+                        key_hint_types=key_hint_types,
                         freeze_vision=args.freeze_vision)
     except ValueError as e:
         raise NVLMError(str(e)) from None
@@ -167,7 +168,7 @@ def _train(args) -> int:
                + (" --no-tile-tags" if args.no_tile_tags else "")
                + (" --freeze-vision" if args.freeze_vision else "")
                + (f" --key-hint-types {args.key_hint_types}"
-                  if tuple(args.key_hint_types.split(",")) != Recipe().key_hint_types else "")
+                  if key_hint_types != Recipe().key_hint_types else "")
                # the training aids that differ from the recipe's defaults, under their flags
                + "".join(f" --{name.replace('_', '-')} {getattr(args, name)}"
                          for name in ("decoder_probe", "attention_hint", "attention_hint_heads", "which_tile_hint_heads",

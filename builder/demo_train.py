@@ -343,25 +343,27 @@ class Aids:
     attention hint, with their weights. None of it ships: the saved model is plain NVLM-D."""
 
     recipe: Recipe
+    tok: NVLMTokenizer  # the key hint finds the question word it points at by its token
     tile: TileProbe | None = None
     decoder: DecoderProbe | None = None
     last: dict = field(default_factory=dict)  # the last sample's losses by aid, unweighted (for the log)
 
     @classmethod
-    def of(cls, recipe: Recipe, hidden: int) -> "Aids":
+    def of(cls, recipe: Recipe, hidden: int, tok: NVLMTokenizer) -> "Aids":
         tile_probe = recipe.aux_weight and not recipe.freeze_vision
-        return cls(recipe, TileProbe(hidden, recipe.probe_pooling) if tile_probe else None,
+        return cls(recipe, tok, TileProbe(hidden, recipe.probe_pooling) if tile_probe else None,
                    DecoderProbe(hidden) if recipe.decoder_probe else None)
+
+    def key_hinted(self, s) -> bool:
+        return bool(self.recipe.key_hint) and s.qtype in self.recipe.key_hint_types
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in (self.tile, self.decoder) if m is not None for p in m.parameters()]
 
-    def loss(self, s, tiles: torch.Tensor, ids: list[int], pad_id: int, out, key: tuple[int, int] | None = None,
-             model: NVLMReference | None = None) -> torch.Tensor:
+    def loss(self, s, tiles: torch.Tensor, ids: list[int], pad_id: int, out, model: NVLMReference) -> torch.Tensor:
         """Their weighted sum for sample `s`, given the image tiles' features [T, 256, hidden] and the decoder's
-        output `out` (hidden states and attentions as `wants` asked for); key: the question word the key hint
-        points the answer at (`question_key`); model: the model (the key hint
-        recomputes a first-layer attention row)."""
+        output `out` (hidden states and attentions as `wants` asked for) of `model` (the key hint recomputes a
+        first-layer attention row from it)."""
         r, parts = self.recipe, {}  # name → (weight, unweighted loss)
         if self.tile is not None:
             parts["tile_probe"] = (r.aux_weight, self.tile(tiles, s.scene.cells))
@@ -373,8 +375,8 @@ class Aids:
             if r.question_probe:
                 parts["question_probe"] = (r.question_probe, torch.nn.functional.cross_entropy(
                     self.decoder.question(first[-1:]), torch.tensor([QUESTION_TYPES.index(s.qtype)])))
-        if r.key_hint and key is not None:
-            offset, position = key
+        if self.key_hinted(s):
+            offset, position = question_key(s, ids, self.tok)
             logp = attention_log_probs(model, 0, out.hidden_states[0][0], len(ids) - 1 + offset, KEY_HINT_HEAD)
             parts["key_hint"] = (r.key_hint, -logp[position])
         lookup = looked_up(s)
@@ -393,14 +395,12 @@ class Aids:
 
     def wants(self, s) -> dict:
         """The decoder outputs these losses read, for `model.llm.model(...)`."""
-        r = self.recipe
-        key_hint = bool(r.key_hint) and s.qtype in r.key_hint_types
-        return {"output_hidden_states": self.decoder is not None or key_hint,
-                "output_attentions": bool(r.attention_hint) and looked_up(s) is not None}
+        return {"output_hidden_states": self.decoder is not None or self.key_hinted(s),
+                "output_attentions": bool(self.recipe.attention_hint) and looked_up(s) is not None}
 
 
 def sample_loss(model: NVLMReference, s, pv: torch.Tensor, ids: list[int], answer: list[int], pad_id: int,
-                aids: Aids | None = None, key: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                aids: Aids | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(mean cross-entropy of the answer tokens given the prompt (teacher forcing), the training aids' weighted
     loss or 0, whether every answer token is the argmax)."""
     seq = torch.tensor([ids + answer[:-1]])
@@ -413,7 +413,7 @@ def sample_loss(model: NVLMReference, s, pv: torch.Tensor, ids: list[int], answe
     # teacher-forced exact match of the whole answer: a running accuracy for the loss log (the loss is a mean over
     # the answer's tokens, most of which are decided by its first, so it understates how often the answer is wrong)
     exact = bool((logits.argmax(-1) == torch.tensor(answer)).all())
-    return loss, (aids.loss(s, tiles, ids, pad_id, out, key, model) if aids else torch.zeros(())), exact
+    return loss, (aids.loss(s, tiles, ids, pad_id, out, model) if aids else torch.zeros(())), exact
 
 
 def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, list[dict]]:
@@ -429,7 +429,7 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
     if recipe.freeze_vision:
         for module in (model.vision, model.projector):
             module.requires_grad_(False)
-    aids = Aids.of(recipe, cfg.llm.hidden_size)
+    aids = Aids.of(recipe, cfg.llm.hidden_size, tok)
     params = [p for p in model.parameters() if p.requires_grad] + aids.parameters()
     opt = torch.optim.AdamW(params, lr=recipe.lr, weight_decay=recipe.weight_decay, betas=(0.9, 0.98))
     rng = np.random.default_rng([recipe.seed, 2024])
@@ -454,8 +454,7 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                         qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=mix))]
                     s = sample(rng, qtype, canvas=canvas)
                     pv, ids, answer = encode_sample(s, tok, cfg, layout)
-                    key = question_key(s, ids, tok) if recipe.key_hint and qtype in recipe.key_hint_types else None
-                    loss, aux, exact = sample_loss(model, s, pv, ids, answer, tok.image_pad_id, aids, key)
+                    loss, aux, exact = sample_loss(model, s, pv, ids, answer, tok.image_pad_id, aids)
                     ((loss + aux) / recipe.batch).backward()
                     losses.append(loss.item())
                     auxes.append(aux.item())

@@ -1,4 +1,4 @@
-"""Where does a demo-train output's tile lookup fail? (docs/demo_model.md, "Diagnosis of the lookup")
+"""Where does a demo-train output's tile lookup fail? (docs/demo_model.md, "The lookup, diagnosed and learned")
 
     .venv/bin/python scripts/lookup_diagnosis.py WEIGHTS [--images 40]
 
@@ -28,7 +28,7 @@ from runtime.tile_task import sample
 from runtime.tokenizer import NVLMTokenizer
 
 CANVAS = (896, 896)  # four tiles and the thumbnail
-TILES, THUMBNAIL = 4, 1
+TILES = 4
 
 
 @torch.enable_grad()
