@@ -105,6 +105,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (results depend on it)")
     p.add_argument("--no-tile-tags", action="store_true", help="ablation: prompts without NVLM's 1-D tile tags")
+    p.add_argument("--variant", choices=sorted(VARIANTS), default=d.variant,
+                   help="the family to train: d (NVLM-D, the shipped default), x or h (NVLM-X / NVLM-H, the "
+                        "architecture comparison; no --attention-hint); default d")
     p.add_argument("--decoder-probe", type=float, default=d.decoder_probe, metavar="W",
                    help="weight of the training-only probe on the decoder's first layer (each image token's tile, "
                         f"the tile a question names; default {d.decoder_probe}: off)")
@@ -132,7 +135,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log", help="append the per-step loss log here (JSONL)")
 
 
-@command("demo-train", "train the NVLM-D embedded default from scratch on the tile task (CPU, deterministic)",
+@command("demo-train", "train the embedded default (NVLM-D; X/H to compare) from scratch on the tile task (CPU, deterministic)",
          _train_args)
 def _train(args) -> int:
     from pathlib import Path
@@ -156,7 +159,7 @@ def _train(args) -> int:
                         attention_hint_heads=args.attention_hint_heads,
                         which_tile_hint_heads=args.which_tile_hint_heads,
                         key_hint_types=key_hint_types,
-                        freeze_vision=args.freeze_vision)
+                        freeze_vision=args.freeze_vision, variant=args.variant)
     except ValueError as e:
         raise NVLMError(str(e)) from None
     if args.init and not Path(args.init).is_file():
@@ -166,6 +169,7 @@ def _train(args) -> int:
     command = (f"nvlm-build demo-train {args.out} {schedule} --batch {args.batch} --lr {args.lr} --seed {args.seed} "
                f"--threads {args.threads}"
                + (" --no-tile-tags" if args.no_tile_tags else "")
+               + (f" --variant {args.variant}" if args.variant != Recipe().variant else "")
                + (" --freeze-vision" if args.freeze_vision else "")
                + (f" --key-hint-types {args.key_hint_types}"
                   if key_hint_types != Recipe().key_hint_types else "")

@@ -26,13 +26,13 @@ import numpy as np
 import torch
 
 from runtime.core.build_dir import sha256_file
-from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts, write_demo_checkpoint
+from runtime.core.demo_checkpoint import VARIANTS, demo_parts, trained_dims, write_demo_checkpoint
 from runtime.core.errors import CheckpointError
 from runtime.core.families import PromptLayout, family_for
 from runtime.core.progress import bar
 from runtime.preprocess import preprocess_image_fast
 from runtime.prompt import Message, build_prompt
-from runtime.reference import NVLMReference, reference_model
+from runtime.reference import NVLMReference, reference_class, reference_model
 from runtime.tile_task import CANVASES, COLOURS, QUESTION_TYPES, SHAPES, accuracy, heldout, sample
 from runtime.tokenizer import NVLMTokenizer
 
@@ -138,6 +138,12 @@ class Recipe:
     # tile alone, and the regular tiles of every canvas are cells of the same kind); 0.40 s instead of 0.72 s per
     # sample on every canvas (1 thread, every aid on). The tile probe has nothing to train then and is off
     freeze_vision: bool = False
+    # the family trained: "d" (NVLM-D, the shipped default), "x" or "h" (NVLM-X / NVLM-H with the same dimensions
+    # and a gated cross-attention layer after each decoder layer: the paper's architecture comparison in
+    # miniature). Their tiles are read through cross-attention: the decoder probe's tile head (which classifies
+    # inline image tokens) is off for them; the attention hint targets NVLM-X's tile tags (the tokens that read
+    # the tile's keys) and has no target in NVLM-H
+    variant: str = "d"
 
     @property
     def steps(self) -> int:
@@ -157,6 +163,12 @@ class Recipe:
             raise ValueError("question_probe is a head of the decoder probe: give decoder_probe > 0 too")
         if self.freeze_vision and not self.init:
             raise ValueError("freeze_vision keeps a trained vision tower: give init (a demo-train output) too")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant is one of {sorted(VARIANTS)}, got {self.variant!r}")
+        if self.variant == "h" and self.attention_hint:
+            raise ValueError("the attention hint pushes self-attention onto the tokens that stand for a tile; "
+                             "NVLM-H's regular tiles have none in the decoder (cross-attention reads them): use "
+                             "attention_hint 0 with variant 'h'")
         if self.phases and sum(p.samples for p in self.phases) != self.samples:
             raise ValueError(f"the phases' samples add up to {sum(p.samples for p in self.phases)}, "
                              f"not samples {self.samples}")
@@ -186,10 +198,12 @@ def sincos_2d(side: int, dim: int) -> torch.Tensor:
 
 
 def init_model(cfg, seed: int, sincos_positions: bool = True) -> NVLMReference:
-    """Standard initialisation: transformers' for the decoder (normal 0.02), small normals for the vision
-    embeddings (or 2-D sin-cos position codes), InternViT's layer scale 0.1, torch's defaults elsewhere."""
+    """Standard initialisation of the config's family: transformers' for the decoder (normal 0.02), small normals
+    for the vision embeddings (or 2-D sin-cos position codes), InternViT's layer scale 0.1, torch's defaults
+    elsewhere (NVLM-X/H's cross-attention gates at 0, as Flamingo's and mllama's: the untrained blocks add
+    nothing)."""
     torch.manual_seed(seed)
-    model = NVLMReference(cfg).float()
+    model = reference_class(cfg)(cfg).float()
     with torch.no_grad():
         emb = model.vision.embeddings
         emb.class_embedding.normal_(0, 0.02)
@@ -210,11 +224,13 @@ def lr_at(recipe: Recipe, step: int) -> float:
 
 
 def encode_sample(s, tok, cfg, layout):
-    """(pixel values [T, 3, S, S], prompt ids, answer ids ending with <|im_end|>)."""
+    """(pixel values [T, 3, S, S], prompt ids, answer ids ending with <|im_end|>, the prompt's cross-attention
+    inputs or None)."""
     pre = preprocess_image_fast(s.scene.image, config=cfg.preprocess)
     prompt = build_prompt(tok, [Message("user", "<image>\n" + s.question)], [pre.num_tiles],
                           tokens_per_tile=cfg.preprocess.tokens_per_tile, layout=layout)
-    return torch.from_numpy(pre.pixel_values), list(prompt.input_ids), tok.encode(s.answer) + [tok.im_end_id]
+    return (torch.from_numpy(pre.pixel_values), list(prompt.input_ids), tok.encode(s.answer) + [tok.im_end_id],
+            prompt.cross)
 
 
 def untagged(layout: PromptLayout) -> PromptLayout:
@@ -266,12 +282,15 @@ class DecoderProbe(torch.nn.Module):
         tile = torch.arange(image_tokens) // tokens_per_tile
         return torch.where(tile < regular, tile, torch.tensor(cls.THUMBNAIL))
 
-    def forward(self, first: torch.Tensor, image_pos: torch.Tensor, regular: int, tokens_per_tile: int,
+    def forward(self, first: torch.Tensor, image_pos: torch.Tensor | None, regular: int, tokens_per_tile: int,
                 asked_tile: int | None) -> torch.Tensor:
         """first [S, hidden] (sequence without the answer's teacher-forced tokens: its last row is the prompt's
-        last token); image_pos [T·256] the image tokens' positions in order, regular the count of cell tiles."""
+        last token); image_pos [T·256] the image tokens' positions in order (None: the tiles are not in the
+        sequence — NVLM-X/H — and only K is probed), regular the count of cell tiles."""
         ce = torch.nn.functional.cross_entropy
-        loss = ce(self.tile(first[image_pos]), self.targets(len(image_pos), regular, tokens_per_tile))
+        loss = torch.zeros(())
+        if image_pos is not None:
+            loss = ce(self.tile(first[image_pos]), self.targets(len(image_pos), regular, tokens_per_tile))
         if asked_tile is not None:
             loss = loss + ce(self.asked(first[-1:]), torch.tensor([asked_tile]))
         return loss
@@ -293,11 +312,25 @@ def looked_up(s) -> tuple[int, int] | None:
     return None if k is None else (0, k)
 
 
-def attention_mass_loss(attn: torch.Tensor, row: int, image_pos: torch.Tensor, tile: int,
-                        tokens_per_tile: int) -> torch.Tensor:
-    """−log of the attention mass row `row` of `attn` [S, S] puts on the image tokens of `tile`."""
-    cols = image_pos[tile * tokens_per_tile:(tile + 1) * tokens_per_tile]
+def attention_mass_loss(attn: torch.Tensor, row: int, cols: torch.Tensor) -> torch.Tensor:
+    """−log of the attention mass row `row` of `attn` [S, S] puts on the positions `cols`."""
     return -torch.log(attn[row, cols].sum() + 1e-6)
+
+
+def tile_positions(tile: int, ids: list[int], pad_id: int, cross, tokens_per_tile: int) -> torch.Tensor | None:
+    """The positions in the decoder sequence that stand for `tile` (0-based), which the attention hint targets:
+    NVLM-D (cross None) its inline image tokens; NVLM-X its tag's tokens, the ones that read its keys (found by
+    their key range); None when every token reads the tile (a one-tile image's only key tile)."""
+    if cross is None:
+        image_pos = (torch.tensor(ids) == pad_id).nonzero().flatten()
+        return image_pos[tile * tokens_per_tile:(tile + 1) * tokens_per_tile]
+    span = next((kt.start, kt.start + len(kt.tag_ids) + tokens_per_tile) for kt in cross.key_tiles if kt.tile == tile)
+    if span == cross.decode_range:
+        return None
+    cols = [i for i, r in enumerate(cross.key_ranges) if tuple(r) == span]
+    if not cols:
+        raise ValueError(f"no token of the prompt reads tile {tile + 1}'s keys alone (its tag is not in the text)")
+    return torch.tensor(cols)
 
 
 KEY_HINT_HEAD = 3  # a head of the second KV group: the first group's heads carry each image token's tile tag
@@ -360,17 +393,19 @@ class Aids:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in (self.tile, self.decoder) if m is not None for p in m.parameters()]
 
-    def loss(self, s, tiles: torch.Tensor, ids: list[int], pad_id: int, out, model: NVLMReference) -> torch.Tensor:
+    def loss(self, s, tiles: torch.Tensor, ids: list[int], pad_id: int, out, model: NVLMReference,
+             cross=None) -> torch.Tensor:
         """Their weighted sum for sample `s`, given the image tiles' features [T, 256, hidden] and the decoder's
         output `out` (hidden states and attentions as `wants` asked for) of `model` (the key hint recomputes a
-        first-layer attention row from it)."""
+        first-layer attention row from it); `cross`: the prompt's cross-attention inputs (NVLM-X/H)."""
         r, parts = self.recipe, {}  # name → (weight, unweighted loss)
         if self.tile is not None:
             parts["tile_probe"] = (r.aux_weight, self.tile(tiles, s.scene.cells))
         image_pos = (torch.tensor(ids) == pad_id).nonzero().flatten()
         if self.decoder is not None:
             first = out.hidden_states[1][0, :len(ids)]  # after decoder layer 1, prompt positions only
-            parts["decoder_probe"] = (r.decoder_probe, self.decoder(first, image_pos, len(s.scene.cells),
+            parts["decoder_probe"] = (r.decoder_probe, self.decoder(first, image_pos if r.variant == "d" else None,
+                                                                    len(s.scene.cells),
                                                                     tiles.shape[1], asked_tile(s)))
             if r.question_probe:
                 parts["question_probe"] = (r.question_probe, torch.nn.functional.cross_entropy(
@@ -380,16 +415,17 @@ class Aids:
             logp = attention_log_probs(model, 0, out.hidden_states[0][0], len(ids) - 1 + offset, KEY_HINT_HEAD)
             parts["key_hint"] = (r.key_hint, -logp[position])
         lookup = looked_up(s)
-        if r.attention_hint and lookup is not None:
-            offset, tile = lookup
+        cols = None if not (r.attention_hint and lookup) else tile_positions(lookup[1], ids, pad_id, cross,
+                                                                              tiles.shape[1])
+        if r.attention_hint and cols is not None:
+            offset = lookup[0]
             attn = out.attentions[1][0]  # second layer: [heads, S, S]
             heads = r.which_tile_hint_heads if s.qtype == "which_tile" and r.which_tile_hint_heads \
                 else r.attention_hint_heads
             if heads > attn.shape[0]:
                 raise ValueError(f"attention hint on {heads} heads: the decoder has {attn.shape[0]}")
             parts["attention_hint"] = (r.attention_hint, torch.stack([
-                attention_mass_loss(attn[h], len(ids) - 1 + offset, image_pos, tile, tiles.shape[1])
-                for h in range(heads)]).mean())
+                attention_mass_loss(attn[h], len(ids) - 1 + offset, cols) for h in range(heads)]).mean())
         self.last = {name: loss.item() for name, (_, loss) in parts.items()}
         return sum((w * loss for w, loss in parts.values()), torch.zeros(()))
 
@@ -400,26 +436,27 @@ class Aids:
 
 
 def sample_loss(model: NVLMReference, s, pv: torch.Tensor, ids: list[int], answer: list[int], pad_id: int,
-                aids: Aids | None = None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                aids: Aids | None = None, cross=None) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(mean cross-entropy of the answer tokens given the prompt (teacher forcing), the training aids' weighted
-    loss or 0, whether every answer token is the argmax)."""
+    loss or 0, whether every answer token is the argmax). `cross`: the prompt's cross-attention inputs (NVLM-X/H)."""
     seq = torch.tensor([ids + answer[:-1]])
     with torch.set_grad_enabled(any(p.requires_grad for p in model.vision.parameters())):
         tiles = model.encode_tiles(pv)  # [T, 256, hidden]
-    embeds = model.embed(seq, tiles.flatten(0, 1), pad_id)
-    out = model.llm.model(inputs_embeds=embeds, **(aids.wants(s) if aids else {}))
+    embeds, reading = model.teacher_forced(seq, tiles, pad_id, cross, generated=len(answer) - 1)
+    with reading:
+        out = model.llm.model(inputs_embeds=embeds, **(aids.wants(s) if aids else {}))
     logits = model.llm.lm_head(out.last_hidden_state[0, -len(answer):])  # [A, vocab]
     loss = torch.nn.functional.cross_entropy(logits, torch.tensor(answer))
     # teacher-forced exact match of the whole answer: a running accuracy for the loss log (the loss is a mean over
     # the answer's tokens, most of which are decided by its first, so it understates how often the answer is wrong)
     exact = bool((logits.argmax(-1) == torch.tensor(answer)).all())
-    return loss, (aids.loss(s, tiles, ids, pad_id, out, model) if aids else torch.zeros(())), exact
+    return loss, (aids.loss(s, tiles, ids, pad_id, out, model, cross) if aids else torch.zeros(())), exact
 
 
 def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, list[dict]]:
     """Train from scratch; returns the model and the per-step log (also appended to `log_file` as JSONL)."""
     torch.set_num_threads(recipe.threads)
-    _, cfg, raw_tok = demo_parts(DEMO_TRAINED_DIMS)
+    _, cfg, raw_tok = demo_parts(trained_dims(recipe.variant))
     tok = NVLMTokenizer(raw_tok, Path("<demo tokenizer>"))
     layout = family_for(cfg).prompt_layout if recipe.tile_tags else untagged(family_for(cfg).prompt_layout)
     model = init_model(cfg, recipe.seed, recipe.sincos_positions)
@@ -453,8 +490,8 @@ def train(recipe: Recipe, log_file: Path | None = None) -> tuple[NVLMReference, 
                         mix = np.array(phase.mix) / sum(phase.mix)
                         qtype = QUESTION_TYPES[int(rng.choice(len(QUESTION_TYPES), p=mix))]
                     s = sample(rng, qtype, canvas=canvas)
-                    pv, ids, answer = encode_sample(s, tok, cfg, layout)
-                    loss, aux, exact = sample_loss(model, s, pv, ids, answer, tok.image_pad_id, aids)
+                    pv, ids, answer, cross = encode_sample(s, tok, cfg, layout)
+                    loss, aux, exact = sample_loss(model, s, pv, ids, answer, tok.image_pad_id, aids, cross)
                     ((loss + aux) / recipe.batch).backward()
                     losses.append(loss.item())
                     auxes.append(aux.item())
@@ -526,9 +563,9 @@ def predict(model: NVLMReference, tok, samples, layout: PromptLayout | None = No
     layout = layout or family_for(model.cfg).prompt_layout
     answers = []
     for s in samples:
-        pv, ids, _ = encode_sample(s, tok, model.cfg, layout)
+        pv, ids, _, cross = encode_sample(s, tok, model.cfg, layout)
         r = model.generate(ids, pv.to(model.dtype), image_token_id=tok.image_pad_id, max_new_tokens=max_new_tokens,
-                           eos_token_id=tok.im_end_id)
+                           eos_token_id=tok.im_end_id, cross=cross)
         answers.append(tok.decode(r.tokens))
     return answers
 
@@ -550,7 +587,7 @@ def train_and_save(out: Path, recipe: Recipe, *, command: str, eval_n: int = 400
     accuracy = None
     if eval_n:  # through a checkpoint written exactly as `demo-checkpoint --weights FILE` writes it
         with tempfile.TemporaryDirectory() as tmpdir:
-            ckpt = write_demo_checkpoint(Path(tmpdir) / "ckpt", weights=out)
+            ckpt = write_demo_checkpoint(Path(tmpdir) / "ckpt", variant=recipe.variant, weights=out)
             accuracy = evaluate_checkpoint(ckpt, eval_n, eval_seed, tile_tags=recipe.tile_tags)
     card = {"weights": out.name, "sha256": sha256_file(out), "command": command, "recipe": asdict(recipe),
             "init": _init_card(recipe.init),

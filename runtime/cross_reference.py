@@ -185,15 +185,21 @@ class CrossAttentionReference(NVLMReference):
         return table, (self.image_states(tiles, cross) if cross.key_tiles else None)
 
     def _prepare(self, ids: torch.Tensor, pixel_values: torch.Tensor | None, image_token_id: int,
-                 cross: CrossInputs | None):
-        if cross is None:
-            raise InputError(f"{self.cfg.architecture} needs the prompt's cross-attention inputs "
-                             "(runtime.prompt.build_prompt with the family's layout gives them)")
-        if len(cross.key_ranges) != ids.shape[-1]:
-            raise InputError(f"{len(cross.key_ranges)} key ranges for {ids.shape[-1]} tokens")
+                 cross: CrossInputs | None, generated: int = 0):
         tiles = None
         if pixel_values is not None and pixel_values.shape[0]:
             tiles = self.encode_images(pixel_values)  # [T, tokens_per_tile, hidden]
+        return self._from_tiles(ids, tiles, image_token_id, cross, generated)
+
+    def _from_tiles(self, ids: torch.Tensor, tiles: torch.Tensor | None, image_token_id: int,
+                    cross: CrossInputs | None, generated: int = 0):
+        """(input embeddings, per-layer image keys/values) of a prompt followed by `generated` tokens."""
+        if cross is None:
+            raise InputError(f"{self.cfg.architecture} needs the prompt's cross-attention inputs "
+                             "(runtime.prompt.build_prompt with the family's layout gives them)")
+        if len(cross.key_ranges) + generated != ids.shape[-1]:
+            raise InputError(f"{len(cross.key_ranges)} key ranges and {generated} generated tokens for "
+                             f"{ids.shape[-1]} tokens")
         needed = max([kt.tile for kt in cross.key_tiles] + list(cross.inline_tiles), default=-1) + 1
         have = 0 if tiles is None else tiles.shape[0]
         if have != needed:
@@ -204,6 +210,12 @@ class CrossAttentionReference(NVLMReference):
                                                                                       dtype=embeds.dtype)
         kv = [layer.cross_attn.key_values(states.to(embeds.dtype)) for layer in self.xattn]
         return embeds, kv
+
+    def teacher_forced(self, ids: torch.Tensor, tiles: torch.Tensor | None, image_token_id: int,
+                       cross: CrossInputs | None = None, *, generated: int = 0):
+        """As the base class's: the prompt's tokens read their key ranges, each generated token every key."""
+        embeds, kv = self._from_tiles(ids, tiles, image_token_id, cross, generated)
+        return embeds, self._reading(kv, list(cross.key_ranges) + [cross.decode_range] * generated)
 
     # ------------------------------------------------------------------ forward
 

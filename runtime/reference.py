@@ -195,6 +195,14 @@ class NVLMReference(nn.Module):
                                    past_key_values=out.past_key_values, use_cache=True)
         return GenerationResult(tokens, False)
 
+    def teacher_forced(self, ids: torch.Tensor, tiles: torch.Tensor | None, image_token_id: int, cross=None, *,
+                       generated: int = 0):
+        """One decoder pass over a prompt followed by `generated` known tokens (training: the answer, teacher
+        forced), from the encoded tiles [T, tokens, hidden] with their graph kept: the input embeddings [1, L,
+        hidden] and the context the pass runs in (a family with cross-attention sets the keys each row reads)."""
+        _no_cross(cross)
+        return self.embed(ids, None if tiles is None else tiles.flatten(0, 1), image_token_id), nullcontext()
+
     def engine_image_inputs(self, tiles: torch.Tensor | None, cross=None):
         """A prompt's images as TensorRT-LLM takes them, from the encoded tiles [T, tokens, hidden]: the
         prompt-embedding table [rows, hidden] (rows at the fake ids) and the encoder features [keys, hidden]
@@ -218,9 +226,13 @@ def _no_cross(cross) -> None:
         raise InputError("this model family has no cross-attention layers, but cross-attention inputs were given")
 
 
+def reference_class(cfg: NVLMConfig) -> type[NVLMReference]:
+    """The reference model class of a config's family (runtime/core/families.py names it)."""
+    module, _, name = family_for(cfg).reference.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def reference_model(path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32) -> NVLMReference:
-    """The reference model of a checkpoint's family (runtime/core/families.py names its class), loaded."""
+    """The reference model of a checkpoint's family, loaded."""
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
-    module, _, name = family_for(ckpt.config).reference.partition(":")
-    cls = getattr(importlib.import_module(module), name)
-    return cls.from_checkpoint(ckpt, dtype)
+    return reference_class(ckpt.config).from_checkpoint(ckpt, dtype)

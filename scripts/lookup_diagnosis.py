@@ -65,7 +65,7 @@ def main() -> None:
     every = torch.arange(0, TILES * per_tile, 16)  # a sample of each image's regular-tile tokens
     for _ in range(args.images):
         s = sample(rng, "colour", canvas=CANVAS)
-        pv, ids, _ = encode_sample(s, tok, cfg, family_for(cfg).prompt_layout)
+        pv, ids, _, _ = encode_sample(s, tok, cfg, family_for(cfg).prompt_layout)
         seq = torch.tensor([ids])
         embeds = model.embed(seq, model.encode_tiles(pv).flatten(0, 1), tok.image_pad_id)
         out = model.llm.model(inputs_embeds=embeds, output_hidden_states=True, output_attentions=True)

@@ -259,7 +259,7 @@ def test_attention_hint_targets_the_tile_the_answer_is_about():
     the row attends to that tile's image tokens and high when it attends to another tile's."""
     import torch
 
-    from builder.demo_train import Recipe, attention_mass_loss, looked_up, train
+    from builder.demo_train import Recipe, attention_mass_loss, looked_up, tile_positions, train
 
     scene = random_scene(np.random.default_rng(4), (896, 896))
     assert looked_up(Sample(scene, "colour", "What colour is the shape in tile 4?", "red")) == (0, 3)
@@ -271,8 +271,9 @@ def test_attention_hint_targets_the_tile_the_answer_is_about():
     image_pos = torch.arange(text, text + 3 * per_tile)
     attn = torch.zeros(20, 20)
     attn[19, image_pos[per_tile:2 * per_tile]] = 0.25  # the last row attends to tile 1 (0-based) only
-    right = attention_mass_loss(attn, 19, image_pos, 1, per_tile)
-    wrong = attention_mass_loss(attn, 19, image_pos, 2, per_tile)
+    ids = [0] * text + [9] * 3 * per_tile + [0] * 5  # 9: the image pad id
+    right = attention_mass_loss(attn, 19, tile_positions(1, ids, 9, None, per_tile))
+    wrong = attention_mass_loss(attn, 19, tile_positions(2, ids, 9, None, per_tile))
     assert abs(right.item()) < 1e-5 and wrong.item() > 10
 
     base = dict(samples=4, batch=2, phases=(), single_tile_fraction=0.0, seed=5, threads=1, decoder_probe=1.0)
@@ -381,12 +382,12 @@ def test_key_hint_points_at_the_question_word_the_lookup_searches_with():
     for k in (1, 2, 3, 4):
         s = Sample(scene, "colour" if k % 2 else "shape",
                    f"What colour is the shape in tile {k}?" if k % 2 else f"What shape is in tile {k}?", "red")
-        _, ids, _ = encode_sample(s, tok, cfg, layout)
+        _, ids, _, _ = encode_sample(s, tok, cfg, layout)
         offset, pos = question_key(s, ids, tok)
         assert offset == 0 and tok.decode([ids[pos]]) == f" {k}" and tok.decode(ids[pos + 1:pos + 2]) == "?"
     for colour in ("red", "yellow"):
         s = Sample(scene, "which_tile", f"Which tile has the {colour} shape?", "tile 2")
-        _, ids, _ = encode_sample(s, tok, cfg, layout)
+        _, ids, _, _ = encode_sample(s, tok, cfg, layout)
         offset, pos = question_key(s, ids, tok)
         assert offset == 1 and tok.decode([ids[pos]]) == f" {colour}"
     assert question_key(Sample(scene, "count", "How many shapes are there?", "4"), [], tok) is None
@@ -430,7 +431,7 @@ def test_attention_log_probs_are_the_decoder_s_attention():
             layer.self_attn.q_proj.bias.normal_(0, 0.5)
             layer.self_attn.k_proj.bias.normal_(0, 0.5)
     s = sample(np.random.default_rng(8), "colour", canvas=(896, 448))
-    pv, ids, _ = encode_sample(s, tok, cfg, family_for(cfg).prompt_layout)
+    pv, ids, _, _ = encode_sample(s, tok, cfg, family_for(cfg).prompt_layout)
     with torch.no_grad():
         embeds = model.embed(torch.tensor([ids]), model.encode_tiles(pv).flatten(0, 1), tok.image_pad_id)
         out = model.llm.model(inputs_embeds=embeds, output_hidden_states=True, output_attentions=True)
@@ -443,3 +444,109 @@ def test_attention_log_probs_are_the_decoder_s_attention():
         # and a wrong head is told apart
         assert not torch.allclose(attention_log_probs(model, 0, out.hidden_states[0][0], len(ids) - 1, 0).exp(),
                                   out.attentions[0][0, 2, len(ids) - 1])
+
+
+@pytest.mark.parametrize("variant", ["d", "x", "h"])
+def test_a_teacher_forced_pass_is_the_served_decode(variant, tmp_path):
+    """Training's one pass over prompt + answer (`teacher_forced`: NVLM-X/H's answer tokens read every image
+    key) gives the logits that prefill + step-by-step decoding with the KV cache give — the path `generate`
+    and serving take — on a random default whose cross-attention gates are open (so the keys matter), for a
+    question on a 3-tile canvas. And the image is read: another image's tiles change the logits."""
+    import torch
+    from transformers import DynamicCache
+
+    from builder.demo_train import encode_sample
+    from runtime.core.demo_checkpoint import write_demo_checkpoint
+    from runtime.core.families import family_for
+    from runtime.reference import reference_model
+    from runtime.tokenizer import NVLMTokenizer
+
+    ckpt = write_demo_checkpoint(tmp_path / "ck", variant=variant)
+    model, tok = reference_model(ckpt), NVLMTokenizer.from_dir(ckpt)
+    rng = np.random.default_rng(21)
+    s, other = sample(rng, "colour", canvas=(1344, 448)), sample(rng, "colour", canvas=(1344, 448))
+    pv, ids, answer, cross = encode_sample(s, tok, model.cfg, family_for(model.cfg).prompt_layout)
+    answer = tok.encode("blue circle") + [tok.im_end_id]  # any tokens: this is a parity check
+    with torch.no_grad():
+        embeds, step = model.prefill_inputs(torch.tensor([ids]), pv, tok.image_pad_id, cross)
+        with step(None):
+            out = model.llm(inputs_embeds=embeds, past_key_values=DynamicCache(), use_cache=True)
+        served = [out.logits[0, -1]]
+        for i, t in enumerate(answer[:-1]):
+            with step(i):
+                out = model.llm(input_ids=torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
+            served.append(out.logits[0, -1])
+
+        def forced(pixel_values):
+            embeds, reading = model.teacher_forced(torch.tensor([ids + answer[:-1]]), model.encode_tiles(pixel_values),
+                                                   tok.image_pad_id, cross, generated=len(answer) - 1)
+            with reading:
+                return model.llm(inputs_embeds=embeds).logits[0, -len(answer):]
+
+        got = forced(pv)
+        assert torch.allclose(got, torch.stack(served), atol=1e-4), (got - torch.stack(served)).abs().max()
+        other_pv = encode_sample(other, tok, model.cfg, family_for(model.cfg).prompt_layout)[0]
+        assert (forced(other_pv) - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", ["x", "h"])
+def test_nvlm_x_and_h_train_with_the_same_recipe(variant, tmp_path, capsys):
+    """demo-train --variant x|h: the cross-attention families train from scratch (their gates start at 0 and
+    move), deterministically, and the card's held-out score is the written checkpoint's; the attention hint,
+    which reads inline image tokens, is refused for them with a one-line error."""
+    import torch
+    from safetensors.torch import load_file
+
+    from builder.cli import main
+
+    out = tmp_path / "w.safetensors"
+    args = ["demo-train", str(out), "--phases", "4:one:1,1,1,1;4:all:1,1,1,1", "--batch", "2", "--threads", "1",
+            "--variant", variant, "--decoder-probe", "1", "--question-probe", "1", "--key-hint", "1", "--eval", "4"]
+    assert main(args) == 0
+    card = json.loads(out.with_suffix(".json").read_text())
+    assert card["recipe"]["variant"] == variant and f"--variant {variant}" in card["command"]
+    gates = {n: t for n, t in load_file(str(out)).items() if n.endswith("_gate")}
+    assert len(gates) == 4 and all(float(t.abs().max()) > 0 for t in gates.values())
+    assert main([*args[:2], "--samples", "2", "--batch", "2", "--threads", "1", "--variant", variant, "--eval", "0"]) == 0
+    first = load_file(str(out))
+    assert main([*args[:2], "--samples", "2", "--batch", "2", "--threads", "1", "--variant", variant, "--eval", "0"]) == 0
+    assert all(torch.equal(first[n], t) for n, t in load_file(str(out)).items())
+    capsys.readouterr()
+    hinted = [*args[:2], "--phases", "4:all:0,0,1,0", "--batch", "2", "--threads", "1", "--variant", variant,
+              "--attention-hint", "1", "--eval", "0", "--log", str(tmp_path / "hint.jsonl")]
+    if variant == "x":  # the hint targets the tile's tag tokens
+        assert main(hinted) == 0
+        rows = [json.loads(line) for line in (tmp_path / "hint.jsonl").read_text().splitlines()]
+        hints = [r["aids"]["attention_hint"] for r in rows if "attention_hint" in r["aids"]]
+        assert hints and all(h > 0 for h in hints)  # (a one-tile canvas has no target: that sample has none)
+    else:
+        assert main(hinted) == 2
+        err = capsys.readouterr().err
+        assert "NVLM-H's regular tiles" in err and len(err.strip().splitlines()) == 1
+    assert main(["demo-checkpoint", str(tmp_path / "ck"), "--variant", variant, "--weights", str(out)]) == 0
+    assert main(["demo-checkpoint", str(tmp_path / "ck_d"), "--weights", str(out)]) == 2
+
+
+def test_nvlm_x_s_tile_stands_in_the_decoder_as_its_tag():
+    """The attention hint's target in NVLM-X: tile K's tag tokens (the ones that read tile K's keys alone), found
+    from the prompt's key ranges; on a one-tile image every token reads the only key tile: no target."""
+    from pathlib import Path
+
+    from builder.demo_train import encode_sample, tile_positions
+    from runtime.core.demo_checkpoint import demo_parts, trained_dims
+    from runtime.core.families import family_for
+    from runtime.tokenizer import NVLMTokenizer
+
+    _, cfg, raw = demo_parts(trained_dims("x"))
+    tok = NVLMTokenizer(raw, Path("<demo tokenizer>"))
+    rng = np.random.default_rng(2)
+    s = sample(rng, "colour", canvas=(896, 896))
+    _, ids, _, cross = encode_sample(s, tok, cfg, family_for(cfg).prompt_layout)
+    spelled = [tok.decode([ids[i] for i in tile_positions(k, ids, tok.image_pad_id, cross, 256)]) for k in range(5)]
+    # (BPE merges across the tags' boundaries — "><" is one token — so a tag's tokens spell it with a neighbour's
+    # bracket; the rule is the tokens whose first character lies in the tag)
+    names = ["tile_1>", "tile_2>", "tile_3>", "tile_4>", "tile_global_thumbnail>"]
+    assert all(names[k] in text and all(n not in text for n in names if n != names[k]) for k, text in enumerate(spelled))
+    one = sample(rng, "colour", canvas=(448, 448))
+    _, ids, _, cross = encode_sample(one, tok, cfg, family_for(cfg).prompt_layout)
+    assert tile_positions(0, ids, tok.image_pad_id, cross, 256) is None

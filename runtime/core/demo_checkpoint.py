@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ConfigError
@@ -71,6 +71,14 @@ VARIANTS = {
 # The trained embedded default (nvlm-build demo-train, issue 17): NVLM-D's preset with a deeper vision tower
 # (four layers: shape needs spatial context that two layers of 14-pixel patches do not give).
 DEMO_TRAINED_DIMS = DemoDims(vision_layers=4)
+
+
+def trained_dims(variant: str) -> DemoDims:
+    """The dimensions a trained default of `variant` has: its preset with the trained default's vision tower
+    (NVLM-X and NVLM-H trained with the same recipe, for the architecture comparison in docs/demo_model.md)."""
+    if variant not in VARIANTS:
+        raise ConfigError(f"unknown demo variant {variant!r}; available: {sorted(VARIANTS)}")
+    return replace(VARIANTS[variant], vision_layers=DEMO_TRAINED_DIMS.vision_layers)
 
 # tanh(1.0) ≈ 0.76: the cross-attention layers move the residual stream as much as a self-attention layer
 DEMO_GATE = 1.0
@@ -246,7 +254,7 @@ def write_demo_checkpoint(out: str | Path, *, variant: str = "d", seed: int = 0,
 
     if variant not in VARIANTS:
         raise ConfigError(f"unknown demo variant {variant!r}; available: {sorted(VARIANTS)}")
-    dims = VARIANTS[variant] if weights == "random" or variant != "d" else DEMO_TRAINED_DIMS
+    dims = VARIANTS[variant] if weights == "random" else trained_dims(variant)
     raw_cfg, cfg, tok = demo_parts(dims, vocab_size)
 
     if weights == "random":
