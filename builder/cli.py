@@ -189,12 +189,14 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", help="checkpoint directory (e.g. the embedded default)")
     p.add_argument("--n", type=int, default=400, help="held-out questions, the four types in turn (default 400)")
     p.add_argument("--seed", type=int, default=1, help="question seed (default 1; training never uses it)")
+    p.add_argument("--no-tile-tags", action="store_true",
+                   help="prompts without the 1-D tile tags (a model trained with demo-train --no-tile-tags)")
     p.add_argument("--json", action="store_true")
 
 
 @command("eval", "task accuracy of a checkpoint's reference model on fresh held-out tile-task questions", _eval_args)
 def _eval(args) -> int:
-    acc = evaluate_checkpoint(args.ckpt, args.n, args.seed)
+    acc = evaluate_checkpoint(args.ckpt, args.n, args.seed, tile_tags=not args.no_tile_tags)
     if args.json:
         print(json.dumps(acc))
     else:

@@ -127,6 +127,8 @@ def test_trained_weights_round_trip_through_the_checkpoint_writer(tmp_path, caps
     assert main(["eval", str(tmp_path / "ck"), "--n", "4", "--json"]) == 0
     acc = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert acc == card["eval"]["accuracy"]  # the same weights, the same questions
+    assert main(["eval", str(tmp_path / "ck"), "--n", "4", "--json", "--no-tile-tags"]) == 0  # the ablation's prompts
+    assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == set(acc)
     assert main(["demo-checkpoint", str(tmp_path / "bad"), "--variant", "x", "--weights", str(out)]) == 2
     assert "do not fit the variant 'x'" in capsys.readouterr().err
 
