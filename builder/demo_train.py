@@ -415,8 +415,9 @@ class Aids:
             logp = attention_log_probs(model, 0, out.hidden_states[0][0], len(ids) - 1 + offset, KEY_HINT_HEAD)
             parts["key_hint"] = (r.key_hint, -logp[position])
         lookup = looked_up(s)
-        cols = None if not (r.attention_hint and lookup) else tile_positions(lookup[1], ids, pad_id, cross,
-                                                                              tiles.shape[1])
+        cols = None
+        if r.attention_hint and lookup is not None:
+            cols = tile_positions(lookup[1], ids, pad_id, cross, tiles.shape[1])
         if r.attention_hint and cols is not None:
             offset = lookup[0]
             attn = out.attentions[1][0]  # second layer: [heads, S, S]
