@@ -41,6 +41,12 @@ def _label(pid: int) -> str:
     return f"stub {Path(model).parent.parent.name}" if model else Path(args[0]).name
 
 
+def machine_cpu() -> dict[str, int]:
+    """The machine's CPU time so far (clock ticks, all cores) from /proc/stat: idle (with iowait), steal, total."""
+    f = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return {"idle": f[3] + f[4], "steal": f[7], "total": sum(f[:8])}
+
+
 def cpu_by_process(root: int) -> dict[str, float]:
     """CPU seconds so far of the server's processes (tritonserver and one stub per model), by label, and of
     this process (the benchmark's client)."""
@@ -118,15 +124,19 @@ def main():
         sweep = {}
         items = [Item("Explain how a transformer generates text.", [], "text")]
         for c in [int(x) for x in args.concurrency.split(",")]:
-            cpu0 = cpu_by_process(srv.proc.pid)
+            cpu0, machine0 = cpu_by_process(srv.proc.pid), machine_cpu()
             samples, wall = run_closed_loop(srv.grpc_url, "nvlm", items, c, max(args.requests, 4 * c),
                                             args.max_tokens, 0, min_tokens=args.max_tokens,
                                             keep_streams=args.keep_streams)
-            cpu1 = cpu_by_process(srv.proc.pid)
+            cpu1, machine1 = cpu_by_process(srv.proc.pid), machine_cpu()
             s = summarize(samples, wall)
             tokens = s["output_tokens_per_s"] * wall
             sweep[c] = {"requests_per_s": s["requests_per_s"], "output_tokens_per_s": s["output_tokens_per_s"],
                         "ttft_p50_ms": s["ttft_ms"]["p50"], "e2e_p50_ms": s["e2e_ms"]["p50"], "failed": s["failed"],
+                        "errors": s["errors"], "tokens_per_response": s["tokens_per_response"],
+                        # the machine's idle and steal (a shared VM: time its host gave to others) over the run
+                        **{k: (machine1[k] - machine0[k]) / (machine1["total"] - machine0["total"])
+                           for k in ("idle", "steal")},
                         # where the CPU goes: ms of CPU per generated token, by process
                         "cpu_ms_per_token": {k: (cpu1[k] - cpu0.get(k, 0.0)) * 1e3 / tokens for k in cpu1}}
     print(f"{'request':<22}{'served ms':>10}{'in-process ms':>15}{'overhead ms':>13}{'ratio':>7}")
@@ -134,11 +144,15 @@ def main():
         print(f"{k:<22}{r['served_ms']:>10.1f}{r['in_process_ms']:>15.1f}{r['overhead_ms']:>13.1f}{r['ratio']:>7.2f}")
         print("    per request, Triton statistics (queue + compute):",
               ", ".join(f"{m} {v:.1f} ms" for m, v in sorted(r["stages_ms"].items())))
-    print(f"{'concurrency':<12}{'req/s':>7}{'× c=1':>7}{'tok/s':>8}{'TTFT p50 ms':>13}{'E2E p50 ms':>12}{'failed':>8}")
+    print(f"{'concurrency':<12}{'req/s':>7}{'× c=1':>7}{'tok/s':>8}{'TTFT p50 ms':>13}{'E2E p50 ms':>12}{'tok/resp':>9}{'idle':>6}{'steal':>6}{'failed':>8}")
     base = next(iter(sweep.values()))["requests_per_s"]
     for c, r in sweep.items():
         print(f"{c:<12}{r['requests_per_s']:>7.2f}{r['requests_per_s'] / base:>7.2f}{r['output_tokens_per_s']:>8.1f}"
-              f"{r['ttft_p50_ms']:>13.1f}{r['e2e_p50_ms']:>12.1f}{r['failed']:>8}")
+              f"{r['ttft_p50_ms']:>13.1f}{r['e2e_p50_ms']:>12.1f}{r['tokens_per_response']:>9.2f}"
+              f"{r['idle']:>6.0%}{r['steal']:>6.0%}{r['failed']:>8}")
+    for c, r in sweep.items():
+        for e in r["errors"]:
+            print(f"  c={c} error: {e}")
     print("CPU ms per generated token, by process (server's processes and this client), at each concurrency:")
     for c, r in sweep.items():
         cpu = r["cpu_ms_per_token"]

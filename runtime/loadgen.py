@@ -70,6 +70,8 @@ def summarize(samples: list[Sample], wall: float) -> dict:
         "ttft_ms": _stats([s.ttft for s in ok]), "itl_ms": _stats([x for s in ok for x in s.itls]),
         "tpot_ms": _stats(tpots), "e2e_ms": _stats([s.e2e for s in ok]),
         "output_tokens_per_s": sum(s.tokens for s in ok) / wall if wall > 0 else None,
+        # streamed responses that carried tokens (one per token while the server keeps up, fewer under load)
+        "tokens_per_response": (sum(s.tokens for s in ok) / sum(len(s.itls) + 1 for s in ok)) if ok else None,
         "requests_per_s": len(ok) / wall if wall > 0 else None, "seconds": wall,
     }
 

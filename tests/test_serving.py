@@ -66,8 +66,10 @@ def test_greedy_answers_equal_reference_executor(client, local, prompt, images):
     assert ans.tokens == local(prompt, images, 8)
     streamed = client.generate(prompt, images, max_tokens=8, stream=True)
     assert streamed.tokens == ans.tokens and "".join(streamed.chunks) == ans.text
-    # one response per token, plus one when the text ends in a split character released at the end
-    assert len(ans.tokens) <= len(streamed.chunks) <= len(ans.tokens) + 1
+    # a response per token while the server keeps up (several tokens in one when it falls behind: the LLM
+    # step's sender and the entry model pass on everything that is ready), plus one when the text ends in a
+    # split character released at the end
+    assert 1 <= len(streamed.chunks) <= len(ans.tokens) + 1
 
 
 def test_answers_depend_on_the_image_and_reach_the_right_client(trained_serve_build):

@@ -38,6 +38,11 @@ DEFAULT_URL = "127.0.0.1:8001"
 FINAL = "triton_final_response"
 
 
+def _is_final(result) -> bool:
+    params = result.get_response().parameters
+    return FINAL in params and params[FINAL].bool_param
+
+
 def server_url() -> str:
     return os.environ.get(URL_ENV) or DEFAULT_URL
 
@@ -121,14 +126,19 @@ class LLMLink:
             self._all.discard(s)
         s.close()
 
-    def generate(self, inputs: list, outputs: list[str], request_id: str) -> Iterator:
+    def generate(self, inputs: list, outputs: list[str], request_id: str, grouped: bool = False) -> Iterator:
         """Send one request ((name, array or tensor) pairs, with their batch dimension) on this thread's stream
         and yield its responses (tritonclient InferResult) up to and including the final one. An error
-        response raises ValueError with the LLM step's message."""
+        response raises ValueError with the LLM step's message.
+
+        `grouped`: yield lists instead — every response that had arrived when the caller asked for the next
+        (at least one; the final one ends its list). A caller that answers each list with one response of its
+        own sends one per LLM-step response while it keeps up, and fewer, longer ones when it falls behind,
+        instead of working through a backlog of one-token responses."""
         s = self._stream()
         clean = False
         try:
-            yield from self._exchange(s, inputs, outputs, request_id)
+            yield from self._exchange(s, inputs, outputs, request_id, grouped)
             clean = True
         finally:
             if not clean:
@@ -143,7 +153,8 @@ class LLMLink:
         finally:
             s.close()
 
-    def _exchange(self, s: _Stream, inputs: list, outputs: list[str], request_id: str) -> Iterator:
+    def _exchange(self, s: _Stream, inputs: list, outputs: list[str], request_id: str,
+                  grouped: bool = False) -> Iterator:
         from tritonclient import grpc
 
         try:
@@ -158,18 +169,24 @@ class LLMLink:
             raise self._unreachable(e) from None
         first = True
         while True:
-            result, error = s.inbox.get()
-            if error is not None:
-                if first and "UNAVAILABLE" in str(getattr(error, "status", lambda: "")()):
-                    raise self._unreachable(error)
-                raise ValueError(error.message() if hasattr(error, "message") else str(error))
+            group = [self._receive(s, request_id, first)]
             first = False
-            resp = result.get_response()
-            if resp.id != request_id:  # cannot happen on a stream used by one request at a time
-                raise ValueError(f"LLM step answered request {resp.id!r} on the stream of {request_id!r}")
-            yield result
-            if FINAL in resp.parameters and resp.parameters[FINAL].bool_param:
+            # the one reader of this inbox: not empty means the next get does not wait
+            while grouped and not _is_final(group[-1]) and not s.inbox.empty():
+                group.append(self._receive(s, request_id, False))
+            yield group if grouped else group[0]
+            if _is_final(group[-1]):
                 return
+
+    def _receive(self, s: _Stream, request_id: str, first: bool):
+        result, error = s.inbox.get()
+        if error is not None:
+            if first and "UNAVAILABLE" in str(getattr(error, "status", lambda: "")()):
+                raise self._unreachable(error)
+            raise ValueError(error.message() if hasattr(error, "message") else str(error))
+        if result.get_response().id != request_id:  # cannot happen on a stream used by one request at a time
+            raise ValueError(f"LLM step answered request {result.get_response().id!r} on the stream of {request_id!r}")
+        return result
 
     def _unreachable(self, error) -> ValueError:
         detail = error.message() if hasattr(error, "message") else str(error)

@@ -285,8 +285,8 @@ class ReferenceLLMModel:
     so that a later `execute` can deliver a `stop` request — the backend's way to stop a
     request by its id, which the entry model uses when its client cancels — and the executor asks before
     every decode step whether its request was stopped or cancelled by Triton (a client that closed its
-    stream; asked at most every 10 ms, see `_AtMostEvery`). A cancelled request frees the executor within a
-    step or 10 ms."""
+    stream; asked by the request's own thread every 10 ms, see `_watch`). A cancelled request frees the
+    executor within a step or 10 ms."""
 
     def initialize(self, args):
         self._setup(_build_dir(args))
@@ -405,7 +405,6 @@ class ReferenceLLMModel:
         features, ranges = self._encoder(request, pb, len(ids))
         stream = _scalar(request, "streaming", False, bool)
         rid, flag = request.request_id(), threading.Event()
-        client_gone = _AtMostEvery(request.is_cancelled)
         if rid:
             with self.stops_lock:
                 self.stops[rid] = flag
@@ -420,31 +419,27 @@ class ReferenceLLMModel:
                       stop_words=from_trtllm(_input(request, "stop_words_list"), "stop_words_list"),
                       bad_words=from_trtllm(_input(request, "bad_words_list"), "bad_words_list"),
                       return_log_probs=_scalar(request, "return_log_probs", False, bool),
-                      cancelled=lambda: flag.is_set() or client_gone())
-        return req, stream, rid, set(request.requested_output_names())
+                      cancelled=flag.is_set)  # set by a `stop` request or by _run's watch (the client left)
+        return req, stream, rid, set(request.requested_output_names()), flag, request.is_cancelled
 
     def _run(self, job, sender, pb):
-        req, stream, rid, wanted = job
+        req, stream, rid, wanted, flag, is_cancelled = job
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
         def emit(tokens, lps, cum):
-            out = [pb.Tensor("output_ids", np.asarray([[tokens]], np.int32)),  # [batch=1, beam=1, tokens]
-                   pb.Tensor("sequence_length", np.asarray([[len(tokens)]], np.int32))]
+            out = [pb.Tensor("output_ids", np.asarray([[tokens]], np.int32))]  # [batch=1, beam=1, tokens]
+            if not wanted or "sequence_length" in wanted:  # a tensor per token costs: only what was asked for
+                out.append(pb.Tensor("sequence_length", np.asarray([[len(tokens)]], np.int32)))
             if req.return_log_probs:  # as the backend returns them: [batch, beam, tokens] and [batch, beam]
                 out += [pb.Tensor("output_log_probs", np.asarray([[lps]], np.float32)),
                         pb.Tensor("cum_log_probs", np.asarray([[cum]], np.float32))]
             return _response(pb, wanted, out)
 
-        cum = [0.0]
         send = self.outbox.put
+        run = _PendingRun(send, lambda tokens, lps, cum: sender.send(emit(tokens, lps, cum)))
 
-        def on_token(tok, lp):  # called by the batcher's loop: it only enqueues
-            cum[0] += lp or 0.0
-            total = cum[0]
-            send(lambda: sender.send(emit([tok], [lp], total)))
-
-        try:
-            result = self.batcher.submit(req, on_token if stream else None).result()
+        try:  # run.push is called by the batcher's loop: it only appends (and enqueues the run's send)
+            result = _watch(self.batcher.submit(req, run.push if stream else None), is_cancelled, flag)
             if stream:
                 send(lambda: sender.send(flags=final))
             else:
@@ -530,6 +525,21 @@ class PostprocessingModel:
 # --------------------------------------------------------------------------- entry point (BLS)
 
 
+def _watch(future, is_cancelled, flag: threading.Event, period: float = 0.01):
+    """Wait for a request's result on the request's own thread, asking Triton every `period` whether its
+    client went away (`is_cancelled`: a round trip from the stub to tritonserver) and setting its stop flag
+    if so. The batcher's loop only reads the flag: asked from there, the round trips of every active request
+    held up each decode step of the whole batch."""
+    from concurrent.futures import TimeoutError as Pending
+
+    while True:
+        try:
+            return future.result(timeout=period)
+        except Pending:
+            if not flag.is_set() and is_cancelled():
+                flag.set()
+
+
 class _AtMostEvery:
     """A costly yes/no check asked at most once per `period` seconds; in between, the last answer stands, and a
     yes stays yes. For `request.is_cancelled()`: each call is a round trip from the stub to tritonserver, and
@@ -546,6 +556,40 @@ class _AtMostEvery:
             if now >= self.next:
                 self.answer, self.next = bool(self.check()), now + self.period
         return self.answer
+
+
+class _PendingRun:
+    """A streamed request's tokens not yet sent: each new token joins the run, and the whole run leaves as one
+    response when the LLM step's sending thread (`_Outbox`) gets to it. While the sender keeps up that is one
+    token per response; when it falls behind (many requests, few cores) a response carries every token made
+    since the last one — the `tensorrtllm` backend's streamed `output_ids` are [batch, beam, new tokens] and
+    may hold several — instead of a queue of one-token responses that each cost the same fixed work
+    downstream (a stub-to-server round trip, the entry's text-delta decode, a gRPC message to the client).
+    Order is kept: a run is enqueued when its first token arrives, so it leaves before anything enqueued after
+    that token (the final response included)."""
+
+    def __init__(self, enqueue, send):
+        self.enqueue, self.send = enqueue, send  # send(tokens, log_probs, cum_log_prob up to the last token)
+        self.lock = threading.Lock()
+        self.tokens: list[int] = []
+        self.lps: list = []
+        self.cum = 0.0
+
+    def push(self, tok: int, lp) -> None:
+        with self.lock:
+            self.tokens.append(tok)
+            self.lps.append(lp)
+            self.cum += lp or 0.0
+            first = len(self.tokens) == 1
+        if first:
+            self.enqueue(self._flush)
+
+    def _flush(self) -> None:
+        with self.lock:
+            tokens, lps, cum = self.tokens, self.lps, self.cum
+            self.tokens, self.lps = [], []
+        if tokens:
+            self.send(tokens, lps, cum)
 
 
 class _Outbox:
@@ -772,27 +816,33 @@ class EntryModel:
 
         text = StreamDecoder(self.tok)
         rid = uuid.uuid4().hex  # the LLM step's request id: a `stop` request names it
-        responses = self.llm.generate(llm_inputs, decoding.outputs, rid)
+        # grouped: every LLM-step response that has arrived is answered by one response to the client
+        groups = self.llm.generate(llm_inputs, decoding.outputs, rid, grouped=True)
         stopped = False
         client_gone = _AtMostEvery(request.is_cancelled)
         if stream and not decoding.exclude_input:
             sender.send(_response(pb, wanted, [
                 pb.Tensor("text_output", np.asarray([text.push(self._prompt_ids(ids)).encode()], object)),
                 pb.Tensor("output_ids", ids.reshape(-1).astype(np.int32))]))
-        for resp in responses:
+        for group in groups:
             if not stopped and client_gone():  # the client went away: stop generating for it
                 stopped = True
                 self._stop(rid)
-            out = resp.as_numpy("output_ids")
-            if out is None:  # the final, empty response of a stream
+            new = []
+            for resp in group:
+                out = resp.as_numpy("output_ids")
+                if out is None:  # the final, empty response of a stream
+                    continue
+                got = out.reshape(-1).tolist()
+                new += got
+                lp = resp.as_numpy("output_log_probs")
+                if lp is not None and got:
+                    log_probs += lp.reshape(-1).tolist()[-len(got):]
+            if not new:
                 continue
-            new = out.reshape(-1).tolist()
             tokens += new
-            lp = resp.as_numpy("output_log_probs")
-            if lp is not None:
-                log_probs += lp.reshape(-1).tolist()[-len(new):] if new else []
             safe = stops.push(new)
-            if stream and not stopped:  # one response per engine response, even when its text is held back
+            if stream and not stopped:  # one response per group of engine responses, even when its text is held back
                 sender.send(_response(pb, wanted, [
                     pb.Tensor("text_output", np.asarray([text.push(safe).encode()], object)),
                     pb.Tensor("output_ids", np.asarray(safe, np.int32))]

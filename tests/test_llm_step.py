@@ -1,0 +1,158 @@
+"""The reference LLM step's streaming path in-process (no tritonserver): a streamed request's tokens leave in
+runs when the sending thread falls behind, the request's own thread watches for a client that left, and the
+entry model's link groups the responses that arrived together."""
+
+import queue
+import threading
+import time
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from runtime.trtllm_executor import Request
+from triton_repo import serving
+from triton_repo.llm_link import FINAL, LLMLink
+
+FINAL_FLAG = 1
+
+
+class _Tensor:
+    def __init__(self, name, array):
+        self._name, self.array = name, np.asarray(array)
+
+    def name(self):
+        return self._name
+
+
+_PB = SimpleNamespace(Tensor=_Tensor, InferenceResponse=lambda output_tensors: output_tensors,
+                      TRITONSERVER_RESPONSE_COMPLETE_FINAL=FINAL_FLAG)
+
+
+class _Sender:
+    """Records (tokens, log-probs, cum, flags) per response; `hold` keeps the first send waiting until it is
+    set (the LLM step's sending thread falling behind)."""
+
+    def __init__(self, hold: threading.Event | None = None):
+        self.sent, self.hold, self.done, self.waiting = [], hold, threading.Event(), threading.Event()
+
+    def send(self, response=None, flags=0):
+        if self.hold is not None and not self.sent:
+            self.waiting.set()
+            assert self.hold.wait(30)
+        t = {x.name(): x.array for x in response or []}
+        ids = t["output_ids"].reshape(-1).tolist() if "output_ids" in t else None
+        self.sent.append((ids, t.get("output_log_probs"), t.get("cum_log_probs"), flags))
+        if flags & FINAL_FLAG:
+            self.done.set()
+
+
+@pytest.fixture(scope="module")
+def llm_step(serve_build):
+    model = serving.ReferenceLLMModel()
+    model._setup(serve_build)
+    yield model
+    model.finalize()
+
+
+def _job(n, *, log_probs=False, is_cancelled=lambda: False):
+    flag = threading.Event()
+    req = Request([3, 17, 42, 9, 77], n, min_length=n, return_log_probs=log_probs, cancelled=flag.is_set)
+    return (req, True, "", {"output_ids", "output_log_probs", "cum_log_probs"}, flag, is_cancelled)
+
+
+def _run(model, job, sender):
+    threading.Thread(target=model._run, args=(job, sender, _PB), daemon=True).start()
+    assert sender.done.wait(60)
+
+
+def _batcher_idle(model):
+    b = model.batcher
+    deadline = time.monotonic() + 30
+    while (b._active or b._waiting) and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def test_a_streamed_request_s_tokens_leave_as_one_run_while_the_sender_is_behind(llm_step):
+    """Tokens made while the sending thread is busy leave together in its next response, in order, with the
+    cumulative log-prob up to the run's last token; the same request sent promptly gives the same tokens."""
+    n = 8
+    free = _Sender()
+    _run(llm_step, _job(n, log_probs=True), free)
+    hold = threading.Event()
+    behind = _Sender(hold)
+    # let the first send go once the batcher has made every token (they queue up behind it meanwhile)
+    threading.Thread(target=lambda: (behind.waiting.wait(30), _batcher_idle(llm_step), hold.set()),
+                     daemon=True).start()
+    _run(llm_step, _job(n, log_probs=True), behind)
+
+    def tokens(sent):
+        return [t for ids, *_ in sent if ids for t in ids]
+
+    assert len(tokens(free.sent)) == n and tokens(behind.sent) == tokens(free.sent)
+    runs = [ids for ids, *_ in behind.sent if ids]
+    assert [len(r) for r in runs] == [1, n - 1]  # the first token, then everything made while it was sent
+    assert behind.sent[-1][3] == FINAL_FLAG and behind.sent[-1][0] is None
+    (_, lp1, cum1, _), (_, lp2, cum2, _) = behind.sent[:2]
+    all_lps = np.concatenate([lp1.reshape(-1), lp2.reshape(-1)])
+    assert all_lps.shape == (n,) and np.all(all_lps <= 0)
+    assert float(cum1.reshape(-1)[0]) == pytest.approx(float(all_lps[0]), abs=1e-5)
+    assert float(cum2.reshape(-1)[0]) == pytest.approx(float(all_lps.sum()), abs=1e-4)
+
+
+def test_the_request_s_own_thread_stops_it_when_its_client_left(llm_step):
+    """`is_cancelled` (a round trip to tritonserver) is asked by the request's thread, not by the batcher's
+    loop; a yes sets the stop flag and the request ends early. A client that stays gets every token."""
+    asked = []
+
+    def gone_after_first_ask():
+        asked.append(threading.get_ident())
+        return len(asked) > 1
+
+    n = 400  # long enough that the watch (every 10 ms) sees the client leave before the end
+    left = _Sender()
+    job = _job(n, is_cancelled=gone_after_first_ask)
+    _run(llm_step, job, left)
+    got = [t for ids, *_ in left.sent if ids for t in ids]
+    assert job[4].is_set() and 0 < len(got) < n
+    assert llm_step.batcher._thread.ident not in set(asked)
+    stays = _Sender()
+    _run(llm_step, _job(12), stays)
+    assert len([t for ids, *_ in stays.sent if ids for t in ids]) == 12
+
+
+class _Result:
+    def __init__(self, rid, final=False):
+        params = {FINAL: SimpleNamespace(bool_param=True)} if final else {}
+        self.response = SimpleNamespace(id=rid, parameters=params)
+
+    def get_response(self):
+        return self.response
+
+
+def _link_with(arrived):
+    """An LLMLink whose thread's stream already holds `arrived` (what gRPC delivered) and accepts a send."""
+    class Stream:  # _Stream without its gRPC client
+        inbox, closed = queue.SimpleQueue(), False
+        client = SimpleNamespace(async_stream_infer=lambda *a, **k: None)
+
+        def close(self):
+            self.closed = True
+
+    link, stream = LLMLink(url="unused:0"), Stream()
+    for r in arrived:
+        stream.inbox.put((r, None))
+    link._local.stream = stream
+    return link
+
+
+def test_the_link_groups_the_responses_that_arrived_together():
+    """grouped=True yields every response already there as one list (the final one ends it); without it, one
+    response at a time, as before."""
+    arrived = [_Result("r"), _Result("r"), _Result("r"), _Result("r", final=True)]
+    groups = list(_link_with(arrived).generate([], ["output_ids"], "r", grouped=True))
+    assert [len(g) for g in groups] == [4] and groups[0] == arrived
+    single = list(_link_with(arrived).generate([], ["output_ids"], "r"))
+    assert single == arrived
+    with pytest.raises(ValueError, match="answered request 'x'"):
+        list(_link_with([_Result("x")]).generate([], ["output_ids"], "r", grouped=True))
