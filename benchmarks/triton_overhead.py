@@ -2,7 +2,7 @@
 throughput vs concurrency, on the embedded default.
 
     .venv/bin/python benchmarks/triton_overhead.py [--requests 12] [--max-tokens 64] [--concurrency 1,4,8,16]
-                                                   [--keep-streams] [--json F]
+                                                   [--keep-streams] [--llm-step-nice N] [--json F]
 
 Builds the embedded default (bf16, reference target), serves it with the bundled tritonserver, then
 for the same text and one-image requests measures (a) end-to-end latency through Triton over gRPC
@@ -78,6 +78,8 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--concurrency", default="1,4,8,16")
     ap.add_argument("--keep-streams", action="store_true", help="one gRPC stream per concurrency slot")
+    ap.add_argument("--llm-step-nice", type=int, default=None,
+                    help="nice levels tritonserver and the other stubs run below the LLM step (default: nvlm-serve's)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp())
@@ -102,7 +104,8 @@ def main():
     exact = {"min_tokens": ("INT32", np.array([args.max_tokens], np.int32))}
 
     rows = {}
-    with TritonServer(build / "triton_repo", grpc_port=24001, http_port=24002, metrics_port=24003) as srv:
+    nice = {} if args.llm_step_nice is None else {"llm_step_nice": args.llm_step_nice}
+    with TritonServer(build / "triton_repo", grpc_port=24001, http_port=24002, metrics_port=24003, **nice) as srv:
         client = NVLMClient(srv.grpc_url)
         for name, (prompt, images, stream) in cases.items():
             client.generate(prompt, images, max_tokens=args.max_tokens, stream=stream, extra=exact)  # warm-up

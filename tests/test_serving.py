@@ -72,6 +72,34 @@ def test_greedy_answers_equal_reference_executor(client, local, prompt, images):
     assert 1 <= len(streamed.chunks) <= len(ans.tokens) + 1
 
 
+def test_the_llm_step_keeps_its_priority_and_the_rest_of_the_server_runs_below_it(server, client):
+    """Reference target: the LLM step is a Python stub whose one batcher thread computes every token, so the
+    keeper runs tritonserver and every other stub LLM_STEP_NICE nice levels lower (every thread); the LLM
+    step's stub keeps the keeper's own priority. Without a Python LLM step (the trt target), or with 0,
+    nothing changes."""
+    from triton_repo.keeper import LLM_STEP, LLM_STEP_NICE, prioritize_llm_step, stub_model
+
+    def nices(pid):
+        return {os.getpriority(os.PRIO_PROCESS, int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
+
+    base = os.getpriority(os.PRIO_PROCESS, server.proc.pid)
+    procs = {pid: stub_model(pid) or Path(os.readlink(f"/proc/{pid}/exe")).name
+             for pid in _descendants(server.proc.pid)}
+    assert sorted(procs.values()) == sorted(["tritonserver", LLM_STEP, "nvlm", "preprocessing", "postprocessing",
+                                             "vision_encoder"])
+    lowered = min(19, base + LLM_STEP_NICE)
+    deadline = time.time() + 10  # the keeper applies it once it sees the server ready
+    while time.time() < deadline and any(nices(p) != {lowered} for p, m in procs.items() if m != LLM_STEP):
+        time.sleep(0.2)
+    for pid, model in procs.items():
+        assert nices(pid) == ({base} if model == LLM_STEP else {lowered}), model
+    client.generate("Write one sentence about the sea.", [], max_tokens=4)  # threads started since: the same
+    for pid, model in procs.items():
+        assert nices(pid) == ({base} if model == LLM_STEP else {lowered}), model
+    assert prioritize_llm_step(os.getpid()) is None  # no stub below this process: nothing to do
+    assert prioritize_llm_step(next(p for p, m in procs.items() if m == "tritonserver"), 0) is None
+
+
 def test_answers_depend_on_the_image_and_reach_the_right_client(trained_serve_build):
     """The trained default, served, answers tile-task questions about eight different images from eight
     concurrent clients: each gets its own image's answer — a dropped image, a swapped tile or a mixed-up

@@ -13,6 +13,13 @@ nvlm-serve starts this small process and it starts tritonserver, in the keeper's
 - when a backend stub dies, restarts tritonserver (Triton would keep reporting ready while every
   request to that model fails): readiness is down during the restart, requests in flight fail with
   an error, and the server comes back on its own — at most MAX_RESTARTS times in RESTART_WINDOW_S;
+- once the server is ready, where a Python stub serves the LLM step (`tensorrt_llm` on the reference and
+  contract targets), runs tritonserver and every other stub LLM_STEP_NICE nice levels below it
+  (`prioritize_llm_step`): the stand-in's one batcher thread computes every token of every request, and
+  time-sliced as one thread among the dozens that forward tokens (gRPC, the entry model's workers) it sat
+  idle half the time at concurrency 8 while the rest of the pipeline waited for its tokens
+  (docs/PERFORMANCE.md). Raising niceness needs no privilege; on the trt target the LLM step lives in
+  tritonserver (the C++ backend) and nothing is changed;
 - when the server stops answering — a probe request (one token of text through the entry model, every
   PROBE_INTERVAL_S) gets no response at all within HANG_TIMEOUT_S — restarts it the same way: the bundled
   Python backend can deadlock a stub under streaming load (docs/serving.md, "An intermittent hang"), with
@@ -45,6 +52,8 @@ MAX_RESTARTS, RESTART_WINDOW_S = 5, 600  # beyond this the keeper gives up and e
 # admits it or refuses it as busy at once); a minute without any response is a server that no longer works.
 PROBE_INTERVAL_S, HANG_TIMEOUT_S = 10.0, 60.0
 PROBE_MODEL = "nvlm"
+LLM_STEP = "tensorrt_llm"
+LLM_STEP_NICE = 10  # weight 110 against the LLM step's 1024 under CFS: it runs whenever it has work
 
 
 def shm_prefix(keeper_pid: int) -> str:
@@ -79,6 +88,8 @@ def main(argv=None) -> int:
     ap.add_argument("--hang-timeout", type=float, default=HANG_TIMEOUT_S,
                     help="restart the server when a probe request gets no response for this long (0: no probe)")
     ap.add_argument("--probe-interval", type=float, default=PROBE_INTERVAL_S)
+    ap.add_argument("--llm-step-nice", type=int, default=LLM_STEP_NICE,
+                    help="run tritonserver and the other stubs this many nice levels below a Python LLM step (0: off)")
     ap.add_argument("command", nargs=argparse.REMAINDER)
     args = ap.parse_args(argv)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -96,7 +107,7 @@ def main(argv=None) -> int:
         # if the keeper itself is killed (SIGKILL leaves it no time to stop anything), the server goes too
         server = subprocess.Popen(cmd, preexec_fn=lambda: _set_pdeathsig(signal.SIGKILL))
         probe = Probe(_base_url(cmd), args.probe_interval, args.hang_timeout) if args.hang_timeout > 0 else None
-        failure = _watch(server, stop, _ready_url(cmd), probe)
+        failure = _watch(server, stop, _ready_url(cmd), probe, args.llm_step_nice)
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
             try:
@@ -154,6 +165,46 @@ def _stubs(server_pid: int) -> set[int]:
         except (OSError, IndexError, ValueError):
             pass
     return out
+
+
+def stub_model(pid: int) -> str | None:
+    """The model a Python-backend stub serves (its model.py's model directory), None for another process."""
+    try:
+        args = (Path("/proc") / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    model = next((a for a in args if a.endswith("model.py")), None)
+    return Path(model).parent.parent.name if model else None
+
+
+def _renice(pid: int, by: int) -> None:
+    """Every thread of `pid` `by` nice levels lower in priority than the process had (niceness is per thread
+    on Linux; threads started later inherit their creator's). Twice: a thread started during the first pass
+    by a thread not yet reniced would keep the old value."""
+    try:
+        target = min(19, os.getpriority(os.PRIO_PROCESS, pid) + by)
+    except OSError:
+        return
+    for _ in range(2):
+        for task in (Path("/proc") / str(pid) / "task").glob("*"):
+            try:
+                if os.getpriority(os.PRIO_PROCESS, int(task.name)) < target:
+                    os.setpriority(os.PRIO_PROCESS, int(task.name), target)
+            except (OSError, ValueError):
+                pass  # a thread that ended meanwhile
+
+
+def prioritize_llm_step(server_pid: int, by: int = LLM_STEP_NICE) -> str | None:
+    """Where a stub serves the LLM step, renice tritonserver and the other stubs `by` levels below it; what
+    was done (for the log), or None (no such stub: the trt target; or `by` is 0)."""
+    stubs = {pid: stub_model(pid) for pid in _stubs(server_pid)}
+    if by <= 0 or LLM_STEP not in stubs.values():
+        return None
+    others = [pid for pid, model in stubs.items() if model != LLM_STEP]
+    for pid in [server_pid, *others]:
+        _renice(pid, by)
+    return (f"keeper: tritonserver and the stubs of {', '.join(sorted(m for m in stubs.values() if m != LLM_STEP))} "
+            f"run {by} nice levels below the LLM step's stub")
 
 
 def _base_url(cmd: list[str]) -> str:
@@ -220,7 +271,8 @@ def _is_ready(url: str) -> bool:
         return False
 
 
-def _watch(server: subprocess.Popen, stop: dict, ready_url: str, probe: Probe | None = None) -> str | None:
+def _watch(server: subprocess.Popen, stop: dict, ready_url: str, probe: Probe | None = None,
+           llm_step_nice: int = 0) -> str | None:
     """Wait until the server exits or a signal arrives (None), or a backend stub dies or the server stops
     answering (why, for the log).
 
@@ -234,6 +286,9 @@ def _watch(server: subprocess.Popen, stop: dict, ready_url: str, probe: Probe | 
         if not watched:
             if _is_ready(ready_url):
                 watched = _stubs(server.pid)
+                done = prioritize_llm_step(server.pid, llm_step_nice)
+                if done:
+                    print(done, flush=True)
         else:
             gone = watched - _stubs(server.pid)
             if gone:

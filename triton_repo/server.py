@@ -23,7 +23,7 @@ from pathlib import Path
 
 from runtime.core.errors import NVLMError
 
-from .keeper import HANG_TIMEOUT_S, PROBE_INTERVAL_S, shm_prefix
+from .keeper import HANG_TIMEOUT_S, LLM_STEP_NICE, PROBE_INTERVAL_S, shm_prefix
 from .llm_link import URL_ENV
 from .openai_api import OpenAIServer
 
@@ -59,10 +59,13 @@ def _load_errors(log: str, limit: int = 3000) -> str:
 class TritonServer:
     def __init__(self, repo: str | Path, *, host: str = "127.0.0.1", grpc_port: int = 8001, http_port: int = 8000,
                  metrics_port: int = 8002, log_file: str | Path | None = None,
-                 hang_timeout: float = HANG_TIMEOUT_S, probe_interval: float = PROBE_INTERVAL_S):
+                 hang_timeout: float = HANG_TIMEOUT_S, probe_interval: float = PROBE_INTERVAL_S,
+                 llm_step_nice: int = LLM_STEP_NICE):
         self.repo = Path(repo).resolve()
         # the keeper restarts a server that answers no probe request for hang_timeout s (0: no probe)
         self.hang_timeout, self.probe_interval = hang_timeout, probe_interval
+        # a Python LLM step (reference, contract) keeps its priority; the server and other stubs go this far below
+        self.llm_step_nice = llm_step_nice
         self.host, self.grpc_port, self.http_port, self.metrics_port = host, grpc_port, http_port, metrics_port
         self.workdir = Path(tempfile.mkdtemp(prefix="nvlm-serve-"))
         self.log_file = Path(log_file) if log_file else self.workdir / "tritonserver.log"
@@ -108,7 +111,7 @@ class TritonServer:
         # the keeper (triton_repo/keeper.py) runs tritonserver and stops it when this process dies
         keeper = [sys.executable, "-m", "triton_repo.keeper", "--parent", str(os.getpid()),
                   "--workdir", str(self.workdir), "--hang-timeout", str(self.hang_timeout),
-                  "--probe-interval", str(self.probe_interval), "--"]
+                  "--probe-interval", str(self.probe_interval), "--llm-step-nice", str(self.llm_step_nice), "--"]
         self.proc = subprocess.Popen(keeper + self.command(), env=self.env(), stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         client = grpcclient.InferenceServerClient(f"{self.host}:{self.grpc_port}")
@@ -189,6 +192,10 @@ def main(argv=None) -> int:
     ap.add_argument("--hang-timeout", type=float, default=HANG_TIMEOUT_S,
                     help=f"restart the server when a probe request (one token, every {PROBE_INTERVAL_S:.0f} s) gets "
                          f"no response for this many seconds (default {HANG_TIMEOUT_S:.0f}; 0: no probe)")
+    ap.add_argument("--llm-step-nice", type=int, default=LLM_STEP_NICE,
+                    help="reference and contract targets: run tritonserver and every model but the LLM step this many "
+                         f"nice levels lower, so the one thread computing every token is not time-sliced against the "
+                         f"threads forwarding them (default {LLM_STEP_NICE}; 0: all at the same priority)")
     ap.add_argument("--openai-port", type=int, help="also serve the OpenAI chat-completions API on this port")
     ap.add_argument("--openai-model-name", default="nvlm", help="the model id the OpenAI API serves (default nvlm)")
     ap.add_argument("--openai-image-dir", help="let OpenAI requests name local image files under this directory "
@@ -213,7 +220,7 @@ def main(argv=None) -> int:
     try:
         server = TritonServer(repo, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                               metrics_port=args.metrics_port, log_file=args.log_file,
-                              hang_timeout=args.hang_timeout).start()
+                              hang_timeout=args.hang_timeout, llm_step_nice=args.llm_step_nice).start()
     except NVLMError as e:
         print(f"nvlm-serve: error: {e}", file=sys.stderr)
         return 2
