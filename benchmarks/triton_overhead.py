@@ -35,10 +35,13 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def _label(pid: int) -> str:
-    """tritonserver, or the model a Python-backend stub serves (its model.py's directory), or the exe."""
-    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    model = next((a for a in args if a.endswith("model.py")), None)
-    return f"stub {Path(model).parent.parent.name}" if model else Path(args[0]).name
+    """The model a Python-backend stub serves, or the process's executable (tritonserver)."""
+    from triton_repo.keeper import stub_model
+
+    model = stub_model(pid)
+    if model:
+        return f"stub {model}"
+    return Path(Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")).name
 
 
 def machine_cpu() -> dict[str, int]:

@@ -111,9 +111,10 @@ def test_twenty_training_steps_lower_the_loss_and_repeat_exactly(tmp_path):
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == list(range(1, 21))
 
 
-def test_trained_weights_round_trip_through_the_checkpoint_writer(tmp_path, capsys):
+def test_trained_weights_round_trip_through_the_checkpoint_writer(tmp_path, capsys, monkeypatch):
     """demo-train's output: weights + card (checksum, recipe, accuracy); demo-checkpoint --weights FILE and
-    nvlm-build eval read it back."""
+    nvlm-build eval read it back; eval --no-tile-tags asks the same questions without the tile tags."""
+    import builder.demo_train as dt
     from builder.cli import main
     from runtime.core.build_dir import sha256_file
 
@@ -127,8 +128,20 @@ def test_trained_weights_round_trip_through_the_checkpoint_writer(tmp_path, caps
     assert main(["eval", str(tmp_path / "ck"), "--n", "4", "--json"]) == 0
     acc = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert acc == card["eval"]["accuracy"]  # the same weights, the same questions
-    assert main(["eval", str(tmp_path / "ck"), "--n", "4", "--json", "--no-tile-tags"]) == 0  # the ablation's prompts
-    assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == set(acc)
+    prompts, encode = [], dt.encode_sample  # the ids eval sends, with and without tags
+
+    def spy(sample, tok, *rest):
+        out = encode(sample, tok, *rest)
+        prompts.append(tok.decode([int(i) for i in out[1] if int(i) < tok.vocab_size]))
+        return out
+
+    monkeypatch.setattr(dt, "encode_sample", spy)
+    for flags in ([], ["--no-tile-tags"]):  # the ablation's prompts
+        assert main(["eval", str(tmp_path / "ck"), "--n", "4", "--json", *flags]) == 0
+        assert set(json.loads(capsys.readouterr().out.splitlines()[-1])) == set(acc)
+    tagged, plain = prompts[:4], prompts[4:]
+    assert len(plain) == 4 and all("<tile_" in t for t in tagged) and not any("<tile_" in t for t in plain)
+    assert all("<Image>" in t for t in plain)  # the image is still there, only its tags are gone
     assert main(["demo-checkpoint", str(tmp_path / "bad"), "--variant", "x", "--weights", str(out)]) == 2
     assert "do not fit the variant 'x'" in capsys.readouterr().err
 

@@ -194,11 +194,14 @@ def _renice(pid: int, by: int) -> None:
                 pass  # a thread that ended meanwhile
 
 
-def prioritize_llm_step(server_pid: int, by: int = LLM_STEP_NICE) -> str | None:
+def prioritize_llm_step(server_pid: int, by: int = LLM_STEP_NICE, stubs: set[int] | None = None) -> str | None:
     """Where a stub serves the LLM step, renice tritonserver and the other stubs `by` levels below it; what
-    was done (for the log), or None (no such stub: the trt target; or `by` is 0)."""
-    stubs = {pid: stub_model(pid) for pid in _stubs(server_pid)}
-    if by <= 0 or LLM_STEP not in stubs.values():
+    was done (for the log), or None (no such stub: the trt target; or `by` is 0). `stubs`: the server's stubs
+    when the caller has just listed them."""
+    if by <= 0:
+        return None
+    stubs = {pid: stub_model(pid) for pid in (_stubs(server_pid) if stubs is None else stubs)}
+    if LLM_STEP not in stubs.values():
         return None
     others = [pid for pid, model in stubs.items() if model != LLM_STEP]
     for pid in [server_pid, *others]:
@@ -286,7 +289,7 @@ def _watch(server: subprocess.Popen, stop: dict, ready_url: str, probe: Probe | 
         if not watched:
             if _is_ready(ready_url):
                 watched = _stubs(server.pid)
-                done = prioritize_llm_step(server.pid, llm_step_nice)
+                done = prioritize_llm_step(server.pid, llm_step_nice, watched)
                 if done:
                     print(done, flush=True)
         else:

@@ -184,8 +184,9 @@ class LLMLink:
             if first and "UNAVAILABLE" in str(getattr(error, "status", lambda: "")()):
                 raise self._unreachable(error)
             raise ValueError(error.message() if hasattr(error, "message") else str(error))
-        if result.get_response().id != request_id:  # cannot happen on a stream used by one request at a time
-            raise ValueError(f"LLM step answered request {result.get_response().id!r} on the stream of {request_id!r}")
+        answered = result.get_response().id
+        if answered != request_id:  # cannot happen on a stream used by one request at a time
+            raise ValueError(f"LLM step answered request {answered!r} on the stream of {request_id!r}")
         return result
 
     def _unreachable(self, error) -> ValueError:
