@@ -266,7 +266,8 @@ class Probe:
         self.started, self.last = None, time.monotonic()
 
 
-def _is_ready(url: str) -> bool:
+def is_ready(url: str) -> bool:
+    """GET a readiness URL (tritonserver's /v2/health/ready): 200 or not, within 2 s."""
     try:
         with urllib.request.urlopen(url, timeout=2) as r:
             return r.status == 200
@@ -287,7 +288,7 @@ def _watch(server: subprocess.Popen, stop: dict, ready_url: str, probe: Probe | 
     watched: set[int] = set()
     while server.poll() is None and stop["signal"] is None:
         if not watched:
-            if _is_ready(ready_url):
+            if is_ready(ready_url):
                 watched = _stubs(server.pid)
                 done = prioritize_llm_step(server.pid, llm_step_nice, watched)
                 if done:

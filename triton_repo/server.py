@@ -23,7 +23,7 @@ from pathlib import Path
 
 from runtime.core.errors import NVLMError
 
-from .keeper import HANG_TIMEOUT_S, LLM_STEP_NICE, PROBE_INTERVAL_S, shm_prefix
+from .keeper import HANG_TIMEOUT_S, LLM_STEP_NICE, PROBE_INTERVAL_S, is_ready, shm_prefix
 from .llm_link import URL_ENV
 from .openai_api import OpenAIServer
 
@@ -121,7 +121,9 @@ class TritonServer:
                 raise ServerError(f"tritonserver exited with code {self.proc.returncode}; log: {self.log_file}\n"
                                   + _load_errors(self.log_file.read_text()))
             try:
-                if client.is_server_ready():
+                # both endpoints: tritonserver opens gRPC before HTTP, and HTTP readiness is what a load
+                # balancer (and the keeper) polls — ready on gRPC alone, a caller could find HTTP not listening yet
+                if client.is_server_ready() and is_ready(f"http://{self._loopback}:{self.http_port}/v2/health/ready"):
                     return self
             except Exception:  # noqa: BLE001 — not listening yet
                 pass
@@ -135,10 +137,14 @@ class TritonServer:
         return shm_prefix(self.proc.pid)
 
     @property
+    def _loopback(self) -> str:
+        """Where a client on this host reaches the server's endpoints (a wildcard bind: on loopback)."""
+        return "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
+
+    @property
     def grpc_url(self) -> str:
-        """Where a client on this host reaches the gRPC endpoint (a wildcard bind: on loopback)."""
-        host = "127.0.0.1" if self.host in ("0.0.0.0", "", "::") else self.host
-        return f"{host}:{self.grpc_port}"
+        """Where a client on this host reaches the gRPC endpoint."""
+        return f"{self._loopback}:{self.grpc_port}"
 
     def stop(self, timeout: float = 45.0) -> None:
         """SIGTERM to the keeper, which stops the server and removes its shared memory and folder."""
