@@ -30,16 +30,12 @@ _PB = SimpleNamespace(Tensor=_Tensor, InferenceResponse=lambda output_tensors: o
 
 
 class _Sender:
-    """Records (tokens, log-probs, cum, flags) per response; `hold` keeps the first send waiting until it is
-    set (the LLM step's sending thread falling behind)."""
+    """Records (tokens, log-probs, cum, flags) per response."""
 
-    def __init__(self, hold: threading.Event | None = None):
-        self.sent, self.hold, self.done, self.waiting = [], hold, threading.Event(), threading.Event()
+    def __init__(self):
+        self.sent, self.done = [], threading.Event()
 
     def send(self, response=None, flags=0):
-        if self.hold is not None and not self.sent:
-            self.waiting.set()
-            assert self.hold.wait(30)
         t = {x.name(): x.array for x in response or []}
         ids = t["output_ids"].reshape(-1).tolist() if "output_ids" in t else None
         self.sent.append((ids, t.get("output_log_probs"), t.get("cum_log_probs"), flags))
@@ -66,38 +62,39 @@ def _run(model, job, sender):
     assert sender.done.wait(60)
 
 
-def _batcher_idle(model):
-    b = model.batcher
-    deadline = time.monotonic() + 30
-    while (b._active or b._waiting) and time.monotonic() < deadline:
-        time.sleep(0.005)
-
-
 def test_a_streamed_request_s_tokens_leave_as_one_run_while_the_sender_is_behind(llm_step):
     """Tokens made while the sending thread is busy leave together in its next response, in order, with the
-    cumulative log-prob up to the run's last token; the same request sent promptly gives the same tokens."""
+    cumulative log-prob up to the run's last token; the same request sent promptly gives the same tokens.
+    The sending thread is held by a send queued ahead of the request (not by timing: how many tokens the
+    batcher makes before a free sender takes the first run depends on the machine's load)."""
     n = 8
     free = _Sender()
     _run(llm_step, _job(n, log_probs=True), free)
     hold = threading.Event()
-    behind = _Sender(hold)
-    # let the first send go once the batcher has made every token (they queue up behind it meanwhile)
-    threading.Thread(target=lambda: (behind.waiting.wait(30), _batcher_idle(llm_step), hold.set()),
-                     daemon=True).start()
+    llm_step.outbox.put(lambda: hold.wait(30))  # the sender is busy with an earlier response
+    queued = llm_step.outbox.queue
+
+    def release():  # once the run's send and the final one wait behind it: every token has been made
+        deadline = time.monotonic() + 30
+        while queued.qsize() < 2 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        hold.set()
+
+    threading.Thread(target=release, daemon=True).start()
+    behind = _Sender()
     _run(llm_step, _job(n, log_probs=True), behind)
 
     def tokens(sent):
         return [t for ids, *_ in sent if ids for t in ids]
 
     assert len(tokens(free.sent)) == n and tokens(behind.sent) == tokens(free.sent)
-    runs = [ids for ids, *_ in behind.sent if ids]
-    assert [len(r) for r in runs] == [1, n - 1]  # the first token, then everything made while it was sent
-    assert behind.sent[-1][3] == FINAL_FLAG and behind.sent[-1][0] is None
-    (_, lp1, cum1, _), (_, lp2, cum2, _) = behind.sent[:2]
-    all_lps = np.concatenate([lp1.reshape(-1), lp2.reshape(-1)])
-    assert all_lps.shape == (n,) and np.all(all_lps <= 0)
-    assert float(cum1.reshape(-1)[0]) == pytest.approx(float(all_lps[0]), abs=1e-5)
-    assert float(cum2.reshape(-1)[0]) == pytest.approx(float(all_lps.sum()), abs=1e-4)
+    assert [len(ids) for ids, *_ in behind.sent if ids] == [n]  # one response for every token, then the final
+    assert len(behind.sent) == 2 and behind.sent[-1][3] == FINAL_FLAG and behind.sent[-1][0] is None
+    _, lps, cum, _ = behind.sent[0]
+    free_lps = np.concatenate([lp.reshape(-1) for ids, lp, *_ in free.sent if ids])
+    assert lps.shape == (1, 1, n) and np.all(lps <= 0)
+    np.testing.assert_allclose(lps.reshape(-1), free_lps, atol=1e-5)
+    assert float(cum.reshape(-1)[0]) == pytest.approx(float(lps.sum()), abs=1e-4)
 
 
 def test_the_request_s_own_thread_stops_it_when_its_client_left(llm_step):
