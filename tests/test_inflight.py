@@ -143,7 +143,8 @@ def test_at_most_max_batch_requests_run_together(ex):
     ex.decode_step = spy
     try:
         batcher = InflightBatcher(ex, max_batch=2)
-        futs = [batcher.submit(Request([i + 1, i + 2], 5)) for i in range(5)]
+        with batcher._cv:  # all five queued before the loop looks (its condition's lock is reentrant)
+            futs = [batcher.submit(Request([i + 1, i + 2], 5)) for i in range(5)]
         results = [f.result(timeout=120) for f in futs]
         batcher.close()
     finally:

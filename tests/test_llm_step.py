@@ -70,8 +70,9 @@ def test_a_streamed_request_s_tokens_leave_as_one_run_while_the_sender_is_behind
     n = 8
     free = _Sender()
     _run(llm_step, _job(n, log_probs=True), free)
-    hold = threading.Event()
-    llm_step.outbox.put(lambda: hold.wait(30))  # the sender is busy with an earlier response
+    hold, busy = threading.Event(), threading.Event()
+    llm_step.outbox.put(lambda: (busy.set(), hold.wait(30)))  # the sender is busy with an earlier response
+    assert busy.wait(30)  # taken off the queue: what is queued from now on is this request's
     queued = llm_step.outbox.queue
 
     def release():  # once the run's send and the final one wait behind it: every token has been made

@@ -39,7 +39,7 @@ def served(serve_build):
     base, api = _ports(6), _ports(7)
     cmd = [sys.executable, "-m", "triton_repo.server", str(serve_build), "--grpc-port", str(base),
            "--http-port", str(base + 1), "--metrics-port", str(base + 2), "--openai-port", str(api),
-           "--openai-image-dir", str(IMAGE.parent)]
+           "--openai-image-dir", str(IMAGE.parent), "--hang-timeout", "0"]  # no probe in Triton's counts below
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
     line = ""
     t0 = time.monotonic()

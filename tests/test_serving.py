@@ -32,7 +32,10 @@ def server(build):
     from triton_repo.server import TritonServer, _shm_segments
 
     base = _ports(0)
-    srv = TritonServer(build / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2).start()
+    # hang_timeout=0, no keeper probe: a probe is a request through the entry model, and one that lands while
+    # 16 clients fill its 8 + 8 places is refused as busy (the heal tests start servers with the probe on)
+    srv = TritonServer(build / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2,
+                       hang_timeout=0).start()
     assert _shm_segments((srv.shm_prefix,))  # its segments are visible, so the check below can fail
     yield srv
     srv.stop()
@@ -80,7 +83,13 @@ def test_the_llm_step_keeps_its_priority_and_the_rest_of_the_server_runs_below_i
     from triton_repo.keeper import LLM_STEP, LLM_STEP_NICE, prioritize_llm_step, stub_model
 
     def nices(pid):
-        return {os.getpriority(os.PRIO_PROCESS, int(t.name)) for t in Path(f"/proc/{pid}/task").iterdir()}
+        got = set()
+        for t in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                got.add(os.getpriority(os.PRIO_PROCESS, int(t.name)))
+            except ProcessLookupError:  # a thread that ended after the listing (one per request in the LLM step)
+                pass
+        return got
 
     base = os.getpriority(os.PRIO_PROCESS, server.proc.pid)
     procs = {pid: stub_model(pid) or Path(os.readlink(f"/proc/{pid}/exe")).name
@@ -428,9 +437,11 @@ def test_nvlm_serve_cli_starts_and_stops_cleanly(build):
     assert len(NVLMClient(f"127.0.0.1:{base}").generate("Hi", max_tokens=2).tokens) == 2
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0 and "stopped" in proc.stdout.read()
-    time.sleep(0.5)
+    deadline = time.time() + 10  # an exited stub may wait a moment for its reaper: poll, not a fixed sleep
+    while time.time() < deadline and (_shm_segments(own) or any(_alive(pid) for pid in children)):
+        time.sleep(0.1)
     assert _shm_segments(own) == set()
-    assert {pid for pid in children if Path(f"/proc/{pid}").exists()} == set()  # no stub outlives the server
+    assert {pid for pid in children if _alive(pid)} == set()  # no stub outlives the server
 
 
 def _ppid(pid: int) -> int | None:
@@ -582,14 +593,16 @@ def test_a_frozen_server_heals(build, frozen):
     """SIGSTOP freezes a process without killing it: the entry model's stub (Triton then answers every request
     "Stub process … is not healthy" while readiness stays 200 and nothing restarts it), or tritonserver itself
     (no answer at all — what the bundled Python backend's intermittent deadlock looks like from outside). The
-    keeper's probe request notices either (here after 8 s instead of the default 60) and restarts the server."""
+    keeper's probe request notices either (no answer: here after 8 s instead of the default 60) and restarts
+    the server. A frozen stub gets 120 s instead: Triton's "not healthy" answer is what is tested there, and
+    on a loaded machine it can come after 8 s, when the no-answer verdict would win the race."""
     import signal
 
     from triton_repo.server import TritonServer
 
     base = _ports(2)
     with TritonServer(build / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2,
-                      hang_timeout=8, probe_interval=2) as srv:
+                      hang_timeout=8 if frozen == "tritonserver" else 120, probe_interval=2) as srv:
         assert len(NVLMClient(srv.grpc_url).generate("Hello?", max_tokens=2).tokens) == 2
         server_pid = _server_pid(srv)
         os.kill(server_pid if frozen == "tritonserver" else _stub(server_pid, "nvlm"), signal.SIGSTOP)
@@ -603,17 +616,13 @@ def test_cancelled_streams_free_the_llm_step(server, client):
     """Cancel 10 streaming requests after their first tokens (stop_stream(cancel_requests=True), what a
     client that goes away does): the entry model stops its LLM-step request (`stop` by request id) and the
     executor ends it before its next decode step. Before, each ran on to max_tokens holding the LLM step.
-    The bound is one full generation: a request queued behind 10 uncancelled ones would wait about ten."""
+    Told by the LLM step's own log line per stopped request (how many tokens it had made), not by timing the
+    next request: a wall-clock bound flakes on a loaded machine."""
     import queue
 
     import tritonclient.grpc as grpcclient
 
     long_tokens = 400
-    t0 = time.perf_counter()
-    full = client.generate("Tell me everything.", max_tokens=long_tokens,
-                           extra={"min_tokens": ("INT32", np.array([long_tokens], np.int32))})
-    assert len(full.tokens) == long_tokens
-    one_full = time.perf_counter() - t0
     log_before = server.log_file.read_text().count("cancelled after")
 
     def cancel_one(k, out):
@@ -632,17 +641,13 @@ def test_cancelled_streams_free_the_llm_step(server, client):
     [t.start() for t in threads]
     [t.join(timeout=600) for t in threads]
     assert done == [True] * 10, "every cancelled stream got its first tokens"
-    t1 = time.perf_counter()
-    ans = client.generate("Hello there.", max_tokens=4)
-    after = time.perf_counter() - t1
-    assert len(ans.tokens) == 4
-    assert after < one_full, f"the next request took {after:.2f} s, one full {long_tokens}-token request {one_full:.2f} s"
-    deadline = time.time() + 30
-    while time.time() < deadline and server.log_file.read_text().count("cancelled after") - log_before < 1:
+    deadline = time.time() + 60
+    while time.time() < deadline and server.log_file.read_text().count("cancelled after") - log_before < 10:
         time.sleep(0.2)
     lines = [ln for ln in server.log_file.read_text().splitlines() if "cancelled after" in ln][log_before:]
-    assert lines, "no LLM-step request was stopped"
-    assert all(int(ln.split("cancelled after ")[1].split()[0]) < long_tokens for ln in lines), lines
+    assert len(lines) == 10, lines  # every cancelled stream's LLM-step request was stopped ...
+    assert all(int(ln.split("cancelled after ")[1].split()[0]) < long_tokens for ln in lines), lines  # ... early
+    assert len(client.generate("Hello there.", max_tokens=4).tokens) == 4
 
 
 @pytest.mark.faults
@@ -733,8 +738,11 @@ def test_bench_short_sweep_json_and_csv(server, build, tmp_path, capsys):
     for run in result["runs"]:
         s = run["summary"]
         assert s["succeeded"] == s["requests"] == 4 and s["failed"] == 0
-        for k in ("ttft_ms", "itl_ms", "tpot_ms", "e2e_ms"):
+        for k in ("ttft_ms", "tpot_ms", "e2e_ms"):
             assert s[k]["p50"] <= s[k]["p99"]
+        # inter-token latencies need two text chunks in a response stream: none if every request's 4 tokens
+        # came in one run (the server fell behind), which the schema allows as null
+        assert s["itl_ms"] is None or s["itl_ms"]["p50"] <= s["itl_ms"]["p99"]
         assert s["ttft_ms"]["p50"] <= s["e2e_ms"]["p50"]
         assert {"preprocessing", "vision_encoder", "tensorrt_llm", "nvlm"} <= set(run["server"])
         assert set(run["ttft_by_workload_item"]) == set(run["tpot_by_workload_item"]) == {"1 tiles", "3 tiles"}
@@ -937,7 +945,8 @@ def test_llm_link_drops_an_abandoned_stream(server, build):
     link = LLMLink(url=server.grpc_url)
     a = link.generate(inputs("Write one sentence about the sea.", 32, 1), ["output_ids"], "a1")
     first = next(a)
-    assert first.as_numpy("output_ids").reshape(-1).tolist() == want_a[:1]
+    got = first.as_numpy("output_ids").reshape(-1).tolist()  # one token, or a run if the LLM step fell behind
+    assert got and got == want_a[:len(got)]
     a.close()  # abandoned: its stream is dropped
     assert tokens(link.generate(inputs("Count to ten.", 8, 2), ["output_ids"], "b1")) == want_b
     # a finished request keeps its stream for the next one, which is answered in full

@@ -212,7 +212,7 @@ def test_text_only_request_skips_the_blocks_exactly(bf16):
 
 
 def test_inflight_batches_of_different_images_equal_each_alone(bf16):
-    """Requests with different images, image counts and lengths (and a text-only one) arrive staggered; each
+    """Requests with different images, image counts and lengths (and a text-only one) share batches; each
     one's tokens equal its tokens alone, and the image requests' answers differ from one another."""
     ex, _, runs = bf16
     # sampled with one seed: the random default's greedy answer hardly depends on the image, its distribution
@@ -221,9 +221,8 @@ def test_inflight_batches_of_different_images_equal_each_alone(bf16):
     alone = [ex.generate([q])[0].tokens for q in reqs]
     batcher = InflightBatcher(ex, max_batch=4)
     try:
-        futures = []
-        for q in reqs:
-            futures.append(batcher.submit(q))
+        with batcher._cv:  # all queued before the loop looks, so batches form however the threads are scheduled
+            futures = [batcher.submit(q) for q in reqs]
         got = [f.result(timeout=120).tokens for f in futures]
     finally:
         batcher.close()
