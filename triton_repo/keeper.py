@@ -54,6 +54,7 @@ PROBE_INTERVAL_S, HANG_TIMEOUT_S = 10.0, 60.0
 PROBE_MODEL = "nvlm"
 LLM_STEP = "tensorrt_llm"
 LLM_STEP_NICE = 10  # weight 110 against the LLM step's 1024 under CFS: it runs whenever it has work
+READY_PATH = "/v2/health/ready"  # tritonserver's HTTP readiness: what the keeper and a load balancer poll
 
 
 def shm_prefix(keeper_pid: int) -> str:
@@ -194,13 +195,13 @@ def _renice(pid: int, by: int) -> None:
                 pass  # a thread that ended meanwhile
 
 
-def prioritize_llm_step(server_pid: int, by: int = LLM_STEP_NICE, stubs: set[int] | None = None) -> str | None:
+def prioritize_llm_step(server_pid: int, by: int = LLM_STEP_NICE, stub_pids: set[int] | None = None) -> str | None:
     """Where a stub serves the LLM step, renice tritonserver and the other stubs `by` levels below it; what
-    was done (for the log), or None (no such stub: the trt target; or `by` is 0). `stubs`: the server's stubs
-    when the caller has just listed them."""
+    was done (for the log), or None (no such stub: the trt target; or `by` is 0). `stub_pids`: the server's
+    stubs when the caller has just listed them."""
     if by <= 0:
         return None
-    stubs = {pid: stub_model(pid) for pid in (_stubs(server_pid) if stubs is None else stubs)}
+    stubs = {pid: stub_model(pid) for pid in (_stubs(server_pid) if stub_pids is None else stub_pids)}
     if LLM_STEP not in stubs.values():
         return None
     others = [pid for pid, model in stubs.items() if model != LLM_STEP]
@@ -220,7 +221,7 @@ def _base_url(cmd: list[str]) -> str:
 
 def _ready_url(cmd: list[str]) -> str:
     """tritonserver's HTTP readiness endpoint."""
-    return _base_url(cmd) + "/v2/health/ready"
+    return _base_url(cmd) + READY_PATH
 
 
 class Probe:

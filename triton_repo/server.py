@@ -23,7 +23,7 @@ from pathlib import Path
 
 from runtime.core.errors import NVLMError
 
-from .keeper import HANG_TIMEOUT_S, LLM_STEP_NICE, PROBE_INTERVAL_S, is_ready, shm_prefix
+from .keeper import HANG_TIMEOUT_S, LLM_STEP_NICE, PROBE_INTERVAL_S, READY_PATH, is_ready, shm_prefix
 from .llm_link import URL_ENV
 from .openai_api import OpenAIServer
 
@@ -123,7 +123,7 @@ class TritonServer:
             try:
                 # both endpoints: tritonserver opens gRPC before HTTP, and HTTP readiness is what a load
                 # balancer (and the keeper) polls — ready on gRPC alone, a caller could find HTTP not listening yet
-                if client.is_server_ready() and is_ready(f"http://{self._loopback}:{self.http_port}/v2/health/ready"):
+                if client.is_server_ready() and is_ready(f"http://{self._loopback}:{self.http_port}{READY_PATH}"):
                     return self
             except Exception:  # noqa: BLE001 — not listening yet
                 pass
