@@ -26,6 +26,7 @@ from runtime.core.llm_formats import (
     kv_cache_fp8,
 )
 from runtime.preprocess import preprocess_files
+from runtime.chat_format import stop_id
 from runtime.prompt import Message, build_prompt
 from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
@@ -191,12 +192,16 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=1, help="question seed (default 1; training never uses it)")
     p.add_argument("--no-tile-tags", action="store_true",
                    help="prompts without the 1-D tile tags (a model trained with demo-train --no-tile-tags)")
+    p.add_argument("--chat-format", choices=["release", "tokenizer"], default="release",
+                   help="prompt format: release (the released model.chat()'s template, the default) or tokenizer "
+                        "(tokenizer_config.json's chat_template); docs/prompt_formats.md")
     p.add_argument("--json", action="store_true")
 
 
 @command("eval", "task accuracy of a checkpoint's reference model on fresh held-out tile-task questions", _eval_args)
 def _eval(args) -> int:
-    acc = evaluate_checkpoint(args.ckpt, args.n, args.seed, tile_tags=not args.no_tile_tags)
+    acc = evaluate_checkpoint(args.ckpt, args.n, args.seed, tile_tags=not args.no_tile_tags,
+                              chat_format=args.chat_format)
     if args.json:
         print(json.dumps(acc))
     else:
@@ -234,6 +239,9 @@ def _reference_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="optional system message")
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--chat-format", choices=["release", "tokenizer"], default="release",
+                   help="prompt format: release (the released model.chat()'s template, the default) or tokenizer "
+                        "(tokenizer_config.json's chat_template); docs/prompt_formats.md")
     p.add_argument("--json", action="store_true")
 
 
@@ -246,7 +254,7 @@ def _reference(args) -> int:
 
 
     model = reference_model(args.ckpt)
-    tok = NVLMTokenizer.from_dir(args.ckpt)
+    tok = NVLMTokenizer.from_dir(args.ckpt, chat_format=args.chat_format)
     tok.check_vocab(model.cfg.llm.vocab_size)
     pcfg = model.cfg.preprocess
     if args.image and args.synthetic_tiles:
@@ -263,7 +271,7 @@ def _reference(args) -> int:
                           layout=family_for(model.cfg).prompt_layout)
     t0 = time.perf_counter()
     result = model.generate(prompt.input_ids, pixel_values, image_token_id=tok.image_pad_id,
-                            max_new_tokens=args.max_new_tokens, eos_token_id=tok.im_end_id, cross=prompt.cross)
+                            max_new_tokens=args.max_new_tokens, eos_token_id=stop_id(tok), cross=prompt.cross)
     elapsed = time.perf_counter() - t0
     out = {"prompt_tokens": len(prompt.input_ids), "image_tokens": prompt.num_image_tokens,
            "cross_attention_keys": prompt.cross.num_keys if prompt.cross else 0,
@@ -294,6 +302,9 @@ def _llm_args_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--awq-group-size", type=int, default=128, help="int4 group size for *_awq (64 or 128)")
     p.add_argument("--calib-data", help="folder of images, or JSONL of {\"prompt\": …, \"image\": path} lines")
     p.add_argument("--calib-size", type=int, default=32, help="calibration samples (default: 32)")
+    p.add_argument("--chat-format", choices=["release", "tokenizer"], default="release",
+                   help="prompt format: release (the released model.chat()'s template, the default) or tokenizer "
+                        "(tokenizer_config.json's chat_template); docs/prompt_formats.md")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true")
 
@@ -308,7 +319,7 @@ def _llm_args(p: argparse.ArgumentParser) -> None:
          "via modelopt with multimodal calibration)", _llm_args)
 def _llm(args) -> int:
     opts = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=kv_cache_fp8(args.kv_cache_dtype),
-                        awq_group_size=args.awq_group_size)
+                        awq_group_size=args.awq_group_size, chat_format=args.chat_format)
     summary = build_llm(args.ckpt, args.out, opts, calib_data=args.calib_data, calib_size=args.calib_size,
                         force=args.force, fidelity=not args.no_fidelity)
     if args.json:
@@ -379,7 +390,7 @@ def _engine(args) -> int:
 
 
     llm = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=kv_cache_fp8(args.kv_cache_dtype),
-                       awq_group_size=args.awq_group_size)
+                       awq_group_size=args.awq_group_size, chat_format=args.chat_format)
     limits = EngineLimits(max_batch_size=args.max_batch_size, max_tiles_per_image=args.max_tiles,
                           max_images_per_request=args.max_images,
                           max_input_text_len=args.max_input_len, max_output_len=args.max_output_len)

@@ -26,11 +26,12 @@ import numpy as np
 import torch
 
 from runtime.core.build_dir import sha256_file
-from runtime.core.demo_checkpoint import VARIANTS, demo_parts, trained_dims, write_demo_checkpoint
+from runtime.core.demo_checkpoint import VARIANTS, demo_parts, trained_dims, with_padding_heads, write_demo_checkpoint
 from runtime.core.errors import CheckpointError
 from runtime.core.families import PromptLayout, family_for
 from runtime.core.progress import bar
 from runtime.preprocess import preprocess_image_fast
+from runtime.chat_format import stop_id
 from runtime.prompt import Message, build_prompt
 from runtime.reference import NVLMReference, reference_class, reference_model
 from runtime.tile_task import CANVASES, COLOURS, QUESTION_TYPES, SHAPES, accuracy, heldout, sample
@@ -229,7 +230,7 @@ def encode_sample(s, tok, cfg, layout):
     pre = preprocess_image_fast(s.scene.image, config=cfg.preprocess)
     prompt = build_prompt(tok, [Message("user", "<image>\n" + s.question)], [pre.num_tiles],
                           tokens_per_tile=cfg.preprocess.tokens_per_tile, layout=layout)
-    return (torch.from_numpy(pre.pixel_values), list(prompt.input_ids), tok.encode(s.answer) + [tok.im_end_id],
+    return (torch.from_numpy(pre.pixel_values), list(prompt.input_ids), tok.encode(s.answer) + [stop_id(tok)],
             prompt.cross)
 
 
@@ -543,7 +544,8 @@ def load_released(model: NVLMReference, path: Path) -> None:
     """Load weights saved by `released_tensors` (the family's weight map, forwards) into `model`, in its dtype."""
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path))
+    # weights trained before the released layout's vision padding heads get zero padding heads (same function)
+    tensors = with_padding_heads(load_file(str(path)), model.cfg.vision)
     modules = model.component_modules()
     for comp in family_for(model.cfg).components:
         module = modules[comp.name]
@@ -566,7 +568,7 @@ def predict(model: NVLMReference, tok, samples, layout: PromptLayout | None = No
     for s in samples:
         pv, ids, _, cross = encode_sample(s, tok, model.cfg, layout)
         r = model.generate(ids, pv.to(model.dtype), image_token_id=tok.image_pad_id, max_new_tokens=max_new_tokens,
-                           eos_token_id=tok.im_end_id, cross=cross)
+                           eos_token_id=stop_id(tok), cross=cross)
         answers.append(tok.decode(r.tokens))
     return answers
 
@@ -610,9 +612,9 @@ def _init_card(init: str) -> dict | None:
             "train_seconds": prior.get("train_seconds"), "init": prior.get("init")}
 
 
-def evaluate_checkpoint(path: Path, n: int, seed: int, *, tile_tags: bool = True) -> dict:
+def evaluate_checkpoint(path: Path, n: int, seed: int, *, tile_tags: bool = True, chat_format: str = "release") -> dict:
     """Task accuracy of a checkpoint's reference model on n held-out questions (all four types, seeded)."""
-    model, tok = reference_model(path), NVLMTokenizer.from_dir(path)
+    model, tok = reference_model(path), NVLMTokenizer.from_dir(path, chat_format=chat_format)
     layout = family_for(model.cfg).prompt_layout
     samples = heldout(n, seed)
     return accuracy(samples, predict(model, tok, samples, layout if tile_tags else untagged(layout)))

@@ -19,6 +19,7 @@ import torch
 from runtime.core.families import family_for
 from runtime.core.progress import track
 from runtime.preprocess import preprocess_image_fast, preprocess_images
+from runtime.chat_format import stop_id
 from runtime.prompt import build_prompt
 from runtime.scenes import synthetic_scene
 from runtime.tile_task import accuracy, heldout
@@ -171,9 +172,9 @@ def task_check(executor, reference, tokenizer, questions: int = TASK_QUESTIONS) 
         with torch.no_grad():
             table = reference.encode_images(pv).flatten(0, 1)
         want = reference.generate(p.input_ids, pv, image_token_id=tokenizer.image_pad_id,
-                                  max_new_tokens=TASK_ANSWER_TOKENS, eos_token_id=tokenizer.im_end_id)
+                                  max_new_tokens=TASK_ANSWER_TOKENS, eos_token_id=stop_id(tokenizer))
         got = executor.generate([Request(p.trtllm_input_ids(reference.cfg.llm.vocab_size), TASK_ANSWER_TOKENS, table,
-                                         end_id=tokenizer.im_end_id)])[0]
+                                         end_id=stop_id(tokenizer))])[0]
         samples.append(s)
         ref_answers.append(tokenizer.decode(want.tokens))
         built_answers.append(tokenizer.decode(got.tokens))
@@ -188,7 +189,7 @@ def vision_task_check(encode, reference, tokenizer, name: str, questions: int = 
     for s, p, pv in track(_task_prompts(reference, tokenizer, questions), f"vision fidelity: {name} task accuracy",
                           total=questions, unit="question"):
         kw = dict(image_token_id=tokenizer.image_pad_id, max_new_tokens=TASK_ANSWER_TOKENS,
-                  eos_token_id=tokenizer.im_end_id)
+                  eos_token_id=stop_id(tokenizer))
         samples.append(s)
         ref_answers.append(tokenizer.decode(reference.generate(p.input_ids, pv, **kw).tokens))
         exported = ExportedVision(reference, encode)

@@ -198,11 +198,15 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
     summary: dict = {}
 
     def write(tmp: Path) -> None:
+        import torch
+
         t0 = time.perf_counter()
         reference = tokenizer = fake = cross_kv_scales = None
         if fidelity or opts.fmt.quantized:
-            reference = reference_model(ckpt)
-            tokenizer = NVLMTokenizer.from_dir(ckpt.directory)
+            # the decoder as the build stores its 16-bit weights: NVLM-D-72B's F32 q/k/v rounded to the checkpoint
+            # dtype, so that "same weights" holds for the fidelity report and modelopt quantizes what is exported
+            reference = reference_model(ckpt, decoder_stored_as=getattr(torch, opts.fmt.dtype))
+            tokenizer = NVLMTokenizer.from_dir(ckpt.directory, chat_format=opts.chat_format)
             tokenizer.check_vocab(ckpt.config.llm.vocab_size)
         if opts.fmt.quantized:
             log.info("calibrating %s on %d multimodal samples", opts.fmt.name, len(samples))

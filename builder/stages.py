@@ -69,7 +69,7 @@ class EngineBuildOptions:
                 "max_batch_size": self.limits.max_batch_size, "max_tiles": self.limits.max_tiles_per_image,
                 "max_images": self.limits.max_images_per_request,
                 "max_input_text_len": self.limits.max_input_text_len, "max_output_len": self.limits.max_output_len,
-                "calib_data": self.calib_data, "calib_size": self.calib_size}
+                "calib_data": self.calib_data, "calib_size": self.calib_size, "chat_format": self.llm.chat_format}
 
 
 @dataclass
@@ -106,12 +106,14 @@ def _tokenizer(ctx: Context, tmp: Path) -> dict:
 
 def _preprocess(ctx: Context, tmp: Path) -> dict:
     p = ctx.ckpt.config.preprocess
-    write_preprocess(tmp, p, ctx.opts.limits)
-    return {"tokens_per_tile": p.tokens_per_tile, "max_tiles_per_image": p.max_tiles_per_image}
+    write_preprocess(tmp, p, ctx.opts.limits, ctx.opts.llm.chat_format)
+    return {"tokens_per_tile": p.tokens_per_tile, "max_tiles_per_image": p.max_tiles_per_image,
+            "chat_format": ctx.opts.llm.chat_format}
 
 
 def _vision(ctx: Context, tmp: Path) -> dict:
-    task_tokenizer = NVLMTokenizer.from_dir(ctx.ckpt.directory) if is_trained_default(ctx.ckpt.directory) else None
+    task_tokenizer = (NVLMTokenizer.from_dir(ctx.ckpt.directory, chat_format=ctx.opts.llm.chat_format)
+                      if is_trained_default(ctx.ckpt.directory) else None)
     info = export_vision(ctx.get_reference(), tmp, dtype=ctx.opts.vision_dtype, vision_quant=ctx.opts.vision_quant,
                          max_tiles=ctx.opts.limits.max_vision_tiles, task_tokenizer=task_tokenizer)
     return {"dtype": info["dtype"], "files": info["files"], "checks": info["checks"]}

@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from runtime.core.build_dir import read_family, read_manifest, read_preprocess, sha256_file
+from runtime.core.build_dir import read_chat_format, read_family, read_manifest, read_preprocess, sha256_file
 from runtime.core.errors import NVLMError
 from runtime.core.llm_formats import FORMATS
 from runtime.preprocess import preprocess_images
@@ -99,7 +99,7 @@ def _item_shapes(build: Path, items: list[Item]) -> list[tuple[int, int]]:
     """(text tokens, tiles) of each workload item as the server will see it: the build's own
     preprocessing and prompt layout."""
 
-    tok = NVLMTokenizer.from_dir(build / "tokenizer")
+    tok = NVLMTokenizer.from_dir(build / "tokenizer", chat_format=read_chat_format(build))
     pcfg, _ = read_preprocess(build)
     layout = read_family(build).prompt_layout
     shapes = []

@@ -1,8 +1,11 @@
 """InternViT, the vision tower of NVLM (InternViT-6B-448px-V1-5 in NVLM-D-72B).
 
-Written from the released architecture (DESIGN.md §2): pre-norm transformer with RMSNorm,
-q/k RMS normalization over the full embedding (not per head), no qkv bias, layer-scale
-vectors `ls1`/`ls2`, exact GELU MLP, a learned CLS token and absolute position embeddings.
+Written from the released architecture (docs/released_layout.md): pre-norm transformer with RMSNorm,
+q/k RMS normalization over the whole embedding (not per head), no qkv bias, layer-scale
+vectors `ls1`/`ls2`, exact GELU MLP, a learned CLS token and absolute position embeddings. The
+released attention runs padding heads beside the real ones (7 beside 25 in NVLM-D-72B): qkv, the q/k
+norms and proj are sized for all of them, and the q/k RMS variance is taken over the first
+`hidden_size` channels only, the real heads'.
 Module names equal the released checkpoint's names under `vision_model.` so the weight map
 is a plain prefix rename. The tests check this module against transformers'
 `InternVLVisionModel` (an independent implementation) with renamed weights.
@@ -18,15 +21,18 @@ from runtime.core.config import VisionConfig
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, var_width: int | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # The variance comes from the first var_width channels (all of them by default): the released q/k
+        # norms take it over the real heads only and apply it to the padding heads too.
+        self.var_width = dim if var_width is None else var_width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in fp32 and cast back before the scale, as InternViT does.
         xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        xf = xf * torch.rsqrt(xf[..., :self.var_width].pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
 
@@ -55,24 +61,24 @@ class Embeddings(nn.Module):
 class Attention(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        c = cfg.hidden_size
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.qkv = nn.Linear(c, 3 * c, bias=cfg.qkv_bias)
-        self.proj = nn.Linear(c, c)
+        c, a = cfg.hidden_size, cfg.attn_dim  # a = (heads + padding heads) × head_dim
+        self.num_heads, self.head_dim = cfg.attn_heads, cfg.head_dim
+        self.qkv = nn.Linear(c, 3 * a, bias=cfg.qkv_bias)
+        self.proj = nn.Linear(a, c)
         self.qk_normalization = cfg.qk_normalization
         if cfg.qk_normalization:
-            self.q_norm = RMSNorm(c, cfg.norm_eps)
-            self.k_norm = RMSNorm(c, cfg.norm_eps)
+            self.q_norm = RMSNorm(a, cfg.norm_eps, var_width=c)
+            self.k_norm = RMSNorm(a, cfg.norm_eps, var_width=c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        t, n, c = x.shape  # [T, N, C]
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 × [T, N, C]; the fused weight is laid out [q; k; v]
+        t, n, _ = x.shape  # [T, N, C]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 × [T, N, A]; the fused weight is laid out [q; k; v]
         if self.qk_normalization:
-            # InternViT normalizes q and k over all heads at once (the full C), before the head split.
+            # InternViT normalizes q and k over all heads at once, before the head split.
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (z.view(t, n, self.num_heads, self.head_dim).transpose(1, 2) for z in (q, k, v))  # [T, H, N, D]
         out = F.scaled_dot_product_attention(q, k, v)  # [T, H, N, D]
-        return self.proj(out.transpose(1, 2).reshape(t, n, c))  # [T, N, C]
+        return self.proj(out.transpose(1, 2).reshape(t, n, self.num_heads * self.head_dim))  # [T, N, C]
 
 
 class MLP(nn.Module):

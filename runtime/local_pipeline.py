@@ -13,10 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
+from runtime.core.build_dir import engine_dtype, read_chat_format, read_family, read_limits, read_preprocess
 from runtime.core.trtllm_checkpoint import EmbeddingRows
 from runtime.cross_reference import key_sequence
 from runtime.preprocess import preprocess_images
+from runtime.chat_format import stop_id
 from runtime.prompt import build_prompt, with_image_placeholders
 from runtime.tokenizer import NVLMTokenizer
 from runtime.trtllm_executor import Request, TRTLLMExecutor
@@ -32,7 +33,7 @@ class LocalPipeline:
         self.executor = TRTLLMExecutor.load(build / "llm")
         # the served table crosses Triton in the engine's dtype (PromptTuningBuffers::validate)
         self.table_dtype = engine_dtype(json.loads((build / "llm" / "config.json").read_text()))
-        self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
+        self.tok = NVLMTokenizer.from_dir(build / "tokenizer", chat_format=read_chat_format(build))
         self.cfg, _ = read_preprocess(build)
         self.layout = read_family(build).prompt_layout
         self.max_images = max_images if max_images is not None else read_limits(build).max_images_per_request
@@ -66,7 +67,7 @@ class LocalPipeline:
             dtype = {"BF16": torch.bfloat16, "FP16": torch.float16, "FP32": torch.float32}[self.table_dtype]
             table = None if table is None else table.reshape(-1, emb.shape[-1]).to(dtype).float()
             features = None if features is None else features.to(dtype).float()
-        req = Request(p.trtllm_input_ids(self.executor.vocab_size), max_tokens, table, end_id=self.tok.im_end_id,
+        req = Request(p.trtllm_input_ids(self.executor.vocab_size), max_tokens, table, end_id=stop_id(self.tok),
                       encoder_features=features, key_ranges=None if features is None else p.cross.key_ranges,
                       **controls)
         return self.executor.generate([req])[0]

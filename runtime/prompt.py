@@ -1,4 +1,5 @@
-"""NVLM prompt construction: ChatML conversations with 1-D tile tags (DESIGN.md §2.2), and for the
+"""NVLM prompt construction: conversations in a chat format (runtime/chat_format.py) with 1-D tile tags
+(docs/prompt_formats.md), and for the
 cross-attention families (NVLM-X, NVLM-H) which image keys each token reads.
 
 The one implementation used by the reference model, calibration, the Triton preprocessing
@@ -30,18 +31,10 @@ from runtime.core.config import IMAGE_PAD, IMAGE_PLACEHOLDER
 from runtime.core.errors import InputError
 from runtime.core.families import PromptLayout, tile_tags
 
-from .tokenizer import IM_END, IM_START, NVLMTokenizer
+from .chat_format import ROLES, ChatFormat, Message, get_chat_format
+from .tokenizer import NVLMTokenizer
 
-ROLES = ("system", "user", "assistant")
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
-
-
-__all__ = ["chat_messages", "CrossInputs", "KeyTile", "Message", "PromptInputs", "key_ranges", "mask_to_ranges",
+__all__ = ["ROLES", "chat_messages", "CrossInputs", "KeyTile", "Message", "PromptInputs", "key_ranges", "mask_to_ranges",
            "ranges_to_mask", "PromptLayout", "build_prompt", "expand_images", "image_text", "tile_tags",
            "with_image_placeholders"]
 
@@ -50,18 +43,13 @@ def image_text(num_tiles: int, tokens_per_tile: int, layout: PromptLayout = Prom
     return layout.image_text(num_tiles, tokens_per_tile)
 
 
-def render_chatml(messages: Sequence[Message], add_generation_prompt: bool = True) -> str:
-    """`<|im_start|>{role}\\n{content}<|im_end|>\\n` per turn, then the assistant header."""
-    parts = []
-    for m in messages:
-        if m.role not in ROLES:
-            raise InputError(f"message role {m.role!r} is not one of {ROLES}")
-        if IM_START in m.content or IM_END in m.content:
-            raise InputError("message content must not contain the ChatML control tokens <|im_start|> / <|im_end|>")
-        parts.append(f"{IM_START}{m.role}\n{m.content}{IM_END}\n")
-    if add_generation_prompt:
-        parts.append(f"{IM_START}assistant\n")
-    return "".join(parts)
+def render_chatml(messages: Sequence[Message], add_generation_prompt: bool = True,
+                  chat_format: str | ChatFormat | None = None, tokenizer: NVLMTokenizer | None = None) -> str:
+    """The conversation as prompt text in `chat_format` (runtime/chat_format.py); by default the tokenizer's
+    chosen format, and without a tokenizer the release's."""
+    if chat_format is None and tokenizer is not None:
+        chat_format = tokenizer.chat_format
+    return get_chat_format(chat_format).render(messages, tokenizer, add_generation_prompt)
 
 
 @dataclass(frozen=True)
@@ -110,7 +98,7 @@ def with_image_placeholders(prompt: str, num_images: int) -> str:
     return prompt
 
 
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ROLES
 
 
 def chat_messages(raw: str, num_images: int) -> list[Message]:
@@ -274,13 +262,15 @@ def build_prompt(
     tokens_per_tile: int,
     layout: PromptLayout = PromptLayout(),
     add_generation_prompt: bool = True,
+    chat_format: str | ChatFormat | None = None,
 ) -> PromptInputs:
-    """Render, expand image placeholders and tokenize. A bare string is one user turn. `layout`: the
-    model family's (`family.prompt_layout`); the default reads every tile inline."""
+    """Render in `chat_format` (default: the tokenizer's, normally the release's), expand image placeholders and tokenize. A bare
+    string is one user turn. `layout`: the model family's (`family.prompt_layout`); the default reads every
+    tile inline."""
     if isinstance(messages, str):
         messages = [Message("user", messages)]
-    text, spans = expand_images_with_spans(render_chatml(messages, add_generation_prompt), tiles_per_image,
-                                           tokens_per_tile, layout)
+    text, spans = expand_images_with_spans(render_chatml(messages, add_generation_prompt, chat_format, tokenizer),
+                                           tiles_per_image, tokens_per_tile, layout)
     ids, starts = tokenizer.encode_offsets(text)
     positions = tuple(i for i, t in enumerate(ids) if t == tokenizer.image_pad_id)
     expected = layout.inline_tokens(tiles_per_image, tokens_per_tile)

@@ -27,7 +27,7 @@ from torch import nn
 from runtime.core.checkpoint import Checkpoint
 from runtime.core.config import NVLMConfig, ProjectorConfig
 from runtime.core.errors import CheckpointError, InputError
-from runtime.core.families import LLM, PROJECTOR, VISION, family_for
+from runtime.core.families import DECODER_ROLES, LLM, PROJECTOR, VISION, family_for
 
 from .internvit import InternViT
 
@@ -97,13 +97,20 @@ class NVLMReference(nn.Module):
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32) -> "NVLMReference":
+    def from_checkpoint(cls, path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32,
+                        decoder_stored_as: torch.dtype | None = None) -> "NVLMReference":
+        """`decoder_stored_as`: round the decoder's weights through this dtype first — the weights a build in
+        that dtype holds. NVLM-D-72B stores its q/k/v in F32; a bf16 engine holds them rounded, and a
+        comparison of the engine with the reference is only exact against the rounded ones."""
         ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
         plan = ckpt.validate()
         model = cls(ckpt.config)
         modules = model.component_modules()
+        decoder = set(DECODER_ROLES)
         for component, rows in plan.rows.items():
-            state = {target: ckpt.get(source).to(dtype) for source, target, _ in rows}
+            through = decoder_stored_as if component in decoder else None
+            state = {target: (ckpt.get(source).to(through) if through is not None else ckpt.get(source)).to(dtype)
+                     for source, target, _ in rows}
             module = modules[component]
             missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
             if ckpt.config.llm.tie_word_embeddings and component == LLM:
@@ -232,7 +239,8 @@ def reference_class(cfg: NVLMConfig) -> type[NVLMReference]:
     return getattr(importlib.import_module(module), name)
 
 
-def reference_model(path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32) -> NVLMReference:
-    """The reference model of a checkpoint's family, loaded."""
+def reference_model(path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32,
+                    decoder_stored_as: torch.dtype | None = None) -> NVLMReference:
+    """The reference model of a checkpoint's family, loaded (`decoder_stored_as`: see from_checkpoint)."""
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
-    return reference_class(ckpt.config).from_checkpoint(ckpt, dtype)
+    return reference_class(ckpt.config).from_checkpoint(ckpt, dtype, decoder_stored_as)

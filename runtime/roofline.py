@@ -24,7 +24,8 @@ from pathlib import Path
 from runtime.core.build_dir import read_manifest
 from runtime.core.config import NVLMConfig
 from runtime.core.errors import InputError
-from runtime.core.families import LLM, PROJECTOR, family_for, load_config
+from runtime.core.checkpoint import plan_config
+from runtime.core.families import LLM, PROJECTOR, family_for
 from runtime.core.inspect import cross_kv_bytes_per_key, kv_bytes_per_token, llm_breakdown, llm_bytes, request_shape
 from runtime.core.llm_formats import get_format, get_vision_format, kv_cache_fp8
 
@@ -43,8 +44,9 @@ GPUS = {"h100-sxm": GPU("H100 SXM", 990.0, 1979.0, 3.35), "h200": GPU("H200", 99
 def vision_flops(cfg: NVLMConfig, tiles: int) -> float:
     v = cfg.vision
     n = v.num_positions  # 1025 tokens per tile (CLS included)
-    per_layer_linear = 2 * n * (4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size)
-    per_layer_attn = 2 * 2 * n * n * v.hidden_size  # QKᵀ and (softmax)V
+    # qkv and proj run at the attention width (padding heads included: NVLM-D-72B computes 32 heads, 25 real)
+    per_layer_linear = 2 * n * (4 * v.hidden_size * v.attn_dim + 2 * v.hidden_size * v.intermediate_size)
+    per_layer_attn = 2 * 2 * n * n * v.attn_dim  # QKᵀ and (softmax)V
     mlp1 = family_for(cfg).component(PROJECTOR).num_params(cfg)
     projector = 2 * cfg.preprocess.tokens_per_tile * mlp1
     return tiles * (v.num_layers * (per_layer_linear + per_layer_attn) + projector)
@@ -151,7 +153,7 @@ def build_facts(path: str | Path, *, checkpoint: str | Path | None = None, quant
     if not (source / "config.json").is_file() and not source.is_file():
         raise InputError(f"{source}: no config.json — pass a build directory whose source checkpoint is still there, "
                          "the checkpoint itself, or --checkpoint DIR")
-    return BuildFacts(load_config(source), quant or "bf16", tp or 1, kv_fp8, vision_fp8, target)
+    return BuildFacts(plan_config(source), quant or "bf16", tp or 1, kv_fp8, vision_fp8, target)
 
 
 def facts_roofline(facts: BuildFacts, gpu: GPU, *, tiles: int, text_tokens: int, output_tokens: int) -> Roofline:

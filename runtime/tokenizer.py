@@ -7,6 +7,7 @@ checkpoint code ever runs.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from runtime.core.config import IMAGE_PAD
@@ -16,15 +17,23 @@ IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 
 
 class NVLMTokenizer:
-    def __init__(self, tokenizer, source: Path):
+    def __init__(self, tokenizer, source: Path, config: dict | None = None, chat_format: str = "release"):
         self._tok = tokenizer
         self.source = source
+        # how prompts are rendered with this tokenizer (runtime/chat_format.py): the release's format unless a
+        # build or command chose the tokenizer's chat_template
+        self.chat_format = chat_format
+        config = config or {}
+        # tokenizer_config.json: the chat template and end-of-turn token of the `tokenizer` chat format
+        self.chat_template: str | None = config.get("chat_template") if isinstance(config.get("chat_template"), str) else None
+        eos = config.get("eos_token")
+        self.eos_token: str | None = eos.get("content") if isinstance(eos, dict) else eos
         self.image_pad_id = self._require(IMAGE_PAD)
         self.im_end_id = self._require(IM_END)
         self.im_start_id = self._require(IM_START)
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "NVLMTokenizer":
+    def from_dir(cls, directory: str | Path, chat_format: str = "release") -> "NVLMTokenizer":
         from tokenizers import Tokenizer
 
         file = Path(directory) / "tokenizer.json"
@@ -34,7 +43,15 @@ class NVLMTokenizer:
                 "(NVLM-D's release does; for a slow-only tokenizer run `AutoTokenizer.from_pretrained(DIR)"
                 ".save_pretrained(DIR)` once to produce it)"
             )
-        return cls(Tokenizer.from_file(str(file)), Path(directory))
+        config = {}
+        cfg_file = Path(directory) / "tokenizer_config.json"
+        if cfg_file.is_file():
+            try:
+                config = json.loads(cfg_file.read_text())
+            except ValueError as e:
+                raise TokenizerError(f"{cfg_file} is not valid JSON ({e})") from None
+        return cls(Tokenizer.from_file(str(file)), Path(directory), config if isinstance(config, dict) else {},
+                   chat_format)
 
     def _require(self, token: str) -> int:
         tid = self._tok.token_to_id(token)

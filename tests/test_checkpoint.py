@@ -169,3 +169,48 @@ def test_single_file_checkpoint(demo_ckpt, tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     single = Checkpoint.open(tmp_path)
     assert single.shards == ["model.safetensors"] and set(single.tensors) == set(ckpt.tensors)
+
+
+class _ShortReads:
+    """A file whose readinto returns at most `cap` bytes per call (as Linux does above 2,147,479,552 bytes),
+    and nothing past `end` (a real truncation)."""
+
+    def __init__(self, path, cap, end=None):
+        self.f, self.cap, self.end = open(path, "rb", buffering=0), cap, end
+
+    def seek(self, pos):
+        return self.f.seek(pos)
+
+    def readinto(self, buf):
+        want = min(len(buf), self.cap)
+        if self.end is not None:
+            want = max(0, min(want, self.end - self.f.tell()))
+        return self.f.readinto(memoryview(buf)[:want])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_short_reads_are_continued_and_a_real_truncation_still_fails(demo_ckpt, monkeypatch):
+    """One read returns at most 2 GiB − 4 KiB on Linux: NVLM-D-72B's 2.49 GB embed_tokens and lm_head take two.
+    A reader that returns a few bytes per call must give every tensor bit for bit; one that stops early must
+    still be reported as cut short."""
+    import builtins
+
+    import runtime.core.checkpoint as ckmod
+
+    ckpt = Checkpoint.open(demo_ckpt)
+    name = "language_model.model.embed_tokens.weight"
+    want = ckpt.get(name).clone()
+    real_open = builtins.open
+    info = ckpt.tensors[name]
+    monkeypatch.setattr(ckmod, "open", lambda p, *a, **k: _ShortReads(p, cap=4093), raising=False)
+    assert torch.equal(ckpt.get(name), want)
+    end = info.offset + info.nbytes // 2
+    monkeypatch.setattr(ckmod, "open", lambda p, *a, **k: _ShortReads(p, cap=1 << 20, end=end), raising=False)
+    with pytest.raises(CheckpointError, match=r"cut short \(\d+ of \d+ bytes\)"):
+        ckpt.get(name)
+    monkeypatch.setattr(ckmod, "open", real_open, raising=False)

@@ -7,9 +7,10 @@ import pytest
 from builder.cli import main
 from runtime.core.inspect import GIB, SCHEMA, inspect
 
-# NVLM-D-72B, from the published dimensions (DESIGN.md §2), written out by hand.
-C, VL, VM, P = 3200, 45, 12800, 14
-VISION_LAYER = (3 * C * C) + 2 * C + (C * C + C) + (VM * C + VM) + (C * VM + C) + 2 * C + 2 * C
+# NVLM-D-72B, from the published dimensions (docs/released_layout.md), written out by hand. The attention runs
+# 25 + 7 padding heads of 128: qkv [3·4096, 3200], q/k norms [4096], proj [3200, 4096].
+C, VL, VM, P, A = 3200, 45, 12800, 14, (25 + 7) * 128
+VISION_LAYER = (3 * A * C) + 2 * A + (C * A + C) + (VM * C + VM) + (C * VM + C) + 2 * C + 2 * C
 VISION = VL * VISION_LAYER + C + (C * 3 * P * P + C) + 1025 * C
 MLP1 = 2 * 12800 + 12800 * 29568 + 29568 * 8192
 H, LL, I, V, KV = 8192, 80, 29568, 152064, 1024
@@ -29,8 +30,8 @@ def report_72b(tmp_path_factory, config_72b):
 def test_72b_parameter_count(report_72b):
     comps = {c["name"]: c["parameters"] for c in report_72b["components"]}
     assert comps == {"vision": VISION, "projector": MLP1, "llm": LLM}
-    assert VISION == 5_536_496_000 and MLP1 == 620_717_056 and LLM == 72_706_203_648
-    assert report_72b["total_parameters"] == 78_863_416_704  # "~79 billion"
+    assert VISION == 6_052_672_640 and MLP1 == 620_717_056 and LLM == 72_706_203_648
+    assert report_72b["total_parameters"] == 79_379_593_344  # 79.4 B, as the model card says
     assert report_72b["weights"] is None  # config-only
 
 

@@ -1,4 +1,5 @@
-"""Prompt layout with 1-D tile tags (DESIGN.md §2.2), spelled out for small cases."""
+"""Prompt layout with 1-D tile tags (docs/prompt_formats.md), spelled out for small cases, in the release's chat
+format (the default; tests/test_chat_format.py pins both formats on the release's tokenizer)."""
 
 import pytest
 
@@ -30,27 +31,32 @@ def test_image_text_layout():
 def test_chatml_rendering():
     text = render_chatml([Message("system", "Be brief."), Message("user", "Hi"), Message("assistant", "Hello"),
                           Message("user", "Again")])
-    assert text == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
-                    "<|im_start|>assistant\nHello<|im_end|>\n<|im_start|>user\nAgain<|im_end|>\n"
+    assert text == ("<|im_start|>system\nBe brief.<|im_end|><|im_start|>user\nHi<|im_end|>"
+                    "<|im_start|>assistant\nHello<|im_end|><|im_start|>user\nAgain<|im_end|>"
                     "<|im_start|>assistant\n")
+
+
+def _system(tok):
+    """The release's system turn: its default system message, then the separator (no newline)."""
+    return [tok.im_start_id] + tok.encode("system\nAnswer the questions.") + [tok.im_end_id]
 
 
 def test_one_tile_prompt_tokens_spelled_out(tok):
     p = build_prompt(tok, "<image>\nWhat is it?", [1], tokens_per_tile=256)
     e = tok.encode
-    expected = ([tok.im_start_id] + e("user\n<Image><tile_global_thumbnail>") + [tok.image_pad_id] * 256
-                + e("</Image>\nWhat is it?") + [tok.im_end_id] + e("\n") + [tok.im_start_id] + e("assistant\n"))
+    expected = (_system(tok) + [tok.im_start_id] + e("user\n<Image><tile_global_thumbnail>") + [tok.image_pad_id] * 256
+                + e("</Image>\nWhat is it?") + [tok.im_end_id] + [tok.im_start_id] + e("assistant\n"))
     assert list(p.input_ids) == expected
-    first = 1 + len(e("user\n<Image><tile_global_thumbnail>"))
+    first = len(_system(tok)) + 1 + len(e("user\n<Image><tile_global_thumbnail>"))
     assert p.image_positions == tuple(range(first, first + 256))
 
 
 def test_two_images_three_and_one_tiles_spelled_out(tok):
     p = build_prompt(tok, "A <image> B <image>", [3, 1], tokens_per_tile=4)
     e, pad = tok.encode, [tok.image_pad_id] * 4
-    expected = ([tok.im_start_id] + e("user\nA <Image><tile_1>") + pad + e("<tile_2>") + pad
+    expected = (_system(tok) + [tok.im_start_id] + e("user\nA <Image><tile_1>") + pad + e("<tile_2>") + pad
                 + e("<tile_global_thumbnail>") + pad + e("</Image> B <Image><tile_global_thumbnail>") + pad
-                + e("</Image>") + [tok.im_end_id] + e("\n") + [tok.im_start_id] + e("assistant\n"))
+                + e("</Image>") + [tok.im_end_id] + [tok.im_start_id] + e("assistant\n"))
     assert list(p.input_ids) == expected
     assert p.num_image_tokens == 16 and p.tiles_per_image == (3, 1)
 

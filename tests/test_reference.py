@@ -1,6 +1,7 @@
 """The reference NVLM-D is the ground truth, so it is checked against independent implementations."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -94,9 +95,17 @@ def _hf_internvit(ckpt_dir, model):
     return hf
 
 
-@pytest.mark.parametrize("which", ["demo_ckpt", "released_ckpt"])
-def test_vision_tower_matches_transformers_internvl(which, request):
-    ckpt_dir = request.getfixturevalue(which)
+@pytest.fixture(scope="module")
+def unpadded_ckpt(tmp_path_factory):
+    """The independent writer's checkpoint without the vision attention's padding heads (transformers'
+    InternVL has none; the padded layout is checked against its definition in test_released_layout.py)."""
+    from tests.released_layout_writer import write
+
+    return Path(write(str(tmp_path_factory.mktemp("unpadded") / "c"), seed=5, padding_heads=0))
+
+
+def test_vision_tower_matches_transformers_internvl(unpadded_ckpt):
+    ckpt_dir = unpadded_ckpt
     model = reference_model(ckpt_dir)
     hf = _hf_internvit(ckpt_dir, model)
     x = torch.randn(2, 3, 448, 448)

@@ -4,6 +4,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
 from builder.cli import main
 from tests.conftest import ROOT
 
@@ -18,8 +21,13 @@ def test_released_layout_inspects(released_ckpt, capsys):
     assert main(["inspect", str(released_ckpt), "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert len(r["weights"]["shards"]) == 3
-    assert r["weights"]["components"]["vision"]["dtypes"].keys() == {"float32"}
-    assert r["weights"]["components"]["llm"]["dtypes"].keys() == {"bfloat16"}
+    w = r["weights"]
+    # stored as the release stores them: F32 q/k/v (LLM) and qkv/proj/q_norm/k_norm (vision), bf16 beside them
+    assert w["components"]["vision"]["dtypes"].keys() == w["components"]["llm"]["dtypes"].keys() == {"float32", "bfloat16"}
+    assert sum(w["bytes_by_dtype"].values()) == w["total_bytes"]
+    qkv = 3 * (3 + 7) * 16 * 48  # one vision layer's qkv with its 7 padding heads, F32
+    assert w["components"]["vision"]["bytes_by_dtype"]["float32"] == 3 * 4 * (qkv + 48 * (3 + 7) * 16 + 2 * (3 + 7) * 16)
+    assert w["vision_padding_heads"] == 7 and r["dimensions"]["vision"]["padding_heads_from"] == "weights"
 
 
 def test_released_layout_runs_through_reference(released_ckpt, capsys):
@@ -36,3 +44,196 @@ def test_demo_checkpoint_cli_is_deterministic(tmp_path, capsys):
         assert f.read_bytes() == (tmp_path / "b" / f.name).read_bytes(), f.name
     assert main(["demo-checkpoint", str(tmp_path / "a")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- padding heads, from the definition
+
+
+def _released_vision(ckpt, x, depth):
+    """InternViT as the release's modeling_intern_vit.py defines it (`_naive_attn`), written from that
+    definition with plain tensor ops and no project code: qkv reshaped to (3, heads + padding heads, head_dim),
+    the q/k RMS variance summed over the first hidden_size channels and divided by hidden_size, the scale
+    head_dim^-0.5, proj from all heads back to hidden_size."""
+    cfg = json.loads((ckpt / "config.json").read_text())["vision_config"]
+    c, heads, eps = cfg["hidden_size"], cfg["num_attention_heads"], cfg["layer_norm_eps"]
+    d = c // heads
+
+    def w(name):
+        return _tensor(ckpt, "vision_model." + name)
+
+    def rms(t, weight):
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    t = x.shape[0]
+    patches = torch.nn.functional.conv2d(x, w("embeddings.patch_embedding.weight"),
+                                         w("embeddings.patch_embedding.bias"), stride=cfg["patch_size"])
+    h = torch.cat([w("embeddings.class_embedding").expand(t, -1, -1), patches.flatten(2).transpose(1, 2)], 1)
+    h = h + w("embeddings.position_embedding")
+    for i in range(depth):
+        p = f"encoder.layers.{i}."
+        a = rms(h, w(p + "norm1.weight"))
+        qkv = a @ w(p + "attn.qkv.weight").T
+        n = h.shape[1]
+        all_heads = qkv.shape[-1] // 3 // d  # heads + padding heads
+        q, k, v = qkv.reshape(t, n, 3, all_heads, d).permute(2, 0, 3, 1, 4)
+        flat_q, flat_k = (z.transpose(1, 2).flatten(-2) for z in (q, k))  # [T, N, all_heads·d]
+        q_var = flat_q[..., :c].pow(2).sum(-1, keepdim=True) / c
+        k_var = flat_k[..., :c].pow(2).sum(-1, keepdim=True) / c
+        q = (flat_q * torch.rsqrt(q_var + eps) * w(p + "attn.q_norm.weight")).view(t, n, all_heads, d).transpose(1, 2)
+        k = (flat_k * torch.rsqrt(k_var + eps) * w(p + "attn.k_norm.weight")).view(t, n, all_heads, d).transpose(1, 2)
+        attn = ((q * d ** -0.5) @ k.transpose(-2, -1)).softmax(-1)
+        o = (attn @ v).transpose(1, 2).reshape(t, n, -1) @ w(p + "attn.proj.weight").T + w(p + "attn.proj.bias")
+        h = h + o * w(p + "ls1")
+        m = rms(h, w(p + "norm2.weight")) @ w(p + "mlp.fc1.weight").T + w(p + "mlp.fc1.bias")
+        m = torch.nn.functional.gelu(m) @ w(p + "mlp.fc2.weight").T + w(p + "mlp.fc2.bias")
+        h = h + m * w(p + "ls2")
+    return h
+
+
+def _tensor(ckpt, name):
+    from safetensors import safe_open
+
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
+    with safe_open(str(ckpt / index[name]), "pt") as f:
+        return f.get_tensor(name).float()
+
+
+def test_padded_vision_tower_equals_the_released_definition(released_ckpt):
+    """The reference InternViT with 7 non-zero padding heads against the definition (≤ 1e-5 relative, float32,
+    fresh inputs); the same weights with the padding heads dropped must fail the same bound."""
+    import torch as _t
+
+    from runtime.reference import reference_model
+
+    model = reference_model(released_ckpt)
+    assert model.cfg.vision.num_dummy_heads == 7
+    x = _t.randn(2, 3, 448, 448, generator=_t.Generator().manual_seed(_t.seed() % 2**31))
+    depth = model.cfg.vision.num_layers - 1  # select_layer -2
+    want = _released_vision(released_ckpt, x, depth)
+    with _t.no_grad():
+        got = model.vision(x, model.cfg.select_layer)
+    rel = ((got - want).norm() / want.norm()).item()
+    assert rel <= 1e-5, f"relative error {rel:.2e}"
+
+    # dropping the padding heads (zeroing their q/k/v rows) changes the answer far beyond the bound
+    dropped = copy_without_padding(model)
+    with _t.no_grad():
+        other = dropped.vision(x, dropped.cfg.select_layer)
+    assert ((other - want).norm() / want.norm()).item() > 1e-2
+
+
+def copy_without_padding(model):
+    import copy
+
+    m = copy.deepcopy(model)
+    v = m.cfg.vision
+    real = v.hidden_size
+    with torch.no_grad():
+        for layer in m.vision.encoder.layers:
+            w = layer.attn.qkv.weight.view(3, v.attn_dim, -1)
+            w[:, real:] = 0
+    return m
+
+
+def test_trained_default_adapted_to_padding_heads_computes_the_same(tmp_path):
+    """The packaged default was trained without padding heads; with zero padding heads (how the demo writes it)
+    its vision features are those of the unpadded tower (float32, fresh inputs)."""
+    from dataclasses import replace
+
+    from safetensors.torch import load_file
+
+    from runtime.core.demo_checkpoint import TRAINED_WEIGHTS, trained_available, write_demo_checkpoint
+    from runtime.internvit import InternViT
+    from runtime.reference import reference_model
+
+    if not trained_available():
+        pytest.skip("the trained default is not packaged")
+    model = reference_model(write_demo_checkpoint(tmp_path / "t", weights="trained"))
+    assert model.cfg.vision.num_dummy_heads == 7
+    raw = {n[len("vision_model."):]: t.float() for n, t in load_file(str(TRAINED_WEIGHTS)).items()
+           if n.startswith("vision_model.")}
+    plain = InternViT(replace(model.cfg.vision, num_dummy_heads=0)).float()
+    plain.load_state_dict(raw)
+    x = torch.randn(3, 3, 448, 448)
+    with torch.no_grad():
+        a, b = model.vision(x, -1), plain(x, -1)
+    assert ((a - b).norm() / b.norm()).item() <= 1e-6
+
+
+# --------------------------------------------------------------------------- the release's own index
+
+
+def _sparse_release(directory):
+    """NVLM-D-72B's 46 shards with their real tensor names, shapes and dtypes (tests/release_index.py) as sparse
+    files: valid safetensors headers in front of 177 GB of holes, and the release's config.json."""
+    import shutil
+    import struct
+
+    fx = json.loads((FIXTURES / "nvlm_d_72b_tensors.json").read_text())
+    width = {"F32": 4, "BF16": 2}
+    shards: dict[str, dict] = {}
+    for name, t in sorted(fx["tensors"].items()):
+        shards.setdefault(t["shard"], {})[name] = t
+    for shard, tensors in shards.items():
+        header, offset = {}, 0
+        for name, t in tensors.items():
+            n = width[t["dtype"]]
+            for d in t["shape"]:
+                n *= d
+            header[name] = {"dtype": t["dtype"], "shape": t["shape"], "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header).encode()
+        with open(directory / shard, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            f.truncate(8 + len(raw) + offset)
+    (directory / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": fx["total_size"]}, "weight_map": {n: t["shard"] for n, t in fx["tensors"].items()}}))
+    shutil.copy(FIXTURES / "config.json", directory / "config.json")
+    return fx
+
+
+FIXTURES = ROOT / "tests" / "fixtures" / "release"
+
+
+def test_the_release_s_index_validates_and_inspects_at_79_4_billion(tmp_path, capsys):
+    """Every released name and shape passes the weight map (padding heads read from the weights), and inspect
+    reports 79.4 B parameters and the stored bytes by dtype, which add up to the release's total_size."""
+    fx = _sparse_release(tmp_path)
+    assert main(["inspect", str(tmp_path), "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    w = r["weights"]
+    assert r["total_parameters"] == 79_379_593_344
+    assert len(w["shards"]) == 46 and w["tensors"] == len(fx["tensors"]) == 1556
+    assert w["total_bytes"] == sum(w["bytes_by_dtype"].values()) == fx["total_size"] == 176_901_927_168
+    f32 = 80 * 4 * (8192 * 8192 + 8192 + 2 * (1024 * 8192 + 1024)) + 45 * 4 * (3 * 4096 * 3200 + 2 * 4096 + 3200 * 4096)
+    assert w["bytes_by_dtype"] == {"float32": f32, "bfloat16": fx["total_size"] - f32}
+    assert w["vision_padding_heads"] == 7 and r["dimensions"]["vision"]["padding_heads_from"] == "weights"
+
+
+# --------------------------------------------------------------------------- rope_scaling
+
+
+def test_rope_scaling_is_not_applied_past_32768_positions(demo_ckpt):
+    """The release states rope_scaling {"dynamic", 3.0} but runs on transformers 4.39.3, whose Qwen2 never reads it:
+    plain RoPE with rope_theta at every position. The reference's rotary tables past max_position_embeddings
+    (where dynamic NTK would change the base) equal plain RoPE computed here; dynamic NTK's would not."""
+    from runtime.reference import reference_model
+
+    model = reference_model(demo_ckpt)
+    llm = model.cfg.llm
+    assert llm.rope_scaling is not None and llm.rope_scaling.type == "dynamic"  # stated in config.json
+    assert llm.applied_rope_scaling is None
+    d, theta, limit = llm.head_dim, llm.rope_theta, llm.max_position_embeddings
+    pos = torch.tensor([[limit - 1, limit + 5, 3 * limit + 123]])
+    x = torch.zeros(1, 3, d)
+    cos, sin = model.llm.model.rotary_emb(x, pos)
+
+    def plain(base):
+        inv = 1.0 / base ** (torch.arange(0, d, 2).float() / d)
+        ang = pos[0, :, None].float() * inv[None]
+        return torch.cat([ang, ang], -1).cos()
+
+    assert torch.allclose(cos[0], plain(theta), atol=1e-5)
+    seq = 3 * limit + 124  # what dynamic NTK (factor 3) would have used for this sequence
+    ntk = theta * ((3.0 * seq / limit) - 2.0) ** (d / (d - 2))
+    assert not torch.allclose(cos[0], plain(ntk), atol=1e-3)

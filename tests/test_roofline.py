@@ -1,5 +1,5 @@
-"""Roofline bounds for NVLM-D-72B, checked against arithmetic written out here from the published
-dimensions (DESIGN.md §2, §5)."""
+"""Roofline bounds for NVLM-D-72B, checked against arithmetic written out here from the released
+dimensions (docs/released_layout.md)."""
 
 import json
 
@@ -8,10 +8,10 @@ import pytest
 from runtime.core.families import from_hf
 from runtime.roofline import roofline
 
-# NVLM-D-72B, written out
-C, L_V, I_V, N = 3200, 45, 12800, 1025
+# NVLM-D-72B, written out; the vision attention runs 25 + 7 padding heads of 128 (width A = 4096)
+C, L_V, I_V, N, A = 3200, 45, 12800, 1025, (25 + 7) * 128
 MLP1 = 2 * 12800 + 12800 * 29568 + 29568 * 8192
-VISION_PER_TILE = L_V * (2 * N * (4 * C * C + 2 * C * I_V) + 4 * N * N * C) + 2 * 256 * MLP1
+VISION_PER_TILE = L_V * (2 * N * (4 * C * A + 2 * C * I_V) + 4 * N * N * A) + 2 * 256 * MLP1
 H, LAYERS, I, V, KV_DIM = 8192, 80, 29568, 152064, 1024
 LINEAR = LAYERS * (2 * H * H + 2 * KV_DIM * H + 3 * I * H)
 OTHER = LAYERS * (H + 2 * KV_DIM + 2 * H) + H
@@ -29,7 +29,8 @@ def cfg(config_72b):
 def test_vision_flops_match_design_figure(cfg):
     r = roofline(cfg, "fp8", 2, tiles=7)
     assert r.vision_tflop * 1e12 == pytest.approx(7 * VISION_PER_TILE)
-    assert r.vision_tflop == pytest.approx(85.8, abs=0.1)  # DESIGN.md §5: ≈ 85 TFLOP for 7 tiles
+    # 85.8 TFLOP for 7 tiles counting 25 heads; the 7 padding heads the release computes add 10%
+    assert r.vision_tflop == pytest.approx(94.4, abs=0.1)
 
 
 def test_fp8_tp2(cfg):

@@ -30,7 +30,8 @@ EXPECTED = {
     "norm_epsilon": (1e-6, "llm_config.rms_norm_eps"),
     "position_embedding_type": ("rope_gpt_neox", "Qwen2 rotary: rotate-half (GPT-NeoX) layout"),
     "rotary_base": (1e6, "llm_config.rope_theta"),
-    "rotary_scaling": ({"type": "dynamic", "factor": 3.0}, "llm_config.rope_scaling"),
+    "rotary_scaling": (None, "none: the release (transformers 4.39.3 Qwen2) ignores llm_config.rope_scaling "
+                              "(docs/released_layout.md)"),
     "attn_bias": (True, "Qwen2 has q/k/v biases (fused into attention.qkv.bias)"),
     "mlp_bias": (False, "llm_config.mlp_bias / Qwen2 MLP has none"),
     "use_parallel_embedding": (True, "vocab rows split over TP, as modelopt exports them"),

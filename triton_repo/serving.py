@@ -21,13 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
+from runtime.core.build_dir import engine_dtype, read_chat_format, read_family, read_limits, read_preprocess
 from runtime.core.families import ENCODER_INPUTS, PROMPT_TABLE_INPUTS
 from runtime.core.trtllm_checkpoint import EmbeddingRows
 from runtime.cross_reference import key_sequence
 from runtime.decoding import StopFilter, from_trtllm, to_trtllm, word_list
 from runtime.inflight import InflightBatcher
 from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
+from runtime.chat_format import stop_id
 from runtime.prompt import (
     KeyTile,
     build_prompt,
@@ -143,7 +144,7 @@ class PreprocessingModel:
         self.cfg, _ = read_preprocess(build)
         self.layout = read_family(build).prompt_layout
         self.max_images = read_limits(build).max_images_per_request  # the tiling's own check enforces it
-        self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
+        self.tok = NVLMTokenizer.from_dir(build / "tokenizer", chat_format=read_chat_format(build))
         self.vocab = json.loads((build / "llm" / "config.json").read_text())["vocab_size"]
         self.gpu = _cuda()  # GPU hosts: Pillow-exact Triton kernels (plugins/tiling.py) do the tiling
 
@@ -507,7 +508,7 @@ class ContractLLMModel(ReferenceLLMModel):
 
 class PostprocessingModel:
     def initialize(self, args):
-        self.tok = NVLMTokenizer.from_dir(_build_dir(args) / "tokenizer")
+        self.tok = NVLMTokenizer.from_dir(_build_dir(args) / "tokenizer", chat_format=read_chat_format(_build_dir(args)))
 
     def execute(self, requests):
         pb = _pb()
@@ -684,7 +685,7 @@ class EntryModel:
         # NVLM-X/H: image keys as the LLM step's encoder inputs (and NVLM-H's thumbnails as table rows)
         self.cross = family.prompt_layout.cross_attention
         self._tag_embeddings = EmbeddingRows(build / "llm")  # NVLM-H: its tags' rows, the built model's own
-        self.tok = NVLMTokenizer.from_dir(build / "tokenizer")
+        self.tok = NVLMTokenizer.from_dir(build / "tokenizer", chat_format=read_chat_format(build))
         self.limits = read_limits(build)
         params = _params(args)
         # the callees' declared dtypes, rendered from the build (vision engine and LLM engine dtypes)
@@ -776,7 +777,7 @@ class EntryModel:
             ("input_ids", ids.astype(np.int32)),
             ("input_lengths", np.asarray([ids.size], np.int32)),
             ("request_output_len", np.asarray([max_tokens], np.int32)),
-            ("end_id", np.asarray([_scalar(request, "end_id", self.tok.im_end_id, int)], np.int32)),
+            ("end_id", np.asarray([_scalar(request, "end_id", stop_id(self.tok), int)], np.int32)),
             ("streaming", np.asarray([_scalar(request, "stream", False, bool)], bool)),
             ("temperature", np.asarray([sampling.temperature], np.float32)),
             ("runtime_top_k", np.asarray([sampling.top_k], np.int32)),

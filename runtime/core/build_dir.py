@@ -53,9 +53,10 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def write_preprocess(directory: Path, pre: PreprocessConfig, limits: EngineLimits) -> Path:
-    """preprocess.json: the checkpoint's tiling and prompt parameters, plus what serving needs."""
-    data = {**asdict(pre), "max_tiles_per_image": pre.max_tiles_per_image,
+def write_preprocess(directory: Path, pre: PreprocessConfig, limits: EngineLimits, chat_format: str = "release") -> Path:
+    """preprocess.json: the checkpoint's tiling and prompt parameters, plus what serving needs (the chat format
+    every served prompt is rendered in)."""
+    data = {**asdict(pre), "max_tiles_per_image": pre.max_tiles_per_image, "chat_format": chat_format,
             "max_images_per_request": limits.max_images_per_request,
             "image_start": IMAGE_START, "image_end": IMAGE_END, "image_pad": IMAGE_PAD,
             "thumbnail_tag": THUMBNAIL_TAG, "pillow_below": "12.2"}
@@ -92,6 +93,11 @@ def read_preprocess(build: Path):
     fields = PreprocessConfig.__dataclass_fields__
     cfg = PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in fields})
     return cfg, raw
+
+
+def read_chat_format(build: Path) -> str:
+    """The chat format a build renders prompts in (builds before it was recorded: the release's)."""
+    return read_preprocess(build)[1].get("chat_format", "release")
 
 
 def read_family(build: Path) -> ModelFamily:

@@ -32,6 +32,10 @@ IMAGE_END = "</Image>"
 IMAGE_PAD = "<|vision_pad|>"
 THUMBNAIL_TAG = "<tile_global_thumbnail>"
 
+# InternViT-6B as NVLM-D releases it runs 7 padding heads beside its 25 (modeling_intern_vit.py,
+# InternAttention.__init__); a config.json does not say so, the weights' qkv rows do.
+RELEASE_DUMMY_HEADS = 7
+
 
 # --------------------------------------------------------------------------- components
 
@@ -54,10 +58,28 @@ class VisionConfig:
     qkv_bias: bool
     hidden_act: str
     dtype: str
+    # Padding ("dummy") heads: NVLM-D's released InternViT adds 7 heads of zeros-by-design to the 25 real ones
+    # so that 32 heads divide by 8 (modeling_intern_vit.py, InternAttention: `num_dummy_heads = 7`; vLLM's
+    # nvlm_d.py passes the same). qkv, q_norm/k_norm and proj are sized for heads + padding heads; the q/k RMS
+    # variance is still taken over the first hidden_size channels (docs/released_layout.md).
+    num_dummy_heads: int = 0
+    # where num_dummy_heads came from: "config" (vision_config.num_dummy_heads), "release" (not stated: the
+    # released code's constant, for config-only plans), "weights" (the qkv rows of a checkpoint's weights)
+    dummy_heads_source: str = "config"
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
+
+    @property
+    def attn_heads(self) -> int:
+        """Heads the attention runs: the real ones and the padding heads."""
+        return self.num_heads + self.num_dummy_heads
+
+    @property
+    def attn_dim(self) -> int:
+        """Width of q, k and v (and proj's input): attn_heads × head_dim; hidden_size without padding."""
+        return self.attn_heads * self.head_dim
 
     @property
     def patches_per_side(self) -> int:
@@ -119,14 +141,24 @@ class LLMConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
+    @property
+    def applied_rope_scaling(self) -> RopeScaling | None:
+        """The RoPE scaling the model really runs with: none. NVLM-D-72B's config states
+        {"type": "dynamic", "factor": 3.0}, but the release runs on transformers 4.39.3 (its Dockerfile), whose
+        Qwen2 never reads rope_scaling (Qwen2RotaryEmbedding(head_dim, max_position_embeddings, base) only;
+        Qwen2 honours it from 4.45): the released model is plain RoPE with rope_theta at every position, also
+        past max_position_embeddings. The reference and the TensorRT-LLM config follow the release
+        (docs/released_layout.md, "rope_scaling"); `rope_scaling` keeps what config.json states."""
+        return None
+
     def to_transformers(self):
         """The equivalent `transformers.Qwen2Config` (the field's own LLM implementation)."""
         from transformers import Qwen2Config
 
         rope_scaling = None
-        if self.rope_scaling is not None:
-            rope_scaling = {"type": self.rope_scaling.type, "rope_type": self.rope_scaling.type,
-                            "factor": self.rope_scaling.factor}
+        if self.applied_rope_scaling is not None:
+            rope_scaling = {"type": self.applied_rope_scaling.type, "rope_type": self.applied_rope_scaling.type,
+                            "factor": self.applied_rope_scaling.factor}
         return Qwen2Config(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -284,6 +316,13 @@ def _parse_internvit(raw: Mapping[str, Any]) -> VisionConfig:
         hidden_act=f.get("hidden_act", str, "gelu"),
         dtype=f.get("torch_dtype", str, "bfloat16"),
     )
+    dummy = raw.get("num_dummy_heads")
+    if dummy is None:  # the release's config.json does not state it: its modeling code's constant
+        cfg = replace(cfg, num_dummy_heads=RELEASE_DUMMY_HEADS, dummy_heads_source="release")
+    else:
+        _check(isinstance(dummy, int) and not isinstance(dummy, bool) and dummy >= 0,
+               f"vision_config.num_dummy_heads = {dummy!r} must be a non-negative integer")
+        cfg = replace(cfg, num_dummy_heads=dummy, dummy_heads_source="config")
     _check(cfg.norm_type in ("rms_norm", "layer_norm"),
            f"vision_config.norm_type {cfg.norm_type!r} is not one of 'rms_norm', 'layer_norm'")
     _check(cfg.hidden_size % cfg.num_heads == 0,

@@ -290,7 +290,7 @@ def _trained_tensors(cfg, path: Path, variant: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"trained weights {path} not found; `nvlm-build demo-train` writes them, or use "
                           "--weights random")
-    tensors = load_file(str(path))
+    tensors = with_padding_heads(load_file(str(path)), cfg.vision)
     expected = {source: shape for comp in family_for(cfg).components for source, _, shape in comp.expand(cfg)}
     got = {name: tuple(t.shape) for name, t in tensors.items()}
     if got != expected:
@@ -298,6 +298,31 @@ def _trained_tensors(cfg, path: Path, variant: str) -> dict:
                           f"(missing {sorted(set(expected) - set(got))[:3]}, unexpected {sorted(set(got) - set(expected))[:3]}, "
                           f"reshaped {sorted(n for n in set(got) & set(expected) if got[n] != expected[n])[:3]})")
     return {n: t.contiguous() for n, t in tensors.items()}
+
+
+def with_padding_heads(tensors: dict, vision) -> dict:
+    """Weights trained without the vision attention's padding heads, adapted to a config that has them
+    (the packaged default was trained before the released layout's 7 padding heads were adopted): the padding
+    heads' q, k and v rows and proj's columns are zero, their norm scales one. A zero q and k give uniform
+    scores over zero values, and proj reads zeros, so the model computes the same function (the variance of
+    the q/k norms comes from the real heads either way); tests/test_released_layout.py checks it."""
+    import torch
+
+    pad, d = vision.num_dummy_heads, vision.head_dim
+    out = dict(tensors)
+    for name, t in tensors.items():
+        if not name.startswith("vision_model.encoder.layers.") or not pad:
+            continue
+        if name.endswith("attn.qkv.weight") and t.shape[0] == 3 * vision.hidden_size:
+            q = t.view(3, vision.num_heads * d, -1)
+            out[name] = torch.cat([q, q.new_zeros(3, pad * d, q.shape[-1])], 1).reshape(-1, q.shape[-1])
+        elif name.endswith("attn.qkv.bias") and t.shape[0] == 3 * vision.hidden_size:
+            out[name] = torch.cat([t.view(3, -1), t.new_zeros(3, pad * d)], 1).reshape(-1)
+        elif name.endswith(("attn.q_norm.weight", "attn.k_norm.weight")) and t.shape[0] == vision.hidden_size:
+            out[name] = torch.cat([t, t.new_ones(pad * d)])
+        elif name.endswith("attn.proj.weight") and t.shape[1] == vision.hidden_size:
+            out[name] = torch.cat([t, t.new_zeros(t.shape[0], pad * d)], 1)
+    return out
 
 
 def _write_shards(tensors: dict, directory: Path, num_shards: int, save_file) -> None:

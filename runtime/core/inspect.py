@@ -19,9 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import Checkpoint, refuse_pickle
+from .checkpoint import Checkpoint, plan_config, refuse_pickle
 from .config import NVLMConfig
-from .families import DECODER_ROLES, QUANTIZED_ROLES, family_for, load_config
+from .families import DECODER_ROLES, QUANTIZED_ROLES, family_for
 from .llm_formats import FORMATS
 
 SCHEMA = "nvlm-trt/inspect/v1"
@@ -144,7 +144,7 @@ def memory_plan(cfg: NVLMConfig, kv_tokens: int = DEFAULT_KV_TOKENS,
 
 def inspect(path: str | Path, kv_tokens: int = DEFAULT_KV_TOKENS) -> dict:
     path = Path(path)
-    cfg = load_config(path)
+    cfg = plan_config(path)
     comps = []
     for comp in family_for(cfg).components:
         comps.append({"name": comp.name, "parameters": comp.num_params(cfg)})
@@ -158,6 +158,7 @@ def inspect(path: str | Path, kv_tokens: int = DEFAULT_KV_TOKENS) -> dict:
         "llm_architecture": cfg.llm.architecture,
         "dimensions": {
             "vision": {"hidden": cfg.vision.hidden_size, "layers": cfg.vision.num_layers, "heads": cfg.vision.num_heads,
+                       "padding_heads": cfg.vision.num_dummy_heads, "padding_heads_from": cfg.vision.dummy_heads_source,
                        "mlp": cfg.vision.intermediate_size, "image_size": cfg.vision.image_size,
                        "patch_size": cfg.vision.patch_size},
             "projector": {"kind": cfg.projector.kind, "input": cfg.projector.input_size,
@@ -192,10 +193,16 @@ def _weights_summary(path: Path, cfg: NVLMConfig) -> dict | None:
     for comp, rows in result.rows.items():
         infos = [ckpt.tensors[src] for src, _, _ in rows]
         dtypes: dict[str, int] = {}
+        stored: dict[str, int] = {}
         for i in infos:
             dtypes[i.dtype] = dtypes.get(i.dtype, 0) + _numel(i.shape)
-        per_comp[comp] = {"bytes": sum(i.nbytes for i in infos), "dtypes": dtypes}
+            stored[i.dtype] = stored.get(i.dtype, 0) + i.nbytes
+        per_comp[comp] = {"bytes": sum(i.nbytes for i in infos), "dtypes": dtypes, "bytes_by_dtype": stored}
+    by_dtype: dict[str, int] = {}
+    for t in ckpt.tensors.values():  # NVLM-D-72B stores its q/k/v (LLM and vision) in F32 beside bf16
+        by_dtype[t.dtype] = by_dtype.get(t.dtype, 0) + t.nbytes
     return {"shards": ckpt.shards, "total_bytes": ckpt.total_bytes, "tensors": len(ckpt.tensors),
+            "bytes_by_dtype": by_dtype, "vision_padding_heads": ckpt.config.vision.num_dummy_heads,
             "components": per_comp}
 
 
@@ -212,7 +219,7 @@ def format_report(r: dict) -> str:
         extra = ""
         if weights:
             w = weights["components"][c["name"]]
-            extra = f"  {_gb(w['bytes'])}  {', '.join(sorted(w['dtypes']))}"
+            extra = f"  {_gb(w['bytes'])}  " + ", ".join(f"{d} {_gb(b)}" for d, b in sorted(w["bytes_by_dtype"].items()))
         lines.append(f"  {c['name']:<10} {c['parameters']:>16,d} params{extra}")
     if weights:
         lines.append(f"shards ({len(weights['shards'])}): {', '.join(weights['shards'])}")

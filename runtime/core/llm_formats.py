@@ -202,6 +202,9 @@ class BuildOptions:
     pp: int = 1
     kv_cache_fp8: bool = False
     awq_group_size: int = 128
+    # how calibration, fidelity and served prompts are rendered (runtime/chat_format.py): the release's
+    # model.chat() format by default, or "tokenizer" (its chat_template)
+    chat_format: str = "release"
 
     @property
     def world_size(self) -> int:

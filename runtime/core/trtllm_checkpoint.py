@@ -36,9 +36,9 @@ TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32":
 def trtllm_config(cfg: NVLMConfig, opts: BuildOptions, quantization: dict) -> dict:
     """The checkpoint's config.json. Each field's source is documented in tests/test_trtllm_config.py."""
     llm, family = cfg.llm, family_for(cfg)
-    rotary_scaling = None
-    if llm.rope_scaling is not None:
-        rotary_scaling = {"type": llm.rope_scaling.type, "factor": llm.rope_scaling.factor}
+    rotary_scaling = None  # the released model runs plain RoPE: LLMConfig.applied_rope_scaling
+    if llm.applied_rope_scaling is not None:
+        rotary_scaling = {"type": llm.applied_rope_scaling.type, "factor": llm.applied_rope_scaling.factor}
     config = {
         # the family's decoder as TensorRT-LLM's MODEL_MAP names it, and its own fields (runtime/core/families.py)
         "architecture": family.trtllm_architecture,

@@ -13,11 +13,11 @@ the shape checks and the memory plan cannot disagree.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterable, Mapping
 
 from .config import NVLMConfig
-from .errors import WeightMapError
+from .errors import ShapeMismatchError, WeightMapError
 
 Shape = tuple[int, ...]
 
@@ -84,16 +84,17 @@ INTERNVIT = ComponentMap(
                lambda c: (V(c).hidden_size,)),
         Tensor(_VIT + "embeddings.position_embedding", "embeddings.position_embedding",
                lambda c: (1, V(c).num_positions, V(c).hidden_size)),
+        # attn_dim = (heads + padding heads) × head_dim: 4096 in NVLM-D-72B, hidden_size without padding
         Tensor(_VIT_LAYER + "attn.qkv.weight", "encoder.layers.{i}.attn.qkv.weight",
-               lambda c: (3 * V(c).hidden_size, V(c).hidden_size)),
+               lambda c: (3 * V(c).attn_dim, V(c).hidden_size)),
         Tensor(_VIT_LAYER + "attn.qkv.bias", "encoder.layers.{i}.attn.qkv.bias",
-               lambda c: (3 * V(c).hidden_size,), when=lambda c: c.vision.qkv_bias),
+               lambda c: (3 * V(c).attn_dim,), when=lambda c: c.vision.qkv_bias),
         Tensor(_VIT_LAYER + "attn.q_norm.weight", "encoder.layers.{i}.attn.q_norm.weight",
-               lambda c: (V(c).hidden_size,), when=lambda c: c.vision.qk_normalization),
+               lambda c: (V(c).attn_dim,), when=lambda c: c.vision.qk_normalization),
         Tensor(_VIT_LAYER + "attn.k_norm.weight", "encoder.layers.{i}.attn.k_norm.weight",
-               lambda c: (V(c).hidden_size,), when=lambda c: c.vision.qk_normalization),
+               lambda c: (V(c).attn_dim,), when=lambda c: c.vision.qk_normalization),
         Tensor(_VIT_LAYER + "attn.proj.weight", "encoder.layers.{i}.attn.proj.weight",
-               lambda c: (V(c).hidden_size, V(c).hidden_size)),
+               lambda c: (V(c).hidden_size, V(c).attn_dim)),
         Tensor(_VIT_LAYER + "attn.proj.bias", "encoder.layers.{i}.attn.proj.bias",
                lambda c: (V(c).hidden_size,)),
         Tensor(_VIT_LAYER + "mlp.fc1.weight", "encoder.layers.{i}.mlp.fc1.weight",
@@ -267,3 +268,28 @@ def plan(source_names: Iterable[str], cfg: NVLMConfig, components: Iterable[Comp
             + ". Check that config.json belongs to these weights (layer counts, tie_word_embeddings, qkv_bias)."
         )
     return result
+
+
+# --------------------------------------------------------------------------- what the weights say
+
+_QKV_LAYER0 = _VIT + "encoder.layers.0.attn.qkv.weight"
+
+
+def vision_padding_from_weights(cfg: NVLMConfig, shapes: Mapping[str, Shape]) -> NVLMConfig:
+    """The config with the vision attention's padding heads read from the weights: qkv rows ÷ 3 ÷ head_dim −
+    heads (NVLM-D-72B: 12288 / 3 / 128 − 25 = 7). Older checkpoints (and the layout before the release was
+    read closely) have none. A count stated in config.json must agree; a qkv whose rows give no whole head
+    count is left to the shape check, which names the tensor."""
+    v = cfg.vision
+    shape = shapes.get(_QKV_LAYER0)
+    if shape is None or len(shape) != 2 or shape[0] % (3 * v.head_dim):
+        return cfg
+    found = shape[0] // (3 * v.head_dim) - v.num_heads
+    if found < 0:
+        return cfg
+    if v.dummy_heads_source == "config" and found != v.num_dummy_heads:
+        raise ShapeMismatchError(
+            f"vision_config.num_dummy_heads is {v.num_dummy_heads} but {_QKV_LAYER0} has {shape[0]} rows = 3 × "
+            f"({v.num_heads} + {found}) heads × {v.head_dim}: the weights hold {found} padding heads; fix or remove "
+            "the config key")
+    return replace(cfg, vision=replace(v, num_dummy_heads=found, dummy_heads_source="weights"))
