@@ -10,11 +10,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from runtime.core import progress
+from runtime.core.build_host import DTYPE_BYTES, HostNeeds, build_host_report, vision_need
+from runtime.core.checkpoint import Checkpoint, plan_config, scan_tensors
 from runtime.core.demo_checkpoint import VARIANTS, is_trained_default, trained_available, write_demo_checkpoint
 from runtime.core.engines import EngineLimits
 from runtime.core.errors import NVLMError
 from runtime.core.families import family_for
-from runtime.core.fsutil import publish_dir
+from runtime.core.fsutil import human_bytes, publish_dir
 from runtime.core.inspect import DEFAULT_KV_TOKENS, format_report, inspect
 from runtime.core.llm_formats import (
     FORMATS,
@@ -28,13 +30,14 @@ from runtime.core.llm_formats import (
 from runtime.preprocess import preprocess_files
 from runtime.chat_format import stop_id
 from runtime.prompt import Message, build_prompt
-from runtime.reference import reference_model
+from runtime.reference import VISION_ROLES, reference_model
 from runtime.tokenizer import NVLMTokenizer
 from triton_repo.generate import generate_repo, plan_pending
 
 from .demo_train import POOLINGS, Phase, Recipe, evaluate_checkpoint, train_and_save
 from .engine_build import EngineBuildOptions, build_engine, format_summary
 from .llm_build import build_llm
+from .preflight import MARGIN, check
 from .vision_export import export_vision
 
 log = logging.getLogger("nvlm")
@@ -223,6 +226,7 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 @command("inspect", "describe a checkpoint and plan its H100 memory (works from config.json alone)", _inspect_args)
 def _inspect(args) -> int:
     report = inspect(args.ckpt, kv_tokens=args.kv_tokens)
+    report["build_host"] = build_host_report(plan_config(args.ckpt), scan_tensors(args.ckpt))
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 
@@ -302,6 +306,8 @@ def _llm_args_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--awq-group-size", type=int, default=128, help="int4 group size for *_awq (64 or 128)")
     p.add_argument("--calib-data", help="folder of images, or JSONL of {\"prompt\": …, \"image\": path} lines")
     p.add_argument("--calib-size", type=int, default=32, help="calibration samples (default: 32)")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="run even when the preflight estimate says this host has too little RAM or disk")
     p.add_argument("--chat-format", choices=["release", "tokenizer"], default="release",
                    help="prompt format: release (the released model.chat()'s template, the default) or tokenizer "
                         "(tokenizer_config.json's chat_template); docs/prompt_formats.md")
@@ -321,7 +327,7 @@ def _llm(args) -> int:
     opts = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=kv_cache_fp8(args.kv_cache_dtype),
                         awq_group_size=args.awq_group_size, chat_format=args.chat_format)
     summary = build_llm(args.ckpt, args.out, opts, calib_data=args.calib_data, calib_size=args.calib_size,
-                        force=args.force, fidelity=not args.no_fidelity)
+                        force=args.force, fidelity=not args.no_fidelity, preflight=not args.no_preflight)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -342,6 +348,8 @@ def _vision_args(p: argparse.ArgumentParser) -> None:
                    help="also write a quantized Q/DQ encoder (modelopt)")
     p.add_argument("--max-tiles", type=int, default=28, help="largest tile batch the engine should accept")
     p.add_argument("--force", action="store_true")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="run even when the preflight estimate says this host has too little RAM or disk")
 
 
 @command("vision", "export the vision encoder (InternViT → pixel shuffle → mlp1) to ONNX, checked with onnxruntime",
@@ -351,8 +359,15 @@ def _vision(args) -> int:
 
 
 
-    ref = reference_model(args.ckpt)
-    task = NVLMTokenizer.from_dir(args.ckpt) if is_trained_default(args.ckpt) else None
+    ckpt = Checkpoint.open(args.ckpt)
+    needs = HostNeeds((vision_need(ckpt.config, DTYPE_BYTES[args.dtype], args.vision_quant is not None),))
+    log.info("%s", needs.summary())
+    if not args.no_preflight:
+        check(needs, Path(args.out), command="nvlm-build vision",
+              remedies=[f"a host with at least {human_bytes(needs.peak_ram * MARGIN)} of RAM available"])
+    trained = is_trained_default(args.ckpt)  # its export checks task accuracy: the whole model
+    ref = reference_model(ckpt, components=None if trained else VISION_ROLES)
+    task = NVLMTokenizer.from_dir(args.ckpt) if trained else None
     info = {}
     publish_dir(Path(args.out), lambda tmp: info.update(export_vision(
         ref, tmp, dtype=args.dtype, vision_quant=args.vision_quant, max_tiles=args.max_tiles, task_tokenizer=task)),
@@ -399,7 +414,7 @@ def _engine(args) -> int:
                               limits=limits, calib_data=args.calib_data, calib_size=args.calib_size)
     quiet = args.json
     manifest = build_engine(args.ckpt, args.out, opts, resume=args.resume, force=args.force,
-                            progress=None if not quiet else (lambda m: None))
+                            progress=None if not quiet else (lambda m: None), preflight=not args.no_preflight)
     print(json.dumps(manifest) if args.json else format_summary(Path(args.out), manifest))
     return 0
 

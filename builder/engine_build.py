@@ -35,6 +35,7 @@ from typing import Callable
 
 from runtime.core import __version__
 from runtime.core.build_dir import SCHEMA, read_manifest, sha256_file, tree_checksums, write_json_atomic
+from runtime.core.build_host import DTYPE_BYTES, engine_needs, largest_stored_tensor
 from runtime.core.checkpoint import Checkpoint
 from runtime.core.engines import ENGINE_RELEASE, detect
 from runtime.core.errors import OutputExistsError
@@ -44,6 +45,7 @@ from runtime.core.llm_formats import validate
 from runtime.core.progress import bar
 from runtime.tokenizer import NVLMTokenizer
 
+from .preflight import check, remedies_for
 from .stages import STAGES, TOKENIZER_FILES, BuildError, Context, EngineBuildOptions
 
 log = logging.getLogger(__name__)
@@ -128,7 +130,7 @@ def _stage_ok(root: Path, record: dict) -> bool:
 
 
 def build_engine(ckpt_path, out, opts: EngineBuildOptions, *, resume: bool = False, force: bool = False,
-                 progress: Callable[[str], None] | None = None) -> dict:
+                 progress: Callable[[str], None] | None = None, preflight: bool = True) -> dict:
     say = progress or (lambda msg: log.info("%s", msg))
     out = Path(out)
     partial = out.with_name(f".{out.name}.partial")
@@ -154,6 +156,14 @@ def build_engine(ckpt_path, out, opts: EngineBuildOptions, *, resume: bool = Fal
             raise BuildError(f"an interrupted build is in {partial}; pass --resume to continue it or --force to "
                              "start over")
         shutil.rmtree(partial)
+    largest = largest_stored_tensor(ckpt.config, ckpt.tensors)
+    needs = engine_needs(ckpt.config, opts.llm.fmt, vision_dtype_bytes=DTYPE_BYTES[opts.vision_dtype],
+                         vision_fp8=opts.vision_quant is not None, largest_tensor=largest,
+                         group_size=opts.llm.awq_group_size)
+    say(needs.summary())
+    if preflight:  # before hashing 177 GB of shards, and long before an out-of-memory kill
+        check(needs, out, command="nvlm-build engine", remedies=remedies_for(
+            ckpt.config, opts.llm.fmt, needs, fidelity=True, largest_tensor=largest))
     options = opts.as_dict()
     sources = _source_hashes(ckpt, say)
     manifest_path = partial / "manifest.json"

@@ -23,6 +23,7 @@ import warnings
 from pathlib import Path
 
 from runtime.core import __version__
+from runtime.core.build_host import HostNeeds, largest_stored_tensor, llm_need
 from runtime.core.checkpoint import Checkpoint
 from runtime.core.demo_checkpoint import is_trained_default
 from runtime.core.errors import NVLMError, OutputExistsError
@@ -42,6 +43,7 @@ from runtime.trtllm_executor import TRTLLMExecutor
 
 from .calibration import builtin_samples, embed_samples, load_calib_data, select
 from .fidelity import build_report
+from .preflight import check, remedies_for
 
 log = logging.getLogger(__name__)
 
@@ -185,13 +187,20 @@ def export(model, ckpt, opts: BuildOptions, out: Path, cross_kv_scales: list[flo
 
 
 def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size: int = 32, force: bool = False,
-              fidelity: bool = True) -> dict:
+              fidelity: bool = True, preflight: bool = True) -> dict:
     """Build and publish; returns the summary written to OUT/nvlm_build.json (plus the wall seconds)."""
     out = Path(out)
     ckpt = Checkpoint.open(ckpt_path)
     validate(ckpt.config, opts)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it, or choose another output")
+    largest = largest_stored_tensor(ckpt.config, ckpt.tensors)
+    needs = HostNeeds((llm_need(ckpt.config, opts.fmt, fidelity=fidelity, largest_tensor=largest,
+                                group_size=opts.awq_group_size),))
+    log.info("%s", needs.summary())
+    if preflight:
+        check(needs, out, command="nvlm-build llm", remedies=remedies_for(ckpt.config, opts.fmt, needs,
+                                                                          fidelity=fidelity, largest_tensor=largest))
     samples = None
     if opts.fmt.quantized:  # resolve calibration data before any heavy work
         samples = select(load_calib_data(calib_data) if calib_data else builtin_samples(max(calib_size, 4)), calib_size)

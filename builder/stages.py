@@ -35,7 +35,7 @@ from runtime.core.errors import NVLMError
 from runtime.core.families import DECODER_ROLES, family_for
 from runtime.core.inspect import llm_bytes
 from runtime.core.llm_formats import BuildOptions, VisionFormat, kv_cache_name
-from runtime.reference import reference_model
+from runtime.reference import VISION_ROLES, reference_model
 from runtime.tokenizer import NVLMTokenizer
 from triton_repo.generate import generate_repo
 
@@ -82,8 +82,11 @@ class Context:
     engines_detail: str = ""
 
     def get_reference(self):
+        """The reference model for the vision export: the vision tower and projector only, unless the
+        export checks task accuracy (the trained embedded default), which runs the whole model."""
         if self.reference is None:
-            self.reference = reference_model(self.ckpt)
+            whole = is_trained_default(self.ckpt.directory)
+            self.reference = reference_model(self.ckpt, components=None if whole else VISION_ROLES)
         return self.reference
 
 

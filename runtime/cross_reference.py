@@ -125,9 +125,10 @@ class GatedCrossAttention(nn.Module):
 class CrossAttentionReference(NVLMReference):
     """NVLM-X and NVLM-H (the family's prompt layout and projector kind say which)."""
 
-    def __init__(self, cfg: NVLMConfig):
-        super().__init__(cfg)
-        self.xattn = nn.ModuleList(GatedCrossAttention(cfg.llm) for _ in cfg.cross_attention_layers)
+    def __init__(self, cfg: NVLMConfig, skip: frozenset[str] = frozenset()):
+        super().__init__(cfg, skip)
+        self.xattn = self.build_part(XATTN, lambda c: nn.ModuleList(GatedCrossAttention(c.llm)
+                                                                    for _ in c.cross_attention_layers))
         self._step: tuple[list, torch.Tensor] | None = None  # (per-layer k/v, ranges of the running queries)
         self._kv_scales: list[float] | None = None  # fp8_cross_kv: round the image keys/values as that cache does
         for j, i in enumerate(cfg.cross_attention_layers):

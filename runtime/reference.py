@@ -69,12 +69,20 @@ class GenerationResult:
 
 
 class NVLMReference(nn.Module):
-    def __init__(self, cfg: NVLMConfig):
+    def __init__(self, cfg: NVLMConfig, skip: frozenset[str] = frozenset()):
+        """`skip`: component roles built on the meta device (no memory, no weights): the vision export of
+        NVLM-D-72B needs the 6 B vision tower and projector, not the 73 B decoder."""
         super().__init__()
         self.cfg = cfg
-        self.vision = self.init_vision(cfg)
-        self.projector = self.init_projector(cfg)
-        self.llm = self.init_decoder(cfg)
+        self._skip = frozenset(skip)
+        self.vision = self.build_part(VISION, self.init_vision)
+        self.projector = self.build_part(PROJECTOR, self.init_projector)
+        self.llm = self.build_part(LLM, self.init_decoder)
+
+    def build_part(self, role: str, init):
+        """`init(cfg)`, on the meta device when the role is skipped."""
+        with torch.device("meta") if role in self._skip else nullcontext():
+            return init(self.cfg)
 
     # ------------------------------------------------------------------ hooks
 
@@ -98,16 +106,23 @@ class NVLMReference(nn.Module):
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32,
-                        decoder_stored_as: torch.dtype | None = None) -> "NVLMReference":
+                        decoder_stored_as: torch.dtype | None = None,
+                        components: tuple[str, ...] | None = None) -> "NVLMReference":
         """`decoder_stored_as`: round the decoder's weights through this dtype first — the weights a build in
         that dtype holds. NVLM-D-72B stores its q/k/v in F32; a bf16 engine holds them rounded, and a
-        comparison of the engine with the reference is only exact against the rounded ones."""
+        comparison of the engine with the reference is only exact against the rounded ones. `components`:
+        load only these roles (e.g. VISION_ROLES); the others stay on the meta device, unusable."""
         ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
         plan = ckpt.validate()
-        model = cls(ckpt.config)
+        roles = set(plan.rows)
+        keep = roles if components is None else set(components)
+        skip = frozenset(roles - keep) | (frozenset(DECODER_ROLES) if LLM not in keep else frozenset())
+        model = cls(ckpt.config, skip=skip)
         modules = model.component_modules()
         decoder = set(DECODER_ROLES)
         for component, rows in plan.rows.items():
+            if component in skip:
+                continue
             through = decoder_stored_as if component in decoder else None
             state = {target: (ckpt.get(source).to(through) if through is not None else ckpt.get(source)).to(dtype)
                      for source, target, _ in rows}
@@ -125,11 +140,11 @@ class NVLMReference(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.llm.get_input_embeddings().weight.dtype
+        return self.vision.embeddings.patch_embedding.weight.dtype  # loaded in every use, vision-only included
 
     @property
     def device(self) -> torch.device:
-        return self.llm.get_input_embeddings().weight.device
+        return self.vision.embeddings.patch_embedding.weight.device
 
     @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -240,7 +255,13 @@ def reference_class(cfg: NVLMConfig) -> type[NVLMReference]:
 
 
 def reference_model(path: str | Path | Checkpoint, dtype: torch.dtype = torch.float32,
-                    decoder_stored_as: torch.dtype | None = None) -> NVLMReference:
-    """The reference model of a checkpoint's family, loaded (`decoder_stored_as`: see from_checkpoint)."""
+                    decoder_stored_as: torch.dtype | None = None,
+                    components: tuple[str, ...] | None = None) -> NVLMReference:
+    """The reference model of a checkpoint's family, loaded (`decoder_stored_as`, `components`: see
+    from_checkpoint)."""
     ckpt = path if isinstance(path, Checkpoint) else Checkpoint.open(path)
-    return reference_class(ckpt.config).from_checkpoint(ckpt, dtype, decoder_stored_as)
+    return reference_class(ckpt.config).from_checkpoint(ckpt, dtype, decoder_stored_as, components)
+
+
+# what the vision encoder export reads: the vision tower and the projector, never the decoder
+VISION_ROLES = (VISION, PROJECTOR)

@@ -237,3 +237,15 @@ def test_rope_scaling_is_not_applied_past_32768_positions(demo_ckpt):
     seq = 3 * limit + 124  # what dynamic NTK (factor 3) would have used for this sequence
     ntk = theta * ((3.0 * seq / limit) - 2.0) ** (d / (d - 2))
     assert not torch.allclose(cos[0], plain(ntk), atol=1e-3)
+
+
+def test_vision_only_reference_loads_no_decoder_and_encodes_the_same(released_ckpt):
+    """The vision export's reference holds the vision tower and projector only (NVLM-D-72B: 6.7 B of 79 B
+    parameters); its image embeddings equal the whole model's."""
+    from runtime.reference import VISION_ROLES, reference_model
+
+    whole = reference_model(released_ckpt)
+    part = reference_model(released_ckpt, components=VISION_ROLES)
+    assert all(p.is_meta for p in part.llm.parameters()) and not any(p.is_meta for p in part.vision.parameters())
+    x = torch.randn(2, 3, 448, 448)
+    assert torch.equal(part.encode_images(x), whole.encode_images(x))

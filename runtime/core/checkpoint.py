@@ -237,13 +237,18 @@ class Checkpoint:
         return self.directory
 
 
+def scan_tensors(path: str | Path) -> dict[str, TensorInfo] | None:
+    """The tensors' headers of a checkpoint directory, or None before its weights are downloaded."""
+    path = Path(path)
+    return Checkpoint._scan(path) if path.is_dir() and any(path.glob("*.safetensors")) else None
+
+
 def plan_config(path: str | Path) -> NVLMConfig:
     """The config that plans should use: config.json, with what the weights say when they are present
     (the vision attention's padding heads); config.json alone before the weights are downloaded."""
-    path = Path(path)
     cfg = load_config(path)
-    if path.is_dir() and any(path.glob("*.safetensors")):
-        tensors = Checkpoint._scan(path)
+    tensors = scan_tensors(path)
+    if tensors is not None:
         cfg = vision_padding_from_weights(cfg, {n: t.shape for n, t in tensors.items()})
     return cfg
 

@@ -239,4 +239,14 @@ def format_report(r: dict) -> str:
                      f"{_gb(p['kv_cache_bytes_per_gpu']):>12}  {_gb(p['total_bytes_per_gpu']):>12}  "
                      f"{'yes' if p['fits'] else 'no'}")
     lines.append(f"  ({mp['conventions']})")
+    host = r.get("build_host")
+    if host:
+        lines.append("build host for `nvlm-build engine` (vision fp16, fidelity report on):")
+        lines.append(f"  {'weights':<9}  {'peak RAM':>12}  {'disk':>12}  GPU")
+        for row in host["rows"]:
+            streamed = row.get("llm_streamed_peak_ram_bytes")
+            extra = f"   (`llm --no-fidelity`: {_gb(streamed)})" if streamed else ""
+            lines.append(f"  {row['format']:<9}  {_gb(row['engine_peak_ram_bytes']):>12}  "
+                         f"{_gb(row['engine_disk_bytes']):>12}  none{extra}")
+        lines.append(f"  ({host['conventions']})")
     return "\n".join(lines)

@@ -1,0 +1,135 @@
+"""What a build asks of its host — peak RAM, disk and GPU memory — from config.json and the shards' headers
+(`builder/preflight.py` checks them against the host before any heavy work; `inspect` prints them).
+
+The estimates model the stages as they are written today (docs/engine.md, "Host requirements"):
+
+- vision export: the vision tower and projector only (never the decoder), in float32, plus a copy in the export
+  dtype, the ONNX graph's initializers and their serialization (three copies at the export width), and an
+  FP8 Q/DQ model when asked for;
+- LLM, streamed (bf16/fp16 without the fidelity report): a tensor at a time, about twice the largest stored
+  tensor (read buffer and converted copy);
+- LLM with the fidelity report or a quantized format: the whole reference model in float32, the reference
+  executor's float32 copy of the built decoder, and for a quantized format modelopt's fake-quantized copy of the
+  decoder and its export.
+
+NVLM-D-72B at these rules needs far more than one host has (79 B parameters × 4 bytes is 318 GB): the
+preflight says so in the first second instead of an out-of-memory kill after minutes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import NVLMConfig
+from .families import DECODER_ROLES, family_for
+from .fsutil import human_bytes
+from .inspect import llm_bytes
+from .llm_formats import FORMATS, LLMFormat
+
+BASE_RSS = 1_500_000_000  # the interpreter with torch, transformers and modelopt imported, and working room
+FLOAT32 = 4
+DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}  # the vision export's --dtype
+VISION_ACTIVATIONS_PER_TILE = 200_000_000  # a check tile through a 32-head, 1,025-token attention (72B: ~135 MB)
+CHECK_TILES = 3  # vision_export.CHECK_TILES, tiles through the reference and onnxruntime at once
+
+
+@dataclass(frozen=True)
+class StageNeed:
+    stage: str
+    ram: int  # peak resident bytes
+    disk: int  # bytes written
+    why: str
+
+
+@dataclass(frozen=True)
+class HostNeeds:
+    stages: tuple[StageNeed, ...]
+
+    @property
+    def peak_ram(self) -> int:
+        return max((s.ram for s in self.stages), default=0)
+
+    @property
+    def peak_stage(self) -> StageNeed:
+        return max(self.stages, key=lambda s: s.ram)
+
+    @property
+    def disk(self) -> int:
+        return sum(s.disk for s in self.stages)
+
+    gpu = 0  # no stage of a CPU build uses a GPU yet
+
+    def summary(self) -> str:
+        peak = self.peak_stage
+        return (f"preflight: peak RAM ≈ {human_bytes(self.peak_ram)} ({peak.stage}: {peak.why}), disk ≈ "
+                f"{human_bytes(self.disk)}, GPU memory: none used")
+
+
+def _params(cfg: NVLMConfig) -> tuple[int, int]:
+    """(vision tower + projector, decoder) parameter counts."""
+    comps = family_for(cfg).components
+    decoder = sum(c.num_params(cfg) for c in comps if c.name in DECODER_ROLES)
+    return sum(c.num_params(cfg) for c in comps) - decoder, decoder
+
+
+def vision_need(cfg: NVLMConfig, dtype_bytes: int, fp8: bool) -> StageNeed:
+    vision, _ = _params(cfg)
+    ram = BASE_RSS + FLOAT32 * vision + 3 * dtype_bytes * vision + CHECK_TILES * VISION_ACTIVATIONS_PER_TILE
+    disk = dtype_bytes * vision
+    if fp8:  # modelopt's ONNX quantization: the graph loaded again and a Q/DQ model written beside it
+        ram += 2 * dtype_bytes * vision
+        disk += dtype_bytes * vision
+    return StageNeed("vision", ram, disk, "vision tower + projector in float32 and three copies at the export width")
+
+
+def llm_need(cfg: NVLMConfig, fmt: LLMFormat, *, fidelity: bool, largest_tensor: int,
+             group_size: int = 128) -> StageNeed:
+    vision, decoder = _params(cfg)
+    disk = llm_bytes(cfg, fmt, group_size)
+    if not fidelity and not fmt.quantized:
+        return StageNeed("llm", BASE_RSS + 2 * largest_tensor, disk, "streamed a tensor at a time")
+    ram = BASE_RSS + FLOAT32 * (vision + decoder) + FLOAT32 * decoder
+    why = "float32 reference + the executor's float32 decoder"
+    if fmt.quantized:
+        ram += FLOAT32 * decoder + fmt.linear_bytes_per_param(group_size) * decoder
+        why += " + modelopt's fake-quantized copy and its export"
+    return StageNeed("llm", int(ram), disk, why)
+
+
+def engine_needs(cfg: NVLMConfig, fmt: LLMFormat, *, vision_dtype_bytes: int = 2, vision_fp8: bool = False,
+                 largest_tensor: int, group_size: int = 128, fidelity: bool = True) -> HostNeeds:
+    return HostNeeds((vision_need(cfg, vision_dtype_bytes, vision_fp8),
+                      llm_need(cfg, fmt, fidelity=fidelity, largest_tensor=largest_tensor, group_size=group_size)))
+
+
+def largest_stored_tensor(cfg: NVLMConfig, tensors: dict | None) -> int:
+    """Bytes of the largest tensor as stored (the shards' headers), else as bf16 from the config."""
+    if tensors:
+        return max(t.nbytes for t in tensors.values())
+    return 2 * max((n for comp in family_for(cfg).components for _, _, shape in comp.expand(cfg)
+                    for n in [_numel(shape)]), default=0)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def build_host_report(cfg: NVLMConfig, tensors: dict | None = None) -> dict:
+    """`inspect`'s "build host" rows: peak RAM and disk of `nvlm-build engine` per format (fp16 vision, the
+    fidelity report on), and of the streamed `nvlm-build llm --no-fidelity` for the 16-bit formats."""
+    largest = largest_stored_tensor(cfg, tensors)
+    rows = []
+    for name in ("bf16", "fp8", "int4_awq"):
+        fmt = FORMATS[name]
+        needs = engine_needs(cfg, fmt, largest_tensor=largest)
+        row = {"format": name, "engine_peak_ram_bytes": needs.peak_ram, "engine_peak_stage": needs.peak_stage.stage,
+               "engine_disk_bytes": needs.disk, "gpu_bytes": needs.gpu}
+        if not fmt.quantized:
+            row["llm_streamed_peak_ram_bytes"] = llm_need(cfg, fmt, fidelity=False, largest_tensor=largest).ram
+        rows.append(row)
+    return {"largest_tensor_bytes": largest, "rows": rows,
+            "conventions": "the stages as written today (runtime/core/build_host.py): float32 reference and "
+                           "executor for the fidelity report and quantization; no GPU used"}
