@@ -69,7 +69,8 @@ def test_inspect_json_schema_is_stable(demo_ckpt, capsys):
     r = json.loads(capsys.readouterr().out)
     assert r["schema"] == SCHEMA
     assert set(r) == {"schema", "checkpoint", "architecture", "family", "vision_architecture", "llm_architecture",
-                      "dimensions", "components", "llm_parameters", "total_parameters", "weights", "memory_plan"}
+                      "dimensions", "components", "llm_parameters", "total_parameters", "weights", "memory_plan",
+                      "build_host"}
     assert set(r["memory_plan"]) == {"gpu", "gpu_memory_bytes", "kv_budget_tokens", "kv_bytes_per_token",
                                      "cross_kv_bytes_per_key", "conventions", "plans"}
     assert set(r["memory_plan"]["plans"][0]) == {
