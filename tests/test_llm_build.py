@@ -334,3 +334,21 @@ def test_the_task_check_fails_when_the_images_do_not_arrive(trained_ckpt, tmp_pa
                                                    end_id=r.end_id) for r in reqs], **kw)
     blind = task_check(ex, reference, tok, questions=24)
     assert not blind.passed and blind.value < good.value - 0.2
+
+
+def test_top1_counts_decidable_positions_and_a_wrong_scale_still_fails():
+    """Near-uniform logits (a random model's): a correct build's small error flips near-ties, which the check
+    excludes; a wrong scale (every logit off by far more than the margins) fails — few decidable positions
+    and flipped argmaxes among them."""
+    from builder.fidelity import TOP1_AGREEMENT_MIN, TOP1_DECIDABLE_MIN, _top1, top1_decidable
+
+    g = torch.Generator().manual_seed(torch.seed() % 2**31)
+    ref = torch.randn(400, 387, generator=g) * 0.3
+    ref[:300, 7] += 3.0  # three quarters of the positions have a clear winner, the rest near-uniform
+    good = ref + 0.01 * torch.randn(400, 387, generator=g)
+    agree, ties = top1_decidable(good, ref)
+    assert _top1(good, ref) < 1.0  # some near-ties flipped: the all-positions figure alone would refuse
+    assert agree == 1.0 and 0 < ties < 1 - TOP1_DECIDABLE_MIN
+    wrong = ref * torch.linspace(0.2, 1.8, 387)  # a per-channel scale gone wrong
+    agree, ties = top1_decidable(wrong, ref)
+    assert agree < TOP1_AGREEMENT_MIN or ties > 1 - TOP1_DECIDABLE_MIN
