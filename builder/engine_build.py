@@ -4,7 +4,7 @@
       manifest.json         what produced it: source file hashes, options, tool versions,
                             per-stage status, durations and output checksums; overall status
       tokenizer/            the checkpoint's tokenizer files
-      preprocess.json       tiling and prompt parameters (DESIGN.md §2.1–2.2)
+      preprocess.json       tiling and prompt parameters (docs/upstream.md, docs/prompt_formats.md)
       vision/               vision_encoder.onnx (+ .fp8.onnx), config.json
       llm/                  TensorRT-LLM checkpoint (config.json, rank*.safetensors, reports/)
       engines/              GPU hosts: llm/ and vision_encoder.engine; elsewhere build_engines.sh

@@ -8,7 +8,7 @@ Each export is checked with onnxruntime against the float32 reference on fresh r
 Optionally (`--vision-quant fp8`) NVIDIA Model Optimizer's ONNX quantization inserts FP8 Q/DQ
 nodes, calibrated on tiles of the built-in calibration scenes; its accuracy against the float32
 reference is measured and reported (TensorRT-LLM's own multimodal recipes keep the encoder in fp16;
-FP8 roughly halves InternViT-6B's compute, DESIGN.md §5).
+FP8 roughly halves InternViT-6B's compute, docs/upstream.md).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""NVLM dynamic high-resolution tiling, reproduced exactly (DESIGN.md §2.1).
+"""NVLM dynamic high-resolution tiling, reproduced exactly (docs/upstream.md, NVLM's dynamic high-resolution tiling).
 
     image ─convert("RGB")─▶ choose grid (cols, rows) ─resize to (S·cols, S·rows), Pillow BICUBIC─▶
     crop row-major ─(+ thumbnail: whole image resized to S×S, only when > 1 tile)─▶

@@ -11,7 +11,7 @@ over the prompt, k and v over the image keys, and the attention products of ever
 every key (an upper bound: X's tile tags read one tile); a request without image keys skips them. The prompt is the family's decoder sequence
 (`inspect.request_shape`: text tokens, tile tags included, plus the tiles read inline — all of them
 for NVLM-D, the thumbnail for NVLM-H, none for NVLM-X). Decode reads every weight byte once per token
-plus the KV cache of the context and, NVLM-X/H, the image keys' cross-attention cache. Peak rates from DESIGN.md §5 (configurable): H100 SXM 990 dense bf16
+plus the KV cache of the context and, NVLM-X/H, the image keys' cross-attention cache. Peak rates from docs/upstream.md, Hardware figures (configurable): H100 SXM 990 dense bf16
 TFLOP/s, 1979 fp8, 3.35 TB/s HBM. Weight formats' compute rates: bf16/fp16 and int4_awq (W4A16
 computes in 16 bit) at the bf16 rate; fp8 and w4a8_awq at the fp8 rate.
 """

@@ -56,7 +56,7 @@ def test_72b_memory_plan_hand_computed(report_72b):
 
 
 def test_72b_consistent_with_design_figures(report_72b):
-    """DESIGN.md §5: ~145 GB bf16, ~73 GB fp8, ~37 GB int4 for the LLM weights. Ours keep embeddings and
+    """The commonly quoted ~145 GB bf16, ~73 GB fp8, ~37 GB int4 for the LLM weights. Ours keep embeddings and
     lm_head in 16 bit (2.5 B params = 5 GB), hence the larger quantized figures."""
     plans = {(p["weights"], p["tp"]): p for p in report_72b["memory_plan"]["plans"]}
     assert plans[("bf16", 1)]["llm_weight_bytes"] == pytest.approx(145e9, rel=0.01)

@@ -36,7 +36,7 @@ def random_sizes(rng, n):
     return sizes
 
 
-# Worked out by hand from the rules (DESIGN.md §2.1), S = 448, max 6 tiles:
+# Worked out by hand from the rules (docs/upstream.md), S = 448, max 6 tiles:
 # - squares tie (1,1)/(2,2) at diff 0; (2,2) wins iff area > 0.5·448²·4 = 401,408 → 633² stays, 634² moves;
 # - aspect 1.25 ties (1,1), (2,2) and (3,2) at diff 0.25; (3,2) needs area > 602,112 (k=4·5 sizes);
 # - aspect 0.8 is NOT symmetric: (2,3) at 0.667 is strictly closer (0.133) than the 0.2 ties;

@@ -42,7 +42,7 @@ def test_fp8_tp2(cfg):
     weights = (LINEAR * 1 + 2 * (V * H + OTHER)) / 2
     kv = (prompt + 64) * 2 * LAYERS * 4 * 128 * 1  # fp8 KV, 4 KV heads per GPU
     assert r.tpot_ms == pytest.approx((weights + kv) / 3.35e12 * 1e3, rel=1e-9)
-    assert r.tpot_ms == pytest.approx(10.9, abs=0.1)  # DESIGN.md §5: ≈ 11 ms/token for FP8 over TP2
+    assert r.tpot_ms == pytest.approx(10.9, abs=0.1)  # docs/upstream.md: ≈ 11 ms/token for FP8 over TP2
 
 
 def test_int4_awq_tp1(cfg):

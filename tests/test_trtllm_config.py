@@ -2,7 +2,7 @@
 
 TensorRT-LLM's checkpoint loader (`tensorrt_llm/models/modeling_utils.py: PretrainedConfig`,
 `models/qwen/config.py: QWenConfig`, `models/__init__.py: MODEL_MAP`) reads these keys; the
-expected values are derived here from the NVLM-D-72B fixture (DESIGN.md §2) and the build options.
+expected values are derived here from the NVLM-D-72B fixture (docs/released_layout.md) and the build options.
 """
 
 import pytest

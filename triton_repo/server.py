@@ -1,6 +1,6 @@
 """`nvlm-serve`: run the bundled CPU `tritonserver` (from the nvidia-pytriton wheel) on a build's repository.
 
-What the raw binary needs here (DESIGN.md §4): a backend directory holding the bundled Python
+What the raw binary needs here (docs/upstream.md, The bundled CPU Triton server): a backend directory holding the bundled Python
 backend plus the stub built for this interpreter's Python version; this venv's `bin` first on PATH
 (the stub finds its interpreter as `python3`); LD_LIBRARY_PATH with the wheel's bundled libraries and
 the interpreter's libdir; numpy < 2. The server binds loopback unless told otherwise, logs to a file,

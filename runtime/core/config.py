@@ -6,7 +6,7 @@ everything after it takes those objects, never raw dicts. The vision tower and t
 dispatched by architecture name through small registries, so a new backbone is one registered
 parser, not another branch.
 
-Facts encoded here come from the released `nvidia/NVLM-D-72B` config (see DESIGN.md §2):
+Facts encoded here come from the released `nvidia/NVLM-D-72B` config (docs/released_layout.md):
 - the top level is `architectures: ["NVLM_D"]` with nested `vision_config` / `llm_config`;
 - `llm_config.model_type` says "llama" while `llm_config.architectures` is
   `["Qwen2ForCausalLM"]` — we dispatch on `architectures` and only fall back to an
@@ -181,7 +181,7 @@ class LLMConfig:
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Dynamic high-resolution tiling and prompt layout (DESIGN.md §2.1–2.2)."""
+    """Dynamic high-resolution tiling and prompt layout (docs/upstream.md, docs/prompt_formats.md)."""
 
     image_size: int
     min_tiles: int

@@ -69,7 +69,7 @@ def _regular_tile(tag: str) -> bool:
 
 @dataclass(frozen=True)
 class PromptLayout:
-    """How a family writes one image into the decoder's prompt (DESIGN.md §2.2) and which of its tiles the
+    """How a family writes one image into the decoder's prompt (docs/prompt_formats.md) and which of its tiles the
     cross-attention layers read. Per tile tag: `in_text(tag)` — the tag's text sits in the decoder sequence;
     `inline(tag)` — tokens_per_tile `<|vision_pad|>` placeholders follow it (the tile's tokens are read by
     self-attention); `keys(tag)` — the tile's tokens are cross-attention keys/values instead. `tag_keys`: the
@@ -136,7 +136,7 @@ LLM_STEP_CONTROL_INPUTS = ("stop",)
 # multimodal path), keyed per image for KV-cache reuse
 PROMPT_TABLE_INPUTS = ("prompt_embedding_table", "prompt_vocab_size", "prompt_table_extra_ids")
 # image features as the encoder output that cross-attention reads: the `tensorrtllm` backend's
-# encoder-decoder inputs (DESIGN.md §2.3); which of them NVLM-X/H send is settled with their LLM step
+# encoder-decoder inputs (docs/upstream.md, Triton's tensorrtllm backend); which of them NVLM-X/H send is settled with their LLM step
 ENCODER_INPUTS = ("encoder_input_features", "encoder_output_lengths", "cross_attention_mask", "skip_cross_attn_blocks")
 
 
