@@ -72,8 +72,8 @@ def set_gates(model, value):
 
 # --------------------------------------------------------------------------- 72B: configs, counts, memory
 
-C, VL, VM, P = 3200, 45, 12800, 14
-VISION = VL * ((3 * C * C) + 2 * C + (C * C + C) + (VM * C + VM) + (C * VM + C) + 2 * C + 2 * C) + C + (
+C, VL, VM, P, A = 3200, 45, 12800, 14, (25 + 7) * 128  # A: attention width with the release's 7 padding heads
+VISION = VL * ((3 * A * C) + 2 * A + (C * A + C) + (VM * C + VM) + (C * VM + C) + 2 * C + 2 * C) + C + (
     C * 3 * P * P + C) + 1025 * C
 H, LL, I, V, KV = 8192, 80, 29568, 152064, 1024
 LLM = LL * (2 * H * H + 2 * KV * H + 3 * I * H) + LL * (H + 2 * KV + 2 * H) + H + 2 * V * H
