@@ -181,7 +181,9 @@ def main() -> int:
             extrapolated.append({"stage": s, "axis": axis, "rss_gb_per_layer": round(slope_rss, 3),
                                  "seconds_per_layer": round(slope_s, 1),
                                  "peak_rss_gb_at_real_depth": round(a1["peak_rss_gb"] + slope_rss * (REAL[axis] - n1), 1),
-                                 "seconds_at_real_depth": round(a1["seconds"] + slope_s * (REAL[axis] - n1))})
+                                 # a negative slope is noise (a cold first read of the slice): no estimate
+                                 "seconds_at_real_depth": (round(a1["seconds"] + slope_s * (REAL[axis] - n1))
+                                                           if slope_s >= 0 else None)})
         for e in extrapolated:
             print(f"{e['stage']:<16} per {e['axis']} layer: {e['rss_gb_per_layer']:+.3f} GB, "
                   f"{e['seconds_per_layer']:+.1f} s → at {REAL[e['axis']]} layers: {e['peak_rss_gb_at_real_depth']} GB, "
