@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from runtime.chat_format import stop_id
 from runtime.core import progress
 from runtime.core.build_host import DTYPE_BYTES, HostNeeds, build_host_report, vision_need
 from runtime.core.checkpoint import Checkpoint, plan_config, scan_tensors
@@ -28,7 +29,6 @@ from runtime.core.llm_formats import (
     kv_cache_fp8,
 )
 from runtime.preprocess import preprocess_files
-from runtime.chat_format import stop_id
 from runtime.prompt import Message, build_prompt
 from runtime.reference import VISION_ROLES, reference_model
 from runtime.tokenizer import NVLMTokenizer

@@ -25,13 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.chat_format import stop_id
 from runtime.core.build_dir import sha256_file
 from runtime.core.demo_checkpoint import VARIANTS, demo_parts, trained_dims, with_padding_heads, write_demo_checkpoint
 from runtime.core.errors import CheckpointError
 from runtime.core.families import PromptLayout, family_for
 from runtime.core.progress import bar
 from runtime.preprocess import preprocess_image_fast
-from runtime.chat_format import stop_id
 from runtime.prompt import Message, build_prompt
 from runtime.reference import NVLMReference, reference_class, reference_model
 from runtime.tile_task import CANVASES, COLOURS, QUESTION_TYPES, SHAPES, accuracy, heldout, sample

@@ -16,10 +16,10 @@ from typing import Callable
 
 import torch
 
+from runtime.chat_format import stop_id
 from runtime.core.families import family_for
 from runtime.core.progress import track
 from runtime.preprocess import preprocess_image_fast, preprocess_images
-from runtime.chat_format import stop_id
 from runtime.prompt import build_prompt
 from runtime.scenes import synthetic_scene
 from runtime.tile_task import accuracy, heldout

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.chat_format import stop_id
 from runtime.core.build_dir import engine_dtype, read_chat_format, read_family, read_limits, read_preprocess
 from runtime.core.trtllm_checkpoint import EmbeddingRows
 from runtime.cross_reference import key_sequence
 from runtime.preprocess import preprocess_images
-from runtime.chat_format import stop_id
 from runtime.prompt import build_prompt, with_image_placeholders
 from runtime.tokenizer import NVLMTokenizer
 from runtime.trtllm_executor import Request, TRTLLMExecutor

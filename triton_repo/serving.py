@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.chat_format import stop_id
 from runtime.core.build_dir import engine_dtype, read_chat_format, read_family, read_limits, read_preprocess
 from runtime.core.families import ENCODER_INPUTS, PROMPT_TABLE_INPUTS
 from runtime.core.trtllm_checkpoint import EmbeddingRows
@@ -28,7 +29,6 @@ from runtime.cross_reference import key_sequence
 from runtime.decoding import StopFilter, from_trtllm, to_trtllm, word_list
 from runtime.inflight import InflightBatcher
 from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
-from runtime.chat_format import stop_id
 from runtime.prompt import (
     KeyTile,
     build_prompt,
