@@ -226,7 +226,8 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 @command("inspect", "describe a checkpoint and plan its H100 memory (works from config.json alone)", _inspect_args)
 def _inspect(args) -> int:
     report = inspect(args.ckpt, kv_tokens=args.kv_tokens)
-    report["build_host"] = build_host_report(plan_config(args.ckpt), scan_tensors(args.ckpt))
+    tensors = scan_tensors(args.ckpt)
+    report["build_host"] = build_host_report(plan_config(args.ckpt, tensors), tensors)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
 

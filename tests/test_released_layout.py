@@ -317,3 +317,23 @@ def test_a_build_of_the_released_layout_serves_the_reference_s_answers(released_
         assert answer.tokens == tokens
         assert max(abs(a - b) for a, b in zip(answer.log_probs, log_probs)) <= 1e-2
     assert max(abs(a - b) for a, b in zip(want[0][1], want[1][1])) > 0.1
+
+
+def test_a_stated_padding_head_count_must_match_the_weights(released_ckpt, tmp_path):
+    """vision_config.num_dummy_heads, when a config states it, is checked against the qkv rows; agreeing is fine."""
+    import shutil
+
+    from runtime.core.checkpoint import Checkpoint
+    from runtime.core.errors import ShapeMismatchError
+
+    ckpt = tmp_path / "c"
+    shutil.copytree(released_ckpt, ckpt)
+    raw = json.loads((ckpt / "config.json").read_text())
+    raw["vision_config"]["num_dummy_heads"] = 3
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(ShapeMismatchError, match=r"num_dummy_heads is 3 .* the weights hold 7 padding heads"):
+        Checkpoint.open(ckpt)
+    raw["vision_config"]["num_dummy_heads"] = 7
+    (ckpt / "config.json").write_text(json.dumps(raw))
+    v = Checkpoint.open(ckpt).config.vision
+    assert (v.num_dummy_heads, v.dummy_heads_source) == (7, "weights")

@@ -243,11 +243,12 @@ def scan_tensors(path: str | Path) -> dict[str, TensorInfo] | None:
     return Checkpoint._scan(path) if path.is_dir() and any(path.glob("*.safetensors")) else None
 
 
-def plan_config(path: str | Path) -> NVLMConfig:
+def plan_config(path: str | Path, tensors: dict[str, TensorInfo] | None = None) -> NVLMConfig:
     """The config that plans should use: config.json, with what the weights say when they are present
-    (the vision attention's padding heads); config.json alone before the weights are downloaded."""
+    (the vision attention's padding heads); config.json alone before the weights are downloaded. `tensors`:
+    the headers when the caller has scanned them already."""
     cfg = load_config(path)
-    tensors = scan_tensors(path)
+    tensors = scan_tensors(path) if tensors is None else tensors
     if tensors is not None:
         cfg = vision_padding_from_weights(cfg, {n: t.shape for n, t in tensors.items()})
     return cfg
