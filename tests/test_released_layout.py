@@ -10,6 +10,8 @@ import torch
 from builder.cli import main
 from tests.conftest import ROOT
 
+FIXTURES = ROOT / "tests" / "fixtures" / "release"
+
 
 def test_writer_runs_as_a_script(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "tests/released_layout_writer.py"), str(tmp_path / "c")],
@@ -203,8 +205,6 @@ def _sparse_release(directory):
     shutil.copy(FIXTURES / "config.json", directory / "config.json")
     return fx
 
-
-FIXTURES = ROOT / "tests" / "fixtures" / "release"
 
 
 def test_the_release_s_index_validates_and_inspects_at_79_4_billion(tmp_path, capsys):

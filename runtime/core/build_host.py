@@ -19,6 +19,7 @@ preflight says so in the first second instead of an out-of-memory kill after min
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .config import NVLMConfig
@@ -110,15 +111,8 @@ def largest_stored_tensor(cfg: NVLMConfig, tensors: dict | None) -> int:
     """Bytes of the largest tensor as stored (the shards' headers), else as bf16 from the config."""
     if tensors:
         return max(t.nbytes for t in tensors.values())
-    return 2 * max((n for comp in family_for(cfg).components for _, _, shape in comp.expand(cfg)
-                    for n in [_numel(shape)]), default=0)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
+    return 2 * max((math.prod(shape) for comp in family_for(cfg).components for _, _, shape in comp.expand(cfg)),
+                   default=0)
 
 
 def build_host_report(cfg: NVLMConfig, tensors: dict | None = None) -> dict:
