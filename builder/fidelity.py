@@ -232,6 +232,21 @@ class ExportedVision:
             vars(self.reference).pop("encode_images", None)  # the class's method again
 
 
+@dataclass
+class Measured:
+    """What the checks read, however it was computed (whole models here, a layer at a time in
+    builder/layerwise.py): logits [positions, vocab] of all prompts, concatenated."""
+
+    ex: torch.Tensor  # the built checkpoint, through the reference executor
+    ref: torch.Tensor  # the reference model
+    text: torch.Tensor  # [positions] bool: text-token inputs
+    prompts: int
+    greedy_same: int | None = None  # unquantized: prompts whose greedy tokens equal the reference's
+    fq: torch.Tensor | None = None  # quantized: modelopt's fake-quantized model
+    fq_bare: torch.Tensor | None = None  # NVLM-X/H FP8 KV: the same without its image keys/values rounded
+    kv_fp8: bool = False
+
+
 def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer, fake_quant=None, *,
                  cross_kv_scales: list[float] | None = None, task: bool = False) -> dict:
     """`cross_kv_scales`: NVLM-X/H with an FP8 KV cache, the blocks' stored scales, with which the comparison
@@ -240,28 +255,38 @@ def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer,
     runs = prepare_prompts(reference, tokenizer)
     ex = [_executor_logits(executor, r) for r in track(runs, f"fidelity: {fmt_name} checkpoint", unit="prompt")]
     ref = [decoder_logits(reference.llm, r) for r in runs]
-    ex_all, ref_all = torch.cat(ex), torch.cat(ref)
-    text = torch.cat([r.text for r in runs])
-    checks: list[Check] = []
+    m = Measured(torch.cat(ex), torch.cat(ref), torch.cat([r.text for r in runs]), len(runs), kv_fp8=executor.kv_fp8)
     if not quantized:
-        same = 0
+        m.greedy_same = 0
         for r in track(runs, "fidelity: greedy decoding", unit="prompt"):
             want = _greedy_reference(reference, r)
             got = executor.generate([r.request(GREEDY_TOKENS)])[0].tokens
-            same += got == want
-        checks.append(Check("greedy_tokens_vs_reference", f"fraction of {len(runs)} prompts whose {GREEDY_TOKENS} "
-                            "greedy tokens equal the reference model's", same / len(runs), 1.0, same == len(runs),
-                            "unquantized builds must decode exactly like the reference"))
+            m.greedy_same += got == want
+    else:
+        with reference.fp8_cross_kv(cross_kv_scales) if cross_kv_scales else nullcontext():
+            m.fq = torch.cat([decoder_logits(fake_quant, r) for r in runs])
+        if cross_kv_scales:
+            m.fq_bare = torch.cat([decoder_logits(fake_quant, r) for r in runs])
+    return finish(fmt_name, m, [task_check(executor, reference, tokenizer)] if task else [])
+
+
+def finish(fmt_name: str, m: Measured, extra: list[Check]) -> dict:
+    """The report of measured logits (`Measured`) and any further checks (task accuracy)."""
+    ex_all, ref_all, text = m.ex, m.ref, m.text
+    checks: list[Check] = []
+    if m.fq is None:
+        checks.append(Check("greedy_tokens_vs_reference", f"fraction of {m.prompts} prompts whose {GREEDY_TOKENS} "
+                            "greedy tokens equal the reference model's", m.greedy_same / m.prompts, 1.0,
+                            m.greedy_same == m.prompts, "unquantized builds must decode exactly like the reference"))
         rel = _rel(ex_all, ref_all)
         checks.append(Check("logits_vs_reference", "max |Δlogit| / max |logit| over all prompt positions", rel,
                             UNQUANTIZED_LOGITS_REL, rel <= UNQUANTIZED_LOGITS_REL,
                             "same weights, float32 arithmetic both sides: only summation order differs"))
     else:
-        with reference.fp8_cross_kv(cross_kv_scales) if cross_kv_scales else nullcontext():
-            fq = torch.cat([decoder_logits(fake_quant, r) for r in runs])
+        fq = m.fq
         rel = _rel(ex_all, fq)
         top1, ties = top1_decidable(ex_all[text], fq[text])
-        limit = QUANTIZED_FP8_KV_LOGITS_REL if executor.kv_fp8 else QUANTIZED_LOGITS_REL
+        limit = QUANTIZED_FP8_KV_LOGITS_REL if m.kv_fp8 else QUANTIZED_LOGITS_REL
         checks.append(Check("logits_vs_modelopt_fake_quant", "max |Δlogit| / max |logit| vs modelopt's fake-quantized "
                             "model", rel, limit, rel <= limit,
                             "the exported checkpoint must compute what modelopt calibrated"))
@@ -273,19 +298,17 @@ def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer,
                             "at least half the positions must be decidable, or the agreement above means nothing"))
         checks.append(Check("top1_all_text_positions", "fraction of all text positions with the same argmax, near-ties "
                             "included", _top1(ex_all[text], fq[text]), None, True, "reported"))
-        if cross_kv_scales:  # what rounding the image keys/values contributes (tells a missing rounding apart)
-            bare = torch.cat([decoder_logits(fake_quant, r) for r in runs])
+        if m.fq_bare is not None:  # what rounding the image keys/values contributes (tells a missing rounding apart)
             checks.append(Check("logits_vs_fake_quant_without_cross_kv_rounding", "max |Δlogit| / max |logit| vs "
                                 "modelopt's fake-quantized model with its image keys/values not rounded to FP8",
-                                _rel(ex_all, bare), None, True, "the FP8 KV cache's rounding of the image keys/values, "
-                                "reported: the check above must be well below it"))
+                                _rel(ex_all, m.fq_bare), None, True, "the FP8 KV cache's rounding of the image "
+                                "keys/values, reported: the check above must be well below it"))
         checks.append(Check("quantized_vs_unquantized_logits", "max |Δlogit| / max |logit| vs the reference model",
                             _rel(ex_all, ref_all), None, True, "the cost of quantization, reported"))
         checks.append(Check("quantized_vs_unquantized_top1", "fraction of text positions with the reference's "
                             "argmax", _top1(ex_all[text], ref_all[text]), None, True, "the cost of quantization, reported"))
-    if task:
-        checks.append(task_check(executor, reference, tokenizer))
-    return {"format": fmt_name, "passed": all(c.passed for c in checks), "prompts": len(runs),
+    checks.extend(extra)
+    return {"format": fmt_name, "passed": all(c.passed for c in checks), "prompts": m.prompts,
             "positions": int(ex_all.shape[0]), "text_positions": int(text.sum()), "checks": [asdict(c) for c in checks]}
 
 

@@ -18,6 +18,7 @@ import copy
 import io
 import json
 import logging
+import shutil
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ from runtime.core import __version__
 from runtime.core.build_host import HostNeeds, largest_stored_tensor, llm_need
 from runtime.core.checkpoint import Checkpoint
 from runtime.core.demo_checkpoint import is_trained_default
-from runtime.core.errors import NVLMError, OutputExistsError
+from runtime.core.errors import InputError, NVLMError, OutputExistsError
 from runtime.core.fsutil import publish_dir
 from runtime.core.llm_formats import FP8_MAX, BuildOptions, kv_cache_name, kv_scale, q8, validate
 from runtime.core.progress import bar, track
@@ -41,9 +42,11 @@ from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from runtime.trtllm_executor import TRTLLMExecutor
 
+from . import layer_stream
 from .calibration import builtin_samples, embed_samples, load_calib_data, select
-from .fidelity import build_report
-from .preflight import check, remedies_for
+from .fidelity import build_report, finish, task_check
+from .layerwise import build_layerwise, work_dir
+from .preflight import MARGIN, available_ram, check, remedies_for
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +176,14 @@ def export(model, ckpt, opts: BuildOptions, out: Path, cross_kv_scales: list[flo
     repad_vocab(out, ckpt.config, opts.tp, opts.pp)  # modelopt pads AWQ vocabularies to 64; TensorRT-LLM to TP
     if ckpt.config.cross_attention_layers:  # NVLM-X/H: modelopt knows the Qwen2 decoder, not the gated blocks
         add_cross_attention(ckpt, opts, out, kv_scales=cross_kv_scales)
-    exported = json.loads((out / "config.json").read_text())
+    config = quantized_config(ckpt, opts, json.loads((out / "config.json").read_text()))
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config
+
+
+def quantized_config(ckpt, opts: BuildOptions, exported: dict) -> dict:
+    """Our config.json from the one modelopt's export wrote: its quantization section, checked against the
+    format asked for."""
     q = exported["quantization"]
     if q.get("quant_algo") != opts.fmt.quant_algo:
         raise NVLMError(f"modelopt exported quant_algo {q.get('quant_algo')!r}, expected {opts.fmt.quant_algo!r}; "
@@ -182,22 +192,102 @@ def export(model, ckpt, opts: BuildOptions, out: Path, cross_kv_scales: list[flo
         raise NVLMError(f"modelopt exported kv_cache_quant_algo {q.get('kv_cache_quant_algo')!r}, expected 'FP8'")
     config = trtllm_config(ckpt.config, opts, q)
     config["producer"]["modelopt"] = exported.get("producer", {}).get("version")
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config
 
 
+LAYERWISE_MODES = ("auto", "on", "off")
+
+
+def choose_layerwise(ckpt, opts: BuildOptions, mode: str, *, fidelity: bool, calib_size: int) -> bool:
+    """Whether the build runs a decoder layer at a time (builder/layerwise.py). `auto`: when the whole-model path
+    would not fit this host's RAM and the family is covered (NVLM-D's layout); `on`/`off` force it."""
+    if mode not in LAYERWISE_MODES:
+        raise InputError(f"--layerwise {mode!r}: use one of {', '.join(LAYERWISE_MODES)}")
+    if mode == "off" or not (fidelity or opts.fmt.quantized):
+        return False  # the streamed conversion already holds one tensor at a time
+    covered = layer_stream.supports(ckpt.config)
+    if mode == "on":
+        if not covered:
+            raise InputError("--layerwise on: the layer-at-a-time build covers decoders without gated cross-attention "
+                             "blocks (NVLM-D); NVLM-X/H build with --layerwise off")
+        return True
+    whole = llm_need(ckpt.config, opts.fmt, fidelity=fidelity, largest_tensor=largest_stored_tensor(
+        ckpt.config, ckpt.tensors), group_size=opts.awq_group_size)
+    return covered and whole.ram * MARGIN > available_ram()
+
+
+def _build_whole(ckpt, opts: BuildOptions, tmp: Path, samples, *, fidelity: bool) -> tuple[dict, dict | None]:
+    """The whole-model path: the reference in float32, modelopt on a copy of its decoder, the report on both."""
+    import torch
+
+    reference = tokenizer = fake = cross_kv_scales = None
+    if fidelity or opts.fmt.quantized:
+        # the decoder as the build stores its 16-bit weights: NVLM-D-72B's F32 q/k/v rounded to the checkpoint
+        # dtype, so that "same weights" holds for the fidelity report and modelopt quantizes what is exported
+        reference = reference_model(ckpt, decoder_stored_as=getattr(torch, opts.fmt.dtype))
+        tokenizer = NVLMTokenizer.from_dir(ckpt.directory, chat_format=opts.chat_format)
+        tokenizer.check_vocab(ckpt.config.llm.vocab_size)
+    if opts.fmt.quantized:
+        log.info("calibrating %s on %d multimodal samples", opts.fmt.name, len(samples))
+        with _cross_kv_amax(reference) as amax:  # NVLM-X/H: the image keys/values, computed while embedding
+            embeds = list(track(embed_samples(samples, reference, tokenizer), "embedding calibration samples",
+                                total=len(samples), unit="sample"))
+        fake = quantize(reference, opts, embeds)
+        # NVLM-X/H with an FP8 KV cache: one scale per gated block, by modelopt's rule; the comparison model
+        # of the fidelity report rounds its image keys/values with them too (fidelity.build_report)
+        cross_kv_scales = [kv_scale(a) for a in amax] if opts.kv_cache_fp8 and amax else None
+        config = export(fake, ckpt, opts, tmp, cross_kv_scales)
+        as_stored(fake, opts)
+    else:
+        with bar(count_tensors(ckpt, opts), f"converting to {opts.fmt.name}", unit="tensor") as advance:
+            config = write_unquantized(ckpt, opts, tmp, progress=advance)
+    report = None
+    if fidelity:
+        report = build_report(opts.fmt.name, opts.fmt.quantized, TRTLLMExecutor.load(tmp), reference, tokenizer, fake,
+                              cross_kv_scales=cross_kv_scales, task=is_trained_default(ckpt.directory))
+    return config, report
+
+
+def _build_by_layer(ckpt, opts: BuildOptions, out: Path, tmp: Path, samples, *, fidelity: bool, device,
+                    resume: bool) -> tuple[dict, dict | None]:
+    """The layer-at-a-time path (builder/layerwise.py) and its report."""
+    import torch
+
+    tokenizer = NVLMTokenizer.from_dir(ckpt.directory, chat_format=opts.chat_format)
+    tokenizer.check_vocab(ckpt.config.llm.vocab_size)
+    if opts.fmt.quantized:
+        log.info("calibrating %s on %d multimodal samples, a decoder layer at a time", opts.fmt.name, len(samples))
+    config, measured = build_layerwise(ckpt, opts, out, tmp, tokenizer=tokenizer, samples=samples,
+                                       fidelity=fidelity, device=device, resume=resume)
+    if not fidelity:
+        return config, None
+    extra = []
+    if is_trained_default(ckpt.directory):  # the embedded default is tiny: its task questions run whole
+        extra.append(task_check(TRTLLMExecutor.load(tmp), reference_model(
+            ckpt, decoder_stored_as=getattr(torch, opts.fmt.dtype)), tokenizer))
+    return config, finish(opts.fmt.name, measured, extra)
+
+
 def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size: int = 32, force: bool = False,
-              fidelity: bool = True, preflight: bool = True) -> dict:
-    """Build and publish; returns the summary written to OUT/nvlm_build.json (plus the wall seconds)."""
+              fidelity: bool = True, preflight: bool = True, layerwise: str = "auto", device: str = "auto",
+              resume: bool = False) -> dict:
+    """Build and publish; returns the summary written to OUT/nvlm_build.json (plus the wall seconds).
+    `layerwise`: auto|on|off (`choose_layerwise`); `device`: where the layer-at-a-time path computes (auto: CUDA
+    when there is one); `resume`: continue a killed layer-at-a-time quantization from OUT.layerwise."""
     out = Path(out)
     ckpt = Checkpoint.open(ckpt_path)
     validate(ckpt.config, opts)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it, or choose another output")
+    by_layer = choose_layerwise(ckpt, opts, layerwise, fidelity=fidelity, calib_size=calib_size)
+    if resume and not (by_layer and opts.fmt.quantized):
+        raise InputError("--resume continues a layer-at-a-time quantization: it needs a quantized --quant and "
+                         "--layerwise on (or auto on a host where the whole model does not fit)")
+    dev = layer_stream.resolve_device(device) if by_layer else None
     largest = largest_stored_tensor(ckpt.config, ckpt.tensors)
     needs = HostNeeds((llm_need(ckpt.config, opts.fmt, fidelity=fidelity, largest_tensor=largest,
-                                group_size=opts.awq_group_size),))
-    log.info("%s", needs.summary())
+                                group_size=opts.awq_group_size, layerwise=by_layer, calib_size=calib_size),))
+    log.info("%s%s", needs.summary(), f"; a decoder layer at a time on {dev}" if by_layer else "")
     if preflight:
         check(needs, out, command="nvlm-build llm", remedies=remedies_for(ckpt.config, opts.fmt, needs,
                                                                           fidelity=fidelity, largest_tensor=largest))
@@ -207,34 +297,13 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
     summary: dict = {}
 
     def write(tmp: Path) -> None:
-        import torch
-
         t0 = time.perf_counter()
-        reference = tokenizer = fake = cross_kv_scales = None
-        if fidelity or opts.fmt.quantized:
-            # the decoder as the build stores its 16-bit weights: NVLM-D-72B's F32 q/k/v rounded to the checkpoint
-            # dtype, so that "same weights" holds for the fidelity report and modelopt quantizes what is exported
-            reference = reference_model(ckpt, decoder_stored_as=getattr(torch, opts.fmt.dtype))
-            tokenizer = NVLMTokenizer.from_dir(ckpt.directory, chat_format=opts.chat_format)
-            tokenizer.check_vocab(ckpt.config.llm.vocab_size)
-        if opts.fmt.quantized:
-            log.info("calibrating %s on %d multimodal samples", opts.fmt.name, len(samples))
-            with _cross_kv_amax(reference) as amax:  # NVLM-X/H: the image keys/values, computed while embedding
-                embeds = list(track(embed_samples(samples, reference, tokenizer), "embedding calibration samples",
-                                    total=len(samples), unit="sample"))
-            fake = quantize(reference, opts, embeds)
-            # NVLM-X/H with an FP8 KV cache: one scale per gated block, by modelopt's rule; the comparison model
-            # of the fidelity report rounds its image keys/values with them too (fidelity.build_report)
-            cross_kv_scales = [kv_scale(a) for a in amax] if opts.kv_cache_fp8 and amax else None
-            config = export(fake, ckpt, opts, tmp, cross_kv_scales)
-            as_stored(fake, opts)
+        if by_layer:
+            config, report = _build_by_layer(ckpt, opts, out, tmp, samples, fidelity=fidelity, device=dev,
+                                             resume=resume)
         else:
-            with bar(count_tensors(ckpt, opts), f"converting to {opts.fmt.name}", unit="tensor") as advance:
-                config = write_unquantized(ckpt, opts, tmp, progress=advance)
-        report = None
-        if fidelity:
-            report = build_report(opts.fmt.name, opts.fmt.quantized, TRTLLMExecutor.load(tmp), reference, tokenizer, fake,
-                                  cross_kv_scales=cross_kv_scales, task=is_trained_default(ckpt.directory))
+            config, report = _build_whole(ckpt, opts, tmp, samples, fidelity=fidelity)
+        if report is not None:
             (tmp / "reports").mkdir()
             (tmp / "reports" / "fidelity.json").write_text(json.dumps(report, indent=2) + "\n")
             if not report["passed"]:
@@ -251,6 +320,7 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
                 "source": str(calib_data) if calib_data else "builtin", "samples": len(samples),
                 "multimodal": sum(s.image is not None for s in samples)},
             "quantization": config["quantization"], "fidelity_passed": None if report is None else report["passed"],
+            "layerwise": by_layer,
             "seconds": round(time.perf_counter() - t0, 2),
         })
         # wall time is returned, not written: two identical builds give byte-identical checkpoints
@@ -258,4 +328,6 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
             json.dumps({k: v for k, v in summary.items() if k != "seconds"}, indent=2) + "\n")
 
     publish_dir(out, write, force=force)
+    if by_layer:  # published: the per-layer work is no longer needed for a resume
+        shutil.rmtree(work_dir(out), ignore_errors=True)
     return summary

@@ -168,6 +168,26 @@ class KVCache:
         return self.keys[li][:, :n], self.values[li][:, :n]
 
 
+def rank_layer(gets: Sequence[Callable[[str], torch.Tensor | None]], table, j: int, fmt: LLMFormat,
+               directory: Path) -> RankLayer:
+    """Self-attention layer `j` of one PP stage from its TP ranks' getters (name → tensor or None), dequantized
+    to float32 by the format: what `TRTLLMExecutor.load` holds per layer, and what the layer-at-a-time fidelity
+    report (builder/layerwise.py) loads and frees one layer at a time."""
+    kv = gets[0](layout.KV_SCALE.format(j=j))
+
+    def linears(role):
+        return [Linear(g, layout.prefix(table, role, j), fmt) for g in gets]
+
+    layer = RankLayer(input_norm=gets[0](layout.target(table, "input_norm", j)).float(),
+                      post_norm=gets[0](layout.target(table, "post_norm", j)).float(),
+                      qkv=linears("qkv"), dense=linears("dense"), fc=linears("fc"), gate=linears("gate"),
+                      proj=linears("proj"), kv_scale=None if kv is None else kv.float())
+    if any(lin.bias is not None for lin in layer.dense + layer.proj):
+        # TensorRT-LLM adds a row-parallel bias once after the all-reduce; Qwen2 has none
+        raise CheckpointError(f"{directory}: row-parallel biases (dense/proj) are not expected in Qwen2")
+    return layer
+
+
 class TRTLLMExecutor:
     def __init__(self, directory: Path, config: dict, layers: list[RankLayer], embedding: torch.Tensor,
                  final_norm: torch.Tensor, lm_head: torch.Tensor, xattn: dict[int, XLayer] | None = None):
@@ -254,20 +274,7 @@ class TRTLLMExecutor:
                     dense=xlinears("x_dense"), fc=xlinears("x_fc"), gate=xlinears("x_gate"), proj=xlinears("x_proj"),
                     gate_attn=whole("x_gate_attn").reshape(()).tanh(), gate_ffwd=whole("x_gate_ffwd").reshape(()).tanh(),
                     kv_scale=_optional_float(gets[0](layout.XKV_SCALE.format(j=j))))
-            for j in range(per_stage):
-                kv = gets[0](layout.KV_SCALE.format(j=j))
-
-                def linears(role):
-                    return [Linear(g, layout.prefix(table, role, j), fmt) for g in gets]
-
-                layers.append(RankLayer(
-                    input_norm=gets[0](layout.target(table, "input_norm", j)).float(),
-                    post_norm=gets[0](layout.target(table, "post_norm", j)).float(),
-                    qkv=linears("qkv"), dense=linears("dense"), fc=linears("fc"), gate=linears("gate"),
-                    proj=linears("proj"), kv_scale=None if kv is None else kv.float()))
-                if any(lin.bias is not None for lin in layers[-1].dense + layers[-1].proj):
-                    # TensorRT-LLM adds a row-parallel bias once after the all-reduce; Qwen2 has none
-                    raise CheckpointError(f"{directory}: row-parallel biases (dense/proj) are not expected in Qwen2")
+            layers.extend(rank_layer(gets, table, j, fmt, directory) for j in range(per_stage))
         first = [getter(t) for t in range(tp)]
         last = [getter((pp - 1) * tp + t) for t in range(tp)]
         # rows split over TP (use_parallel_embedding): the ranks' slices, concatenated; the vocabulary is

@@ -87,12 +87,27 @@ def vision_need(cfg: NVLMConfig, dtype_bytes: int, fp8: bool) -> StageNeed:
     return StageNeed("vision", ram, disk, f"vision tower + projector in float32 and {copies} copies at the export width")
 
 
+CALIB_TOKENS = 2_048  # tokens of a typical calibration prompt (a 6-tile image is 1,536 image tokens)
+
+
 def llm_need(cfg: NVLMConfig, fmt: LLMFormat, *, fidelity: bool, largest_tensor: int,
-             group_size: int = 128) -> StageNeed:
+             group_size: int = 128, layerwise: bool = False, calib_size: int = 32) -> StageNeed:
     vision, decoder = _params(cfg)
     disk = llm_bytes(cfg, fmt, group_size)
     if not fidelity and not fmt.quantized:
         return StageNeed("llm", BASE_RSS + 2 * largest_tensor, disk, "streamed a tensor at a time")
+    if layerwise:
+        # builder/layerwise.py: first the vision tower (float32) and the token embedding embed the prompts; then
+        # one decoder layer in float32 with modelopt's working copies and its export (about 2.5 layers), two of
+        # the largest tensors (lm_head read whole, a chunk upcast), and the carried hidden states (in and out)
+        llm = cfg.llm
+        layer = (decoder - 2 * llm.vocab_size * llm.hidden_size) // max(1, llm.num_layers)
+        carried = 2 * FLOAT32 * llm.hidden_size * CALIB_TOKENS * (calib_size if fmt.quantized else 0)
+        prepare = FLOAT32 * vision + largest_tensor
+        loop = int(2.5 * FLOAT32 * layer) + 2 * largest_tensor
+        ram = BASE_RSS + max(prepare, loop) + carried
+        return StageNeed("llm", ram, disk + (disk if fmt.quantized else 0),
+                         "one decoder layer at a time in float32, two of the largest tensors, the carried activations")
     ram = BASE_RSS + FLOAT32 * (vision + decoder) + FLOAT32 * decoder
     why = "float32 reference + the executor's float32 decoder"
     if fmt.quantized:

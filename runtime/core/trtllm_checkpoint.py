@@ -94,15 +94,18 @@ class SafetensorsStreamWriter:
     offsets) is known up front from the conversion plan, so each tensor's bytes can be appended
     as soon as it is produced and then dropped."""
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata=None):
-        header, offset = {}, 0
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata=None, *,
+                 metadata_first: bool = False):
+        """`metadata_first`: the `__metadata__` entry leads the header, as safetensors' own writer puts it (with
+        `safetensors_order` entries, the file is then byte for byte what `save_file` writes)."""
+        header, offset = ({"__metadata__": metadata} if metadata and metadata_first else {}), 0
         for name, dtype, shape in entries:
             n = dtype.itemsize
             for d in shape:
                 n *= d
             header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
             offset += n
-        if metadata:
+        if metadata and not metadata_first:
             header["__metadata__"] = metadata
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # 8-byte alignment of the data section, as safetensors writes it
@@ -123,6 +126,16 @@ class SafetensorsStreamWriter:
         if self._next != len(self._expected):
             raise RuntimeError(f"{len(self._expected) - self._next} planned tensors were never written")
         self._fh.close()
+
+
+# safetensors' dtype enum, in its order: `save_file` lays tensors out by dtype, this order reversed, then by name
+_SAFETENSORS_ENUM = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16",
+                     "F16", "BF16", "I32", "U32", "F32", "C64", "F64", "I64", "U64")
+
+
+def safetensors_order(name: str, dtype: torch.dtype) -> tuple[int, str]:
+    """Sort key of a tensor in a file safetensors' `save_file` writes (what modelopt's export writes)."""
+    return -_SAFETENSORS_ENUM.index(SAFETENSORS_DTYPES[dtype]), name
 
 
 # --------------------------------------------------------------------------- streaming conversion

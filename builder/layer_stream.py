@@ -1,0 +1,299 @@
+"""One decoder layer in memory at a time: the reference decoder and a built checkpoint, run layer-major.
+
+The whole-model path holds the reference decoder in float32 and the executor's float32 copy of the built one:
+for NVLM-D-72B that is about 600 GB. Here every prompt's hidden states [L, hidden] are carried from layer to
+layer instead, and each layer is read from disk, upcast, run over all prompts and freed:
+
+    embed all prompts ─▶ for each layer: load it ─▶ run every prompt through it ─▶ free it ─▶ final norm
+                       ─▶ logits in vocabulary chunks (lm_head read CHUNK_ROWS rows at a time, never whole in float32)
+
+Two stacks speak the same small interface (`layer(i)`, `final_hidden`, `logits`, `token_rows`):
+- `ReferenceStack`: the source checkpoint's decoder, each layer a one-layer transformers `Qwen2ForCausalLM`
+  (`one_layer_model`) — the same modules and arithmetic as the whole reference decoder, so a layer's outputs
+  are the whole model's, bit for bit, and modelopt can quantize it as it quantizes the whole model;
+- `ExecutorStack`: a built TensorRT-LLM checkpoint through the reference executor's own layer math
+  (runtime/trtllm_executor.py), one `rank_layer` at a time.
+
+Only NVLM-D's layout (no gated cross-attention blocks between the layers) runs here; NVLM-X/H keep the
+whole-model path (`supports`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from runtime.core import trtllm_layout as layout
+from runtime.core.checkpoint import Checkpoint
+from runtime.core.config import NVLMConfig
+from runtime.core.families import family_for_trtllm
+from runtime.core.llm_formats import format_for_algo
+from runtime.core.weight_map import LLM_PREFIX
+from runtime.trtllm_executor import KVCache, TRTLLMExecutor, rank_layer, rms_norm
+
+CHUNK_ROWS = 8192  # lm_head rows upcast at a time: 8192 × 8192 × 4 B = 256 MB for NVLM-D-72B
+MINI_VOCAB = 64  # the one-layer model's own (unused) embedding and lm_head
+
+
+def supports(cfg: NVLMConfig) -> bool:
+    """Whether the layer-at-a-time path covers this model: decoders without gated cross-attention blocks."""
+    return not cfg.cross_attention_layers
+
+
+def resolve_device(name: str) -> torch.device:
+    """`--device auto|cpu|cuda[:N]`: auto is the first CUDA device when torch sees one."""
+    from runtime.core.errors import InputError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InputError(f"--device {name!r}: use auto, cpu or cuda[:N]") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name}: torch sees no CUDA device on this host; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name!r}: use auto, cpu or cuda[:N]")
+    return device
+
+
+# --------------------------------------------------------------------------- reference
+
+
+def one_layer_model(cfg: NVLMConfig, state: dict[str, torch.Tensor], device: torch.device):
+    """Decoder layer weights (HF names under `model.layers.0.`, float32) as a one-layer `Qwen2ForCausalLM`,
+    built on the meta device and given the weights (no random init of 0.9 B parameters). Its embedding and
+    lm_head are MINI_VOCAB rows of zeros that nothing reads; its final norm is never used (`run_layer`)."""
+    from transformers import Qwen2ForCausalLM
+
+    base = cfg.llm.to_transformers()
+    hf = type(base)(**{**base.to_dict(), "num_hidden_layers": 1, "vocab_size": MINI_VOCAB,
+                       "tie_word_embeddings": False, "layer_types": None})
+    with torch.device("meta"):
+        model = Qwen2ForCausalLM._from_config(hf, attn_implementation="eager")
+    h = cfg.llm.hidden_size
+    model.load_state_dict({**state, "model.embed_tokens.weight": torch.zeros(MINI_VOCAB, h),
+                           "model.norm.weight": torch.ones(h), "lm_head.weight": torch.zeros(MINI_VOCAB, h)},
+                          strict=True, assign=True)
+    # rotary inverse frequencies are a buffer computed at construction: on the meta device they are empty
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=hf)
+    return model.eval().to(device)
+
+
+def run_layer(model, hidden: torch.Tensor, cache=None) -> torch.Tensor:
+    """hidden [1, L, H] through the one-layer model's decoder layer (not its final norm): [1, L, H]. `cache`: a
+    transformers cache holding this layer's earlier keys/values (greedy decoding), positions continuing it."""
+    captured = []
+    handle = model.model.layers[0].register_forward_hook(
+        lambda mod, args, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    try:
+        with torch.no_grad():
+            model.model(inputs_embeds=hidden, past_key_values=cache, use_cache=cache is not None)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+class ReferenceStack:
+    """The source checkpoint's decoder, a layer at a time, with its weights rounded through `stored_as` (the
+    dtype a build holds them in: NVLM-D-72B's F32 q/k/v rounded to bf16) and computed in float32."""
+
+    def __init__(self, ckpt: Checkpoint, stored_as: torch.dtype, device: torch.device = torch.device("cpu")):
+        self.ckpt, self.cfg, self.stored_as, self.device = ckpt, ckpt.config, stored_as, device
+        self.num_layers = self.cfg.llm.num_layers
+        self._rows = {target: source for source, target, _ in ckpt.validate().rows["llm"]}
+
+    def _get(self, target: str) -> torch.Tensor:
+        return self.ckpt.get(self._rows[target]).to(self.stored_as)
+
+    def layer_state(self, i: int) -> dict[str, torch.Tensor]:
+        prefix = f"model.layers.{i}."
+        return {"model.layers.0." + t[len(prefix):]: self._get(t).float() for t in self._rows if t.startswith(prefix)}
+
+    def layer(self, i: int):
+        return one_layer_model(self.cfg, self.layer_state(i), self.device)
+
+    def token_rows(self, ids: Sequence[int]) -> torch.Tensor:
+        """Embedding rows [len(ids), H], float32 (the whole table read, the rows kept)."""
+        table = self._get("model.embed_tokens.weight")
+        return table[torch.as_tensor(list(ids), dtype=torch.long)].float()
+
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
+
+        norm = Qwen2RMSNorm(self.cfg.llm.hidden_size, eps=self.cfg.llm.rms_norm_eps)
+        norm.weight.data = self._get("model.norm.weight").float()
+        with torch.no_grad():
+            return norm(hidden.cpu().float())
+
+    def logits(self, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Final-normed hidden states [L, H] of each prompt → logits [L, vocab], float32, lm_head in chunks."""
+        head = "model.embed_tokens.weight" if self.cfg.llm.tie_word_embeddings else "lm_head.weight"
+        return chunked_logits(hidden, [self._get(head)], self.cfg.llm.vocab_size)
+
+
+def chunked_logits(hidden: Sequence[torch.Tensor], parts: Sequence, vocab: int) -> list[torch.Tensor]:
+    """x @ lm_headᵀ for each x [L, H], with lm_head given as row blocks (a tensor or a safetensors slice per TP
+    rank) upcast CHUNK_ROWS rows at a time; rows past `vocab` (TP padding) dropped."""
+    out = [torch.empty(x.shape[0], vocab) for x in hidden]
+    row = 0
+    for part in parts:
+        n = part.shape[0] if isinstance(part, torch.Tensor) else part.get_shape()[0]
+        for lo in range(0, n, CHUNK_ROWS):
+            hi = min(n, lo + CHUNK_ROWS)
+            w = part[lo:hi].float()
+            keep = max(0, min(hi, vocab - row + lo) - lo)  # rows of this chunk inside the vocabulary
+            for x, o in zip(hidden, out):
+                if keep:
+                    o[:, row:row + keep] = x @ w[:keep].T
+            row += keep
+    return out
+
+
+# --------------------------------------------------------------------------- built checkpoint
+
+
+@dataclass
+class _ExecLayer:
+    stack: "ExecutorStack"
+    li: int
+    layer: object
+
+    def run(self, x: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """x [T, H] (new tokens of one sequence) through self-attention layer li, extending `cache`."""
+        ex, layer = self.stack.math, self.layer
+        with torch.no_grad():
+            x = x + ex._attention(layer, rms_norm(x, layer.input_norm, ex.eps), cache, self.li)
+            return x + ex._mlp(layer, rms_norm(x, layer.post_norm, ex.eps))
+
+
+@dataclass
+class ExecutorStack:
+    """A built TensorRT-LLM checkpoint, a layer at a time, through the reference executor's arithmetic."""
+
+    directory: Path
+    config: dict = field(init=False)
+
+    def __post_init__(self):
+        from safetensors import safe_open
+
+        self.directory = Path(self.directory)
+        self.config = json.loads((self.directory / "config.json").read_text())
+        if self.config.get("cross_attention_layers"):
+            raise NotImplementedError("the layer-at-a-time executor covers decoders without cross-attention")
+        m = self.config["mapping"]
+        self.tp, self.pp = m["tp_size"], m["pp_size"]
+        self.table = family_for_trtllm(self.config.get("architecture")).trtllm_layout
+        self.fmt = format_for_algo((self.config.get("quantization") or {}).get("quant_algo"))
+        self.files = [safe_open(str(self.directory / f"rank{r}.safetensors"), framework="pt")
+                      for r in range(self.tp * self.pp)]
+        self.num_layers = self.config["num_hidden_layers"]
+        # the executor's layer math with no weights of its own: layers are handed to it one at a time
+        self.math = TRTLLMExecutor(self.directory, self.config, [], None, None, None)
+
+    def _getter(self, rank: int):
+        fh = self.files[rank]
+        keys = set(fh.keys())
+        return lambda name: fh.get_tensor(name) if name in keys else None
+
+    def layer(self, i: int) -> _ExecLayer:
+        per = self.num_layers // self.pp
+        p, j = divmod(i, per)
+        gets = [self._getter(p * self.tp + t) for t in range(self.tp)]
+        return _ExecLayer(self, i, rank_layer(gets, self.table, j, self.fmt, self.directory))
+
+    def token_rows(self, ids: Sequence[int], table: torch.Tensor | None = None) -> torch.Tensor:
+        """The executor's `embed`: token rows read from the rank files, prompt-table rows at ids ≥ vocab_size."""
+        from runtime.core.trtllm_checkpoint import embedding_rows
+
+        vocab = self.config["vocab_size"]
+        ids_t = torch.as_tensor(list(ids), dtype=torch.long)
+        fake = ids_t >= vocab
+        x = embedding_rows(self.directory, ids_t.clamp(max=vocab - 1).tolist())
+        if fake.any():
+            x[fake] = table[ids_t[fake] - vocab].float()
+        return x
+
+    def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
+        last = self._getter((self.pp - 1) * self.tp)
+        return rms_norm(hidden, last(layout.target(self.table, "final_norm")).float(), self.math.eps)
+
+    def logits(self, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        name = layout.target(self.table, "lm_head")
+        parts = [self.files[(self.pp - 1) * self.tp + t].get_slice(name) for t in range(self.tp)]
+        return chunked_logits(hidden, parts, self.config["vocab_size"])
+
+
+# --------------------------------------------------------------------------- layer-major passes
+
+
+def reference_pass(stack: ReferenceStack, hidden: list[torch.Tensor], caches: list | None = None,
+                   progress=None) -> list[torch.Tensor]:
+    """Every prompt's hidden states [1, L, H] through every reference layer, one layer loaded at a time.
+    `caches`: per prompt, a list of one transformers cache per layer (filled here), for greedy decoding."""
+    for i in range(stack.num_layers):
+        model = stack.layer(i)
+        for p, h in enumerate(hidden):
+            cache = None
+            if caches is not None:
+                from transformers import DynamicCache
+
+                if len(caches[p]) == i:
+                    caches[p].append(DynamicCache())
+                cache = caches[p][i]
+            hidden[p] = run_layer(model, h.to(stack.device), cache)
+        del model
+        if progress:
+            progress(1)
+    return hidden
+
+
+def executor_pass(stack: ExecutorStack, hidden: list[torch.Tensor], caches: list[KVCache],
+                  progress=None) -> list[torch.Tensor]:
+    """Every prompt's hidden states [T, H] through every layer of the built checkpoint, extending each prompt's
+    KV cache (`caches[p]`)."""
+    for i in range(stack.num_layers):
+        layer = stack.layer(i)
+        hidden = [layer.run(h, c) for h, c in zip(hidden, caches)]
+        del layer
+        if progress:
+            progress(1)
+    return hidden
+
+
+def greedy_reference(stack: ReferenceStack, embeds: list[torch.Tensor], steps: int) -> list[list[int]]:
+    """Greedy tokens of each prompt (its input embeddings [1, L, H]), layer-major: one pass over the layers for
+    the prompts, then one per generated token, each layer's cache kept per prompt."""
+    caches: list[list] = [[] for _ in embeds]
+    hidden = reference_pass(stack, [e.clone() for e in embeds], caches)
+    tokens: list[list[int]] = [[] for _ in embeds]
+    for step in range(steps):
+        last = [stack.final_hidden(h[0, -1:]) for h in hidden]
+        for t, lg in zip(tokens, stack.logits(last)):
+            t.append(int(lg[-1].argmax()))
+        if step + 1 < steps:
+            rows = stack.token_rows([t[-1] for t in tokens])
+            hidden = reference_pass(stack, [rows[p].reshape(1, 1, -1) for p in range(len(tokens))], caches)
+    return tokens
+
+
+def greedy_executor(stack: ExecutorStack, first: list[torch.Tensor], caches: list[KVCache],
+                    steps: int) -> list[list[int]]:
+    """Greedy tokens from the prompts' final hidden states `first` ([L, H], caches already filled by
+    `executor_pass`), one pass over the layers per generated token."""
+    hidden, tokens = first, [[] for _ in first]
+    for step in range(steps):
+        for t, lg in zip(tokens, stack.logits([stack.final_hidden(h[-1:]) for h in hidden])):
+            t.append(int(lg[-1].argmax()))
+        if step + 1 < steps:
+            rows = stack.token_rows([t[-1] for t in tokens])
+            hidden = executor_pass(stack, [rows[p:p + 1] for p in range(len(tokens))], caches)
+    return tokens
+
+
+def source_layer_names(cfg: NVLMConfig, i: int) -> str:
+    """The released checkpoint's prefix of decoder layer i (for messages)."""
+    return f"{LLM_PREFIX}model.layers.{i}."

@@ -1,0 +1,301 @@
+"""`nvlm-build llm` a decoder layer at a time: quantization and the fidelity report for models far larger than RAM.
+
+The whole-model path (builder/llm_build.py) holds the reference decoder, modelopt's fake-quantized copy and the
+executor's copy in float32: for NVLM-D-72B, ~900 GB. TensorRT-LLM's own FP8 flow needs "more than 210 GB" of GPU
+memory for a 70B model (NVIDIA/TensorRT-LLM#1331, #1849); llama.cpp, ExLlamaV2 and AutoGPTQ quantize layer by layer.
+This path is the sequential scheme, built on modelopt's own calibrators and export:
+
+    prompts ─▶ input embeddings (vision tower + token embedding only)
+    for each decoder layer i (one float32 layer resident):
+        load it as a one-layer Qwen2 (layer_stream.one_layer_model)
+        carry the reference hidden states of calibration and fidelity prompts through it (unquantized)
+        mtq.quantize it with the calibration prompts' inputs to layer i    ─┐ what the whole-model path computes:
+        modelopt's export of it → layer i's tensors in every rank file      │ its calibration passes run the layers
+        fake-quantized (as stored) hidden states of the fidelity prompts   ─┘ unquantized, so layer i sees the same
+        keep layer i's tensors and, when cheap, the carried states (--resume)    inputs (tested: byte-identical)
+    merge into rank files (safetensors' layout) + config.json
+    fidelity: the built checkpoint a layer at a time (layer_stream.ExecutorStack), logits in vocabulary chunks
+
+Resume: the work folder OUT.layerwise holds each finished layer's tensors and the hidden states carried past the
+last saved layer; `--resume` continues from there and the result is byte-identical. The carried states are saved
+after a layer when they are small (CARRY_SAVE_BYTES) or when CARRY_SAVE_SECONDS have passed since the last save:
+at 512 calibration prompts of NVLM-D-72B they are tens of GB.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from runtime.core.checkpoint import Checkpoint
+from runtime.core.errors import NVLMError
+from runtime.core.llm_formats import BuildOptions
+from runtime.core.progress import track
+from runtime.core.trtllm_checkpoint import (
+    TORCH_DTYPES,
+    SafetensorsStreamWriter,
+    rank_plan,
+    safetensors_order,
+)
+from runtime.reference import VISION_ROLES, reference_model
+
+from . import fidelity as fid
+from . import layer_stream as ls
+from .calibration import embed_samples
+
+log = logging.getLogger(__name__)
+
+CARRY_SAVE_BYTES = 1 << 30
+CARRY_SAVE_SECONDS = 600.0
+_LAYER = "transformer.layers.0."
+# fault injection for the resume test: exit hard (no cleanup, like a kill) after this layer is saved
+_EXIT_AFTER_ENV = "NVLM_TEST_EXIT_AFTER_LAYER"
+
+
+class ResumeError(NVLMError):
+    """--resume was asked for, but the work folder is missing or was made by another build."""
+
+
+class _TokenEmbedding(nn.Module):
+    """The decoder's token embedding alone, stored dtype, looked up in float32: what NVLMReference.embed reads
+    through `llm.get_input_embeddings()` when the decoder itself is not loaded."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight
+
+    def get_input_embeddings(self):
+        return lambda ids: nn.functional.embedding(ids, self.weight).float()
+
+
+def prepare(ckpt: Checkpoint, tokenizer, stack: ls.ReferenceStack, samples, fidelity: bool):
+    """Calibration prompts' and fidelity prompts' input embeddings, from the vision tower, the projector and the
+    token embedding — never the decoder. Returns (calibration embeds [1, L, H] each, fidelity PromptRuns)."""
+    vision = reference_model(ckpt, components=VISION_ROLES)
+    vision.llm = _TokenEmbedding(stack._get("model.embed_tokens.weight"))
+    calib = [c.embeds for c in track(embed_samples(samples, vision, tokenizer), "embedding calibration samples",
+                                     total=len(samples), unit="sample")] if samples else []
+    runs = fid.prepare_prompts(vision, tokenizer) if fidelity else []
+    return calib, runs
+
+
+def work_dir(out: Path) -> Path:
+    return out.with_name(out.name + ".layerwise")
+
+
+def _fingerprint(ckpt: Checkpoint, opts: BuildOptions, samples) -> dict:
+    return {"source": str(ckpt.directory), "source_bytes": ckpt.total_bytes, "format": opts.fmt.name,
+            "kv_cache_fp8": opts.kv_cache_fp8, "awq_group_size": opts.awq_group_size, "tp": opts.tp, "pp": opts.pp,
+            "chat_format": opts.chat_format, "calibration": [s.prompt for s in samples]}
+
+
+class _Work:
+    """OUT.layerwise: layer{i}.safetensors (layer i's tensors, keyed "rank:name"), carry.pt, build.json."""
+
+    def __init__(self, path: Path, fingerprint: dict, resume: bool):
+        self.path = path
+        meta = path / "build.json"
+        if resume:
+            if not meta.is_file():
+                raise ResumeError(f"--resume: {path} holds no earlier layer-at-a-time build; run without --resume")
+            if json.loads(meta.read_text()) != fingerprint:
+                raise ResumeError(f"--resume: {path} was made by a build with other options or another source; "
+                                  "run without --resume to start over")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            path.mkdir(parents=True)
+            meta.write_text(json.dumps(fingerprint, indent=2) + "\n")
+        self._saved_at = time.monotonic()
+
+    def layer_file(self, i: int) -> Path:
+        return self.path / f"layer{i:05d}.safetensors"
+
+    def load_carry(self) -> dict | None:
+        f = self.path / "carry.pt"
+        return torch.load(f) if f.is_file() else None
+
+    def save_carry(self, carry: dict, *, force: bool = False) -> bool:
+        size = sum(t.numel() * t.element_size() for k in ("calib", "ref", "fake") for t in carry[k])
+        if not (force or size <= CARRY_SAVE_BYTES or time.monotonic() - self._saved_at >= CARRY_SAVE_SECONDS):
+            return False
+        tmp = self.path / "carry.pt.tmp"
+        torch.save(carry, tmp)
+        os.replace(tmp, self.path / "carry.pt")
+        self._saved_at = time.monotonic()
+        return True
+
+
+def _quantize_layer(model, opts: BuildOptions, calib: list[torch.Tensor]) -> None:
+    import modelopt.torch.quantization as mtq
+
+    from .llm_build import _quiet
+
+    cfg = opts.fmt.modelopt_config(opts.kv_cache_fp8, opts.awq_group_size)
+
+    def forward_loop(m):  # modelopt runs it once per calibration pass (AWQ: several)
+        with torch.no_grad():
+            for h in calib:
+                m(inputs_embeds=h)
+
+    with _quiet():
+        mtq.quantize(model, cfg, forward_loop=forward_loop)
+
+
+def _export_layer(model, opts: BuildOptions, i: int, scratch: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """modelopt's export of the one-layer model: layer i's tensors of every rank ("rank:name", the name inside
+    the layer), the exported config.json and the rank files' metadata."""
+    from modelopt.torch.export import export_tensorrt_llm_checkpoint
+    from safetensors import safe_open
+
+    from .llm_build import _quiet
+
+    shutil.rmtree(scratch, ignore_errors=True)
+    with _quiet():
+        export_tensorrt_llm_checkpoint(model, decoder_type="qwen", dtype=torch.bfloat16, export_dir=str(scratch),
+                                       inference_tensor_parallel=opts.tp, inference_pipeline_parallel=1)
+    exported = json.loads((scratch / "config.json").read_text())
+    tensors, metadata = {}, {}
+    for t in range(opts.tp):
+        with safe_open(str(scratch / f"rank{t}.safetensors"), framework="pt") as fh:
+            metadata = fh.metadata() or {}
+            for name in fh.keys():
+                if name.startswith(_LAYER):
+                    tensors[f"{t}:{name[len(_LAYER):]}"] = fh.get_tensor(name)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return tensors, exported, metadata
+
+
+def _merge(ckpt: Checkpoint, opts: BuildOptions, work: _Work, out: Path, metadata: dict) -> None:
+    """Rank files from the per-layer tensors and the unquantized embedding, final norm and lm_head (the rows
+    modelopt exports in the checkpoint dtype), laid out as safetensors' `save_file` lays them out."""
+    from safetensors import safe_open
+
+    per = ckpt.config.llm.num_layers // opts.pp
+    dtype = TORCH_DTYPES[opts.fmt.dtype]
+    for rank in range(opts.world_size):
+        t, p = rank % opts.tp, rank // opts.tp
+        entries = {r.name: (dtype, r.shape, r.produce) for r in rank_plan(ckpt, opts, rank)
+                   if not r.name.startswith("transformer.layers.")}
+        files = []
+        for j in range(per):
+            fh = safe_open(str(work.layer_file(p * per + j)), framework="pt")
+            files.append(fh)
+            for key in fh.keys():
+                r, name = key.split(":", 1)
+                if int(r) == t:
+                    sl = fh.get_slice(key)
+                    entries[f"transformer.layers.{j}.{name}"] = (
+                        _dtype(sl.get_dtype()), tuple(sl.get_shape()), lambda fh=fh, key=key: fh.get_tensor(key))
+        names = sorted(entries, key=lambda n: safetensors_order(n, entries[n][0]))
+        writer = SafetensorsStreamWriter(out / f"rank{rank}.safetensors",
+                                         [(n, entries[n][0], entries[n][1]) for n in names], metadata or None,
+                                         metadata_first=True)
+        for n in names:
+            writer.write(n, entries[n][2]())
+        writer.close()
+
+
+def _dtype(name: str) -> torch.dtype:
+    from runtime.core.trtllm_checkpoint import SAFETENSORS_DTYPES
+
+    return {v: k for k, v in SAFETENSORS_DTYPES.items()}[name]
+
+
+def quantize_layerwise(ckpt: Checkpoint, opts: BuildOptions, out: Path, tmp: Path, *, stack: ls.ReferenceStack,
+                       calib: list[torch.Tensor], runs, samples, resume: bool) -> tuple[dict, dict]:
+    """Calibrate, export and fake-quantize layer by layer; write the rank files and config.json into `tmp`.
+    Returns (config, carried hidden states: "ref" and "fake" of the fidelity prompts after the last layer)."""
+    work = _Work(work_dir(out), _fingerprint(ckpt, opts, samples), resume)
+    carry = work.load_carry() if resume else None
+    start = 0 if carry is None else carry["done"] + 1
+    if carry is None:
+        carry = {"done": -1, "calib": calib, "ref": [r.embeds for r in runs], "fake": [r.embeds for r in runs],
+                 "exported": None, "metadata": None}
+    elif start:
+        log.info("resuming after decoder layer %d of %d (%s)", start - 1, stack.num_layers, work.path)
+    device = stack.device
+    t_first = None
+    for i in track(range(start, stack.num_layers), f"quantizing {opts.fmt.name} a layer at a time",
+                   total=stack.num_layers - start, unit="layer"):
+        t0 = time.perf_counter()
+        model = stack.layer(i)
+        calib_in = [h.to(device) for h in carry["calib"]]
+        carry["calib"] = [ls.run_layer(model, h).cpu() for h in calib_in]
+        carry["ref"] = [ls.run_layer(model, h.to(device)).cpu() for h in carry["ref"]]
+        _quantize_layer(model, opts, calib_in)
+        del calib_in
+        tensors, carry["exported"], carry["metadata"] = _export_layer(model, opts, i, work.path / "scratch")
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(work.layer_file(i)), metadata=carry["metadata"] or None)
+        del tensors
+        from .llm_build import as_stored
+
+        as_stored(model, opts)
+        carry["fake"] = [ls.run_layer(model, h.to(device)).cpu() for h in carry["fake"]]
+        del model
+        carry["done"] = i
+        work.save_carry(carry, force=i == stack.num_layers - 1)
+        if t_first is None and stack.num_layers - start > 1:
+            t_first = time.perf_counter() - t0
+            log.info("decoder layer %d took %.1f s: about %.0f min for the remaining %d", i, t_first,
+                     t_first * (stack.num_layers - i - 1) / 60, stack.num_layers - i - 1)
+        if os.environ.get(_EXIT_AFTER_ENV) == str(i):
+            os._exit(137)
+    _merge(ckpt, opts, work, tmp, carry["metadata"])
+    from .llm_build import quantized_config
+
+    config = quantized_config(ckpt, opts, carry["exported"])
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return config, carry
+
+
+def fidelity_layerwise(fmt_name: str, opts: BuildOptions, tmp: Path, stack: ls.ReferenceStack, runs,
+                       carried: dict | None) -> fid.Measured:
+    """The fidelity report's measurements, a layer at a time: the built checkpoint in `tmp` through the
+    executor's arithmetic; the reference (and for quantized formats modelopt's fake-quantized layers) from the
+    hidden states `quantize_layerwise` carried, or, unquantized, a reference pass here with greedy decoding."""
+    built = ls.ExecutorStack(tmp)
+    text = torch.cat([r.text for r in runs])
+    caches = [ls.KVCache() for _ in runs]
+    hidden = [built.token_rows(r.trt_ids, r.table) for r in runs]
+    hidden = ls.executor_pass(built, hidden, caches)
+    ex = built.logits([built.final_hidden(h) for h in hidden])
+    m = fid.Measured(torch.cat(ex), torch.empty(0), text, len(runs), kv_fp8=built.math.kv_fp8)
+    if carried is None:  # unquantized: the reference pass, and both greedy
+        want = ls.greedy_reference(stack, [r.embeds for r in runs], fid.GREEDY_TOKENS)
+        got = ls.greedy_executor(built, hidden, caches, fid.GREEDY_TOKENS)
+        m.greedy_same = sum(a == b for a, b in zip(want, got))
+        ref_hidden = ls.reference_pass(stack, [r.embeds.clone() for r in runs])
+    else:
+        ref_hidden = carried["ref"]
+        m.fq = torch.cat(stack.logits([stack.final_hidden(h[0]) for h in carried["fake"]]))
+    m.ref = torch.cat(stack.logits([stack.final_hidden(h[0]) for h in ref_hidden]))
+    return m
+
+
+def build_layerwise(ckpt: Checkpoint, opts: BuildOptions, out: Path, tmp: Path, *, tokenizer, samples,
+                    fidelity: bool, device: torch.device, resume: bool = False):
+    """The layer-at-a-time build into `tmp`: (config, fidelity.Measured or None). Unquantized formats are written
+    by the streaming converter first (as without the fidelity report)."""
+    from runtime.core.progress import bar
+    from runtime.core.trtllm_checkpoint import count_tensors, write_unquantized
+
+    stack = ls.ReferenceStack(ckpt, getattr(torch, opts.fmt.dtype), device)
+    calib, runs = prepare(ckpt, tokenizer, stack, samples if opts.fmt.quantized else [], fidelity)
+    carried = None
+    if opts.fmt.quantized:
+        config, carried = quantize_layerwise(ckpt, opts, out, tmp, stack=stack, calib=calib, runs=runs,
+                                             samples=samples, resume=resume)
+    else:
+        with bar(count_tensors(ckpt, opts), f"converting to {opts.fmt.name}", unit="tensor") as advance:
+            config = write_unquantized(ckpt, opts, tmp, progress=advance)
+    measured = fidelity_layerwise(opts.fmt.name, opts, tmp, stack, runs, carried) if fidelity else None
+    return config, measured
