@@ -43,6 +43,13 @@ STAGES = {  # name → nvlm-build arguments after the checkpoint ({out} is the s
     "llm-bf16": ["llm", "{ckpt}", "-o", "{out}", "--quant", "bf16"],
     "llm-fp8": ["llm", "{ckpt}", "-o", "{out}", "--quant", "fp8", "--kv-cache-dtype", "fp8", "--calib-size", "2"],
     "llm-int4": ["llm", "{ckpt}", "-o", "{out}", "--quant", "int4_awq", "--calib-size", "2"],
+    # every stage of a deployment build (vision export with its checks, LLM with its fidelity report; engines
+    # are GPU-host stages, skipped here)
+    "engine-bf16": ["engine", "{ckpt}", "-o", "{out}", "--quant", "bf16", "--target", "reference", "--force"],
+    "engine-fp8": ["engine", "{ckpt}", "-o", "{out}", "--quant", "fp8", "--kv-cache-dtype", "fp8", "--calib-size", "2",
+                   "--target", "reference", "--force"],
+    "engine-int4": ["engine", "{ckpt}", "-o", "{out}", "--quant", "int4_awq", "--calib-size", "2",
+                    "--target", "reference", "--force"],
 }
 SCALES_WITH = {"vision-fp16": "vision"}  # every other stage scales with the decoder's depth
 

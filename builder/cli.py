@@ -30,7 +30,7 @@ from runtime.core.llm_formats import (
 )
 from runtime.preprocess import preprocess_files
 from runtime.prompt import Message, build_prompt
-from runtime.reference import VISION_ROLES, reference_model
+from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from triton_repo.generate import generate_repo, plan_pending
 
@@ -38,7 +38,7 @@ from .demo_train import POOLINGS, Phase, Recipe, evaluate_checkpoint, train_and_
 from .engine_build import EngineBuildOptions, build_engine, format_summary
 from .llm_build import build_llm
 from .preflight import MARGIN, check
-from .vision_export import export_vision
+from .vision_export import VisionModels, export_vision
 
 log = logging.getLogger("nvlm")
 
@@ -312,14 +312,20 @@ def _llm_args_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat-format", choices=["release", "tokenizer"], default="release",
                    help="prompt format: release (the released model.chat()'s template, the default) or tokenizer "
                         "(tokenizer_config.json's chat_template); docs/prompt_formats.md")
+    p.add_argument("--layerwise", choices=["auto", "on", "off"], default="auto",
+                   help="run calibration and the fidelity report a decoder layer at a time (auto: when the whole "
+                        "model does not fit this host's RAM; NVLM-D layouts); same checkpoint either way")
+    p.add_argument("--device", default="auto", help="where the layer-at-a-time path computes: auto (CUDA when "
+                   "torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")
     p.add_argument("--json", action="store_true")
 
 
 def _llm_args(p: argparse.ArgumentParser) -> None:
     _llm_args_common(p)
-    p.add_argument("--no-fidelity", action="store_true", help="skip the fidelity report (for models too big "
-                   "for the CPU reference)")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the fidelity report")
+    p.add_argument("--resume", action="store_true", help="continue a killed layer-at-a-time quantization of the "
+                   "same options from OUT.layerwise (byte-identical result)")
 
 
 @command("llm", "convert NVLM-D's LLM to a TensorRT-LLM checkpoint (bf16/fp16 streamed; fp8/int4_awq/w4a8_awq "
@@ -328,7 +334,8 @@ def _llm(args) -> int:
     opts = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=kv_cache_fp8(args.kv_cache_dtype),
                         awq_group_size=args.awq_group_size, chat_format=args.chat_format)
     summary = build_llm(args.ckpt, args.out, opts, calib_data=args.calib_data, calib_size=args.calib_size,
-                        force=args.force, fidelity=not args.no_fidelity, preflight=not args.no_preflight)
+                        force=args.force, fidelity=not args.no_fidelity, preflight=not args.no_preflight,
+                        layerwise=args.layerwise, device=args.device, resume=args.resume)
     if args.json:
         print(json.dumps(summary))
     else:
@@ -367,11 +374,11 @@ def _vision(args) -> int:
         check(needs, Path(args.out), command="nvlm-build vision",
               remedies=[f"a host with at least {human_bytes(needs.peak_ram * MARGIN)} of RAM available"])
     trained = is_trained_default(args.ckpt)  # its export checks task accuracy: the whole model
-    ref = reference_model(ckpt, components=None if trained else VISION_ROLES)
+    models = VisionModels(reference=reference_model(ckpt)) if trained else VisionModels(ckpt=ckpt)
     task = NVLMTokenizer.from_dir(args.ckpt) if trained else None
     info = {}
     publish_dir(Path(args.out), lambda tmp: info.update(export_vision(
-        ref, tmp, dtype=args.dtype, vision_quant=args.vision_quant, max_tiles=args.max_tiles, task_tokenizer=task)),
+        models, tmp, dtype=args.dtype, vision_quant=args.vision_quant, max_tiles=args.max_tiles, task_tokenizer=task)),
                 force=args.force)
     checks = ", ".join(f"{k} {v['value']:.2e}" for k, v in info["checks"].items() if v["value"] is not None)
     print(f"wrote {', '.join(info['files'])} to {args.out} ({args.dtype}); {checks or 'no onnxruntime check'}")
@@ -412,7 +419,8 @@ def _engine(args) -> int:
                           max_input_text_len=args.max_input_len, max_output_len=args.max_output_len)
     opts = EngineBuildOptions(llm, target=args.target, vision_dtype=args.vision_dtype,
                               vision_quant=get_vision_format(args.vision_quant),
-                              limits=limits, calib_data=args.calib_data, calib_size=args.calib_size)
+                              limits=limits, calib_data=args.calib_data, calib_size=args.calib_size,
+                              layerwise=args.layerwise, device=args.device)
     quiet = args.json
     manifest = build_engine(args.ckpt, args.out, opts, resume=args.resume, force=args.force,
                             progress=None if not quiet else (lambda m: None), preflight=not args.no_preflight)

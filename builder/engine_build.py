@@ -45,6 +45,7 @@ from runtime.core.llm_formats import validate
 from runtime.core.progress import bar
 from runtime.tokenizer import NVLMTokenizer
 
+from .llm_build import choose_layerwise
 from .preflight import check, remedies_for
 from .stages import STAGES, TOKENIZER_FILES, BuildError, Context, EngineBuildOptions
 
@@ -157,9 +158,10 @@ def build_engine(ckpt_path, out, opts: EngineBuildOptions, *, resume: bool = Fal
                              "start over")
         shutil.rmtree(partial)
     largest = largest_stored_tensor(ckpt.config, ckpt.tensors)
+    by_layer = choose_layerwise(ckpt, opts.llm, opts.layerwise, fidelity=True, calib_size=opts.calib_size)
     needs = engine_needs(ckpt.config, opts.llm.fmt, vision_dtype_bytes=DTYPE_BYTES[opts.vision_dtype],
                          vision_fp8=opts.vision_quant is not None, largest_tensor=largest,
-                         group_size=opts.llm.awq_group_size)
+                         group_size=opts.llm.awq_group_size, layerwise=by_layer, calib_size=opts.calib_size)
     say(needs.summary())
     if preflight:  # before hashing 177 GB of shards, and long before an out-of-memory kill
         check(needs, out, command="nvlm-build engine", remedies=remedies_for(

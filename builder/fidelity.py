@@ -135,16 +135,9 @@ def _top1(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def top1_decidable(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    """(top-1 agreement of `a` with `b` over the decidable positions, share of positions that are not).
-    A position is decidable when b's top-1 margin exceeds twice the largest |a − b| at that position: then
-    no difference of the measured size can move the argmax, and a disagreement is a defect, not a tie."""
-    top2 = b.topk(2, dim=-1).values  # [positions, 2]
-    margin = top2[:, 0] - top2[:, 1]
-    err = (a - b).abs().amax(-1)
-    decidable = margin > 2 * err
-    n = int(decidable.sum())
-    agree = float((a[decidable].argmax(-1) == b[decidable].argmax(-1)).float().mean()) if n else 0.0
-    return agree, 1.0 - n / max(1, b.shape[0])
+    """(top-1 agreement of `a` with `b` [positions, vocab] over the decidable positions, share that are not):
+    `Reducer.decidable` on whole logits."""
+    return Reducer.whole({"a": a, "b": b}, [("a", "b")]).decidable("a", "b", torch.ones(b.shape[0], dtype=torch.bool))
 
 
 def logit_errors(a: torch.Tensor, b: torch.Tensor, text: torch.Tensor) -> dict:
@@ -233,18 +226,90 @@ class ExportedVision:
 
 
 @dataclass
+class Reduced:
+    """One model's logits [positions, vocab] reduced over the vocabulary: what the checks read of them. Built a
+    vocabulary chunk at a time (`Reducer`), so that the layer-at-a-time report never holds [positions, 152064]
+    float32 logits (2 GB per model for the fidelity prompts of NVLM-D-72B)."""
+
+    maxabs: float  # max |logit|
+    argmax: torch.Tensor  # [positions]
+    top2: torch.Tensor  # [positions, 2] the two largest logits
+
+
+class Reducer:
+    """Running reductions of several models' logits over vocabulary chunks (`add`, in vocabulary order), and of
+    their differences against the comparison models (`pairs`: (model, comparison) → max |Δ| per position)."""
+
+    def __init__(self, pairs: list[tuple[str, str]]):
+        self.pairs = pairs
+        self.models: dict[str, Reduced] = {}
+        self.diff: dict[tuple[str, str], torch.Tensor] = {}
+
+    def add(self, chunk: dict[str, torch.Tensor], offset: int) -> None:
+        """`chunk`: model → logits [positions, c] of vocabulary ids offset … offset + c."""
+        for name, x in chunk.items():
+            top = x.topk(min(2, x.shape[1]), dim=-1).values
+            if top.shape[1] == 1:  # a one-id chunk: its second value is −inf
+                top = torch.cat([top, torch.full_like(top, float("-inf"))], -1)
+            idx = x.argmax(-1)  # the first id of a tie, as argmax over whole logits picks it (topk need not)
+            amax = float(x.abs().max())
+            r = self.models.get(name)
+            if r is None:
+                self.models[name] = Reduced(amax, idx + offset, top)
+                continue
+            better = top[:, 0] > r.top2[:, 0]  # strictly: an earlier chunk keeps a tie
+            r.argmax = torch.where(better, idx + offset, r.argmax)
+            r.top2 = torch.cat([r.top2, top], -1).topk(2, dim=-1).values
+            r.maxabs = max(r.maxabs, amax)
+        for a, b in self.pairs:
+            d = (chunk[a] - chunk[b]).abs().amax(-1)
+            self.diff[a, b] = d if (a, b) not in self.diff else torch.maximum(self.diff[a, b], d)
+
+    @classmethod
+    def whole(cls, logits: dict[str, torch.Tensor], pairs: list[tuple[str, str]]) -> "Reducer":
+        r = cls(pairs)
+        r.add(logits, 0)
+        return r
+
+    def rel(self, a: str, b: str) -> float:
+        """max |a − b| / max |b| over all positions."""
+        return float(self.diff[a, b].max()) / self.models[b].maxabs
+
+    def top1(self, a: str, b: str, mask: torch.Tensor) -> float:
+        return float((self.models[a].argmax[mask] == self.models[b].argmax[mask]).float().mean())
+
+    def decidable(self, a: str, b: str, mask: torch.Tensor) -> tuple[float, float]:
+        """(top-1 agreement of a with b over the decidable masked positions, share of masked positions that are
+        not): decidable where b's top-1 margin exceeds twice the position's max |a − b| — no difference of that
+        size can move the argmax, so a disagreement there is a defect, not a tie."""
+        top2 = self.models[b].top2[mask]
+        ok = (top2[:, 0] - top2[:, 1]) > 2 * self.diff[a, b][mask]
+        n = int(ok.sum())
+        agree = float((self.models[a].argmax[mask][ok] == self.models[b].argmax[mask][ok]).float().mean()) if n else 0.0
+        return agree, 1.0 - n / max(1, int(mask.sum()))
+
+
+@dataclass
 class Measured:
     """What the checks read, however it was computed (whole models here, a layer at a time in
-    builder/layerwise.py): logits [positions, vocab] of all prompts, concatenated."""
+    builder/layerwise.py): the reduced logits of "ex" (the built checkpoint through the reference executor),
+    "ref" (the reference) and, quantized, "fq" (modelopt's fake-quantized model) and "fq_bare" (NVLM-X/H FP8 KV:
+    the same without its image keys/values rounded), over all prompts' positions."""
 
-    ex: torch.Tensor  # the built checkpoint, through the reference executor
-    ref: torch.Tensor  # the reference model
+    logits: Reducer
     text: torch.Tensor  # [positions] bool: text-token inputs
     prompts: int
     greedy_same: int | None = None  # unquantized: prompts whose greedy tokens equal the reference's
-    fq: torch.Tensor | None = None  # quantized: modelopt's fake-quantized model
-    fq_bare: torch.Tensor | None = None  # NVLM-X/H FP8 KV: the same without its image keys/values rounded
     kv_fp8: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return "fq" in self.logits.models
+
+
+PAIRS_UNQUANTIZED = [("ex", "ref")]
+PAIRS_QUANTIZED = [("ex", "ref"), ("ex", "fq")]
+PAIRS_QUANTIZED_CROSS_KV = PAIRS_QUANTIZED + [("ex", "fq_bare")]
 
 
 def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer, fake_quant=None, *,
@@ -253,39 +318,44 @@ def build_report(fmt_name: str, quantized: bool, executor, reference, tokenizer,
     model rounds its image keys/values as the engine's cache does. `task`: the source is the trained embedded
     default; add its task-accuracy check."""
     runs = prepare_prompts(reference, tokenizer)
-    ex = [_executor_logits(executor, r) for r in track(runs, f"fidelity: {fmt_name} checkpoint", unit="prompt")]
-    ref = [decoder_logits(reference.llm, r) for r in runs]
-    m = Measured(torch.cat(ex), torch.cat(ref), torch.cat([r.text for r in runs]), len(runs), kv_fp8=executor.kv_fp8)
+    logits = {"ex": torch.cat([_executor_logits(executor, r)
+                               for r in track(runs, f"fidelity: {fmt_name} checkpoint", unit="prompt")]),
+              "ref": torch.cat([decoder_logits(reference.llm, r) for r in runs])}
+    greedy_same = None
     if not quantized:
-        m.greedy_same = 0
+        greedy_same = 0
         for r in track(runs, "fidelity: greedy decoding", unit="prompt"):
             want = _greedy_reference(reference, r)
             got = executor.generate([r.request(GREEDY_TOKENS)])[0].tokens
-            m.greedy_same += got == want
+            greedy_same += got == want
     else:
         with reference.fp8_cross_kv(cross_kv_scales) if cross_kv_scales else nullcontext():
-            m.fq = torch.cat([decoder_logits(fake_quant, r) for r in runs])
+            logits["fq"] = torch.cat([decoder_logits(fake_quant, r) for r in runs])
         if cross_kv_scales:
-            m.fq_bare = torch.cat([decoder_logits(fake_quant, r) for r in runs])
+            logits["fq_bare"] = torch.cat([decoder_logits(fake_quant, r) for r in runs])
+    pairs = (PAIRS_UNQUANTIZED if not quantized else PAIRS_QUANTIZED_CROSS_KV if cross_kv_scales
+             else PAIRS_QUANTIZED)
+    m = Measured(Reducer.whole(logits, pairs), torch.cat([r.text for r in runs]), len(runs), greedy_same,
+                 kv_fp8=executor.kv_fp8)
+    del logits
     return finish(fmt_name, m, [task_check(executor, reference, tokenizer)] if task else [])
 
 
 def finish(fmt_name: str, m: Measured, extra: list[Check]) -> dict:
     """The report of measured logits (`Measured`) and any further checks (task accuracy)."""
-    ex_all, ref_all, text = m.ex, m.ref, m.text
+    lg, text = m.logits, m.text
     checks: list[Check] = []
-    if m.fq is None:
+    if not m.quantized:
         checks.append(Check("greedy_tokens_vs_reference", f"fraction of {m.prompts} prompts whose {GREEDY_TOKENS} "
                             "greedy tokens equal the reference model's", m.greedy_same / m.prompts, 1.0,
                             m.greedy_same == m.prompts, "unquantized builds must decode exactly like the reference"))
-        rel = _rel(ex_all, ref_all)
+        rel = lg.rel("ex", "ref")
         checks.append(Check("logits_vs_reference", "max |Δlogit| / max |logit| over all prompt positions", rel,
                             UNQUANTIZED_LOGITS_REL, rel <= UNQUANTIZED_LOGITS_REL,
                             "same weights, float32 arithmetic both sides: only summation order differs"))
     else:
-        fq = m.fq
-        rel = _rel(ex_all, fq)
-        top1, ties = top1_decidable(ex_all[text], fq[text])
+        rel = lg.rel("ex", "fq")
+        top1, ties = lg.decidable("ex", "fq", text)
         limit = QUANTIZED_FP8_KV_LOGITS_REL if m.kv_fp8 else QUANTIZED_LOGITS_REL
         checks.append(Check("logits_vs_modelopt_fake_quant", "max |Δlogit| / max |logit| vs modelopt's fake-quantized "
                             "model", rel, limit, rel <= limit,
@@ -297,19 +367,19 @@ def finish(fmt_name: str, m: Measured, extra: list[Check]) -> dict:
                             "measured logit error", ties, 1 - TOP1_DECIDABLE_MIN, ties <= 1 - TOP1_DECIDABLE_MIN,
                             "at least half the positions must be decidable, or the agreement above means nothing"))
         checks.append(Check("top1_all_text_positions", "fraction of all text positions with the same argmax, near-ties "
-                            "included", _top1(ex_all[text], fq[text]), None, True, "reported"))
-        if m.fq_bare is not None:  # what rounding the image keys/values contributes (tells a missing rounding apart)
+                            "included", lg.top1("ex", "fq", text), None, True, "reported"))
+        if "fq_bare" in lg.models:  # what rounding the image keys/values contributes (tells a missing rounding apart)
             checks.append(Check("logits_vs_fake_quant_without_cross_kv_rounding", "max |Δlogit| / max |logit| vs "
                                 "modelopt's fake-quantized model with its image keys/values not rounded to FP8",
-                                _rel(ex_all, m.fq_bare), None, True, "the FP8 KV cache's rounding of the image "
+                                lg.rel("ex", "fq_bare"), None, True, "the FP8 KV cache's rounding of the image "
                                 "keys/values, reported: the check above must be well below it"))
         checks.append(Check("quantized_vs_unquantized_logits", "max |Δlogit| / max |logit| vs the reference model",
-                            _rel(ex_all, ref_all), None, True, "the cost of quantization, reported"))
+                            lg.rel("ex", "ref"), None, True, "the cost of quantization, reported"))
         checks.append(Check("quantized_vs_unquantized_top1", "fraction of text positions with the reference's "
-                            "argmax", _top1(ex_all[text], ref_all[text]), None, True, "the cost of quantization, reported"))
+                            "argmax", lg.top1("ex", "ref", text), None, True, "the cost of quantization, reported"))
     checks.extend(extra)
     return {"format": fmt_name, "passed": all(c.passed for c in checks), "prompts": m.prompts,
-            "positions": int(ex_all.shape[0]), "text_positions": int(text.sum()), "checks": [asdict(c) for c in checks]}
+            "positions": int(text.shape[0]), "text_positions": int(text.sum()), "checks": [asdict(c) for c in checks]}
 
 
 def _greedy_reference(reference, run: PromptRun) -> list[int]:

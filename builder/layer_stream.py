@@ -7,7 +7,7 @@ layer instead, and each layer is read from disk, upcast, run over all prompts an
     embed all prompts ─▶ for each layer: load it ─▶ run every prompt through it ─▶ free it ─▶ final norm
                        ─▶ logits in vocabulary chunks (lm_head read CHUNK_ROWS rows at a time, never whole in float32)
 
-Two stacks speak the same small interface (`layer(i)`, `final_hidden`, `logits`, `token_rows`):
+Two stacks speak the same small interface (`layer(i)`, `final_hidden`, `head_rows`, `vocab`, `token_rows`):
 - `ReferenceStack`: the source checkpoint's decoder, each layer a one-layer transformers `Qwen2ForCausalLM`
   (`one_layer_model`) — the same modules and arithmetic as the whole reference decoder, so a layer's outputs
   are the whole model's, bit for bit, and modelopt can quantize it as it quantizes the whole model;
@@ -19,6 +19,7 @@ whole-model path (`supports`)."""
 
 from __future__ import annotations
 
+import gc
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +32,23 @@ from runtime.core.checkpoint import Checkpoint
 from runtime.core.config import NVLMConfig
 from runtime.core.families import family_for_trtllm
 from runtime.core.llm_formats import format_for_algo
-from runtime.core.weight_map import LLM_PREFIX
 from runtime.trtllm_executor import KVCache, TRTLLMExecutor, rank_layer, rms_norm
 
 CHUNK_ROWS = 8192  # lm_head rows upcast at a time: 8192 × 8192 × 4 B = 256 MB for NVLM-D-72B
 MINI_VOCAB = 64  # the one-layer model's own (unused) embedding and lm_head
+
+
+def release_memory() -> None:
+    """Free a finished layer now: collect its reference cycles (transformers' and modelopt's modules hold them)
+    and hand glibc's freed heap pages back to the kernel (`malloc_trim`): tensors under glibc's mmap threshold
+    live in the heap, and without a trim the resident size ratchets up layer after layer."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def supports(cfg: NVLMConfig) -> bool:
@@ -117,9 +130,12 @@ class ReferenceStack:
         return one_layer_model(self.cfg, self.layer_state(i), self.device)
 
     def token_rows(self, ids: Sequence[int]) -> torch.Tensor:
-        """Embedding rows [len(ids), H], float32 (the whole table read, the rows kept)."""
-        table = self._get("model.embed_tokens.weight")
-        return table[torch.as_tensor(list(ids), dtype=torch.long)].float()
+        """Embedding rows [len(ids), H], float32, read row by row from the shard."""
+        ids = [int(i) for i in ids]
+        uniq = sorted(set(ids))
+        rows = self.ckpt.get_rows(self._rows["model.embed_tokens.weight"], uniq).to(self.stored_as).float()
+        at = {t: k for k, t in enumerate(uniq)}
+        return rows[torch.as_tensor([at[i] for i in ids], dtype=torch.long)]
 
     def final_hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
@@ -129,27 +145,28 @@ class ReferenceStack:
         with torch.no_grad():
             return norm(hidden.cpu().float())
 
-    def logits(self, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Final-normed hidden states [L, H] of each prompt → logits [L, vocab], float32, lm_head in chunks."""
+    @property
+    def vocab(self) -> int:
+        return self.cfg.llm.vocab_size
+
+    def head_rows(self, lo: int, hi: int) -> torch.Tensor:
+        """lm_head rows lo … hi in float32 (the stored rows rounded through the build dtype)."""
         head = "model.embed_tokens.weight" if self.cfg.llm.tie_word_embeddings else "lm_head.weight"
-        return chunked_logits(hidden, [self._get(head)], self.cfg.llm.vocab_size)
+        return self.ckpt.get_rows(self._rows[head], range(lo, hi)).to(self.stored_as).float()
 
 
-def chunked_logits(hidden: Sequence[torch.Tensor], parts: Sequence, vocab: int) -> list[torch.Tensor]:
-    """x @ lm_headᵀ for each x [L, H], with lm_head given as row blocks (a tensor or a safetensors slice per TP
-    rank) upcast CHUNK_ROWS rows at a time; rows past `vocab` (TP padding) dropped."""
-    out = [torch.empty(x.shape[0], vocab) for x in hidden]
-    row = 0
-    for part in parts:
-        n = part.shape[0] if isinstance(part, torch.Tensor) else part.get_shape()[0]
-        for lo in range(0, n, CHUNK_ROWS):
-            hi = min(n, lo + CHUNK_ROWS)
-            w = part[lo:hi].float()
-            keep = max(0, min(hi, vocab - row + lo) - lo)  # rows of this chunk inside the vocabulary
-            for x, o in zip(hidden, out):
-                if keep:
-                    o[:, row:row + keep] = x @ w[:keep].T
-            row += keep
+def vocab_chunks(stack):
+    """(lo, hi) over the stack's vocabulary, CHUNK_ROWS at a time."""
+    return [(lo, min(stack.vocab, lo + CHUNK_ROWS)) for lo in range(0, stack.vocab, CHUNK_ROWS)]
+
+
+def chunked_logits(hidden: Sequence[torch.Tensor], stack) -> list[torch.Tensor]:
+    """x @ lm_headᵀ [L, vocab] for each final-normed x [L, H], lm_head read and upcast a chunk at a time."""
+    out = [torch.empty(x.shape[0], stack.vocab) for x in hidden]
+    for lo, hi in vocab_chunks(stack):
+        w = stack.head_rows(lo, hi)
+        for x, o in zip(hidden, out):
+            o[:, lo:hi] = x @ w.T
     return out
 
 
@@ -178,8 +195,6 @@ class ExecutorStack:
     config: dict = field(init=False)
 
     def __post_init__(self):
-        from safetensors import safe_open
-
         self.directory = Path(self.directory)
         self.config = json.loads((self.directory / "config.json").read_text())
         if self.config.get("cross_attention_layers"):
@@ -188,16 +203,22 @@ class ExecutorStack:
         self.tp, self.pp = m["tp_size"], m["pp_size"]
         self.table = family_for_trtllm(self.config.get("architecture")).trtllm_layout
         self.fmt = format_for_algo((self.config.get("quantization") or {}).get("quant_algo"))
-        self.files = [safe_open(str(self.directory / f"rank{r}.safetensors"), framework="pt")
-                      for r in range(self.tp * self.pp)]
         self.num_layers = self.config["num_hidden_layers"]
         # the executor's layer math with no weights of its own: layers are handed to it one at a time
         self.math = TRTLLMExecutor(self.directory, self.config, [], None, None, None)
 
+    def _open(self, rank: int):
+        """A rank file, opened for one use: safetensors maps the file, and the pages a read touches stay resident
+        while the mapping lives — a handle kept open would end up holding the whole checkpoint."""
+        from safetensors import safe_open
+
+        return safe_open(str(self.directory / f"rank{rank}.safetensors"), framework="pt")
+
     def _getter(self, rank: int):
-        fh = self.files[rank]
-        keys = set(fh.keys())
-        return lambda name: fh.get_tensor(name) if name in keys else None
+        def get(name: str):
+            with self._open(rank) as fh:
+                return fh.get_tensor(name) if name in fh.keys() else None
+        return get
 
     def layer(self, i: int) -> _ExecLayer:
         per = self.num_layers // self.pp
@@ -221,10 +242,21 @@ class ExecutorStack:
         last = self._getter((self.pp - 1) * self.tp)
         return rms_norm(hidden, last(layout.target(self.table, "final_norm")).float(), self.math.eps)
 
-    def logits(self, hidden: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    @property
+    def vocab(self) -> int:
+        return self.config["vocab_size"]
+
+    def head_rows(self, lo: int, hi: int) -> torch.Tensor:
+        """lm_head rows lo … hi in float32, from the last PP stage's TP ranks (each holds a slice of the
+        vocabulary padded to a multiple of TP)."""
         name = layout.target(self.table, "lm_head")
-        parts = [self.files[(self.pp - 1) * self.tp + t].get_slice(name) for t in range(self.tp)]
-        return chunked_logits(hidden, parts, self.config["vocab_size"])
+        per = layout.vocab_rows(self.vocab, self.tp) // self.tp
+        parts = []
+        for t in range(lo // per, (hi - 1) // per + 1):
+            a, b = max(lo, t * per) - t * per, min(hi, (t + 1) * per) - t * per
+            with self._open((self.pp - 1) * self.tp + t) as fh:
+                parts.append(fh.get_slice(name)[a:b].float())
+        return torch.cat(parts)
 
 
 # --------------------------------------------------------------------------- layer-major passes
@@ -246,6 +278,7 @@ def reference_pass(stack: ReferenceStack, hidden: list[torch.Tensor], caches: li
                 cache = caches[p][i]
             hidden[p] = run_layer(model, h.to(stack.device), cache)
         del model
+        release_memory()  # before the next layer is read
         if progress:
             progress(1)
     return hidden
@@ -259,6 +292,7 @@ def executor_pass(stack: ExecutorStack, hidden: list[torch.Tensor], caches: list
         layer = stack.layer(i)
         hidden = [layer.run(h, c) for h, c in zip(hidden, caches)]
         del layer
+        release_memory()
         if progress:
             progress(1)
     return hidden
@@ -272,7 +306,7 @@ def greedy_reference(stack: ReferenceStack, embeds: list[torch.Tensor], steps: i
     tokens: list[list[int]] = [[] for _ in embeds]
     for step in range(steps):
         last = [stack.final_hidden(h[0, -1:]) for h in hidden]
-        for t, lg in zip(tokens, stack.logits(last)):
+        for t, lg in zip(tokens, chunked_logits(last, stack)):
             t.append(int(lg[-1].argmax()))
         if step + 1 < steps:
             rows = stack.token_rows([t[-1] for t in tokens])
@@ -286,7 +320,7 @@ def greedy_executor(stack: ExecutorStack, first: list[torch.Tensor], caches: lis
     `executor_pass`), one pass over the layers per generated token."""
     hidden, tokens = first, [[] for _ in first]
     for step in range(steps):
-        for t, lg in zip(tokens, stack.logits([stack.final_hidden(h[-1:]) for h in hidden])):
+        for t, lg in zip(tokens, chunked_logits([stack.final_hidden(h[-1:]) for h in hidden], stack)):
             t.append(int(lg[-1].argmax()))
         if step + 1 < steps:
             rows = stack.token_rows([t[-1] for t in tokens])
@@ -294,6 +328,3 @@ def greedy_executor(stack: ExecutorStack, first: list[torch.Tensor], caches: lis
     return tokens
 
 
-def source_layer_names(cfg: NVLMConfig, i: int) -> str:
-    """The released checkpoint's prefix of decoder layer i (for messages)."""
-    return f"{LLM_PREFIX}model.layers.{i}."

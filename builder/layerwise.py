@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -64,22 +65,22 @@ class ResumeError(NVLMError):
 
 
 class _TokenEmbedding(nn.Module):
-    """The decoder's token embedding alone, stored dtype, looked up in float32: what NVLMReference.embed reads
-    through `llm.get_input_embeddings()` when the decoder itself is not loaded."""
+    """The decoder's token embedding alone, rows read from the shard as prompts ask for them, in float32: what
+    NVLMReference.embed reads through `llm.get_input_embeddings()` when the decoder itself is not loaded."""
 
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, stack: ls.ReferenceStack):
         super().__init__()
-        self.weight = weight
+        self.stack = stack
 
     def get_input_embeddings(self):
-        return lambda ids: nn.functional.embedding(ids, self.weight).float()
+        return lambda ids: self.stack.token_rows(ids.reshape(-1).tolist()).reshape(*ids.shape, -1)
 
 
 def prepare(ckpt: Checkpoint, tokenizer, stack: ls.ReferenceStack, samples, fidelity: bool):
     """Calibration prompts' and fidelity prompts' input embeddings, from the vision tower, the projector and the
-    token embedding — never the decoder. Returns (calibration embeds [1, L, H] each, fidelity PromptRuns)."""
+    token embedding's rows — never the decoder. Returns (calibration embeds [1, L, H] each, fidelity PromptRuns)."""
     vision = reference_model(ckpt, components=VISION_ROLES)
-    vision.llm = _TokenEmbedding(stack._get("model.embed_tokens.weight"))
+    vision.llm = _TokenEmbedding(stack)
     calib = [c.embeds for c in track(embed_samples(samples, vision, tokenizer), "embedding calibration samples",
                                      total=len(samples), unit="sample")] if samples else []
     runs = fid.prepare_prompts(vision, tokenizer) if fidelity else []
@@ -183,16 +184,15 @@ def _merge(ckpt: Checkpoint, opts: BuildOptions, work: _Work, out: Path, metadat
         t, p = rank % opts.tp, rank // opts.tp
         entries = {r.name: (dtype, r.shape, r.produce) for r in rank_plan(ckpt, opts, rank)
                    if not r.name.startswith("transformer.layers.")}
-        files = []
         for j in range(per):
-            fh = safe_open(str(work.layer_file(p * per + j)), framework="pt")
-            files.append(fh)
-            for key in fh.keys():
-                r, name = key.split(":", 1)
-                if int(r) == t:
-                    sl = fh.get_slice(key)
-                    entries[f"transformer.layers.{j}.{name}"] = (
-                        _dtype(sl.get_dtype()), tuple(sl.get_shape()), lambda fh=fh, key=key: fh.get_tensor(key))
+            path = str(work.layer_file(p * per + j))
+            with safe_open(path, framework="pt") as fh:
+                for key in fh.keys():
+                    r, name = key.split(":", 1)
+                    if int(r) == t:
+                        sl = fh.get_slice(key)
+                        entries[f"transformer.layers.{j}.{name}"] = (
+                            _dtype(sl.get_dtype()), tuple(sl.get_shape()), partial(_read, path, key))
         names = sorted(entries, key=lambda n: safetensors_order(n, entries[n][0]))
         writer = SafetensorsStreamWriter(out / f"rank{rank}.safetensors",
                                          [(n, entries[n][0], entries[n][1]) for n in names], metadata or None,
@@ -200,6 +200,15 @@ def _merge(ckpt: Checkpoint, opts: BuildOptions, work: _Work, out: Path, metadat
         for n in names:
             writer.write(n, entries[n][2]())
         writer.close()
+
+
+def _read(path: str, key: str) -> torch.Tensor:
+    """One tensor of a per-layer file, the file mapped only for the read (pages a kept mapping touched would
+    stay resident: the whole quantized model by the end of the merge)."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as fh:
+        return fh.get_tensor(key)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -241,6 +250,7 @@ def quantize_layerwise(ckpt: Checkpoint, opts: BuildOptions, out: Path, tmp: Pat
         as_stored(model, opts)
         carry["fake"] = [ls.run_layer(model, h.to(device)).cpu() for h in carry["fake"]]
         del model
+        ls.release_memory()  # modelopt's quantizers and hooks hold reference cycles: free the layer now
         carry["done"] = i
         work.save_carry(carry, force=i == stack.num_layers - 1)
         if t_first is None and stack.num_layers - start > 1:
@@ -261,24 +271,33 @@ def fidelity_layerwise(fmt_name: str, opts: BuildOptions, tmp: Path, stack: ls.R
                        carried: dict | None) -> fid.Measured:
     """The fidelity report's measurements, a layer at a time: the built checkpoint in `tmp` through the
     executor's arithmetic; the reference (and for quantized formats modelopt's fake-quantized layers) from the
-    hidden states `quantize_layerwise` carried, or, unquantized, a reference pass here with greedy decoding."""
+    hidden states `quantize_layerwise` carried, or, unquantized, a reference pass here with greedy decoding. The
+    logits are reduced a vocabulary chunk at a time (fidelity.Reducer), never held whole."""
     built = ls.ExecutorStack(tmp)
-    text = torch.cat([r.text for r in runs])
     caches = [ls.KVCache() for _ in runs]
     hidden = [built.token_rows(r.trt_ids, r.table) for r in runs]
     hidden = ls.executor_pass(built, hidden, caches)
-    ex = built.logits([built.final_hidden(h) for h in hidden])
-    m = fid.Measured(torch.cat(ex), torch.empty(0), text, len(runs), kv_fp8=built.math.kv_fp8)
+    greedy_same = None
     if carried is None:  # unquantized: the reference pass, and both greedy
         want = ls.greedy_reference(stack, [r.embeds for r in runs], fid.GREEDY_TOKENS)
         got = ls.greedy_executor(built, hidden, caches, fid.GREEDY_TOKENS)
-        m.greedy_same = sum(a == b for a, b in zip(want, got))
+        greedy_same = sum(a == b for a, b in zip(want, got))
         ref_hidden = ls.reference_pass(stack, [r.embeds.clone() for r in runs])
     else:
         ref_hidden = carried["ref"]
-        m.fq = torch.cat(stack.logits([stack.final_hidden(h[0]) for h in carried["fake"]]))
-    m.ref = torch.cat(stack.logits([stack.final_hidden(h[0]) for h in ref_hidden]))
-    return m
+    del caches
+    final = {"ex": torch.cat([built.final_hidden(h) for h in hidden]),
+             "ref": torch.cat([stack.final_hidden(h[0]) for h in ref_hidden])}
+    if carried is not None:
+        final["fq"] = torch.cat([stack.final_hidden(h[0]) for h in carried["fake"]])
+    reducer = fid.Reducer(fid.PAIRS_QUANTIZED if carried is not None else fid.PAIRS_UNQUANTIZED)
+    for lo, hi in track(ls.vocab_chunks(stack), f"fidelity: {fmt_name} logits", unit="chunk"):
+        ref_head, ex_head = stack.head_rows(lo, hi), built.head_rows(lo, hi)
+        chunk = {"ex": final["ex"] @ ex_head.T, "ref": final["ref"] @ ref_head.T}
+        if "fq" in final:  # modelopt leaves lm_head unquantized: the reference's rows
+            chunk["fq"] = final["fq"] @ ref_head.T
+        reducer.add(chunk, lo)
+    return fid.Measured(reducer, torch.cat([r.text for r in runs]), len(runs), greedy_same, kv_fp8=built.math.kv_fp8)
 
 
 def build_layerwise(ckpt: Checkpoint, opts: BuildOptions, out: Path, tmp: Path, *, tokenizer, samples,

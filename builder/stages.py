@@ -35,13 +35,13 @@ from runtime.core.errors import NVLMError
 from runtime.core.families import DECODER_ROLES, family_for
 from runtime.core.inspect import llm_bytes
 from runtime.core.llm_formats import BuildOptions, VisionFormat, kv_cache_name
-from runtime.reference import VISION_ROLES, reference_model
+from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from triton_repo.generate import generate_repo
 
 from .deploy import write_kit
 from .llm_build import build_llm
-from .vision_export import export_vision
+from .vision_export import VisionModels, export_vision
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "vocab.json", "merges.txt")
@@ -60,6 +60,10 @@ class EngineBuildOptions:
     limits: EngineLimits = EngineLimits()
     calib_data: str | None = None
     calib_size: int = 32
+    # how the LLM stage runs, not what it makes (the layer-at-a-time path gives the same checkpoint): not in
+    # as_dict, so a resumed build may change them
+    layerwise: str = "auto"
+    device: str = "auto"
 
     def as_dict(self) -> dict:
         return {"quant": self.llm.fmt.name, "kv_cache_dtype": kv_cache_name(self.llm.kv_cache_fp8),
@@ -77,17 +81,15 @@ class Context:
     ckpt: Checkpoint
     opts: EngineBuildOptions
     root: Path  # the .partial directory
-    reference: object = None
     engines_possible: bool = False
     engines_detail: str = ""
 
-    def get_reference(self):
-        """The reference model for the vision export: the vision tower and projector only, unless the
-        export checks task accuracy (the trained embedded default), which runs the whole model."""
-        if self.reference is None:
-            whole = is_trained_default(self.ckpt.directory)
-            self.reference = reference_model(self.ckpt, components=None if whole else VISION_ROLES)
-        return self.reference
+    def vision_models(self) -> VisionModels:
+        """What the vision export loads: the vision tower and projector from the checkpoint as each step needs
+        them, or, when the export checks task accuracy (the trained embedded default), the whole model."""
+        if is_trained_default(self.ckpt.directory):
+            return VisionModels(reference=reference_model(self.ckpt))
+        return VisionModels(ckpt=self.ckpt)
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def _preprocess(ctx: Context, tmp: Path) -> dict:
 def _vision(ctx: Context, tmp: Path) -> dict:
     task_tokenizer = (NVLMTokenizer.from_dir(ctx.ckpt.directory, chat_format=ctx.opts.llm.chat_format)
                       if is_trained_default(ctx.ckpt.directory) else None)
-    info = export_vision(ctx.get_reference(), tmp, dtype=ctx.opts.vision_dtype, vision_quant=ctx.opts.vision_quant,
+    info = export_vision(ctx.vision_models(), tmp, dtype=ctx.opts.vision_dtype, vision_quant=ctx.opts.vision_quant,
                          max_tiles=ctx.opts.limits.max_vision_tiles, task_tokenizer=task_tokenizer)
     return {"dtype": info["dtype"], "files": info["files"], "checks": info["checks"]}
 
@@ -125,7 +127,8 @@ def _vision(ctx: Context, tmp: Path) -> dict:
 def _llm(ctx: Context, tmp: Path) -> dict:
     target = tmp / "ckpt"
     summary = build_llm(ctx.ckpt.directory, target, ctx.opts.llm, calib_data=ctx.opts.calib_data,
-                        calib_size=ctx.opts.calib_size)
+                        calib_size=ctx.opts.calib_size, layerwise=ctx.opts.layerwise, device=ctx.opts.device,
+                        preflight=False)  # the engine build's own preflight covered this stage
     for p in target.iterdir():  # the stage folder is the checkpoint itself
         p.rename(tmp / p.name)
     target.rmdir()

@@ -27,6 +27,7 @@ from runtime.core.errors import NVLMError
 from runtime.core.llm_formats import VisionFormat, get_vision_format
 from runtime.core.progress import bar
 from runtime.preprocess import preprocess_image
+from runtime.reference import VISION_ROLES, reference_model
 from runtime.scenes import SCENE_SIZES, synthetic_scene
 
 from .fidelity import vision_task_check
@@ -45,6 +46,35 @@ CHECK_TILES = 3
 
 class VisionExportError(NVLMError):
     """The vision encoder could not be exported or does not match the reference."""
+
+
+class VisionModels:
+    """The vision tower and projector as the export needs them, never more than it needs at once. From a loaded
+    reference (the trained default, whose task check runs the whole model): that model, and a cast copy for the
+    export dtype. From a checkpoint: the export dtype's model loaded straight from the shards for the trace and
+    freed after it, then the float32 reference for the checks — not both, and no float32 copy during the trace
+    (NVLM-D-72B's vision tower is 5.9 B parameters: 24 GB in float32)."""
+
+    def __init__(self, reference=None, ckpt=None):
+        if (reference is None) == (ckpt is None):
+            raise ValueError("give a reference model or a checkpoint")
+        self._reference, self._ckpt = reference, ckpt
+        self.cfg = reference.cfg if reference is not None else ckpt.config
+
+    def reference(self):
+        """The float32 reference (loaded on first use)."""
+        if self._reference is None:
+            self._reference = reference_model(self._ckpt, components=VISION_ROLES)
+        return self._reference
+
+    def at(self, dtype: torch.dtype):
+        """A model in `dtype` for one trace: the reference itself (float32), a cast copy of a held reference, or
+        a fresh load from the checkpoint in that dtype (the same rounding: source → dtype)."""
+        if dtype == torch.float32:
+            return self.reference()
+        if self._reference is not None:
+            return _cast(self._reference, dtype)
+        return reference_model(self._ckpt, dtype=dtype, components=VISION_ROLES)
 
 
 class VisionEncoder(torch.nn.Module):
@@ -99,30 +129,32 @@ def calibration_tiles(reference, count: int = 4) -> np.ndarray:
     return np.concatenate(tiles).astype(np.float32)
 
 
-def export_vision(reference, out: Path, *, dtype: str = "fp16", vision_quant: "str | VisionFormat | None" = None,
+def export_vision(models, out: Path, *, dtype: str = "fp16", vision_quant: "str | VisionFormat | None" = None,
                   max_tiles: int = 28, seed: int = 0, task_tokenizer=None) -> dict:
     """Write vision_encoder.onnx (+ .data), optional quantized encoder (vision_encoder.fp8.onnx), and
-    vision/config.json. `task_tokenizer`: the source is the trained embedded default (its tokenizer): each
-    encoder onnxruntime can run is also scored on held-out task questions against the reference."""
+    vision/config.json. `models`: a `VisionModels`, or a reference model. `task_tokenizer`: the source is the
+    trained embedded default (its tokenizer): each encoder onnxruntime can run is also scored on held-out task
+    questions against the reference."""
     if dtype not in DTYPES:
         raise VisionExportError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     quant = vision_quant if isinstance(vision_quant, VisionFormat) else get_vision_format(vision_quant)
+    models = models if isinstance(models, VisionModels) else VisionModels(reference=models)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = reference.cfg
+    cfg = models.cfg
     s, hidden = cfg.preprocess.image_size, cfg.llm.hidden_size
-    wrapper = VisionEncoder(reference).eval()
 
     def export(path: Path, torch_dtype, opset: int) -> list[str]:
         import onnx
 
         tmp = path.with_suffix(".trace.onnx")
-        model = VisionEncoder(_cast(reference, torch_dtype)).eval() if torch_dtype != torch.float32 else wrapper
+        model = VisionEncoder(models.at(torch_dtype)).eval()
         dummy = torch.zeros(2, 3, s, s, dtype=torch_dtype)
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
             torch.onnx.export(model, (dummy,), str(tmp), input_names=["pixel_values"], output_names=["image_embeds"],
                               dynamic_axes={"pixel_values": {0: "tiles"}, "image_embeds": {0: "tiles"}},
                               opset_version=opset, dynamo=False)
+        del model  # the traced copy goes before the graph is read back: one copy of the weights at a time
         proto = onnx.load(str(tmp))
         tmp.unlink()
         for extra in tmp.parent.glob(tmp.name + "*"):
@@ -132,6 +164,7 @@ def export_vision(reference, out: Path, *, dtype: str = "fp16", vision_quant: "s
     with bar(None, "exporting the vision encoder to ONNX (trace, then save)", unit="file") as advance:
         files = export(out / "vision_encoder.onnx", DTYPES[dtype], OPSET)
         advance(1)
+    reference = models.reference()
     checks = {}
     if dtype in CHECK_THRESHOLDS:
         rel = _ort_check(out / "vision_encoder.onnx", reference, dtype, CHECK_TILES, seed)
@@ -145,7 +178,7 @@ def export_vision(reference, out: Path, *, dtype: str = "fp16", vision_quant: "s
         checks["onnx_vs_reference"] = {"metric": "not run: onnxruntime has no bf16 kernels on CPU", "value": None,
                                        "threshold": None, "passed": True}
     if quant is not None:
-        files += _quantized(reference, out, export, quant)
+        files += _quantized(reference, out, export, quant)  # its fp32 trace uses the reference itself
         rel = _ort_check(out / quant.onnx_name(), reference, "fp32", CHECK_TILES, seed)
         checks[f"{quant.name}_vs_fp32_reference"] = {"metric": "max |Δ| / max |ref| on fresh random tiles (reported)",
                                            "value": rel, "threshold": None, "passed": True}

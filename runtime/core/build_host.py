@@ -117,9 +117,11 @@ def llm_need(cfg: NVLMConfig, fmt: LLMFormat, *, fidelity: bool, largest_tensor:
 
 
 def engine_needs(cfg: NVLMConfig, fmt: LLMFormat, *, vision_dtype_bytes: int = 2, vision_fp8: bool = False,
-                 largest_tensor: int, group_size: int = 128, fidelity: bool = True) -> HostNeeds:
+                 largest_tensor: int, group_size: int = 128, fidelity: bool = True, layerwise: bool = False,
+                 calib_size: int = 32) -> HostNeeds:
     return HostNeeds((vision_need(cfg, vision_dtype_bytes, vision_fp8),
-                      llm_need(cfg, fmt, fidelity=fidelity, largest_tensor=largest_tensor, group_size=group_size)))
+                      llm_need(cfg, fmt, fidelity=fidelity, largest_tensor=largest_tensor, group_size=group_size,
+                               layerwise=layerwise, calib_size=calib_size)))
 
 
 def largest_stored_tensor(cfg: NVLMConfig, tensors: dict | None) -> int:

@@ -227,6 +227,33 @@ class Checkpoint:
             return torch.empty(info.shape, dtype=getattr(torch, info.dtype))
         return torch.frombuffer(buf, dtype=getattr(torch, info.dtype)).reshape(info.shape)
 
+    def get_rows(self, name: str, rows: range | list[int]):
+        """Rows of a tensor along its first dimension [len(rows), ...], read row by row (a range: in one read):
+        a chunk of lm_head or the embedding rows of a prompt's ids, without reading the whole 2.49 GB tensor."""
+        import torch
+
+        if name not in self.tensors:
+            raise CheckpointError(f"{self.directory}: no tensor named {name!r}")
+        info = self.tensors[name]
+        row_bytes = info.nbytes // info.shape[0]
+        spans = [(rows.start, len(rows))] if isinstance(rows, range) else [(int(r), 1) for r in rows]
+        buf = bytearray(row_bytes * sum(n for _, n in spans))
+        view = memoryview(buf)
+        with open(self.directory / info.shard, "rb", buffering=0) as fh:
+            at = 0
+            for first, n in spans:
+                if not 0 <= first <= first + n <= info.shape[0]:
+                    raise CheckpointError(f"rows {first}…{first + n} are outside {name!r} ({info.shape[0]} rows)")
+                fh.seek(info.offset + first * row_bytes)
+                if read_fully(fh, view[at:at + n * row_bytes]) != n * row_bytes:
+                    raise CheckpointError(f"{info.shard}: tensor {name!r} is cut short; the file changed or is "
+                                          "truncated")
+                at += n * row_bytes
+        count = sum(n for _, n in spans)
+        if not buf:
+            return torch.empty((count, *info.shape[1:]), dtype=getattr(torch, info.dtype))
+        return torch.frombuffer(buf, dtype=getattr(torch, info.dtype)).reshape(count, *info.shape[1:])
+
     def iter_tensors(self, names=None) -> Iterator[tuple[str, "object"]]:
         """Tensors in on-disk order (shard by shard), so reads stream through each file once."""
         wanted = self.tensors if names is None else {n: self.tensors[n] for n in names}
