@@ -30,8 +30,10 @@ import torch
 from runtime.core import trtllm_layout as layout
 from runtime.core.checkpoint import Checkpoint
 from runtime.core.config import NVLMConfig
+from runtime.core.errors import InputError
 from runtime.core.families import family_for_trtllm
 from runtime.core.llm_formats import format_for_algo
+from runtime.core.trtllm_checkpoint import embedding_rows
 from runtime.trtllm_executor import KVCache, TRTLLMExecutor, rank_layer, rms_norm
 
 CHUNK_ROWS = 8192  # lm_head rows upcast at a time: 8192 × 8192 × 4 B = 256 MB for NVLM-D-72B
@@ -58,8 +60,6 @@ def supports(cfg: NVLMConfig) -> bool:
 
 def resolve_device(name: str) -> torch.device:
     """`--device auto|cpu|cuda[:N]`: auto is the first CUDA device when torch sees one."""
-    from runtime.core.errors import InputError
-
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -228,8 +228,6 @@ class ExecutorStack:
 
     def token_rows(self, ids: Sequence[int], table: torch.Tensor | None = None) -> torch.Tensor:
         """The executor's `embed`: token rows read from the rank files, prompt-table rows at ids ≥ vocab_size."""
-        from runtime.core.trtllm_checkpoint import embedding_rows
-
         vocab = self.config["vocab_size"]
         ids_t = torch.as_tensor(list(ids), dtype=torch.long)
         fake = ids_t >= vocab

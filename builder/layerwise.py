@@ -38,9 +38,12 @@ from torch import nn
 from runtime.core.checkpoint import Checkpoint
 from runtime.core.errors import NVLMError
 from runtime.core.llm_formats import BuildOptions
-from runtime.core.progress import track
+from runtime.core.progress import bar, track
 from runtime.core.trtllm_checkpoint import (
+    SAFETENSORS_DTYPES,
     TORCH_DTYPES,
+    count_tensors,
+    write_unquantized,
     SafetensorsStreamWriter,
     rank_plan,
     safetensors_order,
@@ -50,6 +53,7 @@ from runtime.reference import VISION_ROLES, reference_model
 from . import fidelity as fid
 from . import layer_stream as ls
 from .calibration import embed_samples
+from .modelopt_glue import _quiet, as_stored, quantized_config
 
 log = logging.getLogger(__name__)
 
@@ -136,8 +140,6 @@ class _Work:
 def _quantize_layer(model, opts: BuildOptions, calib: list[torch.Tensor]) -> None:
     import modelopt.torch.quantization as mtq
 
-    from .llm_build import _quiet
-
     cfg = opts.fmt.modelopt_config(opts.kv_cache_fp8, opts.awq_group_size)
 
     def forward_loop(m):  # modelopt runs it once per calibration pass (AWQ: several)
@@ -154,8 +156,6 @@ def _export_layer(model, opts: BuildOptions, i: int, scratch: Path) -> tuple[dic
     the layer), the exported config.json and the rank files' metadata."""
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
     from safetensors import safe_open
-
-    from .llm_build import _quiet
 
     shutil.rmtree(scratch, ignore_errors=True)
     with _quiet():
@@ -212,8 +212,6 @@ def _read(path: str, key: str) -> torch.Tensor:
 
 
 def _dtype(name: str) -> torch.dtype:
-    from runtime.core.trtllm_checkpoint import SAFETENSORS_DTYPES
-
     return {v: k for k, v in SAFETENSORS_DTYPES.items()}[name]
 
 
@@ -245,8 +243,6 @@ def quantize_layerwise(ckpt: Checkpoint, opts: BuildOptions, out: Path, tmp: Pat
 
         save_file(tensors, str(work.layer_file(i)), metadata=carry["metadata"] or None)
         del tensors
-        from .llm_build import as_stored
-
         as_stored(model, opts)
         carry["fake"] = [ls.run_layer(model, h.to(device)).cpu() for h in carry["fake"]]
         del model
@@ -260,8 +256,6 @@ def quantize_layerwise(ckpt: Checkpoint, opts: BuildOptions, out: Path, tmp: Pat
         if os.environ.get(_EXIT_AFTER_ENV) == str(i):
             os._exit(137)
     _merge(ckpt, opts, work, tmp, carry["metadata"])
-    from .llm_build import quantized_config
-
     config = quantized_config(ckpt, opts, carry["exported"])
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config, carry
@@ -304,9 +298,6 @@ def build_layerwise(ckpt: Checkpoint, opts: BuildOptions, out: Path, tmp: Path, 
                     fidelity: bool, device: torch.device, resume: bool = False):
     """The layer-at-a-time build into `tmp`: (config, fidelity.Measured or None). Unquantized formats are written
     by the streaming converter first (as without the fidelity report)."""
-    from runtime.core.progress import bar
-    from runtime.core.trtllm_checkpoint import count_tensors, write_unquantized
-
     stack = ls.ReferenceStack(ckpt, getattr(torch, opts.fmt.dtype), device)
     calib, runs = prepare(ckpt, tokenizer, stack, samples if opts.fmt.quantized else [], fidelity)
     carried = None
