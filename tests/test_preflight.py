@@ -31,7 +31,7 @@ def test_a_72b_engine_build_on_a_small_host_is_refused_before_any_work(tmp_path,
     assert main(["engine", str(ckpt), "-o", str(out), "--quant", "fp8", "--kv-cache-dtype", "fp8"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "would not finish on this host" in err, err
-    assert "RAM at its peak (llm:" in err and "--no-preflight" in err and "a host with at least" in err
+    assert "RAM at its peak (vision:" in err and "--no-preflight" in err and "a host with at least" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["nvlm-d-72b"]  # no build, no .partial
 
 
