@@ -31,6 +31,7 @@ from runtime.reference import VISION_ROLES, reference_model
 from runtime.scenes import SCENE_SIZES, synthetic_scene
 
 from .fidelity import vision_task_check
+from .vision_layers import VisionParts, export_by_part
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,12 @@ class VisionModels:
             raise ValueError("give a reference model or a checkpoint")
         self._reference, self._ckpt = reference, ckpt
         self.cfg = reference.cfg if reference is not None else ckpt.config
+
+    def by_part(self, dtype: torch.dtype) -> bool:
+        """Export a part at a time (builder/vision_layers.py): a tower from the shards whose export passes
+        EXTERNAL_DATA_BYTES (it goes to external data either way). Small towers, and a held reference (the
+        trained default, whose task check runs the whole model), trace whole — as before, byte for byte."""
+        return self._ckpt is not None and VisionParts(self._ckpt).export_bytes(dtype) > EXTERNAL_DATA_BYTES
 
     def reference(self):
         """The float32 reference (loaded on first use)."""
@@ -161,13 +168,22 @@ def export_vision(models, out: Path, *, dtype: str = "fp16", vision_quant: "str 
             extra.unlink()
         return _save(proto, path)
 
-    with bar(None, "exporting the vision encoder to ONNX (trace, then save)", unit="file") as advance:
-        files = export(out / "vision_encoder.onnx", DTYPES[dtype], OPSET)
-        advance(1)
-    reference = models.reference()
+    if quant is None and task_tokenizer is None and models.by_part(DTYPES[dtype]):
+        parts = VisionParts(models._ckpt)
+        with bar(len(parts.names()), "exporting the vision encoder to ONNX a part at a time", unit="part") as advance:
+            files, part_rel = export_by_part(models._ckpt, out, dtype=DTYPES[dtype], opset=OPSET,
+                                             check_tiles=CHECK_TILES, seed=seed, check=dtype in CHECK_THRESHOLDS,
+                                             progress=advance)
+        reference = None
+    else:
+        with bar(None, "exporting the vision encoder to ONNX (trace, then save)", unit="file") as advance:
+            files = export(out / "vision_encoder.onnx", DTYPES[dtype], OPSET)
+            advance(1)
+        reference, part_rel = models.reference(), None
     checks = {}
     if dtype in CHECK_THRESHOLDS:
-        rel = _ort_check(out / "vision_encoder.onnx", reference, dtype, CHECK_TILES, seed)
+        rel = part_rel if reference is None else _ort_check(out / "vision_encoder.onnx", reference, dtype,
+                                                            CHECK_TILES, seed)
         checks["onnx_vs_reference"] = {"metric": "max |Δ| / max |ref| on fresh random tiles (onnxruntime CPU)",
                                        "value": rel, "threshold": CHECK_THRESHOLDS[dtype],
                                        "passed": rel <= CHECK_THRESHOLDS[dtype]}

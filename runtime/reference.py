@@ -159,8 +159,12 @@ class NVLMReference(nn.Module):
 
     def encode_tiles(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The vision pipeline itself (no checks, no grad mode): what the ONNX export traces."""
+        return self.project(self.vision(pixel_values, self.cfg.select_layer))  # [T, 1+P, C] → [T, tokens, hidden]
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The selected vision layer's hidden states [T, 1+P, C] → image embeddings [T, tokens_per_tile,
+        llm_hidden]: drop CLS, pixel shuffle, the projector (the vision export's last part traces this alone)."""
         v, p = self.cfg.vision, self.cfg.preprocess
-        hidden = self.vision(pixel_values, self.cfg.select_layer)  # [T, 1+P, C]
         hidden = hidden[:, 1:, :]  # [T, P, C]: the CLS token is dropped
         side = v.patches_per_side
         grid = hidden.reshape(hidden.shape[0], side, side, -1)  # [T, side, side, C]
