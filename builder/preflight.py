@@ -49,7 +49,7 @@ def remedies_for(cfg: NVLMConfig, fmt: LLMFormat, needs: HostNeeds, *, fidelity:
         streamed = llm_need(cfg, fmt, fidelity=False, largest_tensor=largest_tensor)
         out.append(f"`nvlm-build llm --quant {fmt.name} --no-fidelity` converts the decoder a tensor at a time "
                    f"(≈ {human_bytes(streamed.ram)})")
-    if fidelity or fmt.quantized:
+    if (fidelity or fmt.quantized) and "layer at a time" not in needs.peak_stage.why:
         if not family_for(cfg).prompt_layout.cross_attention:
             lw = llm_need(cfg, fmt, fidelity=fidelity, largest_tensor=largest_tensor, layerwise=True)
             out.append(f"--layerwise on runs calibration and the fidelity report a decoder layer at a time "

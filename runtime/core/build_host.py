@@ -74,8 +74,22 @@ def _params(cfg: NVLMConfig) -> tuple[int, int]:
     return sum(c.num_params(cfg) for c in comps) - decoder, decoder
 
 
+EXTERNAL_DATA_BYTES = 1 << 30  # builder/vision_export.py: past this, a part at a time (and external data)
+
+
 def vision_need(cfg: NVLMConfig, dtype_bytes: int, fp8: bool) -> StageNeed:
     vision, _ = _params(cfg)
+    if not fp8 and dtype_bytes * vision > EXTERNAL_DATA_BYTES:
+        # builder/vision_layers.py: the largest part (the projector, or one InternViT layer) in the export dtype
+        # with torch's and onnx's copies of it, the same part in float32 for the check, onnxruntime's session
+        comps = {c.name: c.num_params(cfg) for c in family_for(cfg).components}
+        v = cfg.vision
+        layer = (comps.get("vision", 0) - v.num_positions * v.hidden_size) // max(1, v.num_layers)
+        part = max(comps.get("projector", 0), layer)
+        ram = BASE_RSS + part * (4 * dtype_bytes + FLOAT32) + CHECK_TILES * VISION_ACTIVATIONS_PER_TILE
+        return StageNeed("vision", ram, dtype_bytes * vision,
+                         "a part at a time: the largest part (projector or one layer) in the export dtype, "
+                         "float32 and onnxruntime")
     # an export past protobuf's 2 GiB goes through external data, which costs two more copies (measured: a
     # 72B-shaped slice with 6 vision layers, 2.9 GB in fp16, passed 21.5 GB before it was stopped)
     copies = 4 + (2 if dtype_bytes * vision > 2**31 else 0)
@@ -144,7 +158,12 @@ def build_host_report(cfg: NVLMConfig, tensors: dict | None = None) -> dict:
                "engine_disk_bytes": needs.disk, "gpu_bytes": needs.gpu}
         if not fmt.quantized:
             row["llm_streamed_peak_ram_bytes"] = llm_need(cfg, fmt, fidelity=False, largest_tensor=largest).ram
+        if not cfg.cross_attention_layers:  # NVLM-D layouts: the decoder a layer at a time (--layerwise)
+            row["engine_layerwise_peak_ram_bytes"] = engine_needs(cfg, fmt, largest_tensor=largest,
+                                                                  layerwise=True).peak_ram
         rows.append(row)
     return {"largest_tensor_bytes": largest, "rows": rows,
-            "conventions": "the stages as written today (runtime/core/build_host.py): float32 reference and "
-                           "executor for the fidelity report and quantization; no GPU used"}
+            "conventions": "the stages as written today (runtime/core/build_host.py): engine_* with the whole-model "
+                           "float32 reference and executor for the fidelity report and quantization; "
+                           "engine_layerwise_* with the decoder a layer at a time (32 calibration prompts); "
+                           "no GPU used"}

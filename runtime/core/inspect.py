@@ -242,11 +242,13 @@ def format_report(r: dict) -> str:
     host = r.get("build_host")
     if host:
         lines.append("build host for `nvlm-build engine` (vision fp16, fidelity report on):")
-        lines.append(f"  {'weights':<9}  {'peak RAM':>12}  {'disk':>12}  GPU")
+        lines.append(f"  {'weights':<9}  {'peak RAM':>12}  {'layer at a time':>15}  {'disk':>12}  GPU")
         for row in host["rows"]:
             streamed = row.get("llm_streamed_peak_ram_bytes")
             extra = f"   (`llm --no-fidelity`: {_gb(streamed)})" if streamed else ""
+            layerwise = row.get("engine_layerwise_peak_ram_bytes")
             lines.append(f"  {row['format']:<9}  {_gb(row['engine_peak_ram_bytes']):>12}  "
-                         f"{_gb(row['engine_disk_bytes']):>12}  none{extra}")
+                         f"{_gb(layerwise) if layerwise else '—':>15}  {_gb(row['engine_disk_bytes']):>12}  "
+                         f"none{extra}")
         lines.append(f"  ({host['conventions']})")
     return "\n".join(lines)
