@@ -30,7 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-NB = str(ROOT / ".venv" / "bin" / "nvlm-build")
+# the project's entry point; on a host without the project's .venv (the GPU check) the same CLI through python
+NB = ([str(ROOT / ".venv" / "bin" / "nvlm-build")] if (ROOT / ".venv" / "bin" / "nvlm-build").exists()
+      else [sys.executable, "-c", "import sys; from builder.cli import main; sys.exit(main())"])
 REAL = {"decoder": 80, "vision": 45}
 SHARD_BYTES = 4 << 30
 # what the release stores in F32 (docs/released_layout.md); everything else bf16
@@ -127,7 +129,7 @@ def rss_bytes(pid: int) -> int:
 
 def run_stage(args: list[str], limit: int) -> dict:
     t0 = time.perf_counter()
-    proc = subprocess.Popen([NB, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*NB, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     peak, killed = 0, False
     while proc.poll() is None:
         peak = max(peak, rss_bytes(proc.pid))
@@ -152,6 +154,7 @@ def main() -> int:
     ap.add_argument("--rss-limit-gb", type=float, default=20.0)
     ap.add_argument("--keep", action="store_true", help="keep the stage outputs")
     ap.add_argument("--json")
+    ap.add_argument("--device", help="passed to the llm and engine stages (--device cuda: the layers on the GPU)")
     a = ap.parse_args()
     work = Path(a.work)
     depths = [tuple(int(x) for x in d.split(":")) for d in a.depths.split(",")]
@@ -166,7 +169,10 @@ def main() -> int:
         for s in stages:
             out = work / f"out-{s}"
             shutil.rmtree(out, ignore_errors=True)
-            r = run_stage([x.format(ckpt=ckpt, out=out) for x in STAGES[s]], limit)
+            args = [x.format(ckpt=ckpt, out=out) for x in STAGES[s]]
+            if a.device and args[0] in ("llm", "engine"):
+                args += ["--device", a.device]
+            r = run_stage(args, limit)
             r.update(stage=s, decoder_layers=dec, vision_layers=vis)
             results.append(r)
             print(f"{s:<16} {dec:>3}:{vis:<3} {r['seconds']:>8.1f} s {r['peak_rss_gb']:>7.2f} GB  {r['status']}",

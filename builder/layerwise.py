@@ -104,9 +104,14 @@ def _fingerprint(ckpt: Checkpoint, opts: BuildOptions, samples) -> dict:
 class _Work:
     """OUT.layerwise: layer{i}.safetensors (layer i's tensors, keyed "rank:name"), carry.pt, build.json."""
 
-    def __init__(self, path: Path, fingerprint: dict, resume: bool):
+    def __init__(self, path: Path, fingerprint: dict, resume: bool | None):
+        """`resume`: True continues (refused unless the folder holds a build of the same options), False starts
+        over, None continues when it does and starts over otherwise (the engine build's own --resume)."""
         self.path = path
         meta = path / "build.json"
+        if resume is None:
+            resume = meta.is_file() and json.loads(meta.read_text()) == fingerprint
+        self.resumed = resume
         if resume:
             if not meta.is_file():
                 raise ResumeError(f"--resume: {path} holds no earlier layer-at-a-time build; run without --resume")
@@ -215,12 +220,14 @@ def _dtype(name: str) -> torch.dtype:
     return {v: k for k, v in SAFETENSORS_DTYPES.items()}[name]
 
 
-def quantize_layerwise(ckpt: Checkpoint, opts: BuildOptions, out: Path, tmp: Path, *, stack: ls.ReferenceStack,
-                       calib: list[torch.Tensor], runs, samples, resume: bool) -> tuple[dict, dict]:
-    """Calibrate, export and fake-quantize layer by layer; write the rank files and config.json into `tmp`.
-    Returns (config, carried hidden states: "ref" and "fake" of the fidelity prompts after the last layer)."""
-    work = _Work(work_dir(out), _fingerprint(ckpt, opts, samples), resume)
-    carry = work.load_carry() if resume else None
+def quantize_layerwise(ckpt: Checkpoint, opts: BuildOptions, work_path: Path, tmp: Path, *,
+                       stack: ls.ReferenceStack, calib: list[torch.Tensor], runs, samples,
+                       resume: bool | None) -> tuple[dict, dict]:
+    """Calibrate, export and fake-quantize layer by layer (per-layer work in `work_path`); write the rank files
+    and config.json into `tmp`. Returns (config, carried hidden states: "ref" and "fake" of the fidelity prompts
+    after the last layer)."""
+    work = _Work(work_path, _fingerprint(ckpt, opts, samples), resume)
+    carry = work.load_carry() if work.resumed else None
     start = 0 if carry is None else carry["done"] + 1
     if carry is None:
         carry = {"done": -1, "calib": calib, "ref": [r.embeds for r in runs], "fake": [r.embeds for r in runs],
@@ -294,15 +301,15 @@ def fidelity_layerwise(fmt_name: str, opts: BuildOptions, tmp: Path, stack: ls.R
     return fid.Measured(reducer, torch.cat([r.text for r in runs]), len(runs), greedy_same, kv_fp8=built.math.kv_fp8)
 
 
-def build_layerwise(ckpt: Checkpoint, opts: BuildOptions, out: Path, tmp: Path, *, tokenizer, samples,
-                    fidelity: bool, device: torch.device, resume: bool = False):
+def build_layerwise(ckpt: Checkpoint, opts: BuildOptions, work_path: Path, tmp: Path, *, tokenizer, samples,
+                    fidelity: bool, device: torch.device, resume: bool | None = False):
     """The layer-at-a-time build into `tmp`: (config, fidelity.Measured or None). Unquantized formats are written
     by the streaming converter first (as without the fidelity report)."""
     stack = ls.ReferenceStack(ckpt, getattr(torch, opts.fmt.dtype), device)
     calib, runs = prepare(ckpt, tokenizer, stack, samples if opts.fmt.quantized else [], fidelity)
     carried = None
     if opts.fmt.quantized:
-        config, carried = quantize_layerwise(ckpt, opts, out, tmp, stack=stack, calib=calib, runs=runs,
+        config, carried = quantize_layerwise(ckpt, opts, work_path, tmp, stack=stack, calib=calib, runs=runs,
                                              samples=samples, resume=resume)
     else:
         with bar(count_tensors(ckpt, opts), f"converting to {opts.fmt.name}", unit="tensor") as advance:

@@ -172,8 +172,8 @@ def _build_whole(ckpt, opts: BuildOptions, tmp: Path, samples, *, fidelity: bool
     return config, report
 
 
-def _build_by_layer(ckpt, opts: BuildOptions, out: Path, tmp: Path, samples, *, fidelity: bool, device,
-                    resume: bool) -> tuple[dict, dict | None]:
+def _build_by_layer(ckpt, opts: BuildOptions, work: Path, tmp: Path, samples, *, fidelity: bool, device,
+                    resume: bool | None) -> tuple[dict, dict | None]:
     """The layer-at-a-time path (builder/layerwise.py) and its report."""
     import torch
 
@@ -181,7 +181,7 @@ def _build_by_layer(ckpt, opts: BuildOptions, out: Path, tmp: Path, samples, *, 
     tokenizer.check_vocab(ckpt.config.llm.vocab_size)
     if opts.fmt.quantized:
         log.info("calibrating %s on %d multimodal samples, a decoder layer at a time", opts.fmt.name, len(samples))
-    config, measured = build_layerwise(ckpt, opts, out, tmp, tokenizer=tokenizer, samples=samples,
+    config, measured = build_layerwise(ckpt, opts, work, tmp, tokenizer=tokenizer, samples=samples,
                                        fidelity=fidelity, device=device, resume=resume)
     if not fidelity:
         return config, None
@@ -194,16 +194,18 @@ def _build_by_layer(ckpt, opts: BuildOptions, out: Path, tmp: Path, samples, *, 
 
 def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size: int = 32, force: bool = False,
               fidelity: bool = True, preflight: bool = True, layerwise: str = "auto", device: str = "auto",
-              resume: bool = False) -> dict:
+              resume: bool | None = False, layer_work: Path | None = None) -> dict:
     """Build and publish; returns the summary written to OUT/nvlm_build.json (plus the wall seconds).
     `layerwise`: auto|on|off (`choose_layerwise`); `device`: where the layer-at-a-time path computes (auto: CUDA
-    when there is one); `resume`: continue a killed layer-at-a-time quantization from OUT.layerwise."""
+    when there is one); `resume`: continue a killed layer-at-a-time quantization from its work folder (None:
+    when that folder holds one of these options); `layer_work`: that folder (default OUT.layerwise)."""
     out = Path(out)
     ckpt = Checkpoint.open(ckpt_path)
     validate(ckpt.config, opts)
     if out.exists() and not force:
         raise OutputExistsError(f"{out} already exists; pass --force to replace it, or choose another output")
     by_layer = choose_layerwise(ckpt, opts, layerwise, fidelity=fidelity, calib_size=calib_size)
+    work = Path(layer_work) if layer_work is not None else work_dir(out)
     if resume and not (by_layer and opts.fmt.quantized):
         raise InputError("--resume continues a layer-at-a-time quantization: it needs a quantized --quant and "
                          "--layerwise on (or auto on a host where the whole model does not fit)")
@@ -223,7 +225,7 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
     def write(tmp: Path) -> None:
         t0 = time.perf_counter()
         if by_layer:
-            config, report = _build_by_layer(ckpt, opts, out, tmp, samples, fidelity=fidelity, device=dev,
+            config, report = _build_by_layer(ckpt, opts, work, tmp, samples, fidelity=fidelity, device=dev,
                                              resume=resume)
         else:
             config, report = _build_whole(ckpt, opts, tmp, samples, fidelity=fidelity)
@@ -253,5 +255,5 @@ def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size
 
     publish_dir(out, write, force=force)
     if by_layer:  # published: the per-layer work is no longer needed for a resume
-        shutil.rmtree(work_dir(out), ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     return summary

@@ -126,9 +126,12 @@ def _vision(ctx: Context, tmp: Path) -> dict:
 
 def _llm(ctx: Context, tmp: Path) -> dict:
     target = tmp / "ckpt"
+    # a layer-at-a-time quantization keeps its per-layer work beside the stage folder (which a resumed engine
+    # build starts afresh), so that `nvlm-build engine --resume` continues it from its last saved layer
     summary = build_llm(ctx.ckpt.directory, target, ctx.opts.llm, calib_data=ctx.opts.calib_data,
                         calib_size=ctx.opts.calib_size, layerwise=ctx.opts.layerwise, device=ctx.opts.device,
-                        preflight=False)  # the engine build's own preflight covered this stage
+                        preflight=False,  # the engine build's own preflight covered this stage
+                        resume=None, layer_work=ctx.root / ".llm.layerwise")
     for p in target.iterdir():  # the stage folder is the checkpoint itself
         p.rename(tmp / p.name)
     target.rmdir()

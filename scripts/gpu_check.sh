@@ -24,3 +24,12 @@ fi
 python3 -c "import torch, triton, PIL; print('torch', torch.__version__, 'triton', triton.__version__, 'pillow', PIL.__version__, 'cuda', torch.cuda.is_available())"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv || true
 python3 scripts/gpu_check.py ${RUNTIME[@]+"${RUNTIME[@]}"} "$@"
+# Issue 30: the layer-at-a-time fp8 + FP8-KV build of a 72B-shaped slice (1 decoder : 2 vision layers, 8.9 GB
+# written first) with its layers on the GPU: wall time and peak RSS. Needs nvidia-modelopt (carried in .whl/ or
+# on the image); kept within 7 minutes so that the whole check stays within its budget.
+if python3 -c 'import modelopt.torch.quantization' 2>/dev/null; then
+  timeout 420 python3 benchmarks/real_scale.py --work /tmp/real_scale --depths 1:2 --stages llm-fp8 --device cuda \
+    --rss-limit-gb 100 --json "${OUT:-docs/gpu}/real_scale_cuda.json" || echo "layer-at-a-time slice build: failed or over 7 min" >&2
+else
+  echo "layer-at-a-time slice build skipped: nvidia-modelopt is not on this image (carry it in .whl/)" >&2
+fi

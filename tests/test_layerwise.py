@@ -155,3 +155,22 @@ def test_reducer_in_chunks_equals_whole_logits():
         assert chunked.decidable(a, b, mask) == whole.decidable(a, b, mask)
         assert chunked.top1(a, b, mask) == whole.top1(a, b, mask)
     assert whole.top1("ex", "ref", mask) > 0.95 and whole.top1("bad", "ref", mask) < 0.1
+
+
+def test_engine_build_killed_in_its_llm_stage_resumes_the_layers(demo, tmp_path):
+    """`nvlm-build engine --resume` keeps the layer-at-a-time quantization's finished layers (they live beside the
+    stage folder, which a resumed build starts afresh) and ends with the same checkpoint as a straight build."""
+    args = ["engine", demo, "--quant", "fp8", "--calib-size", "4", "--layerwise", "on", "--target", "reference"]
+    out = tmp_path / "killed"
+    killed = _nvlm_build(*args, "-o", out, env={"NVLM_TEST_EXIT_AFTER_LAYER": "0"})
+    assert killed.returncode == 137, killed.stderr
+    partial = tmp_path / ".killed.partial"
+    assert (partial / ".llm.layerwise" / "layer00000.safetensors").is_file()
+    resumed = _nvlm_build(*args, "-o", out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming after decoder layer 0" in resumed.stderr
+    straight = _nvlm_build(*args, "-o", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+    for name in ("rank0.safetensors", "config.json"):
+        assert (out / "llm" / name).read_bytes() == (tmp_path / "straight" / "llm" / name).read_bytes(), name
+    assert not (out / ".llm.layerwise").exists()
