@@ -24,6 +24,7 @@ from runtime.core.llm_formats import (
     KV_CACHE_DTYPES,
     VISION_FORMATS,
     BuildOptions,
+    awq_group_help,
     get_format,
     get_vision_format,
     kv_cache_fp8,
@@ -304,7 +305,7 @@ def _llm_args_common(p: argparse.ArgumentParser) -> None:
                    help="fp8: calibrated FP8 KV cache (quantized formats only)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size")
-    p.add_argument("--awq-group-size", type=int, default=128, help="int4 group size for *_awq (64 or 128)")
+    p.add_argument("--awq-group-size", type=int, default=128, help=f"int4 group size of the AWQ formats ({awq_group_help()})")
     p.add_argument("--calib-data", help="folder of images, or JSONL of {\"prompt\": …, \"image\": path} lines")
     p.add_argument("--calib-size", type=int, default=32, help="calibration samples (default: 32)")
     p.add_argument("--no-preflight", action="store_true",

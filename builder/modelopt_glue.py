@@ -9,7 +9,7 @@ import logging
 import warnings
 
 from runtime.core.errors import NVLMError
-from runtime.core.llm_formats import FP8_MAX, BuildOptions, q8
+from runtime.core.llm_formats import FP8_MAX, KV_CACHE_FP8_ALGO, BuildOptions, kv_cache_is_fp8, q8
 from runtime.core.trtllm_checkpoint import trtllm_config
 
 log = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ def as_stored(model, opts: BuildOptions):
 
     if opts.kv_cache_fp8:
         _kv_as_stored(model)
-    if opts.fmt.quant_algo != "FP8":
+    if not opts.fmt.fp8_weights:
         return model
     with torch.no_grad():
         for module in model.modules():
@@ -82,8 +82,9 @@ def quantized_config(ckpt, opts: BuildOptions, exported: dict) -> dict:
     if q.get("quant_algo") != opts.fmt.quant_algo:
         raise NVLMError(f"modelopt exported quant_algo {q.get('quant_algo')!r}, expected {opts.fmt.quant_algo!r}; "
                         "this modelopt version is not supported")
-    if opts.kv_cache_fp8 and q.get("kv_cache_quant_algo") != "FP8":
-        raise NVLMError(f"modelopt exported kv_cache_quant_algo {q.get('kv_cache_quant_algo')!r}, expected 'FP8'")
+    if opts.kv_cache_fp8 and not kv_cache_is_fp8(q):
+        raise NVLMError(f"modelopt exported kv_cache_quant_algo {q.get('kv_cache_quant_algo')!r}, expected "
+                        f"{KV_CACHE_FP8_ALGO!r}")
     config = trtllm_config(ckpt.config, opts, q)
     config["producer"]["modelopt"] = exported.get("producer", {}).get("version")
     return config

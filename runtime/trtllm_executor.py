@@ -37,7 +37,15 @@ import torch
 from runtime.core import trtllm_layout as layout
 from runtime.core.errors import CheckpointError, InputError, UnsupportedArchitectureError
 from runtime.core.families import family_for_trtllm
-from runtime.core.llm_formats import FP8_MAX, LLMFormat, UnsupportedCombinationError, format_for_algo, kv_round, q8
+from runtime.core.llm_formats import (
+    FP8_MAX,
+    LLMFormat,
+    UnsupportedCombinationError,
+    format_for_algo,
+    kv_cache_is_fp8,
+    kv_round,
+    q8,
+)
 from runtime.decoding import Controls, Decoder, Words
 
 
@@ -203,7 +211,7 @@ class TRTLLMExecutor:
         self.eps = c["norm_epsilon"]
         self.tp = c["mapping"]["tp_size"]
         q = c.get("quantization") or {}
-        self.kv_fp8 = q.get("kv_cache_quant_algo") == "FP8"
+        self.kv_fp8 = kv_cache_is_fp8(q)
         self.rotary_base = float(c.get("rotary_base", 10000.0))
         self.rotary_scaling = c.get("rotary_scaling")
         self.max_positions = c["max_position_embeddings"]

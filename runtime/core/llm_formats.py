@@ -82,6 +82,10 @@ class LLMFormat:
     def awq(self) -> bool:  # int4 weights in groups along the input dimension
         return bool(self.group_sizes)
 
+    @property
+    def fp8_weights(self) -> bool:  # per-tensor FP8 weights, stored as e4m3 bytes with one scale
+        return self.quant_algo == "FP8"
+
     def linear_bytes_per_param(self, group_size: int = 128) -> float:
         """Bytes per decoder linear weight: AWQ adds one 16-bit scale per group of input channels."""
         return self.weight_bits / 8 + (2.0 / group_size if self.awq else 0.0)
@@ -96,7 +100,7 @@ class LLMFormat:
         w = get(prefix + "weight")
         if self.quant_algo is None or w.dtype in (torch.bfloat16, torch.float16, torch.float32):
             return StoredLinear(w.float())  # unquantized (or a layer the format leaves in 16 bits)
-        if self.quant_algo == "FP8":
+        if self.fp8_weights:
             return StoredLinear(w.float() * get(prefix + "weights_scaling_factor").float(),
                                 act_scale=get(prefix + "activation_scaling_factor").float())
         q = unpack_int4(w)
@@ -146,6 +150,19 @@ ALGOS[None] = FORMATS["bf16"]
 # --kv-cache-dtype: "auto" keeps the engine's activation dtype; "fp8" is a calibrated FP8 KV cache
 # (kv_cache_quant_algo FP8, one scale per attention layer)
 KV_CACHE_DTYPES = ("auto", "fp8")
+
+
+KV_CACHE_FP8_ALGO = "FP8"  # a TensorRT-LLM checkpoint's quantization.kv_cache_quant_algo for the FP8 cache
+
+
+def kv_cache_is_fp8(quantization: dict | None) -> bool:
+    """Whether a TensorRT-LLM checkpoint's quantization section declares the FP8 KV cache."""
+    return (quantization or {}).get("kv_cache_quant_algo") == KV_CACHE_FP8_ALGO
+
+
+def awq_group_help() -> str:
+    """The --awq-group-size choices per format, from the formats themselves."""
+    return "; ".join(f"{f.name}: {' or '.join(map(str, f.group_sizes))}" for f in FORMATS.values() if f.awq)
 
 
 def kv_cache_fp8(choice: str | None) -> bool:
