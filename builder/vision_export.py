@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from runtime.core.build_host import CHECK_TILES, EXTERNAL_DATA_BYTES  # the preflight's estimate reads them too
 from runtime.core.errors import NVLMError
 from runtime.core.llm_formats import VisionFormat, get_vision_format
 from runtime.core.progress import bar
@@ -37,12 +38,10 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 FP8_OPSET = 19  # float8 Q/DQ needs opset 19
-EXTERNAL_DATA_BYTES = 1 << 30  # protobuf caps a model at 2 GB; go external well before that
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # onnxruntime check thresholds (max |Δ| / max |ref| over fresh random tiles)
 CHECK_THRESHOLDS = {"fp32": 1e-4,  # same math, float32 both sides
                     "fp16": 2e-2}  # fp16 weights and activations through 2+ transformer layers
-CHECK_TILES = 3
 
 
 class VisionExportError(NVLMError):

@@ -2,8 +2,8 @@
 
     nvlm-bench run --url 127.0.0.1:8001 [--concurrency 1,4,16 | --request-rate 2,4] [--requests N]
                    [--warmup N] [--max-tokens N] [--workload text | tiles:1,3,7 | images:WxH,… | jsonl:PATH]
-                   [--seed S] [--build BUILD [--gpu auto|h100-sxm|h200|none]] [--out DIR] [--json]
-    nvlm-bench roofline BUILD|CKPT [--quant Q] [--tp N] [--tiles N] [--gpu h100-sxm] [--json]
+                   [--seed S] [--build BUILD [--gpu auto|h100-sxm|h100-pcie|h200|none]] [--out DIR] [--json]
+    nvlm-bench roofline BUILD|CKPT [--quant Q] [--tp N] [--tiles N] [--gpu h100-sxm|h100-pcie|h200] [--json]
 
 Per request (streaming): time to first token (first text chunk), inter-token latencies (gaps between
 chunks), time per output token ((end − first) / (tokens − 1)), end-to-end latency; per run: mean,
@@ -260,7 +260,7 @@ def main(argv=None) -> int:
                    help="closed loop: keep one gRPC stream open per concurrency slot (perf_analyzer's pattern)")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--build", help="build directory: records its manifest hash; with a GPU, measured/bound ratios")
-    r.add_argument("--gpu", choices=["auto", "h100-sxm", "h200", "none"], default="auto",
+    r.add_argument("--gpu", choices=["auto", *GPUS, "none"], default="auto",
                    help="roofline GPU for measured/bound (auto: h100-sxm for a TensorRT build, none for the "
                         "CPU reference target)")
     r.add_argument("--checkpoint", help="source checkpoint, if the build's manifest path no longer holds it")
@@ -274,7 +274,7 @@ def main(argv=None) -> int:
     f.add_argument("--tiles", type=int, default=7)
     f.add_argument("--text-tokens", type=int, default=64)
     f.add_argument("--output-tokens", type=int, default=128)
-    f.add_argument("--gpu", choices=["h100-sxm", "h200"], default="h100-sxm")
+    f.add_argument("--gpu", choices=list(GPUS), default="h100-sxm")
     f.add_argument("--peak-bf16", type=float, help="TFLOP/s")
     f.add_argument("--peak-fp8", type=float, help="TFLOP/s")
     f.add_argument("--hbm", type=float, help="TB/s")

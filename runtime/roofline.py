@@ -26,19 +26,11 @@ from runtime.core.config import NVLMConfig
 from runtime.core.errors import InputError
 from runtime.core.checkpoint import plan_config
 from runtime.core.families import LLM, PROJECTOR, family_for
+from runtime.core.gpus import GPU, GPUS  # noqa: F401  (GPU, GPUS: the roofline's hardware, re-exported for bench)
 from runtime.core.inspect import cross_kv_bytes_per_key, kv_bytes_per_token, llm_breakdown, llm_bytes, request_shape
 from runtime.core.llm_formats import get_format, get_vision_format, kv_cache_fp8
 
 
-@dataclass(frozen=True)
-class GPU:
-    name: str
-    bf16_tflops: float
-    fp8_tflops: float
-    hbm_tbps: float
-
-
-GPUS = {"h100-sxm": GPU("H100 SXM", 990.0, 1979.0, 3.35), "h200": GPU("H200", 990.0, 1979.0, 4.8)}
 
 
 def vision_flops(cfg: NVLMConfig, tiles: int) -> float:

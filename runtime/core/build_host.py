@@ -32,7 +32,7 @@ BASE_RSS = 1_500_000_000  # the interpreter with torch, transformers and modelop
 FLOAT32 = 4
 DTYPE_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}  # the vision export's --dtype
 VISION_ACTIVATIONS_PER_TILE = 200_000_000  # a check tile through a 32-head, 1,025-token attention (72B: ~135 MB)
-CHECK_TILES = 3  # vision_export.CHECK_TILES, tiles through the reference and onnxruntime at once
+CHECK_TILES = 3  # tiles the vision export's check runs through the reference and onnxruntime at once
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,9 @@ def _params(cfg: NVLMConfig) -> tuple[int, int]:
     return sum(c.num_params(cfg) for c in comps) - decoder, decoder
 
 
-EXTERNAL_DATA_BYTES = 1 << 30  # builder/vision_export.py: past this, a part at a time (and external data)
+# the vision export goes to external data (protobuf caps a model at 2 GB; well before that) and, from a checkpoint,
+# a part at a time past this size in the export dtype (builder/vision_export.py)
+EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def vision_need(cfg: NVLMConfig, dtype_bytes: int, fp8: bool) -> StageNeed:

@@ -22,6 +22,7 @@ from typing import Callable
 from .config import NVLMConfig, PreprocessConfig
 from .errors import InputError, NVLMError
 from .families import ModelFamily, PromptLayout, tile_tags
+from .gpus import GPUS
 from .llm_formats import BuildOptions, VisionFormat
 
 ENGINE_RELEASE = "TensorRT-LLM 1.2 (NGC container nvcr.io/nvidia/tensorrt-llm/release:1.2.x)"
@@ -346,7 +347,7 @@ def finish_script(commands: list[list[str]], extra: str = "") -> str:
 
 # --------------------------------------------------------------------------- GPU memory beside the LLM
 
-GPU_MEMORY_BYTES = {"h100-sxm": 80 * 2**30, "h100-pcie": 80 * 2**30, "h200": 141 * 2**30}
+GPU_MEMORY_BYTES = {name: gpu.memory_bytes for name, gpu in GPUS.items()}
 # Peak activations of the vision engine per tile: InternViT-6B holds ~1025 tokens × 12800 MLP width in
 # 16 bits twice over (fc1 output and its GELU) ≈ 52 MB; 64 MiB leaves room for attention scratch.
 VISION_ACTIVATION_BYTES_PER_TILE = 64 * 2**20

@@ -22,11 +22,12 @@ from pathlib import Path
 from .checkpoint import Checkpoint, plan_config, refuse_pickle
 from .config import NVLMConfig
 from .families import DECODER_ROLES, QUANTIZED_ROLES, family_for
+from .gpus import GPUS
 from .llm_formats import FORMATS
 
 SCHEMA = "nvlm-trt/inspect/v1"
 GIB = 1024**3
-H100_MEMORY_BYTES = 80 * GIB
+H100_MEMORY_BYTES = GPUS["h100-sxm"].memory_bytes
 RESERVE_BYTES = 6 * GIB
 DEFAULT_KV_TOKENS = 32768  # e.g. 4 concurrent requests of 8k tokens, or 16 of 2k
 TP_SIZES = (1, 2, 4, 8)
