@@ -296,11 +296,14 @@ def executor_pass(stack: ExecutorStack, hidden: list[torch.Tensor], caches: list
     return hidden
 
 
-def greedy_reference(stack: ReferenceStack, embeds: list[torch.Tensor], steps: int) -> list[list[int]]:
+def greedy_reference(stack: ReferenceStack, embeds: list[torch.Tensor],
+                     steps: int) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy tokens of each prompt (its input embeddings [1, L, H]), layer-major: one pass over the layers for
-    the prompts, then one per generated token, each layer's cache kept per prompt."""
+    the prompts, then one per generated token, each layer's cache kept per prompt. Returns the tokens and the
+    prompts' last hidden states [1, L, H] (the report's reference logits come from them: no second pass)."""
     caches: list[list] = [[] for _ in embeds]
     hidden = reference_pass(stack, [e.clone() for e in embeds], caches)
+    prompt_hidden = list(hidden)
     tokens: list[list[int]] = [[] for _ in embeds]
     for step in range(steps):
         last = [stack.final_hidden(h[0, -1:]) for h in hidden]
@@ -309,7 +312,7 @@ def greedy_reference(stack: ReferenceStack, embeds: list[torch.Tensor], steps: i
         if step + 1 < steps:
             rows = stack.token_rows([t[-1] for t in tokens])
             hidden = reference_pass(stack, [rows[p].reshape(1, 1, -1) for p in range(len(tokens))], caches)
-    return tokens
+    return tokens, prompt_hidden
 
 
 def greedy_executor(stack: ExecutorStack, first: list[torch.Tensor], caches: list[KVCache],

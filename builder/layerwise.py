@@ -33,6 +33,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from runtime.core.checkpoint import Checkpoint
@@ -156,7 +157,7 @@ def _quantize_layer(model, opts: BuildOptions, calib: list[torch.Tensor]) -> Non
         mtq.quantize(model, cfg, forward_loop=forward_loop)
 
 
-def _export_layer(model, opts: BuildOptions, i: int, scratch: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+def _export_layer(model, opts: BuildOptions, scratch: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """modelopt's export of the one-layer model: layer i's tensors of every rank ("rank:name", the name inside
     the layer), the exported config.json and the rank files' metadata."""
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
@@ -245,9 +246,7 @@ def quantize_layerwise(ckpt: Checkpoint, opts: BuildOptions, work_path: Path, tm
         carry["ref"] = [ls.run_layer(model, h.to(device)).cpu() for h in carry["ref"]]
         _quantize_layer(model, opts, calib_in)
         del calib_in
-        tensors, carry["exported"], carry["metadata"] = _export_layer(model, opts, i, work.path / "scratch")
-        from safetensors.torch import save_file
-
+        tensors, carry["exported"], carry["metadata"] = _export_layer(model, opts, work.path / "scratch")
         save_file(tensors, str(work.layer_file(i)), metadata=carry["metadata"] or None)
         del tensors
         as_stored(model, opts)
@@ -268,7 +267,7 @@ def quantize_layerwise(ckpt: Checkpoint, opts: BuildOptions, work_path: Path, tm
     return config, carry
 
 
-def fidelity_layerwise(fmt_name: str, opts: BuildOptions, tmp: Path, stack: ls.ReferenceStack, runs,
+def fidelity_layerwise(fmt_name: str, tmp: Path, stack: ls.ReferenceStack, runs,
                        carried: dict | None) -> fid.Measured:
     """The fidelity report's measurements, a layer at a time: the built checkpoint in `tmp` through the
     executor's arithmetic; the reference (and for quantized formats modelopt's fake-quantized layers) from the
@@ -280,10 +279,9 @@ def fidelity_layerwise(fmt_name: str, opts: BuildOptions, tmp: Path, stack: ls.R
     hidden = ls.executor_pass(built, hidden, caches)
     greedy_same = None
     if carried is None:  # unquantized: the reference pass, and both greedy
-        want = ls.greedy_reference(stack, [r.embeds for r in runs], fid.GREEDY_TOKENS)
+        want, ref_hidden = ls.greedy_reference(stack, [r.embeds for r in runs], fid.GREEDY_TOKENS)
         got = ls.greedy_executor(built, hidden, caches, fid.GREEDY_TOKENS)
         greedy_same = sum(a == b for a, b in zip(want, got))
-        ref_hidden = ls.reference_pass(stack, [r.embeds.clone() for r in runs])
     else:
         ref_hidden = carried["ref"]
     del caches
@@ -314,5 +312,5 @@ def build_layerwise(ckpt: Checkpoint, opts: BuildOptions, work_path: Path, tmp: 
     else:
         with bar(count_tensors(ckpt, opts), f"converting to {opts.fmt.name}", unit="tensor") as advance:
             config = write_unquantized(ckpt, opts, tmp, progress=advance)
-    measured = fidelity_layerwise(opts.fmt.name, opts, tmp, stack, runs, carried) if fidelity else None
+    measured = fidelity_layerwise(opts.fmt.name, tmp, stack, runs, carried) if fidelity else None
     return config, measured
