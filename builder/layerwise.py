@@ -49,12 +49,12 @@ from runtime.core.trtllm_checkpoint import (
     rank_plan,
     safetensors_order,
 )
-from runtime.reference import VISION_ROLES, reference_model
 
 from . import fidelity as fid
 from . import layer_stream as ls
 from .calibration import embed_samples
 from .modelopt_glue import _quiet, as_stored, quantized_config
+from .vision_layers import PartEncoder, VisionParts
 
 log = logging.getLogger(__name__)
 
@@ -82,14 +82,22 @@ class _TokenEmbedding(nn.Module):
 
 
 def prepare(ckpt: Checkpoint, tokenizer, stack: ls.ReferenceStack, samples, fidelity: bool):
-    """Calibration prompts' and fidelity prompts' input embeddings, from the vision tower, the projector and the
-    token embedding's rows — never the decoder. Returns (calibration embeds [1, L, H] each, fidelity PromptRuns)."""
-    vision = reference_model(ckpt, components=VISION_ROLES)
-    vision.llm = _TokenEmbedding(stack)
-    calib = [c.embeds for c in track(embed_samples(samples, vision, tokenizer), "embedding calibration samples",
-                                     total=len(samples), unit="sample")] if samples else []
-    runs = fid.prepare_prompts(vision, tokenizer) if fidelity else []
-    return calib, runs
+    """Calibration prompts' and fidelity prompts' input embeddings, from the vision tower and projector a part at
+    a time (vision_layers.PartEncoder) and the token embedding's rows — never the decoder, never the whole
+    tower (InternViT-6B is 24 GB in float32). Returns (calibration embeds [1, L, H] each, fidelity PromptRuns)."""
+    parts = VisionParts(ckpt)
+    model = parts.model  # every component on the meta device: the prompts' bookkeeping, no weights
+    model.llm = _TokenEmbedding(stack)
+    model.encode_images = encoder = PartEncoder(parts)
+
+    def embed_all():
+        calib = [c.embeds for c in embed_samples(samples, model, tokenizer)] if samples else []
+        return calib, fid.prepare_prompts(model, tokenizer) if fidelity else []
+
+    embed_all()  # records every prompt's tiles
+    log.info("encoding the prompts' images, a vision part at a time")
+    encoder.run()
+    return embed_all()
 
 
 def work_dir(out: Path) -> Path:

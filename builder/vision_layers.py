@@ -101,6 +101,41 @@ class VisionParts:
         return torch.zeros(2, 1 + v.patches_per_side ** 2, v.hidden_size, dtype=dtype)
 
 
+class PartEncoder:
+    """`encode_images` for a reference whose vision tower is not loaded (the layer-at-a-time LLM build): asked
+    for a prompt's tiles, it first records them and answers zeros; `run()` then encodes every recorded prompt a
+    part at a time in float32 (each part loaded once, each prompt's tiles as one batch, as the whole tower
+    encodes them), and from then on it answers the real embeddings. Callers run their preparation twice."""
+
+    def __init__(self, parts: VisionParts):
+        self.parts = parts
+        self.pending: dict[bytes, torch.Tensor] = {}
+        self.results: dict[bytes, torch.Tensor] = {}
+
+    @staticmethod
+    def _key(pixel_values: torch.Tensor) -> bytes:
+        import hashlib
+
+        return hashlib.sha1(pixel_values.detach().float().contiguous().numpy().tobytes()).digest()
+
+    def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pv = pixel_values.float()
+        key = self._key(pv)
+        if key in self.results:
+            return self.results[key]
+        self.pending[key] = pv
+        p = self.parts.cfg.preprocess
+        return torch.zeros(pv.shape[0], p.tokens_per_tile, self.parts.cfg.llm.hidden_size)
+
+    def run(self) -> None:
+        keys, xs = list(self.pending), list(self.pending.values())
+        for name in self.parts.names():
+            with self.parts.part(name, torch.float32) as module, torch.no_grad():
+                xs = [module(x) for x in xs]
+        self.results.update(zip(keys, xs))
+        self.pending.clear()
+
+
 def _trace(module, example: torch.Tensor, path: Path, inp: str, out: str, opset: int) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
