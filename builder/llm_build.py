@@ -44,7 +44,8 @@ from .calibration import builtin_samples, embed_samples, load_calib_data, select
 from .fidelity import build_report, finish, task_check
 from .layerwise import build_layerwise, work_dir
 from .modelopt_glue import _quiet, as_stored, quantized_config
-from .preflight import MARGIN, available_ram, check, remedies_for
+from . import preflight as host
+from .preflight import MARGIN, check, remedies_for
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,7 @@ def choose_layerwise(ckpt, opts: BuildOptions, mode: str, *, fidelity: bool, cal
         return True
     whole = llm_need(ckpt.config, opts.fmt, fidelity=fidelity, largest_tensor=largest_stored_tensor(
         ckpt.config, ckpt.tensors), group_size=opts.awq_group_size)
-    return covered and whole.ram * MARGIN > available_ram()
+    return covered and whole.ram * MARGIN > host.available_ram()
 
 
 def _build_whole(ckpt, opts: BuildOptions, tmp: Path, samples, *, fidelity: bool) -> tuple[dict, dict | None]:

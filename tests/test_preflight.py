@@ -20,7 +20,7 @@ def small_host(monkeypatch):
     monkeypatch.setattr(preflight, "available_ram", lambda: 1 * GB)
 
 
-def test_a_72b_engine_build_on_a_small_host_is_refused_before_any_work(tmp_path, capsys):
+def test_a_72b_engine_build_on_a_small_host_is_refused_before_any_work(tmp_path, capsys, small_host):
     """The release's config and its index (no weights needed): the refusal comes from the plan alone."""
     from tests.test_released_layout import _sparse_release
 
@@ -31,7 +31,7 @@ def test_a_72b_engine_build_on_a_small_host_is_refused_before_any_work(tmp_path,
     assert main(["engine", str(ckpt), "-o", str(out), "--quant", "fp8", "--kv-cache-dtype", "fp8"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "would not finish on this host" in err, err
-    # on a 1 GB host the whole model does not fit: the decoder is planned a layer at a time (its estimate, ≈ 35 GB
+    # on a 1 GB host the whole model does not fit: the decoder is planned a layer at a time (its estimate, ≈ 15 GB
     # with 32 calibration prompts, is the peak), and the remedies no longer offer what it already does
     assert "RAM at its peak (llm: one decoder layer at a time" in err and "--no-preflight" in err, err
     assert "a host with at least" in err and "--layerwise on runs" not in err

@@ -79,15 +79,20 @@ def _params(cfg: NVLMConfig) -> tuple[int, int]:
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
+def _largest_vision_part(cfg: NVLMConfig) -> int:
+    """Parameters of the vision pipeline's largest part (builder/vision_layers.py): the projector or one layer."""
+    comps = {c.name: c.num_params(cfg) for c in family_for(cfg).components}
+    v = cfg.vision
+    layer = (comps.get("vision", 0) - v.num_positions * v.hidden_size) // max(1, v.num_layers)
+    return max(comps.get("projector", 0), layer)
+
+
 def vision_need(cfg: NVLMConfig, dtype_bytes: int, fp8: bool) -> StageNeed:
     vision, _ = _params(cfg)
     if not fp8 and dtype_bytes * vision > EXTERNAL_DATA_BYTES:
         # builder/vision_layers.py: the largest part (the projector, or one InternViT layer) in the export dtype
         # with torch's and onnx's copies of it, the same part in float32 for the check, onnxruntime's session
-        comps = {c.name: c.num_params(cfg) for c in family_for(cfg).components}
-        v = cfg.vision
-        layer = (comps.get("vision", 0) - v.num_positions * v.hidden_size) // max(1, v.num_layers)
-        part = max(comps.get("projector", 0), layer)
+        part = _largest_vision_part(cfg)
         ram = BASE_RSS + part * (4 * dtype_bytes + FLOAT32) + CHECK_TILES * VISION_ACTIVATIONS_PER_TILE
         return StageNeed("vision", ram, dtype_bytes * vision,
                          "a part at a time: the largest part (projector or one layer) in the export dtype, "
@@ -113,17 +118,19 @@ def llm_need(cfg: NVLMConfig, fmt: LLMFormat, *, fidelity: bool, largest_tensor:
     if not fidelity and not fmt.quantized:
         return StageNeed("llm", BASE_RSS + 2 * largest_tensor, disk, "streamed a tensor at a time")
     if layerwise:
-        # builder/layerwise.py: first the vision tower (float32) and the token embedding embed the prompts; then
-        # one decoder layer in float32 with modelopt's working copies and its export (about 2.5 layers), two of
-        # the largest tensors (lm_head read whole, a chunk upcast), and the carried hidden states (in and out)
+        # builder/layerwise.py: first the prompts' tiles through the vision tower a part at a time (the largest
+        # part in float32) and the token embedding's rows; then one decoder layer in float32 with modelopt's
+        # working copies and its export — about 2.5 layers: a 72B-shaped slice peaked at 10.4 GB against 10.3
+        # estimated (docs/PERFORMANCE.md) — lm_head and the embedding read in row chunks, and the hidden states
+        # carried between layers (in and out)
         llm = cfg.llm
         layer = (decoder - 2 * llm.vocab_size * llm.hidden_size) // max(1, llm.num_layers)
         carried = 2 * FLOAT32 * llm.hidden_size * CALIB_TOKENS * (calib_size if fmt.quantized else 0)
-        prepare = FLOAT32 * vision + largest_tensor
-        loop = int(2.5 * FLOAT32 * layer) + 2 * largest_tensor
+        prepare = FLOAT32 * _largest_vision_part(cfg) + CHECK_TILES * VISION_ACTIVATIONS_PER_TILE
+        loop = int(2.5 * FLOAT32 * layer)
         ram = BASE_RSS + max(prepare, loop) + carried
         return StageNeed("llm", ram, disk + (disk if fmt.quantized else 0),
-                         "one decoder layer at a time in float32, two of the largest tensors, the carried activations")
+                         "one decoder layer at a time in float32 and the carried activations")
     ram = BASE_RSS + FLOAT32 * (vision + decoder) + FLOAT32 * decoder
     why = "float32 reference + the executor's float32 decoder"
     if fmt.quantized:
