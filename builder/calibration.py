@@ -113,11 +113,10 @@ class CalibInput:
             return decoder(inputs_embeds=self.embeds)
 
 
-def embed_samples(samples: list[CalibSample], model, tokenizer, *, text_only: bool = False) -> Iterator[CalibInput]:
-    """Yield each sample as the decoder takes it (`CalibInput`). `text_only=True` drops the images (and their
-    placeholders): the text-only baseline."""
+def sample_prompts(samples: list[CalibSample], model, tokenizer, *, text_only: bool = False):
+    """Each sample as a prompt: (runtime.prompt.Prompt, pixel values [T, 3, S, S] or None), preprocessed as in
+    serving. `text_only=True` drops the images (and their placeholders)."""
     import torch
-
 
     pcfg, layout = model.cfg.preprocess, family_for(model.cfg).prompt_layout
     for s in samples:
@@ -127,7 +126,15 @@ def embed_samples(samples: list[CalibSample], model, tokenizer, *, text_only: bo
         if image is not None:
             (pre,) = preprocess_images([image], pcfg, max_images=1)
             tiles, pixel_values = [pre.num_tiles], torch.from_numpy(pre.pixel_values)
-        p = build_prompt(tokenizer, prompt, tiles, tokens_per_tile=pcfg.tokens_per_tile, layout=layout)
+        yield build_prompt(tokenizer, prompt, tiles, tokens_per_tile=pcfg.tokens_per_tile, layout=layout), pixel_values
+
+
+def embed_samples(samples: list[CalibSample], model, tokenizer, *, text_only: bool = False) -> Iterator[CalibInput]:
+    """Yield each sample as the decoder takes it (`CalibInput`). `text_only=True` drops the images (and their
+    placeholders): the text-only baseline."""
+    import torch
+
+    for p, pixel_values in sample_prompts(samples, model, tokenizer, text_only=text_only):
         ids = torch.tensor([p.input_ids])
         with torch.no_grad():
             emb, step = model.prefill_inputs(ids, pixel_values, tokenizer.image_pad_id, p.cross)

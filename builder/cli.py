@@ -315,7 +315,7 @@ def _llm_args_common(p: argparse.ArgumentParser) -> None:
                         "(tokenizer_config.json's chat_template); docs/prompt_formats.md")
     p.add_argument("--layerwise", choices=["auto", "on", "off"], default="auto",
                    help="run calibration and the fidelity report a decoder layer at a time (auto: when the whole "
-                        "model does not fit this host's RAM; NVLM-D layouts); same checkpoint either way")
+                        "model does not fit this host's RAM); the same checkpoint either way")
     p.add_argument("--device", default="auto", help="where the layer-at-a-time path computes: auto (CUDA when "
                    "torch sees one), cpu, cuda or cuda:N")
     p.add_argument("--force", action="store_true", help="replace OUT if it exists")

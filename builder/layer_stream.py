@@ -14,8 +14,8 @@ Two stacks speak the same small interface (`layer(i)`, `final_hidden`, `head_row
 - `ExecutorStack`: a built TensorRT-LLM checkpoint through the reference executor's own layer math
   (runtime/trtllm_executor.py), one `rank_layer` at a time.
 
-Only NVLM-D's layout (no gated cross-attention blocks between the layers) runs here; NVLM-X/H keep the
-whole-model path (`supports`)."""
+NVLM-X/H's gated cross-attention blocks run between the layers the same way, a block at a time, reading each
+prompt's image keys (`CrossInput`)."""
 
 from __future__ import annotations
 
@@ -32,9 +32,10 @@ from runtime.core.checkpoint import Checkpoint
 from runtime.core.config import NVLMConfig
 from runtime.core.errors import InputError
 from runtime.core.families import family_for_trtllm
-from runtime.core.llm_formats import format_for_algo
+from runtime.core.llm_formats import format_for_algo, kv_round
 from runtime.core.trtllm_checkpoint import embedding_rows
-from runtime.trtllm_executor import KVCache, TRTLLMExecutor, rank_layer, rms_norm
+from runtime.cross_reference import GatedCrossAttention
+from runtime.trtllm_executor import KVCache, TRTLLMExecutor, excluded_format, rank_layer, rms_norm, x_layer
 
 CHUNK_ROWS = 8192  # lm_head rows upcast at a time: 8192 × 8192 × 4 B = 256 MB for NVLM-D-72B
 MINI_VOCAB = 64  # the one-layer model's own (unused) embedding and lm_head
@@ -53,9 +54,29 @@ def release_memory() -> None:
         pass
 
 
-def supports(cfg: NVLMConfig) -> bool:
-    """Whether the layer-at-a-time path covers this model: decoders without gated cross-attention blocks."""
-    return not cfg.cross_attention_layers
+def blocks_after(cfg: NVLMConfig) -> dict[int, list[int]]:
+    """Self-attention layer index → the gated cross-attention blocks (their indices) that follow it."""
+    out: dict[int, list[int]] = {}
+    for j, i in enumerate(cfg.cross_attention_layers):
+        out.setdefault(i, []).append(j)
+    return out
+
+
+@dataclass
+class CrossInput:
+    """A prompt's image keys for NVLM-X/H's gated blocks: the encoder features [keys, H] (None: no image keys)
+    and each prompt token's key range [L, 2]; generated tokens read the last row's range (the executor's rule;
+    for an NVLM prompt, whose last token follows every image, all keys — the reference's decode range)."""
+
+    features: torch.Tensor | None
+    ranges: torch.Tensor
+
+    @property
+    def reads(self) -> bool:
+        return self.features is not None and self.features.shape[0] > 0
+
+    def decode(self) -> torch.Tensor:
+        return self.ranges[-1:].clone()
 
 
 def resolve_device(name: str) -> torch.device:
@@ -117,7 +138,10 @@ class ReferenceStack:
     def __init__(self, ckpt: Checkpoint, stored_as: torch.dtype, device: torch.device = torch.device("cpu")):
         self.ckpt, self.cfg, self.stored_as, self.device = ckpt, ckpt.config, stored_as, device
         self.num_layers = self.cfg.llm.num_layers
-        self._rows = {target: source for source, target, _ in ckpt.validate().rows["llm"]}
+        plan = ckpt.validate()
+        self._rows = {target: source for source, target, _ in plan.rows["llm"]}
+        self._xrows = plan.rows.get("xattn", [])
+        self.after = blocks_after(self.cfg)
 
     def _get(self, target: str) -> torch.Tensor:
         return self.ckpt.get(self._rows[target]).to(self.stored_as)
@@ -128,6 +152,17 @@ class ReferenceStack:
 
     def layer(self, i: int):
         return one_layer_model(self.cfg, self.layer_state(i), self.device)
+
+    def xblock(self, j: int):
+        """Gated cross-attention block j (runtime/cross_reference.py's module), its weights rounded through the
+        build dtype like the decoder's, float32."""
+        with torch.device("meta"):
+            block = GatedCrossAttention(self.cfg.llm)
+        prefix = f"{j}."
+        state = {t[len(prefix):]: self.ckpt.get(src).to(self.stored_as).float()
+                 for src, t, _ in self._xrows if t.startswith(prefix)}
+        block.load_state_dict(state, strict=True, assign=True)
+        return block.eval().to(self.device)
 
     def token_rows(self, ids: Sequence[int]) -> torch.Tensor:
         """Embedding rows [len(ids), H], float32, read row by row from the shard."""
@@ -197,8 +232,7 @@ class ExecutorStack:
     def __post_init__(self):
         self.directory = Path(self.directory)
         self.config = json.loads((self.directory / "config.json").read_text())
-        if self.config.get("cross_attention_layers"):
-            raise NotImplementedError("the layer-at-a-time executor covers decoders without cross-attention")
+        self.cross_layers = list(self.config.get("cross_attention_layers") or [])
         m = self.config["mapping"]
         self.tp, self.pp = m["tp_size"], m["pp_size"]
         self.table = family_for_trtllm(self.config.get("architecture")).trtllm_layout
@@ -225,6 +259,33 @@ class ExecutorStack:
         p, j = divmod(i, per)
         gets = [self._getter(p * self.tp + t) for t in range(self.tp)]
         return _ExecLayer(self, i, rank_layer(gets, self.table, j, self.fmt, self.directory))
+
+    @property
+    def after(self) -> dict[int, list[int]]:
+        out: dict[int, list[int]] = {}
+        for j, i in enumerate(self.cross_layers):
+            out.setdefault(i, []).append(j)
+        return out
+
+    def xlayer(self, j: int):
+        """Gated block j (global index) from the rank files of the PP stage that holds it."""
+        stages = layout.xattn_stages(self.cross_layers, self.num_layers, self.pp)
+        p = next(p for p, held in enumerate(stages) if j in held)
+        gets = [self._getter(p * self.tp + t) for t in range(self.tp)]
+        return x_layer(gets, self.table, stages[p].index(j), excluded_format(self.config, self.fmt),
+                       f"{self.directory}: cross-attention layer {j}")
+
+    def run_block(self, li: int, xl, x: torch.Tensor, cross: CrossInput, decoding: bool) -> torch.Tensor:
+        """x [T, H] through the gated block `xl` after layer li, as the executor runs it: the image keys/values
+        from the block's own k/v rows (FP8-rounded with its scale under an FP8 KV cache)."""
+        if not cross.reads:
+            return x
+        m = self.math
+        m.xattn, m._xattn_order = {li: xl}, {li: 0}  # the executor's block math, one block resident
+        ck = m.cross_kv(cross.features)
+        ck.decode = tuple(int(v) for v in cross.ranges[-1])
+        with torch.no_grad():
+            return m._cross_block(li, x, [ck], None if decoding else cross.ranges)
 
     def token_rows(self, ids: Sequence[int], table: torch.Tensor | None = None) -> torch.Tensor:
         """The executor's `embed`: token rows read from the rank files, prompt-table rows at ids ≥ vocab_size."""
@@ -260,49 +321,68 @@ class ExecutorStack:
 # --------------------------------------------------------------------------- layer-major passes
 
 
+def run_block(block, hidden: torch.Tensor, cross: CrossInput, ranges: torch.Tensor, kv_scale: float | None = None):
+    """hidden [1, L, H] through a gated block reading `cross`'s image keys with `ranges` [L, 2] (a prompt reading no
+    keys passes unchanged, as the reference's hook leaves it); `kv_scale`: round the image keys/values as an FP8
+    KV cache with that scale holds them."""
+    if not cross.reads:
+        return hidden
+    with torch.no_grad():
+        kv = block.cross_attn.key_values(cross.features.to(hidden.device, hidden.dtype))
+        if kv_scale is not None:
+            kv = tuple(kv_round(t, kv_scale).to(t.dtype) for t in kv)
+        return block(hidden[0], kv, ranges.to(hidden.device))[None]
+
+
 def reference_pass(stack: ReferenceStack, hidden: list[torch.Tensor], caches: list | None = None,
-                   progress=None) -> list[torch.Tensor]:
-    """Every prompt's hidden states [1, L, H] through every reference layer, one layer loaded at a time.
-    `caches`: per prompt, a list of one transformers cache per layer (filled here), for greedy decoding."""
+                   crosses: list[CrossInput] | None = None, decoding: bool = False) -> list[torch.Tensor]:
+    """Every prompt's hidden states [1, L, H] through every reference layer, one layer loaded at a time, and
+    NVLM-X/H's gated blocks after theirs (`crosses`: each prompt's image keys; `decoding`: the tokens are generated
+    ones, reading the decode range). `caches`: per prompt, one transformers cache per layer (filled here)."""
+    from transformers import DynamicCache
+
     for i in range(stack.num_layers):
         model = stack.layer(i)
         for p, h in enumerate(hidden):
             cache = None
             if caches is not None:
-                from transformers import DynamicCache
-
                 if len(caches[p]) == i:
                     caches[p].append(DynamicCache())
                 cache = caches[p][i]
             hidden[p] = run_layer(model, h.to(stack.device), cache)
         del model
+        for j in stack.after.get(i, []):
+            block = stack.xblock(j)
+            hidden = [run_block(block, h, c, c.decode() if decoding else c.ranges) for h, c in zip(hidden, crosses)]
+            del block
         release_memory()  # before the next layer is read
-        if progress:
-            progress(1)
     return hidden
 
 
 def executor_pass(stack: ExecutorStack, hidden: list[torch.Tensor], caches: list[KVCache],
-                  progress=None) -> list[torch.Tensor]:
+                  crosses: list[CrossInput] | None = None, decoding: bool = False) -> list[torch.Tensor]:
     """Every prompt's hidden states [T, H] through every layer of the built checkpoint, extending each prompt's
-    KV cache (`caches[p]`)."""
+    KV cache (`caches[p]`), and NVLM-X/H's gated blocks after theirs."""
+    after = stack.after
     for i in range(stack.num_layers):
         layer = stack.layer(i)
         hidden = [layer.run(h, c) for h, c in zip(hidden, caches)]
         del layer
+        for j in after.get(i, []):
+            xl = stack.xlayer(j)
+            hidden = [stack.run_block(i, xl, h, c, decoding) for h, c in zip(hidden, crosses)]
+            del xl
         release_memory()
-        if progress:
-            progress(1)
     return hidden
 
 
-def greedy_reference(stack: ReferenceStack, embeds: list[torch.Tensor],
-                     steps: int) -> tuple[list[list[int]], list[torch.Tensor]]:
+def greedy_reference(stack: ReferenceStack, embeds: list[torch.Tensor], steps: int,
+                     crosses: list[CrossInput] | None = None) -> tuple[list[list[int]], list[torch.Tensor]]:
     """Greedy tokens of each prompt (its input embeddings [1, L, H]), layer-major: one pass over the layers for
     the prompts, then one per generated token, each layer's cache kept per prompt. Returns the tokens and the
     prompts' last hidden states [1, L, H] (the report's reference logits come from them: no second pass)."""
     caches: list[list] = [[] for _ in embeds]
-    hidden = reference_pass(stack, [e.clone() for e in embeds], caches)
+    hidden = reference_pass(stack, [e.clone() for e in embeds], caches, crosses)
     prompt_hidden = list(hidden)
     tokens: list[list[int]] = [[] for _ in embeds]
     for step in range(steps):
@@ -311,12 +391,13 @@ def greedy_reference(stack: ReferenceStack, embeds: list[torch.Tensor],
             t.append(int(lg[-1].argmax()))
         if step + 1 < steps:
             rows = stack.token_rows([t[-1] for t in tokens])
-            hidden = reference_pass(stack, [rows[p].reshape(1, 1, -1) for p in range(len(tokens))], caches)
+            hidden = reference_pass(stack, [rows[p].reshape(1, 1, -1) for p in range(len(tokens))], caches, crosses,
+                                    decoding=True)
     return tokens, prompt_hidden
 
 
-def greedy_executor(stack: ExecutorStack, first: list[torch.Tensor], caches: list[KVCache],
-                    steps: int) -> list[list[int]]:
+def greedy_executor(stack: ExecutorStack, first: list[torch.Tensor], caches: list[KVCache], steps: int,
+                    crosses: list[CrossInput] | None = None) -> list[list[int]]:
     """Greedy tokens from the prompts' final hidden states `first` ([L, H], caches already filled by
     `executor_pass`), one pass over the layers per generated token."""
     hidden, tokens = first, [[] for _ in first]
@@ -325,7 +406,8 @@ def greedy_executor(stack: ExecutorStack, first: list[torch.Tensor], caches: lis
             t.append(int(lg[-1].argmax()))
         if step + 1 < steps:
             rows = stack.token_rows([t[-1] for t in tokens])
-            hidden = executor_pass(stack, [rows[p:p + 1] for p in range(len(tokens))], caches)
+            hidden = executor_pass(stack, [rows[p:p + 1] for p in range(len(tokens))], caches, crosses,
+                                   decoding=True)
     return tokens
 
 

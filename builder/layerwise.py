@@ -38,7 +38,8 @@ from torch import nn
 
 from runtime.core.checkpoint import Checkpoint
 from runtime.core.errors import NVLMError
-from runtime.core.llm_formats import BuildOptions
+from runtime.core import trtllm_layout as layout
+from runtime.core.llm_formats import BuildOptions, kv_scale
 from runtime.core.progress import bar, track
 from runtime.core.trtllm_checkpoint import (
     SAFETENSORS_DTYPES,
@@ -52,7 +53,7 @@ from runtime.core.trtllm_checkpoint import (
 
 from . import fidelity as fid
 from . import layer_stream as ls
-from .calibration import embed_samples
+from .calibration import sample_prompts
 from .modelopt_glue import _quiet, as_stored, quantized_config
 from .vision_layers import PartEncoder, VisionParts
 
@@ -84,20 +85,38 @@ class _TokenEmbedding(nn.Module):
 def prepare(ckpt: Checkpoint, tokenizer, stack: ls.ReferenceStack, samples, fidelity: bool):
     """Calibration prompts' and fidelity prompts' input embeddings, from the vision tower and projector a part at
     a time (vision_layers.PartEncoder) and the token embedding's rows — never the decoder, never the whole
-    tower (InternViT-6B is 24 GB in float32). Returns (calibration embeds [1, L, H] each, fidelity PromptRuns)."""
+    tower (InternViT-6B is 24 GB in float32). Returns (calibration embeds [1, L, H] each, their CrossInputs,
+    fidelity PromptRuns, theirs)."""
     parts = VisionParts(ckpt)
     model = parts.model  # every component on the meta device: the prompts' bookkeeping, no weights
     model.llm = _TokenEmbedding(stack)
     model.encode_images = encoder = PartEncoder(parts)
 
     def embed_all():
-        calib = [c.embeds for c in embed_samples(samples, model, tokenizer)] if samples else []
-        return calib, fid.prepare_prompts(model, tokenizer) if fidelity else []
+        calib = []
+        for p, pv in sample_prompts(samples, model, tokenizer):
+            with torch.no_grad():
+                emb, _ = model.prefill_inputs(torch.tensor([p.input_ids]), pv, tokenizer.image_pad_id, p.cross)
+                features = None
+                if p.cross is not None and p.cross.key_tiles:  # NVLM-X/H: the image keys the gated blocks read
+                    _, features = model.engine_image_inputs(model.encode_images(pv), p.cross)
+            calib.append((emb, ls.CrossInput(features, _ranges(p.cross and p.cross.key_ranges, emb))))
+        runs = fid.prepare_prompts(model, tokenizer) if fidelity else []
+        return calib, runs
 
     embed_all()  # records every prompt's tiles
     log.info("encoding the prompts' images, a vision part at a time")
     encoder.run()
-    return embed_all()
+    calib, runs = embed_all()
+    return ([e for e, _ in calib], [c for _, c in calib], runs,
+            [ls.CrossInput(r.features, _ranges(r.key_ranges, r.embeds)) for r in runs])
+
+
+def _ranges(key_ranges, embeds: torch.Tensor) -> torch.Tensor:
+    """A prompt's key ranges [L, 2] (no cross-attention: every row reads nothing)."""
+    if key_ranges is None:
+        return torch.zeros(embeds.shape[1], 2, dtype=torch.long)
+    return torch.as_tensor(key_ranges, dtype=torch.long).reshape(-1, 2)
 
 
 def work_dir(out: Path) -> Path:
@@ -187,7 +206,8 @@ def _export_layer(model, opts: BuildOptions, scratch: Path) -> tuple[dict[str, t
     return tensors, exported, metadata
 
 
-def _merge(ckpt: Checkpoint, opts: BuildOptions, work: _Work, out: Path, metadata: dict) -> None:
+def _merge(ckpt: Checkpoint, opts: BuildOptions, work: _Work, out: Path, metadata: dict,
+           cross_kv_scales: list[float] | None = None) -> None:
     """Rank files from the per-layer tensors and the unquantized embedding, final norm and lm_head (the rows
     modelopt exports in the checkpoint dtype), laid out as safetensors' `save_file` lays them out."""
     from safetensors import safe_open
@@ -207,6 +227,13 @@ def _merge(ckpt: Checkpoint, opts: BuildOptions, work: _Work, out: Path, metadat
                         sl = fh.get_slice(key)
                         entries[f"transformer.layers.{j}.{name}"] = (
                             _dtype(sl.get_dtype()), tuple(sl.get_shape()), partial(_read, path, key))
+        if cross_kv_scales:  # NVLM-X/H with an FP8 KV cache: each block's scale, like its self-attention's
+            like = layout.KV_SCALE.format(j=0)
+            kv_dtype, kv_shape, _ = entries[like]
+            stages = layout.xattn_stages(ckpt.config.cross_attention_layers, ckpt.config.llm.num_layers, opts.pp)
+            for jl, i in enumerate(stages[p]):
+                entries[layout.XKV_SCALE.format(j=jl)] = (kv_dtype, kv_shape, partial(
+                    lambda s, d, sh: torch.full(sh, s, dtype=d), cross_kv_scales[i], kv_dtype, kv_shape))
         names = sorted(entries, key=lambda n: safetensors_order(n, entries[n][0]))
         writer = SafetensorsStreamWriter(out / f"rank{rank}.safetensors",
                                          [(n, entries[n][0], entries[n][1]) for n in names], metadata or None,
@@ -229,21 +256,51 @@ def _dtype(name: str) -> torch.dtype:
     return {v: k for k, v in SAFETENSORS_DTYPES.items()}[name]
 
 
+def _through_blocks(stack: ls.ReferenceStack, i: int, streams: dict, crosses: dict, kv_scales: list | None,
+                    amax: list | None) -> None:
+    """NVLM-X/H: every carried stream through the gated blocks that follow layer i (unquantized, as modelopt's
+    export leaves them). `amax`: collect each block's largest |key| / |value| over the calibration prompts (the
+    FP8 KV scale, modelopt's rule); the "fake" stream reads its image keys/values rounded with `kv_scales`."""
+    for j in stack.after.get(i, []):
+        block = stack.xblock(j)
+        if amax is not None:
+            with torch.no_grad():
+                for c in crosses["calib"]:
+                    if c.reads:
+                        k, v = block.cross_attn.key_values(c.features.to(stack.device))
+                        amax[j] = max(amax[j], float(k.abs().max()), float(v.abs().max()))
+            if kv_scales is not None:
+                kv_scales[j] = kv_scale(amax[j])
+        for name, hidden in streams.items():
+            scale = kv_scales[j] if (name == "fake" and kv_scales is not None) else None
+            cs = crosses["calib" if name == "calib" else "runs"]
+            streams[name] = [ls.run_block(block, h.to(stack.device), c, c.ranges, scale).cpu()
+                             for h, c in zip(hidden, cs)]
+        del block
+
+
 def quantize_layerwise(ckpt: Checkpoint, opts: BuildOptions, work_path: Path, tmp: Path, *,
-                       stack: ls.ReferenceStack, calib: list[torch.Tensor], runs, samples,
-                       resume: bool | None) -> tuple[dict, dict]:
+                       stack: ls.ReferenceStack, calib: list[torch.Tensor], calib_cross: list, runs, run_cross: list,
+                       samples, resume: bool | None) -> tuple[dict, dict]:
     """Calibrate, export and fake-quantize layer by layer (per-layer work in `work_path`); write the rank files
-    and config.json into `tmp`. Returns (config, carried hidden states: "ref" and "fake" of the fidelity prompts
-    after the last layer)."""
+    and config.json into `tmp`. Returns (config, carried hidden states of the fidelity prompts after the last
+    layer: "ref", "fake" and, NVLM-X/H with an FP8 KV cache, "fake_bare" — its image keys/values not rounded —
+    and "cross_kv_scales")."""
     work = _Work(work_path, _fingerprint(ckpt, opts, samples), resume)
     carry = work.load_carry() if work.resumed else None
     start = 0 if carry is None else carry["done"] + 1
+    cross_fp8 = opts.kv_cache_fp8 and bool(ckpt.config.cross_attention_layers)
+    n_blocks = len(ckpt.config.cross_attention_layers)
     if carry is None:
         carry = {"done": -1, "calib": calib, "ref": [r.embeds for r in runs], "fake": [r.embeds for r in runs],
-                 "exported": None, "metadata": None}
+                 "exported": None, "metadata": None, "amax": [0.0] * n_blocks,
+                 "cross_kv_scales": [None] * n_blocks if cross_fp8 else None}
+        if cross_fp8:
+            carry["fake_bare"] = [r.embeds for r in runs]
     elif start:
         log.info("resuming after decoder layer %d of %d (%s)", start - 1, stack.num_layers, work.path)
     device = stack.device
+    crosses = {"calib": calib_cross, "runs": run_cross}
     t_first = None
     for i in track(range(start, stack.num_layers), f"quantizing {opts.fmt.name} a layer at a time",
                    total=stack.num_layers - start, unit="layer"):
@@ -258,9 +315,13 @@ def quantize_layerwise(ckpt: Checkpoint, opts: BuildOptions, work_path: Path, tm
         save_file(tensors, str(work.layer_file(i)), metadata=carry["metadata"] or None)
         del tensors
         as_stored(model, opts)
-        carry["fake"] = [ls.run_layer(model, h.to(device)).cpu() for h in carry["fake"]]
+        for name in ("fake", "fake_bare") if cross_fp8 else ("fake",):
+            carry[name] = [ls.run_layer(model, h.to(device)).cpu() for h in carry[name]]
         del model
         ls.release_memory()  # modelopt's quantizers and hooks hold reference cycles: free the layer now
+        streams = {k: carry[k] for k in ("calib", "ref", "fake", "fake_bare") if k in carry}
+        _through_blocks(stack, i, streams, crosses, carry["cross_kv_scales"], carry["amax"])
+        carry.update(streams)
         carry["done"] = i
         work.save_carry(carry, force=i == stack.num_layers - 1)
         if t_first is None and stack.num_layers - start > 1:
@@ -269,13 +330,13 @@ def quantize_layerwise(ckpt: Checkpoint, opts: BuildOptions, work_path: Path, tm
                      t_first * (stack.num_layers - i - 1) / 60, stack.num_layers - i - 1)
         if os.environ.get(_EXIT_AFTER_ENV) == str(i):
             os._exit(137)
-    _merge(ckpt, opts, work, tmp, carry["metadata"])
+    _merge(ckpt, opts, work, tmp, carry["metadata"], carry["cross_kv_scales"])
     config = quantized_config(ckpt, opts, carry["exported"])
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config, carry
 
 
-def fidelity_layerwise(fmt_name: str, tmp: Path, stack: ls.ReferenceStack, runs,
+def fidelity_layerwise(fmt_name: str, tmp: Path, stack: ls.ReferenceStack, runs, run_cross: list,
                        carried: dict | None) -> fid.Measured:
     """The fidelity report's measurements, a layer at a time: the built checkpoint in `tmp` through the
     executor's arithmetic; the reference (and for quantized formats modelopt's fake-quantized layers) from the
@@ -284,25 +345,31 @@ def fidelity_layerwise(fmt_name: str, tmp: Path, stack: ls.ReferenceStack, runs,
     built = ls.ExecutorStack(tmp)
     caches = [ls.KVCache() for _ in runs]
     hidden = [built.token_rows(r.trt_ids, r.table) for r in runs]
-    hidden = ls.executor_pass(built, hidden, caches)
+    hidden = ls.executor_pass(built, hidden, caches, run_cross)
     greedy_same = None
     if carried is None:  # unquantized: the reference pass, and both greedy
-        want, ref_hidden = ls.greedy_reference(stack, [r.embeds for r in runs], fid.GREEDY_TOKENS)
-        got = ls.greedy_executor(built, hidden, caches, fid.GREEDY_TOKENS)
+        want, ref_hidden = ls.greedy_reference(stack, [r.embeds for r in runs], fid.GREEDY_TOKENS, run_cross)
+        got = ls.greedy_executor(built, hidden, caches, fid.GREEDY_TOKENS, run_cross)
         greedy_same = sum(a == b for a, b in zip(want, got))
     else:
         ref_hidden = carried["ref"]
     del caches
     final = {"ex": torch.cat([built.final_hidden(h) for h in hidden]),
              "ref": torch.cat([stack.final_hidden(h[0]) for h in ref_hidden])}
+    pairs = fid.PAIRS_UNQUANTIZED
     if carried is not None:
         final["fq"] = torch.cat([stack.final_hidden(h[0]) for h in carried["fake"]])
-    reducer = fid.Reducer(fid.PAIRS_QUANTIZED if carried is not None else fid.PAIRS_UNQUANTIZED)
+        pairs = fid.PAIRS_QUANTIZED
+        if "fake_bare" in carried:
+            final["fq_bare"] = torch.cat([stack.final_hidden(h[0]) for h in carried["fake_bare"]])
+            pairs = fid.PAIRS_QUANTIZED_CROSS_KV
+    reducer = fid.Reducer(pairs)
     for lo, hi in track(ls.vocab_chunks(stack), f"fidelity: {fmt_name} logits", unit="chunk"):
         ref_head, ex_head = stack.head_rows(lo, hi), built.head_rows(lo, hi)
         chunk = {"ex": final["ex"] @ ex_head.T, "ref": final["ref"] @ ref_head.T}
-        if "fq" in final:  # modelopt leaves lm_head unquantized: the reference's rows
-            chunk["fq"] = final["fq"] @ ref_head.T
+        for name in ("fq", "fq_bare"):  # modelopt leaves lm_head unquantized: the reference's rows
+            if name in final:
+                chunk[name] = final[name] @ ref_head.T
         reducer.add(chunk, lo)
     return fid.Measured(reducer, torch.cat([r.text for r in runs]), len(runs), greedy_same, kv_fp8=built.math.kv_fp8)
 
@@ -312,13 +379,15 @@ def build_layerwise(ckpt: Checkpoint, opts: BuildOptions, work_path: Path, tmp: 
     """The layer-at-a-time build into `tmp`: (config, fidelity.Measured or None). Unquantized formats are written
     by the streaming converter first (as without the fidelity report)."""
     stack = ls.ReferenceStack(ckpt, getattr(torch, opts.fmt.dtype), device)
-    calib, runs = prepare(ckpt, tokenizer, stack, samples if opts.fmt.quantized else [], fidelity)
+    calib, calib_cross, runs, run_cross = prepare(ckpt, tokenizer, stack, samples if opts.fmt.quantized else [],
+                                                  fidelity)
     carried = None
     if opts.fmt.quantized:
-        config, carried = quantize_layerwise(ckpt, opts, work_path, tmp, stack=stack, calib=calib, runs=runs,
+        config, carried = quantize_layerwise(ckpt, opts, work_path, tmp, stack=stack, calib=calib,
+                                             calib_cross=calib_cross, runs=runs, run_cross=run_cross,
                                              samples=samples, resume=resume)
     else:
         with bar(count_tensors(ckpt, opts), f"converting to {opts.fmt.name}", unit="tensor") as advance:
             config = write_unquantized(ckpt, opts, tmp, progress=advance)
-    measured = fidelity_layerwise(opts.fmt.name, tmp, stack, runs, carried) if fidelity else None
+    measured = fidelity_layerwise(opts.fmt.name, tmp, stack, runs, run_cross, carried) if fidelity else None
     return config, measured

@@ -125,20 +125,16 @@ LAYERWISE_MODES = ("auto", "on", "off")
 
 def choose_layerwise(ckpt, opts: BuildOptions, mode: str, *, fidelity: bool, calib_size: int) -> bool:
     """Whether the build runs a decoder layer at a time (builder/layerwise.py). `auto`: when the whole-model path
-    would not fit this host's RAM and the family is covered (NVLM-D's layout); `on`/`off` force it."""
+    would not fit this host's RAM; `on`/`off` force it."""
     if mode not in LAYERWISE_MODES:
         raise InputError(f"--layerwise {mode!r}: use one of {', '.join(LAYERWISE_MODES)}")
     if mode == "off" or not (fidelity or opts.fmt.quantized):
         return False  # the streamed conversion already holds one tensor at a time
-    covered = layer_stream.supports(ckpt.config)
     if mode == "on":
-        if not covered:
-            raise InputError("--layerwise on: the layer-at-a-time build covers decoders without gated cross-attention "
-                             "blocks (NVLM-D); NVLM-X/H build with --layerwise off")
         return True
     whole = llm_need(ckpt.config, opts.fmt, fidelity=fidelity, largest_tensor=largest_stored_tensor(
         ckpt.config, ckpt.tensors), group_size=opts.awq_group_size)
-    return covered and whole.ram * MARGIN > host.available_ram()
+    return whole.ram * MARGIN > host.available_ram()
 
 
 def _build_whole(ckpt, opts: BuildOptions, tmp: Path, samples, *, fidelity: bool) -> tuple[dict, dict | None]:

@@ -10,7 +10,6 @@ from pathlib import Path
 from runtime.core.build_host import HostNeeds, llm_need
 from runtime.core.config import NVLMConfig
 from runtime.core.errors import NVLMError
-from runtime.core.families import family_for
 from runtime.core.fsutil import human_bytes
 from runtime.core.llm_formats import LLMFormat
 
@@ -50,10 +49,9 @@ def remedies_for(cfg: NVLMConfig, fmt: LLMFormat, needs: HostNeeds, *, fidelity:
         out.append(f"`nvlm-build llm --quant {fmt.name} --no-fidelity` converts the decoder a tensor at a time "
                    f"(≈ {human_bytes(streamed.ram)})")
     if (fidelity or fmt.quantized) and "layer at a time" not in needs.peak_stage.why:
-        if not family_for(cfg).prompt_layout.cross_attention:
-            lw = llm_need(cfg, fmt, fidelity=fidelity, largest_tensor=largest_tensor, layerwise=True)
-            out.append(f"--layerwise on runs calibration and the fidelity report a decoder layer at a time "
-                       f"(≈ {human_bytes(lw.ram)} for this stage)")
+        lw = llm_need(cfg, fmt, fidelity=fidelity, largest_tensor=largest_tensor, layerwise=True)
+        out.append(f"--layerwise on runs calibration and the fidelity report a decoder layer at a time "
+                   f"(≈ {human_bytes(lw.ram)} for this stage)")
     return out
 
 

@@ -209,6 +209,8 @@ class CrossAttentionReference(NVLMReference):
         embeds = self.embed(ids, inline, image_token_id)
         states = self.image_states(tiles, cross) if cross.key_tiles else torch.zeros(0, self.cfg.llm.hidden_size,
                                                                                       dtype=embeds.dtype)
+        if XATTN in self._skip:  # the blocks are not loaded (builder/layerwise.py computes them a block at a time)
+            return embeds, None
         kv = [layer.cross_attn.key_values(states.to(embeds.dtype)) for layer in self.xattn]
         return embeds, kv
 

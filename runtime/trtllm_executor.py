@@ -196,6 +196,35 @@ def rank_layer(gets: Sequence[Callable[[str], torch.Tensor | None]], table, j: i
     return layer
 
 
+def x_layer(gets: Sequence[Callable[[str], torch.Tensor | None]], table, j: int,
+            fmt_of: Callable[[str], LLMFormat], where: str) -> XLayer:
+    """Gated cross-attention block `j` of one PP stage from its TP ranks' getters (`fmt_of(prefix)`: the format a
+    module is stored in; the blocks are excluded from quantization)."""
+    def xlinears(role):
+        prefix = layout.prefix(table, role, j)
+        return [Linear(g, prefix, fmt_of(prefix)) for g in gets]
+
+    def whole(role):
+        t = gets[0](layout.target(table, role, j))
+        if t is None:
+            raise CheckpointError(f"{where}: {layout.target(table, role, j)} missing")
+        return t.float()
+
+    return XLayer(
+        input_norm=whole("x_input_norm"), post_norm=whole("x_post_norm"), qkv=xlinears("x_qkv"),
+        dense=xlinears("x_dense"), fc=xlinears("x_fc"), gate=xlinears("x_gate"), proj=xlinears("x_proj"),
+        gate_attn=whole("x_gate_attn").reshape(()).tanh(), gate_ffwd=whole("x_gate_ffwd").reshape(()).tanh(),
+        kv_scale=_optional_float(gets[0](layout.XKV_SCALE.format(j=j))))
+
+
+def excluded_format(config: dict, fmt: LLMFormat) -> Callable[[str], LLMFormat]:
+    """The format a module of a checkpoint is stored in: TensorRT-LLM keeps a module that the quantization's
+    `exclude_modules` matches unquantized."""
+    excluded = (config.get("quantization") or {}).get("exclude_modules") or []
+    plain = format_for_algo(None)
+    return lambda prefix: plain if any(fnmatch(prefix.rstrip("."), pat) for pat in excluded) else fmt
+
+
 class TRTLLMExecutor:
     def __init__(self, directory: Path, config: dict, layers: list[RankLayer], embedding: torch.Tensor,
                  final_norm: torch.Tensor, lm_head: torch.Tensor, xattn: dict[int, XLayer] | None = None):
@@ -250,11 +279,7 @@ class TRTLLMExecutor:
             keys = set(ranks[rank].keys())
             return lambda name: ranks[rank].get_tensor(name) if name in keys else None
 
-        excluded = (config.get("quantization") or {}).get("exclude_modules") or []
-        plain = format_for_algo(None)
-
-        def fmt_of(prefix: str) -> LLMFormat:  # TensorRT-LLM keeps a module that exclude_modules matches unquantized
-            return plain if any(fnmatch(prefix.rstrip("."), pat) for pat in excluded) else fmt
+        fmt_of = excluded_format(config, fmt)
 
         layers, per_stage = [], config["num_hidden_layers"] // pp
         after = list(config.get("cross_attention_layers") or [])
@@ -266,22 +291,8 @@ class TRTLLMExecutor:
         for p in range(pp):
             gets = [getter(p * tp + t) for t in range(tp)]
             for j, i in enumerate(layout.xattn_stages(after, config["num_hidden_layers"], pp)[p]):
-                def xlinears(role):
-                    prefix = layout.prefix(table, role, j)
-                    return [Linear(g, prefix, fmt_of(prefix)) for g in gets]
-
-                def whole(role):
-                    t = gets[0](layout.target(table, role, j))
-                    if t is None:
-                        raise CheckpointError(f"{directory}: {layout.target(table, role, j)} missing (cross-attention "
-                                              f"layer {i}, PP stage {p})")
-                    return t.float()
-
-                xattn[after[i]] = XLayer(
-                    input_norm=whole("x_input_norm"), post_norm=whole("x_post_norm"), qkv=xlinears("x_qkv"),
-                    dense=xlinears("x_dense"), fc=xlinears("x_fc"), gate=xlinears("x_gate"), proj=xlinears("x_proj"),
-                    gate_attn=whole("x_gate_attn").reshape(()).tanh(), gate_ffwd=whole("x_gate_ffwd").reshape(()).tanh(),
-                    kv_scale=_optional_float(gets[0](layout.XKV_SCALE.format(j=j))))
+                xattn[after[i]] = x_layer(gets, table, j, fmt_of, f"{directory}: cross-attention layer {i}, PP "
+                                                                   f"stage {p}")
             layers.extend(rank_layer(gets, table, j, fmt, directory) for j in range(per_stage))
         first = [getter(t) for t in range(tp)]
         last = [getter((pp - 1) * tp + t) for t in range(tp)]

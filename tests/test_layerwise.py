@@ -86,10 +86,23 @@ def test_resume_without_work_is_refused(demo, tmp_path):
     assert r.returncode == 2 and "holds no earlier" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_layerwise_on_refuses_cross_attention(tmp_path):
-    ckpt = write_demo_checkpoint(tmp_path / "x", variant="x")
-    r = _nvlm_build("llm", ckpt, "--quant", "fp8", "--layerwise", "on", "-o", tmp_path / "out")
-    assert r.returncode == 2 and "NVLM-X/H" in r.stderr and "Traceback" not in r.stderr
+XH = [("x", "fp8", True), ("x", "bf16", False), ("h", "bf16", False), ("h", "int4_awq", False)]
+
+
+@pytest.mark.parametrize("variant,fmt,kv", XH, ids=[f"{v}-{f}{'-fp8kv' if kv else ''}" for v, f, kv in XH])
+def test_cross_attention_families_layer_at_a_time(tmp_path, variant, fmt, kv):
+    """NVLM-X/H: the gated blocks run between the layers a block at a time (their image keys/values, NVLM-X's
+    FP8-KV scales from the calibration prompts); the same bytes and figures as the whole-model path."""
+    ckpt = write_demo_checkpoint(tmp_path / "ckpt", variant=variant)
+    opts = BuildOptions(get_format(fmt), kv_cache_fp8=kv)
+    build_llm(ckpt, tmp_path / "whole", opts, calib_size=4, layerwise="off")
+    build_llm(ckpt, tmp_path / "layer", opts, calib_size=4, layerwise="on")
+    for name in ("rank0.safetensors", "config.json"):
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "layer" / name).read_bytes(), name
+    a, b = _report(tmp_path / "whole"), _report(tmp_path / "layer")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), k
 
 
 _WRITE = """

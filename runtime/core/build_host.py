@@ -167,9 +167,8 @@ def build_host_report(cfg: NVLMConfig, tensors: dict | None = None) -> dict:
                "engine_disk_bytes": needs.disk, "gpu_bytes": needs.gpu}
         if not fmt.quantized:
             row["llm_streamed_peak_ram_bytes"] = llm_need(cfg, fmt, fidelity=False, largest_tensor=largest).ram
-        if not cfg.cross_attention_layers:  # NVLM-D layouts: the decoder a layer at a time (--layerwise)
-            row["engine_layerwise_peak_ram_bytes"] = engine_needs(cfg, fmt, largest_tensor=largest,
-                                                                  layerwise=True).peak_ram
+        row["engine_layerwise_peak_ram_bytes"] = engine_needs(cfg, fmt, largest_tensor=largest,
+                                                              layerwise=True).peak_ram  # --layerwise on
         rows.append(row)
     return {"largest_tensor_bytes": largest, "rows": rows,
             "conventions": "the stages as written today (runtime/core/build_host.py): engine_* with the whole-model "
