@@ -86,7 +86,7 @@ def test_resume_without_work_is_refused(demo, tmp_path):
     assert r.returncode == 2 and "holds no earlier" in r.stderr and "Traceback" not in r.stderr
 
 
-XH = [("x", "fp8", True), ("x", "bf16", False), ("h", "bf16", False), ("h", "int4_awq", False)]
+XH = [("x", "fp8", True), ("h", "bf16", False)]  # measured beside these: X bf16, H fp8 + FP8 KV, H int4_awq
 
 
 @pytest.mark.parametrize("variant,fmt,kv", XH, ids=[f"{v}-{f}{'-fp8kv' if kv else ''}" for v, f, kv in XH])
@@ -182,8 +182,8 @@ def test_engine_build_killed_in_its_llm_stage_resumes_the_layers(demo, tmp_path)
     resumed = _nvlm_build(*args, "-o", out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after decoder layer 0" in resumed.stderr
-    straight = _nvlm_build(*args, "-o", tmp_path / "straight")
-    assert straight.returncode == 0, straight.stderr
+    # the engine's LLM stage is `build_llm`: a straight one of the same options gives the same checkpoint
+    build_llm(demo, tmp_path / "straight", BuildOptions(get_format("fp8")), calib_size=4, layerwise="on")
     for name in ("rank0.safetensors", "config.json"):
-        assert (out / "llm" / name).read_bytes() == (tmp_path / "straight" / "llm" / name).read_bytes(), name
+        assert (out / "llm" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
     assert not (out / ".llm.layerwise").exists()
