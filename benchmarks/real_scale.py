@@ -97,15 +97,23 @@ def write_slice(out: Path, family: str, decoder: int, vision: int, seed: int = 0
             weight_map.update({n: name for n in group})
             group, size = {}, 0
 
+    embedding = None
     for src, shape in rows:
         dtype = torch.float32 if F32.match(src) else torch.bfloat16
         if len(shape) == 1 and ("norm" in src or src.endswith(("ls1", "ls2"))):
             t = torch.ones(shape, dtype=dtype)
         elif src.endswith("_gate"):
             t = torch.full(shape, 0.5, dtype=dtype)
+        elif src.endswith("lm_head.weight") and embedding is not None:
+            # lm_head = the embedding: the random model's logits then peak at the input token, as a trained
+            # model's have a clear top-1; a random lm_head gives near-uniform logits over 152,064 ids, in which
+            # the fidelity report rightly finds nothing decidable and refuses (a 3-layer fp8 slice: 92% near-ties)
+            t = embedding.clone()
         else:
             t = (torch.randn(shape, generator=g, dtype=torch.float32 if dtype == torch.float32 else torch.bfloat16)
                  * 0.02).to(dtype)
+        if src.endswith("embed_tokens.weight"):
+            embedding = t
         nbytes = t.numel() * t.element_size()
         if size + nbytes > SHARD_BYTES:
             flush()

@@ -41,6 +41,24 @@ CHUNK_ROWS = 8192  # lm_head rows upcast at a time: 8192 × 8192 × 4 B = 256 MB
 MINI_VOCAB = 64  # the one-layer model's own (unused) embedding and lm_head
 
 
+MMAP_THRESHOLD = 1 << 20
+_M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+
+
+def bounded_heap() -> None:
+    """Serve every allocation of 1 MiB or more with its own mapping, returned to the kernel when freed. glibc
+    raises its mmap threshold to the size of each mapped block freed (up to 32 MiB), after which tensors of a
+    layer land in the heap, fragment it, and the next layer's peak sits on top of the holes: measured on a
+    hidden-2048 decoder, 1 → 4 layers grew the peak by 216 MB with the dynamic threshold, 119 MB with this one
+    (the same as MALLOC_MMAP_THRESHOLD_=1048576). Setting the threshold fixes it (no dynamic adjustment)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def release_memory() -> None:
     """Free a finished layer now: collect its reference cycles (transformers' and modelopt's modules hold them)
     and hand glibc's freed heap pages back to the kernel (`malloc_trim`): tensors under glibc's mmap threshold

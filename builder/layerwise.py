@@ -378,6 +378,7 @@ def build_layerwise(ckpt: Checkpoint, opts: BuildOptions, work_path: Path, tmp: 
                     fidelity: bool, device: torch.device, resume: bool | None = False):
     """The layer-at-a-time build into `tmp`: (config, fidelity.Measured or None). Unquantized formats are written
     by the streaming converter first (as without the fidelity report)."""
+    ls.bounded_heap()
     stack = ls.ReferenceStack(ckpt, getattr(torch, opts.fmt.dtype), device)
     calib, calib_cross, runs, run_cross = prepare(ckpt, tokenizer, stack, samples if opts.fmt.quantized else [],
                                                   fidelity)

@@ -30,7 +30,7 @@ from runtime.core.checkpoint import Checkpoint
 from runtime.core.families import DECODER_ROLES, PROJECTOR, VISION, family_for
 from runtime.reference import reference_class
 
-from .layer_stream import release_memory
+from .layer_stream import bounded_heap, release_memory
 
 DATA_ALIGN = 4096  # each initializer's offset in the data file (mmap-friendly, as onnx's own writer aligns)
 
@@ -208,6 +208,7 @@ def export_by_part(ckpt: Checkpoint, out: Path, *, dtype: torch.dtype, opset: in
     onnxruntime-vs-float32-reference figure, or None when not checked)."""
     import onnxruntime as ort
 
+    bounded_heap()
     parts = VisionParts(ckpt)
     names = parts.names()
     s = ckpt.config.preprocess.image_size
