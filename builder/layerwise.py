@@ -226,7 +226,7 @@ def _merge(ckpt: Checkpoint, opts: BuildOptions, work: _Work, out: Path, metadat
                     if int(r) == t:
                         sl = fh.get_slice(key)
                         entries[f"transformer.layers.{j}.{name}"] = (
-                            _dtype(sl.get_dtype()), tuple(sl.get_shape()), partial(_read, path, key))
+                            _TORCH_OF[sl.get_dtype()], tuple(sl.get_shape()), partial(_read, path, key))
         if cross_kv_scales:  # NVLM-X/H with an FP8 KV cache: each block's scale, like its self-attention's
             like = layout.KV_SCALE.format(j=0)
             kv_dtype, kv_shape, _ = entries[like]
@@ -252,8 +252,7 @@ def _read(path: str, key: str) -> torch.Tensor:
         return fh.get_tensor(key)
 
 
-def _dtype(name: str) -> torch.dtype:
-    return {v: k for k, v in SAFETENSORS_DTYPES.items()}[name]
+_TORCH_OF = {v: k for k, v in SAFETENSORS_DTYPES.items()}  # safetensors dtype name → torch dtype
 
 
 def _through_blocks(stack: ls.ReferenceStack, i: int, streams: dict, crosses: dict, kv_scales: list | None,

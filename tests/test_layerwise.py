@@ -29,6 +29,16 @@ def _report(out: Path) -> dict:
     return {c["name"]: c["value"] for c in json.loads((out / "reports" / "fidelity.json").read_text())["checks"]}
 
 
+def _assert_same_build(whole: Path, layer: Path) -> None:
+    """Byte-identical rank file and config.json; every fidelity figure equal (to 1e-6 relative)."""
+    for name in ("rank0.safetensors", "config.json"):
+        assert (whole / name).read_bytes() == (layer / name).read_bytes(), name
+    a, b = _report(whole), _report(layer)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), k
+
+
 @pytest.mark.parametrize("fmt,kv", FORMATS, ids=[f"{f}{'-fp8kv' if kv else ''}" for f, kv in FORMATS])
 def test_layer_at_a_time_equals_whole_model(demo, tmp_path, fmt, kv):
     """Byte-identical rank files and config.json; every fidelity figure equal (the reference, fake-quantized and
@@ -38,12 +48,7 @@ def test_layer_at_a_time_equals_whole_model(demo, tmp_path, fmt, kv):
     by_layer = build_llm(demo, tmp_path / "layer", opts, calib_size=4, layerwise="on")
     assert (whole["layerwise"], by_layer["layerwise"]) == (False, True)
     assert whole["fidelity_passed"] and by_layer["fidelity_passed"]
-    for name in ("rank0.safetensors", "config.json"):
-        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "layer" / name).read_bytes(), name
-    a, b = _report(tmp_path / "whole"), _report(tmp_path / "layer")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), k
+    _assert_same_build(tmp_path / "whole", tmp_path / "layer")
     assert not work_dir(tmp_path / "layer").exists()  # published: the per-layer work is gone
 
 
@@ -97,12 +102,7 @@ def test_cross_attention_families_layer_at_a_time(tmp_path, variant, fmt, kv):
     opts = BuildOptions(get_format(fmt), kv_cache_fp8=kv)
     build_llm(ckpt, tmp_path / "whole", opts, calib_size=4, layerwise="off")
     build_llm(ckpt, tmp_path / "layer", opts, calib_size=4, layerwise="on")
-    for name in ("rank0.safetensors", "config.json"):
-        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "layer" / name).read_bytes(), name
-    a, b = _report(tmp_path / "whole"), _report(tmp_path / "layer")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), k
+    _assert_same_build(tmp_path / "whole", tmp_path / "layer")
 
 
 _WRITE = """

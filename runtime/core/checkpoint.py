@@ -217,15 +217,24 @@ class Checkpoint:
             raise CheckpointError(f"{self.directory}: no tensor named {name!r}")
         info = self.tensors[name]
         buf = bytearray(info.nbytes)
-        with open(self.directory / info.shard, "rb", buffering=0) as fh:
-            fh.seek(info.offset)
-            got = read_fully(fh, buf)
-        if got != info.nbytes:
-            raise CheckpointError(f"{info.shard}: tensor {name!r} is cut short ({got} of {info.nbytes} bytes); "
-                                  "the file changed or is truncated")
+        self._read_spans(name, [(info.offset, info.nbytes)], buf)
         if not info.nbytes:
             return torch.empty(info.shape, dtype=getattr(torch, info.dtype))
         return torch.frombuffer(buf, dtype=getattr(torch, info.dtype)).reshape(info.shape)
+
+    def _read_spans(self, name: str, spans: list[tuple[int, int]], buf: bytearray) -> None:
+        """Fill `buf` with the (offset, length) byte spans of `name`'s shard, in order (reads looped: a short
+        read that is not the file's end is retried; a real one is a truncation error)."""
+        info = self.tensors[name]
+        view, at = memoryview(buf), 0
+        with open(self.directory / info.shard, "rb", buffering=0) as fh:
+            for offset, length in spans:
+                fh.seek(offset)
+                got = read_fully(fh, view[at:at + length])
+                if got != length:
+                    raise CheckpointError(f"{info.shard}: tensor {name!r} is cut short ({got} of {length} bytes); "
+                                          "the file changed or is truncated")
+                at += length
 
     def get_rows(self, name: str, rows: range | list[int]):
         """Rows of a tensor along its first dimension [len(rows), ...], read row by row (a range: in one read):
@@ -237,19 +246,12 @@ class Checkpoint:
         info = self.tensors[name]
         row_bytes = info.nbytes // info.shape[0]
         spans = [(rows.start, len(rows))] if isinstance(rows, range) else [(int(r), 1) for r in rows]
-        buf = bytearray(row_bytes * sum(n for _, n in spans))
-        view = memoryview(buf)
-        with open(self.directory / info.shard, "rb", buffering=0) as fh:
-            at = 0
-            for first, n in spans:
-                if not 0 <= first <= first + n <= info.shape[0]:
-                    raise CheckpointError(f"rows {first}…{first + n} are outside {name!r} ({info.shape[0]} rows)")
-                fh.seek(info.offset + first * row_bytes)
-                if read_fully(fh, view[at:at + n * row_bytes]) != n * row_bytes:
-                    raise CheckpointError(f"{info.shard}: tensor {name!r} is cut short; the file changed or is "
-                                          "truncated")
-                at += n * row_bytes
+        for first, n in spans:
+            if not 0 <= first <= first + n <= info.shape[0]:
+                raise CheckpointError(f"rows {first}…{first + n} are outside {name!r} ({info.shape[0]} rows)")
         count = sum(n for _, n in spans)
+        buf = bytearray(row_bytes * count)
+        self._read_spans(name, [(info.offset + first * row_bytes, n * row_bytes) for first, n in spans], buf)
         if not buf:
             return torch.empty((count, *info.shape[1:]), dtype=getattr(torch, info.dtype))
         return torch.frombuffer(buf, dtype=getattr(torch, info.dtype)).reshape(count, *info.shape[1:])
