@@ -19,6 +19,7 @@ prompt's image keys (`CrossInput`)."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 from dataclasses import dataclass, field
@@ -272,11 +273,19 @@ class ExecutorStack:
                 return fh.get_tensor(name) if name in fh.keys() else None
         return get
 
+    @contextlib.contextmanager
+    def _stage_getters(self, p: int):
+        """Getters of PP stage p's TP rank files, each file opened once for one layer's load and closed after."""
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(self._open(p * self.tp + t)) for t in range(self.tp)]
+            yield [lambda name, fh=fh, keys=set(fh.keys()): fh.get_tensor(name) if name in keys else None
+                   for fh in files]
+
     def layer(self, i: int) -> _ExecLayer:
         per = self.num_layers // self.pp
         p, j = divmod(i, per)
-        gets = [self._getter(p * self.tp + t) for t in range(self.tp)]
-        return _ExecLayer(self, i, rank_layer(gets, self.table, j, self.fmt, self.directory))
+        with self._stage_getters(p) as gets:
+            return _ExecLayer(self, i, rank_layer(gets, self.table, j, self.fmt, self.directory))
 
     @property
     def after(self) -> dict[int, list[int]]:
@@ -289,9 +298,9 @@ class ExecutorStack:
         """Gated block j (global index) from the rank files of the PP stage that holds it."""
         stages = layout.xattn_stages(self.cross_layers, self.num_layers, self.pp)
         p = next(p for p, held in enumerate(stages) if j in held)
-        gets = [self._getter(p * self.tp + t) for t in range(self.tp)]
-        return x_layer(gets, self.table, stages[p].index(j), excluded_format(self.config, self.fmt),
-                       f"{self.directory}: cross-attention layer {j}")
+        with self._stage_getters(p) as gets:
+            return x_layer(gets, self.table, stages[p].index(j), excluded_format(self.config, self.fmt),
+                           f"{self.directory}: cross-attention layer {j}")
 
     def run_block(self, li: int, xl, x: torch.Tensor, cross: CrossInput, decoding: bool) -> torch.Tensor:
         """x [T, H] through the gated block `xl` after layer li, as the executor runs it: the image keys/values
