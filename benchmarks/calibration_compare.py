@@ -29,7 +29,7 @@ def main():
     from builder.fidelity import decoder_logits, logit_errors, prepare_prompts
     from builder.llm_build import quantize
     from runtime.core.demo_checkpoint import write_demo_checkpoint
-    from runtime.core.llm_formats import BuildOptions, get_format
+    from runtime.core.llm_formats import LLMBuildOptions, get_format
     from runtime.reference import reference_model
     from runtime.tokenizer import NVLMTokenizer
 
@@ -49,7 +49,7 @@ def main():
     for fmt in ("fp8", "int4_awq", "w4a8_awq"):
         for mode in ("text-only", "multimodal"):
             embeds = list(embed_samples(samples, ref, tok, text_only=mode == "text-only"))
-            model = quantize(ref, BuildOptions(get_format(fmt), kv_cache_fp8=fmt == "fp8"), embeds)
+            model = quantize(ref, LLMBuildOptions(get_format(fmt), kv_cache_fp8=fmt == "fp8"), embeds)
             a, b = torch.cat([decoder_logits(model, r) for r in runs]), torch.cat(base)
             text = torch.cat([r.text for r in runs])
             rows.append({"format": fmt + (" + fp8 kv" if fmt == "fp8" else ""), "calibration": mode,

@@ -1,4 +1,4 @@
-"""In-flight batching in isolation: one `TRTLLMExecutor.decode_step` for B sequences against the baseline
+"""In-flight batching in isolation: one `ReferenceExecutor.decode_step` for B sequences against the baseline
 of B separate one-sequence steps (requests run one at a time), side by side in one run.
 
     .venv/bin/python benchmarks/decode_step.py [--batch 1,2,4,8,16] [--context 39,300] [--threads 1]
@@ -43,16 +43,16 @@ def main() -> int:
 
     from builder.llm_build import build_llm
     from runtime.core.demo_checkpoint import write_demo_checkpoint
-    from runtime.core.llm_formats import BuildOptions, get_format
-    from runtime.trtllm_executor import KVCache, TRTLLMExecutor
+    from runtime.core.llm_formats import LLMBuildOptions, get_format
+    from runtime.executor import KVCache, ReferenceExecutor
 
     torch.set_num_threads(args.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = write_demo_checkpoint(Path(tmp) / "ckpt")
-        build_llm(ckpt, Path(tmp) / "llm", BuildOptions(get_format(args.format), kv_cache_fp8=args.format == "fp8"),
+        build_llm(ckpt, Path(tmp) / "llm", LLMBuildOptions(get_format(args.format), kv_cache_fp8=args.format == "fp8"),
                   calib_size=4, fidelity=False)
-        ex = TRTLLMExecutor.load(Path(tmp) / "llm")
+        ex = ReferenceExecutor.load(Path(tmp) / "llm")
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for ctx in args.context:

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/family_cost.py [--repeats 5] [--threads 2] [--json F]
 
 For 72B (tests/fixtures/nvlm_{d,x,h}_72b_config.json), from the cost model (`runtime.core.inspect.request_shape`,
-`runtime.roofline`): decoder sequence length, cross-attention keys, prefill TFLOPs of the decoder (vision
+`clients.roofline`): decoder sequence length, cross-attention keys, prefill TFLOPs of the decoder (vision
 excluded: it is the same for all three) and the request's KV cache (self-attention + cross-attention,
 bf16), for one image of 1, 4 and 7 tiles and 64 text tokens. Then the embedded defaults (same dimensions for
 D, X and H) measured side by side on this CPU: the reference's prefill over a one-image prompt (fastest of
@@ -26,9 +26,9 @@ TEXT_TOKENS = 64
 
 
 def model_rows():
+    from clients.roofline import prefill_flops
     from runtime.core.families import from_hf
     from runtime.core.inspect import cross_kv_bytes_per_key, kv_bytes_per_token, request_shape
-    from runtime.roofline import prefill_flops
 
     rows = []
     for v in "dxh":

@@ -25,20 +25,20 @@ TILES = {1: (448, 448), 7: (1400, 700)}
 
 
 def _build(root: Path, variant: str) -> Path:
-    from builder.engine_build import EngineBuildOptions, build_engine
+    from builder.engine_build import DeploymentOptions, build_deployment
     from runtime.core.demo_checkpoint import write_demo_checkpoint
-    from runtime.core.llm_formats import BuildOptions, get_format
+    from runtime.core.llm_formats import LLMBuildOptions, get_format
 
     out = root / f"build-{variant}"
     if not (out / "triton_repo").is_dir():
         ckpt = write_demo_checkpoint(root / f"ckpt-{variant}", variant=variant)
-        build_engine(ckpt, out, EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference",
+        build_deployment(ckpt, out, DeploymentOptions(LLMBuildOptions(get_format("bf16")), target="reference",
                                                    vision_dtype="fp32", calib_size=4), force=True)
     return out
 
 
 def main():
-    from runtime.client import NVLMClient
+    from clients.triton_client import NVLMClient
     from runtime.scenes import synthetic_scene
     from triton_repo.server import TritonServer
 

@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runtime.loadgen import run_closed_loop, summarize  # noqa: E402
-from runtime.workloads import load_workload  # noqa: E402
+from clients.loadgen import run_closed_loop, summarize  # noqa: E402
+from clients.workloads import load_workload  # noqa: E402
 from triton_repo.keeper import descendants  # noqa: E402
 from triton_repo.server import TritonServer  # noqa: E402
 

@@ -67,13 +67,13 @@ def cpu_by_process(root: int) -> dict[str, float]:
 
 
 def main():
-    from builder.engine_build import EngineBuildOptions, build_engine
-    from runtime.client import NVLMClient
+    from builder.engine_build import DeploymentOptions, build_deployment
+    from clients.loadgen import run_closed_loop, server_stats, stats_delta, summarize
+    from clients.triton_client import NVLMClient
+    from clients.workloads import Item
     from runtime.core.demo_checkpoint import write_demo_checkpoint
-    from runtime.core.llm_formats import BuildOptions, get_format
-    from runtime.loadgen import run_closed_loop, server_stats, stats_delta, summarize
+    from runtime.core.llm_formats import LLMBuildOptions, get_format
     from runtime.local_pipeline import LocalPipeline
-    from runtime.workloads import Item
     from triton_repo.server import TritonServer
 
     ap = argparse.ArgumentParser()
@@ -88,7 +88,7 @@ def main():
     work = Path(tempfile.mkdtemp())
     ckpt = write_demo_checkpoint(work / "demo")
     build = work / "build"
-    build_engine(ckpt, build, EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference",
+    build_deployment(ckpt, build, DeploymentOptions(LLMBuildOptions(get_format("bf16")), target="reference",
                                                  vision_dtype="fp32", calib_size=4), progress=lambda m: None)
     image = (ROOT / "assets" / "demo_scene.png").read_bytes()
     # (prompt, images, streamed): the same text request not streamed isolates the per-token hops (one
@@ -102,7 +102,7 @@ def main():
     # every request generates exactly --max-tokens (min_tokens = max_tokens: the random default would stop
     # early at its end token), served and in-process alike
     def local(prompt, images):
-        return pipeline.run(prompt, images, args.max_tokens, min_length=args.max_tokens).tokens
+        return pipeline.run(prompt, images, args.max_tokens, min_tokens=args.max_tokens).tokens
 
     exact = {"min_tokens": ("INT32", np.array([args.max_tokens], np.int32))}
 

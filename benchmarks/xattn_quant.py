@@ -40,11 +40,11 @@ def quantize_everything(ckpt, tok, fmt, samples):
 
     from builder.calibration import embed_samples
     from builder.llm_build import _quiet
-    from runtime.core.llm_formats import BuildOptions
+    from runtime.core.llm_formats import LLMBuildOptions
     from runtime.reference import reference_model
 
     ref = reference_model(ckpt)
-    opts = BuildOptions(fmt)
+    opts = LLMBuildOptions(fmt)
     both = nn.ModuleDict({"llm": ref.llm, "xattn": ref.xattn})
 
     def loop(_):
@@ -61,7 +61,7 @@ def main():
     from builder.fidelity import decoder_logits, prepare_prompts
     from builder.llm_build import quantize
     from runtime.core.demo_checkpoint import write_demo_checkpoint
-    from runtime.core.llm_formats import BuildOptions, get_format
+    from runtime.core.llm_formats import LLMBuildOptions, get_format
     from runtime.reference import reference_model
     from runtime.tokenizer import NVLMTokenizer
 
@@ -86,7 +86,7 @@ def main():
             calib = list(embed_samples(samples, ref, tok))
             for name in args.formats.split(","):
                 fmt = get_format(name)
-                decoder_only = quantize(ref, BuildOptions(fmt), calib)
+                decoder_only = quantize(ref, LLMBuildOptions(fmt), calib)
                 rows.append({"variant": variant, "seed": seed, "format": name, "quantized": "decoder only",
                              **_errors([decoder_logits(decoder_only, r) for r in runs], base, runs)})
                 everything = quantize_everything(ckpt, tok, fmt, samples)

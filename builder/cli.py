@@ -9,21 +9,25 @@ import sys
 from dataclasses import dataclass
 from typing import Callable
 
+from demo_model.recipe import add_flags as recipe_flags
+from demo_model.recipe import command_line
+from demo_model.recipe import from_flags as recipe_from_flags
+from demo_model.train import evaluate_checkpoint, train_and_save
 from runtime.chat_format import stop_id
 from runtime.core import progress
 from runtime.core.build_host import DTYPE_BYTES, HostNeeds, build_host_report, vision_need
 from runtime.core.checkpoint import Checkpoint, plan_config, scan_tensors
 from runtime.core.demo_checkpoint import VARIANTS, is_trained_default, trained_available, write_demo_checkpoint
-from runtime.core.engines import EngineLimits
 from runtime.core.errors import NVLMError
 from runtime.core.families import family_for
 from runtime.core.fsutil import human_bytes, publish_dir
 from runtime.core.inspect import DEFAULT_KV_TOKENS, format_report, inspect
+from runtime.core.limits import EngineLimits
 from runtime.core.llm_formats import (
     FORMATS,
     KV_CACHE_DTYPES,
     VISION_FORMATS,
-    BuildOptions,
+    LLMBuildOptions,
     awq_group_help,
     get_format,
     get_vision_format,
@@ -35,8 +39,7 @@ from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from triton_repo.generate import generate_repo, plan_pending
 
-from .demo_train import POOLINGS, Phase, Recipe, evaluate_checkpoint, train_and_save
-from .engine_build import EngineBuildOptions, build_engine, format_summary
+from .engine_build import DeploymentOptions, build_deployment, format_summary
 from .llm_build import build_llm
 from .preflight import MARGIN, check
 from .vision_export import VisionModels, export_vision
@@ -91,50 +94,8 @@ def _demo(args) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    d = Recipe()
     p.add_argument("out", help="safetensors file to write (a card OUT.json is written beside it)")
-    p.add_argument("--samples", type=int, default=d.samples, help=f"training questions (default {d.samples})")
-    p.add_argument("--batch", type=int, default=d.batch, help=f"samples per optimizer step (default {d.batch})")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"peak learning rate (default {d.lr})")
-    p.add_argument("--single-tile-fraction", type=float, default=d.single_tile_fraction,
-                   help=f"first part of the run on one-tile images only (default {d.single_tile_fraction})")
-    p.add_argument("--shape-first", type=int, default=d.shape_first, metavar="N",
-                   help="start with N one-tile samples of shape questions only (default 0)")
-    p.add_argument("--phases", metavar="SPEC",
-                   help="an explicit curriculum, e.g. '1200:one:1,2,1,1;2000:one:1,8,1,1;3000:all:1,2,1,1' (per phase: "
-                        "samples, one-tile or all canvases, weights of colour/shape/which_tile/count); replaces "
-                        "--samples, --single-tile-fraction and --shape-first")
-    p.add_argument("--init", metavar="WEIGHTS",
-                   help="continue from a demo-train output instead of the standard initialisation (a second stage; "
-                        "give it another --seed for fresh data)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--threads", type=int, default=d.threads, help="torch threads (results depend on it)")
-    p.add_argument("--no-tile-tags", action="store_true", help="ablation: prompts without NVLM's 1-D tile tags")
-    p.add_argument("--variant", choices=sorted(VARIANTS), default=d.variant,
-                   help="the family to train: d (NVLM-D, the shipped default), x or h (NVLM-X / NVLM-H, the "
-                        "architecture comparison; no --attention-hint); default d")
-    p.add_argument("--decoder-probe", type=float, default=d.decoder_probe, metavar="W",
-                   help="weight of the training-only probe on the decoder's first layer (each image token's tile, "
-                        f"the tile a question names; default {d.decoder_probe}: off)")
-    p.add_argument("--attention-hint", type=float, default=d.attention_hint, metavar="W",
-                   help="weight of the training-only hint that a head of the decoder's second layer attends to the "
-                        f"tile an answer is about (default {d.attention_hint}: off)")
-    p.add_argument("--question-probe", type=float, default=d.question_probe, metavar="W",
-                   help="weight of the training-only probe of the question's type on the decoder's first layer "
-                        f"(needs --decoder-probe; default {d.question_probe}: off)")
-    p.add_argument("--probe-pooling", choices=POOLINGS, default=d.probe_pooling,
-                   help=f"how the training-only tile probe pools a tile's tokens (default {d.probe_pooling})")
-    p.add_argument("--attention-hint-heads", type=int, default=d.attention_hint_heads, metavar="N",
-                   help=f"how many second-layer heads the attention hint pushes (default {d.attention_hint_heads})")
-    p.add_argument("--which-tile-hint-heads", type=int, default=d.which_tile_hint_heads, metavar="N",
-                   help="the same for which_tile questions (default 0: --attention-hint-heads)")
-    p.add_argument("--key-hint", type=float, default=d.key_hint, metavar="W",
-                   help="training only: push a first-layer head, where the tile-dependent answer token is predicted, "
-                        "onto the question word the lookup searches with (docs/demo_model.md; default 0: off)")
-    p.add_argument("--key-hint-types", default=",".join(d.key_hint_types), metavar="T,T",
-                   help=f"question types the key hint covers (default {','.join(d.key_hint_types)})")
-    p.add_argument("--freeze-vision", action="store_true",
-                   help="train the decoder only, the vision tower and projector as --init has them (a second stage)")
+    recipe_flags(p)  # one flag per Recipe field (demo_model/recipe.py)
     p.add_argument("--eval", type=int, default=400, metavar="N", help="held-out questions to score (0: none)")
     p.add_argument("--eval-seed", type=int, default=1)
     p.add_argument("--log", help="append the per-step loss log here (JSONL)")
@@ -145,45 +106,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _train(args) -> int:
     from pathlib import Path
 
-    if not 0 <= args.shape_first <= args.samples:
-        raise NVLMError(f"--shape-first {args.shape_first} must be between 0 and --samples {args.samples}")
-    phases = ()
-    if args.phases:
-        try:
-            phases = Phase.parse(args.phases)
-        except ValueError as e:
-            raise NVLMError(f"--phases: {e}") from None
-    samples = sum(p.samples for p in phases) if phases else args.samples
-    key_hint_types = tuple(args.key_hint_types.split(","))
     try:
-        recipe = Recipe(samples=samples, batch=args.batch, lr=args.lr, single_tile_fraction=args.single_tile_fraction,
-                        seed=args.seed, threads=args.threads, tile_tags=not args.no_tile_tags,
-                        shape_first=args.shape_first, phases=phases, init=args.init or "",
-                        decoder_probe=args.decoder_probe, attention_hint=args.attention_hint,
-                        question_probe=args.question_probe, probe_pooling=args.probe_pooling, key_hint=args.key_hint,
-                        attention_hint_heads=args.attention_hint_heads,
-                        which_tile_hint_heads=args.which_tile_hint_heads,
-                        key_hint_types=key_hint_types,
-                        freeze_vision=args.freeze_vision, variant=args.variant)
+        recipe = recipe_from_flags(args)
     except ValueError as e:
         raise NVLMError(str(e)) from None
-    if args.init and not Path(args.init).is_file():
-        raise NVLMError(f"--init {args.init}: no such file (give a demo-train output)")
-    schedule = (f"--phases '{args.phases}'" if phases else
-                f"--samples {args.samples} --single-tile-fraction {args.single_tile_fraction} --shape-first {args.shape_first}")
-    command = (f"nvlm-build demo-train {args.out} {schedule} --batch {args.batch} --lr {args.lr} --seed {args.seed} "
-               f"--threads {args.threads}"
-               + (" --no-tile-tags" if args.no_tile_tags else "")
-               + (f" --variant {args.variant}" if args.variant != Recipe().variant else "")
-               + (" --freeze-vision" if args.freeze_vision else "")
-               + (f" --key-hint-types {args.key_hint_types}"
-                  if key_hint_types != Recipe().key_hint_types else "")
-               # the training aids that differ from the recipe's defaults, under their flags
-               + "".join(f" --{name.replace('_', '-')} {getattr(args, name)}"
-                         for name in ("decoder_probe", "attention_hint", "attention_hint_heads", "which_tile_hint_heads",
-                                      "key_hint", "question_probe", "probe_pooling")
-                         if getattr(args, name) != getattr(Recipe(), name))
-               + (f" --init {args.init}" if args.init else ""))
+    if recipe.init and not Path(recipe.init).is_file():
+        raise NVLMError(f"--init {recipe.init}: no such file (give a demo-train output)")
+    command = command_line(args.out, recipe)
     card = train_and_save(Path(args.out), recipe, command=command, eval_n=args.eval, eval_seed=args.eval_seed,
                           log_file=Path(args.log) if args.log else None)
     print(json.dumps(card, indent=2))
@@ -332,7 +261,7 @@ def _llm_args(p: argparse.ArgumentParser) -> None:
 @command("llm", "convert NVLM-D's LLM to a TensorRT-LLM checkpoint (bf16/fp16 streamed; fp8/int4_awq/w4a8_awq "
          "via modelopt with multimodal calibration)", _llm_args)
 def _llm(args) -> int:
-    opts = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=kv_cache_fp8(args.kv_cache_dtype),
+    opts = LLMBuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=kv_cache_fp8(args.kv_cache_dtype),
                         awq_group_size=args.awq_group_size, chat_format=args.chat_format)
     summary = build_llm(args.ckpt, args.out, opts, calib_data=args.calib_data, calib_size=args.calib_size,
                         force=args.force, fidelity=not args.no_fidelity, preflight=not args.no_preflight,
@@ -413,17 +342,17 @@ def _engine(args) -> int:
     from pathlib import Path
 
 
-    llm = BuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=kv_cache_fp8(args.kv_cache_dtype),
+    llm = LLMBuildOptions(get_format(args.quant), tp=args.tp, pp=args.pp, kv_cache_fp8=kv_cache_fp8(args.kv_cache_dtype),
                        awq_group_size=args.awq_group_size, chat_format=args.chat_format)
     limits = EngineLimits(max_batch_size=args.max_batch_size, max_tiles_per_image=args.max_tiles,
                           max_images_per_request=args.max_images,
                           max_input_text_len=args.max_input_len, max_output_len=args.max_output_len)
-    opts = EngineBuildOptions(llm, target=args.target, vision_dtype=args.vision_dtype,
+    opts = DeploymentOptions(llm, target=args.target, vision_dtype=args.vision_dtype,
                               vision_quant=get_vision_format(args.vision_quant),
                               limits=limits, calib_data=args.calib_data, calib_size=args.calib_size,
                               layerwise=args.layerwise, device=args.device)
     quiet = args.json
-    manifest = build_engine(args.ckpt, args.out, opts, resume=args.resume, force=args.force,
+    manifest = build_deployment(args.ckpt, args.out, opts, resume=args.resume, force=args.force,
                             progress=None if not quiet else (lambda m: None), preflight=not args.no_preflight)
     print(json.dumps(manifest) if args.json else format_summary(Path(args.out), manifest))
     return 0

@@ -29,7 +29,7 @@ from pathlib import Path
 # ends at 25.12 (TensorRT-LLM 1.1.0). launch.sh checks the bundled version at run time.
 TRITON_IMAGE = "nvcr.io/nvidia/tritonserver:26.05-trtllm-python-py3"
 TRITONSERVER = "/opt/tritonserver/bin/tritonserver"
-PACKAGES = ("builder", "runtime", "plugins", "triton_repo")
+PACKAGES = ("builder", "runtime", "plugins", "triton_repo", "clients", "demo_model")
 # What the Python models import beyond the NGC image (which has torch, numpy, transformers, tokenizers,
 # safetensors). Pillow: NVLM's tiling needs < 12.2 (runtime/preprocess.py:check_pillow); the image's own
 # Pillow may be newer. tritonclient: the entry model streams to the LLM step over gRPC (triton_repo/llm_link.py).
@@ -72,7 +72,7 @@ FROM ${{TRITON_IMAGE}}
 COPY nvlm-trt /opt/nvlm-trt
 RUN python3 -m pip install --no-cache-dir {' '.join(shlex.quote(p) for p in CONTAINER_PIP)} \\
  && python3 -m pip install --no-cache-dir --no-deps /opt/nvlm-trt \\
- && python3 -c "import triton_repo.serving, runtime.preprocess, runtime.core.engines"
+ && python3 -c "import triton_repo.serving, runtime.preprocess, runtime.core.gpu_host"
 """
 
 
@@ -122,8 +122,9 @@ def write_kit(out: Path, world_size: int) -> dict:
         shutil.copy2(src / "pyproject.toml", pkg / "pyproject.toml")
         shutil.copy2(src / "README.md", pkg / "README.md")
     else:  # installed from a wheel: a minimal project that installs the same packages
-        (pkg / "pyproject.toml").write_text('[project]\nname = "nvlm-trt"\nversion = "0.1.0"\n[tool.setuptools]\n'
-                                            f'packages = {list(PACKAGES)!r}\n'.replace("'", '"'))
+        (pkg / "pyproject.toml").write_text('[project]\nname = "nvlm-trt"\nversion = "0.1.0"\n'
+                                            '[tool.setuptools.packages.find]\n'
+                                            f'include = {[p + "*" for p in PACKAGES]!r}\n'.replace("'", '"'))
     (out / "Dockerfile").write_text(dockerfile())
     (out / "launch.sh").write_text(launch_script(world_size))
     (out / "launch.sh").chmod(0o755)

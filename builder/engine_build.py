@@ -37,17 +37,17 @@ from runtime.core import __version__
 from runtime.core.build_dir import SCHEMA, read_manifest, sha256_file, tree_checksums, write_json_atomic
 from runtime.core.build_host import DTYPE_BYTES, engine_needs, largest_stored_tensor
 from runtime.core.checkpoint import Checkpoint
-from runtime.core.engines import ENGINE_RELEASE, detect
 from runtime.core.errors import OutputExistsError
 from runtime.core.families import family_for
 from runtime.core.fsutil import human_bytes
+from runtime.core.gpu_host import ENGINE_RELEASE, detect
 from runtime.core.llm_formats import validate
 from runtime.core.progress import bar
 from runtime.tokenizer import NVLMTokenizer
 
 from .llm_build import choose_layerwise
 from .preflight import check, remedies_for
-from .stages import STAGES, TOKENIZER_FILES, BuildError, Context, EngineBuildOptions
+from .stages import STAGES, TOKENIZER_FILES, BuildError, Context, DeploymentOptions
 
 log = logging.getLogger(__name__)
 STATUS_PORTABLE = "portable artifacts complete; engines pending (no TensorRT)"
@@ -130,7 +130,7 @@ def _stage_ok(root: Path, record: dict) -> bool:
     return sums == record.get("checksums")
 
 
-def build_engine(ckpt_path, out, opts: EngineBuildOptions, *, resume: bool = False, force: bool = False,
+def build_deployment(ckpt_path, out, opts: DeploymentOptions, *, resume: bool = False, force: bool = False,
                  progress: Callable[[str], None] | None = None, preflight: bool = True) -> dict:
     say = progress or (lambda msg: log.info("%s", msg))
     out = Path(out)

@@ -3,7 +3,7 @@
 `reports/fidelity.json`: {"format", "passed", "prompts", "checks": [{name, metric, value,
 threshold, passed, why}]}. Checks run on fixed multimodal prompts (synthetic scenes of 1, 3 and 7
 tiles, two images in one prompt, and a text-only prompt), through the reference executor of the
-checkpoint (runtime/trtllm_executor.py) with image embeddings passed the way the engine gets them:
+checkpoint (runtime/executor/) with image embeddings passed the way the engine gets them:
 as a prompt-embedding table addressed by fake ids ≥ vocab_size (NVLM-D, NVLM-H's thumbnails) and as
 encoder features with a key range per token (NVLM-X/H's cross-attention).
 """
@@ -16,14 +16,15 @@ from typing import Callable
 
 import torch
 
+from demo_model.task import accuracy, heldout
 from runtime.chat_format import stop_id
 from runtime.core.families import family_for
 from runtime.core.progress import track
+from runtime.core.request_schema import Controls
+from runtime.executor import KVCache, Request
 from runtime.preprocess import preprocess_image_fast, preprocess_images
 from runtime.prompt import build_prompt
 from runtime.scenes import synthetic_scene
-from runtime.tile_task import accuracy, heldout
-from runtime.trtllm_executor import KVCache, Request
 
 GREEDY_TOKENS = 8
 
@@ -59,7 +60,7 @@ TOP1_AGREEMENT_MIN = 0.99
 # nothing about the build. A wrong scale makes errors large everywhere: too few positions stay decidable, which
 # fails too (and the logits check above fails on its own).
 TOP1_DECIDABLE_MIN = 0.5
-# The trained embedded default answers the tile task (runtime/tile_task.py): a build of it must still answer.
+# The trained embedded default answers the tile task (demo_model/task.py): a build of it must still answer.
 # 100 held-out questions (seed 7: neither training nor `nvlm-build eval`'s default), greedy, exact match; a
 # format may lose at most 2 points against the bf16 reference on the same questions.
 TASK_QUESTIONS, TASK_SEED, TASK_MAX_DROP = 100, 7, 0.02
@@ -103,7 +104,7 @@ class PromptRun:
 
     def request(self, max_new_tokens: int, **kw) -> Request:
         return Request(self.trt_ids, max_new_tokens, self.table, encoder_features=self.features,
-                       key_ranges=self.key_ranges, **kw)
+                       key_ranges=self.key_ranges, controls=Controls(**kw))
 
 
 def prepare_prompts(reference, tokenizer) -> list[PromptRun]:
@@ -187,7 +188,7 @@ def task_check(executor, reference, tokenizer, questions: int = TASK_QUESTIONS) 
         want = reference.generate(p.input_ids, pv, image_token_id=tokenizer.image_pad_id,
                                   max_new_tokens=TASK_ANSWER_TOKENS, eos_token_id=stop_id(tokenizer))
         got = executor.generate([Request(p.trtllm_input_ids(reference.cfg.llm.vocab_size), TASK_ANSWER_TOKENS, table,
-                                         end_id=stop_id(tokenizer))])[0]
+                                         controls=Controls(end_id=stop_id(tokenizer)))])[0]
         samples.append(s)
         ref_answers.append(tokenizer.decode(want.tokens))
         built_answers.append(tokenizer.decode(got.tokens))

@@ -12,7 +12,7 @@ Two stacks speak the same small interface (`layer(i)`, `final_hidden`, `head_row
   (`one_layer_model`) — the same modules and arithmetic as the whole reference decoder, so a layer's outputs
   are the whole model's, bit for bit, and modelopt can quantize it as it quantizes the whole model;
 - `ExecutorStack`: a built TensorRT-LLM checkpoint through the reference executor's own layer math
-  (runtime/trtllm_executor.py), one `rank_layer` at a time.
+  (runtime/executor/), one `rank_layer` at a time.
 
 NVLM-X/H's gated cross-attention blocks run between the layers the same way, a block at a time, reading each
 prompt's image keys (`CrossInput`)."""
@@ -36,7 +36,7 @@ from runtime.core.families import family_for_trtllm
 from runtime.core.llm_formats import format_for_algo, kv_round
 from runtime.core.trtllm_checkpoint import embedding_rows
 from runtime.cross_reference import GatedCrossAttention
-from runtime.trtllm_executor import KVCache, TRTLLMExecutor, excluded_format, rank_layer, rms_norm, x_layer
+from runtime.executor import KVCache, ReferenceExecutor, excluded_format, rank_layer, rms_norm, x_layer
 
 CHUNK_ROWS = 8192  # lm_head rows upcast at a time: 8192 × 8192 × 4 B = 256 MB for NVLM-D-72B
 MINI_VOCAB = 64  # the one-layer model's own (unused) embedding and lm_head
@@ -258,7 +258,7 @@ class ExecutorStack:
         self.fmt = format_for_algo((self.config.get("quantization") or {}).get("quant_algo"))
         self.num_layers = self.config["num_hidden_layers"]
         # the executor's layer math with no weights of its own: layers are handed to it one at a time
-        self.math = TRTLLMExecutor(self.directory, self.config, [], None, None, None)
+        self.math = ReferenceExecutor(self.directory, self.config, [], None, None, None)
 
     def _open(self, rank: int):
         """A rank file, opened for one use: safetensors maps the file, and the pages a read touches stay resident

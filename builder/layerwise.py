@@ -36,19 +36,19 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from runtime.core import trtllm_layout as layout
 from runtime.core.checkpoint import Checkpoint
 from runtime.core.errors import NVLMError
-from runtime.core import trtllm_layout as layout
-from runtime.core.llm_formats import BuildOptions, kv_scale
+from runtime.core.llm_formats import LLMBuildOptions, kv_scale
 from runtime.core.progress import bar, track
 from runtime.core.trtllm_checkpoint import (
     SAFETENSORS_DTYPES,
     TORCH_DTYPES,
-    count_tensors,
-    write_unquantized,
     SafetensorsStreamWriter,
+    count_tensors,
     rank_plan,
     safetensors_order,
+    write_unquantized,
 )
 
 from . import fidelity as fid
@@ -123,7 +123,7 @@ def work_dir(out: Path) -> Path:
     return out.with_name(out.name + ".layerwise")
 
 
-def _fingerprint(ckpt: Checkpoint, opts: BuildOptions, samples) -> dict:
+def _fingerprint(ckpt: Checkpoint, opts: LLMBuildOptions, samples) -> dict:
     return {"source": str(ckpt.directory), "source_bytes": ckpt.total_bytes, "format": opts.fmt.name,
             "kv_cache_fp8": opts.kv_cache_fp8, "awq_group_size": opts.awq_group_size, "tp": opts.tp, "pp": opts.pp,
             "chat_format": opts.chat_format, "calibration": [s.prompt for s in samples]}
@@ -170,7 +170,7 @@ class _Work:
         return True
 
 
-def _quantize_layer(model, opts: BuildOptions, calib: list[torch.Tensor]) -> None:
+def _quantize_layer(model, opts: LLMBuildOptions, calib: list[torch.Tensor]) -> None:
     import modelopt.torch.quantization as mtq
 
     cfg = opts.fmt.modelopt_config(opts.kv_cache_fp8, opts.awq_group_size)
@@ -184,7 +184,7 @@ def _quantize_layer(model, opts: BuildOptions, calib: list[torch.Tensor]) -> Non
         mtq.quantize(model, cfg, forward_loop=forward_loop)
 
 
-def _export_layer(model, opts: BuildOptions, scratch: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
+def _export_layer(model, opts: LLMBuildOptions, scratch: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """modelopt's export of the one-layer model: layer i's tensors of every rank ("rank:name", the name inside
     the layer), the exported config.json and the rank files' metadata."""
     from modelopt.torch.export import export_tensorrt_llm_checkpoint
@@ -206,7 +206,7 @@ def _export_layer(model, opts: BuildOptions, scratch: Path) -> tuple[dict[str, t
     return tensors, exported, metadata
 
 
-def _merge(ckpt: Checkpoint, opts: BuildOptions, work: _Work, out: Path, metadata: dict,
+def _merge(ckpt: Checkpoint, opts: LLMBuildOptions, work: _Work, out: Path, metadata: dict,
            cross_kv_scales: list[float] | None = None) -> None:
     """Rank files from the per-layer tensors and the unquantized embedding, final norm and lm_head (the rows
     modelopt exports in the checkpoint dtype), laid out as safetensors' `save_file` lays them out."""
@@ -278,7 +278,7 @@ def _through_blocks(stack: ls.ReferenceStack, i: int, streams: dict, crosses: di
         del block
 
 
-def quantize_layerwise(ckpt: Checkpoint, opts: BuildOptions, work_path: Path, tmp: Path, *,
+def quantize_layerwise(ckpt: Checkpoint, opts: LLMBuildOptions, work_path: Path, tmp: Path, *,
                        stack: ls.ReferenceStack, calib: list[torch.Tensor], calib_cross: list, runs, run_cross: list,
                        samples, resume: bool | None) -> tuple[dict, dict]:
     """Calibrate, export and fake-quantize layer by layer (per-layer work in `work_path`); write the rank files
@@ -373,7 +373,7 @@ def fidelity_layerwise(fmt_name: str, tmp: Path, stack: ls.ReferenceStack, runs,
     return fid.Measured(reducer, torch.cat([r.text for r in runs]), len(runs), greedy_same, kv_fp8=built.math.kv_fp8)
 
 
-def build_layerwise(ckpt: Checkpoint, opts: BuildOptions, work_path: Path, tmp: Path, *, tokenizer, samples,
+def build_layerwise(ckpt: Checkpoint, opts: LLMBuildOptions, work_path: Path, tmp: Path, *, tokenizer, samples,
                     fidelity: bool, device: torch.device, resume: bool | None = False):
     """The layer-at-a-time build into `tmp`: (config, fidelity.Measured or None). Unquantized formats are written
     by the streaming converter first (as without the fidelity report)."""

@@ -27,7 +27,7 @@ from runtime.core.checkpoint import Checkpoint
 from runtime.core.demo_checkpoint import is_trained_default
 from runtime.core.errors import InputError, NVLMError, OutputExistsError
 from runtime.core.fsutil import publish_dir
-from runtime.core.llm_formats import BuildOptions, kv_cache_name, kv_scale, validate
+from runtime.core.llm_formats import LLMBuildOptions, kv_cache_name, kv_scale, validate
 from runtime.core.progress import bar, track
 from runtime.core.trtllm_checkpoint import (
     add_cross_attention,
@@ -35,16 +35,16 @@ from runtime.core.trtllm_checkpoint import (
     repad_vocab,
     write_unquantized,
 )
+from runtime.executor import ReferenceExecutor
 from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
-from runtime.trtllm_executor import TRTLLMExecutor
 
 from . import layer_stream
+from . import preflight as host
 from .calibration import builtin_samples, embed_samples, load_calib_data, select
 from .fidelity import build_report, finish, task_check
 from .layerwise import build_layerwise, work_dir
 from .modelopt_glue import _quiet, as_stored, quantized_config
-from . import preflight as host
 from .preflight import MARGIN, check, remedies_for
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class FidelityError(NVLMError):
     """The built checkpoint does not compute what the reference computes."""
 
 
-def quantize(reference, opts: BuildOptions, embeds: list):
+def quantize(reference, opts: LLMBuildOptions, embeds: list):
     """modelopt fake-quantization of a copy of the reference LLM (its Qwen2 decoder), calibrated on `embeds`
     (calibration.CalibInput). NVLM-X/H: the copy keeps the reference's cross-attention hooks, so it runs with
     the reference's own gated blocks, unquantized — as the checkpoint stores them (docs/llm.md)."""
@@ -97,7 +97,7 @@ def _cross_kv_amax(reference):
             h.remove()
 
 
-def export(model, ckpt, opts: BuildOptions, out: Path, cross_kv_scales: list[float] | None = None) -> dict:
+def export(model, ckpt, opts: LLMBuildOptions, out: Path, cross_kv_scales: list[float] | None = None) -> dict:
     """modelopt's TensorRT-LLM export, then our config.json (modelopt 0.47 writes architecture
     "QWenForCausalLM" without qwen_type, which TensorRT-LLM would build as Qwen-1).
 
@@ -123,7 +123,7 @@ def export(model, ckpt, opts: BuildOptions, out: Path, cross_kv_scales: list[flo
 LAYERWISE_MODES = ("auto", "on", "off")
 
 
-def choose_layerwise(ckpt, opts: BuildOptions, mode: str, *, fidelity: bool, calib_size: int) -> bool:
+def choose_layerwise(ckpt, opts: LLMBuildOptions, mode: str, *, fidelity: bool, calib_size: int) -> bool:
     """Whether the build runs a decoder layer at a time (builder/layerwise.py). `auto`: when the whole-model path
     would not fit this host's RAM; `on`/`off` force it."""
     if mode not in LAYERWISE_MODES:
@@ -137,7 +137,7 @@ def choose_layerwise(ckpt, opts: BuildOptions, mode: str, *, fidelity: bool, cal
     return whole.ram * MARGIN > host.available_ram()
 
 
-def _build_whole(ckpt, opts: BuildOptions, tmp: Path, samples, *, fidelity: bool) -> tuple[dict, dict | None]:
+def _build_whole(ckpt, opts: LLMBuildOptions, tmp: Path, samples, *, fidelity: bool) -> tuple[dict, dict | None]:
     """The whole-model path: the reference in float32, modelopt on a copy of its decoder, the report on both."""
     import torch
 
@@ -164,12 +164,12 @@ def _build_whole(ckpt, opts: BuildOptions, tmp: Path, samples, *, fidelity: bool
             config = write_unquantized(ckpt, opts, tmp, progress=advance)
     report = None
     if fidelity:
-        report = build_report(opts.fmt.name, opts.fmt.quantized, TRTLLMExecutor.load(tmp), reference, tokenizer, fake,
+        report = build_report(opts.fmt.name, opts.fmt.quantized, ReferenceExecutor.load(tmp), reference, tokenizer, fake,
                               cross_kv_scales=cross_kv_scales, task=is_trained_default(ckpt.directory))
     return config, report
 
 
-def _build_by_layer(ckpt, opts: BuildOptions, work: Path, tmp: Path, samples, *, fidelity: bool, device,
+def _build_by_layer(ckpt, opts: LLMBuildOptions, work: Path, tmp: Path, samples, *, fidelity: bool, device,
                     resume: bool | None) -> tuple[dict, dict | None]:
     """The layer-at-a-time path (builder/layerwise.py) and its report."""
     import torch
@@ -184,12 +184,12 @@ def _build_by_layer(ckpt, opts: BuildOptions, work: Path, tmp: Path, samples, *,
         return config, None
     extra = []
     if is_trained_default(ckpt.directory):  # the embedded default is tiny: its task questions run whole
-        extra.append(task_check(TRTLLMExecutor.load(tmp), reference_model(
+        extra.append(task_check(ReferenceExecutor.load(tmp), reference_model(
             ckpt, decoder_stored_as=getattr(torch, opts.fmt.dtype)), tokenizer))
     return config, finish(opts.fmt.name, measured, extra)
 
 
-def build_llm(ckpt_path, out, opts: BuildOptions, *, calib_data=None, calib_size: int = 32, force: bool = False,
+def build_llm(ckpt_path, out, opts: LLMBuildOptions, *, calib_data=None, calib_size: int = 32, force: bool = False,
               fidelity: bool = True, preflight: bool = True, layerwise: str = "auto", device: str = "auto",
               resume: bool | None = False, layer_work: Path | None = None) -> dict:
     """Build and publish; returns the summary written to OUT/nvlm_build.json (plus the wall seconds).

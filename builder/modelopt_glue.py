@@ -9,13 +9,13 @@ import logging
 import warnings
 
 from runtime.core.errors import NVLMError
-from runtime.core.llm_formats import FP8_MAX, KV_CACHE_FP8_ALGO, BuildOptions, kv_cache_is_fp8, q8
+from runtime.core.llm_formats import FP8_MAX, KV_CACHE_FP8_ALGO, LLMBuildOptions, kv_cache_is_fp8, q8
 from runtime.core.trtllm_checkpoint import trtllm_config
 
 log = logging.getLogger(__name__)
 
 
-def as_stored(model, opts: BuildOptions):
+def as_stored(model, opts: LLMBuildOptions):
     """Make the fake-quantized model's FP8 weights (and FP8 KV-cache scales) the values the checkpoint stores.
 
     The export casts W / s to e4m3 (round to nearest, ties to even) and the engine multiplies those bytes by s;
@@ -75,7 +75,7 @@ def _quiet():
         log.debug("modelopt: %s", buf.getvalue().strip())
 
 
-def quantized_config(ckpt, opts: BuildOptions, exported: dict) -> dict:
+def quantized_config(ckpt, opts: LLMBuildOptions, exported: dict) -> dict:
     """Our config.json from the one modelopt's export wrote: its quantization section, checked against the
     format asked for."""
     q = exported["quantization"]

@@ -19,9 +19,10 @@ from typing import Callable
 from runtime.core.build_dir import write_preprocess
 from runtime.core.checkpoint import Checkpoint
 from runtime.core.demo_checkpoint import is_trained_default
-from runtime.core.engines import (
+from runtime.core.errors import NVLMError
+from runtime.core.families import DECODER_ROLES, family_for
+from runtime.core.gpu_host import (
     MODEL_FILE_VAR,
-    EngineLimits,
     ShellWord,
     build_vision_engine,
     engine_gap,
@@ -31,10 +32,9 @@ from runtime.core.engines import (
     trtllm_build_args,
     vision_engine_settings,
 )
-from runtime.core.errors import NVLMError
-from runtime.core.families import DECODER_ROLES, family_for
 from runtime.core.inspect import llm_bytes
-from runtime.core.llm_formats import BuildOptions, VisionFormat, kv_cache_name
+from runtime.core.limits import EngineLimits
+from runtime.core.llm_formats import LLMBuildOptions, VisionFormat, kv_cache_name
 from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
 from triton_repo.generate import generate_repo
@@ -52,8 +52,8 @@ class BuildError(NVLMError):
 
 
 @dataclass(frozen=True)
-class EngineBuildOptions:
-    llm: BuildOptions
+class DeploymentOptions:
+    llm: LLMBuildOptions
     target: str = "auto"  # auto | trt | reference
     vision_dtype: str = "fp16"
     vision_quant: VisionFormat | None = None
@@ -79,7 +79,7 @@ class EngineBuildOptions:
 @dataclass
 class Context:
     ckpt: Checkpoint
-    opts: EngineBuildOptions
+    opts: DeploymentOptions
     root: Path  # the .partial directory
     engines_possible: bool = False
     engines_detail: str = ""
@@ -152,7 +152,7 @@ def _engines(ctx: Context, tmp: Path) -> dict:
     settings = {"trtllm_build": llm_cmd, "vision_engine": vis.__dict__}
     (tmp / "settings.json").write_text(json.dumps(settings, indent=2) + "\n")
     vision_cmd = [sys.executable if ctx.engines_possible else "python3", "-c",
-                  "import json; from runtime.core.engines import VisionEngineSettings as S, build_vision_engine as b; "
+                  "import json; from runtime.core.gpu_host import VisionEngineSettings as S, build_vision_engine as b; "
                   "d = json.load(open('engines/settings.json'))['vision_engine']; "
                   "print(b(S(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})))"]
     repo_cmd = ["python3", "-m", "builder.cli", "triton-repo", ".", "-o", "triton_repo", "--target", "trt", "--force"]

@@ -29,7 +29,7 @@ head lists, two KV-cache pools each) is runtime/core/xattn_engine.py; the engine
 Loaded by trtllm-build through `SourceFileLoader('models', path)`: absolute imports only. It registers both
 classes in TensorRT-LLM's MODEL_MAP when imported, because `PretrainedConfig.from_dict` looks the checkpoint's
 `architecture` up there (a KeyError otherwise) to find the config class. Rank builds run in one process
-(`--workers 1`, runtime/core/engines.py), as spawned workers could not import the module `models` again.
+(`--workers 1`, runtime/core/gpu_host.py), as spawned workers could not import the module `models` again.
 """
 
 from __future__ import annotations
@@ -256,7 +256,7 @@ class NVLMXForCausalLM(PretrainedModel):
         net = default_net().plugin_config
         if not (net.gpt_attention_plugin and net.remove_input_padding and net.paged_kv_cache and use_cache):
             raise ValueError("NVLM-X/H engines need --gpt_attention_plugin, --remove_input_padding enable and "
-                             "--kv_cache_type paged (runtime/core/engines.py trtllm_build_args passes them)")
+                             "--kv_cache_type paged (runtime/core/gpu_host.py trtllm_build_args passes them)")
         enc = max_encoder_input_len or _command_line_int("--max_encoder_input_len")
         if enc < 1:
             raise ValueError("NVLM-X/H engines need --max_encoder_input_len ≥ 1 (the image keys of one request)")

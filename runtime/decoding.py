@@ -8,7 +8,7 @@ keeps one `Decoder` per active request) computes the same tokens as the engine w
   counted over the prompt's real ids (prompt-table ids ≥ vocab_size are not counted) and every generated
   token; the logits are divided by the temperature first, then each token seen n > 0 times gets
     repetition: l < 0 ? l · r : l / r      presence: l − p      frequency: l − f · n
-  and the end id is masked while fewer than `min_length` tokens were generated;
+  and the end id is masked while fewer than `min_tokens` tokens were generated;
 - bad words (`bad_words_list`): a one-token word is never produced; for a longer word, its last token
   is banned whenever the sequence ends with the word's other tokens;
 - stop and bad words are sent as their tokens alone and after a space (`word_list`);
@@ -25,13 +25,13 @@ model (`_to_word_list_format`) produces by tokenizing each word alone, without s
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import numpy as np
 import torch
 
 from runtime.core.errors import InputError
+from runtime.core.request_schema import Controls  # noqa: F401 — the executor's controls, from the request schema
 
 Words = tuple[tuple[int, ...], ...]  # token sequences, each non-empty
 
@@ -74,29 +74,6 @@ def from_trtllm(arr: np.ndarray | None, name: str) -> Words:
     if any(b <= e for e, b in zip([0] + ends, ends)) or (ends and ends[-1] > len(ids)):
         raise InputError(f"{name}: offsets {ends} must be increasing and within the {len(ids)} token ids")
     return tuple(tuple(ids[s:e]) for s, e in zip([0] + ends, ends))
-
-
-@dataclass(frozen=True)
-class Controls:
-    """A request's decoding controls (TensorRT-LLM's names; defaults leave the logits untouched). Values are
-    checked where requests arrive, by runtime/sampling.py's rule set."""
-
-    temperature: float = 0.0  # 0: greedy
-    top_k: int = 1
-    top_p: float = 0.0
-    seed: int = 0
-    end_id: int | None = None
-    min_length: int = 0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop_words: Words = ()
-    bad_words: Words = ()
-    log_probs: bool = False
-
-    @property
-    def penalised(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
 
 def apply_penalties(logits: torch.Tensor, counts: torch.Tensor, c: Controls) -> torch.Tensor:
@@ -176,7 +153,7 @@ class Decoder:
         if self.counts is not None:
             x = apply_penalties(x, self.counts, c)
         ban = banned(self.history, c.bad_words)
-        if c.end_id is not None and len(self.generated) < c.min_length:
+        if c.end_id is not None and len(self.generated) < c.min_tokens:
             ban.append(c.end_id)
         if ban:
             x = x.clone()
@@ -188,7 +165,7 @@ class Decoder:
         "end_id" or "stop_words" (the stop word's tokens are part of the output, as the engine returns them)."""
         x = self.process(logits)
         tok = sample(x, self.c.temperature, self.c.top_k, self.c.top_p, self.g)
-        if self.c.log_probs:
+        if self.c.return_log_probs:
             self.log_probs.append(float(torch.log_softmax(x, -1)[tok]))
         self.generated.append(tok)
         self.history.append(tok)

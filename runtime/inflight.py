@@ -2,7 +2,7 @@
 
 One scheduler thread owns the executor. Between steps it admits waiting requests (each one's prefill runs
 on its own, the engine's context phase without chunking) up to `max_batch` active requests; then it runs
-one batched decode step (runtime/trtllm_executor.py: `decode_step`) for every active request — each with
+one batched decode step (runtime/executor/: `decode_step`) for every active request — each with
 its own length, KV cache, decoding controls (runtime/decoding.py) and stop condition — and hands each
 token to its own request's callback. A request leaves the batch when it ends (end id, stop word, its
 length) or is cancelled, asked before each of its steps, so the next one can take its place.
@@ -23,7 +23,7 @@ import torch
 
 from runtime.core.errors import InputError
 from runtime.decoding import Decoder
-from runtime.trtllm_executor import KVCache, Request, Result, TRTLLMExecutor
+from runtime.executor import KVCache, ReferenceExecutor, Request, Result
 
 OnToken = Callable[[int, float | None], None]  # (token, log-prob or None)
 
@@ -42,7 +42,7 @@ class InflightBatcher:
     """`submit(request, on_token)` → a Future of its Result; tokens stream through `on_token` as they are
     chosen. `close()` ends the loop (requests still in flight end as cancelled)."""
 
-    def __init__(self, executor: TRTLLMExecutor, max_batch: int):
+    def __init__(self, executor: ReferenceExecutor, max_batch: int):
         if max_batch < 1:
             raise ValueError(f"max_batch must be ≥ 1, got {max_batch}")
         self.executor, self.max_batch = executor, max_batch
@@ -114,13 +114,13 @@ class InflightBatcher:
 
     @staticmethod
     def _lps(a: _Active):
-        return a.decoder.log_probs if a.req.return_log_probs else None
+        return a.decoder.log_probs if a.req.controls.return_log_probs else None
 
     def _emit(self, a: _Active, logits: torch.Tensor) -> bool:
         """Choose a's next token from its logits [vocab]; True when a is finished (its future is set)."""
         tok, finished = a.decoder.step(logits)
         if a.on_token:
-            a.on_token(tok, a.decoder.log_probs[-1] if a.req.return_log_probs else None)
+            a.on_token(tok, a.decoder.log_probs[-1] if a.req.controls.return_log_probs else None)
         a.last = tok
         if finished is None and len(a.decoder.generated) >= a.req.max_new_tokens:
             finished = "length"
@@ -129,7 +129,7 @@ class InflightBatcher:
         return bool(finished)
 
     def _prefill(self, req: Request, on_token, fut: Future) -> None:
-        a = _Active(req, on_token, fut, Decoder(req.input_ids, self.executor.vocab_size, req.controls()))
+        a = _Active(req, on_token, fut, Decoder(req.input_ids, self.executor.vocab_size, req.controls))
         if req.cancelled is not None and req.cancelled():
             fut.set_result(Result([], "cancelled"))
             return

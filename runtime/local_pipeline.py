@@ -15,12 +15,13 @@ import numpy as np
 
 from runtime.chat_format import stop_id
 from runtime.core.build_dir import engine_dtype, read_chat_format, read_family, read_limits, read_preprocess
+from runtime.core.request_schema import Controls
 from runtime.core.trtllm_checkpoint import EmbeddingRows
 from runtime.cross_reference import key_sequence
+from runtime.executor import ReferenceExecutor, Request
 from runtime.preprocess import preprocess_images
 from runtime.prompt import build_prompt, with_image_placeholders
 from runtime.tokenizer import NVLMTokenizer
-from runtime.trtllm_executor import Request, TRTLLMExecutor
 
 
 class LocalPipeline:
@@ -30,7 +31,7 @@ class LocalPipeline:
         build = Path(build)
         self.llm_dir = build / "llm"
         self._tag_embeddings = EmbeddingRows(self.llm_dir)  # NVLM-H: its tags' rows, read once
-        self.executor = TRTLLMExecutor.load(build / "llm")
+        self.executor = ReferenceExecutor.load(build / "llm")
         # the served table crosses Triton in the engine's dtype (PromptTuningBuffers::validate)
         self.table_dtype = engine_dtype(json.loads((build / "llm" / "config.json").read_text()))
         self.tok = NVLMTokenizer.from_dir(build / "tokenizer", chat_format=read_chat_format(build))
@@ -45,7 +46,7 @@ class LocalPipeline:
         return self.run(prompt, images, max_tokens).tokens
 
     def run(self, prompt: str, images: list[bytes], max_tokens: int, **controls):
-        """The executor's Result for one request; `controls`: Request fields (penalties, stop_words and
+        """The executor's Result for one request; `controls`: Controls fields (penalties, stop_words and
         bad_words as token sequences, return_log_probs, sampling)."""
         import torch
 
@@ -67,7 +68,7 @@ class LocalPipeline:
             dtype = {"BF16": torch.bfloat16, "FP16": torch.float16, "FP32": torch.float32}[self.table_dtype]
             table = None if table is None else table.reshape(-1, emb.shape[-1]).to(dtype).float()
             features = None if features is None else features.to(dtype).float()
-        req = Request(p.trtllm_input_ids(self.executor.vocab_size), max_tokens, table, end_id=stop_id(self.tok),
+        req = Request(p.trtllm_input_ids(self.executor.vocab_size), max_tokens, table,
                       encoder_features=features, key_ranges=None if features is None else p.cross.key_ranges,
-                      **controls)
+                      controls=Controls(**{"end_id": stop_id(self.tok), **controls}))
         return self.executor.generate([req])[0]

@@ -5,7 +5,11 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image, ImageDraw
 
-# (width, height) cycling through tile counts 1, 3, 4, 5, 6, 7 under the 448 / 6-tile rules
+# image sizes whose NVLM tiling (448 px, ≤ 6 tiles + thumbnail) gives exactly this many tiles (the benchmark's
+# tiles:N workloads; tests/test_preprocess.py checks each against the tiling itself)
+TILE_SIZES = {1: (448, 448), 3: (896, 448), 4: (1344, 448), 5: (1000, 1000), 6: (2240, 448), 7: (1344, 896)}
+# the calibration and fidelity scenes: (width, height) cycling through tile counts 1, 3, 4, 5, 6, 7 under the
+# same rules, in varied aspect ratios
 SCENE_SIZES = [(448, 448), (896, 448), (640, 1280), (1000, 1000), (1400, 700), (870, 696), (2000, 340)]
 
 

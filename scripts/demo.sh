@@ -11,7 +11,7 @@ mkdir -p "$OUT"
 echo "== 1. generate the embedded default checkpoint (trained on the tile task: docs/demo_model.md; --weights random for the seeded random one)"
 $NB demo-checkpoint "$OUT/nvlm-d-demo" --force
 # an image of the task it was trained on (drawn fresh from a seed it never saw): three cells, 1344x448
-.venv/bin/python -c "import numpy as np, sys; from runtime.tile_task import random_scene
+.venv/bin/python -c "import numpy as np, sys; from demo_model.task import random_scene
 s = random_scene(np.random.default_rng(2026), (1344, 448)); s.image.save(sys.argv[1]); print('task image:', s.cells)" \
   "$OUT/tile_task.png"
 

@@ -255,7 +255,7 @@ def check_trt_serving(work: Path, seed: int) -> dict:
     image request; greedy tokens and their log-probs are compared with the reference target's in-process
     pipeline (log-probs because the random defaults' tokens hardly depend on the image). Elsewhere: skipped,
     with the reason. One family's failure is recorded and the next one still runs."""
-    from runtime.core.engines import detect
+    from runtime.core.gpu_host import detect
 
     cap = detect()
     server_bin = Path("/opt/tritonserver/bin/tritonserver")
@@ -278,7 +278,7 @@ def _serve_one(work: Path, variant: str, seed: int, server_bin: Path) -> dict:
     import shutil
     import subprocess
 
-    from runtime.client import Decoding, NVLMClient
+    from clients.triton_client import NVLMClient
     from runtime.core.demo_checkpoint import write_demo_checkpoint
     from runtime.local_pipeline import LocalPipeline
 
@@ -308,7 +308,7 @@ def _serve_one(work: Path, variant: str, seed: int, server_bin: Path) -> dict:
         out = {}
         for name, prompt, images in (("text", "Write one sentence about the sea.", []),
                                      ("image", "What shapes are in this picture?", [image])):
-            served = client.generate(prompt, images, max_tokens=16, decoding=Decoding(log_probs=True))
+            served = client.generate(prompt, images, max_tokens=16, return_log_probs=True)
             want = local.run(prompt, [p.read_bytes() for p in images], 16, return_log_probs=True)
             worst = max((abs(a - b) for a, b in zip(served.log_probs, want.log_probs)), default=0.0)
             out[name] = {"served": served.tokens, "reference": want.tokens, "equal": served.tokens == want.tokens,

@@ -21,10 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from builder.demo_train import DecoderProbe, asked_tile, encode_sample, init_model, load_released, question_key
+from demo_model.aids import DecoderProbe, asked_tile, question_key
+from demo_model.task import sample
+from demo_model.train import encode_sample, init_model, load_released
 from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts
 from runtime.core.families import family_for
-from runtime.tile_task import sample
 from runtime.tokenizer import NVLMTokenizer
 
 CANVAS = (896, 896)  # four tiles and the thumbnail

@@ -53,28 +53,28 @@ def demo_copy(demo_ckpt, tmp_path) -> Path:
 def serve_build(tmp_path_factory, demo_ckpt) -> Path:
     """The embedded default built for the reference target (bf16, fp32 vision, 4 images per request):
     the build the serving and soak tests serve. Read-only."""
-    from builder.engine_build import EngineBuildOptions, build_engine
-    from runtime.core.engines import EngineLimits
-    from runtime.core.llm_formats import BuildOptions, get_format
+    from builder.engine_build import DeploymentOptions, build_deployment
+    from runtime.core.limits import EngineLimits
+    from runtime.core.llm_formats import LLMBuildOptions, get_format
 
     out = tmp_path_factory.mktemp("serve") / "build"
-    opts = EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference", vision_dtype="fp32", calib_size=4,
+    opts = DeploymentOptions(LLMBuildOptions(get_format("bf16")), target="reference", vision_dtype="fp32", calib_size=4,
                               limits=EngineLimits(max_images_per_request=4))
-    build_engine(demo_ckpt, out, opts)
+    build_deployment(demo_ckpt, out, opts)
     return out
 
 
 @pytest.fixture(scope="session")
 def trained_serve_build(tmp_path_factory, trained_ckpt) -> Path:
     """The trained embedded default built like serve_build: its answers depend on the image."""
-    from builder.engine_build import EngineBuildOptions, build_engine
-    from runtime.core.engines import EngineLimits
-    from runtime.core.llm_formats import BuildOptions, get_format
+    from builder.engine_build import DeploymentOptions, build_deployment
+    from runtime.core.limits import EngineLimits
+    from runtime.core.llm_formats import LLMBuildOptions, get_format
 
     out = tmp_path_factory.mktemp("serve-trained") / "build"
-    opts = EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference", vision_dtype="fp32", calib_size=4,
+    opts = DeploymentOptions(LLMBuildOptions(get_format("bf16")), target="reference", vision_dtype="fp32", calib_size=4,
                               limits=EngineLimits(max_images_per_request=4))
-    build_engine(trained_ckpt, out, opts)
+    build_deployment(trained_ckpt, out, opts)
     return out
 
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.engine_build import EngineBuildOptions, build_engine
+from builder.engine_build import DeploymentOptions, build_deployment
 from builder.llm_build import build_llm
-from runtime.client import ClientError, NVLMClient
-from runtime.core.engines import EngineLimits
+from clients.triton_client import ClientError, NVLMClient
 from runtime.core.families import NVLM_D
-from runtime.core.llm_formats import BuildOptions, get_format
+from runtime.core.limits import EngineLimits
+from runtime.core.llm_formats import LLMBuildOptions, get_format
 from tests.conftest import ROOT, server_ports
 from triton_repo.check import check_repository
 from triton_repo.contract import load_contract
@@ -37,9 +37,9 @@ CASES = [("bf16", 1, False), ("bf16", 2, False), ("fp16", 1, False), ("fp8", 1, 
 def build(tmp_path_factory, demo_ckpt):
     """bf16 LLM, fp16 vision encoder (the default): the table must be BF16 and the pixels FP16."""
     out = tmp_path_factory.mktemp("contract") / "build"
-    opts = EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference", vision_dtype="fp16",
+    opts = DeploymentOptions(LLMBuildOptions(get_format("bf16")), target="reference", vision_dtype="fp16",
                               calib_size=4, limits=EngineLimits(max_images_per_request=4))
-    build_engine(demo_ckpt, out, opts)
+    build_deployment(demo_ckpt, out, opts)
     return out
 
 
@@ -53,7 +53,7 @@ def variant(build, demo_ckpt, tmp_path_factory):
         if key not in made:
             root = tmp_path_factory.mktemp(f"{quant}_tp{tp}") / "build"
             shutil.copytree(build, root, ignore=shutil.ignore_patterns("llm", "triton_repo"))
-            build_llm(demo_ckpt, root / "llm", BuildOptions(get_format(quant), tp=tp, kv_cache_fp8=kv_fp8),
+            build_llm(demo_ckpt, root / "llm", LLMBuildOptions(get_format(quant), tp=tp, kv_cache_fp8=kv_fp8),
                       calib_size=4, fidelity=False)
             made[key] = root
         return made[key]
@@ -193,18 +193,17 @@ def test_contract_target_answers_as_the_reference_target(servers, prompt, images
 def test_decoding_controls_reach_the_step_under_nvidia_s_names(servers):
     """Stop words, bad words, penalties and log-probs through NVIDIA's `tensorrt_llm` I/O (the stand-in
     declares exactly the backend's inputs, so a wrong name or dtype is refused by Triton)."""
-    from runtime.client import Decoding
 
     contract, reference = servers
     plain = reference.generate("Write one sentence about the sea.", max_tokens=8)
-    for d in (Decoding(presence_penalty=-1e4, log_probs=True), Decoding(repetition_penalty=5.0, frequency_penalty=30.0),
-              Decoding(stop=("sea",), bad_words=("the",), log_probs=True)):
+    for d in (dict(presence_penalty=-1e4, return_log_probs=True), dict(repetition_penalty=5.0, frequency_penalty=30.0),
+              dict(stop_words=("sea",), bad_words=("the",), return_log_probs=True)):
         for stream in (False, True):
-            want = reference.generate("Write one sentence about the sea.", max_tokens=8, stream=stream, decoding=d)
-            got = contract.generate("Write one sentence about the sea.", max_tokens=8, stream=stream, decoding=d)
+            want = reference.generate("Write one sentence about the sea.", max_tokens=8, stream=stream, **d)
+            got = contract.generate("Write one sentence about the sea.", max_tokens=8, stream=stream, **d)
             assert got.tokens == want.tokens and got.text == want.text and got.log_probs == want.log_probs, d
     assert contract.generate("Write one sentence about the sea.", max_tokens=8,
-                             decoding=Decoding(presence_penalty=-1e4)).tokens != plain.tokens
+                             presence_penalty=-1e4).tokens != plain.tokens
 
 
 def test_token_counts_and_min_tokens_reach_the_step(servers):

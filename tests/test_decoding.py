@@ -10,16 +10,16 @@ import torch
 
 from builder.llm_build import build_llm
 from runtime.core.errors import InputError
-from runtime.core.llm_formats import BuildOptions, get_format
+from runtime.core.llm_formats import LLMBuildOptions, get_format
 from runtime.decoding import Controls, Decoder, StopFilter, apply_penalties, from_trtllm, to_trtllm, word_list
-from runtime.trtllm_executor import KVCache, Request, TRTLLMExecutor
+from runtime.executor import KVCache, ReferenceExecutor, Request
 
 
 @pytest.fixture(scope="module")
 def ex(tmp_path_factory, demo_ckpt):
     d = tmp_path_factory.mktemp("dec") / "bf16"
-    build_llm(demo_ckpt, d, BuildOptions(get_format("bf16")), fidelity=False)
-    return TRTLLMExecutor.load(d)
+    build_llm(demo_ckpt, d, LLMBuildOptions(get_format("bf16")), fidelity=False)
+    return ReferenceExecutor.load(d)
 
 
 def penalised(logit: float, n: int, rep: float, pres: float, freq: float) -> float:
@@ -68,14 +68,13 @@ def test_penalties_change_greedy_tokens_as_the_formulas_predict(ex):
     plain = ex.generate([Request(PROMPT, 10)])[0].tokens
     # the embedded default's logits are large (its "decisive" random head): penalties must be too
     for rep, pres, freq in [(30.0, 0.0, 0.0), (1.0, 30.0, 0.0), (1.0, 0.0, 30.0), (5.0, 10.0, 10.0)]:
-        got = ex.generate([Request(PROMPT, 10, repetition_penalty=rep, presence_penalty=pres,
-                                   frequency_penalty=freq)])[0].tokens
+        got = ex.generate([Request(PROMPT, 10, controls=Controls(repetition_penalty=rep, presence_penalty=pres, frequency_penalty=freq))])[0].tokens
         assert got == greedy_reference(ex, PROMPT, 10, rep, pres, freq), (rep, pres, freq)
         assert got != plain, (rep, pres, freq)
-    strong = ex.generate([Request(PROMPT, 10, presence_penalty=1e4)])[0].tokens
+    strong = ex.generate([Request(PROMPT, 10, controls=Controls(presence_penalty=1e4))])[0].tokens
     assert strong != plain
     assert len(set(strong)) == len(strong) and not set(strong) & set(PROMPT)  # nothing seen comes back
-    keen = ex.generate([Request(PROMPT, 10, presence_penalty=-1e4)])[0].tokens  # negative: only seen tokens
+    keen = ex.generate([Request(PROMPT, 10, controls=Controls(presence_penalty=-1e4))])[0].tokens  # negative: only seen tokens
     assert set(keen) <= set(PROMPT) and keen == greedy_reference(ex, PROMPT, 10, pres=-1e4)
 
 
@@ -88,33 +87,32 @@ def test_prompt_table_ids_are_not_counted(ex):
 def test_bad_words_are_never_produced(ex):
     plain = ex.generate([Request(PROMPT, 8)])[0].tokens
     one = ((plain[0],),)
-    got = ex.generate([Request(PROMPT, 8, bad_words=one)])[0].tokens
+    got = ex.generate([Request(PROMPT, 8, controls=Controls(bad_words=one))])[0].tokens
     assert plain[0] not in got and got == greedy_reference(ex, PROMPT, 8, bad=one)
     two = ((plain[0], plain[1]),)  # the pair is banned, its first token alone is not
-    got = ex.generate([Request(PROMPT, 8, bad_words=two)])[0].tokens
+    got = ex.generate([Request(PROMPT, 8, controls=Controls(bad_words=two))])[0].tokens
     assert got[0] == plain[0] and got[1] != plain[1] and got == greedy_reference(ex, PROMPT, 8, bad=two)
 
 
 def test_stop_words_end_generation_at_the_first_match(ex):
-    plain = ex.generate([Request(PROMPT, 8, presence_penalty=1e4)])[0].tokens
+    plain = ex.generate([Request(PROMPT, 8, controls=Controls(presence_penalty=1e4))])[0].tokens
     assert len(set(plain)) == len(plain)  # distinct tokens, so each stop word below matches at one place
     for stop, k in [(((plain[2],),), 3), (((plain[1], plain[2]),), 3), (((999999,), (plain[3],)), 4)]:
-        res = ex.generate([Request(PROMPT, 8, presence_penalty=1e4, stop_words=stop)])[0]
+        res = ex.generate([Request(PROMPT, 8, controls=Controls(presence_penalty=1e4, stop_words=stop))])[0]
         assert res.tokens == plain[:k] and res.finish_reason == "stop_words", stop
     # a two-token word whose first token never comes right before the second does not stop anything
-    res = ex.generate([Request(PROMPT, 8, presence_penalty=1e4, stop_words=((plain[3], plain[2]),))])[0]
+    res = ex.generate([Request(PROMPT, 8, controls=Controls(presence_penalty=1e4, stop_words=((plain[3], plain[2]),)))])[0]
     assert res.tokens == plain and res.finish_reason == "length"
 
 
 def test_log_probs_are_the_processed_distribution_at_the_chosen_tokens(ex):
-    res = ex.generate([Request(PROMPT, 6, return_log_probs=True)])[0]
+    res = ex.generate([Request(PROMPT, 6, controls=Controls(return_log_probs=True))])[0]
     full = ex.forward(PROMPT + res.tokens[:-1], None, KVCache())[len(PROMPT) - 1:]
     want = torch.log_softmax(full.float(), -1)[torch.arange(6), torch.tensor(res.tokens)]
     assert torch.allclose(torch.tensor(res.log_probs), want, atol=1e-4)
     assert res.cum_log_prob == pytest.approx(float(want.sum()), abs=1e-3)
     # with temperature 2 and a presence penalty, the log-probs are those of the processed logits
-    res = ex.generate([Request(PROMPT, 4, temperature=2.0, top_k=0, seed=3, presence_penalty=1.0,
-                               return_log_probs=True)])[0]
+    res = ex.generate([Request(PROMPT, 4, controls=Controls(temperature=2.0, top_k=0, seed=3, presence_penalty=1.0, return_log_probs=True))])[0]
     seq, want = list(PROMPT), []
     for tok in res.tokens:
         x = ex.forward(seq, None, KVCache())[-1] / 2.0

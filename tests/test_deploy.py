@@ -57,11 +57,11 @@ def test_dockerfile_installs_nvlm_trt_into_the_ngc_image():
 
 
 def test_engine_build_ships_the_kit(tmp_path, demo_ckpt):
-    from builder.engine_build import EngineBuildOptions, build_engine
-    from runtime.core.llm_formats import BuildOptions, get_format
+    from builder.engine_build import DeploymentOptions, build_deployment
+    from runtime.core.llm_formats import LLMBuildOptions, get_format
 
     out = tmp_path / "b"
-    build_engine(demo_ckpt, out, EngineBuildOptions(BuildOptions(get_format("bf16"), tp=2), target="reference",
+    build_deployment(demo_ckpt, out, DeploymentOptions(LLMBuildOptions(get_format("bf16"), tp=2), target="reference",
                                                     vision_dtype="fp32", calib_size=4))
     kit = out / "deploy"
     assert (kit / "Dockerfile").is_file() and (kit / "launch.sh").stat().st_mode & 0o111

@@ -12,13 +12,14 @@ import numpy as np
 import pytest
 import torch
 
-from builder.engine_build import STATUS_PORTABLE, BuildError, EngineBuildOptions, build_engine
+from builder.engine_build import STATUS_PORTABLE, BuildError, DeploymentOptions, build_deployment
 from runtime.core.build_dir import read_limits
 from runtime.core.checkpoint import Checkpoint
-from runtime.core.engines import EngineLimits, trtllm_build_args, vision_engine_settings
 from runtime.core.errors import OutputExistsError
 from runtime.core.families import from_hf
-from runtime.core.llm_formats import BuildOptions, get_format, get_vision_format
+from runtime.core.gpu_host import trtllm_build_args, vision_engine_settings
+from runtime.core.limits import EngineLimits
+from runtime.core.llm_formats import LLMBuildOptions, get_format, get_vision_format
 from tests.conftest import ROOT
 
 
@@ -91,7 +92,7 @@ def test_vision_cli(demo_ckpt, tmp_path, capsys):
 
 
 def _opts(quant, **kw):
-    return EngineBuildOptions(BuildOptions(get_format(quant)), calib_size=4, **kw)
+    return DeploymentOptions(LLMBuildOptions(get_format(quant)), calib_size=4, **kw)
 
 
 @pytest.mark.parametrize("ckpt_name", ["demo_ckpt", "released_ckpt"])
@@ -99,7 +100,7 @@ def _opts(quant, **kw):
 def test_engine_build_on_cpu(request, tmp_path, ckpt_name, quant):
     ckpt = request.getfixturevalue(ckpt_name)
     out = tmp_path / "build"
-    m = build_engine(ckpt, out, _opts(quant, target="auto"))
+    m = build_deployment(ckpt, out, _opts(quant, target="auto"))
     assert m["status"] == STATUS_PORTABLE == "portable artifacts complete; engines pending (no TensorRT)"
     disk = json.loads((out / "manifest.json").read_text())
     assert disk == m and disk["schema"] == "nvlm-trt/build/v1"
@@ -124,18 +125,18 @@ def test_engine_build_on_cpu(request, tmp_path, ckpt_name, quant):
 
 def test_target_trt_without_tensorrt_says_what_to_use(demo_ckpt, tmp_path):
     with pytest.raises(BuildError, match="TensorRT-LLM 1.2"):
-        build_engine(demo_ckpt, tmp_path / "b", _opts("bf16", target="trt"))
+        build_deployment(demo_ckpt, tmp_path / "b", _opts("bf16", target="trt"))
 
 
 def test_existing_output_and_leftover_partial(demo_ckpt, tmp_path):
     out = tmp_path / "b"
     out.mkdir()
     with pytest.raises(OutputExistsError, match="--force"):
-        build_engine(demo_ckpt, out, _opts("bf16"))
+        build_deployment(demo_ckpt, out, _opts("bf16"))
     out.rmdir()
     (tmp_path / ".b.partial").mkdir()
     with pytest.raises(BuildError, match="--resume"):
-        build_engine(demo_ckpt, out, _opts("bf16"))
+        build_deployment(demo_ckpt, out, _opts("bf16"))
 
 
 def _kill_during_llm_stage(ckpt: Path, out: Path) -> None:
@@ -165,8 +166,8 @@ def test_sigkill_then_resume_equals_uninterrupted(demo_ckpt, tmp_path):
     left = json.loads((partial / "manifest.json").read_text())
     assert left["status"] == "incomplete" and "llm" not in left["stages"] and "vision" in left["stages"]
 
-    resumed = build_engine(demo_ckpt, out, _opts("fp8"), resume=True)
-    fresh = build_engine(demo_ckpt, tmp_path / "fresh", _opts("fp8"))
+    resumed = build_deployment(demo_ckpt, out, _opts("fp8"), resume=True)
+    fresh = build_deployment(demo_ckpt, tmp_path / "fresh", _opts("fp8"))
     assert resumed["status"] == fresh["status"] == STATUS_PORTABLE
     assert resumed["stages"]["vision"]["checksums"] == left["stages"]["vision"]["checksums"]  # reused
     # every artifact: no wall time in nvlm_build.json, and the Triton configs find their build by a
@@ -186,12 +187,12 @@ def test_resume_redoes_a_stage_that_no_longer_verifies(demo_ckpt, tmp_path):
     partial = tmp_path / ".b.partial"
     (partial / "preprocess.json").write_text("{}")  # tampered with after it was recorded
     logs = []
-    build_engine(demo_ckpt, out, _opts("fp8"), resume=True, progress=logs.append)
+    build_deployment(demo_ckpt, out, _opts("fp8"), resume=True, progress=logs.append)
     assert "[preprocess] running" in logs and "[vision] reused (checksums verified)" in logs
     assert json.loads((out / "preprocess.json").read_text())["tokens_per_tile"] == 256
     with pytest.raises(BuildError, match="other options"):
         _kill_during_llm_stage(demo_ckpt, tmp_path / "c")
-        build_engine(demo_ckpt, tmp_path / "c", _opts("int4_awq"), resume=True)
+        build_deployment(demo_ckpt, tmp_path / "c", _opts("int4_awq"), resume=True)
 
 
 # --------------------------------------------------------------------------- GPU-host settings (72B)
@@ -212,7 +213,7 @@ def _flags(args):
 
 def test_trtllm_build_72b_tp2_fp8(config_72b):
     args = trtllm_build_args(Path("llm"), Path("engines/llm"),
-                             BuildOptions(get_format("fp8"), tp=2, kv_cache_fp8=True), _limits(config_72b))
+                             LLMBuildOptions(get_format("fp8"), tp=2, kv_cache_fp8=True), _limits(config_72b))
     f = _flags(args)
     assert args[0] == "trtllm-build"
     assert f == {
@@ -224,7 +225,7 @@ def test_trtllm_build_72b_tp2_fp8(config_72b):
 
 
 def test_trtllm_build_72b_tp1_int4_awq(config_72b):
-    f = _flags(trtllm_build_args(Path("llm"), Path("engines/llm"), BuildOptions(get_format("int4_awq")),
+    f = _flags(trtllm_build_args(Path("llm"), Path("engines/llm"), LLMBuildOptions(get_format("int4_awq")),
                                  _limits(config_72b)))
     assert f["--workers"] == "1" and f["--max_multimodal_len"] == "14336"
     assert "--use_fp8_context_fmha" not in f  # FP8 attention only for FP8 builds with an FP8 KV cache
@@ -250,7 +251,7 @@ def test_engine_limits_follow_the_checkpoints_tokens_per_tile(config_72b):
     raw["downsample_ratio"] = 1.0
     cfg = from_hf(raw)
     assert cfg.preprocess.tokens_per_tile == 1024
-    f = _flags(trtllm_build_args(Path("llm"), Path("engines/llm"), BuildOptions(get_format("fp8"), tp=2),
+    f = _flags(trtllm_build_args(Path("llm"), Path("engines/llm"), LLMBuildOptions(get_format("fp8"), tp=2),
                                  _limits(raw)))
     assert f["--max_multimodal_len"] == str(8 * 7 * 1024) and f["--max_input_len"] == str(2048 + 7 * 1024)
     assert f["--max_seq_len"] == str(2048 + 7 * 1024 + 1024)

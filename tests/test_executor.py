@@ -5,21 +5,22 @@ import torch
 
 from builder.llm_build import build_llm
 from runtime.core.errors import InputError
-from runtime.core.llm_formats import BuildOptions, get_format, q8, unpack_int4
+from runtime.core.llm_formats import LLMBuildOptions, get_format, q8, unpack_int4
+from runtime.core.request_schema import Controls
 from runtime.decoding import sample
-from runtime.trtllm_executor import KVCache, Request, TRTLLMExecutor
+from runtime.executor import KVCache, ReferenceExecutor, Request
 
 
 @pytest.fixture(scope="module")
 def bf16_dir(tmp_path_factory, demo_ckpt):
     d = tmp_path_factory.mktemp("ex") / "bf16"
-    build_llm(demo_ckpt, d, BuildOptions(get_format("bf16")), fidelity=False)
+    build_llm(demo_ckpt, d, LLMBuildOptions(get_format("bf16")), fidelity=False)
     return d
 
 
 @pytest.fixture(scope="module")
 def ex(bf16_dir):
-    return TRTLLMExecutor.load(bf16_dir)
+    return ReferenceExecutor.load(bf16_dir)
 
 
 def test_int4_unpack_inverts_modelopt_packing():
@@ -69,9 +70,9 @@ def test_streaming_callback_and_end_id(ex):
     r = Request([1, 2, 3], 6)
     greedy = ex.generate([r])[0].tokens
     seen = []
-    res = ex.generate([Request([1, 2, 3], 6, end_id=greedy[2])], on_token=lambda i, t, _: seen.append((i, t)))[0]
+    res = ex.generate([Request([1, 2, 3], 6, controls=Controls(end_id=greedy[2]))], on_token=lambda i, t, _: seen.append((i, t)))[0]
     assert res.tokens == greedy[:3] and res.finish_reason == "end_id" and [t for _, t in seen] == greedy[:3]
-    forced = ex.generate([Request([1, 2, 3], 6, end_id=greedy[2], min_length=4)])[0]
+    forced = ex.generate([Request([1, 2, 3], 6, controls=Controls(end_id=greedy[2], min_tokens=4))])[0]
     assert forced.tokens[2] != greedy[2] or len(forced.tokens) > 3
 
 
@@ -93,9 +94,9 @@ def test_a_cancelled_request_stops_before_its_next_step(ex):
 
 
 def test_sampling_is_seeded(ex):
-    a = ex.generate([Request([4, 5, 6], 8, temperature=4.0, top_k=50, top_p=0.0, seed=7)])[0].tokens
-    b = ex.generate([Request([4, 5, 6], 8, temperature=4.0, top_k=50, top_p=0.0, seed=7)])[0].tokens
-    c = ex.generate([Request([4, 5, 6], 8, temperature=4.0, top_k=50, top_p=0.0, seed=8)])[0].tokens
+    a = ex.generate([Request([4, 5, 6], 8, controls=Controls(temperature=4.0, top_k=50, top_p=0.0, seed=7))])[0].tokens
+    b = ex.generate([Request([4, 5, 6], 8, controls=Controls(temperature=4.0, top_k=50, top_p=0.0, seed=7))])[0].tokens
+    c = ex.generate([Request([4, 5, 6], 8, controls=Controls(temperature=4.0, top_k=50, top_p=0.0, seed=8))])[0].tokens
     assert a == b and a != c
 
 
@@ -127,4 +128,4 @@ def test_missing_rank_file_is_named(bf16_dir, tmp_path):
     from runtime.core.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="rank1.safetensors missing"):
-        TRTLLMExecutor.load(d)
+        ReferenceExecutor.load(d)

@@ -9,17 +9,17 @@ import torch
 
 from builder.llm_build import build_llm
 from runtime.core.errors import InputError
-from runtime.core.llm_formats import BuildOptions, get_format
+from runtime.core.llm_formats import LLMBuildOptions, get_format
+from runtime.executor import KVCache, ReferenceExecutor, Request
 from runtime.inflight import InflightBatcher
-from runtime.trtllm_executor import KVCache, Request, TRTLLMExecutor
 
 
 @pytest.fixture(scope="module", params=["bf16", "fp8"])
 def ex(request, tmp_path_factory, demo_ckpt):
     d = tmp_path_factory.mktemp("inflight") / request.param
     kv = request.param == "fp8"  # the FP8 KV cache too: per-sequence caches in their stored dtype
-    build_llm(demo_ckpt, d, BuildOptions(get_format(request.param), kv_cache_fp8=kv), calib_size=4, fidelity=False)
-    return TRTLLMExecutor.load(d)
+    build_llm(demo_ckpt, d, LLMBuildOptions(get_format(request.param), kv_cache_fp8=kv), calib_size=4, fidelity=False)
+    return ReferenceExecutor.load(d)
 
 
 def _requests(ex):

@@ -1,20 +1,19 @@
-"""The import layering of docs/ARCHITECTURE.md, checked on every module's syntax tree.
+"""The package graph of docs/ARCHITECTURE.md, checked on every module's syntax tree.
 
-Layers, bottom to top; a module may import its own layer and those below, never above:
+Groups of modules, and what each may import besides itself (ALLOWED):
 
-    ground       runtime.core.*: the model description (config, errors, families, formats), checkpoint I/O,
-                 weight maps, the TensorRT-LLM layout and writer, the build-directory contract and sizing
-    runtime      the rest of runtime.*: reference models, preprocessing, tokenizer and prompts, executor,
-                 client, bench
-    plugins      plugins.*: Triton kernels, TensorRT plugins
-    triton_repo  triton_repo.*: the Triton model repository, its models and the server
-    compiler     builder.*: stages, the build driver, the CLI
+    ground    runtime.core.*: the model description (config, errors, families, formats, the request schema),
+              checkpoint I/O, weight maps, the TensorRT-LLM layout and writer, the build-directory contract, sizing
+    runtime   the rest of runtime.*: reference models, preprocessing, tokenizer and prompts, reference executor
+    plugins   plugins.*: Triton kernels, TensorRT plugins
+    clients   clients.*: nvlm-client, the OpenAI client, nvlm-bench — never the server or the compiler
+    demo      demo_model.*: the embedded default's task and training
+    server    triton_repo.*: the Triton model repository, its models, the server, the OpenAI front
+    compiler  builder.*: stages, the build driver, the CLI
 
-The same order holds between the top-level packages (runtime < plugins < triton_repo < builder): no package
-imports one above it, so there is no cycle between packages either. No import cycle among the project's
-modules, whether the import is at the top of a file or inside a
-function. Project imports sit at the top of files; the few inside functions are listed in
-LOCAL_IMPORTS with the reason (an optional dependency pulled in by the imported module).
+The graph has no cycle, so neither do the packages; no import cycle among modules either, whether the import is
+at the top of a file or inside a function. Project imports sit at the top of files; the few inside functions
+are listed in LOCAL_IMPORTS with the reason (an optional dependency pulled in by the imported module).
 """
 
 import ast
@@ -24,20 +23,34 @@ import pytest
 
 from tests.conftest import ROOT
 
-PACKAGES = ("builder", "runtime", "plugins", "triton_repo")
-LAYERS = ("ground", "runtime", "plugins", "triton_repo", "compiler")
-PACKAGE_ORDER = ("runtime", "plugins", "triton_repo", "builder")
+PACKAGES = ("builder", "runtime", "plugins", "triton_repo", "clients", "demo_model")
+GROUPS = ("ground", "runtime", "plugins", "clients", "demo", "server", "compiler")
+ALLOWED = {
+    "ground": set(),
+    "runtime": {"ground"},
+    "plugins": {"ground", "runtime"},
+    "clients": {"ground", "runtime"},
+    "demo": {"ground", "runtime"},
+    "server": {"ground", "runtime", "plugins", "clients"},  # the OpenAI front talks to the entry as a gRPC client
+    "compiler": {"ground", "runtime", "plugins", "demo", "server"},
+}
 # (importer, imported): why the import is inside a function
 LOCAL_IMPORTS = {
-    ("triton_repo.serving", "plugins.tiling"): "GPU hosts only: pulls in triton (the [kernels] extra)",
+    ("triton_repo.models.preprocessing", "plugins.tiling"): "GPU hosts only: pulls in triton (the [kernels] extra)",
 }
 
 
-def layer_of(module: str) -> str:
+def group_of(module: str) -> str:
     if module == "runtime.core" or module.startswith("runtime.core."):
         return "ground"
-    top = module.split(".")[0]
-    return "compiler" if top == "builder" else top
+    return {"builder": "compiler", "triton_repo": "server", "demo_model": "demo"}.get(module.split(".")[0],
+                                                                                    module.split(".")[0])
+
+
+def violations(graph) -> list[str]:
+    return [f"{m}:{line} imports {t} ({group_of(m)} → {group_of(t)})"
+            for m, deps in graph.items() for t, _, line in deps
+            if group_of(t) != group_of(m) and group_of(t) not in ALLOWED[group_of(m)]]
 
 
 def modules() -> dict[str, Path]:
@@ -88,22 +101,25 @@ def graph():
     return {name: imports(name, path, set(mods)) for name, path in mods.items()}
 
 
-def test_every_module_has_a_layer(graph):
-    assert set(layer_of(m) for m in graph) == set(LAYERS)
+def test_every_module_has_a_group(graph):
+    assert set(group_of(m) for m in graph) == set(GROUPS)
 
 
-def test_no_import_goes_up_a_layer(graph):
-    upward = [f"{m}:{line} imports {t} ({layer_of(m)} → {layer_of(t)})"
-              for m, deps in graph.items() for t, _, line in deps
-              if LAYERS.index(layer_of(t)) > LAYERS.index(layer_of(m))]
-    assert not upward, "\n".join(upward)
+def test_the_allowed_graph_has_no_cycle():
+    """ALLOWED itself is acyclic (so the packages cannot import each other in a circle), and the runtime
+    never sees the client side."""
+    order = []
+    while len(order) < len(GROUPS):
+        ready = [g for g in GROUPS if g not in order and ALLOWED[g] <= set(order)]
+        assert ready, f"cycle among {set(GROUPS) - set(order)}"
+        order += ready
+    assert "clients" not in ALLOWED["runtime"] | ALLOWED["ground"]
+    assert not {"server", "compiler"} & ALLOWED["clients"]
 
 
-def test_no_package_imports_a_package_above_it(graph):
-    """Package level: the ground sits inside runtime, so runtime < plugins < triton_repo < builder."""
-    upward = [f"{m}:{line} imports {t}" for m, deps in graph.items() for t, _, line in deps
-              if PACKAGE_ORDER.index(t.split(".")[0]) > PACKAGE_ORDER.index(m.split(".")[0])]
-    assert not upward, "\n".join(upward)
+def test_every_import_follows_the_graph(graph):
+    bad = violations(graph)
+    assert not bad, "\n".join(bad)
 
 
 def test_project_imports_are_at_the_top(graph):
@@ -132,10 +148,16 @@ def test_no_import_cycle(graph):
     assert not cycles, "\n".join(cycles)
 
 
-def test_the_check_sees_an_upward_import(tmp_path):
-    """The checker itself: a ground module importing the compiler, inside a function, is caught."""
+def test_the_check_sees_a_wrong_import(tmp_path):
+    """The checker itself: a ground module importing the compiler inside a function, and the client importing
+    the server, are both caught."""
     f = tmp_path / "config.py"
-    f.write_text("def f():\n    from builder.engine_build import build_engine\n")
+    f.write_text("def f():\n    from builder.engine_build import build_deployment\n")
     found = imports("runtime.core.config", f, {"runtime.core.config", "builder.engine_build"})
     assert found == [("builder.engine_build", True, 2)]
-    assert LAYERS.index(layer_of("builder.engine_build")) > LAYERS.index(layer_of("runtime.core.config"))
+    g = tmp_path / "bench.py"
+    g.write_text("from triton_repo.serving import EntryModel\n")
+    graph = {"runtime.core.config": found,
+             "clients.bench": imports("clients.bench", g, {"clients.bench", "triton_repo.serving"})}
+    assert violations(graph) == ["runtime.core.config:2 imports builder.engine_build (ground → compiler)",
+                                 "clients.bench:1 imports triton_repo.serving (clients → server)"]

@@ -13,7 +13,7 @@ import pytest
 from builder.layerwise import work_dir
 from builder.llm_build import build_llm
 from runtime.core.demo_checkpoint import write_demo_checkpoint
-from runtime.core.llm_formats import BuildOptions, get_format
+from runtime.core.llm_formats import LLMBuildOptions, get_format
 
 ROOT = Path(__file__).resolve().parent.parent
 NB = str(Path(sys.executable).parent / "nvlm-build")
@@ -43,7 +43,7 @@ def _assert_same_build(whole: Path, layer: Path) -> None:
 def test_layer_at_a_time_equals_whole_model(demo, tmp_path, fmt, kv):
     """Byte-identical rank files and config.json; every fidelity figure equal (the reference, fake-quantized and
     executor logits are computed by the same arithmetic, a layer at a time)."""
-    opts = BuildOptions(get_format(fmt), kv_cache_fp8=kv)
+    opts = LLMBuildOptions(get_format(fmt), kv_cache_fp8=kv)
     whole = build_llm(demo, tmp_path / "whole", opts, calib_size=4, layerwise="off")
     by_layer = build_llm(demo, tmp_path / "layer", opts, calib_size=4, layerwise="on")
     assert (whole["layerwise"], by_layer["layerwise"]) == (False, True)
@@ -54,7 +54,7 @@ def test_layer_at_a_time_equals_whole_model(demo, tmp_path, fmt, kv):
 
 def test_layer_at_a_time_tp2(demo, tmp_path):
     """Rank files of TP2 from per-layer exports match the whole-model export's, file for file."""
-    opts = BuildOptions(get_format("fp8"), tp=2)
+    opts = LLMBuildOptions(get_format("fp8"), tp=2)
     build_llm(demo, tmp_path / "whole", opts, calib_size=4, layerwise="off", fidelity=False)
     build_llm(demo, tmp_path / "layer", opts, calib_size=4, layerwise="on", fidelity=False)
     for r in range(2):
@@ -99,7 +99,7 @@ def test_cross_attention_families_layer_at_a_time(tmp_path, variant, fmt, kv):
     """NVLM-X/H: the gated blocks run between the layers a block at a time (their image keys/values, NVLM-X's
     FP8-KV scales from the calibration prompts); the same bytes and figures as the whole-model path."""
     ckpt = write_demo_checkpoint(tmp_path / "ckpt", variant=variant)
-    opts = BuildOptions(get_format(fmt), kv_cache_fp8=kv)
+    opts = LLMBuildOptions(get_format(fmt), kv_cache_fp8=kv)
     build_llm(ckpt, tmp_path / "whole", opts, calib_size=4, layerwise="off")
     build_llm(ckpt, tmp_path / "layer", opts, calib_size=4, layerwise="on")
     _assert_same_build(tmp_path / "whole", tmp_path / "layer")
@@ -115,10 +115,10 @@ w.write({out!r})
 _BUILD = """
 import resource, sys
 from builder.llm_build import build_llm
-from runtime.core.llm_formats import BuildOptions, get_format
+from runtime.core.llm_formats import LLMBuildOptions, get_format
 from builder.llm_build import FidelityError
 try:  # random weights drawn for hidden 128 saturate FP8 at hidden 2048: the report may refuse; the memory counts
-    build_llm({ckpt!r}, {out!r}, BuildOptions(get_format("fp8"), kv_cache_fp8=True), calib_size=4, layerwise="on")
+    build_llm({ckpt!r}, {out!r}, LLMBuildOptions(get_format("fp8"), kv_cache_fp8=True), calib_size=4, layerwise="on")
 except FidelityError:
     pass
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -183,7 +183,7 @@ def test_engine_build_killed_in_its_llm_stage_resumes_the_layers(demo, tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming after decoder layer 0" in resumed.stderr
     # the engine's LLM stage is `build_llm`: a straight one of the same options gives the same checkpoint
-    build_llm(demo, tmp_path / "straight", BuildOptions(get_format("fp8")), calib_size=4, layerwise="on")
+    build_llm(demo, tmp_path / "straight", LLMBuildOptions(get_format("fp8")), calib_size=4, layerwise="on")
     for name in ("rank0.safetensors", "config.json"):
         assert (out / "llm" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
     assert not (out / ".llm.layerwise").exists()

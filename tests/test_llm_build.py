@@ -15,8 +15,9 @@ from runtime.core.checkpoint import Checkpoint
 from runtime.core.errors import OutputExistsError
 from runtime.core.families import from_hf
 from runtime.core.llm_formats import FORMATS as FORMAT_REGISTRY
-from runtime.core.llm_formats import BuildOptions, UnsupportedCombinationError, format_for_algo, get_format, validate
-from runtime.trtllm_executor import Request, TRTLLMExecutor
+from runtime.core.llm_formats import LLMBuildOptions, UnsupportedCombinationError, format_for_algo, get_format, validate
+from runtime.core.request_schema import Controls
+from runtime.executor import ReferenceExecutor, Request
 
 FORMATS = [("bf16", False), ("fp16", False), ("fp8", False), ("fp8", True), ("int4_awq", False), ("w4a8_awq", False)]
 
@@ -29,7 +30,7 @@ def builds(tmp_path_factory, demo_ckpt, released_ckpt):
     for label, ckpt in (("demo", demo_ckpt), ("released", released_ckpt)):
         for fmt, kv in FORMATS:
             d = root / f"{label}-{fmt}{'-kv8' if kv else ''}"
-            build_llm(ckpt, d, BuildOptions(get_format(fmt), kv_cache_fp8=kv), calib_size=4)
+            build_llm(ckpt, d, LLMBuildOptions(get_format(fmt), kv_cache_fp8=kv), calib_size=4)
             out[(label, fmt, kv)] = d
     return out
 
@@ -51,7 +52,7 @@ def test_format_builds_loads_and_passes_fidelity(builds, label, fmt, kv):
     if fmt.endswith("awq"):
         assert q["group_size"] == 128 and q["pre_quant_scale"] is True and q["has_zero_point"] is False
     assert "lm_head" in (q.get("exclude_modules") or ["lm_head"])
-    ex = TRTLLMExecutor.load(d)
+    ex = ReferenceExecutor.load(d)
     res = ex.generate([Request([1, 2, 3, 4], 3)])[0]
     assert len(res.tokens) == 3
     summary = json.loads((d / "nvlm_build.json").read_text())
@@ -85,11 +86,11 @@ def test_tp2_and_pp2_execute_to_the_same_tokens_as_tp1(tmp_path, demo_ckpt, fmt)
     tokens = {}
     for tp, pp in [(1, 1), (2, 1), (1, 2)]:
         d = tmp_path / f"{fmt}-tp{tp}-pp{pp}"
-        build_llm(demo_ckpt, d, BuildOptions(get_format(fmt), tp=tp, pp=pp), calib_size=4)
+        build_llm(demo_ckpt, d, LLMBuildOptions(get_format(fmt), tp=tp, pp=pp), calib_size=4)
         cfg = json.loads((d / "config.json").read_text())
         assert cfg["mapping"] == {"world_size": tp * pp, "tp_size": tp, "pp_size": pp}
         assert len(list(d.glob("rank*.safetensors"))) == tp * pp
-        ex = TRTLLMExecutor.load(d)
+        ex = ReferenceExecutor.load(d)
         tokens[(tp, pp)] = [ex.generate([Request(r.trt_ids, 6, r.table)])[0].tokens for r in runs]
     assert tokens[(2, 1)] == tokens[(1, 1)] and tokens[(1, 2)] == tokens[(1, 1)]
 
@@ -101,7 +102,7 @@ def test_streaming_conversion_equals_modelopt_export(tmp_path, demo_ckpt, tp, pp
     from runtime.reference import reference_model
 
     ours = tmp_path / "ours"
-    build_llm(demo_ckpt, ours, BuildOptions(get_format("bf16"), tp=tp, pp=pp), fidelity=False)
+    build_llm(demo_ckpt, ours, LLMBuildOptions(get_format("bf16"), tp=tp, pp=pp), fidelity=False)
     theirs = tmp_path / "modelopt"
     llm = copy.deepcopy(reference_model(demo_ckpt).llm).to(torch.bfloat16)
     export_tensorrt_llm_checkpoint(llm, decoder_type="qwen", dtype=torch.bfloat16, export_dir=str(theirs),
@@ -117,7 +118,7 @@ def test_streaming_conversion_equals_modelopt_export(tmp_path, demo_ckpt, tp, pp
 
 def test_fp16_streaming_matches_released_layout(tmp_path, released_ckpt):
     d = tmp_path / "fp16"
-    build_llm(released_ckpt, d, BuildOptions(get_format("fp16")), fidelity=False)
+    build_llm(released_ckpt, d, LLMBuildOptions(get_format("fp16")), fidelity=False)
     f = safe_open(str(d / "rank0.safetensors"), "pt")
     src = Checkpoint.open(released_ckpt)
     w = src.get("language_model.model.layers.2.mlp.down_proj.weight")
@@ -132,15 +133,15 @@ def test_fp16_streaming_matches_released_layout(tmp_path, released_ckpt):
 def test_awq_group_size_versus_tp_on_72b(config_72b):
     cfg = from_hf(config_72b)
     with pytest.raises(UnsupportedCombinationError) as e:
-        validate(cfg, BuildOptions(get_format("int4_awq"), tp=8))
+        validate(cfg, LLMBuildOptions(get_format("int4_awq"), tp=8))
     msg = str(e.value)
     assert "3696" in msg and "multiple of 128" in msg and "TP1 with group 128" in msg
     with pytest.raises(UnsupportedCombinationError, match="14784"):
-        validate(cfg, BuildOptions(get_format("int4_awq"), tp=2))
-    validate(cfg, BuildOptions(get_format("int4_awq"), tp=2, awq_group_size=64))  # 14784 = 231 × 64
-    validate(cfg, BuildOptions(get_format("fp8"), tp=8))
+        validate(cfg, LLMBuildOptions(get_format("int4_awq"), tp=2))
+    validate(cfg, LLMBuildOptions(get_format("int4_awq"), tp=2, awq_group_size=64))  # 14784 = 231 × 64
+    validate(cfg, LLMBuildOptions(get_format("fp8"), tp=8))
     with pytest.raises(UnsupportedCombinationError, match="64 or 128|accepts"):
-        validate(cfg, BuildOptions(get_format("int4_awq"), awq_group_size=96))
+        validate(cfg, LLMBuildOptions(get_format("int4_awq"), awq_group_size=96))
 
 
 def test_w4a8_awq_group_64_is_refused_up_front(demo_ckpt, tmp_path, capsys):
@@ -148,7 +149,7 @@ def test_w4a8_awq_group_64_is_refused_up_front(demo_ckpt, tmp_path, capsys):
     group size 64; the checkpoint it would get is refused before any work, naming the allowed size."""
     with pytest.raises(UnsupportedCombinationError, match="accepts 128 for w4a8_awq"):
         validate(from_hf(json.loads((demo_ckpt / "config.json").read_text())),
-                 BuildOptions(get_format("w4a8_awq"), awq_group_size=64))
+                 LLMBuildOptions(get_format("w4a8_awq"), awq_group_size=64))
     out = tmp_path / "x"
     assert main(["llm", str(demo_ckpt), "-o", str(out), "--quant", "w4a8_awq", "--awq-group-size", "64"]) == 2
     err = capsys.readouterr().err.strip()
@@ -176,7 +177,7 @@ def test_format_classes_are_the_one_description():
 ])
 def test_invalid_combinations(config_72b, opts, message):
     with pytest.raises(UnsupportedCombinationError, match=message):
-        validate(from_hf(config_72b), BuildOptions(get_format("bf16"), **opts))
+        validate(from_hf(config_72b), LLMBuildOptions(get_format("bf16"), **opts))
 
 
 def test_unknown_quant_lists_formats(demo_ckpt, tmp_path, capsys):
@@ -190,7 +191,7 @@ def test_existing_output_is_refused_and_kept(demo_ckpt, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     with pytest.raises(OutputExistsError, match="--force"):
-        build_llm(demo_ckpt, out, BuildOptions(get_format("bf16")))
+        build_llm(demo_ckpt, out, LLMBuildOptions(get_format("bf16")))
     assert (out / "keep.txt").read_text() == "mine"
 
 
@@ -202,7 +203,7 @@ def test_failed_build_leaves_nothing_that_looks_complete(demo_ckpt, tmp_path, mo
 
     monkeypatch.setattr(lb, "write_unquantized", boom)
     with pytest.raises(RuntimeError, match="simulated"):
-        build_llm(demo_ckpt, tmp_path / "llm", BuildOptions(get_format("bf16")))
+        build_llm(demo_ckpt, tmp_path / "llm", LLMBuildOptions(get_format("bf16")))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -215,7 +216,7 @@ def test_calibration_data_errors(demo_ckpt, tmp_path):
     jl.write_text('{"prompt": "ok", "image": "a.png"}\nnot json\n{"image": "a.png"}\n'
                   '{"prompt": "x", "image": "missing.png"}\n')
     with pytest.raises(CalibrationDataError) as e:
-        build_llm(demo_ckpt, tmp_path / "o", BuildOptions(get_format("fp8")), calib_data=jl)
+        build_llm(demo_ckpt, tmp_path / "o", LLMBuildOptions(get_format("fp8")), calib_data=jl)
     assert "lines 2, 3" in str(e.value) and "missing.png" in str(e.value)
     from builder.calibration import load_calib_data
 
@@ -223,9 +224,9 @@ def test_calibration_data_errors(demo_ckpt, tmp_path):
     assert [(s.prompt, s.image) for s in load_calib_data(jl)] == [("<image>\nWhat is it?", img), ("Text only.", None)]
     jl.write_text('{"prompt": "Describe <image>.", "image": "a.png"}\n')
     with pytest.raises(CalibrationDataError, match="only 1 calibration samples"):
-        build_llm(demo_ckpt, tmp_path / "o", BuildOptions(get_format("fp8")), calib_data=jl)
+        build_llm(demo_ckpt, tmp_path / "o", LLMBuildOptions(get_format("fp8")), calib_data=jl)
     with pytest.raises(CalibrationDataError, match="no images"):
-        build_llm(demo_ckpt, tmp_path / "o", BuildOptions(get_format("fp8")), calib_data=tmp_path / "empty"
+        build_llm(demo_ckpt, tmp_path / "o", LLMBuildOptions(get_format("fp8")), calib_data=tmp_path / "empty"
                   if (tmp_path / "empty").mkdir() is None else None)
     assert not (tmp_path / "o").exists()
 
@@ -237,14 +238,14 @@ def test_calibration_from_image_folder(demo_ckpt, tmp_path):
     folder.mkdir()
     for k in range(4):
         synthetic_scene(300 + 100 * k, 300, k).save(folder / f"{k}.png")
-    summary = build_llm(demo_ckpt, tmp_path / "o", BuildOptions(get_format("int4_awq")), calib_data=folder)
+    summary = build_llm(demo_ckpt, tmp_path / "o", LLMBuildOptions(get_format("int4_awq")), calib_data=folder)
     assert summary["calibration"] == {"source": str(folder), "samples": 4, "multimodal": 4}
     assert summary["fidelity_passed"]
 
 
 def test_awq_group_size_64(tmp_path, released_ckpt):
     d = tmp_path / "g64"
-    summary = build_llm(released_ckpt, d, BuildOptions(get_format("int4_awq"), awq_group_size=64), calib_size=4)
+    summary = build_llm(released_ckpt, d, LLMBuildOptions(get_format("int4_awq"), awq_group_size=64), calib_size=4)
     q = json.loads((d / "config.json").read_text())["quantization"]
     assert q["group_size"] == 64 and summary["fidelity_passed"]
     f = safe_open(str(d / "rank0.safetensors"), "pt")
@@ -268,7 +269,7 @@ def test_vocabulary_padding_end_to_end(tmp_path, odd_vocab_ckpt, fmt, tp):
     from runtime.core.trtllm_layout import vocab_rows
 
     out = tmp_path / fmt
-    build_llm(odd_vocab_ckpt, out, BuildOptions(get_format(fmt), tp=tp), calib_size=4)
+    build_llm(odd_vocab_ckpt, out, LLMBuildOptions(get_format(fmt), tp=tp), calib_size=4)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["vocab_size"] == 523
     rows = vocab_rows(523, tp)
@@ -282,12 +283,12 @@ def test_vocabulary_padding_end_to_end(tmp_path, odd_vocab_ckpt, fmt, tp):
         assert torch.cat(parts)[523:].abs().sum() == 0  # the padding row, when there is one, is zero
     report = json.loads((out / "reports" / "fidelity.json").read_text())
     assert report["passed"], report
-    ex = TRTLLMExecutor.load(out)
-    from runtime.trtllm_executor import KVCache
+    ex = ReferenceExecutor.load(out)
+    from runtime.executor import KVCache
 
     logits = ex.forward([1, 2, 3], None, KVCache())
     assert logits.shape[-1] == 523  # what greedy and sampling choose from: the real ids only
-    hot = ex.generate([Request([1, 2, 3], 64, temperature=50.0, top_k=0, seed=5)])[0].tokens
+    hot = ex.generate([Request([1, 2, 3], 64, controls=Controls(temperature=50.0, top_k=0, seed=5))])[0].tokens
     assert len(set(hot)) > 20 and all(0 <= t < 523 for t in hot)  # near-uniform sampling never leaves them
 
 
@@ -299,19 +300,19 @@ def test_a_checkpoint_with_the_wrong_vocabulary_rows_is_refused(tmp_path, odd_vo
     from runtime.core.errors import CheckpointError
 
     out = tmp_path / "b"
-    build_llm(odd_vocab_ckpt, out, BuildOptions(get_format("bf16")), fidelity=False)
+    build_llm(odd_vocab_ckpt, out, LLMBuildOptions(get_format("bf16")), fidelity=False)
     t = load_file(str(out / "rank0.safetensors"))
     t["lm_head.weight"] = torch.cat([t["lm_head.weight"], t["lm_head.weight"].new_zeros(576 - 523, 256)])
     save_file(t, str(out / "rank0.safetensors"))
     with pytest.raises(CheckpointError, match="lm_head has 576 rows over TP1; TensorRT-LLM expects vocab_size 523"):
-        TRTLLMExecutor.load(out)
+        ReferenceExecutor.load(out)
 
 
 @pytest.mark.parametrize("fmt, kv", [("fp8", False), ("int4_awq", False)])
 def test_builds_of_the_trained_default_keep_its_task_accuracy(tmp_path, trained_ckpt, fmt, kv):
     """The fidelity report of a build of the trained default scores it on held-out tile-task questions."""
     d = tmp_path / "o"
-    build_llm(trained_ckpt, d, BuildOptions(get_format(fmt), kv_cache_fp8=kv), calib_size=8)
+    build_llm(trained_ckpt, d, LLMBuildOptions(get_format(fmt), kv_cache_fp8=kv), calib_size=8)
     report = json.loads((d / "reports" / "fidelity.json").read_text())
     task = {c["name"]: c for c in report["checks"]}["task_accuracy_vs_reference"]
     assert report["passed"] and task["passed"] and task["value"] >= 0.85, task
@@ -324,14 +325,13 @@ def test_the_task_check_fails_when_the_images_do_not_arrive(trained_ckpt, tmp_pa
     from runtime.tokenizer import NVLMTokenizer
 
     d = tmp_path / "bf16"
-    build_llm(trained_ckpt, d, BuildOptions(get_format("bf16")), fidelity=False)
-    ex = TRTLLMExecutor.load(d)
+    build_llm(trained_ckpt, d, LLMBuildOptions(get_format("bf16")), fidelity=False)
+    ex = ReferenceExecutor.load(d)
     reference, tok = reference_model(trained_ckpt), NVLMTokenizer.from_dir(trained_ckpt)
     good = task_check(ex, reference, tok, questions=24)
     assert good.passed and good.value >= 0.8
     real = ex.generate
-    ex.generate = lambda reqs, **kw: real([Request(r.input_ids, r.max_new_tokens, torch.zeros_like(r.prompt_table),
-                                                   end_id=r.end_id) for r in reqs], **kw)
+    ex.generate = lambda reqs, **kw: real([Request(r.input_ids, r.max_new_tokens, torch.zeros_like(r.prompt_table), controls=r.controls) for r in reqs], **kw)
     blind = task_check(ex, reference, tok, questions=24)
     assert not blind.passed and blind.value < good.value - 0.2
 

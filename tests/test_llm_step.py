@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from runtime.trtllm_executor import Request
+from runtime.core.request_schema import Controls
+from runtime.executor import Request
 from triton_repo import serving
 from triton_repo.llm_link import FINAL, LLMLink
 
@@ -53,7 +54,7 @@ def llm_step(serve_build):
 
 def _job(n, *, log_probs=False, is_cancelled=lambda: False):
     flag = threading.Event()
-    req = Request([3, 17, 42, 9, 77], n, min_length=n, return_log_probs=log_probs, cancelled=flag.is_set)
+    req = Request([3, 17, 42, 9, 77], n, controls=Controls(min_tokens=n, return_log_probs=log_probs), cancelled=flag.is_set)
     return (req, True, "", {"output_ids", "output_log_probs", "cum_log_probs"}, flag, is_cancelled)
 
 

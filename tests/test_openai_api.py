@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from runtime.client import Decoding, NVLMClient
+from clients.triton_client import NVLMClient
 from tests.conftest import ROOT
 from tests.conftest import server_ports as _ports
 
@@ -26,7 +26,7 @@ def _data_url(blob: bytes) -> str:
 
 
 def _task_png() -> bytes:
-    from runtime.tile_task import random_scene
+    from demo_model.task import random_scene
 
     buf = io.BytesIO()
     random_scene(np.random.default_rng(31), (1344, 448)).image.save(buf, "PNG")  # 4 tiles: another prompt
@@ -140,22 +140,22 @@ def test_decoding_controls_over_the_openai_api_equal_grpc(served):
     api, grpc = served
     prompt = "Write one sentence about the sea."
     plain = grpc.generate(prompt, max_tokens=10)
-    cases = [({"presence_penalty": -2.0}, Decoding(presence_penalty=-2.0)),
+    cases = [({"presence_penalty": -2.0}, dict(presence_penalty=-2.0)),
              ({"frequency_penalty": 2.0, "extra_body": {"repetition_penalty": 5.0}},
-              Decoding(frequency_penalty=2.0, repetition_penalty=5.0)),
-             ({"extra_body": {"bad_words": [" the"]}}, Decoding(bad_words=(" the",)))]
+              dict(frequency_penalty=2.0, repetition_penalty=5.0)),
+             ({"extra_body": {"bad_words": [" the"]}}, dict(bad_words=(" the",)))]
     for kw, d in cases:
         got = _chat(api, prompt, max_tokens=10, **kw).choices[0].message.content
-        assert got == grpc.generate(prompt, max_tokens=10, decoding=d).text, kw
+        assert got == grpc.generate(prompt, max_tokens=10, **d).text, kw
     # stop: the answer ends before the stop text, which is not returned
     word = next(w for w in plain.text.split()[1:] if w.isalpha())
     got = _chat(api, prompt, max_tokens=10, stop=[word]).choices[0]
-    want = grpc.generate(prompt, max_tokens=10, decoding=Decoding(stop=(word,))).text
+    want = grpc.generate(prompt, max_tokens=10, stop_words=(word,)).text
     assert got.message.content == want and word not in want.split() and len(want) < len(plain.text)
     assert got.finish_reason == "stop"
     # logprobs: the chosen tokens' log-probabilities, as gRPC returns them
     got = _chat(api, prompt, max_tokens=6, logprobs=True).choices[0].logprobs.content
-    want = grpc.generate(prompt, max_tokens=6, decoding=Decoding(log_probs=True))
+    want = grpc.generate(prompt, max_tokens=6, return_log_probs=True)
     assert [c.logprob for c in got] == pytest.approx(want.log_probs, abs=1e-5)
     assert "".join(c.token for c in got) == want.text
 
@@ -163,7 +163,7 @@ def test_decoding_controls_over_the_openai_api_equal_grpc(served):
 def test_bench_drives_the_openai_endpoint(served, tmp_path):
     import json
 
-    from runtime.bench import main
+    from clients.bench import main
     from tests.test_serving import validate_report
 
     api, grpc = served

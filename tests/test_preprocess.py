@@ -238,3 +238,13 @@ def test_image_bytes_take_base64_and_data_urls():
         assert image_bytes(buf.getvalue()) == buf.getvalue(), fmt
     with pytest.raises(InputError, match="not valid base64"):
         image_bytes(b"data:image/png;base64,@@@")
+
+
+def test_the_tile_size_table_gives_its_tile_counts():
+    """runtime/scenes.TILE_SIZES (the benchmark's tiles:N workloads): each size tiles to exactly N tiles."""
+    from runtime.preprocess import choose_grid
+    from runtime.scenes import TILE_SIZES
+
+    for n, (w, h) in TILE_SIZES.items():
+        cols, rows = choose_grid(w, h, 448, 1, 6)
+        assert cols * rows + (cols * rows > 1) == n, (n, w, h)

@@ -145,7 +145,13 @@ def test_trained_default_adapted_to_padding_heads_computes_the_same(tmp_path):
 
     from safetensors.torch import load_file
 
-    from runtime.core.demo_checkpoint import TRAINED_WEIGHTS, demo_parts, trained_available, trained_dims, with_padding_heads
+    from runtime.core.demo_checkpoint import (
+        TRAINED_WEIGHTS,
+        demo_parts,
+        trained_available,
+        trained_dims,
+        with_padding_heads,
+    )
     from runtime.internvit import InternViT
 
     if not trained_available():
@@ -290,16 +296,16 @@ def test_a_build_of_the_released_layout_serves_the_reference_s_answers(released_
     log-probabilities (the build holds bf16 weights where the source has F32: 1e-2; 2e-3 measured). The two
     images' log-probabilities differ by far more than that (0.68), so a dropped or swapped image fails (a random model's greedy tokens alone barely depend
     on the image)."""
-    from builder.engine_build import EngineBuildOptions, build_engine
-    from runtime.client import Decoding, NVLMClient
-    from runtime.core.engines import EngineLimits
-    from runtime.core.llm_formats import BuildOptions, get_format
+    from builder.engine_build import DeploymentOptions, build_deployment
+    from clients.triton_client import NVLMClient
+    from runtime.core.limits import EngineLimits
+    from runtime.core.llm_formats import LLMBuildOptions, get_format
     from runtime.scenes import synthetic_scene
     from tests.conftest import server_ports
     from triton_repo.server import TritonServer
 
     build = tmp_path / "build"
-    build_engine(released_ckpt, build, EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference",
+    build_deployment(released_ckpt, build, DeploymentOptions(LLMBuildOptions(get_format("bf16")), target="reference",
                                                            vision_dtype="fp32", calib_size=4,
                                                            limits=EngineLimits(max_images_per_request=1)))
     assert json.loads((build / "preprocess.json").read_text())["chat_format"] == "release"
@@ -312,7 +318,7 @@ def test_a_build_of_the_released_layout_serves_the_reference_s_answers(released_
                       hang_timeout=0) as srv:
         client = NVLMClient(srv.grpc_url)
         client.check()
-        got = [client.generate(prompt, [img], max_tokens=6, decoding=Decoding(log_probs=True)) for img in images]
+        got = [client.generate(prompt, [img], max_tokens=6, return_log_probs=True) for img in images]
     for answer, (tokens, log_probs) in zip(got, want):
         assert answer.tokens == tokens
         assert max(abs(a - b) for a, b in zip(answer.log_probs, log_probs)) <= 1e-2

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from clients.roofline import roofline
 from runtime.core.families import from_hf
-from runtime.roofline import roofline
 
 # NVLM-D-72B, written out; the vision attention runs 25 + 7 padding heads of 128 (width A = 4096)
 C, L_V, I_V, N, A = 3200, 45, 12800, 1025, (25 + 7) * 128
@@ -56,7 +56,7 @@ def test_int4_awq_tp1(cfg):
 
 
 def test_roofline_cli(tmp_path, config_72b, capsys):
-    from runtime.bench import main
+    from clients.bench import main
 
     (tmp_path / "config.json").write_text(json.dumps(config_72b))
     assert main(["roofline", str(tmp_path), "--quant", "fp8", "--tp", "2", "--tiles", "7", "--json"]) == 0

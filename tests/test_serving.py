@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from builder.engine_build import EngineBuildOptions, build_engine
-from runtime.client import ClientError, NVLMClient
-from runtime.core.llm_formats import BuildOptions, get_format
+from builder.engine_build import DeploymentOptions, build_deployment
+from clients.triton_client import ClientError, NVLMClient
+from runtime.core.llm_formats import LLMBuildOptions, get_format
 from tests.conftest import ROOT
 from tests.conftest import descendants as _descendants
 from tests.conftest import server_ports as _ports
@@ -113,8 +113,8 @@ def test_answers_depend_on_the_image_and_reach_the_right_client(trained_serve_bu
     """The trained default, served, answers tile-task questions about eight different images from eight
     concurrent clients: each gets its own image's answer — a dropped image, a swapped tile or a mixed-up
     request would change it — and the answers are what the task says."""
+    from demo_model.task import heldout
     from runtime.local_pipeline import LocalPipeline
-    from runtime.tile_task import heldout
     from triton_repo.server import TritonServer
 
     pipeline = LocalPipeline(trained_serve_build, max_images=4)
@@ -298,7 +298,6 @@ def _single_token_word(tok, tokens, start=2):
 def test_decoding_controls_over_grpc_match_the_executor(client, local_run, build, images):
     """Stop words, bad words, penalties and log-probs, served: the same tokens (and log-probs) as the
     executor computes in-process with the same controls, and different from the plain answer."""
-    from runtime.client import Decoding
     from runtime.tokenizer import NVLMTokenizer
 
     tok = NVLMTokenizer.from_dir(build / "tokenizer")
@@ -308,22 +307,22 @@ def test_decoding_controls_over_grpc_match_the_executor(client, local_run, build
     # stop word: the answer ends right before it, and it is not returned (streamed or not)
     k, word = _single_token_word(tok, plain.tokens)
     for stream in (False, True):
-        ans = client.generate(prompt, images, max_tokens=n, stream=stream, decoding=Decoding(stop=(word,)))
+        ans = client.generate(prompt, images, max_tokens=n, stream=stream, stop_words=(word,))
         assert ans.tokens == plain.tokens[:k] and ans.text == tok.decode(plain.tokens[:k]), (stream, word)
     # bad word: never produced; the executor with the same ban gives the same tokens
     k, bad = _single_token_word(tok, plain.tokens, start=0)
-    ans = client.generate(prompt, images, max_tokens=n, decoding=Decoding(bad_words=(bad,)))
+    ans = client.generate(prompt, images, max_tokens=n, bad_words=(bad,))
     want = local_run(prompt, images, n, bad_words=((plain.tokens[k],),)).tokens
     assert ans.tokens == want and plain.tokens[k] not in ans.tokens and ans.tokens[:k] == plain.tokens[:k]
     # penalties: a strongly negative presence penalty leaves only the prompt's tokens; each matches
     for kw in ({"presence_penalty": -1e4}, {"frequency_penalty": 30.0, "repetition_penalty": 5.0}):
-        ans = client.generate(prompt, images, max_tokens=n, decoding=Decoding(**kw))
+        ans = client.generate(prompt, images, max_tokens=n, **kw)
         assert ans.tokens == local_run(prompt, images, n, **kw).tokens, kw
-    assert client.generate(prompt, images, max_tokens=n, decoding=Decoding(presence_penalty=-1e4)).tokens != plain.tokens
+    assert client.generate(prompt, images, max_tokens=n, presence_penalty=-1e4).tokens != plain.tokens
     # log-probs: the executor's, per token, streamed or not, and their sum
     want = local_run(prompt, images, n, return_log_probs=True)
     for stream in (False, True):
-        ans = client.generate(prompt, images, max_tokens=n, stream=stream, decoding=Decoding(log_probs=True))
+        ans = client.generate(prompt, images, max_tokens=n, stream=stream, return_log_probs=True)
         assert ans.tokens == want.tokens
         assert ans.log_probs == pytest.approx(want.log_probs, abs=1e-4) and all(lp <= 0 for lp in ans.log_probs)
         assert ans.cum_log_prob == pytest.approx(want.cum_log_prob, abs=1e-3)
@@ -331,12 +330,11 @@ def test_decoding_controls_over_grpc_match_the_executor(client, local_run, build
 
 
 def test_exclude_input_in_output_false_returns_the_prompt_first(client):
-    from runtime.client import Decoding
 
     plain = client.generate("Write one sentence about the sea.", max_tokens=6)
     for stream in (False, True):
         ans = client.generate("Write one sentence about the sea.", max_tokens=6, stream=stream,
-                              decoding=Decoding(exclude_input=False))
+                              exclude_input=False)
         assert "Write one sentence about the sea." in ans.text and ans.text.endswith(plain.text)
         assert ans.tokens[-6:] == plain.tokens and len(ans.tokens) > 6
 
@@ -402,7 +400,7 @@ def test_http_generate_takes_base64_images(server, client):
 def test_client_cli(server, capsys):
     import json
 
-    from runtime.client import main
+    from clients.triton_client import main
 
     port = server.grpc_url
     assert main(["--url", port, "--prompt", "What is this?", "--image", str(IMAGE), "--max-tokens", "3", "--json"]) == 0
@@ -499,12 +497,12 @@ def test_a_build_directory_can_be_moved(demo_ckpt, tmp_path):
     relative to itself. Copy a finished build, delete the original, serve the copy."""
     import shutil
 
-    from runtime.core.engines import EngineLimits
+    from runtime.core.limits import EngineLimits
     from runtime.local_pipeline import LocalPipeline
     from triton_repo.server import TritonServer
 
     original, moved = tmp_path / "original", tmp_path / "elsewhere" / "moved"
-    build_engine(demo_ckpt, original, EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference",
+    build_deployment(demo_ckpt, original, DeploymentOptions(LLMBuildOptions(get_format("bf16")), target="reference",
                                                          vision_dtype="fp32", calib_size=4,
                                                          limits=EngineLimits(max_images_per_request=2)))
     assert str(original) not in "".join(p.read_text() for p in (original / "triton_repo").rglob("config.pbtxt"))
@@ -527,7 +525,7 @@ def test_int4_build_with_an_odd_vocabulary_serves(tmp_path):
 
     ckpt = write_demo_checkpoint(tmp_path / "ckpt", vocab_size=523, seed=3)
     out = tmp_path / "build"
-    build_engine(ckpt, out, EngineBuildOptions(BuildOptions(get_format("int4_awq")), target="reference",
+    build_deployment(ckpt, out, DeploymentOptions(LLMBuildOptions(get_format("int4_awq")), target="reference",
                                                vision_dtype="fp32", calib_size=4))
     assert json.loads((out / "llm" / "config.json").read_text())["vocab_size"] == 523
     assert json.loads((out / "llm" / "reports" / "fidelity.json").read_text())["passed"]
@@ -706,12 +704,12 @@ def test_internal_models_refuse_over_limit_inputs(server, build):
 # --------------------------------------------------------------------------- nvlm-bench against the server
 
 def validate_report(result: dict) -> None:
-    """bench.json against its published JSON Schema (runtime/bench.schema.json, docs/bench.md)."""
+    """bench.json against its published JSON Schema (clients/bench.schema.json, docs/bench.md)."""
     import json
 
     import jsonschema
 
-    schema = json.loads((ROOT / "runtime" / "bench.schema.json").read_text())
+    schema = json.loads((ROOT / "clients" / "bench.schema.json").read_text())
     jsonschema.Draft202012Validator.check_schema(schema)
     jsonschema.Draft202012Validator(schema).validate(result)
 
@@ -720,7 +718,7 @@ def test_bench_short_sweep_json_and_csv(server, build, tmp_path, capsys):
     import csv
     import json
 
-    from runtime.bench import SCHEMA, main
+    from clients.bench import SCHEMA, main
 
     rc = main(["run", "--url", server.grpc_url, "--concurrency", "1,2", "--request-rate", "4", "--requests", "4",
                "--warmup", "1", "--max-tokens", "4", "--workload", "tiles:1,3", "--build", str(build),
@@ -785,9 +783,9 @@ def test_bench_reports_measured_over_roofline_bound(server, build, demo_ckpt, tm
     checked here — the bounds themselves against hand arithmetic in tests/test_roofline.py."""
     import json
 
-    from runtime.bench import main
+    from clients.bench import main
+    from clients.roofline import GPUS, roofline
     from runtime.core.families import load_config
-    from runtime.roofline import GPUS, roofline
 
     assert main(["run", "--url", server.grpc_url, "--concurrency", "1", "--requests", "4", "--warmup", "0",
                  "--max-tokens", "4", "--workload", "tiles:1,3", "--build", str(build), "--gpu", "h100-sxm",
@@ -827,7 +825,7 @@ def test_bench_server_dying_mid_run_saves_partial_results(build, tmp_path):
 
     import tritonclient.grpc as grpcclient
 
-    from runtime.bench import main
+    from clients.bench import main
     from triton_repo.server import TritonServer
 
     base = _ports(2)
@@ -884,7 +882,7 @@ def test_bench_server_dying_mid_run_saves_partial_results(build, tmp_path):
     (["--build", "/nonexistent-build"], "no manifest.json"),
 ])
 def test_bench_bad_input_fails_before_the_run(server, args, message, capsys):
-    from runtime.bench import main
+    from clients.bench import main
 
     full = ["run", "--url", server.grpc_url, "--requests", "1", "--warmup", "0"]
     for k in range(0, len(args), 2):  # later flags override the defaults above
@@ -897,7 +895,7 @@ def test_bench_bad_input_fails_before_the_run(server, args, message, capsys):
 
 
 def test_bench_jsonl_workload_errors(tmp_path):
-    from runtime.workloads import BenchError, load_workload
+    from clients.workloads import BenchError, load_workload
 
     f = tmp_path / "w.jsonl"
     f.write_text('{"text_input": "hi"}\nbroken\n{"text_input": "x", "image": "missing.png"}\n')

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from runtime.client import NVLMClient
-from runtime.loadgen import run_closed_loop, summarize
-from runtime.workloads import load_workload
+from clients.loadgen import run_closed_loop, summarize
+from clients.triton_client import NVLMClient
+from clients.workloads import load_workload
 from tests.conftest import descendants, server_ports
 
 REQUESTS = int(os.environ.get("NVLM_SOAK_REQUESTS", "2000"))

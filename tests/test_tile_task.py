@@ -1,12 +1,11 @@
-"""The embedded default's task (runtime/tile_task.py) and its training recipe (builder/demo_train.py)."""
+"""The embedded default's task (demo_model/task.py) and its training recipe (demo_model/train.py)."""
 
 import json
 
 import numpy as np
 import pytest
 
-from runtime.preprocess import preprocess_image
-from runtime.tile_task import (
+from demo_model.task import (
     CANVASES,
     CELL,
     COLOURS,
@@ -18,6 +17,7 @@ from runtime.tile_task import (
     random_scene,
     sample,
 )
+from runtime.preprocess import preprocess_image
 
 # issue 17: at least 95% of the colour, which-tile and count questions and 80% of the shape questions
 SEE_FLOOR_EASY, SEE_FLOOR_SHAPE = 0.95, 0.80
@@ -95,7 +95,8 @@ def test_accuracy_per_type():
 
 def test_twenty_training_steps_lower_the_loss_and_repeat_exactly(tmp_path):
     """The CI check of the recipe: 20 steps from a fixed seed, loss falling, two runs bit-identical."""
-    from builder.demo_train import Recipe, released_tensors, train
+    from demo_model.recipe import Recipe
+    from demo_model.train import released_tensors, train
 
     recipe = Recipe(samples=40, batch=2, lr=2e-3, warmup_steps=5, single_tile_fraction=1.0, seed=11, threads=1)
     m1, h1 = train(recipe, tmp_path / "log.jsonl")
@@ -114,7 +115,7 @@ def test_twenty_training_steps_lower_the_loss_and_repeat_exactly(tmp_path):
 def test_trained_weights_round_trip_through_the_checkpoint_writer(tmp_path, capsys, monkeypatch):
     """demo-train's output: weights + card (checksum, recipe, accuracy); demo-checkpoint --weights FILE and
     nvlm-build eval read it back; eval --no-tile-tags asks the same questions without the tile tags."""
-    import builder.demo_train as dt
+    import demo_model.train as dt
     from builder.cli import main
     from runtime.core.build_dir import sha256_file
 
@@ -122,7 +123,7 @@ def test_trained_weights_round_trip_through_the_checkpoint_writer(tmp_path, caps
     assert main(["demo-train", str(out), "--samples", "4", "--batch", "2", "--threads", "1", "--eval", "4"]) == 0
     card = json.loads(out.with_suffix(".json").read_text())
     assert card["sha256"] == sha256_file(out) and card["recipe"]["samples"] == 4
-    assert set(card["eval"]["accuracy"]) >= set(QUESTION_TYPES) and "--seed 0 --threads 1" in card["command"]
+    assert set(card["eval"]["accuracy"]) >= set(QUESTION_TYPES) and "--samples 4 --batch 2 --threads 1" in card["command"]
     capsys.readouterr()
     assert main(["demo-checkpoint", str(tmp_path / "ck"), "--weights", str(out)]) == 0
     assert main(["eval", str(tmp_path / "ck"), "--n", "4", "--json"]) == 0
@@ -165,7 +166,7 @@ def test_the_packaged_weights_are_the_card_s(trained_ckpt):
 
 def test_the_shipped_default_answers_fresh_questions(trained_ckpt):
     """Issue 17's floor on 100 questions from a seed neither training, the card nor the fidelity report uses."""
-    from builder.demo_train import evaluate_checkpoint
+    from demo_model.train import evaluate_checkpoint
 
     acc = evaluate_checkpoint(trained_ckpt, 100, seed=4242)
     assert acc["n"] == {t: 25 for t in QUESTION_TYPES}
@@ -175,7 +176,8 @@ def test_the_shipped_default_answers_fresh_questions(trained_ckpt):
 
 def test_shape_first_phase(capsys):
     from builder.cli import main
-    from builder.demo_train import Recipe, train
+    from demo_model.recipe import Recipe
+    from demo_model.train import train
 
     _, h = train(Recipe(samples=6, batch=2, shape_first=4, single_tile_fraction=0.0, seed=2, threads=1))
     assert [set(r["loss_by_type"]) for r in h[:2]] == [{"shape"}, {"shape"}]
@@ -187,7 +189,8 @@ def test_phases_are_the_curriculum(capsys):
     """An explicit curriculum: each phase's canvas and question types, in order; the old flags give the same
     schedule as phases; a malformed spec is one line and exit 2."""
     from builder.cli import main
-    from builder.demo_train import Phase, Recipe, train
+    from demo_model.recipe import Phase, Recipe
+    from demo_model.train import train
 
     phases = Phase.parse("4:one:0,1,0,0;4:all:0,0,0,1")
     assert phases == (Phase(4, "one", (0.0, 1.0, 0.0, 0.0)), Phase(4, "all", (0.0, 0.0, 0.0, 1.0)))
@@ -209,7 +212,8 @@ def test_a_second_stage_starts_from_the_first_stage_s_weights(tmp_path, capsys):
     from safetensors.torch import save_file
 
     from builder.cli import main
-    from builder.demo_train import Recipe, init_model, load_released, released_tensors
+    from demo_model.recipe import Recipe
+    from demo_model.train import init_model, load_released, released_tensors
     from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts
     from runtime.core.errors import CheckpointError
 
@@ -246,7 +250,9 @@ def test_decoder_probe_targets_and_its_loss_in_training():
     """The training-only probe on the decoder's first layer: each image token's class is its tile (row-major
     cell order) or the thumbnail; the tile a question names is parsed from it; with the probe on, the logged
     probe loss includes it (higher at the start than without) and the run still repeats exactly."""
-    from builder.demo_train import DecoderProbe, Recipe, asked_tile, train
+    from demo_model.aids import DecoderProbe, asked_tile
+    from demo_model.recipe import Recipe
+    from demo_model.train import train
 
     t = DecoderProbe.targets(5 * 256, 4, 256)
     assert [int((t == k).sum()) for k in range(5)] == [256] * 5
@@ -274,7 +280,9 @@ def test_attention_hint_targets_the_tile_the_answer_is_about():
     the row attends to that tile's image tokens and high when it attends to another tile's."""
     import torch
 
-    from builder.demo_train import Recipe, attention_mass_loss, looked_up, tile_positions, train
+    from demo_model.aids import attention_mass_loss, looked_up, tile_positions
+    from demo_model.recipe import Recipe
+    from demo_model.train import train
 
     scene = random_scene(np.random.default_rng(4), (896, 896))
     assert looked_up(Sample(scene, "colour", "What colour is the shape in tile 4?", "red")) == (0, 3)
@@ -309,7 +317,8 @@ def test_attention_hint_targets_the_tile_the_answer_is_about():
 
 def test_question_probe_is_a_head_of_the_decoder_probe(capsys, tmp_path):
     from builder.cli import main
-    from builder.demo_train import Recipe, train
+    from demo_model.recipe import Recipe
+    from demo_model.train import train
 
     # the card's command names exactly the aids that differ from the defaults
     assert main(["demo-train", str(tmp_path / "w.safetensors"), "--phases", "2:one:1,1,1,1", "--batch", "2",
@@ -334,7 +343,8 @@ def test_tile_probe_pooling():
     maximum is separable by the first and not by the second."""
     import torch
 
-    from builder.demo_train import Recipe, TileProbe
+    from demo_model.aids import TileProbe
+    from demo_model.recipe import Recipe
 
     assert TileProbe(8).head.in_features == 16 and TileProbe(8, "mean").head.in_features == 8
     with pytest.raises(ValueError, match="one of"):
@@ -355,7 +365,8 @@ def test_freeze_vision_trains_the_decoder_only(tmp_path, capsys):
     from safetensors.torch import load_file, save_file
 
     from builder.cli import main
-    from builder.demo_train import Recipe, init_model, released_tensors
+    from demo_model.recipe import Recipe
+    from demo_model.train import init_model, released_tensors
     from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts
 
     _, cfg, _ = demo_parts(DEMO_TRAINED_DIMS)
@@ -385,7 +396,9 @@ def test_key_hint_points_at_the_question_word_the_lookup_searches_with():
     predicted; none for count. With the hint on, the logged aids' loss includes it and the run repeats exactly."""
     from pathlib import Path
 
-    from builder.demo_train import Recipe, encode_sample, question_key, train
+    from demo_model.aids import question_key
+    from demo_model.recipe import Recipe
+    from demo_model.train import encode_sample, train
     from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts
     from runtime.core.families import family_for
     from runtime.tokenizer import NVLMTokenizer
@@ -433,7 +446,8 @@ def test_attention_log_probs_are_the_decoder_s_attention():
 
     import torch
 
-    from builder.demo_train import attention_log_probs, encode_sample, init_model
+    from demo_model.aids import attention_log_probs
+    from demo_model.train import encode_sample, init_model
     from runtime.core.demo_checkpoint import DEMO_TRAINED_DIMS, demo_parts
     from runtime.core.families import family_for
     from runtime.tokenizer import NVLMTokenizer
@@ -470,7 +484,7 @@ def test_a_teacher_forced_pass_is_the_served_decode(variant, tmp_path):
     import torch
     from transformers import DynamicCache
 
-    from builder.demo_train import encode_sample
+    from demo_model.train import encode_sample
     from runtime.core.demo_checkpoint import write_demo_checkpoint
     from runtime.core.families import family_for
     from runtime.reference import reference_model
@@ -547,7 +561,8 @@ def test_nvlm_x_s_tile_stands_in_the_decoder_as_its_tag():
     from the prompt's key ranges; on a one-tile image every token reads the only key tile: no target."""
     from pathlib import Path
 
-    from builder.demo_train import encode_sample, tile_positions
+    from demo_model.aids import tile_positions
+    from demo_model.train import encode_sample
     from runtime.core.demo_checkpoint import demo_parts, trained_dims
     from runtime.core.families import family_for
     from runtime.tokenizer import NVLMTokenizer
@@ -565,3 +580,25 @@ def test_nvlm_x_s_tile_stands_in_the_decoder_as_its_tag():
     one = sample(rng, "colour", canvas=(448, 448))
     _, ids, _, cross = encode_sample(one, tok, cfg, family_for(cfg).prompt_layout)
     assert tile_positions(0, ids, tok.image_pad_id, cross, 256) is None
+
+
+def test_recipe_flags_are_the_recipes_fields_and_its_command_line_round_trips():
+    """demo-train's flags come from the Recipe dataclass (demo_model/recipe.py): every field has one, and the
+    command a card records parses back to the same recipe."""
+    import argparse
+    import shlex
+    from dataclasses import fields
+
+    from demo_model.recipe import Phase, Recipe, add_flags, command_line, from_flags
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    add_flags(ap)
+    assert set(vars(ap.parse_args(["o"]))) - {"out"} == {f.name for f in fields(Recipe)}
+    recipe = Recipe(samples=150, phases=(Phase(100, "one", (1.0, 2.0, 1.0, 1.0)), Phase(50, "all", (1.0, 1.0, 1.0, 0.5))),
+                    tile_tags=False, sincos_positions=False, key_hint=0.5, key_hint_types=("colour", "shape"),
+                    freeze_vision=True, init="w.safetensors", lr=3e-4, question_mix=(1.0, 4.0, 1.0, 1.0))
+    line = command_line("o", recipe)
+    assert from_flags(ap.parse_args(shlex.split(line)[2:])) == recipe
+    assert command_line("o", Recipe()) == "nvlm-build demo-train o"
+

@@ -75,7 +75,7 @@ def test_entry_admits_as_many_requests_as_the_engine_batches(target, max_batch):
     """The rendered entry model carries the engine's max batch size as its in-flight bound, in one
     instance (its workers are threads), and its admission logic lets exactly that many run and as many
     wait before it refuses with "server busy"."""
-    from triton_repo.serving import Admission, ServerBusy
+    from triton_repo.serving_core import Admission, ServerBusy
 
     specs = {s.name: parse(render(s)) for s in model_specs(target, family=NVLM_D, llm_hidden=64,
                                                             max_batch_size=max_batch, engine_dir="/e/llm")}
@@ -95,7 +95,7 @@ def test_entry_admits_as_many_requests_as_the_engine_batches(target, max_batch):
 def test_the_cancellation_check_is_asked_at_most_every_period(monkeypatch):
     """`request.is_cancelled()` is a round trip to tritonserver: asked per token it cost one per token. The
     throttle asks once per period, keeps the last answer in between, and a yes stays yes."""
-    import triton_repo.serving as serving
+    import triton_repo.serving_core as serving
 
     now = [100.0]
     monkeypatch.setattr(serving.time, "monotonic", lambda: now[0])
@@ -105,7 +105,7 @@ def test_the_cancellation_check_is_asked_at_most_every_period(monkeypatch):
         asked.append(now[0])
         return next(answers)
 
-    gone = serving._AtMostEvery(is_cancelled, period=0.01)
+    gone = serving.AtMostEvery(is_cancelled, period=0.01)
     assert [gone() for _ in range(50)] == [False] * 50 and asked == [100.0]
     now[0] += 0.011
     assert not gone() and len(asked) == 2
@@ -120,7 +120,7 @@ def test_the_llm_step_outbox_sends_in_order_from_one_thread_and_survives_a_faile
     the request threads queued them; a send that fails (its client gone) does not stop the others."""
     import threading
 
-    from triton_repo.serving import _Outbox
+    from triton_repo.serving_core import Outbox as _Outbox
 
     box, sent, threads = _Outbox(), [], set()
 
@@ -143,7 +143,7 @@ def test_streamed_responses_carry_only_the_requested_outputs():
     bundled backend never prunes one inside `send` (off the GIL: it corrupted the LLM step's heap)."""
     from types import SimpleNamespace
 
-    from triton_repo.serving import _response
+    from triton_repo.pb import response as _response
 
     class T:
         def __init__(self, n):

@@ -8,7 +8,7 @@ expected values are derived here from the NVLM-D-72B fixture (docs/released_layo
 import pytest
 
 from runtime.core.families import from_hf
-from runtime.core.llm_formats import BuildOptions, get_format
+from runtime.core.llm_formats import LLMBuildOptions, get_format
 from runtime.core.trtllm_checkpoint import trtllm_config, unquantized_section
 
 # field → (expected value for NVLM-D-72B FP8 TP2 + FP8 KV, source)
@@ -45,7 +45,7 @@ EXPECTED = {
 @pytest.fixture(scope="module")
 def config(config_72b):
     quant = {"quant_algo": "FP8", "kv_cache_quant_algo": "FP8", "exclude_modules": ["lm_head"]}
-    return trtllm_config(from_hf(config_72b), BuildOptions(get_format("fp8"), tp=2, kv_cache_fp8=True), quant)
+    return trtllm_config(from_hf(config_72b), LLMBuildOptions(get_format("fp8"), tp=2, kv_cache_fp8=True), quant)
 
 
 @pytest.mark.parametrize("field", list(EXPECTED))
@@ -59,7 +59,7 @@ def test_quantization_section_is_passed_through(config):
 
 
 def test_unquantized_section(config_72b):
-    c = trtllm_config(from_hf(config_72b), BuildOptions(get_format("fp16")), unquantized_section())
+    c = trtllm_config(from_hf(config_72b), LLMBuildOptions(get_format("fp16")), unquantized_section())
     assert c["dtype"] == "float16" and c["quantization"] == {"quant_algo": None, "kv_cache_quant_algo": None}
 
 

@@ -22,13 +22,13 @@ from runtime.core.checkpoint import Checkpoint
 from runtime.core.demo_checkpoint import write_demo_checkpoint
 from runtime.core.errors import InputError
 from runtime.core.families import family_for
-from runtime.core.llm_formats import BuildOptions, get_format
+from runtime.core.llm_formats import LLMBuildOptions, get_format
+from runtime.executor import KVCache, ReferenceExecutor, Request
 from runtime.inflight import InflightBatcher
 from runtime.preprocess import preprocess_images
 from runtime.prompt import build_prompt
 from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
-from runtime.trtllm_executor import KVCache, Request, TRTLLMExecutor
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = [("bf16", False), ("fp8", False), ("fp8", True), ("int4_awq", False)]
@@ -55,7 +55,7 @@ def builds(tmp_path_factory, sources):
     for label, ckpt in sources.items():
         for fmt, kv in FORMATS:
             d = root / f"{label}-{fmt}{'-kv8' if kv else ''}"
-            build_llm(ckpt, d, BuildOptions(get_format(fmt), kv_cache_fp8=kv), calib_size=4)
+            build_llm(ckpt, d, LLMBuildOptions(get_format(fmt), kv_cache_fp8=kv), calib_size=4)
             out[(label, fmt, kv)] = d
     return out
 
@@ -160,11 +160,11 @@ def test_tp2_and_pp2_execute_to_the_same_tokens_as_tp1(tmp_path, sources, varian
     tokens, logits = {}, {}
     for tp, pp in [(1, 1), (2, 1), (1, 2)]:
         d = tmp_path / f"tp{tp}-pp{pp}"
-        build_llm(ckpt, d, BuildOptions(get_format(fmt), tp=tp, pp=pp), calib_size=4, fidelity=False)
+        build_llm(ckpt, d, LLMBuildOptions(get_format(fmt), tp=tp, pp=pp), calib_size=4, fidelity=False)
         if pp == 2:
             assert "transformer.xattn_layers.0.gate_attn" in _tensors(d, 1)  # cross layer 1, on stage 1
             assert "transformer.xattn_layers.1.gate_attn" not in _tensors(d, 0)
-        ex = TRTLLMExecutor.load(d)
+        ex = ReferenceExecutor.load(d)
         tokens[(tp, pp)] = [ex.generate([r.request(6)])[0].tokens for r in runs]
         logits = {**logits, (tp, pp): torch.cat([ex.prefill(r.request(1), KVCache()) for r in runs])}
     assert tokens[(2, 1)] == tokens[(1, 1)] and tokens[(1, 2)] == tokens[(1, 1)]
@@ -179,7 +179,7 @@ def test_tp2_and_pp2_execute_to_the_same_tokens_as_tp1(tmp_path, sources, varian
 def bf16(request, builds, sources):
     d = builds[(request.param, "bf16", False)]
     ref, runs = _runs(sources[request.param])
-    return TRTLLMExecutor.load(d), ref, runs
+    return ReferenceExecutor.load(d), ref, runs
 
 
 def test_the_images_and_the_key_ranges_decide_the_logits(bf16):
@@ -267,8 +267,8 @@ def test_cross_attention_inputs_are_checked(bf16, builds):
 
 def test_nvlm_d_refuses_encoder_features(tmp_path, demo_ckpt):
     d = tmp_path / "d"
-    build_llm(demo_ckpt, d, BuildOptions(get_format("bf16")), fidelity=False)
-    ex = TRTLLMExecutor.load(d)
+    build_llm(demo_ckpt, d, LLMBuildOptions(get_format("bf16")), fidelity=False)
+    ex = ReferenceExecutor.load(d)
     with pytest.raises(InputError, match="without cross-attention layers"):
         ex.prefill(Request([1, 2, 3], 1, encoder_features=torch.zeros(4, ex.hidden_size),
                            key_ranges=[(0, 4)] * 3), KVCache())
@@ -290,14 +290,15 @@ def test_trtllm_build_flags_for_72b_follow_the_family(variant):
     each behind its tag's tokens (5 here, as tag_tokens says): 6 × 261 = 1,566 keys."""
     from pathlib import Path as P
 
-    from runtime.core.engines import EngineLimits, trtllm_build_args
     from runtime.core.families import family_for, from_hf
+    from runtime.core.gpu_host import trtllm_build_args
+    from runtime.core.limits import EngineLimits
 
     raw = json.loads((ROOT / "tests" / "fixtures" / f"nvlm_{variant}_72b_config.json").read_text())
     cfg = from_hf(raw)
     limits = EngineLimits(max_batch_size=8, max_input_text_len=2048, max_output_len=1024).resolve(
         cfg.preprocess, family_for(cfg).prompt_layout, lambda tag: 5)
-    args = trtllm_build_args(P("llm"), P("engines/llm"), BuildOptions(get_format("fp8"), tp=4), limits)
+    args = trtllm_build_args(P("llm"), P("engines/llm"), LLMBuildOptions(get_format("fp8"), tp=4), limits)
     f = {args[i]: args[i + 1] for i in range(1, len(args) - 1, 2) if args[i].startswith("--")}
     if variant == "x":
         assert "--max_multimodal_len" not in f
@@ -333,7 +334,7 @@ def test_an_fp8_kv_cache_holds_the_image_keys_rounded_with_the_blocks_scale(buil
     from runtime.core import trtllm_layout as layout
     from runtime.core.llm_formats import kv_round
 
-    plain, fp8 = TRTLLMExecutor.load(builds[(label, "fp8", False)]), TRTLLMExecutor.load(builds[(label, "fp8", True)])
+    plain, fp8 = ReferenceExecutor.load(builds[(label, "fp8", False)]), ReferenceExecutor.load(builds[(label, "fp8", True)])
     features = torch.randn(40, plain.hidden_size, generator=torch.Generator().manual_seed(5)) * 3
     a, b = plain.cross_kv(features), fp8.cross_kv(features)
     t = _tensors(builds[(label, "fp8", True)])
@@ -363,7 +364,7 @@ def test_tag_embeddings_are_the_built_checkpoints_rows_at_tp2(sources, tmp_path)
 
     src = sources["demo-h"]
     d = tmp_path / "tp2"
-    build_llm(src, d, BuildOptions(get_format("bf16"), tp=2), fidelity=False)
+    build_llm(src, d, LLMBuildOptions(get_format("bf16"), tp=2), fidelity=False)
     emb = Checkpoint.open(src).get("language_model.model.embed_tokens.weight").float()
     vocab = emb.shape[0]
     ids = [vocab - 1, 3, vocab // 2 + 1, 3, 0]

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from runtime.core.engines import EngineLimits, engine_gap, trtllm_build_args
 from runtime.core.errors import ConfigError
 from runtime.core.families import NVLM_D, NVLM_H, NVLM_X, family_for, from_hf
-from runtime.core.llm_formats import BuildOptions, get_format
+from runtime.core.gpu_host import engine_gap, trtllm_build_args
+from runtime.core.limits import EngineLimits
+from runtime.core.llm_formats import LLMBuildOptions, get_format
 from runtime.core.trtllm_checkpoint import trtllm_config, unquantized_section
 from runtime.core.xattn_engine import EngineLayers, cross_kv_cache_fraction, engine_layers
 from tests.conftest import ROOT
@@ -23,7 +24,7 @@ from triton_repo.check import cross_fraction_problem
 def _checkpoint_config(variant: str) -> tuple[dict, object]:
     raw = json.loads((ROOT / "tests" / "fixtures" / f"nvlm_{variant}_72b_config.json").read_text())
     cfg = from_hf(raw)
-    return trtllm_config(cfg, BuildOptions(get_format("bf16")), unquantized_section()), cfg
+    return trtllm_config(cfg, LLMBuildOptions(get_format("bf16")), unquantized_section()), cfg
 
 
 def _limits(cfg) -> EngineLimits:
@@ -75,25 +76,25 @@ def test_trtllm_build_loads_the_projects_model_definition():
     """NVLM-X-72B at TP4: the command names the model file and class, and builds the four ranks in one process
     (trtllm-build imports the file as the module `models`, which spawned workers could not import)."""
     _, cfg = _checkpoint_config("x")
-    args = trtllm_build_args(Path("llm"), Path("engines/llm"), BuildOptions(get_format("fp8"), tp=4), _limits(cfg),
+    args = trtllm_build_args(Path("llm"), Path("engines/llm"), LLMBuildOptions(get_format("fp8"), tp=4), _limits(cfg),
                              ("/opt/nvlm/builder/trtllm_nvlm.py", "NVLMXForCausalLM"))
     f = {args[i]: args[i + 1] for i in range(1, len(args) - 1) if args[i].startswith("--")}
     assert f["--model_cls_file"] == "/opt/nvlm/builder/trtllm_nvlm.py" and f["--model_cls_name"] == "NVLMXForCausalLM"
     assert f["--workers"] == "1" and f["--max_encoder_input_len"] == "1792"
     # NVLM-D keeps TensorRT-LLM's own Qwen2 and parallel rank builds
-    d = trtllm_build_args(Path("llm"), Path("engines/llm"), BuildOptions(get_format("fp8"), tp=4), _limits(cfg))
+    d = trtllm_build_args(Path("llm"), Path("engines/llm"), LLMBuildOptions(get_format("fp8"), tp=4), _limits(cfg))
     assert "--model_cls_file" not in d and d[d.index("--workers") + 1] == "4"
 
 
 @pytest.mark.parametrize("family", [NVLM_X, NVLM_H])
 def test_options_an_xattn_engine_cannot_take_are_refused_with_the_reason(family):
-    assert engine_gap(family, BuildOptions(get_format("fp8"), tp=4)) is None
-    assert engine_gap(family, BuildOptions(get_format("int4_awq"))) is None
-    assert engine_gap(family, BuildOptions(get_format("fp8"), kv_cache_fp8=True)) is None
-    assert "PP = 1" in engine_gap(family, BuildOptions(get_format("bf16"), pp=2))
+    assert engine_gap(family, LLMBuildOptions(get_format("fp8"), tp=4)) is None
+    assert engine_gap(family, LLMBuildOptions(get_format("int4_awq"))) is None
+    assert engine_gap(family, LLMBuildOptions(get_format("fp8"), kv_cache_fp8=True)) is None
+    assert "PP = 1" in engine_gap(family, LLMBuildOptions(get_format("bf16"), pp=2))
     # NVLM-D: TensorRT-LLM's Qwen2 takes both
-    assert engine_gap(NVLM_D, BuildOptions(get_format("bf16"), pp=2)) is None
-    assert engine_gap(NVLM_D, BuildOptions(get_format("fp8"), kv_cache_fp8=True)) is None
+    assert engine_gap(NVLM_D, LLMBuildOptions(get_format("bf16"), pp=2)) is None
+    assert engine_gap(NVLM_D, LLMBuildOptions(get_format("fp8"), kv_cache_fp8=True)) is None
 
 
 def test_the_cross_kv_cache_share_is_set_exactly_when_the_engine_has_cross_attention():

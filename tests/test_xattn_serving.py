@@ -13,19 +13,19 @@ from pathlib import Path
 
 import pytest
 
-from builder.engine_build import EngineBuildOptions, build_engine
-from runtime.client import ClientError, Decoding, NVLMClient
+from builder.engine_build import DeploymentOptions, build_deployment
+from clients.triton_client import ClientError, NVLMClient
 from runtime.core.build_dir import engine_dtype, read_family, read_limits
 from runtime.core.demo_checkpoint import write_demo_checkpoint
-from runtime.core.engines import EngineLimits
-from runtime.core.llm_formats import BuildOptions, get_format
+from runtime.core.limits import EngineLimits
+from runtime.core.llm_formats import LLMBuildOptions, get_format
 from runtime.local_pipeline import LocalPipeline
 from runtime.scenes import synthetic_scene
 from tests.conftest import server_ports
 from triton_repo.generate import generate_repo
 from triton_repo.server import TritonServer
 
-LOG_PROBS = Decoding(log_probs=True)
+LOG_PROBS = {"return_log_probs": True}
 
 
 def _png(w, h, seed) -> bytes:
@@ -44,7 +44,7 @@ def family(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"serve-{request.param}")
     ckpt = write_demo_checkpoint(root / "ckpt", variant=request.param)
     build = root / "build"
-    build_engine(ckpt, build, EngineBuildOptions(BuildOptions(get_format("bf16")), target="reference",
+    build_deployment(ckpt, build, DeploymentOptions(LLMBuildOptions(get_format("bf16")), target="reference",
                                                  vision_dtype="fp32", calib_size=4,
                                                  limits=EngineLimits(max_images_per_request=4)))
     contract_repo = root / "contract_repo"
@@ -80,13 +80,13 @@ def test_served_answers_equal_the_reference_executor(family, prompt, images, str
     _, clients, local = family
     want = local.run(prompt, images, 6, return_log_probs=True)
     for client in clients:
-        _same(client.generate(prompt, images, max_tokens=6, stream=stream, decoding=LOG_PROBS), want)
+        _same(client.generate(prompt, images, max_tokens=6, stream=stream, **LOG_PROBS), want)
 
 
 def test_the_answer_depends_on_the_image(family):
     """The same question about two images: different log-probs, each equal to its own image's locally."""
     _, (client, _), local = family
-    got = [client.generate("What shapes are in this picture?", [img], max_tokens=4, decoding=LOG_PROBS)
+    got = [client.generate("What shapes are in this picture?", [img], max_tokens=4, **LOG_PROBS)
            for img in IMAGES[:2]]
     want = [local.run("What shapes are in this picture?", [img], 4, return_log_probs=True) for img in IMAGES[:2]]
     for g, w in zip(got, want):
@@ -99,7 +99,7 @@ def test_a_bad_image_is_refused_and_the_next_request_served(family):
     for client in clients:
         with pytest.raises(ClientError, match="image"):
             client.generate("What is this?", [b"not an image"], max_tokens=4)
-        _same(client.generate("What is this?", [IMAGES[1]], max_tokens=4, decoding=LOG_PROBS),
+        _same(client.generate("What is this?", [IMAGES[1]], max_tokens=4, **LOG_PROBS),
               local.run("What is this?", [IMAGES[1]], 4, return_log_probs=True))
 
 
@@ -114,7 +114,7 @@ def test_eight_concurrent_streaming_clients(family):
     def one(k):
         try:
             c = NVLMClient(client_ref.url)
-            results[k] = c.generate(*jobs[k], max_tokens=6, stream=True, decoding=LOG_PROBS)
+            results[k] = c.generate(*jobs[k], max_tokens=6, stream=True, **LOG_PROBS)
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -159,7 +159,7 @@ def test_contract_stand_in_refuses_a_mask_of_the_wrong_shape(family):
         c.stop_stream()
     assert got and got[0] is not None and "cross_attention_mask is [2, 5], expected [3, 5]" in str(got[0])
     prompt, images = "What is this?", [IMAGES[1]]
-    _same(contract.generate(prompt, images, max_tokens=4, decoding=LOG_PROBS),
+    _same(contract.generate(prompt, images, max_tokens=4, **LOG_PROBS),
           local.run(prompt, images, 4, return_log_probs=True))
 
 
@@ -217,7 +217,7 @@ def test_the_trt_repository_splits_the_kv_memory_and_reuses_no_block(family, tmp
 
     from runtime.core.xattn_engine import cross_kv_cache_fraction, engine_layers
     from triton_repo.check import check_repository
-    from triton_repo.serving import ContractLLMModel
+    from triton_repo.serving import StandInLLMModel
     from triton_repo.specs import llm_step_sends, parse
 
     variant, _, local = family
@@ -246,4 +246,4 @@ def test_the_trt_repository_splits_the_kv_memory_and_reuses_no_block(family, tmp
                 "guided_decoding_backend": "", "gpt_model_path": str(build / "engines" / "llm")}
     args = {"model_config": json.dumps({"parameters": {k: {"string_value": v} for k, v in stand_in.items()}})}
     with pytest.raises(RuntimeError, match="Must set crossKvCacheFraction for encoder-decoder model"):
-        ContractLLMModel().initialize(args)
+        StandInLLMModel().initialize(args)

@@ -6,7 +6,7 @@ that must agree with the real backend reads it from here:
 
 - the `trt` target's `tensorrt_llm` config (all of NVIDIA's inputs and outputs, templated dtypes
   resolved against the engine dtype) and the client-facing `nvlm` inputs (the `ensemble` template's names);
-- the `contract` target's stand-ins (triton_repo/serving.py), which refuse what the backend refuses,
+- the `contract` target's stand-ins (triton_repo/models/llm_step.py, vision_encoder.py), which refuse what the backend refuses,
   with its messages;
 - `triton_repo.check.check_repository`, run on every generated repository and by the tests.
 """

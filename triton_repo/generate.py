@@ -1,7 +1,7 @@
 """Write a Triton model repository for a build directory (`nvlm-build triton-repo`).
 
     REPO/<model>/config.pbtxt     rendered from triton_repo/specs.py (validated as ModelConfig)
-    REPO/<model>/1/model.py       Python models: one import of triton_repo/serving.py
+    REPO/<model>/1/model.py       Python models: one import from triton_repo/serving.py (the models' index)
     REPO/vision_encoder/1/model.plan → BUILD/engines/vision_encoder.engine      target trt
     REPO/tensorrt_llm (gpt_model_path = BUILD/engines/llm)                       targets trt, contract
 
@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 
 from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
-from runtime.core.engines import kv_cache_free_gpu_mem_fraction
+from runtime.core.gpu_host import kv_cache_free_gpu_mem_fraction
 from runtime.core.xattn_engine import cross_kv_cache_fraction, engine_layers
 
 from .check import check_repository

@@ -6,7 +6,7 @@
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}},
         {"type": "text", "text": "What shapes are in this picture?"}]}])
 
-FastAPI + uvicorn; every request goes to the Triton entry model `nvlm` over gRPC (runtime/client.py), so
+FastAPI + uvicorn; every request goes to the Triton entry model `nvlm` over gRPC (clients/triton_client.py), so
 the ensemble stays the one engine and this layer only translates: the conversation becomes the entry's
 `messages` input (each image part an <image> placeholder where it stood, its bytes in `image_bytes`),
 the parameters become the entry's inputs (`max_tokens`, `temperature`, `top_p`, `seed`, `stop` →
@@ -33,7 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from runtime.client import ClientError, Decoding, NVLMClient
+from clients.triton_client import ClientError, NVLMClient
+from runtime.core import request_schema as schema
+from runtime.core.errors import InputError
 from runtime.tokenizer import NVLMTokenizer
 
 MAX_IMAGE_BYTES = 64 << 20  # a data: URL larger than this is refused before it is decoded
@@ -139,38 +141,33 @@ class ChatRequest:
             raise APIError(400, "n must be 1", param="n")
         mt = _number(body, "max_completion_tokens", int, 1) or _number(body, "max_tokens", int, 1)
         self.max_tokens = mt or default_max_tokens
-        self.temperature = _number(body, "temperature", float, 0, 2)
-        self.top_p = _number(body, "top_p", float, 0, 1)
-        self.seed = _number(body, "seed", int, 0)
         stop = body.get("stop")
         stop = [stop] if isinstance(stop, str) else (stop or [])
         if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
             raise APIError(400, "stop must be a string or a list of up to 4 non-empty strings", param="stop")
         if body.get("top_logprobs"):
             raise APIError(400, "top_logprobs is not supported (logprobs of the chosen tokens are)", param="top_logprobs")
-        bad = body.get("bad_words") or []  # vLLM's extension, as the entry model honours it
-        if not isinstance(bad, list) or not all(isinstance(w, str) and w for w in bad):
-            raise APIError(400, "bad_words must be a list of non-empty strings", param="bad_words")
-        self.decoding = Decoding(stop=tuple(stop), bad_words=tuple(bad), presence_penalty=_number(body, "presence_penalty", float, -2, 2),
-                                 frequency_penalty=_number(body, "frequency_penalty", float, -2, 2),
-                                 repetition_penalty=_number(body, "repetition_penalty", float, 0.01, 100),
-                                 log_probs=bool(body.get("logprobs")))
-        self.min_tokens = _number(body, "min_tokens", int, 0, self.max_tokens)  # vLLM's extension
+        # every decoding parameter of the request schema, under its OpenAI field (vLLM's extensions for the rest)
+        self.params = schema.from_openai(body, lambda message, field: APIError(400, message, param=field))
+        try:
+            schema.validate(self.params, self.max_tokens)
+        except InputError as e:
+            raise APIError(400, str(e), param=str(e).split()[0]) from None
         self.stream = bool(body.get("stream"))
         self.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
 
     def generate(self, client: NVLMClient, on_text=None):
-        temperature = self.temperature or 0.0
-        sampled = temperature > 0
+        params = dict(self.params)
+        sampled = (params.get("temperature") or 0.0) > 0
+        # OpenAI's defaults: top_p 1 and no top-k cut when sampling; greedy otherwise (the entry's top_k 1)
+        params.setdefault("top_k", 0 if sampled else 1)
+        if not sampled:
+            params.pop("top_p", None)
         extra = {"messages": ("BYTES", np.array([json.dumps(self.messages).encode()], dtype=object)),
                  "return_num_input_tokens": ("BOOL", np.array([True])),
                  "return_num_output_tokens": ("BOOL", np.array([True]))}
-        if self.min_tokens:
-            extra["min_tokens"] = ("INT32", np.array([self.min_tokens], np.int32))
         return client.generate("", self.images, max_tokens=self.max_tokens, stream=on_text is not None,
-                               temperature=temperature, top_k=0 if sampled else 1,
-                               top_p=self.top_p if sampled and self.top_p is not None else 0.0,
-                               seed=self.seed or 0, on_text=on_text, extra=extra, decoding=self.decoding)
+                               on_text=on_text, extra=extra, **params)
 
 
 def _status(e: ClientError) -> APIError:
@@ -227,7 +224,7 @@ def create_app(grpc_url: str, *, model: str = "nvlm", triton_model: str = "nvlm"
                 raise _status(e) from None
             return {"id": rid, "object": "chat.completion", "created": now, "model": model,
                     "choices": [{"index": 0, "message": {"role": "assistant", "content": ans.text},
-                                 "logprobs": _logprobs(ans, tok) if req.decoding.log_probs else None,
+                                 "logprobs": _logprobs(ans, tok) if req.params.get("return_log_probs") else None,
                                  "finish_reason": _finish(ans, req)}],
                     "usage": _usage(ans)}
         stream = _Stream(req, client)
@@ -307,7 +304,7 @@ async def _events(stream: _Stream, first, rid: str, now: int, model: str, tok):
     if isinstance(result, APIError):  # the stream has started: the error travels as an event
         yield f"data: {json.dumps(result.body())}\n\n"
     else:
-        if req.decoding.log_probs:
+        if req.params.get("return_log_probs"):
             body = json.loads(chunk({})[len("data: "):])
             body["choices"][0]["logprobs"] = _logprobs(result, tok)
             yield f"data: {json.dumps(body)}\n\n"

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
 
+from runtime.core import request_schema
 from runtime.core.errors import NVLMError
 from runtime.core.families import ModelFamily
 
@@ -129,11 +130,11 @@ def parse(text: str):
 
 TARGETS = ("reference", "trt", "contract")
 
-# What the entry model sends `tensorrt_llm` is the family's (ModelFamily.llm_step_inputs; serving.py builds
-# exactly these tensors), under NVIDIA's names; their dtypes come from the contract, the prompt table's from
-# the engine. The reference target's `tensorrt_llm` declares those plus these (beam_width is declared so
-# that a direct caller gets a clear refusal above 1, not an unknown-input error).
-REFERENCE_LLM_EXTRA_INPUTS = ("pad_id", "beam_width")
+# What the entry model sends `tensorrt_llm` is the family's (ModelFamily.llm_step_inputs: the request schema's
+# decoding parameters and the family's image inputs; models/entry.py builds exactly these tensors), under
+# NVIDIA's names; their dtypes come from the contract, the prompt table's from the engine. The reference
+# target's `tensorrt_llm` declares those plus these (so that a direct caller's pad id is not an unknown input).
+REFERENCE_LLM_EXTRA_INPUTS = ("pad_id",)
 LLM_STEP_OUTPUTS = ("output_ids", "sequence_length", "cum_log_probs", "output_log_probs")
 
 
@@ -157,7 +158,13 @@ def entry_inputs() -> tuple[Tensor, ...]:
             # a whole conversation as JSON [{"role", "content"}] (the OpenAI API sends one); replaces
             # text_input's single user turn
             Tensor("messages", "BYTES", (1,), optional=True))
-    return ours + tuple(Tensor(e.name, e.dtype, e.dims, e.optional) for e in load_contract().client_inputs)
+    contract = tuple(Tensor(e.name, e.dtype, e.dims, e.optional) for e in load_contract().client_inputs)
+    # every decoding parameter of the request schema; those NVIDIA's template has keep its place and dtype
+    # (tests/test_request_schema.py checks that the two agree), the others follow it
+    known = {t.name for t in contract}
+    added = tuple(Tensor(p.name, p.dtype, (-1,) if p.kind == "words" else (1,), optional=True)
+                  for p in request_schema.PARAMS if p.name not in known)
+    return ours + contract + added
 
 
 def entry_outputs() -> tuple[Tensor, ...]:
@@ -225,7 +232,7 @@ def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_
             inputs=_contract_tensors(contract.inputs, engine_dtype,
                                      family.llm_step_inputs + REFERENCE_LLM_EXTRA_INPUTS),
             outputs=_contract_tensors(contract.outputs, engine_dtype, LLM_STEP_OUTPUTS), decoupled=True,
-            parameters={"executor": "reference (runtime/trtllm_executor.py)", **py})
+            parameters={"executor": "reference (runtime/executor/)", **py})
     pre = ModelSpec(
         "preprocessing", backend="python", platform=None, max_batch_size=0,
         inputs=(Tensor("text_input", "BYTES", (1,)), Tensor("image_bytes", "BYTES", (-1,), optional=True),
@@ -233,7 +240,7 @@ def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_
                 Tensor("prompt_table_extra_id", "UINT64", (1,), optional=True)),
         outputs=(Tensor("input_ids", "INT32", (-1,)), Tensor("pixel_values", "FP32", (-1, 3, s, s)),
                  Tensor("image_token_count", "INT32", (1,)), Tensor("prompt_table_extra_ids", "UINT64", (-1,)),
-                 # NVLM-X/H (serving.cross_tensors): each token's key range, the key tiles and their tag ids,
+                 # NVLM-X/H (models/preprocessing.cross_tensors): each token's key range, the key tiles and their tag ids,
                  # the tiles whose tokens sit in the sequence
                  Tensor("key_ranges", "INT32", (-1, 2)), Tensor("key_tiles", "INT32", (-1,)),
                  Tensor("key_tag_ids", "INT32", (-1, -1)), Tensor("inline_tiles", "INT32", (-1,))),
@@ -248,7 +255,7 @@ def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_
     # which it reads from these parameters.
     entry = ModelSpec("nvlm", backend="python", platform=None, max_batch_size=0, inputs=entry_inputs(),
                       outputs=entry_outputs(), decoupled=True, instance_count=1,
-                      # one instance: it hands each request to a worker thread (serving.EntryModel), so the
+                      # one instance: it hands each request to a worker thread (models/entry.EntryModel), so the
                       # instance count no longer caps concurrency; the engine's max batch size does
                       parameters={**py, "vision_dtype": vis_dtype, "prompt_table_dtype": engine_dtype,
                                   "max_in_flight": max_batch_size})

@@ -17,9 +17,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from .config import IMAGE_END, IMAGE_PAD, IMAGE_START, THUMBNAIL_TAG, PreprocessConfig
-from .engines import EngineLimits
 from .errors import NVLMError
 from .families import ModelFamily, family_for_trtllm
+from .limits import EngineLimits
 
 SCHEMA = "nvlm-trt/build/v1"
 # TensorRT-LLM checkpoint `dtype` → Triton dtype of tensors that must equal the engine's (the prompt table)
@@ -66,7 +66,7 @@ def write_preprocess(directory: Path, pre: PreprocessConfig, limits: EngineLimit
 
 
 def read_manifest(build: Path) -> dict | None:
-    """manifest.json of a build (None when `build` has none). The one reader of what build_engine writes."""
+    """manifest.json of a build (None when `build` has none). The one reader of what build_deployment writes."""
     path = Path(build) / "manifest.json"
     return json.loads(path.read_text()) if path.is_file() else None
 

@@ -242,7 +242,7 @@ def trained_available() -> bool:
 
 
 def is_trained_default(directory: str | Path) -> bool:
-    """Whether a checkpoint is a trained embedded default (it answers runtime/tile_task.py's questions)."""
+    """Whether a checkpoint is a trained embedded default (it answers demo_model/task.py's questions)."""
     marker = Path(directory) / TASK_MARKER
     return marker.is_file() and json.loads(marker.read_text()).get("task") == "tile_task/v1"
 

@@ -47,3 +47,7 @@ class TokenizerError(NVLMError):
 
 class EnvironmentMismatchError(NVLMError):
     """An installed library behaves differently from what NVLM's reference requires."""
+
+
+class EngineToolError(NVLMError):
+    """TensorRT / TensorRT-LLM is missing or cannot build engines, or a build's limits cannot hold."""

@@ -18,7 +18,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from . import trtllm_layout
+from . import request_schema, trtllm_layout
 from .config import (
     IMAGE_END,
     IMAGE_PAD,
@@ -124,11 +124,9 @@ class PromptLayout:
 
 # What the entry model sends the LLM step (`tensorrt_llm`) for every request, under NVIDIA's names; a family
 # adds the tensors that carry its image features (`ModelFamily.llm_step_image_inputs`).
-LLM_STEP_TEXT_INPUTS = ("input_ids", "input_lengths", "request_output_len", "end_id", "streaming", "temperature",
-                        "runtime_top_k", "runtime_top_p", "seed", "min_tokens")
-# sent when the client sets them (NVIDIA's names; runtime/decoding.py computes what they do)
-LLM_STEP_DECODING_INPUTS = ("repetition_penalty", "presence_penalty", "frequency_penalty", "len_penalty",
-                            "stop_words_list", "bad_words_list", "return_log_probs")
+LLM_STEP_TEXT_INPUTS = ("input_ids", "input_lengths", "request_output_len", "streaming")
+# the request's decoding parameters (runtime/core/request_schema.py: always, or when the client sets them)
+LLM_STEP_DECODING_INPUTS = request_schema.llm_step_inputs()
 # sent only to stop a running request (by its request id), NVIDIA's `stop` input: the entry model does when
 # its client cancels
 LLM_STEP_CONTROL_INPUTS = ("stop",)
@@ -158,7 +156,7 @@ class ModelFamily:
 
     @property
     def llm_step_inputs(self) -> tuple[str, ...]:
-        """Every tensor the entry model sends `tensorrt_llm` for this family (triton_repo/serving.py)."""
+        """Every tensor the entry model sends `tensorrt_llm` for this family (triton_repo/models/entry.py)."""
         return LLM_STEP_TEXT_INPUTS + LLM_STEP_DECODING_INPUTS + self.llm_step_image_inputs + LLM_STEP_CONTROL_INPUTS
 
     def component(self, role: str) -> ComponentMap:

@@ -213,7 +213,7 @@ def get_vision_format(name: str | None) -> VisionFormat | None:
 
 
 @dataclass(frozen=True)
-class BuildOptions:
+class LLMBuildOptions:
     fmt: LLMFormat
     tp: int = 1
     pp: int = 1
@@ -240,7 +240,7 @@ def _awq_ok(cfg: NVLMConfig, tp: int, group: int) -> bool:
     return all(d % group == 0 for d in _awq_inputs(cfg, tp).values())
 
 
-def validate(cfg: NVLMConfig, opts: BuildOptions) -> None:
+def validate(cfg: NVLMConfig, opts: LLMBuildOptions) -> None:
     """Refuse impossible combinations before any work starts, saying what would work."""
     llm, fmt = cfg.llm, opts.fmt
     if family_for(cfg).trtllm_layout is None:

@@ -22,7 +22,7 @@ from . import trtllm_layout as layout
 from .config import NVLMConfig
 from .errors import CheckpointError
 from .families import DECODER_ROLES, family_for, family_for_trtllm
-from .llm_formats import BuildOptions
+from .llm_formats import LLMBuildOptions
 from .trtllm_layout import SOURCE_PREFIX, Row
 
 SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
@@ -33,7 +33,7 @@ TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32":
 # --------------------------------------------------------------------------- config.json
 
 
-def trtllm_config(cfg: NVLMConfig, opts: BuildOptions, quantization: dict) -> dict:
+def trtllm_config(cfg: NVLMConfig, opts: LLMBuildOptions, quantization: dict) -> dict:
     """The checkpoint's config.json. Each field's source is documented in tests/test_trtllm_config.py."""
     llm, family = cfg.llm, family_for(cfg)
     rotary_scaling = None  # the released model runs plain RoPE: LLMConfig.applied_rope_scaling
@@ -148,7 +148,7 @@ class RankTensor:
     produce: Callable[[], torch.Tensor]  # reads what it needs from the source checkpoint
 
 
-def rank_plan(ckpt, opts: BuildOptions, rank: int) -> list[RankTensor]:
+def rank_plan(ckpt, opts: LLMBuildOptions, rank: int) -> list[RankTensor]:
     """Every tensor of one rank file, in write order, each with the function that computes it: the rows
     of the layout table (runtime/core/trtllm_layout.py) this rank holds, split as the table says."""
     llm = ckpt.config.llm
@@ -206,7 +206,7 @@ def rank_plan(ckpt, opts: BuildOptions, rank: int) -> list[RankTensor]:
     return plan
 
 
-def write_unquantized(ckpt, opts: BuildOptions, out: Path, progress=None) -> dict:
+def write_unquantized(ckpt, opts: LLMBuildOptions, out: Path, progress=None) -> dict:
     """Stream an unquantized (bf16/fp16) checkpoint: one tensor in memory at a time, q/k/v fused per layer."""
     dtype = TORCH_DTYPES[opts.fmt.dtype]
     for rank in range(opts.world_size):
@@ -223,7 +223,7 @@ def write_unquantized(ckpt, opts: BuildOptions, out: Path, progress=None) -> dic
     return config
 
 
-def add_cross_attention(ckpt, opts: BuildOptions, out: Path, kv_scales: list[float] | None = None) -> int:
+def add_cross_attention(ckpt, opts: LLMBuildOptions, out: Path, kv_scales: list[float] | None = None) -> int:
     """NVLM-X/H, quantized formats: modelopt's export holds the Qwen2 decoder; add the gated cross-attention
     blocks (the layout's "xlayer" rows, in the checkpoint's 16-bit dtype: they are not quantized) to each
     rank file, which is rewritten once. `kv_scales` (an FP8 KV cache): one per block, in block order, written
@@ -299,7 +299,7 @@ class EmbeddingRows:
         return torch.stack([self._rows[i] for i in ids]) if ids else embedding_rows(self.directory, [])
 
 
-def count_tensors(ckpt, opts: BuildOptions) -> int:
+def count_tensors(ckpt, opts: LLMBuildOptions) -> int:
     return sum(len(rank_plan(ckpt, opts, r)) for r in range(opts.world_size))
 
 

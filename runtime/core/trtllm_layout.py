@@ -3,7 +3,7 @@
 Each row is one tensor of a `rank{N}.safetensors` file (rank = pp_rank · tp + tp_rank): its name there,
 the released checkpoint tensor(s) it comes from (under `language_model.`), how it splits over TP, which
 PP stages hold it, and the role the reference executor gives it. The streaming writer
-(runtime/core/trtllm_checkpoint.py: `rank_plan`) and the executor's loader (runtime/trtllm_executor.py) both
+(runtime/core/trtllm_checkpoint.py: `rank_plan`) and the executor's loader (runtime/executor/) both
 read this table; modelopt's export writes the same names (tested tensor for tensor).
 
 Splits over TP (linear weights are (out, in)):

@@ -2,7 +2,7 @@
 the serving parameters that follow from them.
 
 Pure (no TensorRT-LLM), so that it is tested here: the GPU-host model definition (builder/trtllm_nvlm.py), the
-trtllm-build command (runtime/core/engines.py) and the Triton repository (triton_repo/specs.py) all read it.
+trtllm-build command (runtime/core/gpu_host.py) and the Triton repository (triton_repo/specs.py) all read it.
 What it encodes, read from NVIDIA's sources (TensorRT-LLM 1.x; none of it has run here):
 
 - gptJsonConfig.cpp: an engine has cross-attention when `pretrained_config.cross_attention` is true (or it is

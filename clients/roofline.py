@@ -22,15 +22,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from runtime.core.build_dir import read_manifest
+from runtime.core.checkpoint import plan_config
 from runtime.core.config import NVLMConfig
 from runtime.core.errors import InputError
-from runtime.core.checkpoint import plan_config
 from runtime.core.families import LLM, PROJECTOR, family_for
 from runtime.core.gpus import GPU, GPUS  # noqa: F401  (GPU, GPUS: the roofline's hardware, re-exported for bench)
 from runtime.core.inspect import cross_kv_bytes_per_key, kv_bytes_per_token, llm_breakdown, llm_bytes, request_shape
 from runtime.core.llm_formats import get_format, get_vision_format, kv_cache_fp8
-
-
 
 
 def vision_flops(cfg: NVLMConfig, tiles: int) -> float:

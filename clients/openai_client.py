@@ -9,7 +9,11 @@ import base64
 import time
 from pathlib import Path
 
-from runtime.client import Answer, ClientError, Decoding
+from clients.triton_client import Answer, ClientError
+from runtime.core import request_schema as schema
+
+# the request fields of OpenAI's own API; the other parameters travel as extensions in the body (vLLM's way)
+OPENAI_FIELDS = frozenset({"temperature", "top_p", "seed", "stop", "logprobs", "presence_penalty", "frequency_penalty"})
 
 
 def _content(prompt: str, images) -> list[dict] | str:
@@ -57,18 +61,22 @@ class OpenAIChatClient:
     def close(self) -> None:
         self.client.close()
 
-    def generate(self, prompt: str, images=(), *, max_tokens: int = 64, stream: bool = False,
-                 temperature: float = 0.0, top_k: int = 1, top_p: float = 0.0, seed: int = 0,
-                 on_text=None, extra: dict | None = None, decoding: Decoding | None = None) -> Answer:
+    def generate(self, prompt: str, images=(), *, max_tokens: int = 64, stream: bool = False, on_text=None,
+                 extra: dict | None = None, **params) -> Answer:
+        """As `NVLMClient.generate`; each request-schema parameter goes under its OpenAI field."""
         body: dict = {}
         for name, (_, arr) in (extra or {}).items():  # the gRPC extras the benchmark sends (min_tokens)
             body[name] = arr.reshape(-1)[0].item()
+        temperature = params.get("temperature") or 0.0
         kw = dict(model=self.model, messages=[{"role": "user", "content": _content(prompt, images)}],
-                  max_tokens=max_tokens, temperature=temperature, seed=seed, extra_body=body)
-        if temperature > 0 and top_p:
-            kw["top_p"] = top_p
-        if decoding and decoding.stop:
-            kw["stop"] = list(decoding.stop)
+                  max_tokens=max_tokens, temperature=temperature, seed=params.get("seed") or 0, extra_body=body)
+        for name, v in params.items():
+            if v is None or v == () or name in ("temperature", "seed"):
+                continue
+            if name == "top_p" and not (temperature > 0 and v):  # OpenAI's top_p applies to sampling only
+                continue
+            p = schema.BY_NAME[name]
+            (kw if p.openai_name in OPENAI_FIELDS else body)[p.openai_name] = list(v) if p.kind == "words" else v
         t0 = time.perf_counter()
         try:
             if not stream:

@@ -12,8 +12,8 @@ with their messages (never dropped). Warm-up requests are sent first and exclude
 per-model timings (queue and compute, from Triton's statistics API) are the difference between
 snapshots taken around each run. Output: JSON (schema nvlm-trt/bench/v1, docs/bench.md) and CSV.
 
-This module is the command and the run's orchestration; the workloads are runtime/workloads.py, the
-load generators and statistics runtime/loadgen.py, the CSV, table and plots runtime/bench_report.py.
+This module is the command and the run's orchestration; the workloads are clients/workloads.py, the
+load generators and statistics clients/loadgen.py, the CSV, table and plots clients/bench_report.py.
 """
 
 from __future__ import annotations

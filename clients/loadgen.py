@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from runtime.client import ClientError, NVLMClient
-from runtime.openai_client import OpenAIChatClient
+from clients.openai_client import OpenAIChatClient
+from clients.triton_client import ClientError, NVLMClient
 
 from .workloads import Item
 

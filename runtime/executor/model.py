@@ -26,57 +26,29 @@ Numerics (what the engine's kernels compute; arithmetic here in float32):
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from fnmatch import fnmatch
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
-from runtime.core import trtllm_layout as layout
-from runtime.core.errors import CheckpointError, InputError, UnsupportedArchitectureError
-from runtime.core.families import family_for_trtllm
+from runtime.core.errors import CheckpointError, InputError
 from runtime.core.llm_formats import (
     FP8_MAX,
-    LLMFormat,
-    UnsupportedCombinationError,
-    format_for_algo,
     kv_cache_is_fp8,
     kv_round,
-    q8,
 )
-from runtime.decoding import Controls, Decoder, Words
+from runtime.decoding import Controls, Decoder
 
-
-class Linear:
-    """One rank's shard of a linear layer in its stored format; dequantized once at load by the
-    format (runtime/core/llm_formats.py: LLMFormat.dequantize)."""
-
-    def __init__(self, get: Callable[[str], torch.Tensor | None], prefix: str, fmt: LLMFormat):
-        self.bias = get(prefix + "bias")
-        self.bias = None if self.bias is None else self.bias.float()
-        stored = fmt.dequantize(get, prefix)
-        self.w, self.pqs, self.act_scale = stored.weight, stored.prequant_scale, stored.act_scale
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pqs is not None:
-            x = x * self.pqs
-        if self.act_scale is not None:
-            x = q8(x / self.act_scale) * self.act_scale
-        y = x @ self.w.T
-        return y if self.bias is None else y + self.bias
+from .cache import CrossKV, KVCache
+from .layers import RankLayer, XLayer, read_checkpoint
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def _optional_float(t: torch.Tensor | None) -> torch.Tensor | None:
-    return None if t is None else t.float().reshape(())
-
-
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool = False):
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, causal: bool = False):
     """Softmax attention, q [B, H, T, D] against k, v [B, KV, S, D] (GQA: each KV head serves H/KV query
     heads, no copy of the cache), `mask` True where a query may look. torch's fused kernel: one op instead of
     the half-dozen of matmul, scale, mask, softmax, matmul, which at these sizes cost more in dispatch than in
@@ -85,147 +57,8 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
                                                             enable_gqa=q.shape[1] != k.shape[1])
 
 
-# --------------------------------------------------------------------------- checkpoint
 
-
-@dataclass
-class Block:
-    """A decoder block's norms and linear layers, one entry per TP rank for the sharded ones."""
-
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
-    qkv: list[Linear]
-    dense: list[Linear]
-    fc: list[Linear]
-    gate: list[Linear]
-    proj: list[Linear]
-
-
-@dataclass
-class RankLayer(Block):
-    """Self-attention layer j of one PP stage."""
-
-    kv_scale: torch.Tensor | None
-
-
-@dataclass
-class XLayer(Block):
-    """One gated cross-attention block (NVLM-X/H): q/k/v/dense and the MLP computed as a RankLayer's."""
-
-    gate_attn: torch.Tensor  # tanh already applied, float32 scalar
-    gate_ffwd: torch.Tensor
-    kv_scale: torch.Tensor | None = None  # an FP8 KV cache's scale for the block's image keys/values
-
-
-@dataclass
-class CrossKV:
-    """One request's image keys and values for every cross-attention layer, [KV, keys, D] each: computed
-    once from its encoder features and read by every step of the request."""
-
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    # the key range of every generated token: the prompt's last row, as the backend reuses the last row of a
-    # request's cross_attention_mask for its generation steps (TransformerBuffers::copyCrossAttentionMasks);
-    # all the keys for an NVLM prompt, whose last token follows every image
-    decode: tuple[int, int] = (0, 0)
-
-    @property
-    def num_keys(self) -> int:
-        return self.keys[0].shape[1] if self.keys else 0
-
-
-@dataclass
-class KVCache:
-    """One sequence's cache: per layer a buffer [kv_heads, capacity, D] (fp8 when quantized) filled up to that
-    layer's length. Capacity grows by doubling, so a decode step writes one row instead of copying the
-    whole cache (what a torch.cat per step cost)."""
-
-    keys: list[torch.Tensor] = field(default_factory=list)
-    values: list[torch.Tensor] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-    cross: CrossKV | None = None  # NVLM-X/H: the request's image keys/values (None: no image keys)
-
-    @property
-    def length(self) -> int:
-        return self.lengths[0] if self.lengths else 0
-
-    def layer_length(self, li: int) -> int:
-        return self.lengths[li] if li < len(self.lengths) else 0
-
-    def append(self, li: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Add layer li's new keys and values [KV, T, D]."""
-        t_len = k.shape[1]
-        if li == len(self.keys):
-            self.keys.append(k.new_empty(k.shape[0], t_len + 64, k.shape[2]))
-            self.values.append(v.new_empty(v.shape[0], t_len + 64, v.shape[2]))
-            self.lengths.append(0)
-        n = self.lengths[li]
-        if n + t_len > self.keys[li].shape[1]:
-            cap = max(2 * self.keys[li].shape[1], n + t_len)
-            for buffers in (self.keys, self.values):
-                grown = buffers[li].new_empty(buffers[li].shape[0], cap, buffers[li].shape[2])
-                grown[:, :n] = buffers[li][:, :n]
-                buffers[li] = grown
-        self.keys[li][:, n:n + t_len] = k
-        self.values[li][:, n:n + t_len] = v
-        self.lengths[li] = n + t_len
-
-    def layer(self, li: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer li's keys and values so far, [KV, length, D] each (views, no copy)."""
-        n = self.lengths[li]
-        return self.keys[li][:, :n], self.values[li][:, :n]
-
-
-def rank_layer(gets: Sequence[Callable[[str], torch.Tensor | None]], table, j: int, fmt: LLMFormat,
-               directory: Path) -> RankLayer:
-    """Self-attention layer `j` of one PP stage from its TP ranks' getters (name → tensor or None), dequantized
-    to float32 by the format: what `TRTLLMExecutor.load` holds per layer, and what the layer-at-a-time fidelity
-    report (builder/layerwise.py) loads and frees one layer at a time."""
-    kv = gets[0](layout.KV_SCALE.format(j=j))
-
-    def linears(role):
-        return [Linear(g, layout.prefix(table, role, j), fmt) for g in gets]
-
-    layer = RankLayer(input_norm=gets[0](layout.target(table, "input_norm", j)).float(),
-                      post_norm=gets[0](layout.target(table, "post_norm", j)).float(),
-                      qkv=linears("qkv"), dense=linears("dense"), fc=linears("fc"), gate=linears("gate"),
-                      proj=linears("proj"), kv_scale=None if kv is None else kv.float())
-    if any(lin.bias is not None for lin in layer.dense + layer.proj):
-        # TensorRT-LLM adds a row-parallel bias once after the all-reduce; Qwen2 has none
-        raise CheckpointError(f"{directory}: row-parallel biases (dense/proj) are not expected in Qwen2")
-    return layer
-
-
-def x_layer(gets: Sequence[Callable[[str], torch.Tensor | None]], table, j: int,
-            fmt_of: Callable[[str], LLMFormat], where: str) -> XLayer:
-    """Gated cross-attention block `j` of one PP stage from its TP ranks' getters (`fmt_of(prefix)`: the format a
-    module is stored in; the blocks are excluded from quantization)."""
-    def xlinears(role):
-        prefix = layout.prefix(table, role, j)
-        return [Linear(g, prefix, fmt_of(prefix)) for g in gets]
-
-    def whole(role):
-        t = gets[0](layout.target(table, role, j))
-        if t is None:
-            raise CheckpointError(f"{where}: {layout.target(table, role, j)} missing")
-        return t.float()
-
-    return XLayer(
-        input_norm=whole("x_input_norm"), post_norm=whole("x_post_norm"), qkv=xlinears("x_qkv"),
-        dense=xlinears("x_dense"), fc=xlinears("x_fc"), gate=xlinears("x_gate"), proj=xlinears("x_proj"),
-        gate_attn=whole("x_gate_attn").reshape(()).tanh(), gate_ffwd=whole("x_gate_ffwd").reshape(()).tanh(),
-        kv_scale=_optional_float(gets[0](layout.XKV_SCALE.format(j=j))))
-
-
-def excluded_format(config: dict, fmt: LLMFormat) -> Callable[[str], LLMFormat]:
-    """The format a module of a checkpoint is stored in: TensorRT-LLM keeps a module that the quantization's
-    `exclude_modules` matches unquantized."""
-    excluded = (config.get("quantization") or {}).get("exclude_modules") or []
-    plain = format_for_algo(None)
-    return lambda prefix: plain if any(fnmatch(prefix.rstrip("."), pat) for pat in excluded) else fmt
-
-
-class TRTLLMExecutor:
+class ReferenceExecutor:
     def __init__(self, directory: Path, config: dict, layers: list[RankLayer], embedding: torch.Tensor,
                  final_norm: torch.Tensor, lm_head: torch.Tensor, xattn: dict[int, XLayer] | None = None):
         self.directory, self.config = directory, config
@@ -249,66 +82,9 @@ class TRTLLMExecutor:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, directory: str | Path) -> "TRTLLMExecutor":
-        from safetensors import safe_open
-
-        directory = Path(directory)
-        cfg_file = directory / "config.json"
-        if not cfg_file.is_file():
-            raise CheckpointError(f"{cfg_file} not found: not a TensorRT-LLM checkpoint directory")
-        config = json.loads(cfg_file.read_text())
-        try:
-            family = family_for_trtllm(config.get("architecture"))
-            table = family.trtllm_layout
-        except UnsupportedArchitectureError as e:
-            raise CheckpointError(f"{cfg_file}: {e}") from None
-        m = config["mapping"]
-        tp, pp = m["tp_size"], m["pp_size"]
-        try:
-            fmt = format_for_algo((config.get("quantization") or {}).get("quant_algo"))
-        except UnsupportedCombinationError as e:
-            raise CheckpointError(f"{cfg_file}: {e}") from None
-        ranks = []
-        for r in range(tp * pp):
-            f = directory / f"rank{r}.safetensors"
-            if not f.is_file():
-                raise CheckpointError(f"{f} missing: the config says world size {tp * pp}")
-            ranks.append(safe_open(str(f), framework="pt"))
-
-        def getter(rank):
-            keys = set(ranks[rank].keys())
-            return lambda name: ranks[rank].get_tensor(name) if name in keys else None
-
-        fmt_of = excluded_format(config, fmt)
-
-        layers, per_stage = [], config["num_hidden_layers"] // pp
-        after = list(config.get("cross_attention_layers") or [])
-        if after and not family.prompt_layout.cross_attention:
-            raise CheckpointError(f"{cfg_file}: cross_attention_layers in a {config.get('architecture')} checkpoint")
-        if family.prompt_layout.cross_attention and not after:
-            raise CheckpointError(f"{cfg_file}: a {config.get('architecture')} checkpoint needs cross_attention_layers")
-        xattn: dict[int, XLayer] = {}
-        for p in range(pp):
-            gets = [getter(p * tp + t) for t in range(tp)]
-            for j, i in enumerate(layout.xattn_stages(after, config["num_hidden_layers"], pp)[p]):
-                xattn[after[i]] = x_layer(gets, table, j, fmt_of, f"{directory}: cross-attention layer {i}, PP "
-                                                                   f"stage {p}")
-            layers.extend(rank_layer(gets, table, j, fmt, directory) for j in range(per_stage))
-        first = [getter(t) for t in range(tp)]
-        last = [getter((pp - 1) * tp + t) for t in range(tp)]
-        # rows split over TP (use_parallel_embedding): the ranks' slices, concatenated; the vocabulary is
-        # padded to a multiple of TP with zero rows, which TensorRT-LLM's loader checks exactly and its
-        # sampler masks — here they are dropped, so a padded id is never produced
-        embedding = torch.cat([g(layout.target(table, "embedding")).float() for g in first])
-        lm_head = torch.cat([g(layout.target(table, "lm_head")).float() for g in last])
-        vocab, rows = config["vocab_size"], layout.vocab_rows(config["vocab_size"], tp)
-        for name, t in (("embedding", embedding), ("lm_head", lm_head)):
-            if t.shape[0] != rows:
-                raise CheckpointError(f"{directory}: {name} has {t.shape[0]} rows over TP{tp}; TensorRT-LLM expects "
-                                      f"vocab_size {vocab} padded to a multiple of TP ({rows})")
-        embedding, lm_head = embedding[:vocab], lm_head[:vocab]
-        final_norm = last[0](layout.target(table, "final_norm")).float()
-        return cls(directory, config, layers, embedding, final_norm, lm_head, xattn)
+    def load(cls, directory: str | Path) -> "ReferenceExecutor":
+        """Read a TensorRT-LLM checkpoint directory (loader.read_checkpoint) into an executor."""
+        return cls(*read_checkpoint(directory))
 
     # ------------------------------------------------------------------ forward
 
@@ -371,7 +147,7 @@ class TRTLLMExecutor:
         # one new token sees every cached position (no mask); a prompt from position 0 is plain causal
         pos = torch.arange(start, start + t_len)
         mask = None if t_len == 1 or start == 0 else torch.arange(start + t_len)[None, :] <= pos[:, None]  # [T, S]
-        ctx = _sdpa(q[None], k_all[None], v_all[None], mask, causal=t_len > 1 and start == 0)[0]  # [H, T, D]
+        ctx = sdpa(q[None], k_all[None], v_all[None], mask, causal=t_len > 1 and start == 0)[0]  # [H, T, D]
         return ctx.transpose(0, 1).reshape(t_len, self.num_heads * self.head_dim)  # [T, H·D]
 
     def _kv_store(self, layer: RankLayer, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,14 +236,14 @@ class TRTLLMExecutor:
                 mask = (pos[None, :] >= ranges[:, :1]) & (pos[None, :] < ranges[:, 1:])  # [T, K]
                 live = mask.any(-1)
                 mask[~live] = True  # a row with no keys attends to something harmless; its output is dropped
-                out = _sdpa(qb, k, v, mask)[0].transpose(0, 1).reshape(-1, self.num_heads * d)
+                out = sdpa(qb, k, v, mask)[0].transpose(0, 1).reshape(-1, self.num_heads * d)
                 ctx[rows] = out * live[:, None]
                 reads[rows] = live[:, None].float()
             else:
                 lo, hi = cross.decode
                 if hi <= lo:
                     continue
-                ctx[rows] = _sdpa(qb, k[:, :, lo:hi], v[:, :, lo:hi], None)[0].transpose(0, 1).reshape(
+                ctx[rows] = sdpa(qb, k[:, :, lo:hi], v[:, :, lo:hi], None)[0].transpose(0, 1).reshape(
                     -1, self.num_heads * d)
                 reads[rows] = 1.0
         if not bool(reads.any()):  # no row reads an image: the block adds exactly nothing (skip_cross_attn_blocks)
@@ -552,7 +328,7 @@ class TRTLLMExecutor:
             raise InputError("input_ids is empty")
         if req.max_new_tokens < 1:
             raise InputError(f"request_output_len must be ≥ 1, got {req.max_new_tokens}")
-        decoder = Decoder(req.input_ids, self.vocab_size, req.controls())
+        decoder = Decoder(req.input_ids, self.vocab_size, req.controls)
         cache = KVCache()
         logits = self.prefill(req, cache)[-1]
         reason = "length"
@@ -562,13 +338,13 @@ class TRTLLMExecutor:
                 break
             tok, finished = decoder.step(logits)
             if on_token:
-                on_token(index, tok, decoder.log_probs[-1] if req.return_log_probs else None)
+                on_token(index, tok, decoder.log_probs[-1] if req.controls.return_log_probs else None)
             if finished:
                 reason = finished
                 break
             if step + 1 < req.max_new_tokens:  # no forward pass for a token that will not be sampled
                 logits = self.forward([tok], None, cache)[-1]
-        return Result(decoder.generated, reason, decoder.log_probs if req.return_log_probs else None)
+        return Result(decoder.generated, reason, decoder.log_probs if req.controls.return_log_probs else None)
 
 
 @dataclass
@@ -580,26 +356,10 @@ class Request:
     # encoder_input_features) and, per input token, the [lo, hi) of the keys it reads (runtime/prompt.py)
     encoder_features: torch.Tensor | None = None
     key_ranges: Sequence[tuple[int, int]] | None = None
-    end_id: int | None = None
-    temperature: float = 0.0
-    top_k: int = 1
-    top_p: float = 0.0
-    seed: int = 0
-    min_length: int = 0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop_words: Words = ()  # token sequences (runtime/decoding.py)
-    bad_words: Words = ()
-    return_log_probs: bool = False
+    controls: Controls = field(default_factory=Controls)  # decoding (runtime/core/request_schema.py)
     # asked before every decode step: True stops the request there (a cancelled client, a `stop` request),
     # so a cancelled request holds the executor for at most one more step
     cancelled: Callable[[], bool] | None = None
-
-    def controls(self) -> Controls:
-        return Controls(self.temperature, self.top_k, self.top_p, self.seed, self.end_id, self.min_length,
-                        self.repetition_penalty, self.presence_penalty, self.frequency_penalty, self.stop_words,
-                        self.bad_words, self.return_log_probs)
 
 
 @dataclass

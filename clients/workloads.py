@@ -8,10 +8,8 @@ from pathlib import Path
 
 from runtime.core.errors import NVLMError
 from runtime.core.jsonl import parse_jsonl
-from runtime.scenes import synthetic_scene
+from runtime.scenes import TILE_SIZES, synthetic_scene
 
-# image sizes whose NVLM tiling (448 px, ≤ 6 tiles + thumbnail) gives exactly this many tiles
-TILE_SIZES = {1: (448, 448), 3: (896, 448), 4: (1344, 448), 5: (1000, 1000), 6: (2240, 448), 7: (1344, 896)}
 
 
 PROMPTS = ["Describe this image in detail.", "What objects are in the picture?", "Summarize what you see.",

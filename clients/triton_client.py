@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.core import request_schema as schema
 from runtime.core.errors import NVLMError
 
 
@@ -36,35 +37,6 @@ class Answer:
     counts: dict = field(default_factory=dict)  # num_input_tokens / num_output_tokens, when asked for
     log_probs: list[float] | None = None  # per returned token, when asked for (return_log_probs)
     cum_log_prob: float | None = None
-
-
-@dataclass(frozen=True)
-class Decoding:
-    """Decoding controls a request may carry (the entry model's input names; runtime/decoding.py says
-    what each does). None / empty: not sent, the server's default."""
-
-    stop: tuple[str, ...] = ()  # stop_words: generation ends at the first; it is not returned
-    bad_words: tuple[str, ...] = ()  # never produced
-    repetition_penalty: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    log_probs: bool = False  # return_log_probs
-    exclude_input: bool | None = None  # exclude_input_in_output; False: the answer starts with the prompt
-
-    def inputs(self) -> dict:
-        """name → (Triton dtype, array), for `NVLMClient.generate(extra=...)`."""
-        out = {}
-        for name, words in (("stop_words", self.stop), ("bad_words", self.bad_words)):
-            if words:
-                out[name] = ("BYTES", np.array([w.encode() for w in words], dtype=object))
-        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty"):
-            if getattr(self, name) is not None:
-                out[name] = ("FP32", np.array([getattr(self, name)], np.float32))
-        if self.log_probs:
-            out["return_log_probs"] = ("BOOL", np.array([True]))
-        if self.exclude_input is not None:
-            out["exclude_input_in_output"] = ("BOOL", np.array([self.exclude_input]))
-        return out
 
 
 class NVLMClient:
@@ -120,7 +92,7 @@ class NVLMClient:
         except Exception as e:  # noqa: BLE001
             raise ClientError(f"model {self.model!r} is not available on {self.url}: {e}") from None
 
-    def _inputs(self, prompt, images, max_tokens, stream, temperature, top_k, top_p, seed, extra):
+    def _inputs(self, prompt, images, max_tokens, stream, extra):
         g = self._g
 
         def add(name, dtype, arr):
@@ -130,29 +102,33 @@ class NVLMClient:
 
         inputs = [add("text_input", "BYTES", np.array([prompt.encode()], dtype=object)),
                   add("max_tokens", "INT32", np.array([max_tokens], np.int32)),
-                  add("stream", "BOOL", np.array([stream], bool)),
-                  add("temperature", "FP32", np.array([temperature], np.float32)),
-                  add("top_k", "INT32", np.array([top_k], np.int32)),
-                  add("top_p", "FP32", np.array([top_p], np.float32)),
-                  add("seed", "UINT64", np.array([seed], np.uint64))]
+                  add("stream", "BOOL", np.array([stream], bool))]
         if images:
             blobs = [Path(i).read_bytes() if isinstance(i, (str, Path)) else bytes(i) for i in images]
             inputs.append(add("image_bytes", "BYTES", np.array(blobs, dtype=object)))
-        for name, (dtype, arr) in (extra or {}).items():
+        for name, (dtype, arr) in extra.items():
             inputs.append(add(name, dtype, arr))
         return inputs
 
-    def generate(self, prompt: str, images=(), *, max_tokens: int = 64, stream: bool = False,
-                 temperature: float = 0.0, top_k: int = 1, top_p: float = 0.0, seed: int = 0,
-                 on_text=None, extra: dict | None = None, decoding: Decoding | None = None) -> Answer:
-        extra = {**(decoding.inputs() if decoding else {}), **(extra or {})}
-        inputs = self._inputs(prompt, images, max_tokens, stream, temperature, top_k, top_p, seed, extra)
+    def generate(self, prompt: str, images=(), *, max_tokens: int = 64, stream: bool = False, on_text=None,
+                 extra: dict | None = None, exclude_input: bool | None = None, **params) -> Answer:
+        """One request. `params`: decoding parameters by their request-schema names (runtime/core/
+        request_schema.py: temperature, top_k, …, stop_words, bad_words, return_log_probs); None or absent:
+        not sent, the server's default. `exclude_input`: False answers with the prompt first. `extra`: more
+        entry inputs, name → (Triton dtype, array)."""
+        unknown = set(params) - set(schema.BY_NAME)
+        if unknown:
+            raise TypeError(f"unknown request parameters {sorted(unknown)}; known: {', '.join(schema.BY_NAME)}")
+        sent = schema.client_tensors(params)
+        if exclude_input is not None:
+            sent["exclude_input_in_output"] = ("BOOL", np.array([exclude_input]))
+        inputs = self._inputs(prompt, images, max_tokens, stream, {**sent, **(extra or {})})
         t0 = time.perf_counter()  # a stream opened for this request counts in its latency; a kept one does not
         done = self._open()
         if self.keep_stream:
             t0 = time.perf_counter()
         ttft, chunks, tokens, times, counts = None, [], [], [], {}
-        log_probs, cum = ([] if decoding and decoding.log_probs else None), None
+        log_probs, cum = ([] if params.get("return_log_probs") else None), None
         end, finished = None, False
         try:
             try:
@@ -203,16 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", required=True, help="put <image> where each image belongs (else prepended)")
     ap.add_argument("--image", action="append", default=[], help="image file (repeatable)")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=0.0)
-    ap.add_argument("--top-k", type=int, default=1)
-    ap.add_argument("--top-p", type=float, default=0.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stop", action="append", default=[], help="stop word (repeatable; not returned)")
-    ap.add_argument("--bad-word", action="append", default=[], help="a word never to produce (repeatable)")
-    ap.add_argument("--repetition-penalty", type=float)
-    ap.add_argument("--presence-penalty", type=float)
-    ap.add_argument("--frequency-penalty", type=float)
-    ap.add_argument("--log-probs", action="store_true", help="return each token's log-probability (with --json)")
+    schema.add_flags(ap)  # one flag per decoding parameter of the request schema
     ap.add_argument("--stream", action="store_true", help="print text as tokens arrive")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
@@ -224,10 +191,7 @@ def main(argv=None) -> int:
         client.check()
         printer = (lambda c: print(c, end="", flush=True)) if args.stream and not args.json else None
         ans = client.generate(args.prompt, args.image, max_tokens=args.max_tokens, stream=args.stream,
-                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                              on_text=printer,
-                              decoding=Decoding(tuple(args.stop), tuple(args.bad_word), args.repetition_penalty,
-                                                args.presence_penalty, args.frequency_penalty, args.log_probs))
+                              on_text=printer, **schema.from_flags(args))
     except NVLMError as e:
         print(f"nvlm-client: error: {e}", file=sys.stderr)
         return 2

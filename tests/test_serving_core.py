@@ -1,0 +1,127 @@
+"""The entry model's and the LLM step's logic without a Triton stub (triton_repo/serving_core.py): the tensors a
+request's decoding parameters become, the answer built from the LLM step's responses (stop words, text, log-probs),
+coalescing of a streamed run and cancellation — no server, no pb_utils."""
+
+import threading
+from concurrent.futures import Future
+
+import numpy as np
+import pytest
+
+from runtime.core import request_schema as schema
+from runtime.core.errors import InputError
+from triton_repo.serving_core import AnswerStream, PendingRun, entry_decoding, watch
+
+
+class Letters:
+    """A tokenizer whose token i is the letter chr(97 + i): decode and encode are exact inverses."""
+
+    vocab_size = 26
+
+    def decode(self, ids):
+        return "".join(chr(97 + i) for i in ids)
+
+    def encode(self, text):
+        return [ord(c) - 97 for c in text if c != " "]
+
+
+TOK = Letters()
+
+
+def _entry(values, max_tokens=16):
+    sent = schema.client_tensors(values)
+    return entry_decoding(lambda n: sent[n][1] if n in sent else None, max_tokens, TOK.encode, end_id=25)
+
+
+def test_entry_decoding_sends_what_was_asked_under_nvidia_names():
+    d = _entry({"temperature": 0.5, "stop_words": ("cd",), "repetition_penalty": 1.5, "return_log_probs": True})
+    sends = dict(d.sends)
+    assert sends["temperature"].tolist() == [0.5] and sends["end_id"].tolist() == [25]
+    assert sends["repetition_penalty"].tolist() == [1.5] and "presence_penalty" not in sends
+    assert sends["stop_words_list"].tolist() == [[2, 3], [2, -1]]  # "cd" alone (the spaced variant tokenizes alike)
+    assert d.stop_words == ((2, 3),) and d.log_probs and d.outputs == ["output_ids", "output_log_probs"]
+    plain = _entry({})
+    assert "stop_words_list" not in dict(plain.sends) and plain.outputs == ["output_ids"]
+    with pytest.raises(InputError, match="min_tokens"):
+        _entry({"min_tokens": 17})
+
+
+def _groups(tokens, sizes):
+    """The LLM step's responses, grouped as they arrive: (tokens, log-probs) per response; log-prob of token t is
+    −t/10, so a misaligned log-prob is visible."""
+    out, i = [], 0
+    for size in sizes:
+        group = []
+        for n in size:
+            chunk = tokens[i:i + n]
+            group.append((chunk, [-t / 10 for t in chunk]))
+            i += n
+        out.append(group)
+    return out
+
+
+def test_a_streamed_answer_holds_back_a_stop_word_split_across_responses_and_drops_it():
+    d = _entry({"stop_words": ("cd",), "return_log_probs": True})
+    answer = AnswerStream(TOK, d)
+    # a, b, c | d(stop) — "c" arrives in one response, "d" in the next group
+    pieces = [answer.push(g, render=True) for g in _groups([0, 1, 2, 3], [[1, 2], [1]])]
+    last = answer.finish_stream()
+    ids = [t for p in pieces + [last] if p for t in p.ids]
+    assert ids == [0, 1] and "".join(p.text for p in pieces + [last]) == "ab"
+    assert pieces[0].ids == [0, 1]  # "c" held: it may begin the stop word
+    assert [lp for p in pieces + [last] for lp in p.log_probs] == [0.0, -0.1]
+    assert last.cum == pytest.approx(-0.1)
+
+
+def test_held_tokens_that_were_not_a_stop_word_come_out_at_the_end():
+    d = _entry({"stop_words": ("cd",), "return_log_probs": True})
+    stream, whole = AnswerStream(TOK, d), AnswerStream(TOK, d)
+    groups = _groups([4, 2], [[1], [1]])  # e, c — the answer ends on a possible stop word's start
+    pieces = [stream.push(g, render=True) for g in groups]
+    for g in groups:
+        whole.push(g, render=False)
+    last = stream.finish_stream()
+    assert [t for p in pieces for t in p.ids] == [4] and last.ids == [2] and last.text == "c"
+    done = whole.finish()
+    assert done.ids == [4, 2] and done.log_probs == [-0.4, -0.2] and done.cum == pytest.approx(-0.6)
+
+
+def test_text_deltas_add_up_to_the_full_decode_and_groups_without_tokens_send_nothing():
+    answer = AnswerStream(TOK, _entry({}))
+    tokens = [7, 4, 11, 11, 14]
+    pieces = [answer.push(g, render=True) for g in _groups(tokens, [[2], [1, 1], [], [1]])]
+    assert pieces[2] is None
+    assert "".join(p.text for p in pieces if p) + answer.finish_stream().text == "hello"
+    assert answer.tokens == tokens
+
+
+def test_a_pending_run_leaves_as_one_response_when_the_sender_is_behind():
+    queued, sent = [], []
+    run = PendingRun(queued.append, lambda tokens, lps, cum: sent.append((tokens, lps, cum)))
+    for t in (5, 6, 7):
+        run.push(t, -1.0)
+    assert len(queued) == 1  # enqueued once, at the run's first token
+    queued[0]()
+    assert sent == [([5, 6, 7], [-1.0, -1.0, -1.0], -3.0)]
+    run.push(8, -0.5)
+    queued[1]()
+    assert sent[-1] == ([8], [-0.5], -3.5)  # the cumulative log-prob runs on
+
+
+def test_watch_stops_a_request_whose_client_left():
+    fut, flag = Future(), threading.Event()
+    gone = iter([False, False, True])
+
+    def is_cancelled():
+        answer = next(gone, True)
+        if answer:  # the executor notices the flag and ends the request
+            threading.Timer(0.01, lambda: fut.set_result("stopped")).start()
+        return answer
+
+    assert watch(fut, is_cancelled, flag, period=0.001) == "stopped" and flag.is_set()
+
+
+def test_words_reach_the_llm_step_in_trtllm_layout():
+    d = _entry({"bad_words": ("ab", "e")})
+    words = dict(d.sends)["bad_words_list"]
+    assert words.dtype == np.int32 and words.tolist() == [[0, 1, 4], [2, 3, -1]]

@@ -1,0 +1,262 @@
+"""`nvlm`, the client-facing entry model (BLS, decoupled): preprocessing → vision_encoder (images only) →
+tensorrt_llm over a gRPC stream → the answer, streamed as text deltas or whole (postprocessing)."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+
+from runtime.chat_format import stop_id
+from runtime.core.build_dir import read_chat_format, read_family, read_limits
+from runtime.core.families import ENCODER_INPUTS, PROMPT_TABLE_INPUTS
+from runtime.core.trtllm_checkpoint import EmbeddingRows
+from runtime.cross_reference import key_sequence
+from runtime.prompt import KeyTile, ranges_to_mask
+from runtime.tokenizer import NVLMTokenizer
+
+from ..llm_link import LLMLink
+from ..pb import (
+    as_torch,
+    build_dir,
+    error,
+    from_torch,
+    get_input,
+    model_parameters,
+    response,
+    scalar,
+    stub,
+    torch_dtype,
+)
+from ..serving_core import Admission, AnswerStream, AtMostEvery, LeavingSender, ServerBusy, entry_decoding
+from .preprocessing import CROSS_OUTPUTS
+
+# the LLM step's tensors that the entry model builds with their batch dimension already (torch, any dtype)
+_BATCHED_BY_SENDER = ("prompt_embedding_table", "encoder_input_features")
+
+
+class EntryModel:
+    """Client-facing `nvlm`: tensorrtllm_backend's inputs, images as encoded bytes, streaming.
+
+    Decoupled: `execute` hands each request to a worker thread (`Admission` bounds them by the build's max
+    batch size, rendered into the config as `max_in_flight`) and returns, so in-flight requests are bounded
+    by what the engine can batch, not by the instance count."""
+
+    def initialize(self, args):
+        build = build_dir(args)
+        family = read_family(build)
+        known = set(PROMPT_TABLE_INPUTS) | set(ENCODER_INPUTS)  # the two image paths built below
+        if not set(family.llm_step_image_inputs) <= known:
+            raise RuntimeError(f"the entry model sends image features as a prompt table and as encoder features; "
+                               f"family {family.name} takes {family.llm_step_image_inputs}")
+        # NVLM-X/H: image keys as the LLM step's encoder inputs (and NVLM-H's thumbnails as table rows)
+        self.cross = family.prompt_layout.cross_attention
+        self._tag_embeddings = EmbeddingRows(build / "llm")  # NVLM-H: its tags' rows, the built model's own
+        self.tok = NVLMTokenizer.from_dir(build / "tokenizer", chat_format=read_chat_format(build))
+        self.limits = read_limits(build)
+        params = model_parameters(args)
+        # the callees' declared dtypes, rendered from the build (vision engine and LLM engine dtypes)
+        self.vision_dtype = torch_dtype(params["vision_dtype"])
+        self.table_dtype = torch_dtype(params["prompt_table_dtype"])
+        # the LLM step over a gRPC stream per worker, not decoupled BLS (llm_link.py says why)
+        self.llm = LLMLink("tensorrt_llm")
+        from concurrent.futures import ThreadPoolExecutor
+
+        n = int(params.get("max_in_flight", self.limits.max_batch_size))
+        self.admission = Admission(n, n)
+        self.workers = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nvlm-request")
+
+    def finalize(self):
+        self.workers.shutdown(wait=False, cancel_futures=True)
+        self.llm.close()
+
+    def execute(self, requests):
+        pb = stub()
+        for request in requests:
+            try:
+                self.admission.enter()
+            except ServerBusy as e:
+                request.get_response_sender().send(error(str(e)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            self.workers.submit(self._work, request)
+        return None
+
+    def _work(self, request):
+        pb = stub()
+        sender = LeavingSender(request.get_response_sender(), self.admission.leave,
+                                pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        try:
+            self._one(request, sender, pb)
+        except Exception as e:  # noqa: BLE001 — every failure becomes this request's error
+            sender.send(error(str(e)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        finally:
+            sender.leave()
+
+    def _call(self, pb, model, inputs, outputs):
+        """A BLS call to a non-decoupled model (preprocessing, vision_encoder, postprocessing)."""
+        req = pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
+        resp = req.exec()
+        if resp.has_error():
+            raise ValueError(resp.error().message())
+        return resp
+
+    def _stop(self, rid: str) -> None:
+        """NVIDIA's way to stop a request in the `tensorrtllm` backend: a request with the same id and
+        `stop` set (with the inputs Triton requires). Its own response is empty."""
+        stop = [("input_ids", np.zeros((1, 1), np.int32)), ("input_lengths", np.ones((1, 1), np.int32)),
+                ("request_output_len", np.ones((1, 1), np.int32)), ("stop", np.ones((1, 1), bool))]
+        self.llm.run(stop, ["output_ids"], rid)
+
+    def _one(self, request, sender, pb):
+        wanted = set(request.requested_output_names())  # only these go out (pb.response says why)
+        max_tokens = scalar(request, "max_tokens", None, int)
+        if max_tokens is None:
+            raise ValueError("max_tokens is required")
+        self.limits.check_request(output_len=max_tokens, output_name="max_tokens")
+        decoding = entry_decoding(lambda name: get_input(request, name), max_tokens, self.tok.encode,
+                                  stop_id(self.tok), scalar(request, "exclude_input_in_output", True, bool))
+        text = get_input(request, "text_input")
+        if text is None:
+            raise ValueError("text_input is required")
+        pre_inputs = [pb.Tensor("text_input", text.reshape(1).astype(object))]
+        chat = get_input(request, "messages")
+        if chat is not None and chat.size:
+            pre_inputs.append(pb.Tensor("messages", chat.reshape(1).astype(object)))
+        blobs = get_input(request, "image_bytes")
+        if blobs is not None and blobs.size:
+            pre_inputs.append(pb.Tensor("image_bytes", blobs.reshape(-1).astype(object)))
+        salt = get_input(request, "prompt_table_extra_id")
+        if salt is not None and salt.size:
+            pre_inputs.append(pb.Tensor("prompt_table_extra_id", salt.reshape(1).astype(np.uint64)))
+        pre = self._call(pb, "preprocessing", pre_inputs,
+                         ["input_ids", "pixel_values", "image_token_count", "prompt_table_extra_ids"]
+                         + (list(CROSS_OUTPUTS) if self.cross else []))
+        ids = pb.get_output_tensor_by_name(pre, "input_ids").as_numpy()
+        pixels = pb.get_output_tensor_by_name(pre, "pixel_values").as_numpy()
+        stream = scalar(request, "stream", False, bool)
+        # Every tensor below is one of the family's llm_step_inputs, in the dtype the contract gives it; the
+        # decoding parameters' tensors come from the request schema (runtime/core/request_schema.py).
+        llm_inputs = [
+            ("input_ids", ids.astype(np.int32)),
+            ("input_lengths", np.asarray([ids.size], np.int32)),
+            ("request_output_len", np.asarray([max_tokens], np.int32)),
+            ("streaming", np.asarray([stream], bool)),
+        ] + list(decoding.sends)
+        if pixels.shape[0]:
+            llm_inputs += self._image_inputs(pb, pre, pixels)
+        if self.cross and not any(name == "encoder_input_features" for name, _ in llm_inputs):
+            # no image key: the engine may skip its cross-attention blocks (mllama's switch, which the backend
+            # applies when every request of a batch asks); without it they read no key and add nothing anyway
+            llm_inputs.append(("skip_cross_attn_blocks", np.asarray([True])))
+        # tensorrt_llm batches (max_batch_size > 0): every tensor carries a leading batch dimension of 1
+        llm_inputs = [(name, v if name in _BATCHED_BY_SENDER else v[None, ...]) for name, v in llm_inputs]
+        answer = AnswerStream(self.tok, decoding)
+        rid = uuid.uuid4().hex  # the LLM step's request id: a `stop` request names it
+        # grouped: every LLM-step response that has arrived is answered by one response to the client
+        groups = self.llm.generate(llm_inputs, decoding.outputs, rid, grouped=True)
+        stopped = False
+        client_gone = AtMostEvery(request.is_cancelled)
+        if stream and not decoding.exclude_input:
+            sender.send(response(pb, wanted, [
+                pb.Tensor("text_output", np.asarray([answer.prompt(self._prompt_ids(ids)).encode()], object)),
+                pb.Tensor("output_ids", ids.reshape(-1).astype(np.int32))]))
+        for group in groups:
+            if not stopped and client_gone():  # the client went away: stop generating for it
+                stopped = True
+                self._stop(rid)
+            piece = answer.push([got for resp in group if (got := _tokens(resp)) is not None], stream and not stopped)
+            if piece is not None and stream and not stopped:
+                # one response per group of engine responses, even when its text is held back
+                sender.send(response(pb, wanted, self._piece_tensors(pb, decoding, piece, final=False)))
+        if stopped:
+            raise ValueError("request cancelled")
+        counts = []  # return_num_input_tokens / return_num_output_tokens, on the final response
+        if scalar(request, "return_num_input_tokens", False, bool):
+            counts.append(pb.Tensor("num_input_tokens", np.asarray([ids.size], np.int32)))
+        if scalar(request, "return_num_output_tokens", False, bool):
+            counts.append(pb.Tensor("num_output_tokens", np.asarray([len(answer.tokens)], np.int32)))
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        if stream:
+            last = answer.finish_stream()
+            if last.text or last.ids or counts or decoding.log_probs:
+                sender.send(response(pb, wanted, self._piece_tensors(pb, decoding, last, final=True) + counts),
+                            flags=final)
+            else:
+                sender.send(flags=final)
+        else:
+            whole = answer.finish()
+            shown = whole.ids if decoding.exclude_input else self._prompt_ids(ids) + whole.ids
+            post = self._call(pb, "postprocessing", [pb.Tensor("output_ids", np.asarray(shown, np.int32))],
+                              ["text_output"])
+            text_out = pb.get_output_tensor_by_name(post, "text_output").as_numpy()
+            returned = whole.ids if decoding.exclude_input else ids.reshape(-1).tolist() + whole.ids
+            sender.send(response(pb, wanted,
+                [pb.Tensor("text_output", text_out), pb.Tensor("output_ids", np.asarray(returned, np.int32))]
+                + self._log_prob_tensors(pb, decoding, whole, final=True) + counts), flags=final)
+
+    def _image_inputs(self, pb, pre, pixels) -> list:
+        """The image tiles through `vision_encoder`, as the LLM step's image inputs: prompt-table rows and, for
+        NVLM-X/H, the encoder inputs."""
+        import torch
+
+        x = torch.from_numpy(pixels).to(self.vision_dtype)
+        vis = self._call(pb, "vision_encoder", [from_torch("pixel_values", x)], ["image_embeds"])
+        emb = as_torch(pb.get_output_tensor_by_name(vis, "image_embeds"))  # [tiles, tokens, hidden]
+        table, out = emb, []
+        if self.cross:
+            table, features = self._cross_inputs(pb, pre, emb)
+            out += features or []
+        if table is not None and table.shape[0]:
+            # the engine's dtype: PromptTuningBuffers::validate refuses any other
+            table = table.reshape(-1, table.shape[-1]).to(self.table_dtype)
+            extra = pb.get_output_tensor_by_name(pre, "prompt_table_extra_ids").as_numpy()
+            out += [("prompt_embedding_table", table[None]),
+                    ("prompt_vocab_size", np.asarray([table.shape[0]], np.int32)),
+                    ("prompt_table_extra_ids", extra.astype(np.uint64))]
+        return out
+
+    @classmethod
+    def _piece_tensors(cls, pb, decoding, piece, final: bool) -> list:
+        return [pb.Tensor("text_output", np.asarray([piece.text.encode()], object)),
+                pb.Tensor("output_ids", np.asarray(piece.ids, np.int32))] + cls._log_prob_tensors(pb, decoding, piece, final)
+
+    @staticmethod
+    def _log_prob_tensors(pb, decoding, piece, final: bool) -> list:
+        """output_log_probs [beam=1, tokens] (and cum_log_probs [beam=1] on the final response), if asked."""
+        if not decoding.log_probs:
+            return []
+        out = [pb.Tensor("output_log_probs", np.asarray([piece.log_probs], np.float32))]
+        if final:
+            out.append(pb.Tensor("cum_log_probs", np.asarray([piece.cum], np.float32)))
+        return out
+
+    def _cross_inputs(self, pb, pre, emb):
+        """NVLM-X/H: the prompt-table rows (the tiles whose tokens sit in the sequence: NVLM-H's thumbnails) and
+        the `tensorrtllm` backend's encoder inputs — the key sequence as `encoder_input_features` [1, keys,
+        hidden] in the engine dtype, `encoder_output_lengths`, and `cross_attention_mask` [1, tokens, keys]
+        from each token's key range (runtime/prompt.py). None for the features when the prompt has no key tile."""
+        got = {k: pb.get_output_tensor_by_name(pre, k).as_numpy() for k in CROSS_OUTPUTS}
+        inline = got["inline_tiles"].reshape(-1).tolist()
+        table = emb[inline] if inline else None
+        tiles = got["key_tiles"].reshape(-1).tolist()
+        if not tiles:
+            return table, None
+        key_tiles = [KeyTile(t, 0, tuple(int(i) for i in row if i >= 0)) for t, row in zip(tiles, got["key_tag_ids"])]
+        keys = key_sequence(emb.float(), key_tiles, self._tag_embeddings)  # [K, hidden]
+        mask = ranges_to_mask(got["key_ranges"], keys.shape[0])  # [tokens, K]
+        return table, [("encoder_input_features", keys.to(self.table_dtype)[None]),
+                       ("encoder_output_lengths", np.asarray([keys.shape[0]], np.int32)),
+                       ("cross_attention_mask", mask)]
+
+    def _prompt_ids(self, ids) -> list[int]:
+        """The prompt's text tokens (`exclude_input_in_output` false): image positions carry no text."""
+        return [t for t in ids.reshape(-1).tolist() if t < self.tok.vocab_size]
+
+
+def _tokens(resp) -> tuple[list[int], list[float] | None] | None:
+    """One LLM-step response's new tokens and their log-probs (None: the final, empty response of a stream)."""
+    out = resp.as_numpy("output_ids")
+    if out is None:
+        return None
+    lp = resp.as_numpy("output_log_probs")
+    return out.reshape(-1).tolist(), None if lp is None else lp.reshape(-1).tolist()

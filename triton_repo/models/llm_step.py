@@ -1,0 +1,235 @@
+"""`tensorrt_llm` on CPU: the `tensorrtllm` backend's I/O computed by the reference executor (reference target),
+and the stand-in for NVIDIA's backend that refuses what it refuses (contract target)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from runtime.core import request_schema as schema
+from runtime.core.build_dir import engine_dtype, read_limits
+from runtime.decoding import from_trtllm
+from runtime.executor import ReferenceExecutor, Request
+from runtime.inflight import InflightBatcher
+from runtime.prompt import mask_to_ranges
+
+from ..check import cross_fraction_problem
+from ..contract import load_contract
+from ..pb import as_torch, build_dir, error, get_input, model_parameters, response, scalar, stub, torch_dtype_name
+from ..serving_core import Outbox, PendingRun, watch
+
+
+class ReferenceLLMModel:
+    """The `tensorrtllm` backend's I/O, computed by the reference executor (decoupled, streaming).
+
+    As in the backend, `execute` only admits requests: each one goes to the in-flight batcher
+    (runtime/inflight.py; up to the build's max batch size decode together) and its thread waits for it,
+    so that a later `execute` can deliver a `stop` request — the backend's way to stop a
+    request by its id, which the entry model uses when its client cancels — and the executor asks before
+    every decode step whether its request was stopped or cancelled by Triton (a client that closed its
+    stream; asked by the request's own thread every 10 ms, see serving_core.watch). A cancelled request frees the
+    executor within a step or 10 ms."""
+
+    def initialize(self, args):
+        self._setup(build_dir(args))
+
+    def _setup(self, build: Path):
+        import os
+
+        import torch
+
+        # intra-op threads of the executor in this stub: it shares the machine with tritonserver, the other
+        # stubs and the clients, where idle-spinning OpenMP workers of a second thread cost more than they
+        # give on the reference model's small matrices (docs/PERFORMANCE.md)
+        torch.set_num_threads(int(os.environ.get("NVLM_EXECUTOR_THREADS", "1")))
+        self.build = build
+        self.executor = ReferenceExecutor.load(build / "llm")
+        self.limits = read_limits(build)
+        # in-flight batching, as the backend does: up to the engine's max batch size decode together
+        self.batcher = InflightBatcher(self.executor, self.limits.max_batch_size)
+        self.outbox = Outbox()
+        self.stops: dict[str, threading.Event] = {}  # request id → its stop flag, while it runs
+        self.stops_lock = threading.Lock()
+
+    def execute(self, requests):
+        pb = stub()
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                if scalar(request, "stop", False, bool):
+                    self._stop(request, sender, pb)
+                    continue
+                job = self._admit(request, pb)
+            except Exception as e:  # noqa: BLE001 — every failure becomes this request's error
+                sender.send(error(f"tensorrt_llm: {e}"), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            threading.Thread(target=self._run, args=(job, sender, pb), daemon=True).start()
+        return None
+
+    def finalize(self):
+        self.batcher.close()
+        self.outbox.close()
+
+    def _stop(self, request, sender, pb):
+        """NVIDIA's `stop` input: stop the running request with this request's id; it ends with the
+        tokens it has. The stop request itself gets an empty final response."""
+        rid = request.request_id()
+        if not rid:
+            raise ValueError("a stop request needs the request id of the request to stop")
+        with self.stops_lock:
+            flag = self.stops.get(rid)
+        if flag is not None:
+            flag.set()
+        sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def _rows(self, request, pb, name: str):
+        """A [..., rows, hidden] input (the prompt-embedding table, the encoder features) as float32 [rows,
+        hidden], or None when absent or empty. The reference target takes any declared dtype."""
+        t = pb.get_input_tensor_by_name(request, name)
+        if t is None:
+            return None
+        x = as_torch(t)
+        self._check_dtype(name, x)
+        return None if x.numel() == 0 else x.reshape(-1, x.shape[-1]).float()
+
+    def _check_dtype(self, name: str, x) -> None:
+        pass
+
+    def _table(self, request, pb):
+        return self._rows(request, pb, "prompt_embedding_table")
+
+    def _features(self, request, pb):
+        return self._rows(request, pb, "encoder_input_features")
+
+    def _encoder(self, request, pb, input_len: int):
+        """NVLM-X/H: the backend's encoder-decoder inputs as the executor's encoder features and key ranges.
+        `cross_attention_mask` is [input tokens, keys] as the backend takes it (generated tokens reuse its last
+        row); each row must be one contiguous range, NVLM's rule."""
+        features = self._features(request, pb)
+        mask = get_input(request, "cross_attention_mask")
+        if features is None:
+            if mask is not None and mask.size and mask.any():
+                raise ValueError("cross_attention_mask reads image keys, but no encoder_input_features were given")
+            return None, None
+        keys = features.shape[0]
+        self.limits.check_request(keys=keys)
+        length = scalar(request, "encoder_output_lengths", keys, int)
+        if length != keys:
+            raise ValueError(f"encoder_output_lengths {length} differs from the {keys} rows of encoder_input_features")
+        if mask is None:
+            raise ValueError("encoder_input_features need a cross_attention_mask [input tokens, keys]: NVLM's tokens "
+                             "read different image keys")
+        mask = mask.reshape(mask.shape[-2:]) if mask.ndim >= 2 else mask
+        if tuple(mask.shape) != (input_len, keys):
+            raise ValueError(f"cross_attention_mask is {list(mask.shape)}, expected [{input_len}, {keys}] "
+                             f"(input tokens, encoder features: {load_contract().cite('cross_attention_masks')})")
+        return features, mask_to_ranges(mask)
+
+    def _admit(self, request, pb):
+        """Validate a request against the build's limits and make its executor request (no compute)."""
+        ids = get_input(request, "input_ids")
+        if ids is None or ids.size == 0:
+            raise ValueError("input_ids is required and must not be empty")
+        n = scalar(request, "request_output_len", None, int)
+        if n is None:
+            raise ValueError("request_output_len is required")
+        self.limits.check_request(output_len=n, output_name="request_output_len")
+        # the decoding parameters under NVIDIA's names, checked by the request schema's rules
+        controls = schema.controls(schema.from_llm_step(lambda name: get_input(request, name), from_trtllm), n)
+        ids = ids.reshape(-1).astype(np.int64).tolist()
+        self.limits.check_request(input_len=len(ids))
+        table = self._table(request, pb)
+        if table is not None:
+            self.limits.check_request(image_tokens=table.shape[0])
+        features, ranges = self._encoder(request, pb, len(ids))
+        stream = scalar(request, "streaming", False, bool)
+        rid, flag = request.request_id(), threading.Event()
+        if rid:
+            with self.stops_lock:
+                self.stops[rid] = flag
+        # length_penalty is checked and otherwise unused: beam search only, no effect at beam width 1
+        req = Request(ids, n, table, encoder_features=features, key_ranges=ranges, controls=controls,
+                      cancelled=flag.is_set)  # set by a `stop` request or by _run's watch (the client left)
+        return req, stream, rid, set(request.requested_output_names()), flag, request.is_cancelled
+
+    def _run(self, job, sender, pb):
+        req, stream, rid, wanted, flag, is_cancelled = job
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+        def emit(tokens, lps, cum):
+            out = [pb.Tensor("output_ids", np.asarray([[tokens]], np.int32))]  # [batch=1, beam=1, tokens]
+            if not wanted or "sequence_length" in wanted:  # a tensor per token costs: only what was asked for
+                out.append(pb.Tensor("sequence_length", np.asarray([[len(tokens)]], np.int32)))
+            if req.controls.return_log_probs:  # as the backend returns them: [batch, beam, tokens] and [batch, beam]
+                out += [pb.Tensor("output_log_probs", np.asarray([[lps]], np.float32)),
+                        pb.Tensor("cum_log_probs", np.asarray([[cum]], np.float32))]
+            return response(pb, wanted, out)
+
+        send = self.outbox.put
+        run = PendingRun(send, lambda tokens, lps, cum: sender.send(emit(tokens, lps, cum)))
+
+        try:  # run.push is called by the batcher's loop: it only appends (and enqueues the run's send)
+            result = watch(self.batcher.submit(req, run.push if stream else None), is_cancelled, flag)
+            if stream:
+                send(lambda: sender.send(flags=final))
+            else:
+                send(lambda: sender.send(emit(result.tokens, result.log_probs, result.cum_log_prob), flags=final))
+            if result.finish_reason == "cancelled":  # the fault tests read this line in the server log
+                print(f"tensorrt_llm: request {rid or '-'} cancelled after {len(result.tokens)} of "
+                      f"{req.max_new_tokens} tokens", flush=True)
+        except Exception as e:  # noqa: BLE001 — a failure ends this request with an error
+            message = f"tensorrt_llm: {e}"
+            send(lambda: sender.send(error(message), flags=final))
+        finally:
+            if rid:
+                with self.stops_lock:
+                    self.stops.pop(rid, None)
+
+
+class StandInLLMModel(ReferenceLLMModel):
+    """Contract target: stands in for NVIDIA's `tensorrtllm` backend. Its config carries NVIDIA's inputs,
+    outputs and parameters (triton_repo/contract.py); it refuses what the backend refuses, with the
+    backend's messages — a missing required parameter or an unknown `gpt_model_type` at load, a
+    prompt table whose dtype differs from the engine's or whose rows differ from `prompt_vocab_size`
+    per request — and computes with the reference executor on the build that `gpt_model_path`
+    (BUILD/engines/llm) belongs to. Triton itself refuses unknown input names and mismatched dtypes."""
+
+    engine_path = ""
+
+    def initialize(self, args):
+        self.contract = c = load_contract()
+        params = model_parameters(args)
+        for key in c.required_parameters:
+            if key not in params:
+                raise RuntimeError(c.message("missing_parameter", name=key))
+        if params["gpt_model_type"] not in c.model_type_values:
+            raise RuntimeError(c.message("bad_model_type"))
+        self.build = Path(params.get("gpt_model_path", "")).parents[1]
+        if not (self.build / "llm" / "config.json").is_file():
+            raise RuntimeError(f"gpt_model_path {params.get('gpt_model_path')!r} is not BUILD/engines/llm of an "
+                               "nvlm-build output (the stand-in computes with BUILD/llm)")
+        llm_config = json.loads((self.build / "llm" / "config.json").read_text())
+        refused = cross_fraction_problem(params, cross=bool(llm_config.get("cross_attention_layers")))
+        if refused:  # TrtGptModelInflightBatching refuses it when it creates the KV caches, at load
+            raise RuntimeError(refused)
+        self.engine_dtype = engine_dtype(llm_config)
+        self._setup(self.build)
+
+    def _check_dtype(self, name: str, x) -> None:
+        if torch_dtype_name(x.dtype) == self.engine_dtype:
+            return
+        if name == "prompt_embedding_table":  # PromptTuningBuffers::validate
+            raise ValueError(self.contract.message("table_dtype"))
+        # the config declares the engine dtype (${encoder_input_features_data_type}): Triton refuses another
+        # before the backend sees it; this keeps a direct caller's mistake as clear
+        raise ValueError(f"{name} must be {self.engine_dtype}, the engine's dtype")
+
+    def _table(self, request, pb):
+        table = super()._table(request, pb)
+        rows = scalar(request, "prompt_vocab_size", None, int)
+        if table is not None and rows is not None and rows != table.shape[0]:
+            raise ValueError(self.contract.message("table_rows"))
+        return table

@@ -1,0 +1,98 @@
+"""`preprocessing`: text_input (+ image_bytes, messages) → the LLM step's input_ids, the tiles' pixel values,
+and for NVLM-X/H each token's image-key range (runtime/preprocess.py tiles, runtime/prompt.py writes the prompt)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from runtime.core.build_dir import read_chat_format, read_family, read_limits, read_preprocess
+from runtime.preprocess import Preprocessed, check_image_count, load_image, preprocess_images
+from runtime.prompt import build_prompt, chat_messages, tile_tags, with_image_placeholders
+from runtime.tokenizer import NVLMTokenizer
+
+from ..pb import build_dir, cuda, error, get_input, scalar, stub
+
+
+class PreprocessingModel:
+    """text_input (+ image_bytes) → TensorRT-LLM input_ids (fake ids at image positions), pixel_values."""
+
+    def initialize(self, args):
+        build = build_dir(args)
+        self.cfg, _ = read_preprocess(build)
+        self.layout = read_family(build).prompt_layout
+        self.max_images = read_limits(build).max_images_per_request  # the tiling's own check enforces it
+        self.tok = NVLMTokenizer.from_dir(build / "tokenizer", chat_format=read_chat_format(build))
+        self.vocab = json.loads((build / "llm" / "config.json").read_text())["vocab_size"]
+        self.gpu = cuda()  # GPU hosts: Pillow-exact Triton kernels (plugins/tiling.py) do the tiling
+
+    def _tile(self, images):
+        if not self.gpu:
+            return preprocess_images(images, self.cfg, max_images=self.max_images)
+        import torch
+
+        from plugins.tiling import tile_image
+
+        check_image_count(len(images), self.max_images)
+        out = []
+        for blob in images:
+            rgb = np.asarray(load_image(blob, copy_rgb=False), dtype=np.uint8)
+            tiles, grid = tile_image(torch.from_numpy(rgb).cuda(), self.cfg, "fp32")
+            out.append(Preprocessed(tiles.cpu().numpy(), grid, tile_tags(tiles.shape[0])))
+        return out
+
+    def execute(self, requests):
+        pb = stub()
+        out = []
+        for request in requests:
+            try:
+                out.append(self._one(request, pb))
+            except Exception as e:  # noqa: BLE001 — every failure becomes this request's error
+                out.append(error(f"preprocessing: {e}"))
+        return out
+
+    def _one(self, request, pb):
+        text = get_input(request, "text_input")
+        if text is None or text.size == 0:
+            raise ValueError("text_input is required")
+        prompt = text.reshape(-1)[0]
+        prompt = prompt.decode("utf-8") if isinstance(prompt, bytes) else str(prompt)
+        blobs = get_input(request, "image_bytes")
+        images = [] if blobs is None else [bytes(b) for b in blobs.reshape(-1)]
+        chat = get_input(request, "messages")  # a whole conversation (JSON) instead of one user turn
+        if chat is not None and chat.size:
+            raw = chat.reshape(-1)[0]
+            messages = chat_messages(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw), len(images))
+        else:
+            messages = with_image_placeholders(prompt, len(images))
+        done = self._tile(images) if images else []  # refuses more images than the build's limit
+        p = build_prompt(self.tok, messages, [d.num_tiles for d in done],
+                         tokens_per_tile=self.cfg.tokens_per_tile, layout=self.layout)
+        s = self.cfg.image_size
+        pixels = np.concatenate([d.pixel_values for d in done]) if done else np.zeros((0, 3, s, s), np.float32)
+        ids = p.trtllm_input_ids(self.vocab)
+        salt = scalar(request, "prompt_table_extra_id", 0, int)
+        return pb.InferenceResponse(output_tensors=[
+            pb.Tensor("input_ids", np.asarray(ids, np.int32)),
+            pb.Tensor("pixel_values", pixels.astype(np.float32)),
+            pb.Tensor("image_token_count", np.asarray([p.num_image_tokens], np.int32)),
+            pb.Tensor("prompt_table_extra_ids", np.asarray(p.prompt_table_extra_ids(images, salt), np.uint64)),
+        ] + ([] if p.cross is None else [pb.Tensor(k, v) for k, v in cross_tensors(p.cross).items()]))
+
+
+def cross_tensors(cross) -> dict[str, np.ndarray]:
+    """NVLM-X/H: what the entry model needs, beside the tiles, to build the LLM step's encoder inputs —
+    each token's key range, which tiles are key tiles (with their tag ids, NVLM-H: padded with -1) and which
+    sit in the sequence (their rows go to the prompt table)."""
+    width = max([len(kt.tag_ids) for kt in cross.key_tiles], default=0)
+    tags = np.full((len(cross.key_tiles), width), -1, np.int32)
+    for i, kt in enumerate(cross.key_tiles):
+        tags[i, :len(kt.tag_ids)] = kt.tag_ids
+    return {"key_ranges": np.asarray(cross.key_ranges, np.int32).reshape(-1, 2),
+            "key_tiles": np.asarray([kt.tile for kt in cross.key_tiles], np.int32),
+            "key_tag_ids": tags, "inline_tiles": np.asarray(cross.inline_tiles, np.int32)}
+
+
+# the NVLM-X/H outputs (cross_tensors) the entry model asks for
+CROSS_OUTPUTS = ("key_ranges", "key_tiles", "key_tag_ids", "inline_tiles")

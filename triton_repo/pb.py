@@ -1,0 +1,92 @@
+"""What every Python model of the repository does with the Python backend's `triton_python_backend_utils`
+(imported lazily: it exists only inside a Triton stub): read inputs, cross BF16 tensors as DLPack, answer
+with an error, find the build the repository serves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def stub():
+    import triton_python_backend_utils as pb_utils
+
+    return pb_utils
+
+
+def build_dir(args) -> Path:
+    """The build this repository serves: its `build_dir` parameter, relative to the repository root
+    (`args["model_repository"]` is the model's own directory) unless absolute."""
+    cfg = json.loads(args["model_config"])
+    return (Path(args["model_repository"]).parent / cfg["parameters"]["build_dir"]["string_value"]).resolve()
+
+
+def model_parameters(args) -> dict[str, str]:
+    cfg = json.loads(args["model_config"])
+    return {k: v["string_value"] for k, v in cfg.get("parameters", {}).items()}
+
+
+def get_input(request, name, default=None):
+    t = stub().get_input_tensor_by_name(request, name)
+    return default if t is None else t.as_numpy()
+
+
+def scalar(request, name, default, cast):
+    v = get_input(request, name)
+    if v is None or v.size == 0:
+        return default
+    return cast(v.reshape(-1)[0])
+
+
+# Triton dtype names ↔ torch dtypes. numpy has no bfloat16: tensors whose dtype a config declares as
+# BF16 cross the Python backend as DLPack (torch) tensors, never through as_numpy().
+def torch_dtype(name: str):
+    import torch
+
+    return {"FP16": torch.float16, "BF16": torch.bfloat16, "FP32": torch.float32}[name]
+
+
+def torch_dtype_name(dtype) -> str:
+    import torch
+
+    return {torch.float16: "FP16", torch.bfloat16: "BF16", torch.float32: "FP32"}.get(dtype, str(dtype))
+
+
+TYPE_NAMES = {"FP16": "TYPE_FP16", "BF16": "TYPE_BF16", "FP32": "TYPE_FP32"}
+
+
+def as_torch(tensor):
+    """A pb_utils.Tensor of any dtype (BF16 included) as a torch tensor."""
+    import torch
+
+    return torch.from_dlpack(tensor.to_dlpack())
+
+
+def from_torch(name: str, x):
+    import torch.utils.dlpack
+
+    return stub().Tensor.from_dlpack(name, torch.utils.dlpack.to_dlpack(x.contiguous()))
+
+
+def cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def error(message: str):
+    p = stub()
+    return p.InferenceResponse(output_tensors=[], error=p.TritonError(message))
+
+
+def response(p, wanted: set, tensors: list):
+    """A streamed response with only the outputs its request asked for (`wanted`; empty: all). The bundled
+    Python backend (r24.10) drops unrequested outputs inside `response_sender.send`, which runs without the GIL
+    (ResponseSender::Send → PruneOutputTensors → ~PbTensor), so their NumPy arrays were freed off the GIL,
+    corrupting the interpreter's heap (python_backend 2082a3c, fixed in r24.12): they are dropped here instead."""
+    if wanted:
+        tensors = [t for t in tensors if t.name() in wanted]
+    return p.InferenceResponse(output_tensors=tensors)

@@ -1,0 +1,249 @@
+"""The serving logic that needs no Triton stub: unit-testable without a server (tests/test_serving_core.py).
+
+- `watch`, `AtMostEvery`: noticing a client that went away without a round trip per token;
+- `PendingRun`, `Outbox`: the LLM step's coalescing of a streamed request's tokens and its one sending thread;
+- `Admission`, `LeavingSender`: how many requests the entry model carries;
+- `entry_decoding`, `AnswerStream`: what the entry model sends the LLM step for a request's decoding parameters,
+  and how it turns the LLM step's responses into the client's answer — stop words held back and removed, text
+  decoded incrementally, log-probs kept in line with the tokens passed on.
+
+The Python models (triton_repo/models/) put these together with `triton_python_backend_utils`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from runtime.core import request_schema as schema
+from runtime.decoding import StopFilter, to_trtllm, word_list
+from runtime.tokenizer import StreamDecoder
+
+
+def watch(future, is_cancelled, flag: threading.Event, period: float = 0.01):
+    """Wait for a request's result on the request's own thread, asking Triton every `period` whether its
+    client went away (`is_cancelled`: a round trip from the stub to tritonserver) and setting its stop flag
+    if so. The batcher's loop only reads the flag: asked from there, the round trips of every active request
+    held up each decode step of the whole batch."""
+    from concurrent.futures import TimeoutError as Pending
+
+    while True:
+        try:
+            return future.result(timeout=period)
+        except Pending:
+            if not flag.is_set() and is_cancelled():
+                flag.set()
+
+
+class AtMostEvery:
+    """A costly yes/no check asked at most once per `period` seconds; in between, the last answer stands, and a
+    yes stays yes. For `request.is_cancelled()`: each call is a round trip from the stub to tritonserver, and
+    asked for every token of every request it cost a round trip per token; a client that goes away is still
+    noticed within `period`."""
+
+    def __init__(self, check, period: float = 0.01):
+        self.check, self.period = check, period
+        self.answer, self.next = False, 0.0
+
+    def __call__(self) -> bool:
+        if not self.answer:
+            now = time.monotonic()
+            if now >= self.next:
+                self.answer, self.next = bool(self.check()), now + self.period
+        return self.answer
+
+
+class PendingRun:
+    """A streamed request's tokens not yet sent: each new token joins the run, and the whole run leaves as one
+    response when the LLM step's sending thread (`Outbox`) gets to it. While the sender keeps up that is one
+    token per response; when it falls behind (many requests, few cores) a response carries every token made
+    since the last one — the `tensorrtllm` backend's streamed `output_ids` are [batch, beam, new tokens] and
+    may hold several — instead of a queue of one-token responses that each cost the same fixed work
+    downstream (a stub-to-server round trip, the entry's text-delta decode, a gRPC message to the client).
+    Order is kept: a run is enqueued when its first token arrives, so it leaves before anything enqueued after
+    that token (the final response included)."""
+
+    def __init__(self, enqueue, send):
+        self.enqueue, self.send = enqueue, send  # send(tokens, log_probs, cum_log_prob up to the last token)
+        self.lock = threading.Lock()
+        self.tokens: list[int] = []
+        self.lps: list = []
+        self.cum = 0.0
+
+    def push(self, tok: int, lp) -> None:
+        with self.lock:
+            self.tokens.append(tok)
+            self.lps.append(lp)
+            self.cum += lp or 0.0
+            first = len(self.tokens) == 1
+        if first:
+            self.enqueue(self._flush)
+
+    def _flush(self) -> None:
+        with self.lock:
+            tokens, lps, cum = self.tokens, self.lps, self.cum
+            self.tokens, self.lps = [], []
+        if tokens:
+            self.send(tokens, lps, cum)
+
+
+class Outbox:
+    """The LLM step's one sending thread: every streamed token's response and every final response goes
+    through it, in order. The batcher's decode loop only enqueues — a send is a round trip from the stub to
+    tritonserver, and made inside the loop it held up the whole batch — while all responses still leave
+    from one thread: sending from each request's own thread instead hung the bundled server's Python
+    backend (r24.10) in the soak test, every stub idle and sends never acknowledged."""
+
+    def __init__(self):
+        import queue
+
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name="llm-step-sender", daemon=True)
+        self.thread.start()
+
+    def put(self, send) -> None:
+        self.queue.put(send)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join(timeout=10)
+
+    def _loop(self) -> None:
+        while (send := self.queue.get()) is not None:
+            try:
+                send()
+            except Exception:  # noqa: BLE001 — the request is gone (cancelled): nothing to tell
+                pass
+
+
+class ServerBusy(ValueError):
+    pass
+
+
+class Admission:
+    """How many requests the entry model carries at once: up to `max_in_flight` run (each on its own worker
+    thread, so `execute` returns at once and the model's instance never caps concurrency), up to
+    `max_waiting` more wait for a worker in arrival order, and one beyond that is refused at once with a
+    "server busy" error (a client retries; an unbounded queue would only turn load into latency)."""
+
+    def __init__(self, max_in_flight: int, max_waiting: int):
+        self.max_in_flight, self.max_waiting = max_in_flight, max_waiting
+        self.count = 0  # running + waiting
+        self.lock = threading.Lock()
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.count >= self.max_in_flight + self.max_waiting:
+                raise ServerBusy(f"server busy: {self.max_in_flight} requests in flight and {self.max_waiting} "
+                                 "waiting (the build's max batch size); retry later")
+            self.count += 1
+
+    def leave(self) -> None:
+        with self.lock:
+            self.count -= 1
+
+
+class LeavingSender:
+    """A response sender that gives the request's admission place back just before its final response:
+    a client that sends its next request as soon as the last one ended must find the place free."""
+
+    def __init__(self, sender, leave, final_flag):
+        self.sender, self._leave, self.final = sender, leave, final_flag
+        self.left = False
+
+    def leave(self) -> None:
+        if not self.left:
+            self.left = True
+            self._leave()
+
+    def send(self, response=None, flags=0):
+        if flags & self.final:
+            self.leave()
+        return self.sender.send(response, flags=flags) if response is not None else self.sender.send(flags=flags)
+
+
+@dataclass(frozen=True)
+class EntryDecoding:
+    values: dict  # the request's decoding parameters (request-schema names), checked, end_id filled in
+    sends: list  # (name, array) for the LLM step, without the batch dimension
+    outputs: list[str]  # what the entry asks the LLM step for
+    stop_words: tuple  # token sequences the client must not see
+    log_probs: bool
+    exclude_input: bool  # False: the answer starts with the prompt's text (and output_ids with its ids)
+
+
+def entry_decoding(get: Callable[[str], object], max_tokens: int, encode: Callable[[str], list[int]],
+                   end_id: int, exclude_input: bool = True) -> EntryDecoding:
+    """The entry model's inputs (`get(name)` → array or None) → the request's checked decoding parameters and
+    the tensors the LLM step takes for them (NVIDIA's names and dtypes; runtime/core/request_schema.py)."""
+    values = schema.from_entry(get)
+    schema.validate(values, max_tokens)
+    values.setdefault("end_id", end_id)
+    # each stop / bad word tokenized alone, as NVIDIA's preprocessing does, and after a space
+    tokens = {name: word_list(encode, values.get(name, ())) for name, p in schema.BY_NAME.items() if p.kind == "words"}
+    sends = schema.to_llm_step(values, {name: to_trtllm(w) for name, w in tokens.items() if w})
+    log_probs = bool(values.get("return_log_probs"))
+    # only what the entry reads: every tensor asked for is serialized into each streamed response; the
+    # cumulative log-prob is the entry's own (of what it returns)
+    outputs = ["output_ids"] + (["output_log_probs"] if log_probs else [])
+    return EntryDecoding(values, sends, outputs, tokens["stop_words"], log_probs, exclude_input)
+
+
+@dataclass
+class Piece:
+    """What one response to the client carries."""
+    text: str
+    ids: list[int]
+    log_probs: list[float] = field(default_factory=list)  # of `ids`, when asked for
+    cum: float | None = None  # the cumulative log-prob of everything returned, on the final response
+
+
+class AnswerStream:
+    """One request's answer, from the LLM step's responses to what the client sees. Every token the engine
+    returned is kept (a stop word's included); `released` of them were passed on — always a prefix — and the
+    tokens that could still begin a stop word wait in the StopFilter until they cannot."""
+
+    def __init__(self, tokenizer, decoding: EntryDecoding):
+        self.decoding = decoding
+        self.tokens: list[int] = []
+        self.log_probs: list[float] = []
+        self.released = 0
+        self.stops = StopFilter(decoding.stop_words)
+        self.text = StreamDecoder(tokenizer)
+
+    def prompt(self, prompt_ids: Sequence[int]) -> str:
+        """The prompt's text, streamed first when the answer includes the input."""
+        return self.text.push(list(prompt_ids))
+
+    def push(self, group: Sequence[tuple[list[int], list[float] | None]], render: bool) -> Piece | None:
+        """The LLM-step responses that arrived together ((tokens, their log-probs or None) each) → the piece
+        to send, or None when they held no token. `render`: decode the piece's text (streaming)."""
+        new = []
+        for got, lps in group:
+            new += got
+            if lps is not None and got:
+                self.log_probs += lps[-len(got):]
+        if not new:
+            return None
+        self.tokens += new
+        safe = self.stops.push(new)
+        lps = self.log_probs[self.released:self.released + len(safe)]
+        self.released += len(safe)
+        return Piece(self.text.push(safe) if render else "", safe, lps)
+
+    def finish_stream(self) -> Piece:
+        """The last streamed piece: the tokens held back as a possible stop word's start that was not one,
+        and the text's incomplete last character, as the full decode has it."""
+        tail = self.stops.finish()
+        text = self.text.push(tail) + self.text.finish()
+        end = self.released + len(tail)
+        return Piece(text, tail, self.log_probs[self.released:end], sum(self.log_probs[:end]))
+
+    def finish(self) -> Piece:
+        """The whole answer (not streamed): every token passed on, the held tail included; no text (the
+        postprocessing model decodes it)."""
+        kept = self.tokens[:self.released] + self.stops.finish()
+        lps = self.log_probs[:len(kept)]
+        return Piece("", kept, lps, sum(lps))
