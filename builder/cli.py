@@ -333,6 +333,9 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-input-len", type=int, default=d.max_input_text_len,
                    help="text tokens per request besides image tokens")
     p.add_argument("--max-output-len", type=int, default=d.max_output_len)
+    p.add_argument("--max-queue", type=int, default=None, metavar="N",
+                   help="requests that may wait beyond the max batch size before the server answers \"server busy\" "
+                        "(default: 8 × the max batch size; nvlm-serve --max-queue overrides it)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted build of the same options")
 
 
@@ -346,7 +349,8 @@ def _engine(args) -> int:
                        awq_group_size=args.awq_group_size, chat_format=args.chat_format)
     limits = EngineLimits(max_batch_size=args.max_batch_size, max_tiles_per_image=args.max_tiles,
                           max_images_per_request=args.max_images,
-                          max_input_text_len=args.max_input_len, max_output_len=args.max_output_len)
+                          max_input_text_len=args.max_input_len, max_output_len=args.max_output_len,
+                          max_queue=args.max_queue)
     opts = DeploymentOptions(llm, target=args.target, vision_dtype=args.vision_dtype,
                               vision_quant=get_vision_format(args.vision_quant),
                               limits=limits, calib_data=args.calib_data, calib_size=args.calib_size,
@@ -367,6 +371,9 @@ def _repo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["trt", "reference", "contract"], default="reference",
                    help="trt: TensorRT engines on NVIDIA's tensorrtllm backend (GPU hosts); reference: the reference "
                         "executor (CPU); contract: the trt repository with CPU stand-ins for the two GPU backends")
+    p.add_argument("--null-engine", action="store_true",
+                   help="benchmarks only, with --target contract: an LLM step that runs no model and returns seeded "
+                        "tokens, to measure the serving path alone (benchmarks/serving_capacity.py)")
     p.add_argument("--force", action="store_true")
 
 
@@ -379,7 +386,8 @@ def _repo(args) -> int:
 
     models: list = []
     out = Path(args.out)
-    publish_dir(out, lambda tmp: models.extend(generate_repo(args.build, tmp, args.target, repo_path=out)),
+    publish_dir(out, lambda tmp: models.extend(generate_repo(args.build, tmp, args.target, repo_path=out,
+                                                                 null_engine=args.null_engine)),
                 force=args.force)
     print(f"wrote {args.target} repository with {', '.join(models)} to {args.out}")
     if plan_pending(out):

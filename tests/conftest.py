@@ -84,10 +84,11 @@ def config_72b() -> dict:
 
 
 def server_ports(slot: int) -> int:
-    """First of three ports (gRPC, HTTP, metrics) for test server `slot` (0-7) of this test process:
+    """First of three ports (gRPC, HTTP, metrics) for test server `slot` (0-9) of this test process:
     per-process ranges below the ephemeral ports (32768+), a distinct slot per server so that they
-    never collide. test_serving uses slots 0-2, test_contract 3-4, test_soak 5, test_openai_api 6-7."""
-    assert 0 <= slot < 8
-    return 20000 + (os.getpid() % 500) * 24 + slot * 3
+    never collide. test_serving uses slots 0-2, test_contract 3-4, test_soak 5, test_openai_api 6-7,
+    test_admission 8."""
+    assert 0 <= slot < 10
+    return 20000 + (os.getpid() % 400) * 30 + slot * 3
 
 

@@ -125,3 +125,28 @@ def test_words_reach_the_llm_step_in_trtllm_layout():
     d = _entry({"bad_words": ("ab", "e")})
     words = dict(d.sends)["bad_words_list"]
     assert words.dtype == np.int32 and words.tolist() == [[0, 1, 4], [2, 3, -1]]
+
+
+def test_the_null_engine_returns_seeded_tokens_of_the_requested_length():
+    """The benchmark's null engine (models/llm_step.NullBatcher): no model, a fixed token sequence per seed, exactly
+    the requested length, never the end id, every token through on_token in order; a cancelled request stops."""
+    from runtime.core.request_schema import Controls
+    from runtime.executor import Request
+    from triton_repo.models.llm_step import NullBatcher
+
+    engine = NullBatcher(vocab=50, run=3, step_s=0.0)
+    try:
+        seen = []
+        a = engine.submit(Request([1, 2], 40, controls=Controls(seed=5, end_id=7, return_log_probs=True)),
+                          lambda t, lp: seen.append((t, lp))).result(timeout=30)
+        b = engine.submit(Request([1, 2], 40, controls=Controls(seed=5, end_id=7))).result(timeout=30)
+        c = engine.submit(Request([1, 2], 40, controls=Controls(seed=6, end_id=7))).result(timeout=30)
+        assert len(a.tokens) == 40 and a.tokens == b.tokens != c.tokens and 7 not in a.tokens
+        assert [t for t, _ in seen] == a.tokens and a.log_probs == [-1.0] * 40 and b.log_probs is None
+        assert a.finish_reason == "length"
+        stop = threading.Event()
+        stop.set()
+        d = engine.submit(Request([1], 1000, controls=Controls(seed=1), cancelled=stop.is_set)).result(timeout=30)
+        assert d.finish_reason == "cancelled" and len(d.tokens) < 1000
+    finally:
+        engine.close()

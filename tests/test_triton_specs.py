@@ -70,26 +70,44 @@ def test_entry_point_accepts_benchmark_tool_inputs():
 
 
 @pytest.mark.parametrize("target", ["trt", "reference", "contract"])
-@pytest.mark.parametrize("max_batch", [8, 64])
-def test_entry_admits_as_many_requests_as_the_engine_batches(target, max_batch):
-    """The rendered entry model carries the engine's max batch size as its in-flight bound, in one
-    instance (its workers are threads), and its admission logic lets exactly that many run and as many
-    wait before it refuses with "server busy"."""
+@pytest.mark.parametrize("max_batch, max_queue", [(8, None), (64, None), (8, 3)])
+def test_entry_admits_the_batch_and_a_queue_beyond_it(target, max_batch, max_queue):
+    """The rendered entry model carries the engine's max batch size as its in-flight bound and the build's queue
+    bound (default 8 × the batch, so that a closed-loop client at 4× the batch queues), in one instance (its
+    workers are threads); its admission lets exactly that many run and wait before it refuses with "server busy"."""
+    from runtime.core.limits import EngineLimits
     from triton_repo.serving_core import Admission, ServerBusy
 
+    bound = EngineLimits(max_batch_size=max_batch, max_queue=max_queue).queue_bound
+    assert bound == (8 * max_batch if max_queue is None else max_queue) and bound != max_batch
     specs = {s.name: parse(render(s)) for s in model_specs(target, family=NVLM_D, llm_hidden=64,
-                                                            max_batch_size=max_batch, engine_dir="/e/llm")}
+                                                            max_batch_size=max_batch, engine_dir="/e/llm",
+                                                            max_queue=max_queue)}
     entry, llm = specs["nvlm"], specs["tensorrt_llm"]
     assert int(entry.parameters["max_in_flight"].string_value) == llm.max_batch_size == max_batch
+    assert int(entry.parameters["max_queue"].string_value) == bound
     assert sum(g.count for g in entry.instance_group) == 1 and entry.model_transaction_policy.decoupled
-    adm = Admission(max_batch, max_batch)
-    for _ in range(2 * max_batch):
+    adm = Admission(max_batch, bound)
+    for _ in range(max_batch + bound):
         adm.enter()
-    with pytest.raises(ServerBusy, match="server busy"):
+    with pytest.raises(ServerBusy, match=f"server busy: {max_batch} requests in flight .* and {bound} waiting"):
         adm.enter()
     adm.leave()
     adm.enter()  # a finished request frees its place
-    assert adm.count == 2 * max_batch
+    assert adm.count == max_batch + bound
+
+
+def test_the_keepers_probe_is_recognised_by_its_parameter():
+    import json
+    from types import SimpleNamespace
+
+    from triton_repo.keeper import Probe
+    from triton_repo.serving_core import is_probe
+
+    body = json.loads(Probe.BODY)
+    assert is_probe(SimpleNamespace(parameters=lambda: json.dumps(body["parameters"])))
+    assert not is_probe(SimpleNamespace(parameters=lambda: "{}"))
+    assert not is_probe(SimpleNamespace(parameters=lambda: json.dumps({"nvlm_probe": False})))
 
 
 def test_the_cancellation_check_is_asked_at_most_every_period(monkeypatch):

@@ -224,6 +224,14 @@ def _ready_url(cmd: list[str]) -> str:
     return _base_url(cmd) + READY_PATH
 
 
+# the keeper's health probe marks its requests with this request parameter: the entry model admits them beside
+# the users' requests, never in a user's place (triton_repo/serving_core.is_probe)
+PROBE_PARAMETER = "nvlm_probe"
+# nvlm-serve --max-queue: the entry model's waiting room, overriding the build's limit (an environment variable of
+# the server it starts, which its Python stubs inherit)
+MAX_QUEUE_ENV = "NVLM_MAX_QUEUE"
+
+
 class Probe:
     """One small request at a time through the entry model (HTTP `generate_stream`: one token of text), every
     `interval` seconds once the server is ready. `failure()`: the request in flight has had no response for
@@ -231,7 +239,8 @@ class Probe:
     neither restarts nor reports through readiness). Each request runs on its own thread, so one that never
     returns blocks only that thread."""
 
-    BODY = json.dumps({"text_input": "ping", "max_tokens": 1}).encode()
+    # marked as the keeper's (a request parameter): the entry model admits it beside the users' requests
+    BODY = json.dumps({"text_input": "ping", "max_tokens": 1, "parameters": {PROBE_PARAMETER: True}}).encode()
 
     def __init__(self, base_url: str, interval: float, timeout: float):
         self.url = f"{base_url}/v2/models/{PROBE_MODEL}/generate_stream"

@@ -23,7 +23,15 @@ from pathlib import Path
 
 from runtime.core.errors import NVLMError
 
-from .keeper import HANG_TIMEOUT_S, LLM_STEP_NICE, PROBE_INTERVAL_S, READY_PATH, is_ready, shm_prefix
+from .keeper import (
+    HANG_TIMEOUT_S,
+    LLM_STEP_NICE,
+    MAX_QUEUE_ENV,
+    PROBE_INTERVAL_S,
+    READY_PATH,
+    is_ready,
+    shm_prefix,
+)
 from .llm_link import URL_ENV
 from .openai_api import OpenAIServer
 
@@ -60,12 +68,13 @@ class TritonServer:
     def __init__(self, repo: str | Path, *, host: str = "127.0.0.1", grpc_port: int = 8001, http_port: int = 8000,
                  metrics_port: int = 8002, log_file: str | Path | None = None,
                  hang_timeout: float = HANG_TIMEOUT_S, probe_interval: float = PROBE_INTERVAL_S,
-                 llm_step_nice: int = LLM_STEP_NICE):
+                 llm_step_nice: int = LLM_STEP_NICE, max_queue: int | None = None):
         self.repo = Path(repo).resolve()
         # the keeper restarts a server that answers no probe request for hang_timeout s (0: no probe)
         self.hang_timeout, self.probe_interval = hang_timeout, probe_interval
         # a Python LLM step (reference, contract) keeps its priority; the server and other stubs go this far below
         self.llm_step_nice = llm_step_nice
+        self.max_queue = max_queue  # the entry model's waiting room (None: the build's limit)
         self.host, self.grpc_port, self.http_port, self.metrics_port = host, grpc_port, http_port, metrics_port
         self.workdir = Path(tempfile.mkdtemp(prefix="nvlm-serve-"))
         self.log_file = Path(log_file) if log_file else self.workdir / "tritonserver.log"
@@ -101,6 +110,8 @@ class TritonServer:
             p for p in (str(libs), sysconfig.get_config_var("LIBDIR") or "", env.get("LD_LIBRARY_PATH", "")) if p)
         # the entry model streams to the LLM step through this server's own gRPC port (llm_link.py)
         env[URL_ENV] = self.grpc_url
+        if self.max_queue is not None:
+            env[MAX_QUEUE_ENV] = str(self.max_queue)
         return env
 
     def start(self, timeout: float = 120.0) -> "TritonServer":
@@ -202,6 +213,9 @@ def main(argv=None) -> int:
                     help="reference and contract targets: run tritonserver and every model but the LLM step this many "
                          f"nice levels lower, so the one thread computing every token is not time-sliced against the "
                          f"threads forwarding them (default {LLM_STEP_NICE}; 0: all at the same priority)")
+    ap.add_argument("--max-queue", type=int, default=None, metavar="N",
+                    help="requests that may wait beyond the max batch size before \"server busy\" (default: the "
+                         "build's limit, 8 × its max batch size unless it was built with --max-queue)")
     ap.add_argument("--openai-port", type=int, help="also serve the OpenAI chat-completions API on this port")
     ap.add_argument("--openai-model-name", default="nvlm", help="the model id the OpenAI API serves (default nvlm)")
     ap.add_argument("--openai-image-dir", help="let OpenAI requests name local image files under this directory "
@@ -226,7 +240,8 @@ def main(argv=None) -> int:
     try:
         server = TritonServer(repo, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                               metrics_port=args.metrics_port, log_file=args.log_file,
-                              hang_timeout=args.hang_timeout, llm_step_nice=args.llm_step_nice).start()
+                              hang_timeout=args.hang_timeout, llm_step_nice=args.llm_step_nice,
+                              max_queue=args.max_queue).start()
     except NVLMError as e:
         print(f"nvlm-serve: error: {e}", file=sys.stderr)
         return 2

@@ -15,7 +15,7 @@ the model instance keeps serving; nothing raised by a request escapes `execute`.
 from __future__ import annotations
 
 from .models.entry import EntryModel
-from .models.llm_step import ReferenceLLMModel, StandInLLMModel
+from .models.llm_step import NullLLMModel, ReferenceLLMModel, StandInLLMModel
 from .models.postprocessing import PostprocessingModel
 from .models.preprocessing import PreprocessingModel
 from .models.vision_encoder import StandInVisionModel, VisionEncoderModel
@@ -24,6 +24,8 @@ MODEL_CLASSES = {"preprocessing": "PreprocessingModel", "vision_encoder": "Visio
                  "tensorrt_llm": "ReferenceLLMModel", "postprocessing": "PostprocessingModel", "nvlm": "EntryModel"}
 # contract target: stand-ins for the two GPU backends (every other model runs unchanged)
 STANDIN_CLASSES = {"vision_encoder": "StandInVisionModel", "tensorrt_llm": "StandInLLMModel"}
+# benchmark only (--null-engine): the contract target with an LLM step that runs no model
+NULL_ENGINE_CLASSES = {**STANDIN_CLASSES, "tensorrt_llm": "NullLLMModel"}
 
-__all__ = ["EntryModel", "PostprocessingModel", "PreprocessingModel", "ReferenceLLMModel", "StandInLLMModel",
+__all__ = ["NullLLMModel", "NULL_ENGINE_CLASSES", "EntryModel", "PostprocessingModel", "PreprocessingModel", "ReferenceLLMModel", "StandInLLMModel",
            "StandInVisionModel", "VisionEncoderModel", "MODEL_CLASSES", "STANDIN_CLASSES"]

@@ -21,6 +21,8 @@ from runtime.core import request_schema as schema
 from runtime.decoding import StopFilter, to_trtllm, word_list
 from runtime.tokenizer import StreamDecoder
 
+from .keeper import PROBE_PARAMETER
+
 
 def watch(future, is_cancelled, flag: threading.Event, period: float = 0.01):
     """Wait for a request's result on the request's own thread, asking Triton every `period` whether its
@@ -118,6 +120,16 @@ class Outbox:
                 pass
 
 
+def is_probe(request) -> bool:
+    """A request the keeper sent to see that the server answers (its parameters hold PROBE_PARAMETER)."""
+    import json
+
+    try:
+        return bool(json.loads(request.parameters() or "{}").get(PROBE_PARAMETER))
+    except (AttributeError, ValueError):
+        return False
+
+
 class ServerBusy(ValueError):
     pass
 
@@ -136,8 +148,8 @@ class Admission:
     def enter(self) -> None:
         with self.lock:
             if self.count >= self.max_in_flight + self.max_waiting:
-                raise ServerBusy(f"server busy: {self.max_in_flight} requests in flight and {self.max_waiting} "
-                                 "waiting (the build's max batch size); retry later")
+                raise ServerBusy(f"server busy: {self.max_in_flight} requests in flight (the build's max batch size) "
+                                 f"and {self.max_waiting} waiting (nvlm-serve --max-queue); retry later")
             self.count += 1
 
     def leave(self) -> None:

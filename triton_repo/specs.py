@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from runtime.core import request_schema
 from runtime.core.errors import NVLMError
 from runtime.core.families import ModelFamily
+from runtime.core.limits import QUEUE_PER_BATCH
 
 from .contract import load_contract, resolve
 
@@ -199,7 +200,7 @@ def _nvidia_parameters(engine_dir: str | None, kv_cache_free_gpu_mem_fraction: f
 def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_size: int,
                 engine_dtype: str = "BF16", vision_dtype: str = "FP16", engine_dir: str | None = None, build_dir: str = "",
                 kv_cache_free_gpu_mem_fraction: float = 0.9, cross_kv_cache_fraction: float | None = None,
-                image_size: int = 448, tokens_per_tile: int = 256) -> list[ModelSpec]:
+                image_size: int = 448, tokens_per_tile: int = 256, max_queue: int | None = None) -> list[ModelSpec]:
     """Model configs of the repository for `target` (TARGETS). `engine_dtype`: the LLM engine's activation
     dtype (the prompt table must match it); `vision_dtype`: the vision engine's I/O dtype. Python models
     find the build (tokenizer, preprocess.json, vision ONNX, llm checkpoint) through `build_dir`."""
@@ -258,5 +259,6 @@ def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_
                       # one instance: it hands each request to a worker thread (models/entry.EntryModel), so the
                       # instance count no longer caps concurrency; the engine's max batch size does
                       parameters={**py, "vision_dtype": vis_dtype, "prompt_table_dtype": engine_dtype,
-                                  "max_in_flight": max_batch_size})
+                                  "max_in_flight": max_batch_size,
+                                  "max_queue": max_batch_size * QUEUE_PER_BATCH if max_queue is None else max_queue})
     return [pre, vision, llm, post, entry]

@@ -9,6 +9,8 @@ from .config import PreprocessConfig
 from .errors import EngineToolError, InputError
 from .families import PromptLayout, tile_tags
 
+QUEUE_PER_BATCH = 8  # the default waiting room, in max batch sizes
+
 
 @dataclass(frozen=True)
 class EngineLimits:
@@ -27,6 +29,9 @@ class EngineLimits:
     # cross-attention keys it gives (NVLM-X/H; NVLM-H's include its tags' tokens)
     inline_tokens_per_image: int | None = None
     keys_per_image: int = 0
+    # requests the entry model lets wait for a place beyond the max batch size before it answers "server busy"
+    # (None: QUEUE_PER_BATCH × max batch size; nvlm-serve --max-queue overrides it when serving)
+    max_queue: int | None = None
 
     def resolve(self, pre: PreprocessConfig, layout: PromptLayout | None = None,
                 tag_tokens: Callable[[str], int] | None = None) -> "EngineLimits":
@@ -39,6 +44,8 @@ class EngineLimits:
                         ("input length", self.max_input_text_len), ("output length", self.max_output_len)):
             if v < 1:
                 raise EngineToolError(f"{name} must be ≥ 1, got {v}")
+        if self.max_queue is not None and self.max_queue < 0:
+            raise EngineToolError(f"max queue must be ≥ 0, got {self.max_queue}")
         per = pre.tokens_per_tile
         inline, keys = self.inline_tokens_per_image, self.keys_per_image
         if layout is not None:  # every count grows with the tile count: a full image is the largest
@@ -56,8 +63,15 @@ class EngineLimits:
     @classmethod
     def from_record(cls, rec: dict) -> "EngineLimits":
         # records made before the per-family counts: NVLM-D's (every tile inline, no keys)
-        extra = {"inline_tokens_per_image": rec["max_tiles_per_image"] * rec["tokens_per_tile"], "keys_per_image": 0}
+        extra = {"inline_tokens_per_image": rec["max_tiles_per_image"] * rec["tokens_per_tile"], "keys_per_image": 0,
+                 "max_queue": None}
         return cls(**{k: rec[k] if k in rec else extra[k] for k in cls.__dataclass_fields__})
+
+    @property
+    def queue_bound(self) -> int:
+        """Requests that may wait beyond the batch: a closed-loop client at 4× the max batch size queues, as
+        under Triton's own schedulers (unbounded unless told otherwise), instead of being refused."""
+        return self.max_queue if self.max_queue is not None else QUEUE_PER_BATCH * self.max_batch_size
 
     @property
     def max_multimodal_len(self) -> int:

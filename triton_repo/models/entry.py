@@ -3,6 +3,8 @@ tensorrt_llm over a gRPC stream → the answer, streamed as text deltas or whole
 
 from __future__ import annotations
 
+import os
+import threading
 import uuid
 
 import numpy as np
@@ -15,6 +17,7 @@ from runtime.cross_reference import key_sequence
 from runtime.prompt import KeyTile, ranges_to_mask
 from runtime.tokenizer import NVLMTokenizer
 
+from ..keeper import MAX_QUEUE_ENV
 from ..llm_link import LLMLink
 from ..pb import (
     as_torch,
@@ -28,7 +31,15 @@ from ..pb import (
     stub,
     torch_dtype,
 )
-from ..serving_core import Admission, AnswerStream, AtMostEvery, LeavingSender, ServerBusy, entry_decoding
+from ..serving_core import (
+    Admission,
+    AnswerStream,
+    AtMostEvery,
+    LeavingSender,
+    ServerBusy,
+    entry_decoding,
+    is_probe,
+)
 from .preprocessing import CROSS_OUTPUTS
 
 # the LLM step's tensors that the entry model builds with their batch dimension already (torch, any dtype)
@@ -63,7 +74,9 @@ class EntryModel:
         from concurrent.futures import ThreadPoolExecutor
 
         n = int(params.get("max_in_flight", self.limits.max_batch_size))
-        self.admission = Admission(n, n)
+        # nvlm-serve --max-queue sets NVLM_MAX_QUEUE for the server it starts; else the build's limit
+        waiting = int(os.environ.get(MAX_QUEUE_ENV) or params.get("max_queue", self.limits.queue_bound))
+        self.admission = Admission(n, waiting)
         self.workers = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nvlm-request")
 
     def finalize(self):
@@ -73,6 +86,9 @@ class EntryModel:
     def execute(self, requests):
         pb = stub()
         for request in requests:
+            if is_probe(request):  # the keeper's health probe never takes a user's place (nor waits for one)
+                threading.Thread(target=self._work, args=(request, False), daemon=True).start()
+                continue
             try:
                 self.admission.enter()
             except ServerBusy as e:
@@ -81,10 +97,10 @@ class EntryModel:
             self.workers.submit(self._work, request)
         return None
 
-    def _work(self, request):
+    def _work(self, request, admitted: bool = True):
         pb = stub()
-        sender = LeavingSender(request.get_response_sender(), self.admission.leave,
-                                pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        sender = LeavingSender(request.get_response_sender(), self.admission.leave if admitted else (lambda: None),
+                               pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         try:
             self._one(request, sender, pb)
         except Exception as e:  # noqa: BLE001 — every failure becomes this request's error

@@ -233,3 +233,88 @@ class StandInLLMModel(ReferenceLLMModel):
         if table is not None and rows is not None and rows != table.shape[0]:
             raise ValueError(self.contract.message("table_rows"))
         return table
+
+
+class NullLLMModel(StandInLLMModel):
+    """Benchmark only (`nvlm-build triton-repo --target contract --null-engine`; never a default): the stand-in's
+    contract checks and I/O, with tokens from no model at all, so that the serving path's own capacity can be
+    measured on any CPU (benchmarks/serving_capacity.py). Each request gets a fixed token sequence of its
+    requested length, drawn from its seed; one loop gives every active request `NVLM_NULL_RUN` tokens per step
+    (default 1, the engine's one token per decode step), a step every `NVLM_NULL_STEP_MS` ms (default 0: as fast
+    as the loop runs), and the responses leave through the same sending thread and runs as the stand-in's."""
+
+    def _setup(self, build: Path):
+        import os
+
+        self.build = build
+        self.limits = read_limits(build)
+        vocab = json.loads((build / "llm" / "config.json").read_text())["vocab_size"]
+        self.batcher = NullBatcher(vocab, int(os.environ.get("NVLM_NULL_RUN", "1")),
+                                   float(os.environ.get("NVLM_NULL_STEP_MS", "0")) / 1e3)
+        self.outbox = Outbox()
+        self.stops: dict[str, threading.Event] = {}
+        self.stops_lock = threading.Lock()
+
+
+class NullBatcher:
+    """The null engine's decode loop: `submit` as the in-flight batcher's (a future of the executor's Result,
+    `on_token(token, log_prob)` per token), no model."""
+
+    def __init__(self, vocab: int, run: int, step_s: float):
+        import queue
+
+        self.high = min(vocab, 32000)  # ordinary text tokens of a Qwen2 vocabulary
+        self.run, self.step_s = max(1, run), step_s
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.closed = False
+        self.thread = threading.Thread(target=self._loop, name="null-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, req: Request, on_token=None):
+        from concurrent.futures import Future
+
+        c = req.controls
+        tokens = np.random.default_rng(c.seed).integers(0, self.high, req.max_new_tokens).tolist()
+        if c.end_id is not None:  # never the end id: every request runs to its requested length
+            tokens = [t if t != c.end_id else (t + 1) % self.high for t in tokens]
+        future: Future = Future()
+        self.queue.put((req, on_token, future, tokens))
+        return future
+
+    def close(self) -> None:
+        self.closed = True
+        self.queue.put(None)
+
+    def _loop(self) -> None:
+        import queue
+        import time
+
+        from runtime.executor import Result
+
+        active = []  # [req, on_token, future, tokens, produced]
+        while not self.closed:
+            try:
+                while True:
+                    item = self.queue.get(block=not active)
+                    if item is None:
+                        return
+                    active.append([*item, 0])
+            except queue.Empty:
+                pass
+            for a in active:
+                req, on_token, future, tokens, done = a
+                lp = -1.0 if req.controls.return_log_probs else None
+                if req.cancelled is not None and req.cancelled():
+                    future.set_result(Result(tokens[:done], "cancelled", [-1.0] * done if lp else None))
+                    a[4] = -1
+                    continue
+                for t in tokens[done:done + self.run]:
+                    if on_token is not None:
+                        on_token(t, lp)
+                a[4] = done = min(len(tokens), done + self.run)
+                if done == len(tokens):
+                    future.set_result(Result(tokens, "length", [-1.0] * done if lp else None))
+                    a[4] = -1
+            active = [a for a in active if a[4] >= 0]
+            if self.step_s:
+                time.sleep(self.step_s)
