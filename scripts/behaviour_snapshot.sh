@@ -6,6 +6,7 @@
 #   streamed and not, with stop / bad words, penalties and seeded sampling.
 # Only the command-line tools are used, so the script runs unchanged on both sides of a module move.
 # Timings (seconds, time to first token, chunk arrival times) are left out: they differ run to run.
+# NVLM_SNAPSHOT_REUSE=1 keeps the builds already in OUT (their lists are rewritten), e.g. to redo the requests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:?usage: scripts/behaviour_snapshot.sh OUT}")
@@ -13,13 +14,15 @@ mkdir -p "$OUT/snapshot"
 NB=.venv/bin/nvlm-build
 PY=.venv/bin/python
 
-$NB demo-checkpoint "$OUT/ckpt" --force > /dev/null
+[ "${NVLM_SNAPSHOT_REUSE:-0}" = 1 ] && [ -d "$OUT/ckpt" ] || $NB demo-checkpoint "$OUT/ckpt" --force > /dev/null
 $PY -c "import numpy as np, sys; from PIL import Image; rng = np.random.default_rng(2026)
 Image.fromarray(rng.integers(0, 256, (300, 700, 3), dtype=np.uint8)).save(sys.argv[1])" "$OUT/noise.png"
 for spec in "bf16|--quant bf16" "fp8|--quant fp8 --kv-cache-dtype fp8 --calib-size 8" "int4_awq|--quant int4_awq --calib-size 8"; do
   name=${spec%%|*}
-  # shellcheck disable=SC2086
-  $NB engine "$OUT/ckpt" -o "$OUT/build-$name" ${spec##*|} --force > "$OUT/build-$name.log" 2>&1
+  if [ "${NVLM_SNAPSHOT_REUSE:-0}" != 1 ] || [ ! -f "$OUT/build-$name/manifest.json" ]; then
+    # shellcheck disable=SC2086
+    $NB engine "$OUT/ckpt" -o "$OUT/build-$name" ${spec##*|} --force > "$OUT/build-$name.log" 2>&1
+  fi
   (cd "$OUT/build-$name" && find . -type f | LC_ALL=C sort | xargs sha256sum) > "$OUT/snapshot/build-$name.sha256"
 done
 
@@ -30,10 +33,14 @@ SERVE_PID=$!
 trap 'kill $SERVE_PID 2>/dev/null; wait $SERVE_PID 2>/dev/null' EXIT
 for _ in $(seq 1 240); do grep -q "^serving" "$OUT/serve.out" 2>/dev/null && break
   kill -0 $SERVE_PID || { cat "$OUT/serve.out"; exit 1; }; sleep 0.5; done
-ask() {  # label, then nvlm-client arguments
+ask() {  # label, then nvlm-client arguments; a refused request is recorded with its error
   local label=$1; shift
-  .venv/bin/nvlm-client --url 127.0.0.1:$PORT --json "$@" | $PY -c "import json, sys
-a = json.load(sys.stdin)
+  { .venv/bin/nvlm-client --url 127.0.0.1:$PORT --json "$@" 2>&1 || true; } | $PY -c "import json, sys
+text = sys.stdin.read()
+try:
+    a = json.loads(text)
+except ValueError:
+    a = {'error': text.strip()}
 for k in ('seconds', 'time_to_first_token', 'chunk_times'):
     a.pop(k, None)
 print(sys.argv[1], json.dumps(a, sort_keys=True))" "$label" >> "$OUT/snapshot/served.jsonl"
@@ -46,6 +53,7 @@ ask image        --prompt "<image>
 What shapes are in this picture?" --image $IMG --max-tokens 12
 ask image-stream --prompt "<image>
 What shapes are in this picture?" --image $IMG --max-tokens 12 --stream
+ask noise-image  --prompt "<image> Which tile?" --image "$OUT/noise.png" --max-tokens 10
 ask two-images   --prompt "<image> and <image>: which tile?" --image $IMG --image "$OUT/noise.png" --max-tokens 10
 ask stop-bad     --prompt "<image>
 Which tile has the red shape?" --image $IMG --max-tokens 10 --stop tile --bad-word the --stream
