@@ -37,7 +37,7 @@ from runtime.tokenizer import NVLMTokenizer
 
 from .bench_report import CSV_FIELDS, csv_context, csv_row, print_table, write_plots
 from .loadgen import client_for, one_request, run_closed_loop, run_open_loop, server_stats, stats_delta, summarize
-from .roofline import GPU, GPUS, build_facts, facts_roofline, served_target
+from .roofline import GPU, GPUS, build_facts, decode_bound, facts_roofline, served_target
 from .workloads import BenchError, Item, load_workload
 
 SCHEMA = "nvlm-trt/bench/v1"
@@ -232,12 +232,16 @@ def _roofline(args) -> int:
         gpu = GPU(gpu.name + " (custom)", args.peak_bf16 or gpu.bf16_tflops, args.peak_fp8 or gpu.fp8_tflops,
                   args.hbm or gpu.hbm_tbps)
     r = facts_roofline(facts, gpu, tiles=args.tiles, text_tokens=args.text_tokens, output_tokens=args.output_tokens)
+    batch = decode_bound(r, facts.cfg, args.batch, gpu) if args.batch else None
     if args.json:
-        print(json.dumps(r.as_dict()))
+        print(json.dumps({**r.as_dict(), **({"decode_at_batch": batch} if batch else {})}))
     else:
         print(f"{r.gpu}, {r.fmt}, TP{r.tp}, {r.tiles} tiles, {r.prompt_tokens}-token prompt:")
         print(f"  TTFT ≥ {r.ttft_ms:.3g} ms  (vision {r.vision_tflop:.3g} TFLOP + prefill {r.prefill_tflop:.3g} TFLOP)")
         print(f"  TPOT ≥ {r.tpot_ms:.3g} ms  ({r.weight_gb_per_gpu:.3g} GB weights + {r.kv_gb_per_gpu:.3g} GB KV per GPU)")
+        if batch:
+            print(f"  decode at batch {batch['batch']}: ≤ {batch['tokens_per_s']:,.0f} tokens/s  (a step ≥ "
+                  f"{batch['step_ms']:.3g} ms, {batch['bound']} bound)")
     return 0
 
 
@@ -278,6 +282,8 @@ def main(argv=None) -> int:
     f.add_argument("--peak-bf16", type=float, help="TFLOP/s")
     f.add_argument("--peak-fp8", type=float, help="TFLOP/s")
     f.add_argument("--hbm", type=float, help="TB/s")
+    f.add_argument("--batch", type=int, default=0, metavar="N",
+                   help="also the decode throughput bound with N requests in flight (e.g. the build's max batch size)")
     f.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     try:

@@ -102,6 +102,20 @@ def roofline(cfg: NVLMConfig, fmt: str, tp: int, *, tiles: int = 7, text_tokens:
                     weights / 1e9, kv / 1e9)
 
 
+def decode_bound(r: Roofline, cfg: NVLMConfig, batch: int, gpu: GPU) -> dict:
+    """The decode throughput bound at `batch` requests in flight: each step reads the weights once and every
+    request's KV cache (memory bound), and computes ~2 FLOP per LLM parameter per request (compute bound); the
+    slower of the two sets the step. Tokens/s over the whole deployment (all TP ranks together)."""
+    per_gpu_bytes = r.weight_gb_per_gpu * 1e9 + batch * r.kv_gb_per_gpu * 1e9
+    memory_s = per_gpu_bytes / (gpu.hbm_tbps * 1e12)
+    params = llm_weight_bytes(cfg, "bf16") / 2
+    peak = (gpu.fp8_tflops if get_format(r.fmt).fp8_compute else gpu.bf16_tflops) * 1e12
+    compute_s = batch * 2 * params / r.tp / peak
+    step = max(memory_s, compute_s)
+    return {"batch": batch, "step_ms": step * 1e3, "bound": "memory" if memory_s >= compute_s else "compute",
+            "tokens_per_s": batch / step}
+
+
 # --------------------------------------------------------------------------- a build's roofline
 
 

@@ -62,3 +62,17 @@ def test_roofline_cli(tmp_path, config_72b, capsys):
     assert main(["roofline", str(tmp_path), "--quant", "fp8", "--tp", "2", "--tiles", "7", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["gpu"] == "H100 SXM" and out["tpot_ms"] == pytest.approx(10.9, abs=0.1)
+
+
+def test_the_decode_bound_at_a_batch_reads_the_weights_once_per_step(cfg):
+    """nvlm-bench roofline --batch N: a decode step reads the weights once and each request's KV cache; the bound
+    is N tokens per step. NVLM-D-72B, fp8, TP2 on H100 SXM (the figures issue 32's docs quote)."""
+    from clients.roofline import GPUS, decode_bound
+
+    gpu = GPUS["h100-sxm"]
+    r = roofline(cfg, "fp8", 2, gpu=gpu)
+    one, big = decode_bound(r, cfg, 1, gpu), decode_bound(r, cfg, 64, gpu)
+    step = (r.weight_gb_per_gpu + 64 * r.kv_gb_per_gpu) * 1e9 / (gpu.hbm_tbps * 1e12)
+    assert big["step_ms"] == pytest.approx(step * 1e3) and big["tokens_per_s"] == pytest.approx(64 / step)
+    assert one["tokens_per_s"] == pytest.approx(1e3 / r.tpot_ms, rel=1e-6)  # batch 1: the TPOT bound
+    assert big["bound"] == "memory" and 4000 < big["tokens_per_s"] < 5000
