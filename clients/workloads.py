@@ -10,8 +10,6 @@ from runtime.core.errors import NVLMError
 from runtime.core.jsonl import parse_jsonl
 from runtime.scenes import TILE_SIZES, synthetic_scene
 
-
-
 PROMPTS = ["Describe this image in detail.", "What objects are in the picture?", "Summarize what you see.",
            "Explain the layout of this scene."]
 
