@@ -37,7 +37,7 @@ from runtime.preprocess import preprocess_files
 from runtime.prompt import Message, build_prompt
 from runtime.reference import reference_model
 from runtime.tokenizer import NVLMTokenizer
-from triton_repo.generate import generate_repo, plan_pending
+from triton_repo.generate import auto_entry_instances, generate_repo, plan_pending
 
 from .engine_build import DeploymentOptions, build_deployment, format_summary
 from .llm_build import build_llm
@@ -371,6 +371,9 @@ def _repo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", choices=["trt", "reference", "contract"], default="reference",
                    help="trt: TensorRT engines on NVIDIA's tensorrtllm backend (GPU hosts); reference: the reference "
                         "executor (CPU); contract: the trt repository with CPU stand-ins for the two GPU backends")
+    p.add_argument("--entry-instances", default="1", metavar="N|auto",
+                   help="processes of the entry model nvlm (auto: from this host's cores, what deploy/launch.sh uses "
+                        "on a GPU host; default 1)")
     p.add_argument("--null-engine", action="store_true",
                    help="benchmarks only, with --target contract: an LLM step that runs no model and returns seeded "
                         "tokens, to measure the serving path alone (benchmarks/serving_capacity.py)")
@@ -384,10 +387,17 @@ def _repo(args) -> int:
 
 
 
+    if args.entry_instances == "auto":
+        instances = auto_entry_instances()
+    elif args.entry_instances.isdigit() and int(args.entry_instances) >= 1:
+        instances = int(args.entry_instances)
+    else:
+        raise NVLMError(f"--entry-instances takes a number ≥ 1 or auto, got {args.entry_instances!r}")
     models: list = []
     out = Path(args.out)
     publish_dir(out, lambda tmp: models.extend(generate_repo(args.build, tmp, args.target, repo_path=out,
-                                                                 null_engine=args.null_engine)),
+                                                                 null_engine=args.null_engine,
+                                                                 entry_instances=instances)),
                 force=args.force)
     print(f"wrote {args.target} repository with {', '.join(models)} to {args.out}")
     if plan_pending(out):

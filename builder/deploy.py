@@ -107,7 +107,7 @@ fi
 if [ ! -f "$BUILD/engines/llm/config.json" ] || [ ! -f "$BUILD/engines/vision_encoder.engine" ]; then
   "$BUILD/engines/build_engines.sh"
 fi
-python3 -m builder.cli triton-repo "$BUILD" -o "$BUILD/triton_repo" --target trt --force
+python3 -m builder.cli triton-repo "$BUILD" -o "$BUILD/triton_repo" --target trt --entry-instances auto --force
 exec {cmd}
 """
 

@@ -155,7 +155,8 @@ def _engines(ctx: Context, tmp: Path) -> dict:
                   "import json; from runtime.core.gpu_host import VisionEngineSettings as S, build_vision_engine as b; "
                   "d = json.load(open('engines/settings.json'))['vision_engine']; "
                   "print(b(S(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})))"]
-    repo_cmd = ["python3", "-m", "builder.cli", "triton-repo", ".", "-o", "triton_repo", "--target", "trt", "--force"]
+    repo_cmd = ["python3", "-m", "builder.cli", "triton-repo", ".", "-o", "triton_repo", "--target", "trt",
+                "--entry-instances", "auto", "--force"]
     extra = model_file_line(family.engine_model) if family.engine_model and not gap else ""
     (tmp / "build_engines.sh").write_text(finish_script([llm_cmd, vision_cmd, repo_cmd], extra))
     (tmp / "build_engines.sh").chmod(0o755)

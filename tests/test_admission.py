@@ -4,6 +4,7 @@ pattern, one kept stream per slot — queues and completes; beyond the bound the
 keeper's probe is still answered then (it takes no user's place)."""
 
 import threading
+import time
 import urllib.request
 
 from clients.loadgen import run_closed_loop
@@ -55,3 +56,93 @@ def test_a_closed_loop_at_four_times_the_batch_queues_and_past_the_bound_is_busy
         with urllib.request.urlopen(probe, timeout=60) as r:
             assert r.status == 200 and "server busy" not in r.read().decode()
         [u.join() for u in users]
+
+
+def _entry_processes(srv) -> int:
+    """Python stubs of the entry model under this server (its instances are processes)."""
+    from pathlib import Path
+
+    n = 0
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            n += "triton_python_backend_stub" in cmd and f"{srv.repo}/nvlm/1/model.py" in cmd
+    return n
+
+
+def test_three_entry_instances_answer_alike_and_share_one_bound(serve_build, tmp_path, monkeypatch):
+    """The entry model as three processes: the same tokens as one for a mix of requests sent together (the
+    reference executor; a dropped image or a mixed-up request differs), one admission bound for the three
+    (a shared count), and a cancelled stream is stopped in the LLM step."""
+    import numpy as np
+    import pytest
+    import tritonclient.grpc as grpcclient
+
+    from tests.test_serving import IMAGE
+
+    jobs = [("Describe a cat.", []), ("What is in <image>?", [IMAGE]), ("Count to three.", []),
+            ("What colour is <image>?", [IMAGE]), ("Hello there.", []), ("Name a shape.", [])]
+
+    def answers(srv):
+        out = [None] * len(jobs)
+
+        def ask(k):
+            a = NVLMClient(srv.grpc_url).generate(jobs[k][0], jobs[k][1], max_tokens=6, stream=k % 2 == 0,
+                                                  return_log_probs=True)
+            out[k] = (a.tokens, a.log_probs)
+
+        threads = [threading.Thread(target=ask, args=(k,)) for k in range(len(jobs))]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        return out
+
+    three = tmp_path / "three"
+    generate_repo(serve_build, three, "reference", entry_instances=3)
+    with _serve(serve_build / "triton_repo") as srv:
+        one_answers = answers(srv)
+    with _serve(three) as srv:
+        assert _entry_processes(srv) == 3
+        three_answers = answers(srv)
+    # the random default's tokens hardly depend on the prompt; its log-probs do, so they tell requests apart
+    assert len({tuple(lps) for _, lps in one_answers}) == len(jobs)
+    for (tokens, lps), (tokens3, lps3) in zip(one_answers, three_answers):
+        assert tokens3 == tokens and lps3 == pytest.approx(lps, abs=1e-4)
+
+    null3 = tmp_path / "null3"
+    generate_repo(serve_build, null3, "contract", null_engine=True, entry_instances=3)
+    monkeypatch.setenv("NVLM_NULL_STEP_MS", "20")
+    batch = read_limits(serve_build).max_batch_size
+    with _serve(null3, max_queue=0) as srv:
+        assert _entry_processes(srv) == 3
+        streaming = [threading.Event() for _ in range(batch)]
+
+        def user(k):
+            NVLMClient(srv.grpc_url).generate("hi", max_tokens=400, stream=True, on_text=lambda _: streaming[k].set())
+
+        users = [threading.Thread(target=user, args=(k,)) for k in range(batch)]
+        [u.start() for u in users]
+        assert all(e.wait(60) for e in streaming)
+        try:  # the batch is in flight over three processes: one more is refused by the shared bound
+            NVLMClient(srv.grpc_url).generate("hi", max_tokens=1)
+            refused = None
+        except ClientError as e:
+            refused = str(e)
+        assert refused and "server busy" in refused
+        [u.join() for u in users]
+        # a stream cancelled after its first tokens: the LLM step stops it early (its own log line says so)
+        before = srv.log_file.read_text().count("cancelled after")
+        c, got = grpcclient.InferenceServerClient(srv.grpc_url), []
+        c.start_stream(callback=lambda result, error: got.append((result, error)))
+        c.async_stream_infer("nvlm", NVLMClient(srv.grpc_url)._inputs("hi", (), 1000, True, {}))
+        deadline = time.monotonic() + 60
+        while len(got) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        c.stop_stream(cancel_requests=True)
+        while srv.log_file.read_text().count("cancelled after") == before and time.monotonic() < deadline + 60:
+            time.sleep(0.2)
+        line = [ln for ln in srv.log_file.read_text().splitlines() if "cancelled after" in ln][before]
+        assert int(line.split("cancelled after ")[1].split()[0]) < 1000
+        assert np.all([e is None for _, e in got[:2]])

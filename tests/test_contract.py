@@ -153,7 +153,7 @@ def test_trt_plan_link_is_relative_inside_the_build(build, tmp_path):
     link = moved / "triton_repo" / "vision_encoder" / "1" / "model.plan"
     assert link.is_symlink() and not Path(link.readlink()).is_absolute() and link.read_bytes() == b"plan"
     script = (build / "engines" / "build_engines.sh").read_text()
-    assert "triton-repo . -o triton_repo --target trt --force" in script
+    assert "triton-repo . -o triton_repo --target trt --entry-instances auto --force" in script
 
 
 # --------------------------------------------------------------------------- served: the contract target

@@ -38,7 +38,7 @@ def test_launch_script_is_valid_bash_and_expands_the_build_path(tmp_path):
     subprocess.run(["bash", "-n", str(script)], check=True)
     text = script.read_text()
     assert '"--model-repository=$BUILD/triton_repo"' in text  # double-quoted: the shell expands it
-    assert "WORLD=2" in text and "engines/build_engines.sh" in text and "--target trt --force" in text
+    assert "WORLD=2" in text and "engines/build_engines.sh" in text and "--target trt --entry-instances auto --force" in text
     # the entry model's link to the LLM step (triton_repo/llm_link.py) gets the port the server listens on
     lines = [ln for ln in text.splitlines() if ln.startswith(("GRPC_PORT=", "export NVLM_TRITON_GRPC_URL="))]
     assert len(lines) == 2

@@ -627,8 +627,9 @@ def test_cancelled_streams_free_the_llm_step(server, client):
         c = grpcclient.InferenceServerClient(server.grpc_url)
         got: queue.Queue = queue.Queue()
         c.start_stream(callback=lambda result, error: got.put((result, error)))
-        inputs = client._inputs(f"Story {k}.", (), long_tokens, True, 0.0, 1, 0.0, k,
-                                {"min_tokens": ("INT32", np.array([long_tokens], np.int32))})
+        inputs = client._inputs(f"Story {k}.", (), long_tokens, True,
+                                {"seed": ("UINT64", np.array([k], np.uint64)),
+                                 "min_tokens": ("INT32", np.array([long_tokens], np.int32))})
         c.async_stream_infer("nvlm", inputs)
         first = [got.get(timeout=300) for _ in range(2)]
         out.append(all(e is None for _, e in first))

@@ -37,6 +37,7 @@ from triton_repo.serving import {cls}
 class TritonPythonModel({cls}):
     engine_path = {engine!r}  # what the real backend would load
 '''
+ENTRY_CORES, MAX_ENTRY_INSTANCES = 4, 8  # see auto_entry_instances
 VISION_DTYPES = {"fp16": "FP16", "bf16": "BF16", "fp32": "FP32"}
 PLAN = Path("engines") / "vision_encoder.engine"
 
@@ -58,11 +59,12 @@ def _cross_fraction(llm_config: dict, limits) -> float | None:
 
 def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "reference",
                   build_path: str | Path | None = None, repo_path: str | Path | None = None,
-                  null_engine: bool = False) -> list[str]:
+                  null_engine: bool = False, entry_instances: int = 1) -> list[str]:
     """`build_path`: where the build will live when served (defaults to `build_dir`); `repo_path`: where
     the repository will live (defaults to `repo`). The engine build writes both inside its temporary
     directory before publishing them under OUT. `null_engine` (contract target, benchmarks only): the LLM
-    step runs no model (models/llm_step.NullLLMModel)."""
+    step runs no model (models/llm_step.NullLLMModel). `entry_instances`: processes of the entry model
+    (`auto_entry_instances` sizes them for a GPU host)."""
     if null_engine and target != "contract":
         raise RenderError("the null engine replaces the contract target's LLM stand-in: use --target contract")
     standins = NULL_ENGINE_CLASSES if null_engine else STANDIN_CLASSES
@@ -88,7 +90,7 @@ def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "refere
                         kv_cache_free_gpu_mem_fraction=_kv_fraction(build, limits),
                         cross_kv_cache_fraction=_cross_fraction(cfg, limits),
                         image_size=pre.image_size, tokens_per_tile=pre.tokens_per_tile,
-                        max_queue=limits.queue_bound)
+                        max_queue=limits.queue_bound, entry_instances=entry_instances)
     written = []
     for spec in specs:
         d = repo / spec.name
@@ -114,6 +116,13 @@ def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "refere
     if problems:
         raise ContractError("the generated repository breaks the backend contract: " + "; ".join(problems))
     return written
+
+
+def auto_entry_instances(cores: int | None = None) -> int:
+    """Entry-model processes for this host: one per ENTRY_CORES cores, at least one and at most MAX_ENTRY_INSTANCES
+    (docs/serving.md: what one entry process carries and what an H100 deployment needs)."""
+    cores = cores or os.cpu_count() or 1
+    return max(1, min(MAX_ENTRY_INSTANCES, cores // ENTRY_CORES))
 
 
 def plan_pending(repo: str | Path) -> bool:

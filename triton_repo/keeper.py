@@ -103,6 +103,8 @@ def main(argv=None) -> int:
         signal.signal(sig, on_signal)
     _die_with_parent(args.parent)
     cmd = cmd + [f"--backend-config=python,shm-region-prefix-name={shm_prefix(os.getpid())}"]
+    # the stubs' own shared files (the entry instances' admission count) carry the same prefix: cleaned alike
+    os.environ[SHARED_PREFIX_ENV] = shm_prefix(os.getpid())
     restarts: list[float] = []
     while True:
         # if the keeper itself is killed (SIGKILL leaves it no time to stop anything), the server goes too
@@ -230,6 +232,8 @@ PROBE_PARAMETER = "nvlm_probe"
 # nvlm-serve --max-queue: the entry model's waiting room, overriding the build's limit (an environment variable of
 # the server it starts, which its Python stubs inherit)
 MAX_QUEUE_ENV = "NVLM_MAX_QUEUE"
+# the prefix of the shared-memory files of the server's stubs (the keeper removes them with the server's own)
+SHARED_PREFIX_ENV = "NVLM_SHM_PREFIX"
 
 
 class Probe:

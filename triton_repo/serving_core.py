@@ -21,7 +21,7 @@ from runtime.core import request_schema as schema
 from runtime.decoding import StopFilter, to_trtllm, word_list
 from runtime.tokenizer import StreamDecoder
 
-from .keeper import PROBE_PARAMETER
+from .keeper import PROBE_PARAMETER, SHARED_PREFIX_ENV
 
 
 def watch(future, is_cancelled, flag: threading.Event, period: float = 0.01):
@@ -134,20 +134,66 @@ class ServerBusy(ValueError):
     pass
 
 
+class SharedCount:
+    """A count shared by the processes of one server — the entry model's instances — kept in a small file
+    (`path`, under /dev/shm) and changed under an exclusive lock (flock): a few microseconds per request."""
+
+    def __init__(self, path: str):
+        import os
+
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+
+    def add(self, delta: int, limit: int | None = None) -> bool:
+        """Add `delta` unless the count would pass `limit`; whether it was added."""
+        import fcntl
+        import os
+
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        try:
+            raw = os.pread(self.fd, 8, 0)
+            n = int.from_bytes(raw, "little", signed=True) if len(raw) == 8 else 0
+            if limit is not None and n + delta > limit:
+                return False
+            os.pwrite(self.fd, (n + delta).to_bytes(8, "little", signed=True), 0)
+            return True
+        finally:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def value(self) -> int:
+        import os
+
+        raw = os.pread(self.fd, 8, 0)
+        return int.from_bytes(raw, "little", signed=True) if len(raw) == 8 else 0
+
+
+def shared_count_path(name: str) -> str:
+    """The file of a count shared by the Python stubs of the tritonserver that started this one (their parent,
+    so a restarted server starts from zero), under the keeper's shared-memory prefix, which it cleans up."""
+    import os
+    import tempfile
+
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(base, f"{os.environ.get(SHARED_PREFIX_ENV, 'nvlm_')}{name}_{os.getppid()}")
+
+
 class Admission:
     """How many requests the entry model carries at once: up to `max_in_flight` run (each on its own worker
     thread, so `execute` returns at once and the model's instance never caps concurrency), up to
     `max_waiting` more wait for a worker in arrival order, and one beyond that is refused at once with a
-    "server busy" error (a client retries; an unbounded queue would only turn load into latency)."""
+    "server busy" error. With several instances (processes) the count is one `SharedCount` for all of them, so the
+    bound holds for the model, however Triton spreads the requests."""
 
-    def __init__(self, max_in_flight: int, max_waiting: int):
+    def __init__(self, max_in_flight: int, max_waiting: int, shared: SharedCount | None = None):
         self.max_in_flight, self.max_waiting = max_in_flight, max_waiting
-        self.count = 0  # running + waiting
+        self.shared = shared
+        self.count = 0  # running + waiting (this process's; the model's is `shared`'s when there is one)
         self.lock = threading.Lock()
 
     def enter(self) -> None:
+        bound = self.max_in_flight + self.max_waiting
         with self.lock:
-            if self.count >= self.max_in_flight + self.max_waiting:
+            ok = self.shared.add(1, bound) if self.shared is not None else self.count < bound
+            if not ok:
                 raise ServerBusy(f"server busy: {self.max_in_flight} requests in flight (the build's max batch size) "
                                  f"and {self.max_waiting} waiting (nvlm-serve --max-queue); retry later")
             self.count += 1
@@ -155,6 +201,8 @@ class Admission:
     def leave(self) -> None:
         with self.lock:
             self.count -= 1
+            if self.shared is not None:
+                self.shared.add(-1)
 
 
 class LeavingSender:

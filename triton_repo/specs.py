@@ -200,7 +200,8 @@ def _nvidia_parameters(engine_dir: str | None, kv_cache_free_gpu_mem_fraction: f
 def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_size: int,
                 engine_dtype: str = "BF16", vision_dtype: str = "FP16", engine_dir: str | None = None, build_dir: str = "",
                 kv_cache_free_gpu_mem_fraction: float = 0.9, cross_kv_cache_fraction: float | None = None,
-                image_size: int = 448, tokens_per_tile: int = 256, max_queue: int | None = None) -> list[ModelSpec]:
+                image_size: int = 448, tokens_per_tile: int = 256, max_queue: int | None = None,
+                entry_instances: int = 1) -> list[ModelSpec]:
     """Model configs of the repository for `target` (TARGETS). `engine_dtype`: the LLM engine's activation
     dtype (the prompt table must match it); `vision_dtype`: the vision engine's I/O dtype. Python models
     find the build (tokenizer, preprocess.json, vision ONNX, llm checkpoint) through `build_dir`."""
@@ -254,10 +255,13 @@ def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_
     # run the vision step even with none), and streaming needs a decoupled model that forwards each
     # tensorrt_llm response as it arrives. It sends each callee the dtypes that callee declares,
     # which it reads from these parameters.
+    if entry_instances < 1:
+        raise RenderError(f"entry instances must be ≥ 1, got {entry_instances}")
     entry = ModelSpec("nvlm", backend="python", platform=None, max_batch_size=0, inputs=entry_inputs(),
-                      outputs=entry_outputs(), decoupled=True, instance_count=1,
-                      # one instance: it hands each request to a worker thread (models/entry.EntryModel), so the
-                      # instance count no longer caps concurrency; the engine's max batch size does
+                      outputs=entry_outputs(), decoupled=True, instance_count=entry_instances,
+                      # each instance hands each request to a worker thread (models/entry.EntryModel), so the
+                      # instance count does not cap concurrency (the engine's max batch size does); instances are
+                      # processes, for the CPU per streamed token: each admits its share of the bounds below
                       parameters={**py, "vision_dtype": vis_dtype, "prompt_table_dtype": engine_dtype,
                                   "max_in_flight": max_batch_size,
                                   "max_queue": max_batch_size * QUEUE_PER_BATCH if max_queue is None else max_queue})

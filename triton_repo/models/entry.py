@@ -3,6 +3,7 @@ tensorrt_llm over a gRPC stream → the answer, streamed as text deltas or whole
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import uuid
@@ -37,8 +38,10 @@ from ..serving_core import (
     AtMostEvery,
     LeavingSender,
     ServerBusy,
+    SharedCount,
     entry_decoding,
     is_probe,
+    shared_count_path,
 )
 from .preprocessing import CROSS_OUTPUTS
 
@@ -76,7 +79,10 @@ class EntryModel:
         n = int(params.get("max_in_flight", self.limits.max_batch_size))
         # nvlm-serve --max-queue sets NVLM_MAX_QUEUE for the server it starts; else the build's limit
         waiting = int(os.environ.get(MAX_QUEUE_ENV) or params.get("max_queue", self.limits.queue_bound))
-        self.admission = Admission(n, waiting)
+        # several instances (processes, for the CPU per streamed token) share one count: the bounds are the model's
+        instances = sum(g.get("count", 1) for g in json.loads(args["model_config"]).get("instance_group", [])) or 1
+        shared = SharedCount(shared_count_path("admission")) if instances > 1 else None
+        self.admission = Admission(n, waiting, shared)
         self.workers = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nvlm-request")
 
     def finalize(self):
