@@ -1,7 +1,7 @@
 """The serving path's own capacity, measured with the null engine (issue 32): streamed text requests, closed loop.
 
     .venv/bin/python benchmarks/serving_capacity.py --build BUILD [--concurrency 1,4,16,32,64] [--max-tokens 256]
-        [--seconds 20] [--json F]
+        [--step-ms 10] [--seconds 20] [--json F]
 
 BUILD is an `nvlm-build engine` output whose max batch size covers the highest concurrency (the entry model admits
 max batch size in flight and as many waiting). Its contract repository is written with the null engine
@@ -125,6 +125,10 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", default="1,4,16,32,64")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=20.0, help="per level")
+    ap.add_argument("--step-ms", type=float, default=10.0,
+                    help="the null engine's decode step: every active request gets one token per step, as from a real "
+                         "engine (NVLM-D-72B fp8 TP2 on H100s: ≥ 11–23 ms at batch 8–256, nvlm-bench roofline --batch); "
+                         "0: as fast as it can, when the tokens pile up into long runs")
     ap.add_argument("--port", type=int, default=24100)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
@@ -132,6 +136,7 @@ def main(argv=None) -> int:
     from triton_repo.generate import generate_repo
     from triton_repo.server import TritonServer
 
+    os.environ["NVLM_NULL_STEP_MS"] = str(a.step_ms)  # the server this process starts inherits it
     work = Path(tempfile.mkdtemp(prefix="nvlm-capacity-"))
     repo = work / "repo"
     generate_repo(a.build, repo, "contract", null_engine=True)
@@ -154,7 +159,8 @@ def main(argv=None) -> int:
     finally:
         server.stop()
     if a.json:
-        Path(a.json).write_text(json.dumps({"build": str(a.build), "max_tokens": a.max_tokens, "rows": rows}, indent=1))
+        Path(a.json).write_text(json.dumps({"build": str(a.build), "max_tokens": a.max_tokens, "step_ms": a.step_ms,
+                                            "rows": rows}, indent=1))
     return 0
 
 

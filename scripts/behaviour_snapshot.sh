@@ -5,7 +5,8 @@
 # - the answers (tokens, text, log-probs) of a fixed set of requests served by nvlm-serve from the fp8 build,
 #   streamed and not, with stop / bad words, penalties and seeded sampling.
 # Only the command-line tools are used, so the script runs unchanged on both sides of a module move.
-# Timings (seconds, time to first token, chunk arrival times) are left out: they differ run to run.
+# Timings (seconds, time to first token, chunk arrival times) and how a stream was cut into chunks are left out:
+# they differ run to run.
 # NVLM_SNAPSHOT_REUSE=1 keeps the builds already in OUT (their lists are rewritten), e.g. to redo the requests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +42,7 @@ try:
     a = json.loads(text)
 except ValueError:
     a = {'error': text.strip()}
-for k in ('seconds', 'time_to_first_token', 'chunk_times'):
+for k in ('seconds', 'time_to_first_token', 'chunk_times', 'chunks'):  # chunking depends on load
     a.pop(k, None)
 print(sys.argv[1], json.dumps(a, sort_keys=True))" "$label" >> "$OUT/snapshot/served.jsonl"
 }

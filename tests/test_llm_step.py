@@ -74,11 +74,11 @@ def test_a_streamed_request_s_tokens_leave_as_one_run_while_the_sender_is_behind
     hold, busy = threading.Event(), threading.Event()
     llm_step.outbox.put(lambda: (busy.set(), hold.wait(30)))  # the sender is busy with an earlier response
     assert busy.wait(30)  # taken off the queue: what is queued from now on is this request's
-    queued = llm_step.outbox.queue
+    outbox = llm_step.outbox
 
     def release():  # once the run's send and the final one wait behind it: every token has been made
         deadline = time.monotonic() + 30
-        while queued.qsize() < 2 and time.monotonic() < deadline:
+        while len(outbox.ready) < 2 and time.monotonic() < deadline:
             time.sleep(0.002)
         hold.set()
 

@@ -150,3 +150,39 @@ def test_the_null_engine_returns_seeded_tokens_of_the_requested_length():
         assert d.finish_reason == "cancelled" and len(d.tokens) < 1000
     finally:
         engine.close()
+
+
+def _until(cond, seconds=30.0):
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return cond()
+
+
+def test_a_streamed_run_waits_for_its_interval_and_the_final_response_flushes_it_first():
+    """After a request's first token (sent at once), its tokens leave in runs at most once per stream interval;
+    the final response sends a waiting run before itself, and the run's delayed send then finds nothing."""
+    import time
+
+    from triton_repo.serving_core import Outbox
+
+    outbox, sent = Outbox(), []
+    run = PendingRun(outbox.put, lambda tokens, lps, cum: sent.append(list(tokens)), interval=0.5,
+                     enqueue_at=outbox.put_at)
+    try:
+        run.push(1, None)
+        assert _until(lambda: sent == [[1]])
+        run.push(2, None)
+        run.push(3, None)
+        time.sleep(0.05)
+        assert sent == [[1]]  # within the interval: held
+        outbox.put(lambda: (run.flush(), sent.append("final")))
+        assert _until(lambda: sent == [[1], [2, 3], "final"])
+        time.sleep(0.6)
+        assert sent == [[1], [2, 3], "final"]  # the delayed send found the run gone
+        run.push(4, None)  # more than the interval after the last run: at once
+        assert _until(lambda: sent[-1] == [4], 0.4)
+    finally:
+        outbox.close()

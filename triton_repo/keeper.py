@@ -232,6 +232,10 @@ PROBE_PARAMETER = "nvlm_probe"
 # nvlm-serve --max-queue: the entry model's waiting room, overriding the build's limit (an environment variable of
 # the server it starts, which its Python stubs inherit)
 MAX_QUEUE_ENV = "NVLM_MAX_QUEUE"
+# nvlm-serve --stream-interval-ms: the least time between two streamed responses of a request after its first, in
+# the entry model and the Python LLM step (tokens made in between leave together; docs/serving.md)
+STREAM_INTERVAL_ENV = "NVLM_STREAM_INTERVAL_MS"
+STREAM_INTERVAL_MS = 40.0
 # the prefix of the shared-memory files of the server's stubs (the keeper removes them with the server's own)
 SHARED_PREFIX_ENV = "NVLM_SHM_PREFIX"
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -126,19 +127,21 @@ class LLMLink:
             self._all.discard(s)
         s.close()
 
-    def generate(self, inputs: list, outputs: list[str], request_id: str, grouped: bool = False) -> Iterator:
+    def generate(self, inputs: list, outputs: list[str], request_id: str, grouped: bool = False,
+                 interval: float = 0.0) -> Iterator:
         """Send one request ((name, array or tensor) pairs, with their batch dimension) on this thread's stream
         and yield its responses (tritonclient InferResult) up to and including the final one. An error
         response raises ValueError with the LLM step's message.
 
         `grouped`: yield lists instead — every response that had arrived when the caller asked for the next
-        (at least one; the final one ends its list). A caller that answers each list with one response of its
-        own sends one per LLM-step response while it keeps up, and fewer, longer ones when it falls behind,
-        instead of working through a backlog of one-token responses."""
+        (at least one; the final one ends its list), and, with `interval` > 0, every response that arrives
+        until `interval` seconds after the last list (the first response is yielded at once). A caller that
+        answers each list with one response of its own sends one per `interval` while responses keep coming,
+        instead of one per LLM-step response: the fixed cost of a response is paid per run of tokens."""
         s = self._stream()
         clean = False
         try:
-            yield from self._exchange(s, inputs, outputs, request_id, grouped)
+            yield from self._exchange(s, inputs, outputs, request_id, grouped, interval)
             clean = True
         finally:
             if not clean:
@@ -154,7 +157,7 @@ class LLMLink:
             s.close()
 
     def _exchange(self, s: _Stream, inputs: list, outputs: list[str], request_id: str,
-                  grouped: bool = False) -> Iterator:
+                  grouped: bool = False, interval: float = 0.0) -> Iterator:
         from tritonclient import grpc
 
         try:
@@ -167,19 +170,26 @@ class LLMLink:
             except queue.Empty:
                 pass
             raise self._unreachable(e) from None
-        first = True
+        first, due = True, 0.0
         while True:
             group = [self._receive(s, request_id, first)]
-            first = False
             # the one reader of this inbox: not empty means the next get does not wait
-            while grouped and not _is_final(group[-1]) and not s.inbox.empty():
-                group.append(self._receive(s, request_id, False))
+            while grouped and not _is_final(group[-1]):
+                wait = 0.0 if first else due - time.monotonic()
+                if wait <= 0 and s.inbox.empty():
+                    break
+                try:
+                    group.append(self._receive(s, request_id, False, timeout=max(wait, 0.0) or None))
+                except queue.Empty:
+                    break
+            first = False
+            due = time.monotonic() + interval
             yield group if grouped else group[0]
             if _is_final(group[-1]):
                 return
 
-    def _receive(self, s: _Stream, request_id: str, first: bool):
-        result, error = s.inbox.get()
+    def _receive(self, s: _Stream, request_id: str, first: bool, timeout: float | None = None):
+        result, error = s.inbox.get(timeout=timeout) if timeout else s.inbox.get()
         if error is not None:
             if first and "UNAVAILABLE" in str(getattr(error, "status", lambda: "")()):
                 raise self._unreachable(error)

@@ -29,6 +29,8 @@ from .keeper import (
     MAX_QUEUE_ENV,
     PROBE_INTERVAL_S,
     READY_PATH,
+    STREAM_INTERVAL_ENV,
+    STREAM_INTERVAL_MS,
     is_ready,
     shm_prefix,
 )
@@ -68,13 +70,15 @@ class TritonServer:
     def __init__(self, repo: str | Path, *, host: str = "127.0.0.1", grpc_port: int = 8001, http_port: int = 8000,
                  metrics_port: int = 8002, log_file: str | Path | None = None,
                  hang_timeout: float = HANG_TIMEOUT_S, probe_interval: float = PROBE_INTERVAL_S,
-                 llm_step_nice: int = LLM_STEP_NICE, max_queue: int | None = None):
+                 llm_step_nice: int = LLM_STEP_NICE, max_queue: int | None = None,
+                 stream_interval_ms: float | None = None):
         self.repo = Path(repo).resolve()
         # the keeper restarts a server that answers no probe request for hang_timeout s (0: no probe)
         self.hang_timeout, self.probe_interval = hang_timeout, probe_interval
         # a Python LLM step (reference, contract) keeps its priority; the server and other stubs go this far below
         self.llm_step_nice = llm_step_nice
         self.max_queue = max_queue  # the entry model's waiting room (None: the build's limit)
+        self.stream_interval_ms = stream_interval_ms  # None: STREAM_INTERVAL_MS
         self.host, self.grpc_port, self.http_port, self.metrics_port = host, grpc_port, http_port, metrics_port
         self.workdir = Path(tempfile.mkdtemp(prefix="nvlm-serve-"))
         self.log_file = Path(log_file) if log_file else self.workdir / "tritonserver.log"
@@ -112,6 +116,8 @@ class TritonServer:
         env[URL_ENV] = self.grpc_url
         if self.max_queue is not None:
             env[MAX_QUEUE_ENV] = str(self.max_queue)
+        if self.stream_interval_ms is not None:
+            env[STREAM_INTERVAL_ENV] = str(self.stream_interval_ms)
         return env
 
     def start(self, timeout: float = 120.0) -> "TritonServer":
@@ -216,6 +222,9 @@ def main(argv=None) -> int:
     ap.add_argument("--max-queue", type=int, default=None, metavar="N",
                     help="requests that may wait beyond the max batch size before \"server busy\" (default: the "
                          "build's limit, 8 × its max batch size unless it was built with --max-queue)")
+    ap.add_argument("--stream-interval-ms", type=float, default=None, metavar="MS",
+                    help="the least time between two streamed responses of a request after its first: tokens made in "
+                         f"between leave together (default {STREAM_INTERVAL_MS:g}; 0: one response per token)")
     ap.add_argument("--openai-port", type=int, help="also serve the OpenAI chat-completions API on this port")
     ap.add_argument("--openai-model-name", default="nvlm", help="the model id the OpenAI API serves (default nvlm)")
     ap.add_argument("--openai-image-dir", help="let OpenAI requests name local image files under this directory "
@@ -241,7 +250,7 @@ def main(argv=None) -> int:
         server = TritonServer(repo, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
                               metrics_port=args.metrics_port, log_file=args.log_file,
                               hang_timeout=args.hang_timeout, llm_step_nice=args.llm_step_nice,
-                              max_queue=args.max_queue).start()
+                              max_queue=args.max_queue, stream_interval_ms=args.stream_interval_ms).start()
     except NVLMError as e:
         print(f"nvlm-serve: error: {e}", file=sys.stderr)
         return 2

@@ -21,7 +21,7 @@ from runtime.core import request_schema as schema
 from runtime.decoding import StopFilter, to_trtllm, word_list
 from runtime.tokenizer import StreamDecoder
 
-from .keeper import PROBE_PARAMETER, SHARED_PREFIX_ENV
+from .keeper import PROBE_PARAMETER, SHARED_PREFIX_ENV, STREAM_INTERVAL_ENV, STREAM_INTERVAL_MS
 
 
 def watch(future, is_cancelled, flag: threading.Event, period: float = 0.01):
@@ -57,22 +57,31 @@ class AtMostEvery:
         return self.answer
 
 
+def stream_interval() -> float:
+    """Seconds between two streamed responses of one request after its first (NVLM_STREAM_INTERVAL_MS, which
+    nvlm-serve --stream-interval-ms sets; STREAM_INTERVAL_MS by default): tokens made in between leave together."""
+    import os
+
+    return float(os.environ.get(STREAM_INTERVAL_ENV) or STREAM_INTERVAL_MS) / 1e3
+
+
 class PendingRun:
     """A streamed request's tokens not yet sent: each new token joins the run, and the whole run leaves as one
-    response when the LLM step's sending thread (`Outbox`) gets to it. While the sender keeps up that is one
-    token per response; when it falls behind (many requests, few cores) a response carries every token made
-    since the last one — the `tensorrtllm` backend's streamed `output_ids` are [batch, beam, new tokens] and
-    may hold several — instead of a queue of one-token responses that each cost the same fixed work
-    downstream (a stub-to-server round trip, the entry's text-delta decode, a gRPC message to the client).
-    Order is kept: a run is enqueued when its first token arrives, so it leaves before anything enqueued after
-    that token (the final response included)."""
+    response — the `tensorrtllm` backend's streamed `output_ids` are [batch, beam, new tokens] and may hold
+    several. Runs are the normal mode, not an overload mode: a response costs the same fixed work all the way
+    down (a stub-to-server round trip, tritonserver, the entry model's receive and its own response, a gRPC
+    message to the client) whatever it carries, so after a request's first token (sent at once) a run leaves
+    `interval` seconds after the last one at the earliest, and sooner only when the sending thread falls behind
+    anyway. Order is kept: the request's final response flushes its run first (`flush`)."""
 
-    def __init__(self, enqueue, send):
+    def __init__(self, enqueue, send, interval: float = 0.0, enqueue_at=None):
         self.enqueue, self.send = enqueue, send  # send(tokens, log_probs, cum_log_prob up to the last token)
+        self.interval, self.enqueue_at = interval, enqueue_at  # enqueue_at(due monotonic time, fn)
         self.lock = threading.Lock()
         self.tokens: list[int] = []
         self.lps: list = []
         self.cum = 0.0
+        self.last = float("-inf")  # when the last run left
 
     def push(self, tok: int, lp) -> None:
         with self.lock:
@@ -80,40 +89,77 @@ class PendingRun:
             self.lps.append(lp)
             self.cum += lp or 0.0
             first = len(self.tokens) == 1
+            due = self.last + self.interval
         if first:
-            self.enqueue(self._flush)
+            if self.interval and self.enqueue_at is not None and due > time.monotonic():
+                self.enqueue_at(due, self.flush)
+            else:
+                self.enqueue(self.flush)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         with self.lock:
             tokens, lps, cum = self.tokens, self.lps, self.cum
             self.tokens, self.lps = [], []
+            if tokens:
+                self.last = time.monotonic()
         if tokens:
             self.send(tokens, lps, cum)
 
 
 class Outbox:
     """The LLM step's one sending thread: every streamed token's response and every final response goes
-    through it, in order. The batcher's decode loop only enqueues — a send is a round trip from the stub to
-    tritonserver, and made inside the loop it held up the whole batch — while all responses still leave
-    from one thread: sending from each request's own thread instead hung the bundled server's Python
-    backend (r24.10) in the soak test, every stub idle and sends never acknowledged."""
+    through it, in order of enqueueing (`put`), or once due (`put_at`: a run waiting for its stream interval).
+    The batcher's decode loop only enqueues — a send is a round trip from the stub to tritonserver, and made
+    inside the loop it held up the whole batch — while all responses still leave from one thread: sending from
+    each request's own thread instead hung the bundled server's Python backend (r24.10) in the soak test, every
+    stub idle and sends never acknowledged."""
 
     def __init__(self):
-        import queue
+        import collections
+        import itertools
 
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.cv = threading.Condition()
+        self.ready: collections.deque = collections.deque()
+        self.later: list = []  # heap of (due, order, send)
+        self.order = itertools.count()
+        self.closed = False
         self.thread = threading.Thread(target=self._loop, name="llm-step-sender", daemon=True)
         self.thread.start()
 
     def put(self, send) -> None:
-        self.queue.put(send)
+        with self.cv:
+            self.ready.append(send)
+            self.cv.notify()
+
+    def put_at(self, due: float, send) -> None:
+        import heapq
+
+        with self.cv:
+            heapq.heappush(self.later, (due, next(self.order), send))
+            self.cv.notify()
 
     def close(self) -> None:
-        self.queue.put(None)
+        with self.cv:
+            self.closed = True
+            self.cv.notify()
         self.thread.join(timeout=10)
 
+    def _next(self):
+        import heapq
+
+        with self.cv:
+            while True:
+                now = time.monotonic()
+                while self.later and (self.later[0][0] <= now or self.closed):
+                    self.ready.append(heapq.heappop(self.later)[2])
+                if self.ready:
+                    return self.ready.popleft()
+                if self.closed:
+                    return None
+                self.cv.wait(timeout=self.later[0][0] - now if self.later else None)
+
     def _loop(self) -> None:
-        while (send := self.queue.get()) is not None:
+        while (send := self._next()) is not None:
             try:
                 send()
             except Exception:  # noqa: BLE001 — the request is gone (cancelled): nothing to tell

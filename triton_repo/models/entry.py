@@ -42,6 +42,7 @@ from ..serving_core import (
     entry_decoding,
     is_probe,
     shared_count_path,
+    stream_interval,
 )
 from .preprocessing import CROSS_OUTPUTS
 
@@ -74,6 +75,7 @@ class EntryModel:
         self.table_dtype = torch_dtype(params["prompt_table_dtype"])
         # the LLM step over a gRPC stream per worker, not decoupled BLS (llm_link.py says why)
         self.llm = LLMLink("tensorrt_llm")
+        self.interval = stream_interval()
         from concurrent.futures import ThreadPoolExecutor
 
         n = int(params.get("max_in_flight", self.limits.max_batch_size))
@@ -175,7 +177,8 @@ class EntryModel:
         answer = AnswerStream(self.tok, decoding)
         rid = uuid.uuid4().hex  # the LLM step's request id: a `stop` request names it
         # grouped: every LLM-step response that has arrived is answered by one response to the client
-        groups = self.llm.generate(llm_inputs, decoding.outputs, rid, grouped=True)
+        # (streamed: after the first, one group per stream interval — runs of tokens are the normal mode)
+        groups = self.llm.generate(llm_inputs, decoding.outputs, rid, grouped=True, interval=self.interval)
         stopped = False
         client_gone = AtMostEvery(request.is_cancelled)
         if stream and not decoding.exclude_input:

@@ -19,7 +19,7 @@ from runtime.prompt import mask_to_ranges
 from ..check import cross_fraction_problem
 from ..contract import load_contract
 from ..pb import as_torch, build_dir, error, get_input, model_parameters, response, scalar, stub, torch_dtype_name
-from ..serving_core import Outbox, PendingRun, watch
+from ..serving_core import Outbox, PendingRun, stream_interval, watch
 
 
 class ReferenceLLMModel:
@@ -51,6 +51,7 @@ class ReferenceLLMModel:
         # in-flight batching, as the backend does: up to the engine's max batch size decode together
         self.batcher = InflightBatcher(self.executor, self.limits.max_batch_size)
         self.outbox = Outbox()
+        self.interval = stream_interval()  # a streamed request's tokens leave in runs at most this often
         self.stops: dict[str, threading.Event] = {}  # request id → its stop flag, while it runs
         self.stops_lock = threading.Lock()
 
@@ -169,12 +170,13 @@ class ReferenceLLMModel:
             return response(pb, wanted, out)
 
         send = self.outbox.put
-        run = PendingRun(send, lambda tokens, lps, cum: sender.send(emit(tokens, lps, cum)))
+        run = PendingRun(send, lambda tokens, lps, cum: sender.send(emit(tokens, lps, cum)), self.interval,
+                         self.outbox.put_at)
 
         try:  # run.push is called by the batcher's loop: it only appends (and enqueues the run's send)
             result = watch(self.batcher.submit(req, run.push if stream else None), is_cancelled, flag)
             if stream:
-                send(lambda: sender.send(flags=final))
+                send(lambda: (run.flush(), sender.send(flags=final)))  # a run waiting for its interval goes first
             else:
                 send(lambda: sender.send(emit(result.tokens, result.log_probs, result.cum_log_prob), flags=final))
             if result.finish_reason == "cancelled":  # the fault tests read this line in the server log
@@ -252,6 +254,7 @@ class NullLLMModel(StandInLLMModel):
         self.batcher = NullBatcher(vocab, int(os.environ.get("NVLM_NULL_RUN", "1")),
                                    float(os.environ.get("NVLM_NULL_STEP_MS", "0")) / 1e3)
         self.outbox = Outbox()
+        self.interval = stream_interval()
         self.stops: dict[str, threading.Event] = {}
         self.stops_lock = threading.Lock()
 
