@@ -10,6 +10,7 @@ import torch
 from builder.llm_build import build_llm
 from runtime.core.errors import InputError
 from runtime.core.llm_formats import LLMBuildOptions, get_format
+from runtime.core.request_schema import Controls
 from runtime.executor import KVCache, ReferenceExecutor, Request
 from runtime.inflight import InflightBatcher
 
@@ -31,10 +32,10 @@ def _requests(ex):
     return [
         Request([39, 506, 333], 12),
         Request([7, 8, v, v + 1, v + 2, 9], 9, table[:3]),
-        Request([100, 200, 300, 400, 500], 7, temperature=1.5, top_k=0, seed=11),
-        Request([5, v + 3, v + 4, v + 5, 6, 6, 6], 10, table, presence_penalty=30.0, return_log_probs=True),
+        Request([100, 200, 300, 400, 500], 7, controls=Controls(temperature=1.5, top_k=0, seed=11)),
+        Request([5, v + 3, v + 4, v + 5, 6, 6, 6], 10, table, controls=Controls(presence_penalty=30.0, return_log_probs=True)),
         Request([61, 62], 4),
-        Request([39, 506, 333], 12, repetition_penalty=5.0, stop_words=((62,),)),
+        Request([39, 506, 333], 12, controls=Controls(repetition_penalty=5.0, stop_words=((62,),))),
     ]
 
 

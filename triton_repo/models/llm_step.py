@@ -12,7 +12,7 @@ import numpy as np
 from runtime.core import request_schema as schema
 from runtime.core.build_dir import engine_dtype, read_limits
 from runtime.decoding import from_trtllm
-from runtime.executor import ReferenceExecutor, Request
+from runtime.executor import ReferenceExecutor, Request, Result
 from runtime.inflight import InflightBatcher
 from runtime.prompt import mask_to_ranges
 
@@ -291,8 +291,6 @@ class NullBatcher:
     def _loop(self) -> None:
         import queue
         import time
-
-        from runtime.executor import Result
 
         active = []  # [req, on_token, future, tokens, produced]
         while not self.closed:
