@@ -205,12 +205,6 @@ class SharedCount:
         finally:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
 
-    def value(self) -> int:
-        import os
-
-        raw = os.pread(self.fd, 8, 0)
-        return int.from_bytes(raw, "little", signed=True) if len(raw) == 8 else 0
-
 
 def shared_count_path(name: str) -> str:
     """The file of a count shared by the Python stubs of the tritonserver that started this one (their parent,

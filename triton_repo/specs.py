@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from runtime.core import request_schema
 from runtime.core.errors import NVLMError
 from runtime.core.families import ModelFamily
-from runtime.core.limits import QUEUE_PER_BATCH
+from runtime.core.limits import EngineLimits
 
 from .contract import load_contract, resolve
 
@@ -264,5 +264,5 @@ def model_specs(target: str, *, family: ModelFamily, llm_hidden: int, max_batch_
                       # processes, for the CPU per streamed token: each admits its share of the bounds below
                       parameters={**py, "vision_dtype": vis_dtype, "prompt_table_dtype": engine_dtype,
                                   "max_in_flight": max_batch_size,
-                                  "max_queue": max_batch_size * QUEUE_PER_BATCH if max_queue is None else max_queue})
+                                  "max_queue": EngineLimits(max_batch_size=max_batch_size, max_queue=max_queue).queue_bound})
     return [pre, vision, llm, post, entry]

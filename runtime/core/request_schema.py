@@ -116,12 +116,10 @@ def validate(values: Mapping[str, Any], max_tokens: int) -> None:
             raise InputError(f"{name} must be {rule}, got {v}")
 
 
-def controls(values: Mapping[str, Any], max_tokens: int, **decided) -> "Controls":
-    """Checked values (absent or None: the default) → the executor's Controls; `decided`: values the caller
-    fills in itself (end_id)."""
+def controls(values: Mapping[str, Any], max_tokens: int) -> "Controls":
+    """Checked values (absent or None: the default) → the executor's Controls."""
     validate(values, max_tokens)
-    given = {k: v for k, v in values.items() if v is not None}
-    return Controls(**{**given, **decided})
+    return Controls(**{k: v for k, v in values.items() if v is not None})
 
 
 # --------------------------------------------------------------------------- Triton tensors
