@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+import builder.llm_build as lb
 from builder.calibration import builtin_samples, embed_samples, select
 from builder.cli import main
 from builder.fidelity import prepare_prompts
@@ -403,7 +404,6 @@ def test_near_ties_do_not_refuse_a_correct_build_and_a_wrong_scale_still_fails(n
     """A correct fp8 build of near-uniform logits passes (its near-ties, if any, counted and excluded); the same
     build with one stored weight scale 25% off (layer 1's MLP output projection: the engine would multiply its FP8
     bytes by it) is refused and nothing is published. Measured: 0.0005–0.016 correct, 0.105–0.109 wrong (3 seeds)."""
-    import builder.llm_build as lb
     from safetensors.torch import load_file, save_file
 
     good = tmp_path / "good"
