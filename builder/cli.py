@@ -388,7 +388,8 @@ def _repo(args) -> int:
 
 
     if args.entry_instances == "auto":
-        instances = auto_entry_instances()
+        instances, why = auto_entry_instances(args.build)
+        log.info("%s", why)
     elif args.entry_instances.isdigit() and int(args.entry_instances) >= 1:
         instances = int(args.entry_instances)
     else:

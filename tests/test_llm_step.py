@@ -13,7 +13,7 @@ import pytest
 from runtime.core.request_schema import Controls
 from runtime.executor import Request
 from triton_repo import serving
-from triton_repo.llm_link import FINAL, LLMLink
+from triton_repo.llm_link import FINAL, LLMLink, _Shared
 
 FINAL_FLAG = 1
 
@@ -120,38 +120,53 @@ def test_the_request_s_own_thread_stops_it_when_its_client_left(llm_step):
     assert len([t for ids, *_ in stays.sent if ids for t in ids]) == 12
 
 
-class _Result:
-    def __init__(self, rid, final=False):
-        params = {FINAL: SimpleNamespace(bool_param=True)} if final else {}
-        self.response = SimpleNamespace(id=rid, parameters=params)
+def _message(rid, final=False, error=""):
+    """A ModelStreamInferResponse as the LLM step's server sends it."""
+    from tritonclient.grpc import service_pb2
 
-    def get_response(self):
-        return self.response
+    msg = service_pb2.ModelStreamInferResponse(error_message=error)
+    msg.infer_response.id = rid
+    out = msg.infer_response.outputs.add(name="output_ids", datatype="INT32", shape=[1, 1])
+    msg.infer_response.raw_output_contents.append(np.asarray([[len(rid)]], np.int32).tobytes())
+    if final:
+        msg.infer_response.parameters[FINAL].bool_param = True
+    del out
+    return msg
 
 
 def _link_with(arrived):
-    """An LLMLink whose thread's stream already holds `arrived` (what gRPC delivered) and accepts a send."""
-    class Stream:  # _Stream without its gRPC client
-        inbox, closed = queue.SimpleQueue(), False
-        client = SimpleNamespace(async_stream_infer=lambda *a, **k: None)
+    """An LLMLink whose request finds `arrived` (what gRPC delivered, routed by the link's own reader) already in
+    its queue, and whose send goes nowhere."""
+    link, shared = LLMLink(url="unused:0"), _Shared.__new__(_Shared)
+    shared.waiting, shared.dead = {}, None
 
-        def close(self):
-            self.closed = True
+    def send(rid, msg):
+        inbox = shared.waiting[rid] = queue.SimpleQueue()
+        for m in arrived:
+            link._deliver(shared, m)
+        return shared, inbox
 
-    link, stream = LLMLink(url="unused:0"), Stream()
-    for r in arrived:
-        stream.inbox.put((r, None))
-    link._local.stream = stream
+    link._send = send
     return link
 
 
 def test_the_link_groups_the_responses_that_arrived_together():
     """grouped=True yields every response already there as one list (the final one ends it); without it, one
     response at a time, as before."""
-    arrived = [_Result("r"), _Result("r"), _Result("r"), _Result("r", final=True)]
+    arrived = [_message("r"), _message("r"), _message("r"), _message("r", final=True)]
     groups = list(_link_with(arrived).generate([], ["output_ids"], "r", grouped=True))
-    assert [len(g) for g in groups] == [4] and groups[0] == arrived
+    assert [len(g) for g in groups] == [4] and [g.msg for g in groups[0]] == [m.infer_response for m in arrived]
     single = list(_link_with(arrived).generate([], ["output_ids"], "r"))
-    assert single == arrived
-    with pytest.raises(ValueError, match="answered request 'x'"):
-        list(_link_with([_Result("x")]).generate([], ["output_ids"], "r", grouped=True))
+    assert [r.msg for r in single] == [m.infer_response for m in arrived]
+    assert single[0].as_numpy("output_ids").tolist() == [[1]] and single[0].as_numpy("output_log_probs") is None
+
+
+def test_the_shared_stream_routes_each_response_to_its_own_request():
+    """One stream carries every request: a response goes to the queue of the request it names, another request's
+    (or an abandoned one's) never reaches it, and an error response ends its request with the LLM step's message."""
+    mixed = [_message("other"), _message("r"), _message("gone", final=True), _message("other", final=True),
+             _message("r", final=True)]
+    got = list(_link_with(mixed).generate([], ["output_ids"], "r"))
+    assert [r.id for r in got] == ["r", "r"] and got[-1].final
+    with pytest.raises(ValueError, match="engine on fire"):
+        list(_link_with([_message("x"), _message("r", error="engine on fire")]).generate([], ["output_ids"], "r"))

@@ -76,3 +76,46 @@ def test_the_decode_bound_at_a_batch_reads_the_weights_once_per_step(cfg):
     assert big["step_ms"] == pytest.approx(step * 1e3) and big["tokens_per_s"] == pytest.approx(64 / step)
     assert one["tokens_per_s"] == pytest.approx(1e3 / r.tpot_ms, rel=1e-6)  # batch 1: the TPOT bound
     assert big["bound"] == "memory" and 4000 < big["tokens_per_s"] < 5000
+
+
+def _build_of(tmp_path, config_72b, quant, tp, batch):
+    """A build directory as `nvlm-build triton-repo --entry-instances auto` reads it: the manifest's options,
+    limits and source checkpoint (its config.json)."""
+    from runtime.core.limits import EngineLimits
+
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    (src / "config.json").write_text(json.dumps(config_72b))
+    b = tmp_path / f"build-{quant}-{tp}-{batch}"
+    b.mkdir()
+    limits = EngineLimits(max_batch_size=batch, max_tiles_per_image=7, tokens_per_tile=256,
+                          inline_tokens_per_image=7 * 256).record()
+    (b / "manifest.json").write_text(json.dumps({
+        "source": {"path": str(src)}, "limits": limits,
+        "options": {"quant": quant, "tp": tp, "kv_cache_dtype": "fp8" if quant == "fp8" else "auto",
+                    "vision_quant": None}}))
+    return b
+
+
+def test_auto_entry_instances_carry_twice_the_decode_bound(tmp_path, config_72b):
+    """--entry-instances auto: enough entry processes that, at the measured CPU per streamed token, they carry twice
+    the roofline decode bound of the build (model, format, TP, max batch size); capped by half the host's cores."""
+    from math import ceil
+
+    from clients.roofline import GPUS, decode_bound
+    from triton_repo.generate import ENTRY_HEADROOM, ENTRY_US_PER_TOKEN, auto_entry_instances
+
+    gpu = GPUS["h100-sxm"]
+    counts = {}
+    for quant, tp, batch in (("fp8", 2, 8), ("fp8", 2, 64), ("fp8", 2, 256), ("int4_awq", 1, 64)):
+        cfg = from_hf(config_72b)
+        bound = decode_bound(roofline(cfg, quant, tp, gpu=gpu, kv_fp8=quant == "fp8"), cfg, batch, gpu)["tokens_per_s"]
+        want = ceil(ENTRY_HEADROOM * bound * ENTRY_US_PER_TOKEN / 1e6)
+        n, why = auto_entry_instances(_build_of(tmp_path, config_72b, quant, tp, batch), cores=64)
+        assert n == want and f"batch {batch}" in why and f"needs {want}" in why
+        counts[quant, batch] = n
+        assert n * 1e6 / ENTRY_US_PER_TOKEN >= ENTRY_HEADROOM * bound  # what the processes carry
+    assert counts["fp8", 256] > counts["fp8", 8]  # a bigger batch decodes faster: more processes
+    (tmp_path / "small").mkdir()
+    n, why = auto_entry_instances(_build_of(tmp_path / "small", config_72b, "fp8", 2, 256), cores=2)
+    assert n == 1 and "capped at 1 by 2 cores" in why

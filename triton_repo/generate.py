@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+from math import ceil
 from pathlib import Path
 
+from clients.roofline import GPUS, build_facts, decode_bound, facts_roofline
 from runtime.core.build_dir import engine_dtype, read_family, read_limits, read_preprocess
+from runtime.core.errors import InputError
 from runtime.core.gpu_host import kv_cache_free_gpu_mem_fraction
 from runtime.core.xattn_engine import cross_kv_cache_fraction, engine_layers
 
@@ -37,7 +40,13 @@ from triton_repo.serving import {cls}
 class TritonPythonModel({cls}):
     engine_path = {engine!r}  # what the real backend would load
 '''
-ENTRY_CORES, MAX_ENTRY_INSTANCES = 4, 8  # see auto_entry_instances
+# Sizing the entry model's processes (`auto_entry_instances`). One entry process is one GIL: about one core's worth
+# of streamed tokens. ENTRY_US_PER_TOKEN is its CPU per streamed token, measured with the null engine at
+# concurrency 32-64 and the default 40 ms stream interval on this project's 2-vCPU VM. A GPU host's cores are
+# at least as fast. Source: benchmarks/serving_capacity.py; docs/PERFORMANCE.md, "The serving path's own capacity".
+ENTRY_US_PER_TOKEN = 120
+ENTRY_HEADROOM = 2.0  # the entry processes together carry twice the engine's decode bound
+MAX_ENTRY_INSTANCES = 16
 VISION_DTYPES = {"fp16": "FP16", "bf16": "BF16", "fp32": "FP32"}
 PLAN = Path("engines") / "vision_encoder.engine"
 
@@ -118,11 +127,33 @@ def generate_repo(build_dir: str | Path, repo: str | Path, target: str = "refere
     return written
 
 
-def auto_entry_instances(cores: int | None = None) -> int:
-    """Entry-model processes for this host: one per ENTRY_CORES cores, at least one and at most MAX_ENTRY_INSTANCES
-    (docs/serving.md: what one entry process carries and what an H100 deployment needs)."""
+def auto_entry_instances(build_dir: str | Path, cores: int | None = None) -> tuple[int, str]:
+    """(entry-model processes for this host, why).
+
+    The engine's decode bound comes from the roofline: the build's model, format and TP on H100 SXM, at the
+    build's max batch size (`nvlm-bench roofline --batch`). Enough processes carry ENTRY_HEADROOM times that at
+    ENTRY_US_PER_TOKEN each. At most half the host's cores are used, since tritonserver spends about as much
+    per token as the entry does, and at most MAX_ENTRY_INSTANCES. A build whose source config.json is gone gets
+    the cores' share."""
     cores = cores or os.cpu_count() or 1
-    return max(1, min(MAX_ENTRY_INSTANCES, cores // ENTRY_CORES))
+    cap = max(1, min(MAX_ENTRY_INSTANCES, cores // 2))
+    batch = read_limits(Path(build_dir)).max_batch_size
+    gpu = GPUS["h100-sxm"]
+    try:
+        facts = build_facts(build_dir)
+    except (InputError, OSError, KeyError) as e:
+        return cap, f"{_processes(cap)}: half of {cores} cores (no decode bound: {e})"
+    r = facts_roofline(facts, gpu, tiles=7, text_tokens=64, output_tokens=128)
+    bound = decode_bound(r, facts.cfg, batch, gpu)["tokens_per_s"]
+    need = max(1, ceil(ENTRY_HEADROOM * bound * ENTRY_US_PER_TOKEN / 1e6))
+    n = min(need, cap)
+    return n, (f"{_processes(n)}: {ENTRY_HEADROOM:g} x the decode bound of {bound:,.0f} tokens/s ({facts.fmt}, "
+               f"TP{facts.tp}, batch {batch}, {gpu.name}) at {ENTRY_US_PER_TOKEN} us of entry CPU per token needs "
+               f"{need}" + (f"; capped at {cap} by {cores} cores" if need > cap else ""))
+
+
+def _processes(n: int) -> str:
+    return f"{n} entry process" + ("es" if n > 1 else "")
 
 
 def plan_pending(repo: str | Path) -> bool:

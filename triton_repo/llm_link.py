@@ -19,6 +19,15 @@ soak test about once in ten runs, docs/serving.md). A gRPC stream per worker thr
 locks: the gRPC library hands each response to a queue the worker waits on. The same client-side stream is
 what perf_analyzer and `nvlm-client` use, so the LLM step sees the requests a client would send.
 
+One stream for the whole process, not one per worker thread (issue 32). Every LLM-step response is one gRPC
+message, and the entry process's CPU per streamed token is mostly what it does per message. With a
+tritonclient stream per thread, each message crossed three Python threads: the channel's spin thread,
+tritonclient's response thread, and the worker. There were also 64 channels' threads for the GIL to rotate
+through. Now one `grpc.aio` call carries every request, one event-loop thread reads it, and each response
+goes straight to the queue of the worker that waits for its request id. That is one thread hop per message,
+and the response stays a protobuf message until the worker reads its outputs. A request abandoned half-way
+is stopped with NVIDIA's `stop` request (`LLMLink.stop`), and its late responses are dropped by id.
+
 The server's gRPC address comes from NVLM_TRITON_GRPC_URL, which `nvlm-serve` (triton_repo/server.py) and
 the GPU host's launch script (builder/deploy.py) set to the port they start tritonserver on; without it,
 Triton's default 127.0.0.1:8001.
@@ -26,6 +35,7 @@ Triton's default 127.0.0.1:8001.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import queue
 import threading
@@ -39,9 +49,9 @@ DEFAULT_URL = "127.0.0.1:8001"
 FINAL = "triton_final_response"
 
 
-def _is_final(result) -> bool:
-    params = result.get_response().parameters
-    return FINAL in params and params[FINAL].bool_param
+# tritonclient's own choice: a prompt table of NVLM-D-72B (13 tiles x 256 rows x 8192 in BF16) is 54 MB
+MAX_MESSAGE = 2**31 - 1
+CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 
 
 def server_url() -> str:
@@ -78,19 +88,68 @@ def infer_input(name: str, value):
     return t
 
 
+class Reply:
+    """One LLM-step response as it came off the stream (a `ModelInferResponse` message): its outputs are decoded
+    only when the worker asks for them, in the worker's thread."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg):
+        self.msg = msg
+
+    @property
+    def id(self) -> str:
+        return self.msg.id
+
+    @property
+    def final(self) -> bool:
+        params = self.msg.parameters
+        return FINAL in params and params[FINAL].bool_param
+
+    def as_numpy(self, name: str) -> np.ndarray | None:
+        from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
+
+        for i, out in enumerate(self.msg.outputs):
+            if out.name != name:
+                continue
+            raw = self.msg.raw_output_contents[i] if i < len(self.msg.raw_output_contents) else b""
+            if out.datatype == "BYTES":
+                arr = deserialize_bytes_tensor(raw)
+            elif out.datatype == "BF16":  # as float32, exactly (the LLM step's outputs are not BF16 today)
+                arr = (np.frombuffer(raw, np.uint16).astype(np.uint32) << 16).view(np.float32)
+            else:
+                arr = np.frombuffer(raw, dtype=triton_to_np_dtype(out.datatype))
+            return arr.reshape(list(out.shape))
+        return None
+
+
+def _request(model: str, inputs: list, outputs: list[str], request_id: str):
+    """The `ModelInferRequest` tritonclient's async_stream_infer would send (empty final response asked for)."""
+    from tritonclient.grpc import service_pb2
+
+    msg = service_pb2.ModelInferRequest(model_name=model, id=request_id)
+    for name, value in inputs:
+        t = infer_input(name, value)
+        msg.inputs.append(t._get_tensor())
+        msg.raw_input_contents.append(t._get_content())
+    for name in outputs:
+        msg.outputs.add().name = name
+    msg.parameters["triton_enable_empty_final_response"].bool_param = True
+    return msg
+
+
 class _Stream:
-    """One client and its open stream; responses land in `inbox` as (result, error)."""
+    """A tritonclient client and its open stream, for a request sent apart from the shared stream (`stop`, which
+    reuses the id of the request it stops); responses land in `inbox` as (result, error)."""
 
     def __init__(self, url: str):
         from tritonclient import grpc
 
         self.client = grpc.InferenceServerClient(url)
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.closed = False
         self.client.start_stream(callback=lambda result, error: self.inbox.put((result, error)))
 
     def close(self) -> None:
-        self.closed = True
         for step in (lambda: self.client.stop_stream(cancel_requests=True), self.client.close):
             try:
                 step()
@@ -98,114 +157,214 @@ class _Stream:
                 pass
 
 
+class _Shared:
+    """One `grpc.aio` stream to the server, read by the link's event loop. `waiting`: request id → the queue of
+    the worker thread waiting for its responses ((Reply, None) or (None, error)). Dead once the stream ends;
+    every request still waiting then gets the error."""
+
+    def __init__(self):
+        self.waiting: dict[str, queue.SimpleQueue] = {}
+        self.outgoing: asyncio.Queue = asyncio.Queue()
+        self.dead: BaseException | None = None
+        self.channel = None
+
+
 class LLMLink:
-    """Requests to `model` (the LLM step) on one gRPC stream per calling thread, kept open between its
-    requests. A thread runs one request at a time; a request abandoned half-way (the caller stopped
-    reading, or an error) closes its thread's stream, so no stale response reaches the next one."""
+    """Requests to `model` (the LLM step) over one gRPC stream shared by every thread of the process. A thread
+    sends a request and reads its responses from its own queue; a request abandoned half-way (the caller stopped
+    reading, or an error) is stopped in the LLM step, and whatever it still sends is dropped."""
 
     def __init__(self, model: str = "tensorrt_llm", url: str | None = None):
         self.model, self.url = model, url or server_url()
-        self._local = threading.local()
-        self._all: set[_Stream] = set()
         self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._shared: _Shared | None = None
 
-    def _stream(self) -> _Stream:
-        s = getattr(self._local, "stream", None)
-        if s is None or s.closed:
-            s = _Stream(self.url)
-            self._local.stream = s
-            with self._lock:
-                self._all.add(s)
-        return s
+    # ------------------------------------------------------------------ the event loop's side
 
-    def _drop(self, s: _Stream) -> None:
-        # a generator may be finalized on another thread (garbage collection): clear only our own slot;
-        # the owner sees `closed` and opens a new stream
-        if getattr(self._local, "stream", None) is s:
-            self._local.stream = None
+    def _start_loop(self) -> asyncio.AbstractEventLoop:
+        with self._lock:  # one loop: the first requests of a process arrive together
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                threading.Thread(target=loop.run_forever, name="nvlm-llm-link", daemon=True).start()
+                self._loop = loop
+            return self._loop
+
+    async def _open(self, shared: _Shared) -> None:
+        import grpc
+        from tritonclient.grpc import service_pb2_grpc
+
+        shared.channel = grpc.aio.insecure_channel(self.url, options=CHANNEL_OPTIONS)
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(shared.channel)
+
+        async def requests():
+            while True:
+                msg = await shared.outgoing.get()
+                if msg is None:
+                    return
+                yield msg
+
+        call = stub.ModelStreamInfer(requests())
+        asyncio.get_running_loop().create_task(self._read(shared, call))
+
+    async def _read(self, shared: _Shared, call) -> None:
+        error: BaseException = ConnectionError("the LLM step's stream ended")
+        try:
+            async for msg in call:
+                self._deliver(shared, msg)
+        except Exception as e:  # noqa: BLE001 — the stream failed: every waiting request gets its error
+            error = e
         with self._lock:
-            self._all.discard(s)
-        s.close()
+            shared.dead = error
+            waiting, shared.waiting = shared.waiting, {}
+            if self._shared is shared:
+                self._shared = None
+        for inbox in waiting.values():
+            inbox.put((None, error))
+        await shared.channel.close()
+
+    def _deliver(self, shared: _Shared, msg) -> None:
+        reply = Reply(msg.infer_response)
+        rid = reply.id
+        with self._lock:
+            inbox = shared.waiting.get(rid)
+            if inbox is not None and (msg.error_message or reply.final):
+                del shared.waiting[rid]  # its last message: nothing more goes to that queue
+        if inbox is None:
+            return  # an abandoned request's late response, or a `stop` request's
+        inbox.put((None, ValueError(msg.error_message)) if msg.error_message else (reply, None))
+
+    # ------------------------------------------------------------------ the worker threads' side
+
+    def _send(self, request_id: str, msg) -> tuple[_Shared, queue.SimpleQueue]:
+        """Register `request_id`'s queue on the live stream (opening one if there is none) and send `msg`."""
+        loop = self._start_loop()
+        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        with self._lock:
+            shared = self._shared
+            if shared is None or shared.dead is not None:
+                shared = self._shared = _Shared()
+                opening = True
+            else:
+                opening = False
+            shared.waiting[request_id] = inbox
+        if opening:  # the first request of a stream waits until the call exists; the others do not
+            asyncio.run_coroutine_threadsafe(self._open(shared), loop).result()
+        loop.call_soon_threadsafe(shared.outgoing.put_nowait, msg)
+        return shared, inbox
+
+    def _forget(self, shared: _Shared, request_id: str) -> bool:
+        """Stop routing `request_id`'s responses; True if it was still waiting for some."""
+        with self._lock:
+            return shared.waiting.pop(request_id, None) is not None
 
     def generate(self, inputs: list, outputs: list[str], request_id: str, grouped: bool = False,
                  interval: float = 0.0) -> Iterator:
-        """Send one request ((name, array or tensor) pairs, with their batch dimension) on this thread's stream
-        and yield its responses (tritonclient InferResult) up to and including the final one. An error
-        response raises ValueError with the LLM step's message.
+        """Send one request ((name, array or tensor) pairs, with their batch dimension) and yield its responses
+        (`Reply`) up to and including the final one. An error response raises ValueError with the LLM step's
+        message. `request_id` must be unique among the requests in flight.
 
         `grouped`: yield lists instead — every response that had arrived when the caller asked for the next
         (at least one; the final one ends its list), and, with `interval` > 0, every response that arrives
         until `interval` seconds after the last list (the first response is yielded at once). A caller that
         answers each list with one response of its own sends one per `interval` while responses keep coming,
         instead of one per LLM-step response: the fixed cost of a response is paid per run of tokens."""
-        s = self._stream()
+        shared, inbox = self._send(request_id, _request(self.model, inputs, outputs, request_id))
         clean = False
         try:
-            yield from self._exchange(s, inputs, outputs, request_id, grouped, interval)
+            yield from self._exchange(inbox, grouped, interval)
             clean = True
         finally:
-            if not clean:
-                self._drop(s)
+            if not clean and self._forget(shared, request_id):
+                # abandoned while the LLM step still works on it: free its place in the engine's batch
+                threading.Thread(target=self._stop_quietly, args=(request_id,), daemon=True).start()
 
-    def run(self, inputs: list, outputs: list[str], request_id: str) -> list:
-        """Send a request and wait for all its responses, on a stream of its own (e.g. a `stop` request
-        sent while this thread's stream still carries the request it stops)."""
-        s = _Stream(self.url)
-        try:
-            return list(self._exchange(s, inputs, outputs, request_id))
-        finally:
-            s.close()
-
-    def _exchange(self, s: _Stream, inputs: list, outputs: list[str], request_id: str,
-                  grouped: bool = False, interval: float = 0.0) -> Iterator:
-        from tritonclient import grpc
-
-        try:
-            s.client.async_stream_infer(self.model, [infer_input(n, v) for n, v in inputs],
-                                        outputs=[grpc.InferRequestedOutput(n) for n in outputs],
-                                        request_id=request_id, enable_empty_final_response=True)
-        except Exception as e:  # noqa: BLE001 — a stream that failed: the detail went to the callback
-            try:
-                e = s.inbox.get(timeout=1.0)[1] or e
-            except queue.Empty:
-                pass
-            raise self._unreachable(e) from None
+    def _exchange(self, inbox: queue.SimpleQueue, grouped: bool, interval: float) -> Iterator:
         first, due = True, 0.0
         while True:
-            group = [self._receive(s, request_id, first)]
+            group = [self._receive(inbox, first)]
             # the one reader of this inbox: not empty means the next get does not wait
-            while grouped and not _is_final(group[-1]):
+            while grouped and not group[-1].final:
                 wait = 0.0 if first else due - time.monotonic()
-                if wait <= 0 and s.inbox.empty():
+                if wait <= 0 and inbox.empty():
                     break
                 try:
-                    group.append(self._receive(s, request_id, False, timeout=max(wait, 0.0) or None))
+                    group.append(self._receive(inbox, False, timeout=max(wait, 0.0) or None))
                 except queue.Empty:
                     break
             first = False
             due = time.monotonic() + interval
             yield group if grouped else group[0]
-            if _is_final(group[-1]):
+            if group[-1].final:
                 return
 
-    def _receive(self, s: _Stream, request_id: str, first: bool, timeout: float | None = None):
-        result, error = s.inbox.get(timeout=timeout) if timeout else s.inbox.get()
+    def _receive(self, inbox: queue.SimpleQueue, first: bool, timeout: float | None = None) -> Reply:
+        reply, error = inbox.get(timeout=timeout) if timeout else inbox.get()
         if error is not None:
-            if first and "UNAVAILABLE" in str(getattr(error, "status", lambda: "")()):
+            if first and _unavailable(error):
                 raise self._unreachable(error)
-            raise ValueError(error.message() if hasattr(error, "message") else str(error))
-        answered = result.get_response().id
-        if answered != request_id:  # cannot happen on a stream used by one request at a time
-            raise ValueError(f"LLM step answered request {answered!r} on the stream of {request_id!r}")
-        return result
+            raise ValueError(_message(error))
+        return reply
+
+    def run(self, inputs: list, outputs: list[str], request_id: str) -> list:
+        """Send a request on a stream of its own and wait for all its responses (tritonclient InferResults): a
+        `stop` request, which carries the id of the request it stops."""
+        s = _Stream(self.url)
+        try:
+            from tritonclient import grpc
+
+            s.client.async_stream_infer(self.model, [infer_input(n, v) for n, v in inputs], request_id=request_id,
+                                        outputs=[grpc.InferRequestedOutput(n) for n in outputs],
+                                        enable_empty_final_response=True)
+            out = []
+            while True:
+                result, error = s.inbox.get(timeout=60)
+                if error is not None:
+                    raise ValueError(_message(error))
+                out.append(result)
+                params = result.get_response().parameters
+                if FINAL in params and params[FINAL].bool_param:
+                    return out
+        finally:
+            s.close()
+
+    def stop(self, request_id: str) -> None:
+        """NVIDIA's way to stop a request in the `tensorrtllm` backend: a request with the same id and `stop`
+        set (with the inputs Triton requires). Its own response is empty."""
+        stop = [("input_ids", np.zeros((1, 1), np.int32)), ("input_lengths", np.ones((1, 1), np.int32)),
+                ("request_output_len", np.ones((1, 1), np.int32)), ("stop", np.ones((1, 1), bool))]
+        self.run(stop, ["output_ids"], request_id)
+
+    def _stop_quietly(self, request_id: str) -> None:
+        try:
+            self.stop(request_id)
+        except Exception:  # noqa: BLE001 — the request may have ended meanwhile, or the server gone
+            pass
 
     def _unreachable(self, error) -> ValueError:
-        detail = error.message() if hasattr(error, "message") else str(error)
         return ValueError(f"the entry model cannot reach the LLM step at {self.url}, its server's gRPC address "
-                          f"(set {URL_ENV} to it when tritonserver listens elsewhere): {detail}")
+                          f"(set {URL_ENV} to it when tritonserver listens elsewhere): {_message(error)}")
 
     def close(self) -> None:
         with self._lock:
-            streams, self._all = list(self._all), set()
-        for s in streams:
-            s.close()
+            shared, self._shared = self._shared, None
+        loop = self._loop
+        if loop is None:
+            return
+        if shared is not None:
+            loop.call_soon_threadsafe(shared.outgoing.put_nowait, None)  # ends the request stream
+        loop.call_soon_threadsafe(loop.stop)
+        self._loop = None
+
+
+def _message(error) -> str:
+    if hasattr(error, "details") and callable(error.details):  # grpc.aio.AioRpcError
+        return error.details() or str(error)
+    return error.message() if hasattr(error, "message") else str(error)
+
+
+def _unavailable(error) -> bool:
+    import grpc
+
+    code = error.code() if hasattr(error, "code") and callable(error.code) else None
+    return code == grpc.StatusCode.UNAVAILABLE or "UNAVAILABLE" in str(getattr(error, "status", lambda: "")())

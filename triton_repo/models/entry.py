@@ -46,6 +46,8 @@ from ..serving_core import (
 )
 from .preprocessing import CROSS_OUTPUTS
 
+# how soon a client that went away is noticed (and its request stopped in the LLM step)
+CANCEL_CHECK_S = 0.1
 # the LLM step's tensors that the entry model builds with their batch dimension already (torch, any dtype)
 _BATCHED_BY_SENDER = ("prompt_embedding_table", "encoder_input_features")
 
@@ -124,13 +126,6 @@ class EntryModel:
             raise ValueError(resp.error().message())
         return resp
 
-    def _stop(self, rid: str) -> None:
-        """NVIDIA's way to stop a request in the `tensorrtllm` backend: a request with the same id and
-        `stop` set (with the inputs Triton requires). Its own response is empty."""
-        stop = [("input_ids", np.zeros((1, 1), np.int32)), ("input_lengths", np.ones((1, 1), np.int32)),
-                ("request_output_len", np.ones((1, 1), np.int32)), ("stop", np.ones((1, 1), bool))]
-        self.llm.run(stop, ["output_ids"], rid)
-
     def _one(self, request, sender, pb):
         wanted = set(request.requested_output_names())  # only these go out (pb.response says why)
         max_tokens = scalar(request, "max_tokens", None, int)
@@ -180,7 +175,8 @@ class EntryModel:
         # (streamed: after the first, one group per stream interval — runs of tokens are the normal mode)
         groups = self.llm.generate(llm_inputs, decoding.outputs, rid, grouped=True, interval=self.interval)
         stopped = False
-        client_gone = AtMostEvery(request.is_cancelled)
+        # each check is a stub-to-server round trip: once per CANCEL_CHECK_S, not once per streamed response
+        client_gone = AtMostEvery(request.is_cancelled, CANCEL_CHECK_S)
         if stream and not decoding.exclude_input:
             sender.send(response(pb, wanted, [
                 pb.Tensor("text_output", np.asarray([answer.prompt(self._prompt_ids(ids)).encode()], object)),
@@ -188,11 +184,11 @@ class EntryModel:
         for group in groups:
             if not stopped and client_gone():  # the client went away: stop generating for it
                 stopped = True
-                self._stop(rid)
+                self.llm.stop(rid)
             piece = answer.push([got for resp in group if (got := _tokens(resp)) is not None], stream and not stopped)
             if piece is not None and stream and not stopped:
                 # one response per group of engine responses, even when its text is held back
-                sender.send(response(pb, wanted, self._piece_tensors(pb, decoding, piece, final=False)))
+                sender.send(response(pb, wanted, self._piece_tensors(pb, wanted, decoding, piece, final=False)))
         if stopped:
             raise ValueError("request cancelled")
         counts = []  # return_num_input_tokens / return_num_output_tokens, on the final response
@@ -204,7 +200,7 @@ class EntryModel:
         if stream:
             last = answer.finish_stream()
             if last.text or last.ids or counts or decoding.log_probs:
-                sender.send(response(pb, wanted, self._piece_tensors(pb, decoding, last, final=True) + counts),
+                sender.send(response(pb, wanted, self._piece_tensors(pb, wanted, decoding, last, final=True) + counts),
                             flags=final)
             else:
                 sender.send(flags=final)
@@ -241,9 +237,15 @@ class EntryModel:
         return out
 
     @classmethod
-    def _piece_tensors(cls, pb, decoding, piece, final: bool) -> list:
-        return [pb.Tensor("text_output", np.asarray([piece.text.encode()], object)),
-                pb.Tensor("output_ids", np.asarray(piece.ids, np.int32))] + cls._log_prob_tensors(pb, decoding, piece, final)
+    def _piece_tensors(cls, pb, wanted: set, decoding, piece, final: bool) -> list:
+        """A streamed piece's tensors, only those the request asked for (`wanted`; empty: all): each costs a
+        tensor built, copied to shared memory and serialized again for the client, per response."""
+        out = []
+        if not wanted or "text_output" in wanted:
+            out.append(pb.Tensor("text_output", np.asarray([piece.text.encode()], object)))
+        if not wanted or "output_ids" in wanted:
+            out.append(pb.Tensor("output_ids", np.asarray(piece.ids, np.int32)))
+        return out + cls._log_prob_tensors(pb, decoding, piece, final)
 
     @staticmethod
     def _log_prob_tensors(pb, decoding, piece, final: bool) -> list:

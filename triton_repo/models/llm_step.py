@@ -317,5 +317,7 @@ class NullBatcher:
                     future.set_result(Result(tokens, "length", [-1.0] * done if lp else None))
                     a[4] = -1
             active = [a for a in active if a[4] >= 0]
-            if self.step_s:
+            # the next step only while requests are in flight: an idle engine starts a new request at once, as a
+            # real one does, so that the time to first token at concurrency 1 is the serving path's own
+            if self.step_s and active:
                 time.sleep(self.step_s)
