@@ -1,7 +1,10 @@
 """The serving path's own capacity, measured with the null engine (issue 32): streamed text requests, closed loop.
 
     .venv/bin/python benchmarks/serving_capacity.py --build BUILD [--concurrency 1,4,16,32,64] [--max-tokens 256]
-        [--step-ms 10] [--seconds 20] [--json F]
+        [--step-ms 10] [--seconds 20] [--entry-instances N] [--baseline-tree DIR] [--json F]
+
+With --baseline-tree DIR (a checkout of an earlier revision), the same sweep runs first with DIR's code and then with
+this tree's, one after the other on the same machine, and the ratios new / baseline are printed side by side.
 
 BUILD is an `nvlm-build engine` output whose max batch size covers the highest concurrency (the entry model admits
 max batch size in flight and as many waiting). Its contract repository is written with the null engine
@@ -38,8 +41,8 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14 and 15 of stat)
 
 
-def processes(root_pid: int) -> dict[str, int]:
-    """name → PID of tritonserver and each Python stub under the keeper `root_pid` (found by walking /proc)."""
+def processes(root_pid: int) -> dict[str, list[int]]:
+    """name → PIDs of tritonserver and each Python stub under the keeper `root_pid` (found by walking /proc)."""
     parent = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -55,7 +58,7 @@ def processes(root_pid: int) -> dict[str, int]:
                 return True
         return False
 
-    out = {}
+    out: dict[str, list[int]] = {}
     for pid in parent:
         if not under(pid):
             continue
@@ -64,15 +67,15 @@ def processes(root_pid: int) -> dict[str, int]:
         except OSError:
             continue
         if "bin/tritonserver" in cmd:
-            out["tritonserver"] = pid
+            out.setdefault("tritonserver", []).append(pid)
         elif "triton_python_backend_stub" in cmd:
             for model in ("nvlm", "preprocessing", "postprocessing", "tensorrt_llm", "vision_encoder"):
                 if f"/{model}/1/model.py" in cmd:
-                    out[model] = pid
+                    out.setdefault(model, []).append(pid)  # every instance of a model: its processes together
     return out
 
 
-def level(url: str, concurrency: int, seconds: float, max_tokens: int, procs: dict[str, int]) -> dict:
+def level(url: str, concurrency: int, seconds: float, max_tokens: int, procs: dict[str, list[int]]) -> dict:
     """One closed-loop level: every slot sends its next request as soon as its last one ended, for `seconds`."""
     import threading
 
@@ -95,7 +98,7 @@ def level(url: str, concurrency: int, seconds: float, max_tokens: int, procs: di
         finally:
             client.close()
 
-    before = {name: cpu_seconds(pid) for name, pid in procs.items()}
+    before = {name: sum(map(cpu_seconds, pids)) for name, pids in procs.items()}
     before["client"] = time.process_time()
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(concurrency)]
@@ -104,7 +107,7 @@ def level(url: str, concurrency: int, seconds: float, max_tokens: int, procs: di
     stop.set()
     [t.join() for t in threads]
     wall = time.perf_counter() - t0
-    after = {name: cpu_seconds(pid) for name, pid in procs.items()}
+    after = {name: sum(map(cpu_seconds, pids)) for name, pids in procs.items()}
     after["client"] = time.process_time()
     ok = [s for s in samples if s.ok]
     tokens = sum(s.tokens for s in ok)
@@ -130,8 +133,14 @@ def main(argv=None) -> int:
                          "engine (NVLM-D-72B fp8 TP2 on H100s: ≥ 11–23 ms at batch 8–256, nvlm-bench roofline --batch); "
                          "0: as fast as it can, when the tokens pile up into long runs")
     ap.add_argument("--port", type=int, default=24100)
+    ap.add_argument("--entry-instances", type=int, default=1, help="processes of the entry model")
+    ap.add_argument("--baseline-tree", metavar="DIR",
+                    help="a checkout of the baseline (e.g. `git worktree add DIR REV`): the same sweep is run first "
+                         "with DIR's code, then with this tree's, and the ratios are printed side by side")
     ap.add_argument("--json")
     a = ap.parse_args(argv)
+    if a.baseline_tree:
+        return compare(a, argv if argv is not None else sys.argv[1:])
 
     from triton_repo.generate import generate_repo
     from triton_repo.server import TritonServer
@@ -139,7 +148,8 @@ def main(argv=None) -> int:
     os.environ["NVLM_NULL_STEP_MS"] = str(a.step_ms)  # the server this process starts inherits it
     work = Path(tempfile.mkdtemp(prefix="nvlm-capacity-"))
     repo = work / "repo"
-    generate_repo(a.build, repo, "contract", null_engine=True)
+    generate_repo(a.build, repo, "contract", null_engine=True,
+                  **({"entry_instances": a.entry_instances} if a.entry_instances != 1 else {}))
     server = TritonServer(repo, grpc_port=a.port, http_port=a.port + 1, metrics_port=a.port + 2, hang_timeout=0,
                           log_file=work / "tritonserver.log").start()
     url = f"127.0.0.1:{a.port}"
@@ -161,6 +171,56 @@ def main(argv=None) -> int:
     if a.json:
         Path(a.json).write_text(json.dumps({"build": str(a.build), "max_tokens": a.max_tokens, "step_ms": a.step_ms,
                                             "rows": rows}, indent=1))
+    return 0
+
+
+def _without(args: list[str], flag: str) -> list[str]:
+    """`args` without `flag` and its value (either `--flag V` or `--flag=V`)."""
+    out, skip = [], False
+    for x in args:
+        if skip:
+            skip = False
+        elif x == flag:
+            skip = True
+        elif not x.startswith(flag + "="):
+            out.append(x)
+    return out
+
+
+def compare(a, argv: list[str]) -> int:
+    """The sweep with the baseline tree's code, then with this tree's (each in its own process, one after the
+    other on the same machine), and the ratios: new / baseline."""
+    import subprocess
+
+    work = Path(tempfile.mkdtemp(prefix="nvlm-capacity-compare-"))
+    base = Path(a.baseline_tree).resolve()
+    args = _without(_without(_without(argv, "--baseline-tree"), "--json"), "--entry-instances")
+    results = {}
+    for name, tree, extra in (("baseline", base, []), ("new", ROOT, [f"--entry-instances={a.entry_instances}"])):
+        print(f"# {name}: {tree}", flush=True)
+        out = work / f"{name}.json"
+        env = {**os.environ, "PYTHONPATH": str(tree)}  # the server and its stubs inherit it: the tree's models
+        subprocess.run([sys.executable, str(tree / "benchmarks" / "serving_capacity.py"), *args, *extra,
+                        "--json", str(out)], check=True, env=env, cwd=tree)
+        results[name] = {r["concurrency"]: r for r in json.loads(out.read_text())["rows"]}
+    print("\nnew / baseline:")
+    print(f"{'c':>4} {'tokens/s':>9} {'TTFT p50':>9} {'entry µs/tok':>13} {'tritonserver µs/tok':>20}")
+    for c, new in results["new"].items():
+        old = results["baseline"].get(c)
+        if old is None:
+            continue
+
+        def ratio(f):
+            x, y = f(new), f(old)
+            return f"{x / y:.2f}" if x and y else "-"
+
+        print(f"{c:>4} {ratio(lambda r: r['tokens_per_s']):>9} {ratio(lambda r: r['ttft_ms_p50']):>9} "
+              f"{ratio(lambda r: r['cpu_us_per_token']['nvlm']):>13} "
+              f"{ratio(lambda r: r['cpu_us_per_token']['tritonserver']):>20}")
+    if a.json:
+        Path(a.json).write_text(json.dumps({"build": str(a.build), "baseline_tree": str(base), "max_tokens": a.max_tokens,
+                                            "step_ms": a.step_ms, "baseline": list(results["baseline"].values()),
+                                            "new": list(results["new"].values())}, indent=1))
     return 0
 
 

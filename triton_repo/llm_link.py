@@ -51,6 +51,9 @@ FINAL = "triton_final_response"
 
 # tritonclient's own choice: a prompt table of NVLM-D-72B (13 tiles x 256 rows x 8192 in BF16) is 54 MB
 MAX_MESSAGE = 2**31 - 1
+# streams per process, requests dealt round-robin: one HTTP/2 stream carries one request's messages at a time on
+# the server's side, and its flow-control window is shared by everything on it
+STREAMS = 8
 CHANNEL_OPTIONS = [("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)]
 
 
@@ -178,7 +181,8 @@ class LLMLink:
         self.model, self.url = model, url or server_url()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._shared: _Shared | None = None
+        self._streams: list[_Shared | None] = [None] * STREAMS
+        self._next = 0
 
     # ------------------------------------------------------------------ the event loop's side
 
@@ -217,8 +221,7 @@ class LLMLink:
         with self._lock:
             shared.dead = error
             waiting, shared.waiting = shared.waiting, {}
-            if self._shared is shared:
-                self._shared = None
+            self._streams = [None if x is shared else x for x in self._streams]
         for inbox in waiting.values():
             inbox.put((None, error))
         await shared.channel.close()
@@ -241,9 +244,10 @@ class LLMLink:
         loop = self._start_loop()
         inbox: queue.SimpleQueue = queue.SimpleQueue()
         with self._lock:
-            shared = self._shared
+            k = self._next = (self._next + 1) % STREAMS
+            shared = self._streams[k]
             if shared is None or shared.dead is not None:
-                shared = self._shared = _Shared()
+                shared = self._streams[k] = _Shared()
                 opening = True
             else:
                 opening = False
@@ -347,12 +351,13 @@ class LLMLink:
 
     def close(self) -> None:
         with self._lock:
-            shared, self._shared = self._shared, None
+            streams, self._streams = self._streams, [None] * STREAMS
         loop = self._loop
         if loop is None:
             return
-        if shared is not None:
-            loop.call_soon_threadsafe(shared.outgoing.put_nowait, None)  # ends the request stream
+        for shared in streams:
+            if shared is not None:
+                loop.call_soon_threadsafe(shared.outgoing.put_nowait, None)  # ends the request stream
         loop.call_soon_threadsafe(loop.stop)
         self._loop = None
 

@@ -243,7 +243,8 @@ class NullLLMModel(StandInLLMModel):
     measured on any CPU (benchmarks/serving_capacity.py). Each request gets a fixed token sequence of its
     requested length, drawn from its seed; one loop gives every active request `NVLM_NULL_RUN` tokens per step
     (default 1, the engine's one token per decode step), a step every `NVLM_NULL_STEP_MS` ms (default 0: as fast
-    as the loop runs), and the responses leave through the same sending thread and runs as the stand-in's."""
+    as the loop runs), and the responses leave through the stand-in's sending thread, one per step (no stream
+    interval: the C++ backend has none)."""
 
     def _setup(self, build: Path):
         import os
@@ -254,7 +255,10 @@ class NullLLMModel(StandInLLMModel):
         self.batcher = NullBatcher(vocab, int(os.environ.get("NVLM_NULL_RUN", "1")),
                                    float(os.environ.get("NVLM_NULL_STEP_MS", "0")) / 1e3)
         self.outbox = Outbox()
-        self.interval = stream_interval()
+        # a response per step, as the `tensorrtllm` backend sends one per decode iteration (the Python stand-in's
+        # runs per stream interval would spare the entry model most of its messages: not what a GPU host does).
+        # Tokens still leave together when the sending thread falls behind (PendingRun).
+        self.interval = 0.0
         self.stops: dict[str, threading.Event] = {}
         self.stops_lock = threading.Lock()
 
