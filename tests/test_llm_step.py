@@ -2,7 +2,6 @@
 runs when the sending thread falls behind, the request's own thread watches for a client that left, and the
 entry model's link groups the responses that arrived together."""
 
-import queue
 import threading
 import time
 from types import SimpleNamespace
@@ -13,7 +12,7 @@ import pytest
 from runtime.core.request_schema import Controls
 from runtime.executor import Request
 from triton_repo import serving
-from triton_repo.llm_link import FINAL, LLMLink, _Shared
+from triton_repo.llm_link import FINAL, LLMLink, _Inbox, _Shared
 
 FINAL_FLAG = 1
 
@@ -141,7 +140,7 @@ def _link_with(arrived):
     shared.waiting, shared.dead = {}, None
 
     def send(rid, msg):
-        inbox = shared.waiting[rid] = queue.SimpleQueue()
+        inbox = shared.waiting[rid] = _Inbox()
         for m in arrived:
             link._deliver(shared, m)
         return shared, inbox
@@ -170,3 +169,31 @@ def test_the_shared_stream_routes_each_response_to_its_own_request():
     assert [r.id for r in got] == ["r", "r"] and got[-1].final
     with pytest.raises(ValueError, match="engine on fire"):
         list(_link_with([_message("x"), _message("r", error="engine on fire")]).generate([], ["output_ids"], "r"))
+
+
+def test_a_run_waits_for_its_interval_but_the_last_response_does_not():
+    """grouped with an interval: the first response leaves at once; those that arrive within the interval leave
+    together when it ends (the worker is not woken for each); the request's final response ends the wait at once
+    instead of at the interval's end."""
+    link, shared = LLMLink(url="unused:0"), _Shared.__new__(_Shared)
+    shared.waiting, shared.dead = {}, None
+
+    def send(rid, msg):
+        inbox = shared.waiting[rid] = _Inbox()
+
+        def reader():  # the event loop's deliveries, spaced in time
+            link._deliver(shared, _message("r"))
+            for _ in range(3):
+                time.sleep(0.02)
+                link._deliver(shared, _message("r"))
+            time.sleep(0.02)
+            link._deliver(shared, _message("r", final=True))
+
+        threading.Thread(target=reader, daemon=True).start()
+        return shared, inbox
+
+    link._send = send
+    t0 = time.monotonic()
+    got = [(len(g), time.monotonic() - t0) for g in link.generate([], ["output_ids"], "r", grouped=True, interval=5.0)]
+    assert [n for n, _ in got] == [1, 4]  # the first alone; the other three and the final as one run
+    assert got[-1][1] < 2.5  # the final did not wait for the 5 s interval

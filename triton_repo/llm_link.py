@@ -36,6 +36,7 @@ Triton's default 127.0.0.1:8001.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import queue
 import threading
@@ -160,13 +161,43 @@ class _Stream:
                 pass
 
 
+class _Inbox:
+    """One request's responses as the reader delivers them: (Reply, None) or (None, error). The worker is woken
+    only when it has something to do: while it waits for a response (`eager`), and for the last one (final or
+    error). Between two runs it sleeps until its interval ends and the responses just queue: one wake-up per
+    run of tokens, not one per token."""
+
+    __slots__ = ("items", "wake", "eager", "ended")
+
+    def __init__(self):
+        self.items: collections.deque = collections.deque()
+        self.wake = threading.Lock()
+        self.wake.acquire()
+        self.eager, self.ended = True, False
+
+    def put(self, item) -> None:  # the reader's side
+        self.items.append(item)
+        reply, error = item
+        if error is not None or reply.final:
+            self.ended = True
+        elif not self.eager:
+            return
+        try:
+            self.wake.release()
+        except RuntimeError:  # already released: the worker has a wake-up waiting
+            pass
+
+    def wait(self, timeout: float | None = None) -> None:
+        self.wake.acquire(timeout=-1 if timeout is None else max(timeout, 0.0))
+
+
 class _Shared:
     """One `grpc.aio` stream to the server, read by the link's event loop. `waiting`: request id → the queue of
     the worker thread waiting for its responses ((Reply, None) or (None, error)). Dead once the stream ends;
     every request still waiting then gets the error."""
 
     def __init__(self):
-        self.waiting: dict[str, queue.SimpleQueue] = {}
+        self.waiting: dict[str, _Inbox] = {}
         self.outgoing: asyncio.Queue = asyncio.Queue()
         self.dead: BaseException | None = None
         self.channel = None
@@ -239,10 +270,10 @@ class LLMLink:
 
     # ------------------------------------------------------------------ the worker threads' side
 
-    def _send(self, request_id: str, msg) -> tuple[_Shared, queue.SimpleQueue]:
-        """Register `request_id`'s queue on the live stream (opening one if there is none) and send `msg`."""
+    def _send(self, request_id: str, msg) -> tuple[_Shared, _Inbox]:
+        """Register `request_id`'s inbox on a live stream (opening one if there is none) and send `msg`."""
         loop = self._start_loop()
-        inbox: queue.SimpleQueue = queue.SimpleQueue()
+        inbox = _Inbox()
         with self._lock:
             k = self._next = (self._next + 1) % STREAMS
             shared = self._streams[k]
@@ -283,27 +314,31 @@ class LLMLink:
                 # abandoned while the LLM step still works on it: free its place in the engine's batch
                 threading.Thread(target=self._stop_quietly, args=(request_id,), daemon=True).start()
 
-    def _exchange(self, inbox: queue.SimpleQueue, grouped: bool, interval: float) -> Iterator:
+    def _exchange(self, inbox: _Inbox, grouped: bool, interval: float) -> Iterator:
         first, due = True, 0.0
         while True:
-            group = [self._receive(inbox, first)]
-            # the one reader of this inbox: not empty means the next get does not wait
-            while grouped and not group[-1].final:
-                wait = 0.0 if first else due - time.monotonic()
-                if wait <= 0 and inbox.empty():
-                    break
-                try:
-                    group.append(self._receive(inbox, False, timeout=max(wait, 0.0) or None))
-                except queue.Empty:
-                    break
+            if grouped and not first and interval > 0:
+                inbox.wake.acquire(False)  # a wake-up left from before: not a reason to send early
+                inbox.eager = False
+                if not inbox.ended and (left := due - time.monotonic()) > 0:
+                    inbox.wait(left)  # woken early only by the request's last response
+                inbox.eager = True
+            group = [self._take(inbox, first)]
+            while grouped and not group[-1].final and inbox.items:
+                group.append(self._checked(inbox.items.popleft(), False))
             first = False
             due = time.monotonic() + interval
             yield group if grouped else group[0]
             if group[-1].final:
                 return
 
-    def _receive(self, inbox: queue.SimpleQueue, first: bool, timeout: float | None = None) -> Reply:
-        reply, error = inbox.get(timeout=timeout) if timeout else inbox.get()
+    def _take(self, inbox: _Inbox, first: bool) -> Reply:
+        while not inbox.items:
+            inbox.wait()
+        return self._checked(inbox.items.popleft(), first)
+
+    def _checked(self, item, first: bool) -> Reply:
+        reply, error = item
         if error is not None:
             if first and _unavailable(error):
                 raise self._unreachable(error)
