@@ -44,7 +44,7 @@ class TritonPythonModel({cls}):
 # of streamed tokens. ENTRY_US_PER_TOKEN is its CPU per streamed token, measured with the null engine at
 # concurrency 32-64 and the default 40 ms stream interval on this project's 2-vCPU VM. A GPU host's cores are
 # at least as fast. Source: benchmarks/serving_capacity.py; docs/PERFORMANCE.md, "The serving path's own capacity".
-ENTRY_US_PER_TOKEN = 120
+ENTRY_US_PER_TOKEN = 180
 ENTRY_HEADROOM = 2.0  # the entry processes together carry twice the engine's decode bound
 MAX_ENTRY_INSTANCES = 16
 VISION_DTYPES = {"fp16": "FP16", "bf16": "BF16", "fp32": "FP32"}
