@@ -31,7 +31,8 @@ ALLOWED = {
     "plugins": {"ground", "runtime"},
     "clients": {"ground", "runtime"},
     "demo": {"ground", "runtime"},
-    "server": {"ground", "runtime", "plugins", "clients"},  # the OpenAI front talks to the entry as a gRPC client
+    # the OpenAI front talks to the entry as a gRPC client; generate sizes the entry processes by clients.roofline
+    "server": {"ground", "runtime", "plugins", "clients"},
     "compiler": {"ground", "runtime", "plugins", "demo", "server"},
 }
 # (importer, imported): why the import is inside a function
