@@ -125,11 +125,10 @@ def _message(rid, final=False, error=""):
 
     msg = service_pb2.ModelStreamInferResponse(error_message=error)
     msg.infer_response.id = rid
-    out = msg.infer_response.outputs.add(name="output_ids", datatype="INT32", shape=[1, 1])
+    msg.infer_response.outputs.add(name="output_ids", datatype="INT32", shape=[1, 1])
     msg.infer_response.raw_output_contents.append(np.asarray([[len(rid)]], np.int32).tobytes())
     if final:
         msg.infer_response.parameters[FINAL].bool_param = True
-    del out
     return msg
 
 

@@ -19,11 +19,11 @@ soak test about once in ten runs, docs/serving.md). A gRPC stream per worker thr
 locks: the gRPC library hands each response to a queue the worker waits on. The same client-side stream is
 what perf_analyzer and `nvlm-client` use, so the LLM step sees the requests a client would send.
 
-One stream for the whole process, not one per worker thread (issue 32). Every LLM-step response is one gRPC
+Streams shared by the whole process, not one per worker thread (issue 32). Every LLM-step response is one gRPC
 message, and the entry process's CPU per streamed token is mostly what it does per message. With a
 tritonclient stream per thread, each message crossed three Python threads: the channel's spin thread,
 tritonclient's response thread, and the worker. There were also 64 channels' threads for the GIL to rotate
-through. Now one `grpc.aio` call carries every request, one event-loop thread reads it, and each response
+through. Now STREAMS `grpc.aio` calls carry every request, one event-loop thread reads them, and each response
 goes straight to the queue of the worker that waits for its request id. That is one thread hop per message,
 and the response stays a protobuf message until the worker reads its outputs. A request abandoned half-way
 is stopped with NVIDIA's `stop` request (`LLMLink.stop`), and its late responses are dropped by id.
@@ -204,7 +204,7 @@ class _Shared:
 
 
 class LLMLink:
-    """Requests to `model` (the LLM step) over one gRPC stream shared by every thread of the process. A thread
+    """Requests to `model` (the LLM step) over STREAMS gRPC streams shared by every thread of the process. A thread
     sends a request and reads its responses from its own queue; a request abandoned half-way (the caller stopped
     reading, or an error) is stopped in the LLM step, and whatever it still sends is dropped."""
 
