@@ -148,10 +148,12 @@ def test_preprocessing_model_gpu_branch_equals_cpu_branch(monkeypatch):
 
     from PIL import Image
 
+    from triton_repo.models.preprocessing import Preparer
     from triton_repo.serving import PreprocessingModel
 
     model = PreprocessingModel.__new__(PreprocessingModel)
-    model.cfg, model.max_images = default_config(), 2
+    model.prep = Preparer.__new__(Preparer)
+    model.prep.cfg, model.prep.max_images = default_config(), 2
     buf = io.BytesIO()
     Image.fromarray(np.random.default_rng().integers(0, 256, (200, 300, 3), dtype=np.uint8)).save(buf, format="PNG")
     model.gpu = False

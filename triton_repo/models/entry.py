@@ -11,12 +11,11 @@ import uuid
 import numpy as np
 
 from runtime.chat_format import stop_id
-from runtime.core.build_dir import read_chat_format, read_family, read_limits
+from runtime.core.build_dir import read_family, read_limits
 from runtime.core.families import ENCODER_INPUTS, PROMPT_TABLE_INPUTS
 from runtime.core.trtllm_checkpoint import EmbeddingRows
 from runtime.cross_reference import key_sequence
 from runtime.prompt import KeyTile, ranges_to_mask
-from runtime.tokenizer import NVLMTokenizer
 
 from ..keeper import MAX_QUEUE_ENV
 from ..llm_link import LLMLink
@@ -44,7 +43,7 @@ from ..serving_core import (
     shared_count_path,
     stream_interval,
 )
-from .preprocessing import CROSS_OUTPUTS
+from .preprocessing import CROSS_OUTPUTS, Preparer
 
 # how soon a client that went away is noticed (and its request stopped in the LLM step)
 CANCEL_CHECK_S = 0.1
@@ -69,7 +68,8 @@ class EntryModel:
         # NVLM-X/H: image keys as the LLM step's encoder inputs (and NVLM-H's thumbnails as table rows)
         self.cross = family.prompt_layout.cross_attention
         self._tag_embeddings = EmbeddingRows(build / "llm")  # NVLM-H: its tags' rows, the built model's own
-        self.tok = NVLMTokenizer.from_dir(build / "tokenizer", chat_format=read_chat_format(build))
+        self.prep = Preparer(build)  # a request without images is prepared here (Preparer says why)
+        self.tok = self.prep.tok
         self.limits = read_limits(build)
         params = model_parameters(args)
         # the callees' declared dtypes, rendered from the build (vision engine and LLM engine dtypes)
@@ -137,21 +137,23 @@ class EntryModel:
         text = get_input(request, "text_input")
         if text is None:
             raise ValueError("text_input is required")
-        pre_inputs = [pb.Tensor("text_input", text.reshape(1).astype(object))]
         chat = get_input(request, "messages")
-        if chat is not None and chat.size:
-            pre_inputs.append(pb.Tensor("messages", chat.reshape(1).astype(object)))
-        blobs = get_input(request, "image_bytes")
-        if blobs is not None and blobs.size:
-            pre_inputs.append(pb.Tensor("image_bytes", blobs.reshape(-1).astype(object)))
         salt = get_input(request, "prompt_table_extra_id")
-        if salt is not None and salt.size:
-            pre_inputs.append(pb.Tensor("prompt_table_extra_id", salt.reshape(1).astype(np.uint64)))
-        pre = self._call(pb, "preprocessing", pre_inputs,
-                         ["input_ids", "pixel_values", "image_token_count", "prompt_table_extra_ids"]
-                         + (list(CROSS_OUTPUTS) if self.cross else []))
-        ids = pb.get_output_tensor_by_name(pre, "input_ids").as_numpy()
-        pixels = pb.get_output_tensor_by_name(pre, "pixel_values").as_numpy()
+        blobs = get_input(request, "image_bytes")
+        if blobs is None or not blobs.size:
+            # no image: the prompt is made here, by the preprocessing model's own code, not one stub hop away
+            pre = self.prep.prepare(text, [], chat, 0)
+            ids, pixels = pre["input_ids"], pre["pixel_values"]
+        else:
+            pre_inputs = [pb.Tensor("text_input", text.reshape(1).astype(object)),
+                          pb.Tensor("image_bytes", blobs.reshape(-1).astype(object))]
+            if chat is not None and chat.size:
+                pre_inputs.append(pb.Tensor("messages", chat.reshape(1).astype(object)))
+            if salt is not None and salt.size:
+                pre_inputs.append(pb.Tensor("prompt_table_extra_id", salt.reshape(1).astype(np.uint64)))
+            got = self._call(pb, "preprocessing", pre_inputs, pre_outputs(self.cross))
+            pre = {name: pb.get_output_tensor_by_name(got, name).as_numpy() for name in pre_outputs(self.cross)}
+            ids, pixels = pre["input_ids"], pre["pixel_values"]
         stream = scalar(request, "stream", False, bool)
         # Every tensor below is one of the family's llm_step_inputs, in the dtype the contract gives it; the
         # decoding parameters' tensors come from the request schema (runtime/core/request_schema.py).
@@ -215,9 +217,9 @@ class EntryModel:
                 [pb.Tensor("text_output", text_out), pb.Tensor("output_ids", np.asarray(returned, np.int32))]
                 + self._log_prob_tensors(pb, decoding, whole, final=True) + counts), flags=final)
 
-    def _image_inputs(self, pb, pre, pixels) -> list:
+    def _image_inputs(self, pb, pre: dict, pixels) -> list:
         """The image tiles through `vision_encoder`, as the LLM step's image inputs: prompt-table rows and, for
-        NVLM-X/H, the encoder inputs."""
+        NVLM-X/H, the encoder inputs. `pre`: the preprocessing model's outputs by name."""
         import torch
 
         x = torch.from_numpy(pixels).to(self.vision_dtype)
@@ -230,7 +232,7 @@ class EntryModel:
         if table is not None and table.shape[0]:
             # the engine's dtype: PromptTuningBuffers::validate refuses any other
             table = table.reshape(-1, table.shape[-1]).to(self.table_dtype)
-            extra = pb.get_output_tensor_by_name(pre, "prompt_table_extra_ids").as_numpy()
+            extra = pre["prompt_table_extra_ids"]
             out += [("prompt_embedding_table", table[None]),
                     ("prompt_vocab_size", np.asarray([table.shape[0]], np.int32)),
                     ("prompt_table_extra_ids", extra.astype(np.uint64))]
@@ -257,20 +259,19 @@ class EntryModel:
             out.append(pb.Tensor("cum_log_probs", np.asarray([piece.cum], np.float32)))
         return out
 
-    def _cross_inputs(self, pb, pre, emb):
+    def _cross_inputs(self, pb, pre: dict, emb):
         """NVLM-X/H: the prompt-table rows (the tiles whose tokens sit in the sequence: NVLM-H's thumbnails) and
         the `tensorrtllm` backend's encoder inputs — the key sequence as `encoder_input_features` [1, keys,
         hidden] in the engine dtype, `encoder_output_lengths`, and `cross_attention_mask` [1, tokens, keys]
         from each token's key range (runtime/prompt.py). None for the features when the prompt has no key tile."""
-        got = {k: pb.get_output_tensor_by_name(pre, k).as_numpy() for k in CROSS_OUTPUTS}
-        inline = got["inline_tiles"].reshape(-1).tolist()
+        inline = pre["inline_tiles"].reshape(-1).tolist()
         table = emb[inline] if inline else None
-        tiles = got["key_tiles"].reshape(-1).tolist()
+        tiles = pre["key_tiles"].reshape(-1).tolist()
         if not tiles:
             return table, None
-        key_tiles = [KeyTile(t, 0, tuple(int(i) for i in row if i >= 0)) for t, row in zip(tiles, got["key_tag_ids"])]
+        key_tiles = [KeyTile(t, 0, tuple(int(i) for i in row if i >= 0)) for t, row in zip(tiles, pre["key_tag_ids"])]
         keys = key_sequence(emb.float(), key_tiles, self._tag_embeddings)  # [K, hidden]
-        mask = ranges_to_mask(got["key_ranges"], keys.shape[0])  # [tokens, K]
+        mask = ranges_to_mask(pre["key_ranges"], keys.shape[0])  # [tokens, K]
         return table, [("encoder_input_features", keys.to(self.table_dtype)[None]),
                        ("encoder_output_lengths", np.asarray([keys.shape[0]], np.int32)),
                        ("cross_attention_mask", mask)]
@@ -278,6 +279,12 @@ class EntryModel:
     def _prompt_ids(self, ids) -> list[int]:
         """The prompt's text tokens (`exclude_input_in_output` false): image positions carry no text."""
         return [t for t in ids.reshape(-1).tolist() if t < self.tok.vocab_size]
+
+
+def pre_outputs(cross: bool) -> list[str]:
+    """The preprocessing outputs the entry model reads (NVLM-X/H: the key layout too)."""
+    return ["input_ids", "pixel_values", "image_token_count", "prompt_table_extra_ids"] + (
+        list(CROSS_OUTPUTS) if cross else [])
 
 
 def _tokens(resp) -> tuple[list[int], list[float] | None] | None:
