@@ -216,11 +216,13 @@ def test_token_counts_and_min_tokens_reach_the_step(servers):
         assert ans.counts["num_input_tokens"] > 5
 
 
-def test_wrong_table_dtype_fails_with_the_backends_message(build, tmp_path):
+@pytest.mark.parametrize("null_engine", [False, True], ids=["stand-in", "null-engine"])
+def test_wrong_table_dtype_fails_with_the_backends_message(build, tmp_path, null_engine):
     """The original fault: an FP16 table declared and sent to a BF16 engine. Triton accepts it (config
-    and request agree); the backend refuses it per request, as the stand-in does. Text still works."""
+    and request agree); the backend refuses it per request, as the stand-in does — and the benchmarks' null
+    engine, which checks requests as the stand-in does. Text still works."""
     repo = tmp_path / "repo"
-    generate_repo(build, repo, "contract")
+    generate_repo(build, repo, "contract", null_engine=null_engine)
     _mutate(repo, "tensorrt_llm", 'name: "prompt_embedding_table"\n  data_type: TYPE_BF16',
             'name: "prompt_embedding_table"\n  data_type: TYPE_FP16')
     _mutate(repo, "nvlm", 'string_value: "BF16"', 'string_value: "FP16"')
@@ -231,11 +233,13 @@ def test_wrong_table_dtype_fails_with_the_backends_message(build, tmp_path):
         assert len(client.generate("Hello there.", max_tokens=4).tokens) == 4
 
 
-def test_missing_parameter_fails_the_load_with_the_backends_message(build, tmp_path):
+@pytest.mark.parametrize("null_engine", [False, True], ids=["stand-in", "null-engine"])
+def test_missing_parameter_fails_the_load_with_the_backends_message(build, tmp_path, null_engine):
+    """The stand-in, and the null engine like it, refuse at load what the backend refuses at load."""
     from triton_repo.server import ServerError
 
     repo = tmp_path / "repo"
-    generate_repo(build, repo, "contract")
+    generate_repo(build, repo, "contract", null_engine=null_engine)
     _mutate(repo, "tensorrt_llm", 'key: "xgrammar_tokenizer_info_path"', 'key: "xgrammar_info"')
     server = _serve(repo, 5)
     try:

@@ -830,17 +830,17 @@ def test_bench_server_dying_mid_run_saves_partial_results(build, tmp_path):
     from triton_repo.server import TritonServer
 
     base = _ports(2)
-    # hang_timeout=0: the keeper's probe requests pass through preprocessing too and would count below
+    # hang_timeout=0: the keeper's probe requests reach the LLM step too and would count below
     srv = TritonServer(build / "triton_repo", grpc_port=base, http_port=base + 1, metrics_port=base + 2,
                        hang_timeout=0).start()
 
     def kill_after_some_requests():
         stats = grpcclient.InferenceServerClient(srv.grpc_url)
         while srv.proc.poll() is None:
-            # the entry model counts a request when it admits it (decoupled: its workers answer later), the
-            # preprocessing model when it has served it: at concurrency 1, five preprocessed means the
-            # warm-up and three measured requests have ended
-            done = stats.get_inference_statistics("preprocessing", as_json=True)["model_stats"][0]["inference_stats"]
+            # the LLM step, decoupled, counts a request when it admits it: at concurrency 1 its fifth means the
+            # warm-up and three measured requests have ended (text requests are prepared in the entry model: the
+            # preprocessing model never sees them)
+            done = stats.get_inference_statistics("tensorrt_llm", as_json=True)["model_stats"][0]["inference_stats"]
             if int(done.get("success", {}).get("count", 0)) >= 5:
                 srv.proc.kill()
                 return
