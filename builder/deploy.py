@@ -87,8 +87,8 @@ def launch_script(world_size: int) -> str:
 set -euo pipefail
 BUILD=$(cd "${{1:-$(dirname "$0")/..}}" && pwd)
 GRPC_PORT=${{GRPC_PORT:-8001}} HTTP_PORT=${{HTTP_PORT:-8000}} METRICS_PORT=${{METRICS_PORT:-8002}}
-# the entry model reaches the LLM step through this server's gRPC port (triton_repo/llm_link.py)
-export NVLM_TRITON_GRPC_URL=127.0.0.1:$GRPC_PORT
+# the entry model reaches the LLM step through this server's gRPC and HTTP ports (triton_repo/llm_link.py)
+export NVLM_TRITON_GRPC_URL=127.0.0.1:$GRPC_PORT NVLM_TRITON_HTTP_URL=127.0.0.1:$HTTP_PORT
 WORLD={world_size}
 python3 - <<'PY'
 import importlib.util, sys

@@ -42,9 +42,10 @@ def test_launch_script_is_valid_bash_and_expands_the_build_path(tmp_path):
     # the entry model's link to the LLM step (triton_repo/llm_link.py) gets the port the server listens on
     lines = [ln for ln in text.splitlines() if ln.startswith(("GRPC_PORT=", "export NVLM_TRITON_GRPC_URL="))]
     assert len(lines) == 2
-    got = subprocess.run(["bash", "-c", "; ".join(lines) + '; echo "$NVLM_TRITON_GRPC_URL"'],
-                         env={"GRPC_PORT": "9101", "PATH": os.environ["PATH"]}, capture_output=True, text=True)
-    assert got.stdout.strip() == "127.0.0.1:9101"
+    got = subprocess.run(["bash", "-c", "; ".join(lines) + '; echo "$NVLM_TRITON_GRPC_URL $NVLM_TRITON_HTTP_URL"'],
+                         env={"GRPC_PORT": "9101", "HTTP_PORT": "9100", "PATH": os.environ["PATH"]},
+                         capture_output=True, text=True)
+    assert got.stdout.strip() == "127.0.0.1:9101 127.0.0.1:9100"
 
 
 def test_dockerfile_installs_nvlm_trt_into_the_ngc_image():

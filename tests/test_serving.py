@@ -913,8 +913,10 @@ def test_bench_jsonl_workload_errors(tmp_path):
     assert items[2].images[1] == IMAGE.read_bytes()
 
 
-def test_llm_link_drops_an_abandoned_stream(server, build):
-    """The entry model's gRPC link to the LLM step (triton_repo/llm_link.py): a request abandoned after its
+@pytest.mark.parametrize("road", ["grpc", "http"])
+def test_llm_link_drops_an_abandoned_stream(server, build, road):
+    """The entry model's link to the LLM step (triton_repo/llm_link.py), over either road (these text requests
+    take HTTP when the link knows the server's HTTP address, llm_http.py): a request abandoned after its
     first response must not leave its later responses on the thread's stream for the next request. Two
     prompts with different answers: request A (32 tokens, streamed) is dropped after one token, then B runs
     on the same thread and must get exactly the tokens B gets on a fresh link — A's leftovers would differ
@@ -935,13 +937,15 @@ def test_llm_link_drops_an_abandoned_stream(server, build):
         got = [r.as_numpy("output_ids") for r in responses]
         return [t for a in got if a is not None for t in a.reshape(-1).tolist()]
 
-    fresh = LLMLink(url=server.grpc_url)
+    http = f"127.0.0.1:{server.http_port}" if road == "http" else ""
+
+    fresh = LLMLink(url=server.grpc_url, http=http)
     want_b = tokens(fresh.generate(inputs("Count to ten.", 8, 2), ["output_ids"], "b0"))
     want_a = tokens(fresh.generate(inputs("Write one sentence about the sea.", 32, 1), ["output_ids"], "a0"))
     fresh.close()
     assert len(want_a) > 8 and want_a[1:9] != want_b  # A's leftovers would be told from B's answer
 
-    link = LLMLink(url=server.grpc_url)
+    link = LLMLink(url=server.grpc_url, http=http)
     a = link.generate(inputs("Write one sentence about the sea.", 32, 1), ["output_ids"], "a1")
     first = next(a)
     got = first.as_numpy("output_ids").reshape(-1).tolist()  # one token, or a run if the LLM step fell behind
@@ -966,17 +970,19 @@ def test_llm_link_sends_bf16_exactly():
     assert t._get_content() == x.view(torch.int16).numpy().tobytes()
 
 
-def test_the_servers_env_points_the_llm_link_at_its_own_grpc_port(tmp_path):
-    """nvlm-serve tells the entry model where its own gRPC port is (a wildcard bind is reached on loopback)."""
+def test_the_servers_env_points_the_llm_link_at_its_own_ports(tmp_path):
+    """nvlm-serve tells the entry model where its own gRPC and HTTP ports are (a wildcard bind is reached on
+    loopback)."""
     import shutil
 
+    from triton_repo.llm_http import HTTP_URL_ENV
     from triton_repo.llm_link import URL_ENV
     from triton_repo.server import TritonServer
 
-    for host, want in (("0.0.0.0", "127.0.0.1:9101"), ("10.1.2.3", "10.1.2.3:9101")):
-        srv = TritonServer(tmp_path, host=host, grpc_port=9101)
+    for host, want in (("0.0.0.0", "127.0.0.1"), ("10.1.2.3", "10.1.2.3")):
+        srv = TritonServer(tmp_path, host=host, grpc_port=9101, http_port=9100)
         try:
-            assert srv.env()[URL_ENV] == want
+            assert srv.env()[URL_ENV] == f"{want}:9101" and srv.env()[HTTP_URL_ENV] == f"{want}:9100"
         finally:
             shutil.rmtree(srv.workdir)
 

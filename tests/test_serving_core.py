@@ -186,3 +186,21 @@ def test_a_streamed_run_waits_for_its_interval_and_the_final_response_flushes_it
         assert _until(lambda: sent[-1] == [4], 0.4)
     finally:
         outbox.close()
+
+
+def test_only_scalar_and_one_dimensional_requests_take_the_http_road():
+    """llm_http.as_json: a text request's tensors become generate-extension JSON (one element: a scalar, 1-D: a
+    list, batch dimension dropped); a 2-D input (stop words, the cross-attention mask), an empty one or a torch
+    tensor (a BF16 prompt table) sends the whole request over gRPC instead."""
+    import torch
+
+    from triton_repo.llm_http import as_json
+
+    text = [("input_ids", np.asarray([[5, 6, 7]], np.int32)), ("input_lengths", np.asarray([[3]], np.int32)),
+            ("streaming", np.asarray([[True]])), ("seed", np.asarray([[2**63 + 1]], np.uint64)),
+            ("temperature", np.asarray([[0.5]], np.float32))]
+    assert as_json(text) == {"input_ids": [5, 6, 7], "input_lengths": 3, "streaming": True, "seed": 2**63 + 1,
+                             "temperature": 0.5}
+    assert as_json(text + [("stop_words_list", np.asarray([[[1, 2], [2, -1]]], np.int32))]) is None
+    assert as_json(text + [("bad_words_list", np.zeros((1, 2, 0), np.int32))]) is None
+    assert as_json(text + [("prompt_embedding_table", torch.zeros(1, 4, 8, dtype=torch.bfloat16))]) is None

@@ -28,7 +28,9 @@ goes straight to the queue of the worker that waits for its request id. That is 
 and the response stays a protobuf message until the worker reads its outputs. A request abandoned half-way
 is stopped with NVIDIA's `stop` request (`LLMLink.stop`), and its late responses are dropped by id.
 
-The server's gRPC address comes from NVLM_TRITON_GRPC_URL, which `nvlm-serve` (triton_repo/server.py) and
+A request whose inputs are all scalars or 1-D lists (text without stop or bad words) goes over HTTP instead, when the
+server's HTTP address is known: a message costs a third there (llm_http.py). The server's gRPC address comes from
+NVLM_TRITON_GRPC_URL, which `nvlm-serve` (triton_repo/server.py) and
 the GPU host's launch script (builder/deploy.py) set to the port they start tritonserver on; without it,
 Triton's default 127.0.0.1:8001.
 """
@@ -208,8 +210,13 @@ class LLMLink:
     sends a request and reads its responses from its own queue; a request abandoned half-way (the caller stopped
     reading, or an error) is stopped in the LLM step, and whatever it still sends is dropped."""
 
-    def __init__(self, model: str = "tensorrt_llm", url: str | None = None):
+    def __init__(self, model: str = "tensorrt_llm", url: str | None = None, http: str | None = None):
+        """`http`: the server's HTTP address (None: NVLM_TRITON_HTTP_URL; "" or unset: every request takes gRPC)."""
+        from .llm_http import http_url
+
         self.model, self.url = model, url or server_url()
+        self.http_url = (http_url() if http is None else http) or None
+        self._http = None  # the HttpReader, started with the first request that takes HTTP
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._streams: list[_Shared | None] = [None] * STREAMS
@@ -296,7 +303,7 @@ class LLMLink:
     def generate(self, inputs: list, outputs: list[str], request_id: str, grouped: bool = False,
                  interval: float = 0.0) -> Iterator:
         """Send one request ((name, array or tensor) pairs, with their batch dimension) and yield its responses
-        (`Reply`) up to and including the final one. An error response raises ValueError with the LLM step's
+        (`Reply`; `llm_http.JsonReply` for a request that went over HTTP) up to and including the final one. An error response raises ValueError with the LLM step's
         message. `request_id` must be unique among the requests in flight.
 
         `grouped`: yield lists instead — every response that had arrived when the caller asked for the next
@@ -304,15 +311,42 @@ class LLMLink:
         until `interval` seconds after the last list (the first response is yielded at once). A caller that
         answers each list with one response of its own sends one per `interval` while responses keep coming,
         instead of one per LLM-step response: the fixed cost of a response is paid per run of tokens."""
-        shared, inbox = self._send(request_id, _request(self.model, inputs, outputs, request_id))
+        body = None
+        if self.http_url:
+            from .llm_http import as_json
+
+            body = as_json(inputs)  # scalars and 1-D lists: the cheaper road (llm_http.py says why)
+        if body is not None:
+            inbox = _Inbox()
+            reader = self._http_reader()
+            try:
+                resp = reader.open(self.model, request_id, body, inbox)
+            except OSError as e:
+                raise self._unreachable(e, self.http_url, "NVLM_TRITON_HTTP_URL") from None
+
+            def forget() -> bool:
+                return reader.close(resp)
+        else:
+            shared, inbox = self._send(request_id, _request(self.model, inputs, outputs, request_id))
+
+            def forget() -> bool:
+                return self._forget(shared, request_id)
         clean = False
         try:
             yield from self._exchange(inbox, grouped, interval)
             clean = True
         finally:
-            if not clean and self._forget(shared, request_id):
+            if not clean and forget():
                 # abandoned while the LLM step still works on it: free its place in the engine's batch
                 threading.Thread(target=self._stop_quietly, args=(request_id,), daemon=True).start()
+
+    def _http_reader(self):
+        from .llm_http import HttpReader
+
+        with self._lock:
+            if self._http is None:
+                self._http = HttpReader(self.http_url)
+            return self._http
 
     def _exchange(self, inbox: _Inbox, grouped: bool, interval: float) -> Iterator:
         first, due = True, 0.0
@@ -380,13 +414,17 @@ class LLMLink:
         except Exception:  # noqa: BLE001 — the request may have ended meanwhile, or the server gone
             pass
 
-    def _unreachable(self, error) -> ValueError:
-        return ValueError(f"the entry model cannot reach the LLM step at {self.url}, its server's gRPC address "
-                          f"(set {URL_ENV} to it when tritonserver listens elsewhere): {_message(error)}")
+    def _unreachable(self, error, url: str | None = None, env: str = URL_ENV) -> ValueError:
+        kind = "gRPC" if env == URL_ENV else "HTTP"
+        return ValueError(f"the entry model cannot reach the LLM step at {url or self.url}, its server's {kind} "
+                          f"address (set {env} to it when tritonserver listens elsewhere): {_message(error)}")
 
     def close(self) -> None:
         with self._lock:
             streams, self._streams = self._streams, [None] * STREAMS
+            reader, self._http = self._http, None
+        if reader is not None:
+            reader.shutdown()
         loop = self._loop
         if loop is None:
             return

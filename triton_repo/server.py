@@ -34,6 +34,7 @@ from .keeper import (
     is_ready,
     shm_prefix,
 )
+from .llm_http import HTTP_URL_ENV
 from .llm_link import URL_ENV
 from .openai_api import OpenAIServer
 
@@ -112,8 +113,9 @@ class TritonServer:
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
         env["LD_LIBRARY_PATH"] = os.pathsep.join(
             p for p in (str(libs), sysconfig.get_config_var("LIBDIR") or "", env.get("LD_LIBRARY_PATH", "")) if p)
-        # the entry model streams to the LLM step through this server's own gRPC port (llm_link.py)
+        # the entry model streams to the LLM step through this server's own gRPC and HTTP ports (llm_link.py)
         env[URL_ENV] = self.grpc_url
+        env[HTTP_URL_ENV] = f"{self._loopback}:{self.http_port}"
         if self.max_queue is not None:
             env[MAX_QUEUE_ENV] = str(self.max_queue)
         if self.stream_interval_ms is not None:

@@ -1,0 +1,237 @@
+"""The LLM link's second road: a request whose inputs are all scalars or 1-D lists goes to the LLM step over
+Triton's HTTP `generate_stream` (server-sent events), read with one selector thread per process.
+
+Why (issue 32): the `tensorrtllm` backend sends one response per decode step, so the entry model receives one
+message per streamed token. Received over a `grpc.aio` stream, a message costs this process about 150 µs of CPU;
+the same messages read off plain sockets cost about 48 µs, and tritonserver spends the same on them either way
+(benchmarks/link_floor.py, docs/PERFORMANCE.md). The generate extension takes JSON only, and the bundled server
+refuses a 2-D list ("Shape does not match true shape of 'data' field"), so requests that carry a prompt table,
+encoder features, a cross-attention mask or stop/bad word lists keep the gRPC stream (llm_link.py).
+
+Per request: one connection (a request per connection, as Triton's HTTP/1.1 streaming answers), `"id"` set to
+the request id (so that `LLMLink.stop` names it), and the socket closed when the caller abandons the request
+(Triton cancels a streaming HTTP request whose client went away). Each event becomes a `JsonReply`; the end of the
+response body becomes the final, empty one, as `triton_enable_empty_final_response` gives on the gRPC stream.
+
+The server's HTTP address comes from NVLM_TRITON_HTTP_URL, which `nvlm-serve` and the GPU host's launch script set;
+without it every request takes the gRPC stream.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import selectors
+import socket
+import struct
+import threading
+
+import numpy as np
+
+HTTP_URL_ENV = "NVLM_TRITON_HTTP_URL"
+
+
+def http_url() -> str | None:
+    return os.environ.get(HTTP_URL_ENV) or None
+
+
+def as_json(inputs: list) -> dict | None:
+    """The request's (name, array with its batch dimension of 1) inputs as generate-extension JSON: a one-element
+    input as a scalar, a 1-D one as a list. None when one cannot travel that way: a torch tensor (BF16 rows), an
+    empty or a multi-dimensional input."""
+    out = {}
+    for name, value in inputs:
+        if not isinstance(value, np.ndarray) or value.ndim == 0 or value.shape[0] != 1 or value.size == 0:
+            return None
+        row = value[0]
+        if row.size == 1:
+            out[name] = row.reshape(-1)[0].item()
+        elif row.ndim == 1:
+            out[name] = row.tolist()
+        else:
+            return None
+    return out
+
+
+class JsonReply:
+    """One LLM-step response as an event of the HTTP stream (the same reading interface as llm_link.Reply)."""
+
+    __slots__ = ("id", "body", "final")
+
+    def __init__(self, request_id: str, body: dict | None, final: bool = False):
+        self.id, self.body, self.final = request_id, body, final
+
+    def as_numpy(self, name: str) -> np.ndarray | None:
+        if self.body is None or name not in self.body:
+            return None
+        return np.asarray(self.body[name])
+
+
+class _Response:
+    """One request's connection and where its HTTP response has got to: the status line and headers, then the
+    body (chunked, or of a given length), whose bytes are server-sent events."""
+
+    __slots__ = ("sock", "rid", "inbox", "raw", "head", "chunked", "length", "events", "status", "ended")
+
+    def __init__(self, sock: socket.socket, rid: str, inbox):
+        self.sock, self.rid, self.inbox = sock, rid, inbox
+        self.raw, self.events = bytearray(), bytearray()
+        self.head, self.chunked, self.length, self.status, self.ended = False, False, 0, 0, False
+
+    def feed(self, data: bytes) -> bool:
+        """Take newly received bytes; deliver every complete event. True once the response has ended."""
+        self.raw += data
+        if not self.head:
+            end = self.raw.find(b"\r\n\r\n")
+            if end < 0:
+                return False
+            lines = bytes(self.raw[:end]).decode("latin-1").split("\r\n")
+            del self.raw[:end + 4]
+            self.status = int(lines[0].split()[1])
+            headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
+            self.chunked = headers.get("transfer-encoding", "").lower() == "chunked"
+            self.length = int(headers.get("content-length", "0") or 0)
+            self.head = True
+        done = self._body()
+        self._deliver(done)
+        return done
+
+    def _body(self) -> bool:
+        if not self.chunked:
+            if len(self.raw) < self.length:
+                return False
+            self.events += self.raw[:self.length] + b"\n\n"
+            del self.raw[:]
+            return True
+        while True:  # chunk: size in hex, CRLF, the bytes, CRLF; a zero size ends the body
+            eol = self.raw.find(b"\r\n")
+            if eol < 0:
+                return False
+            size = int(bytes(self.raw[:eol]).split(b";")[0], 16)
+            if size == 0:
+                return True
+            if len(self.raw) < eol + 2 + size + 2:
+                return False
+            self.events += self.raw[eol + 2:eol + 2 + size]
+            del self.raw[:eol + 2 + size + 2]
+
+    def _deliver(self, done: bool) -> None:
+        *complete, rest = bytes(self.events).split(b"\n\n")
+        self.events = bytearray(rest)
+        for event in complete:
+            start = event.find(b"data:")
+            text = (event[start + 5:] if start >= 0 else event).strip()
+            if not text or self.ended:
+                continue
+            try:
+                body = json.loads(text)
+            except ValueError:
+                body = {"error": f"HTTP {self.status}: {text[:200].decode('utf-8', 'replace')}"}
+            if "error" in body or self.status != 200:
+                self.ended = True
+                self.inbox.put((None, ValueError(body.get("error") or f"HTTP {self.status}")))
+            else:
+                self.inbox.put((JsonReply(self.rid, body), None))
+        if done and not self.ended:
+            self.ended = True
+            self.inbox.put((JsonReply(self.rid, None, final=True), None))
+
+
+class HttpReader:
+    """Every HTTP request of the process, read by one selector thread. `open` connects and sends in the caller's
+    thread, then hands the socket to the reader; `close` (any thread) drops a request: its socket is closed by the
+    reader, which makes Triton cancel it."""
+
+    def __init__(self, url: str):
+        host, _, port = url.rpartition(":")
+        self.url, self.address = url, (host, int(port))
+        self.sel = selectors.DefaultSelector()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.orders: collections.deque = collections.deque()  # ("add" | "drop", _Response), from other threads
+        self.lock = threading.Lock()
+        self.live: set = set()
+        self.thread = threading.Thread(target=self._loop, name="nvlm-llm-http", daemon=True)
+        self.thread.start()
+
+    def open(self, model: str, request_id: str, body: dict, inbox) -> _Response:
+        payload = json.dumps({"id": request_id, **body}).encode()
+        sock = socket.create_connection(self.address, timeout=30)  # OSError: unreachable, the caller says where
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # closed with a reset, not a FIN: a connection per request would otherwise leave one socket in TIME_WAIT per
+        # request for a minute, and short requests at hundreds per second run out of local ports
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.sendall(b"POST /v2/models/%s/generate_stream HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (model.encode(), self.address[0].encode(), len(payload), payload))
+        sock.setblocking(False)
+        resp = _Response(sock, request_id, inbox)
+        with self.lock:
+            self.live.add(resp)
+        self._order("add", resp)
+        return resp
+
+    def close(self, resp: _Response) -> bool:
+        """Drop `resp`; True if it had not ended (the LLM step may still be working on it)."""
+        with self.lock:
+            running = resp in self.live
+            self.live.discard(resp)
+        self._order("drop", resp)
+        return running and not resp.ended
+
+    def shutdown(self) -> None:
+        self._order("stop", None)
+
+    def _order(self, what: str, resp) -> None:
+        self.orders.append((what, resp))
+        try:
+            self.wake_w.send(b"\0")
+        except OSError:  # the reader is gone (shut down)
+            pass
+
+    def _loop(self) -> None:
+        while True:
+            for key, _ in self.sel.select():
+                if key.data is None:
+                    try:
+                        self.wake_r.recv(4096)
+                    except BlockingIOError:
+                        pass
+                    continue
+                self._read(key.data)
+            while self.orders:
+                what, resp = self.orders.popleft()
+                if what == "stop":
+                    self.sel.close()
+                    return
+                if what == "add":
+                    self.sel.register(resp.sock, selectors.EVENT_READ, resp)
+                elif what == "drop":
+                    self._end(resp)
+
+    def _read(self, resp: _Response) -> None:
+        try:
+            data = resp.sock.recv(1 << 16)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            data, error = b"", e
+        else:
+            error = ConnectionError(f"the LLM step's HTTP stream at {self.url} ended before its last response")
+        if not data:
+            if not resp.ended:
+                resp.ended = True
+                resp.inbox.put((None, error))
+            self._end(resp)
+        elif resp.feed(data):
+            self._end(resp)
+
+    def _end(self, resp: _Response) -> None:
+        with self.lock:
+            self.live.discard(resp)
+        try:
+            self.sel.unregister(resp.sock)
+        except (KeyError, ValueError):  # never registered (dropped at once), or already gone
+            pass
+        resp.sock.close()
