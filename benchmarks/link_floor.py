@@ -18,8 +18,8 @@ Both runs stream the same requests from the null engine (BUILD's contract reposi
 - `link`: triton_repo.llm_link.LLMLink as the entry model uses it — one thread per request reading its responses
   in runs per stream interval, each response's `output_ids` decoded.
 - `http`: the same requests over Triton's HTTP `generate_stream` (server-sent events), every connection read by
-  one selector loop: what a message costs without grpc's Python layer. (Not what the entry uses today: the
-  generate extension takes JSON, so no prompt table, and it refused 2-D stop-word lists in the bundled server.)
+  one selector loop: what a message costs without grpc's Python layer. The entry's link takes this road for text
+  without stop or bad words (triton_repo/llm_http.py); `link` here is its gRPC road, which the rest still take.
 
 Printed per run: tokens/s, this process's CPU µs per message (= per token), split into gRPC's own C++ threads
 (`event_engine`) and the Python threads, tritonserver's CPU per message over the same window, and the ratios
@@ -106,7 +106,7 @@ class Window:
 def run_link(url: str, concurrency: int, seconds: float, max_tokens: int, interval: float) -> dict:
     from triton_repo.llm_link import LLMLink
 
-    link, stop, window = LLMLink("tensorrt_llm", url), threading.Event(), Window()
+    link, stop, window = LLMLink("tensorrt_llm", url, http=""), threading.Event(), Window()  # its gRPC road
 
     def worker(slot: int) -> None:
         k = 0

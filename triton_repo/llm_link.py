@@ -47,6 +47,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from .llm_http import HttpReader, as_json, http_url
+
 URL_ENV = "NVLM_TRITON_GRPC_URL"
 DEFAULT_URL = "127.0.0.1:8001"
 FINAL = "triton_final_response"
@@ -212,8 +214,6 @@ class LLMLink:
 
     def __init__(self, model: str = "tensorrt_llm", url: str | None = None, http: str | None = None):
         """`http`: the server's HTTP address (None: NVLM_TRITON_HTTP_URL; "" or unset: every request takes gRPC)."""
-        from .llm_http import http_url
-
         self.model, self.url = model, url or server_url()
         self.http_url = (http_url() if http is None else http) or None
         self._http = None  # the HttpReader, started with the first request that takes HTTP
@@ -313,8 +313,6 @@ class LLMLink:
         instead of one per LLM-step response: the fixed cost of a response is paid per run of tokens."""
         body = None
         if self.http_url:
-            from .llm_http import as_json
-
             body = as_json(inputs)  # scalars and 1-D lists: the cheaper road (llm_http.py says why)
         if body is not None:
             inbox = _Inbox()
@@ -340,9 +338,7 @@ class LLMLink:
                 # abandoned while the LLM step still works on it: free its place in the engine's batch
                 threading.Thread(target=self._stop_quietly, args=(request_id,), daemon=True).start()
 
-    def _http_reader(self):
-        from .llm_http import HttpReader
-
+    def _http_reader(self) -> HttpReader:
         with self._lock:
             if self._http is None:
                 self._http = HttpReader(self.http_url)
