@@ -204,3 +204,48 @@ def test_only_scalar_and_one_dimensional_requests_take_the_http_road():
     assert as_json(text + [("stop_words_list", np.asarray([[[1, 2], [2, -1]]], np.int32))]) is None
     assert as_json(text + [("bad_words_list", np.zeros((1, 2, 0), np.int32))]) is None
     assert as_json(text + [("prompt_embedding_table", torch.zeros(1, 4, 8, dtype=torch.bfloat16))]) is None
+
+
+def test_the_http_reader_survives_a_garbled_response_and_reads_the_next():
+    """llm_http.HttpReader against a local socket that answers garbage first, then a proper generate_stream
+    response: the first request fails with an error (its worker is not left waiting), the reader thread lives on,
+    and the second request's events arrive, then its final marker."""
+    import socket
+
+    from triton_repo.llm_http import HttpReader
+    from triton_repo.llm_link import _Inbox
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    good = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in
+                       (b'data: {"output_ids":[5,6]}\n\n', b'data: {"output_ids":7}\n\n')) + b"0\r\n\r\n")
+
+    def serve():
+        for answer in (b"garbage without a status line\r\n\r\n", good):
+            conn, _ = listener.accept()
+            conn.recv(65536)
+            conn.sendall(answer)
+            try:
+                conn.recv(1)  # until the client closes (with a reset: SO_LINGER 0)
+            except OSError:
+                pass
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    reader = HttpReader(f"127.0.0.1:{port}")
+    try:
+        bad = _Inbox()
+        reader.open("m", "r1", {"input_ids": [1]}, bad)
+        assert _until(lambda: bad.items)
+        reply, error = bad.items.popleft()
+        assert reply is None and "unreadable response" in str(error)
+        ok = _Inbox()
+        reader.open("m", "r2", {"input_ids": [1]}, ok)
+        assert _until(lambda: len(ok.items) == 3)
+        got = [r for r, e in ok.items]
+        assert [r.as_numpy("output_ids").reshape(-1).tolist() for r in got[:2]] == [[5, 6], [7]]
+        assert got[2].final and got[2].as_numpy("output_ids") is None and got[0].id == "r2"
+    finally:
+        reader.shutdown()
+        listener.close()

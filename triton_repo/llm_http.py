@@ -206,7 +206,10 @@ class HttpReader:
                     self.sel.close()
                     return
                 if what == "add":
-                    self.sel.register(resp.sock, selectors.EVENT_READ, resp)
+                    try:
+                        self.sel.register(resp.sock, selectors.EVENT_READ, resp)
+                    except (ValueError, OSError) as e:  # dropped (closed) before the reader took it
+                        self._fail(resp, e)
                 elif what == "drop":
                     self._end(resp)
 
@@ -220,12 +223,19 @@ class HttpReader:
         else:
             error = ConnectionError(f"the LLM step's HTTP stream at {self.url} ended before its last response")
         if not data:
-            if not resp.ended:
-                resp.ended = True
-                resp.inbox.put((None, error))
-            self._end(resp)
-        elif resp.feed(data):
-            self._end(resp)
+            self._fail(resp, error)
+            return
+        try:
+            if resp.feed(data):
+                self._end(resp)
+        except Exception as e:  # noqa: BLE001 — not the HTTP this reader speaks: this request fails, the thread goes on
+            self._fail(resp, ValueError(f"unreadable response from the LLM step at {self.url}: {e!r}"))
+
+    def _fail(self, resp: _Response, error: BaseException) -> None:
+        if not resp.ended:
+            resp.ended = True
+            resp.inbox.put((None, error))
+        self._end(resp)
 
     def _end(self, resp: _Response) -> None:
         with self.lock:
