@@ -1,5 +1,5 @@
 """The floor under the entry model's CPU per streamed token (issue 32): what one LLM-step message costs a Python
-process that receives it over gRPC, measured with nothing else in that process.
+process that receives it, over gRPC and over HTTP, measured with nothing else in that process.
 
     .venv/bin/python benchmarks/link_floor.py --build BUILD [--concurrency 32] [--seconds 15] [--max-tokens 128]
         [--step-ms 10] [--interval-ms 40]
@@ -8,18 +8,17 @@ NVIDIA's `tensorrtllm` backend sends one response per decode step per streamed r
 one new token (TensorRT-LLM's `LlmRequest::createResult` sends the tokens since the last response, and the
 executor creates a response every iteration; the backend's `WaitForResponse` sends each executor response as its
 own Triton response; no setting coalesces them in the C++ engine path — docs/PERFORMANCE.md cites the sources).
-So the entry model receives one gRPC message per streamed token, whatever it does with them afterwards, and the
-CPU that one message costs the receiving process is a floor under its CPU per token.
+So the entry model receives one message per streamed token, whatever it does with them afterwards, and the CPU
+that one message costs the receiving process is a floor under its CPU per token.
 
-Both runs stream the same requests from the null engine (BUILD's contract repository with
-`--null-engine`, served by the bundled tritonserver) into this process, at the same concurrency:
+The three runs stream the same requests from the null engine (BUILD's contract repository with `--null-engine`,
+served by the bundled tritonserver) into this process, at the same concurrency:
 
 - `floor`: grpc.aio streams read by one event loop that only counts the messages: the cost of receiving them.
-- `link`: triton_repo.llm_link.LLMLink as the entry model uses it — one thread per request reading its responses
-  in runs per stream interval, each response's `output_ids` decoded.
-- `http`: the same requests over Triton's HTTP `generate_stream` (server-sent events), every connection read by
-  one selector loop: what a message costs without grpc's Python layer. The entry's link takes this road for text
-  without stop or bad words (triton_repo/llm_http.py); `link` here is its gRPC road, which the rest still take.
+- `grpc`: triton_repo.llm_link.LLMLink as the entry model uses it, on its gRPC road — one thread per request
+  reading its responses in runs per stream interval, each response's `output_ids` decoded.
+- `http`: the same LLMLink on its HTTP road (triton_repo/llm_http.py: Triton's `generate_stream`, every
+  connection read by one selector thread), which the entry takes for text without stop or bad words.
 
 Printed per run: tokens/s, this process's CPU µs per message (= per token), split into gRPC's own C++ threads
 (`event_engine`) and the Python threads, tritonserver's CPU per message over the same window, and the ratios
@@ -42,6 +41,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.serving_capacity import cpu_seconds, processes  # noqa: E402 — after the path is set
+
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -56,11 +57,6 @@ def thread_cpu() -> dict[str, float]:
         name, fields = stat[stat.index("(") + 1:stat.rindex(")")], stat.rsplit(")", 1)[1].split()
         out[d.name] = (name, (int(fields[11]) + int(fields[12])) / TICK)
     return out
-
-
-def process_cpu(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def cpu_split(before: dict, after: dict) -> dict[str, float]:
@@ -83,18 +79,17 @@ class Window:
     """Messages counted and this process's CPU read at the same two instants, while every thread is alive (a
     thread that ended takes its /proc entry with it)."""
 
-    server_pid = 0  # tritonserver's, set once it runs: its CPU per message is read over the same window
-
-    def __init__(self):
+    def __init__(self, server_pid: int):
+        self.server_pid = server_pid  # tritonserver's CPU per message is read over the same window
         self.count = 0  # messages received: every thread adds to it (under the GIL: exact enough for a rate)
 
     def measure(self, seconds: float, settle: float = 1.0) -> dict:
         time.sleep(settle)  # every slot busy before the window opens
         n0, t0, cpu0, wall0 = self.count, thread_cpu(), time.process_time(), time.perf_counter()
-        s0 = process_cpu(Window.server_pid)
+        s0 = cpu_seconds(self.server_pid)
         time.sleep(seconds)
         n1, t1, cpu1, wall1 = self.count, thread_cpu(), time.process_time(), time.perf_counter()
-        s1 = process_cpu(Window.server_pid)
+        s1 = cpu_seconds(self.server_pid)
         n = max(n1 - n0, 1)
         split = cpu_split(t0, t1)
         grpc_us = split.get("event_engine", 0.0) / n * 1e6
@@ -103,10 +98,12 @@ class Window:
                 "python_us": total_us - grpc_us, "tritonserver_us": (s1 - s0) / n * 1e6}
 
 
-def run_link(url: str, concurrency: int, seconds: float, max_tokens: int, interval: float) -> dict:
+def run_link(url: str, http: str, concurrency: int, seconds: float, max_tokens: int, interval: float,
+             server_pid: int) -> dict:
+    """LLMLink as the entry uses it, over the road `http` selects: its HTTP address, or "" for gRPC."""
     from triton_repo.llm_link import LLMLink
 
-    link, stop, window = LLMLink("tensorrt_llm", url, http=""), threading.Event(), Window()  # its gRPC road
+    link, stop, window = LLMLink("tensorrt_llm", url, http=http), threading.Event(), Window(server_pid)
 
     def worker(slot: int) -> None:
         k = 0
@@ -127,7 +124,7 @@ def run_link(url: str, concurrency: int, seconds: float, max_tokens: int, interv
     return result
 
 
-def run_floor(url: str, concurrency: int, seconds: float, max_tokens: int) -> dict:
+def run_floor(url: str, concurrency: int, seconds: float, max_tokens: int, server_pid: int) -> dict:
     """`concurrency` requests in flight at all times over the link's number of streams; each message is counted."""
     import asyncio
 
@@ -136,7 +133,7 @@ def run_floor(url: str, concurrency: int, seconds: float, max_tokens: int) -> di
 
     from triton_repo.llm_link import CHANNEL_OPTIONS, FINAL, STREAMS, _request
 
-    window, result = Window(), {}
+    window, result = Window(server_pid), {}
 
     async def main() -> None:
         k, in_flight, done, stopping = [0], [0], asyncio.Event(), [False]
@@ -188,54 +185,6 @@ def run_floor(url: str, concurrency: int, seconds: float, max_tokens: int) -> di
     return result
 
 
-def run_http(url: str, concurrency: int, seconds: float, max_tokens: int) -> dict:
-    """The same requests over Triton's HTTP generate_stream (server-sent events), every connection read by one
-    selector loop in this thread: what receiving a message costs without grpc. Closed loop: a slot whose stream
-    ended sends its next request on a new connection."""
-    import json
-    import selectors
-    import socket
-
-    host, port = url.rsplit(":", 1)
-    window, result, sel, k = Window(), {}, selectors.DefaultSelector(), [0]
-
-    def send() -> None:
-        k[0] += 1
-        body = json.dumps({"input_ids": list(range(1, 20)), "input_lengths": 19, "request_output_len": max_tokens,
-                           "streaming": True, "seed": k[0]}).encode()
-        sock = socket.create_connection((host, int(port)))
-        sock.sendall(b"POST /v2/models/tensorrt_llm/generate_stream HTTP/1.1\r\nHost: %s\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (host.encode(), len(body), body))
-        sock.setblocking(False)
-        sel.register(sock, selectors.EVENT_READ, [b""])
-
-    def measure() -> None:
-        result.update(window.measure(seconds))
-
-    for _ in range(concurrency):
-        send()
-    timer = threading.Thread(target=measure)
-    timer.start()
-    while timer.is_alive():
-        for key, _ in sel.select(0.5):
-            sock, buf = key.fileobj, key.data
-            buf[0] += sock.recv(1 << 16)
-            # chunked transfer: one event per chunk in practice; the chunk-size lines sit between events
-            *events, buf[0] = buf[0].split(b"\n\n")
-            for ev in events:
-                i = ev.find(b"data: ")
-                if i >= 0:
-                    out = json.loads(ev[i + 6:]).get("output_ids")
-                    window.count += len(out) if isinstance(out, list) else int(out is not None)
-            if buf[0].lstrip(b"\r\n").startswith(b"0\r\n"):  # the last chunk: this request ended
-                sel.unregister(sock)
-                sock.close()
-                send()
-    for key in list(sel.get_map().values()):
-        key.fileobj.close()
-    return result
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build", required=True, help="an nvlm-build engine output (max batch size ≥ the concurrency)")
@@ -255,27 +204,23 @@ def main(argv=None) -> int:
     generate_repo(a.build, work / "repo", "contract", null_engine=True)
     server = TritonServer(work / "repo", grpc_port=a.port, http_port=a.port + 1, metrics_port=a.port + 2,
                           hang_timeout=0, log_file=work / "tritonserver.log").start()
-    url, rows = f"127.0.0.1:{a.port}", {}
+    url, http, rows = f"127.0.0.1:{a.port}", f"127.0.0.1:{a.port + 1}", {}
     try:
-        from benchmarks.serving_capacity import processes
-
-        Window.server_pid = processes(server.proc.pid)["tritonserver"][0]  # server.proc is its keeper
-        run_link(url, 1, 2.0, a.max_tokens, a.interval_ms / 1e3)  # warm-up: imports, channels
-        http_url = f"127.0.0.1:{a.port + 1}"
-        for name in ("floor", "link", "http"):
-            if name == "floor":
-                r = rows[name] = run_floor(url, a.concurrency, a.seconds, a.max_tokens)
-            elif name == "http":
-                r = rows[name] = run_http(http_url, a.concurrency, a.seconds, a.max_tokens)
-            else:
-                r = rows[name] = run_link(url, a.concurrency, a.seconds, a.max_tokens, a.interval_ms / 1e3)
+        pid = processes(server.proc.pid)["tritonserver"][0]  # server.proc is its keeper
+        interval = a.interval_ms / 1e3
+        run_link(url, "", 1, 2.0, a.max_tokens, interval, pid)  # warm-up: imports, channels
+        runs = {"floor": lambda: run_floor(url, a.concurrency, a.seconds, a.max_tokens, pid),
+                "grpc": lambda: run_link(url, "", a.concurrency, a.seconds, a.max_tokens, interval, pid),
+                "http": lambda: run_link(url, http, a.concurrency, a.seconds, a.max_tokens, interval, pid)}
+        for name, run in runs.items():
+            r = rows[name] = run()
             print(f"{name:<6} c={a.concurrency}: {r['tokens_per_s']:7.0f} tokens/s  CPU µs per message: {r['us']:6.1f}"
                   f"  (gRPC's C++ threads {r['grpc_us']:5.1f}, the Python threads {r['python_us']:5.1f}); tritonserver"
                   f" {r['tritonserver_us']:5.1f}", flush=True)
     finally:
         server.stop()
-    print(f"link / floor: {rows['link']['us'] / rows['floor']['us']:.2f}   "
-          f"http / floor: {rows['http']['us'] / rows['floor']['us']:.2f}")
+    print(f"link over gRPC / floor: {rows['grpc']['us'] / rows['floor']['us']:.2f}   "
+          f"link over HTTP / floor: {rows['http']['us'] / rows['floor']['us']:.2f}")
     return 0
 
 

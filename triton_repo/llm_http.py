@@ -3,8 +3,8 @@ Triton's HTTP `generate_stream` (server-sent events), read with one selector thr
 
 Why (issue 32): the `tensorrtllm` backend sends one response per decode step, so the entry model receives one
 message per streamed token. Received over a `grpc.aio` stream, a message costs this process about 150 µs of CPU;
-the same messages read off plain sockets cost about 48 µs, and tritonserver spends the same on them either way
-(benchmarks/link_floor.py, docs/PERFORMANCE.md). The generate extension takes JSON only, and the bundled server
+over this road about 60-70 µs, and tritonserver spends the same on them either way (benchmarks/link_floor.py,
+docs/PERFORMANCE.md). The generate extension takes JSON only, and the bundled server
 refuses a 2-D list ("Shape does not match true shape of 'data' field"), so requests that carry a prompt table,
 encoder features, a cross-attention mask or stop/bad word lists keep the gRPC stream (llm_link.py).
 
@@ -151,8 +151,6 @@ class HttpReader:
         self.wake_r.setblocking(False)
         self.sel.register(self.wake_r, selectors.EVENT_READ, None)
         self.orders: collections.deque = collections.deque()  # ("add" | "drop", _Response), from other threads
-        self.lock = threading.Lock()
-        self.live: set = set()
         self.thread = threading.Thread(target=self._loop, name="nvlm-llm-http", daemon=True)
         self.thread.start()
 
@@ -167,18 +165,13 @@ class HttpReader:
                      b"Content-Length: %d\r\n\r\n%s" % (model.encode(), self.address[0].encode(), len(payload), payload))
         sock.setblocking(False)
         resp = _Response(sock, request_id, inbox)
-        with self.lock:
-            self.live.add(resp)
         self._order("add", resp)
         return resp
 
     def close(self, resp: _Response) -> bool:
-        """Drop `resp`; True if it had not ended (the LLM step may still be working on it)."""
-        with self.lock:
-            running = resp in self.live
-            self.live.discard(resp)
+        """Drop `resp` (once per request); True if it had not ended (the LLM step may still be working on it)."""
         self._order("drop", resp)
-        return running and not resp.ended
+        return not resp.ended
 
     def shutdown(self) -> None:
         self._order("stop", None)
@@ -238,8 +231,6 @@ class HttpReader:
         self._end(resp)
 
     def _end(self, resp: _Response) -> None:
-        with self.lock:
-            self.live.discard(resp)
         try:
             self.sel.unregister(resp.sock)
         except (KeyError, ValueError):  # never registered (dropped at once), or already gone

@@ -29,7 +29,7 @@ and the response stays a protobuf message until the worker reads its outputs. A 
 is stopped with NVIDIA's `stop` request (`LLMLink.stop`), and its late responses are dropped by id.
 
 A request whose inputs are all scalars or 1-D lists (text without stop or bad words) goes over HTTP instead, when the
-server's HTTP address is known: a message costs a third there (llm_http.py). The server's gRPC address comes from
+server's HTTP address is known: a message costs under half there (llm_http.py). The server's gRPC address comes from
 NVLM_TRITON_GRPC_URL, which `nvlm-serve` (triton_repo/server.py) and
 the GPU host's launch script (builder/deploy.py) set to the port they start tritonserver on; without it,
 Triton's default 127.0.0.1:8001.
@@ -47,7 +47,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from .llm_http import HttpReader, as_json, http_url
+from .llm_http import HTTP_URL_ENV, HttpReader, as_json, http_url
 
 URL_ENV = "NVLM_TRITON_GRPC_URL"
 DEFAULT_URL = "127.0.0.1:8001"
@@ -303,8 +303,9 @@ class LLMLink:
     def generate(self, inputs: list, outputs: list[str], request_id: str, grouped: bool = False,
                  interval: float = 0.0) -> Iterator:
         """Send one request ((name, array or tensor) pairs, with their batch dimension) and yield its responses
-        (`Reply`; `llm_http.JsonReply` for a request that went over HTTP) up to and including the final one. An error response raises ValueError with the LLM step's
-        message. `request_id` must be unique among the requests in flight.
+        (`Reply`; `llm_http.JsonReply` for a request that went over HTTP) up to and including the final one. An
+        error response raises ValueError with the LLM step's message. `request_id` must be unique among the
+        requests in flight.
 
         `grouped`: yield lists instead — every response that had arrived when the caller asked for the next
         (at least one; the final one ends its list), and, with `interval` > 0, every response that arrives
@@ -320,7 +321,7 @@ class LLMLink:
             try:
                 resp = reader.open(self.model, request_id, body, inbox)
             except OSError as e:
-                raise self._unreachable(e, self.http_url, "NVLM_TRITON_HTTP_URL") from None
+                raise self._unreachable(e, "HTTP", self.http_url, HTTP_URL_ENV) from None
 
             def forget() -> bool:
                 return reader.close(resp)
@@ -410,9 +411,8 @@ class LLMLink:
         except Exception:  # noqa: BLE001 — the request may have ended meanwhile, or the server gone
             pass
 
-    def _unreachable(self, error, url: str | None = None, env: str = URL_ENV) -> ValueError:
-        kind = "gRPC" if env == URL_ENV else "HTTP"
-        return ValueError(f"the entry model cannot reach the LLM step at {url or self.url}, its server's {kind} "
+    def _unreachable(self, error, road: str = "gRPC", url: str | None = None, env: str = URL_ENV) -> ValueError:
+        return ValueError(f"the entry model cannot reach the LLM step at {url or self.url}, its server's {road} "
                           f"address (set {env} to it when tritonserver listens elsewhere): {_message(error)}")
 
     def close(self) -> None:

@@ -138,22 +138,13 @@ class EntryModel:
         if text is None:
             raise ValueError("text_input is required")
         chat = get_input(request, "messages")
-        salt = get_input(request, "prompt_table_extra_id")
         blobs = get_input(request, "image_bytes")
         if blobs is None or not blobs.size:
             # no image: the prompt is made here, by the preprocessing model's own code, not one stub hop away
             pre = self.prep.prepare(text, [], chat, 0)
-            ids, pixels = pre["input_ids"], pre["pixel_values"]
         else:
-            pre_inputs = [pb.Tensor("text_input", text.reshape(1).astype(object)),
-                          pb.Tensor("image_bytes", blobs.reshape(-1).astype(object))]
-            if chat is not None and chat.size:
-                pre_inputs.append(pb.Tensor("messages", chat.reshape(1).astype(object)))
-            if salt is not None and salt.size:
-                pre_inputs.append(pb.Tensor("prompt_table_extra_id", salt.reshape(1).astype(np.uint64)))
-            got = self._call(pb, "preprocessing", pre_inputs, pre_outputs(self.cross))
-            pre = {name: pb.get_output_tensor_by_name(got, name).as_numpy() for name in pre_outputs(self.cross)}
-            ids, pixels = pre["input_ids"], pre["pixel_values"]
+            pre = self._preprocess(pb, request, text, chat, blobs)
+        ids, pixels = pre["input_ids"], pre["pixel_values"]
         stream = scalar(request, "stream", False, bool)
         # Every tensor below is one of the family's llm_step_inputs, in the dtype the contract gives it; the
         # decoding parameters' tensors come from the request schema (runtime/core/request_schema.py).
@@ -217,6 +208,19 @@ class EntryModel:
                 [pb.Tensor("text_output", text_out), pb.Tensor("output_ids", np.asarray(returned, np.int32))]
                 + self._log_prob_tensors(pb, decoding, whole, final=True) + counts), flags=final)
 
+    def _preprocess(self, pb, request, text, chat, blobs) -> dict:
+        """A request with images through the preprocessing model (BLS): its outputs by name."""
+        inputs = [pb.Tensor("text_input", text.reshape(1).astype(object)),
+                  pb.Tensor("image_bytes", blobs.reshape(-1).astype(object))]
+        if chat is not None and chat.size:
+            inputs.append(pb.Tensor("messages", chat.reshape(1).astype(object)))
+        salt = get_input(request, "prompt_table_extra_id")
+        if salt is not None and salt.size:
+            inputs.append(pb.Tensor("prompt_table_extra_id", salt.reshape(1).astype(np.uint64)))
+        names = ["input_ids", "pixel_values", "prompt_table_extra_ids"] + (list(CROSS_OUTPUTS) if self.cross else [])
+        got = self._call(pb, "preprocessing", inputs, names)
+        return {name: pb.get_output_tensor_by_name(got, name).as_numpy() for name in names}
+
     def _image_inputs(self, pb, pre: dict, pixels) -> list:
         """The image tiles through `vision_encoder`, as the LLM step's image inputs: prompt-table rows and, for
         NVLM-X/H, the encoder inputs. `pre`: the preprocessing model's outputs by name."""
@@ -279,12 +283,6 @@ class EntryModel:
     def _prompt_ids(self, ids) -> list[int]:
         """The prompt's text tokens (`exclude_input_in_output` false): image positions carry no text."""
         return [t for t in ids.reshape(-1).tolist() if t < self.tok.vocab_size]
-
-
-def pre_outputs(cross: bool) -> list[str]:
-    """The preprocessing outputs the entry model reads (NVLM-X/H: the key layout too)."""
-    return ["input_ids", "pixel_values", "image_token_count", "prompt_table_extra_ids"] + (
-        list(CROSS_OUTPUTS) if cross else [])
 
 
 def _tokens(resp) -> tuple[list[int], list[float] | None] | None:
