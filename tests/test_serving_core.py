@@ -207,25 +207,31 @@ def test_only_scalar_and_one_dimensional_requests_take_the_http_road():
 
 
 def test_the_http_reader_survives_a_garbled_response_and_reads_the_next():
-    """llm_http.HttpReader against a local socket that answers garbage first, then a proper generate_stream
-    response: the first request fails with an error (its worker is not left waiting), the reader thread lives on,
-    and the second request's events arrive, then its final marker."""
+    """llm_http.HttpReader against a local socket that answers garbage first, then proper generate_stream responses:
+    the first request fails with an error (its worker is not left waiting), the reader thread lives on, and the next
+    requests' tokens arrive in order, then their final marker — events that arrived apart as replies of their own
+    (the first one read by the caller's thread, the next by the reader's), events that arrived together as one run."""
     import socket
+    import time
 
     from triton_repo.llm_http import HttpReader
     from triton_repo.llm_link import _Inbox
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
-    good = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-            + b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in
-                       (b'data: {"output_ids":[5,6]}\n\n', b'data: {"output_ids":7}\n\n')) + b"0\r\n\r\n")
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    events = [b"%x\r\n%s\r\n" % (len(e), e) for e in
+              (b'data: {"output_ids":[5,6]}\n\n', b'data: {"id":"r","output_ids":7,"sequence_length":1}\n\n')]
+    apart = [head + events[0], events[1] + b"0\r\n\r\n"]
+    together = [head + b"".join(events) + b"0\r\n\r\n"]
 
     def serve():
-        for answer in (b"garbage without a status line\r\n\r\n", good):
+        for parts in ([b"garbage without a status line\r\n\r\n"], apart, together):
             conn, _ = listener.accept()
             conn.recv(65536)
-            conn.sendall(answer)
+            for part in parts:
+                conn.sendall(part)
+                time.sleep(0.05)  # longer than the reader's tick: the next part is a receive of its own
             try:
                 conn.recv(1)  # until the client closes (with a reset: SO_LINGER 0)
             except OSError:
@@ -240,12 +246,14 @@ def test_the_http_reader_survives_a_garbled_response_and_reads_the_next():
         assert _until(lambda: bad.items)
         reply, error = bad.items.popleft()
         assert reply is None and "unreadable response" in str(error)
-        ok = _Inbox()
-        reader.open("m", "r2", {"input_ids": [1]}, ok)
-        assert _until(lambda: len(ok.items) == 3)
-        got = [r for r, e in ok.items]
-        assert [r.as_numpy("output_ids").reshape(-1).tolist() for r in got[:2]] == [[5, 6], [7]]
-        assert got[2].final and got[2].as_numpy("output_ids") is None and got[0].id == "r2"
+        for rid, runs in (("r2", [[5, 6], [7]]), ("r3", [[5, 6, 7]])):
+            ok = _Inbox()
+            reader.open("m", rid, {"input_ids": [1]}, ok)
+            assert ok.items  # the first event, read before open returned
+            assert _until(lambda: len(ok.items) == len(runs) + 1)
+            got = [r for r, e in ok.items]
+            assert [r.tokens() for r in got[:-1]] == [(run, None) for run in runs]
+            assert got[-1].final and got[-1].tokens() is None and got[0].id == rid
     finally:
         reader.shutdown()
         listener.close()

@@ -112,7 +112,8 @@ def test_the_keepers_probe_is_recognised_by_its_parameter():
 
 def test_the_cancellation_check_is_asked_at_most_every_period(monkeypatch):
     """`request.is_cancelled()` is a round trip to tritonserver: asked per token it cost one per token. The
-    throttle asks once per period, keeps the last answer in between, and a yes stays yes."""
+    throttle asks once per period, the first time a period after it was made (not before the first token), keeps
+    the last answer in between, and a yes stays yes."""
     import triton_repo.serving_core as serving
 
     now = [100.0]
@@ -124,7 +125,9 @@ def test_the_cancellation_check_is_asked_at_most_every_period(monkeypatch):
         return next(answers)
 
     gone = serving.AtMostEvery(is_cancelled, period=0.01)
-    assert [gone() for _ in range(50)] == [False] * 50 and asked == [100.0]
+    assert [gone() for _ in range(50)] == [False] * 50 and asked == []  # not on the way to the first token
+    now[0] += 0.011
+    assert [gone() for _ in range(50)] == [False] * 50 and asked == [100.011]
     now[0] += 0.011
     assert not gone() and len(asked) == 2
     now[0] += 0.011

@@ -22,6 +22,8 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
+import select
 import selectors
 import socket
 import struct
@@ -30,6 +32,8 @@ import threading
 import numpy as np
 
 HTTP_URL_ENV = "NVLM_TRITON_HTTP_URL"
+# how often the reader thread collects what has arrived (HttpReader says why not at each arrival)
+READ_TICK_S = 0.005
 
 
 def http_url() -> str | None:
@@ -55,17 +59,57 @@ def as_json(inputs: list) -> dict | None:
 
 
 class JsonReply:
-    """One LLM-step response as an event of the HTTP stream (the same reading interface as llm_link.Reply)."""
+    """LLM-step responses as events of the HTTP stream (the same reading interface as llm_link.Reply): the events
+    that one receive brought, merged into one run of tokens, as the LLM step sends a run in one response when it is
+    behind. Nothing else in an event is read."""
 
-    __slots__ = ("id", "body", "final")
+    __slots__ = ("id", "ids", "log_probs", "final")
 
     def __init__(self, request_id: str, body: dict | None, final: bool = False):
-        self.id, self.body, self.final = request_id, body, final
+        self.id, self.final = request_id, final
+        self.ids: list[int] | None = None if body is None else _flat(body.get("output_ids"))
+        self.log_probs: list[float] | None = None if body is None else _flat(body.get("output_log_probs"))
+
+    def extend(self, body: dict) -> None:
+        """The next event's tokens (and log-probs) after these."""
+        for name, value in (("ids", body.get("output_ids")), ("log_probs", body.get("output_log_probs"))):
+            more = _flat(value)
+            if more is not None:
+                setattr(self, name, (getattr(self, name) or []) + more)
+
+    def tokens(self) -> tuple[list[int], list[float] | None] | None:
+        """The new tokens and their log-probs; None for the final, empty response of the stream."""
+        return None if self.ids is None else (self.ids, self.log_probs)
 
     def as_numpy(self, name: str) -> np.ndarray | None:
-        if self.body is None or name not in self.body:
-            return None
-        return np.asarray(self.body[name])
+        value = {"output_ids": self.ids, "output_log_probs": self.log_probs}.get(name)
+        return None if value is None else np.asarray(value)
+
+
+def _flat(value) -> list | None:
+    """An output as the generate extension writes it (a scalar for one element, else a list, nested for more
+    dimensions) → a flat list; None when absent."""
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        return [value]
+    while value and isinstance(value[0], list):
+        value = [x for row in value for x in row]
+    return value
+
+
+# an event that carries tokens only, read without a JSON parse (json.loads was an eighth of the entry's CPU at c=32)
+_TOKENS_ONLY = re.compile(rb'"output_ids":(\[[-0-9,]*\]|-?[0-9]+)[,}]')
+
+
+def _parse(text: bytes) -> dict:
+    if b'"error"' not in text and b"log_probs" not in text:
+        m = _TOKENS_ONLY.search(text)
+        if m is not None:
+            value = m.group(1)
+            return {"output_ids": [int(x) for x in value.strip(b"[]").split(b",") if x] if value[:1] == b"[" else
+                    int(value)}
+    return json.loads(text)
 
 
 class _Response:
@@ -119,53 +163,73 @@ class _Response:
     def _deliver(self, done: bool) -> None:
         *complete, rest = bytes(self.events).split(b"\n\n")
         self.events = bytearray(rest)
+        run = None  # the events that arrived together, as one reply
         for event in complete:
             start = event.find(b"data:")
             text = (event[start + 5:] if start >= 0 else event).strip()
             if not text or self.ended:
                 continue
             try:
-                body = json.loads(text)
+                body = _parse(text)
             except ValueError:
                 body = {"error": f"HTTP {self.status}: {text[:200].decode('utf-8', 'replace')}"}
             if "error" in body or self.status != 200:
+                if run is not None:  # the tokens before it first
+                    self.inbox.put((run, None))
+                    run = None
                 self.ended = True
                 self.inbox.put((None, ValueError(body.get("error") or f"HTTP {self.status}")))
+            elif run is None:
+                run = JsonReply(self.rid, body)
             else:
-                self.inbox.put((JsonReply(self.rid, body), None))
+                run.extend(body)
+        if run is not None:
+            self.inbox.put((run, None))
         if done and not self.ended:
             self.ended = True
             self.inbox.put((JsonReply(self.rid, None, final=True), None))
 
 
 class HttpReader:
-    """Every HTTP request of the process, read by one selector thread. `open` connects and sends in the caller's
-    thread, then hands the socket to the reader; `close` (any thread) drops a request: its socket is closed by the
-    reader, which makes Triton cancel it."""
+    """Every HTTP request of the process past its first event, read by one thread once per `tick` seconds.
 
-    def __init__(self, url: str):
+    `open` connects, sends and reads up to the request's first event in the caller's thread: the first token
+    reaches the worker without a hop through this thread. The connection is then handed over. This thread
+    wakes once per tick, not once per arrival, and reads every connection that has something: a decode step
+    sends each request one event, and woken per event the thread paid a wake-up and a GIL hand-over per token
+    (issue 32). A late token waits at most a tick, well within the entry's stream interval, which holds tokens
+    back for longer anyway; the end of a request is seen within a tick. `close` (any thread) drops a request:
+    its socket is closed by this thread, which makes Triton cancel it."""
+
+    def __init__(self, url: str, tick: float = READ_TICK_S):
         host, _, port = url.rpartition(":")
-        self.url, self.address = url, (host, int(port))
+        self.url, self.address, self.tick = url, (host, int(port)), tick
         self.sel = selectors.DefaultSelector()
-        self.wake_r, self.wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        self.sel.register(self.wake_r, selectors.EVENT_READ, None)
+        self.wake_r, self.wake_w = socket.socketpair()  # wakes the idle thread (nothing registered) for an order
         self.orders: collections.deque = collections.deque()  # ("add" | "drop", _Response), from other threads
         self.thread = threading.Thread(target=self._loop, name="nvlm-llm-http", daemon=True)
         self.thread.start()
 
     def open(self, model: str, request_id: str, body: dict, inbox) -> _Response:
+        """Send the request and read its response up to the first event (or its end) into `inbox`, then hand the
+        connection to the reader thread. OSError: the server is unreachable (the caller says where)."""
         payload = json.dumps({"id": request_id, **body}).encode()
-        sock = socket.create_connection(self.address, timeout=30)  # OSError: unreachable, the caller says where
+        sock = socket.create_connection(self.address, timeout=30)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # closed with a reset, not a FIN: a connection per request would otherwise leave one socket in TIME_WAIT per
         # request for a minute, and short requests at hundreds per second run out of local ports
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.sendall(b"POST /v2/models/%s/generate_stream HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
                      b"Content-Length: %d\r\n\r\n%s" % (model.encode(), self.address[0].encode(), len(payload), payload))
-        sock.setblocking(False)
+        sock.settimeout(None)  # the first token may wait for the engine's queue: as long as it takes
         resp = _Response(sock, request_id, inbox)
-        self._order("add", resp)
+        while not inbox.items and not resp.ended:
+            self._read(resp)
+        if resp.ended:
+            resp.sock.close()
+        else:
+            sock.setblocking(False)
+            self._order("add", resp)
         return resp
 
     def close(self, resp: _Response) -> bool:
@@ -185,14 +249,12 @@ class HttpReader:
 
     def _loop(self) -> None:
         while True:
-            for key, _ in self.sel.select():
-                if key.data is None:
-                    try:
-                        self.wake_r.recv(4096)
-                    except BlockingIOError:
-                        pass
-                    continue
-                self._read(key.data)
+            # idle (nothing registered): sleep until an order comes; else one tick, orders wait for its end
+            select.select([self.wake_r], [], [], None if not self.sel.get_map() else self.tick)
+            try:
+                self.wake_r.recv(4096, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pass
             while self.orders:
                 what, resp = self.orders.popleft()
                 if what == "stop":
@@ -205,30 +267,34 @@ class HttpReader:
                         self._fail(resp, e)
                 elif what == "drop":
                     self._end(resp)
+            if self.sel.get_map():
+                for key, _ in self.sel.select(0):
+                    if self._read(key.data):
+                        self._end(key.data)
 
-    def _read(self, resp: _Response) -> None:
+    def _read(self, resp: _Response) -> bool:
+        """One receive into `resp`; True once it has ended (its last event, or an error, delivered)."""
         try:
             data = resp.sock.recv(1 << 16)
         except BlockingIOError:
-            return
+            return False
         except OSError as e:
             data, error = b"", e
         else:
             error = ConnectionError(f"the LLM step's HTTP stream at {self.url} ended before its last response")
         if not data:
             self._fail(resp, error)
-            return
+            return True
         try:
-            if resp.feed(data):
-                self._end(resp)
+            return resp.feed(data)
         except Exception as e:  # noqa: BLE001 — not the HTTP this reader speaks: this request fails, the thread goes on
             self._fail(resp, ValueError(f"unreadable response from the LLM step at {self.url}: {e!r}"))
+            return True
 
     def _fail(self, resp: _Response, error: BaseException) -> None:
         if not resp.ended:
             resp.ended = True
             resp.inbox.put((None, error))
-        self._end(resp)
 
     def _end(self, resp: _Response) -> None:
         try:

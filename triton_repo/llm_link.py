@@ -114,6 +114,14 @@ class Reply:
         params = self.msg.parameters
         return FINAL in params and params[FINAL].bool_param
 
+    def tokens(self) -> tuple[list[int], list[float] | None] | None:
+        """The new tokens and their log-probs; None for the final, empty response of a stream."""
+        out = self.as_numpy("output_ids")
+        if out is None:
+            return None
+        lp = self.as_numpy("output_log_probs")
+        return out.reshape(-1).tolist(), None if lp is None else lp.reshape(-1).tolist()
+
     def as_numpy(self, name: str) -> np.ndarray | None:
         from tritonclient.utils import deserialize_bytes_tensor, triton_to_np_dtype
 

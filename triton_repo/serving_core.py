@@ -40,14 +40,15 @@ def watch(future, is_cancelled, flag: threading.Event, period: float = 0.01):
 
 
 class AtMostEvery:
-    """A costly yes/no check asked at most once per `period` seconds; in between, the last answer stands, and a
-    yes stays yes. For `request.is_cancelled()`: each call is a round trip from the stub to tritonserver, and
-    asked for every token of every request it cost a round trip per token; a client that goes away is still
+    """A costly yes/no check asked at most once per `period` seconds, the first time one period after it was made;
+    in between, the last answer stands (no, at first), and a yes stays yes. For `request.is_cancelled()`: each call
+    is a round trip from the stub to tritonserver, and asked for every token of every request it cost a round trip
+    per token — asked at once, one on the way to each request's first token; a client that goes away is still
     noticed within `period`."""
 
     def __init__(self, check, period: float = 0.01):
         self.check, self.period = check, period
-        self.answer, self.next = False, 0.0
+        self.answer, self.next = False, time.monotonic() + period
 
     def __call__(self) -> bool:
         if not self.answer:
@@ -171,7 +172,9 @@ def is_probe(request) -> bool:
     import json
 
     try:
-        return bool(json.loads(request.parameters() or "{}").get(PROBE_PARAMETER))
+        params = request.parameters() or "{}"
+        # most requests carry no parameters at all: no JSON parse for them (it was 3% of the entry's CPU at c=32)
+        return PROBE_PARAMETER in params and bool(json.loads(params).get(PROBE_PARAMETER))
     except (AttributeError, ValueError):
         return False
 

@@ -20,6 +20,7 @@ from runtime.prompt import KeyTile, ranges_to_mask
 from ..keeper import MAX_QUEUE_ENV
 from ..llm_link import LLMLink
 from ..pb import (
+    Inputs,
     as_torch,
     build_dir,
     error,
@@ -128,24 +129,25 @@ class EntryModel:
 
     def _one(self, request, sender, pb):
         wanted = set(request.requested_output_names())  # only these go out (pb.response says why)
-        max_tokens = scalar(request, "max_tokens", None, int)
+        inputs = Inputs(request)
+        max_tokens = scalar(inputs, "max_tokens", None, int)
         if max_tokens is None:
             raise ValueError("max_tokens is required")
         self.limits.check_request(output_len=max_tokens, output_name="max_tokens")
-        decoding = entry_decoding(lambda name: get_input(request, name), max_tokens, self.tok.encode,
-                                  stop_id(self.tok), scalar(request, "exclude_input_in_output", True, bool))
-        text = get_input(request, "text_input")
+        decoding = entry_decoding(lambda name: get_input(inputs, name), max_tokens, self.tok.encode,
+                                  stop_id(self.tok), scalar(inputs, "exclude_input_in_output", True, bool))
+        text = get_input(inputs, "text_input")
         if text is None:
             raise ValueError("text_input is required")
-        chat = get_input(request, "messages")
-        blobs = get_input(request, "image_bytes")
+        chat = get_input(inputs, "messages")
+        blobs = get_input(inputs, "image_bytes")
         if blobs is None or not blobs.size:
             # no image: the prompt is made here, by the preprocessing model's own code, not one stub hop away
             pre = self.prep.prepare(text, [], chat, 0)
         else:
-            pre = self._preprocess(pb, request, text, chat, blobs)
+            pre = self._preprocess(pb, inputs, text, chat, blobs)
         ids, pixels = pre["input_ids"], pre["pixel_values"]
-        stream = scalar(request, "stream", False, bool)
+        stream = scalar(inputs, "stream", False, bool)
         # Every tensor below is one of the family's llm_step_inputs, in the dtype the contract gives it; the
         # decoding parameters' tensors come from the request schema (runtime/core/request_schema.py).
         llm_inputs = [
@@ -178,16 +180,16 @@ class EntryModel:
             if not stopped and client_gone():  # the client went away: stop generating for it
                 stopped = True
                 self.llm.stop(rid)
-            piece = answer.push([got for resp in group if (got := _tokens(resp)) is not None], stream and not stopped)
+            piece = answer.push([got for resp in group if (got := resp.tokens()) is not None], stream and not stopped)
             if piece is not None and stream and not stopped:
                 # one response per group of engine responses, even when its text is held back
                 sender.send(response(pb, wanted, self._piece_tensors(pb, wanted, decoding, piece, final=False)))
         if stopped:
             raise ValueError("request cancelled")
         counts = []  # return_num_input_tokens / return_num_output_tokens, on the final response
-        if scalar(request, "return_num_input_tokens", False, bool):
+        if scalar(inputs, "return_num_input_tokens", False, bool):
             counts.append(pb.Tensor("num_input_tokens", np.asarray([ids.size], np.int32)))
-        if scalar(request, "return_num_output_tokens", False, bool):
+        if scalar(inputs, "return_num_output_tokens", False, bool):
             counts.append(pb.Tensor("num_output_tokens", np.asarray([len(answer.tokens)], np.int32)))
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if stream:
@@ -208,17 +210,17 @@ class EntryModel:
                 [pb.Tensor("text_output", text_out), pb.Tensor("output_ids", np.asarray(returned, np.int32))]
                 + self._log_prob_tensors(pb, decoding, whole, final=True) + counts), flags=final)
 
-    def _preprocess(self, pb, request, text, chat, blobs) -> dict:
+    def _preprocess(self, pb, inputs, text, chat, blobs) -> dict:
         """A request with images through the preprocessing model (BLS): its outputs by name."""
-        inputs = [pb.Tensor("text_input", text.reshape(1).astype(object)),
-                  pb.Tensor("image_bytes", blobs.reshape(-1).astype(object))]
+        sent = [pb.Tensor("text_input", text.reshape(1).astype(object)),
+                pb.Tensor("image_bytes", blobs.reshape(-1).astype(object))]
         if chat is not None and chat.size:
-            inputs.append(pb.Tensor("messages", chat.reshape(1).astype(object)))
-        salt = get_input(request, "prompt_table_extra_id")
+            sent.append(pb.Tensor("messages", chat.reshape(1).astype(object)))
+        salt = get_input(inputs, "prompt_table_extra_id")
         if salt is not None and salt.size:
-            inputs.append(pb.Tensor("prompt_table_extra_id", salt.reshape(1).astype(np.uint64)))
+            sent.append(pb.Tensor("prompt_table_extra_id", salt.reshape(1).astype(np.uint64)))
         names = ["input_ids", "pixel_values", "prompt_table_extra_ids"] + (list(CROSS_OUTPUTS) if self.cross else [])
-        got = self._call(pb, "preprocessing", inputs, names)
+        got = self._call(pb, "preprocessing", sent, names)
         return {name: pb.get_output_tensor_by_name(got, name).as_numpy() for name in names}
 
     def _image_inputs(self, pb, pre: dict, pixels) -> list:
@@ -284,11 +286,3 @@ class EntryModel:
         """The prompt's text tokens (`exclude_input_in_output` false): image positions carry no text."""
         return [t for t in ids.reshape(-1).tolist() if t < self.tok.vocab_size]
 
-
-def _tokens(resp) -> tuple[list[int], list[float] | None] | None:
-    """One LLM-step response's new tokens and their log-probs (None: the final, empty response of a stream)."""
-    out = resp.as_numpy("output_ids")
-    if out is None:
-        return None
-    lp = resp.as_numpy("output_log_probs")
-    return out.reshape(-1).tolist(), None if lp is None else lp.reshape(-1).tolist()

@@ -18,7 +18,18 @@ from runtime.prompt import mask_to_ranges
 
 from ..check import cross_fraction_problem
 from ..contract import load_contract
-from ..pb import as_torch, build_dir, error, get_input, model_parameters, response, scalar, stub, torch_dtype_name
+from ..pb import (
+    Inputs,
+    as_torch,
+    build_dir,
+    error,
+    get_input,
+    model_parameters,
+    response,
+    scalar,
+    stub,
+    torch_dtype_name,
+)
 from ..serving_core import Outbox, PendingRun, stream_interval, watch
 
 
@@ -32,6 +43,8 @@ class ReferenceLLMModel:
     every decode step whether its request was stopped or cancelled by Triton (a client that closed its
     stream; asked by the request's own thread every 10 ms, see serving_core.watch). A cancelled request frees the
     executor within a step or 10 ms."""
+
+    waiters = None  # see _waiters
 
     def initialize(self, args):
         self._setup(build_dir(args))
@@ -60,19 +73,31 @@ class ReferenceLLMModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                if scalar(request, "stop", False, bool):
+                inputs = Inputs(request)
+                if scalar(inputs, "stop", False, bool):
                     self._stop(request, sender, pb)
                     continue
-                job = self._admit(request, pb)
+                job = self._admit(request, inputs, pb)
             except Exception as e:  # noqa: BLE001 — every failure becomes this request's error
                 sender.send(error(f"tensorrt_llm: {e}"), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            threading.Thread(target=self._run, args=(job, sender, pb), daemon=True).start()
+            self._waiters().submit(self._run, job, sender, pb)
         return None
+
+    def _waiters(self):
+        """The threads that wait for a request each (`_run`), kept between requests: a thread started per request
+        was a tenth of a millisecond on the way to each first token (issue 32). As many as requests in flight."""
+        if self.waiters is None:  # made on first use: the targets' set-ups differ (_setup), execute is one thread
+            from concurrent.futures import ThreadPoolExecutor
+
+            self.waiters = ThreadPoolExecutor(max_workers=1 << 16, thread_name_prefix="llm-request")
+        return self.waiters
 
     def finalize(self):
         self.batcher.close()
         self.outbox.close()
+        if self.waiters is not None:
+            self.waiters.shutdown(wait=False)
 
     def _stop(self, request, sender, pb):
         """NVIDIA's `stop` input: stop the running request with this request's id; it ends with the
@@ -86,10 +111,10 @@ class ReferenceLLMModel:
             flag.set()
         sender.send(flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
-    def _rows(self, request, pb, name: str):
+    def _rows(self, inputs, pb, name: str):
         """A [..., rows, hidden] input (the prompt-embedding table, the encoder features) as float32 [rows,
         hidden], or None when absent or empty. The reference target takes any declared dtype."""
-        t = pb.get_input_tensor_by_name(request, name)
+        t = inputs.tensor(name)
         if t is None:
             return None
         x = as_torch(t)
@@ -99,25 +124,25 @@ class ReferenceLLMModel:
     def _check_dtype(self, name: str, x) -> None:
         pass
 
-    def _table(self, request, pb):
-        return self._rows(request, pb, "prompt_embedding_table")
+    def _table(self, inputs, pb):
+        return self._rows(inputs, pb, "prompt_embedding_table")
 
-    def _features(self, request, pb):
-        return self._rows(request, pb, "encoder_input_features")
+    def _features(self, inputs, pb):
+        return self._rows(inputs, pb, "encoder_input_features")
 
-    def _encoder(self, request, pb, input_len: int):
+    def _encoder(self, inputs, pb, input_len: int):
         """NVLM-X/H: the backend's encoder-decoder inputs as the executor's encoder features and key ranges.
         `cross_attention_mask` is [input tokens, keys] as the backend takes it (generated tokens reuse its last
         row); each row must be one contiguous range, NVLM's rule."""
-        features = self._features(request, pb)
-        mask = get_input(request, "cross_attention_mask")
+        features = self._features(inputs, pb)
+        mask = get_input(inputs, "cross_attention_mask")
         if features is None:
             if mask is not None and mask.size and mask.any():
                 raise ValueError("cross_attention_mask reads image keys, but no encoder_input_features were given")
             return None, None
         keys = features.shape[0]
         self.limits.check_request(keys=keys)
-        length = scalar(request, "encoder_output_lengths", keys, int)
+        length = scalar(inputs, "encoder_output_lengths", keys, int)
         if length != keys:
             raise ValueError(f"encoder_output_lengths {length} differs from the {keys} rows of encoder_input_features")
         if mask is None:
@@ -129,24 +154,24 @@ class ReferenceLLMModel:
                              f"(input tokens, encoder features: {load_contract().cite('cross_attention_masks')})")
         return features, mask_to_ranges(mask)
 
-    def _admit(self, request, pb):
+    def _admit(self, request, inputs, pb):
         """Validate a request against the build's limits and make its executor request (no compute)."""
-        ids = get_input(request, "input_ids")
+        ids = get_input(inputs, "input_ids")
         if ids is None or ids.size == 0:
             raise ValueError("input_ids is required and must not be empty")
-        n = scalar(request, "request_output_len", None, int)
+        n = scalar(inputs, "request_output_len", None, int)
         if n is None:
             raise ValueError("request_output_len is required")
         self.limits.check_request(output_len=n, output_name="request_output_len")
         # the decoding parameters under NVIDIA's names, checked by the request schema's rules
-        controls = schema.controls(schema.from_llm_step(lambda name: get_input(request, name), from_trtllm), n)
+        controls = schema.controls(schema.from_llm_step(lambda name: get_input(inputs, name), from_trtllm), n)
         ids = ids.reshape(-1).astype(np.int64).tolist()
         self.limits.check_request(input_len=len(ids))
-        table = self._table(request, pb)
+        table = self._table(inputs, pb)
         if table is not None:
             self.limits.check_request(image_tokens=table.shape[0])
-        features, ranges = self._encoder(request, pb, len(ids))
-        stream = scalar(request, "streaming", False, bool)
+        features, ranges = self._encoder(inputs, pb, len(ids))
+        stream = scalar(inputs, "streaming", False, bool)
         rid, flag = request.request_id(), threading.Event()
         if rid:
             with self.stops_lock:
@@ -229,9 +254,9 @@ class StandInLLMModel(ReferenceLLMModel):
         # before the backend sees it; this keeps a direct caller's mistake as clear
         raise ValueError(f"{name} must be {self.engine_dtype}, the engine's dtype")
 
-    def _table(self, request, pb):
-        table = super()._table(request, pb)
-        rows = scalar(request, "prompt_vocab_size", None, int)
+    def _table(self, inputs, pb):
+        table = super()._table(inputs, pb)
+        rows = scalar(inputs, "prompt_vocab_size", None, int)
         if table is not None and rows is not None and rows != table.shape[0]:
             raise ValueError(self.contract.message("table_rows"))
         return table

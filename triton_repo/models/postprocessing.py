@@ -7,7 +7,7 @@ import numpy as np
 from runtime.core.build_dir import read_chat_format
 from runtime.tokenizer import NVLMTokenizer
 
-from ..pb import build_dir, error, get_input, stub
+from ..pb import Inputs, build_dir, error, get_input, stub
 
 
 class PostprocessingModel:
@@ -19,7 +19,7 @@ class PostprocessingModel:
         out = []
         for request in requests:
             try:
-                ids = get_input(request, "output_ids").reshape(-1).tolist()
+                ids = get_input(Inputs(request), "output_ids").reshape(-1).tolist()
                 text = self.tok.decode(ids)
                 out.append(pb.InferenceResponse(output_tensors=[pb.Tensor("text_output", np.asarray([text.encode()], object))]))
             except Exception as e:  # noqa: BLE001

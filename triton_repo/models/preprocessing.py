@@ -13,7 +13,7 @@ from runtime.preprocess import Preprocessed, check_image_count, load_image, prep
 from runtime.prompt import build_prompt, chat_messages, tile_tags, with_image_placeholders
 from runtime.tokenizer import NVLMTokenizer
 
-from ..pb import build_dir, cuda, error, get_input, scalar, stub
+from ..pb import Inputs, build_dir, cuda, error, get_input, scalar, stub
 
 
 class Preparer:
@@ -93,10 +93,11 @@ class PreprocessingModel:
         return out
 
     def _one(self, request, pb):
-        blobs = get_input(request, "image_bytes")
+        inputs = Inputs(request)
+        blobs = get_input(inputs, "image_bytes")
         images = [] if blobs is None else [bytes(b) for b in blobs.reshape(-1)]
-        got = self.prep.prepare(get_input(request, "text_input"), images, get_input(request, "messages"),
-                                scalar(request, "prompt_table_extra_id", 0, int), self._tile)
+        got = self.prep.prepare(get_input(inputs, "text_input"), images, get_input(inputs, "messages"),
+                                scalar(inputs, "prompt_table_extra_id", 0, int), self._tile)
         return pb.InferenceResponse(output_tensors=[pb.Tensor(k, v) for k, v in got.items()])
 
 
