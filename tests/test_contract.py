@@ -247,3 +247,30 @@ def test_missing_parameter_fails_the_load_with_the_backends_message(build, tmp_p
             server.start()
     finally:
         server.stop()  # a failed start keeps its log for the user; the test removes it
+
+
+@pytest.mark.parametrize("target", ["reference", "contract"])
+def test_generated_models_apply_pythonpath_that_the_stub_ignores(build, tmp_path, target):
+    """The Python backend's stub embeds an interpreter that ignores PYTHONPATH, so a server started with PYTHONPATH
+    pointing at another checkout (benchmarks' --baseline-tree) served the installed tree's models. Every generated
+    model.py applies it itself: run in an isolated interpreter (`-I`, which ignores PYTHONPATH as the stub does),
+    its preamble puts PYTHONPATH's entries first, so `triton_repo` comes from there."""
+    import subprocess
+    import sys
+
+    repo = tmp_path / "repo"
+    generate_repo(build, repo, target)
+    other = tmp_path / "other_checkout"
+    (other / "triton_repo").mkdir(parents=True)
+    (other / "triton_repo" / "__init__.py").write_text("")
+    (other / "triton_repo" / "serving.py").write_text("def __getattr__(name):\n    return type(name, (), {})\n")
+    for model in ("nvlm", "tensorrt_llm", "preprocessing"):
+        source = (repo / model / "1" / "model.py").read_text()
+        probe = source + "\nimport triton_repo\nprint(triton_repo.__file__)\n"
+        out = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True,
+                             env={"PYTHONPATH": str(other), "PATH": "/usr/bin:/bin"})
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == str(other / "triton_repo" / "__init__.py"), model
+        alone = subprocess.run([sys.executable, "-I", "-c", probe], capture_output=True, text=True,
+                               env={"PATH": "/usr/bin:/bin"})  # without it: the installed tree, as before
+        assert str(other) not in alone.stdout

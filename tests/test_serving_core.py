@@ -3,6 +3,7 @@ request's decoding parameters become, the answer built from the LLM step's respo
 coalescing of a streamed run and cancellation — no server, no pb_utils."""
 
 import threading
+import time
 from concurrent.futures import Future
 
 import numpy as np
@@ -257,3 +258,37 @@ def test_the_http_reader_survives_a_garbled_response_and_reads_the_next():
     finally:
         reader.shutdown()
         listener.close()
+
+
+def test_the_pacer_pumps_each_request_until_it_ends_and_survives_a_failing_one():
+    """pacer.Pacer: every request handed over is pumped, tick after tick, from one thread, until its pump says it
+    ended; a request whose pump raises is dropped and the others go on; with nothing in hand it sleeps, and a request
+    added then is pumped at once."""
+    from triton_repo.pacer import Pacer
+
+    class Job:
+        def __init__(self, ends_after, fails=False):
+            self.ends_after, self.fails, self.pumps, self.threads = ends_after, fails, [], set()
+
+        def pump(self, now):
+            self.pumps.append(now)
+            self.threads.add(threading.get_ident())
+            if self.fails:
+                raise RuntimeError("a bug in one request")
+            return len(self.pumps) >= self.ends_after
+
+    pacer = Pacer(tick=0.002)
+    try:
+        short, long, bad = Job(3), Job(10), Job(1, fails=True)
+        for job in (short, long, bad):
+            pacer.add(job)
+        assert _until(lambda: len(long.pumps) == 10)
+        time.sleep(0.05)
+        assert len(short.pumps) == 3 and len(long.pumps) == 10 and len(bad.pumps) == 1  # none pumped after its end
+        assert long.pumps == sorted(long.pumps) and len(short.threads | long.threads | bad.threads) == 1
+        late = Job(1)
+        pacer.add(late)  # the pacer was idle: woken by the hand-over
+        assert _until(lambda: late.pumps)
+    finally:
+        pacer.close()
+    assert not pacer.thread.is_alive()

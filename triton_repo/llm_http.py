@@ -33,7 +33,7 @@ import numpy as np
 
 HTTP_URL_ENV = "NVLM_TRITON_HTTP_URL"
 # how often the reader thread collects what has arrived (HttpReader says why not at each arrival)
-READ_TICK_S = 0.005
+READ_TICK_S = 0.01
 
 
 def http_url() -> str | None:

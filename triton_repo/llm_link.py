@@ -215,6 +215,43 @@ class _Shared:
         self.channel = None
 
 
+class Call:
+    """One request to the LLM step in flight, for a caller that does not wait on it (the entry's pacer): its
+    responses as they have arrived (`take`), whether the last one has (`ended`), and `abandon`."""
+
+    __slots__ = ("link", "request_id", "inbox", "_forget", "_got")
+
+    def __init__(self, link: "LLMLink", request_id: str, inbox: _Inbox, forget):
+        self.link, self.request_id, self.inbox, self._forget = link, request_id, inbox, forget
+        self._got = 0
+
+    def first(self) -> Reply:
+        """Wait for the first response (raises ValueError for an error, naming the address when unreachable)."""
+        reply = self.link._take(self.inbox, True)
+        self._got = 1
+        return reply
+
+    def take(self) -> list:
+        """Every response that has arrived, in order, up to and including the final one (possibly none). An error
+        response raises ValueError with the LLM step's message."""
+        self.inbox.eager = False  # nobody waits on the inbox: the reader need not wake anyone
+        out = []
+        while self.inbox.items and not (out and out[-1].final):
+            out.append(self.link._checked(self.inbox.items.popleft(), self._got == 0))
+            self._got += 1
+        return out
+
+    @property
+    def ended(self) -> bool:
+        """The final response (or an error) has arrived."""
+        return self.inbox.ended
+
+    def abandon(self) -> None:
+        """Stop reading; if the LLM step still works on the request, stop it there (in the background)."""
+        if self._forget():
+            threading.Thread(target=self.link.stop_quietly, args=(self.request_id,), daemon=True).start()
+
+
 class LLMLink:
     """Requests to `model` (the LLM step) over STREAMS gRPC streams shared by every thread of the process. A thread
     sends a request and reads its responses from its own queue; a request abandoned half-way (the caller stopped
@@ -308,18 +345,9 @@ class LLMLink:
         with self._lock:
             return shared.waiting.pop(request_id, None) is not None
 
-    def generate(self, inputs: list, outputs: list[str], request_id: str, grouped: bool = False,
-                 interval: float = 0.0) -> Iterator:
-        """Send one request ((name, array or tensor) pairs, with their batch dimension) and yield its responses
-        (`Reply`; `llm_http.JsonReply` for a request that went over HTTP) up to and including the final one. An
-        error response raises ValueError with the LLM step's message. `request_id` must be unique among the
-        requests in flight.
-
-        `grouped`: yield lists instead — every response that had arrived when the caller asked for the next
-        (at least one; the final one ends its list), and, with `interval` > 0, every response that arrives
-        until `interval` seconds after the last list (the first response is yielded at once). A caller that
-        answers each list with one response of its own sends one per `interval` while responses keep coming,
-        instead of one per LLM-step response: the fixed cost of a response is paid per run of tokens."""
+    def open(self, inputs: list, outputs: list[str], request_id: str) -> "Call":
+        """Send one request ((name, array or tensor) pairs, with their batch dimension) and return it in flight: its
+        responses are read as they arrive (`Call`). `request_id` must be unique among the requests in flight."""
         body = None
         if self.http_url:
             body = as_json(inputs)  # scalars and 1-D lists: the cheaper road (llm_http.py says why)
@@ -330,22 +358,29 @@ class LLMLink:
                 resp = reader.open(self.model, request_id, body, inbox)
             except OSError as e:
                 raise self._unreachable(e, "HTTP", self.http_url, HTTP_URL_ENV) from None
+            return Call(self, request_id, inbox, lambda: reader.close(resp))
+        shared, inbox = self._send(request_id, _request(self.model, inputs, outputs, request_id))
+        return Call(self, request_id, inbox, lambda: self._forget(shared, request_id))
 
-            def forget() -> bool:
-                return reader.close(resp)
-        else:
-            shared, inbox = self._send(request_id, _request(self.model, inputs, outputs, request_id))
+    def generate(self, inputs: list, outputs: list[str], request_id: str, grouped: bool = False,
+                 interval: float = 0.0) -> Iterator:
+        """Send one request (as `open`) and yield its responses (`Reply`; `llm_http.JsonReply` for a request that went
+        over HTTP) up to and including the final one. An error response raises ValueError with the LLM step's
+        message.
 
-            def forget() -> bool:
-                return self._forget(shared, request_id)
+        `grouped`: yield lists instead — every response that had arrived when the caller asked for the next
+        (at least one; the final one ends its list), and, with `interval` > 0, every response that arrives
+        until `interval` seconds after the last list (the first response is yielded at once). A caller that
+        answers each list with one response of its own sends one per `interval` while responses keep coming,
+        instead of one per LLM-step response: the fixed cost of a response is paid per run of tokens."""
+        call = self.open(inputs, outputs, request_id)
         clean = False
         try:
-            yield from self._exchange(inbox, grouped, interval)
+            yield from self._exchange(call.inbox, grouped, interval)
             clean = True
         finally:
-            if not clean and forget():
-                # abandoned while the LLM step still works on it: free its place in the engine's batch
-                threading.Thread(target=self._stop_quietly, args=(request_id,), daemon=True).start()
+            if not clean:
+                call.abandon()
 
     def _http_reader(self) -> HttpReader:
         with self._lock:
@@ -413,7 +448,7 @@ class LLMLink:
                 ("request_output_len", np.ones((1, 1), np.int32)), ("stop", np.ones((1, 1), bool))]
         self.run(stop, ["output_ids"], request_id)
 
-    def _stop_quietly(self, request_id: str) -> None:
+    def stop_quietly(self, request_id: str) -> None:
         try:
             self.stop(request_id)
         except Exception:  # noqa: BLE001 — the request may have ended meanwhile, or the server gone

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 import uuid
 
 import numpy as np
@@ -19,6 +20,7 @@ from runtime.prompt import KeyTile, ranges_to_mask
 
 from ..keeper import MAX_QUEUE_ENV
 from ..llm_link import LLMLink
+from ..pacer import Pacer
 from ..pb import (
     Inputs,
     as_torch,
@@ -27,15 +29,12 @@ from ..pb import (
     from_torch,
     get_input,
     model_parameters,
-    response,
     scalar,
     stub,
     torch_dtype,
 )
 from ..serving_core import (
     Admission,
-    AnswerStream,
-    AtMostEvery,
     LeavingSender,
     ServerBusy,
     SharedCount,
@@ -44,10 +43,9 @@ from ..serving_core import (
     shared_count_path,
     stream_interval,
 )
+from .answering import Answering
 from .preprocessing import CROSS_OUTPUTS, Preparer
 
-# how soon a client that went away is noticed (and its request stopped in the LLM step)
-CANCEL_CHECK_S = 0.1
 # the LLM step's tensors that the entry model builds with their batch dimension already (torch, any dtype)
 _BATCHED_BY_SENDER = ("prompt_embedding_table", "encoder_input_features")
 
@@ -89,9 +87,11 @@ class EntryModel:
         shared = SharedCount(shared_count_path("admission")) if instances > 1 else None
         self.admission = Admission(n, waiting, shared)
         self.workers = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nvlm-request")
+        self.pacer = Pacer()  # streamed answers after their first response (pacer.py says why one thread)
 
     def finalize(self):
         self.workers.shutdown(wait=False, cancel_futures=True)
+        self.pacer.close()
         self.llm.close()
 
     def execute(self, requests):
@@ -112,14 +112,16 @@ class EntryModel:
         pb = stub()
         sender = LeavingSender(request.get_response_sender(), self.admission.leave if admitted else (lambda: None),
                                pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        paced = False
         try:
-            self._one(request, sender, pb)
+            paced = self._one(request, sender, pb)
         except Exception as e:  # noqa: BLE001 — every failure becomes this request's error
             sender.send(error(str(e)), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
         finally:
-            sender.leave()
+            if not paced:  # else the pacer sends its final response, which gives its place back
+                sender.leave()
 
-    def _call(self, pb, model, inputs, outputs):
+    def call_model(self, pb, model, inputs, outputs):
         """A BLS call to a non-decoupled model (preprocessing, vision_encoder, postprocessing)."""
         req = pb.InferenceRequest(model_name=model, inputs=inputs, requested_output_names=outputs)
         resp = req.exec()
@@ -127,8 +129,9 @@ class EntryModel:
             raise ValueError(resp.error().message())
         return resp
 
-    def _one(self, request, sender, pb):
-        wanted = set(request.requested_output_names())  # only these go out (pb.response says why)
+    def _one(self, request, sender, pb) -> bool:
+        """Prepare `request`, send it to the LLM step and answer it; True when its answer was handed to the pacer,
+        which sends its final response."""
         inputs = Inputs(request)
         max_tokens = scalar(inputs, "max_tokens", None, int)
         if max_tokens is None:
@@ -164,51 +167,27 @@ class EntryModel:
             llm_inputs.append(("skip_cross_attn_blocks", np.asarray([True])))
         # tensorrt_llm batches (max_batch_size > 0): every tensor carries a leading batch dimension of 1
         llm_inputs = [(name, v if name in _BATCHED_BY_SENDER else v[None, ...]) for name, v in llm_inputs]
-        answer = AnswerStream(self.tok, decoding)
         rid = uuid.uuid4().hex  # the LLM step's request id: a `stop` request names it
-        # grouped: every LLM-step response that has arrived is answered by one response to the client
-        # (streamed: after the first, one group per stream interval — runs of tokens are the normal mode)
-        groups = self.llm.generate(llm_inputs, decoding.outputs, rid, grouped=True, interval=self.interval)
-        stopped = False
-        # each check is a stub-to-server round trip: once per CANCEL_CHECK_S, not once per streamed response
-        client_gone = AtMostEvery(request.is_cancelled, CANCEL_CHECK_S)
+        out = Answering(self, request, sender, pb, decoding, inputs, ids, stream, rid)
         if stream and not decoding.exclude_input:
-            sender.send(response(pb, wanted, [
-                pb.Tensor("text_output", np.asarray([answer.prompt(self._prompt_ids(ids)).encode()], object)),
-                pb.Tensor("output_ids", ids.reshape(-1).astype(np.int32))]))
-        for group in groups:
-            if not stopped and client_gone():  # the client went away: stop generating for it
-                stopped = True
-                self.llm.stop(rid)
-            piece = answer.push([got for resp in group if (got := resp.tokens()) is not None], stream and not stopped)
-            if piece is not None and stream and not stopped:
-                # one response per group of engine responses, even when its text is held back
-                sender.send(response(pb, wanted, self._piece_tensors(pb, wanted, decoding, piece, final=False)))
-        if stopped:
-            raise ValueError("request cancelled")
-        counts = []  # return_num_input_tokens / return_num_output_tokens, on the final response
-        if scalar(inputs, "return_num_input_tokens", False, bool):
-            counts.append(pb.Tensor("num_input_tokens", np.asarray([ids.size], np.int32)))
-        if scalar(inputs, "return_num_output_tokens", False, bool):
-            counts.append(pb.Tensor("num_output_tokens", np.asarray([len(answer.tokens)], np.int32)))
-        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        if stream:
-            last = answer.finish_stream()
-            if last.text or last.ids or counts or decoding.log_probs:
-                sender.send(response(pb, wanted, self._piece_tensors(pb, wanted, decoding, last, final=True) + counts),
-                            flags=final)
-            else:
-                sender.send(flags=final)
-        else:
-            whole = answer.finish()
-            shown = whole.ids if decoding.exclude_input else self._prompt_ids(ids) + whole.ids
-            post = self._call(pb, "postprocessing", [pb.Tensor("output_ids", np.asarray(shown, np.int32))],
-                              ["text_output"])
-            text_out = pb.get_output_tensor_by_name(post, "text_output").as_numpy()
-            returned = whole.ids if decoding.exclude_input else ids.reshape(-1).tolist() + whole.ids
-            sender.send(response(pb, wanted,
-                [pb.Tensor("text_output", text_out), pb.Tensor("output_ids", np.asarray(returned, np.int32))]
-                + self._log_prob_tensors(pb, decoding, whole, final=True) + counts), flags=final)
+            out.send_prompt()
+        if stream and self.interval > 0:
+            # the first response at once, from this thread; the rest from the pacer's, one run per interval
+            out.call = self.llm.open(llm_inputs, decoding.outputs, rid)
+            try:
+                out.on_group([out.call.first()] + out.call.take())
+            except BaseException:
+                out.call.abandon()
+                raise
+            if out.finished:
+                return False
+            out.due = time.monotonic() + self.interval
+            self.pacer.add(out)
+            return True
+        # grouped: every LLM-step response that has arrived is answered by one response to the client
+        for group in self.llm.generate(llm_inputs, decoding.outputs, rid, grouped=True, interval=self.interval):
+            out.on_group(group)
+        return False
 
     def _preprocess(self, pb, inputs, text, chat, blobs) -> dict:
         """A request with images through the preprocessing model (BLS): its outputs by name."""
@@ -220,7 +199,7 @@ class EntryModel:
         if salt is not None and salt.size:
             sent.append(pb.Tensor("prompt_table_extra_id", salt.reshape(1).astype(np.uint64)))
         names = ["input_ids", "pixel_values", "prompt_table_extra_ids"] + (list(CROSS_OUTPUTS) if self.cross else [])
-        got = self._call(pb, "preprocessing", sent, names)
+        got = self.call_model(pb, "preprocessing", sent, names)
         return {name: pb.get_output_tensor_by_name(got, name).as_numpy() for name in names}
 
     def _image_inputs(self, pb, pre: dict, pixels) -> list:
@@ -229,7 +208,7 @@ class EntryModel:
         import torch
 
         x = torch.from_numpy(pixels).to(self.vision_dtype)
-        vis = self._call(pb, "vision_encoder", [from_torch("pixel_values", x)], ["image_embeds"])
+        vis = self.call_model(pb, "vision_encoder", [from_torch("pixel_values", x)], ["image_embeds"])
         emb = as_torch(pb.get_output_tensor_by_name(vis, "image_embeds"))  # [tiles, tokens, hidden]
         table, out = emb, []
         if self.cross:
@@ -242,27 +221,6 @@ class EntryModel:
             out += [("prompt_embedding_table", table[None]),
                     ("prompt_vocab_size", np.asarray([table.shape[0]], np.int32)),
                     ("prompt_table_extra_ids", extra.astype(np.uint64))]
-        return out
-
-    @classmethod
-    def _piece_tensors(cls, pb, wanted: set, decoding, piece, final: bool) -> list:
-        """A streamed piece's tensors, only those the request asked for (`wanted`; empty: all): each costs a
-        tensor built, copied to shared memory and serialized again for the client, per response."""
-        out = []
-        if not wanted or "text_output" in wanted:
-            out.append(pb.Tensor("text_output", np.asarray([piece.text.encode()], object)))
-        if not wanted or "output_ids" in wanted:
-            out.append(pb.Tensor("output_ids", np.asarray(piece.ids, np.int32)))
-        return out + cls._log_prob_tensors(pb, decoding, piece, final)
-
-    @staticmethod
-    def _log_prob_tensors(pb, decoding, piece, final: bool) -> list:
-        """output_log_probs [beam=1, tokens] (and cum_log_probs [beam=1] on the final response), if asked."""
-        if not decoding.log_probs:
-            return []
-        out = [pb.Tensor("output_log_probs", np.asarray([piece.log_probs], np.float32))]
-        if final:
-            out.append(pb.Tensor("cum_log_probs", np.asarray([piece.cum], np.float32)))
         return out
 
     def _cross_inputs(self, pb, pre: dict, emb):
@@ -282,7 +240,7 @@ class EntryModel:
                        ("encoder_output_lengths", np.asarray([keys.shape[0]], np.int32)),
                        ("cross_attention_mask", mask)]
 
-    def _prompt_ids(self, ids) -> list[int]:
+    def prompt_text_ids(self, ids) -> list[int]:
         """The prompt's text tokens (`exclude_input_in_output` false): image positions carry no text."""
         return [t for t in ids.reshape(-1).tolist() if t < self.tok.vocab_size]
 

@@ -78,10 +78,12 @@ class ReferenceLLMModel:
                     self._stop(request, sender, pb)
                     continue
                 job = self._admit(request, inputs, pb)
+                # to the batcher from here: the first token does not wait for a waiting thread to start
+                started = self._start(job, sender, pb)
             except Exception as e:  # noqa: BLE001 — every failure becomes this request's error
                 sender.send(error(f"tensorrt_llm: {e}"), flags=pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
                 continue
-            self._waiters().submit(self._run, job, sender, pb)
+            self._waiters().submit(self._run, job, started, sender, pb)
         return None
 
     def _waiters(self):
@@ -181,9 +183,9 @@ class ReferenceLLMModel:
                       cancelled=flag.is_set)  # set by a `stop` request or by _run's watch (the client left)
         return req, stream, rid, set(request.requested_output_names()), flag, request.is_cancelled
 
-    def _run(self, job, sender, pb):
+    def _start(self, job, sender, pb):
+        """Submit the request to the batcher: its future, its PendingRun and how a response is made (`emit`)."""
         req, stream, rid, wanted, flag, is_cancelled = job
-        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
         def emit(tokens, lps, cum):
             out = [pb.Tensor("output_ids", np.asarray([[tokens]], np.int32))]  # [batch=1, beam=1, tokens]
@@ -194,12 +196,26 @@ class ReferenceLLMModel:
                         pb.Tensor("cum_log_probs", np.asarray([[cum]], np.float32))]
             return response(pb, wanted, out)
 
-        send = self.outbox.put
-        run = PendingRun(send, lambda tokens, lps, cum: sender.send(emit(tokens, lps, cum)), self.interval,
+        run = PendingRun(self.outbox.put, lambda tokens, lps, cum: sender.send(emit(tokens, lps, cum)), self.interval,
                          self.outbox.put_at)
-
         try:  # run.push is called by the batcher's loop: it only appends (and enqueues the run's send)
-            result = watch(self.batcher.submit(req, run.push if stream else None), is_cancelled, flag)
+            return self.batcher.submit(req, run.push if stream else None), run, emit
+        except BaseException:
+            if rid:
+                with self.stops_lock:
+                    self.stops.pop(rid, None)
+            raise
+
+    def _run(self, job, started, sender, pb):
+        """Wait for the request's end on a thread of its own (watching for its client to leave), then send its final
+        response."""
+        req, stream, rid, wanted, flag, is_cancelled = job
+        future, run, emit = started
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        send = self.outbox.put
+
+        try:
+            result = watch(future, is_cancelled, flag)
             if stream:
                 send(lambda: (run.flush(), sender.send(flags=final)))  # a run waiting for its interval goes first
             else:
