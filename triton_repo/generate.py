@@ -51,7 +51,8 @@ class TritonPythonModel({cls}):
 # Sizing the entry model's processes (`auto_entry_instances`). One entry process is one GIL: about one core's worth
 # of streamed tokens. ENTRY_US_PER_TOKEN is its CPU per streamed token, measured with the null engine at
 # concurrency 32-64 and the default 40 ms stream interval on this project's 2-vCPU VM, for a request on the gRPC
-# road (images, stop words); text on the HTTP road costs 74-124 us (llm_http.py), but NVLM's requests carry images.
+# road (images, stop words: 160 us at c=32 with the pacer); text on the HTTP road costs 49-84 us, but NVLM's requests
+# carry images.
 # A GPU host's cores are at least as fast. Source: benchmarks/serving_capacity.py; docs/PERFORMANCE.md, "The serving
 # path's own capacity".
 ENTRY_US_PER_TOKEN = 180

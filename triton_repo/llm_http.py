@@ -1,5 +1,5 @@
 """The LLM link's second road: a request whose inputs are all scalars or 1-D lists goes to the LLM step over
-Triton's HTTP `generate_stream` (server-sent events), read with one selector thread per process.
+Triton's HTTP `generate_stream` (server-sent events), read by one thread per process once per tick (HttpReader).
 
 Why (issue 32): the `tensorrtllm` backend sends one response per decode step, so the entry model receives one
 message per streamed token. Received over a `grpc.aio` stream, a message costs this process about 150 µs of CPU;
@@ -10,8 +10,9 @@ encoder features, a cross-attention mask or stop/bad word lists keep the gRPC st
 
 Per request: one connection (a request per connection, as Triton's HTTP/1.1 streaming answers), `"id"` set to
 the request id (so that `LLMLink.stop` names it), and the socket closed when the caller abandons the request
-(Triton cancels a streaming HTTP request whose client went away). Each event becomes a `JsonReply`; the end of the
-response body becomes the final, empty one, as `triton_enable_empty_final_response` gives on the gRPC stream.
+(Triton cancels a streaming HTTP request whose client went away). The events of one receive become one `JsonReply`
+(a run of tokens); the end of the response body becomes the final, empty one, as
+`triton_enable_empty_final_response` gives on the gRPC stream.
 
 The server's HTTP address comes from NVLM_TRITON_HTTP_URL, which `nvlm-serve` and the GPU host's launch script set;
 without it every request takes the gRPC stream.

@@ -57,9 +57,11 @@ class Pacer:
                     return
                 active += self.new
                 self.new = []
-            now = time.monotonic()
-            active = [job for job in active if not self._pump(job, now)]
-            time.sleep(self.tick)
+            start = time.monotonic()
+            active = [job for job in active if not self._pump(job, start)]
+            # the next round a tick after this one began; at once when this one took longer (a host short of CPU:
+            # each send waits for tritonserver), so that runs grow no more than the round's own length
+            time.sleep(max(0.0, start + self.tick - time.monotonic()))
 
     @staticmethod
     def _pump(job: Paced, now: float) -> bool:
