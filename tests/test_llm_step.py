@@ -58,7 +58,9 @@ def _job(n, *, log_probs=False, is_cancelled=lambda: False):
 
 
 def _run(model, job, sender):
-    threading.Thread(target=model._run, args=(job, sender, _PB), daemon=True).start()
+    """As `execute` does: the request submitted to the batcher here, then waited for on a thread of its own."""
+    started = model._start(job, sender, _PB)
+    threading.Thread(target=model._run, args=(job, started, sender, _PB), daemon=True).start()
     assert sender.done.wait(60)
 
 
