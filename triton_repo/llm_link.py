@@ -219,26 +219,22 @@ class Call:
     """One request to the LLM step in flight, for a caller that does not wait on it (the entry's pacer): its
     responses as they have arrived (`take`), whether the last one has (`ended`), and `abandon`."""
 
-    __slots__ = ("link", "request_id", "inbox", "_forget", "_got")
+    __slots__ = ("link", "request_id", "inbox", "_forget")
 
     def __init__(self, link: "LLMLink", request_id: str, inbox: _Inbox, forget):
         self.link, self.request_id, self.inbox, self._forget = link, request_id, inbox, forget
-        self._got = 0
 
     def first(self) -> Reply:
         """Wait for the first response (raises ValueError for an error, naming the address when unreachable)."""
-        reply = self.link._take(self.inbox, True)
-        self._got = 1
-        return reply
+        return self.link._take(self.inbox, True)
 
     def take(self) -> list:
-        """Every response that has arrived, in order, up to and including the final one (possibly none). An error
-        response raises ValueError with the LLM step's message."""
+        """After `first`: every response that has arrived since, in order, up to and including the final one
+        (possibly none). An error response raises ValueError with the LLM step's message."""
         self.inbox.eager = False  # nobody waits on the inbox: the reader need not wake anyone
         out = []
         while self.inbox.items and not (out and out[-1].final):
-            out.append(self.link._checked(self.inbox.items.popleft(), self._got == 0))
-            self._got += 1
+            out.append(self.link._checked(self.inbox.items.popleft(), False))
         return out
 
     @property
@@ -249,7 +245,7 @@ class Call:
     def abandon(self) -> None:
         """Stop reading; if the LLM step still works on the request, stop it there (in the background)."""
         if self._forget():
-            threading.Thread(target=self.link.stop_quietly, args=(self.request_id,), daemon=True).start()
+            self.link.stop_in_background(self.request_id)
 
 
 class LLMLink:
@@ -448,7 +444,11 @@ class LLMLink:
                 ("request_output_len", np.ones((1, 1), np.int32)), ("stop", np.ones((1, 1), bool))]
         self.run(stop, ["output_ids"], request_id)
 
-    def stop_quietly(self, request_id: str) -> None:
+    def stop_in_background(self, request_id: str) -> None:
+        """`stop` from a thread of its own: the caller (a worker, the pacer) does not wait for the round trip."""
+        threading.Thread(target=self._stop_quietly, args=(request_id,), daemon=True).start()
+
+    def _stop_quietly(self, request_id: str) -> None:
         try:
             self.stop(request_id)
         except Exception:  # noqa: BLE001 — the request may have ended meanwhile, or the server gone

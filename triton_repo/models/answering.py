@@ -6,8 +6,6 @@ pacer (triton_repo/pacer.py, `pump`); the others by their worker thread to the e
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 
 from ..pb import error, response, scalar
@@ -44,7 +42,7 @@ class Answering:
         held back), and the final response after the LLM step's last."""
         if not self.stopped and self.client_gone():  # the client went away: stop generating for it
             self.stopped = True
-            threading.Thread(target=self.entry.llm.stop_quietly, args=(self.rid,), daemon=True).start()
+            self.entry.llm.stop_in_background(self.rid)
         live = self.stream and not self.stopped
         piece = self.answer.push([got for resp in group if (got := resp.tokens()) is not None], live)
         if piece is not None and live:
