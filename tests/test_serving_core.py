@@ -211,12 +211,13 @@ def test_the_http_reader_survives_a_garbled_response_and_reads_the_next():
     """llm_http.HttpReader against a local socket that answers garbage first, then proper generate_stream responses:
     the first request fails with an error (its worker is not left waiting), the reader thread lives on, and the next
     requests' tokens arrive in order, then their final marker — events that arrived apart as replies of their own
-    (the first one read by the caller's thread, the next by the reader's), events that arrived together as one run."""
+    (the first one read by the caller's thread, the next by the reader's), events that arrived together as one run;
+    Call.on_end is called once the final reply is in: by the reader's thread, or at once when it was in already."""
     import socket
     import time
 
     from triton_repo.llm_http import HttpReader
-    from triton_repo.llm_link import _Inbox
+    from triton_repo.llm_link import Call, _Inbox
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -251,7 +252,15 @@ def test_the_http_reader_survives_a_garbled_response_and_reads_the_next():
             ok = _Inbox()
             reader.open("m", rid, {"input_ids": [1]}, ok)
             assert ok.items  # the first event, read before open returned
+            ended_on = []  # Call.on_end: called once the final reply is in, on the reader's thread, or at once
+            Call(None, rid, ok, lambda: None).on_end(lambda: ended_on.append((threading.current_thread().name,
+                                                                              ok.ended)))
+            if rid == "r2":  # its end is 50 ms away
+                assert not ended_on
             assert _until(lambda: len(ok.items) == len(runs) + 1)
+            assert _until(lambda: ended_on) and all(was_ended for _, was_ended in ended_on)
+            if rid == "r2":
+                assert ended_on == [("nvlm-llm-http", True)]
             got = [r for r, e in ok.items]
             assert [r.tokens() for r in got[:-1]] == [(run, None) for run in runs]
             assert got[-1].final and got[-1].tokens() is None and got[0].id == rid
@@ -260,35 +269,54 @@ def test_the_http_reader_survives_a_garbled_response_and_reads_the_next():
         listener.close()
 
 
-def test_the_pacer_pumps_each_request_until_it_ends_and_survives_a_failing_one():
-    """pacer.Pacer: every request handed over is pumped, tick after tick, from one thread, until its pump says it
-    ended; a request whose pump raises is dropped and the others go on; with nothing in hand it sleeps, and a request
-    added then is pumped at once."""
+def test_the_pacer_gives_turns_when_due_or_woken_until_the_end_and_survives_a_failing_one():
+    """pacer.Pacer: every request handed over gets turns from one thread, each no sooner than the time its last turn
+    asked for (and rounds at least a tick apart), until its turn says it ended; a woken request gets its turn at the
+    next round, long before it is due; a request whose turn raises is dropped and the others go on; with nothing in
+    hand the pacer sleeps, and a request added then gets its turn when due."""
     from triton_repo.pacer import Pacer
+
+    tick, every = 0.002, 0.03
 
     class Job:
         def __init__(self, ends_after, fails=False):
-            self.ends_after, self.fails, self.pumps, self.threads = ends_after, fails, [], set()
+            self.ends_after, self.fails, self.turns, self.asked, self.threads = ends_after, fails, [], [], set()
 
         def pump(self, now):
-            self.pumps.append(now)
+            self.turns.append(time.monotonic())
             self.threads.add(threading.get_ident())
             if self.fails:
                 raise RuntimeError("a bug in one request")
-            return len(self.pumps) >= self.ends_after
+            if len(self.turns) >= self.ends_after:
+                return None
+            self.asked.append(now + every)
+            return self.asked[-1]
 
-    pacer = Pacer(tick=0.002)
+    pacer = Pacer(tick=tick)
     try:
-        short, long, bad = Job(3), Job(10), Job(1, fails=True)
+        short, long, bad = Job(3), Job(6), Job(1, fails=True)
+        t0 = time.monotonic()
         for job in (short, long, bad):
-            pacer.add(job)
-        assert _until(lambda: len(long.pumps) == 10)
-        time.sleep(0.05)
-        assert len(short.pumps) == 3 and len(long.pumps) == 10 and len(bad.pumps) == 1  # none pumped after its end
-        assert long.pumps == sorted(long.pumps) and len(short.threads | long.threads | bad.threads) == 1
+            pacer.add(job, t0 + every)
+        assert _until(lambda: len(long.turns) == 6)
+        time.sleep(3 * every)
+        assert len(short.turns) == 3 and len(long.turns) == 6 and len(bad.turns) == 1  # none after its end
+        assert min(short.turns + long.turns + bad.turns) >= t0 + every  # not before its first due time
+        for job in (short, long):  # each later turn no sooner than the time the one before asked for
+            assert all(turn >= asked for turn, asked in zip(job.turns[1:], job.asked))
+        assert len(short.threads | long.threads | bad.threads) == 1
+        # idle now; a job due in a long while, woken: its turn comes at the next round, not when due
+        sleepy = Job(2)
+        pacer.add(sleepy, time.monotonic() + 60)
+        time.sleep(5 * tick)
+        assert not sleepy.turns
+        woken_at = time.monotonic()
+        pacer.wake(sleepy)
+        assert _until(lambda: sleepy.turns, seconds=5) and sleepy.turns[0] - woken_at < 1.0
+        pacer.wake(bad)  # no longer in hand: ignored
         late = Job(1)
-        pacer.add(late)  # the pacer was idle: woken by the hand-over
-        assert _until(lambda: late.pumps)
+        pacer.add(late, time.monotonic())
+        assert _until(lambda: late.turns)
     finally:
         pacer.close()
     assert not pacer.thread.is_alive()

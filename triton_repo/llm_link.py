@@ -179,19 +179,22 @@ class _Inbox:
     error). Between two runs it sleeps until its interval ends and the responses just queue: one wake-up per
     run of tokens, not one per token."""
 
-    __slots__ = ("items", "wake", "eager", "ended")
+    __slots__ = ("items", "wake", "eager", "ended", "on_end")
 
     def __init__(self):
         self.items: collections.deque = collections.deque()
         self.wake = threading.Lock()
         self.wake.acquire()
         self.eager, self.ended = True, False
+        self.on_end = None  # called (on the reader's thread) once the last response is in: Call.on_end
 
     def put(self, item) -> None:  # the reader's side
         self.items.append(item)
         reply, error = item
         if error is not None or reply.final:
             self.ended = True
+            if self.on_end is not None:
+                self.on_end()
         elif not self.eager:
             return
         try:
@@ -217,7 +220,7 @@ class _Shared:
 
 class Call:
     """One request to the LLM step in flight, for a caller that does not wait on it (the entry's pacer): its
-    responses as they have arrived (`take`), whether the last one has (`ended`), and `abandon`."""
+    responses as they have arrived (`take`), a call for when the last one has (`on_end`), and `abandon`."""
 
     __slots__ = ("link", "request_id", "inbox", "_forget")
 
@@ -237,10 +240,12 @@ class Call:
             out.append(self.link._checked(self.inbox.items.popleft(), False))
         return out
 
-    @property
-    def ended(self) -> bool:
-        """The final response (or an error) has arrived."""
-        return self.inbox.ended
+    def on_end(self, fn) -> None:
+        """Call `fn()` once the final response (or an error) has arrived: at once if it has, else on the thread that
+        reads it (so `fn` must be quick and must not block). It may be called twice; it is never missed."""
+        self.inbox.on_end = fn
+        if self.inbox.ended:  # arrived before `fn` was set (the reader may also have called it: harmless)
+            fn()
 
     def abandon(self) -> None:
         """Stop reading; if the LLM step still works on the request, stop it there (in the background)."""

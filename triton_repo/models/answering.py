@@ -27,7 +27,6 @@ class Answering:
         self.client_gone = AtMostEvery(request.is_cancelled, CANCEL_CHECK_S)
         self.stopped = self.finished = False
         self.call = None  # the LLM-step request in flight, once the pacer has it (llm_link.Call)
-        self.due = 0.0  # when the pacer may send the next run
 
     def send_prompt(self) -> None:
         """`exclude_input_in_output` false, streamed: the prompt's text and ids go first."""
@@ -53,21 +52,20 @@ class Answering:
                 raise ValueError("request cancelled")
             self._finish()
 
-    def pump(self, now: float) -> bool:
-        """The pacer's turn (pacer.Paced): a run when the interval is due, or at once when the LLM step's last
-        response has arrived."""
+    def pump(self, now: float) -> float | None:
+        """The pacer's turn (pacer.Paced), given when the interval is due or when the LLM step's last response has
+        arrived: what has arrived as one run. The next turn an interval later; at the next round when nothing had
+        arrived (an engine slower than the interval); None once the final response is sent."""
         try:
-            if now < self.due and not self.call.ended:
-                return False
             group = self.call.take()
-            if group:
-                self.on_group(group)
-                self.due = now + self.entry.interval
-            return self.finished
+            if not group:
+                return now
+            self.on_group(group)
+            return None if self.finished else now + self.entry.interval
         except Exception as e:  # noqa: BLE001 — every failure becomes this request's error
             self.call.abandon()
             self.sender.send(error(str(e)), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
-            return True
+            return None
 
     def _finish(self) -> None:
         pb, decoding, answer, wanted = self.pb, self.decoding, self.answer, self.wanted

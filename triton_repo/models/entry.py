@@ -181,8 +181,8 @@ class EntryModel:
                 raise
             if out.finished:
                 return False
-            out.due = time.monotonic() + self.interval
-            self.pacer.add(out)
+            self.pacer.add(out, time.monotonic() + self.interval)
+            out.call.on_end(lambda: self.pacer.wake(out))  # the final response need not wait for the interval
             return True
         # grouped: every LLM-step response that has arrived is answered by one response to the client
         for group in self.llm.generate(llm_inputs, decoding.outputs, rid, grouped=True, interval=self.interval):
