@@ -106,6 +106,7 @@ class StreamDecoder:
         self.tok = tok
         self.ids: list[int] = []
         self.prefix = self.read = 0
+        self.settled: str | None = ""  # decode(ids[prefix:read]) while they stay put; None: not decoded yet
 
     def push(self, new_ids) -> str:
         self.ids += list(new_ids)
@@ -115,9 +116,11 @@ class StreamDecoder:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        settled = self.tok.decode(self.ids[self.prefix:self.read])
+        if self.settled is None:  # decoded once per release, not again for each push that releases nothing
+            self.settled = self.tok.decode(self.ids[self.prefix:self.read])
+        settled = self.settled
         text = self.tok.decode(self.ids[self.prefix:])
         if not final and (not text.startswith(settled) or len(text) == len(settled) or text.endswith("\ufffd")):
             return ""
-        self.prefix, self.read = self.read, len(self.ids)
+        self.prefix, self.read, self.settled = self.read, len(self.ids), None
         return text[len(settled):]

@@ -211,13 +211,12 @@ def test_the_http_reader_survives_a_garbled_response_and_reads_the_next():
     """llm_http.HttpReader against a local socket that answers garbage first, then proper generate_stream responses:
     the first request fails with an error (its worker is not left waiting), the reader thread lives on, and the next
     requests' tokens arrive in order, then their final marker — events that arrived apart as replies of their own
-    (the first one read by the caller's thread, the next by the reader's), events that arrived together as one run;
-    Call.on_end is called once the final reply is in: by the reader's thread, or at once when it was in already."""
+    (the first one read by the caller's thread, the next by the reader's), events that arrived together as one run."""
     import socket
     import time
 
     from triton_repo.llm_http import HttpReader
-    from triton_repo.llm_link import Call, _Inbox
+    from triton_repo.llm_link import _Inbox
 
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
@@ -252,18 +251,131 @@ def test_the_http_reader_survives_a_garbled_response_and_reads_the_next():
             ok = _Inbox()
             reader.open("m", rid, {"input_ids": [1]}, ok)
             assert ok.items  # the first event, read before open returned
-            ended_on = []  # Call.on_end: called once the final reply is in, on the reader's thread, or at once
-            Call(None, rid, ok, lambda: None).on_end(lambda: ended_on.append((threading.current_thread().name,
-                                                                              ok.ended)))
-            if rid == "r2":  # its end is 50 ms away
-                assert not ended_on
             assert _until(lambda: len(ok.items) == len(runs) + 1)
-            assert _until(lambda: ended_on) and all(was_ended for _, was_ended in ended_on)
-            if rid == "r2":
-                assert ended_on == [("nvlm-llm-http", True)]
             got = [r for r, e in ok.items]
             assert [r.tokens() for r in got[:-1]] == [(run, None) for run in runs]
             assert got[-1].final and got[-1].tokens() is None and got[0].id == rid
+    finally:
+        reader.shutdown()
+        listener.close()
+
+
+def test_an_http_stream_read_in_any_pieces_gives_every_token_in_order_once():
+    """llm_http._Response: a chunked server-sent-event stream, received in random pieces, delivers every token in
+    order and the end once, whether its events are read in one pass (token-only events) or one by one (events with
+    log-probs, nested lists, an event without tokens). Fresh random streams; the expected tokens differ per event."""
+    import json
+    import random
+
+    from triton_repo.llm_http import _Response
+    from triton_repo.llm_link import _Inbox
+
+    rng = random.Random(1234)
+    for trial in range(60):
+        want_ids, events = [], []
+        for _ in range(rng.randint(1, 12)):
+            ids = [rng.randint(0, 70000) for _ in range(rng.randint(0, 4))]
+            body = {"id": "r", "model_name": "tensorrt_llm", "model_version": "1", "sequence_length": 1}
+            form = rng.choice(["list", "scalar", "nested", "log_probs", "none"] if trial % 2 else ["list", "scalar"])
+            if form == "none":
+                ids = []
+            elif form == "scalar" or (len(ids) == 1 and form == "list"):
+                ids = ids[:1] or [rng.randint(0, 9)]
+                body["output_ids"] = ids[0]
+            elif form == "nested":
+                body["output_ids"] = [ids]
+            else:
+                body["output_ids"] = ids
+            if form == "log_probs":
+                lps = [round(rng.uniform(-5, 0), 3) for _ in ids]
+                body["output_log_probs"] = lps
+            want_ids += ids
+            events.append(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
+        stream = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+        stream += b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+        inbox = _Inbox()
+        resp = _Response(None, "r", inbox)
+        cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(0, min(8, len(stream) - 1))))
+        pieces = [stream[a:b] for a, b in zip([0] + cuts, cuts + [len(stream)])]
+        fed = 0
+        while not resp.feed(pieces[fed]):  # the reader stops at the end (the zero-size chunk's first line)
+            fed += 1
+        assert b"".join(pieces[fed + 1:]) in (b"", b"\r\n", b"\n")  # nothing but the terminator's last bytes left
+        got = [reply for reply, error in inbox.items]
+        assert all(error is None for _, error in inbox.items)
+        assert got[-1].final and not any(r.final for r in got[:-1])
+        assert [t for r in got[:-1] for t in r.ids or []] == want_ids, trial
+
+
+def test_a_paced_http_request_is_read_when_taken_and_its_end_wakes_the_taker():
+    """llm_http.HttpReader.watch / pull through llm_link.Call: once `paced`, a request's events are read by `take`
+    (those that arrived apart in one run), not by the reader thread; a server that closes the connection after the
+    response wakes the taker from the reader's thread before anyone reads the end, and the next `take` has the last
+    run and the final reply; a server that keeps the connection open still ends the request at the next `take`;
+    a request that ended before it was paced wakes at once."""
+    import socket
+
+    from triton_repo.llm_http import HttpReader
+    from triton_repo.llm_link import Call, LLMLink, _Inbox
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    link = LLMLink("m", url="127.0.0.1:1", http="")  # for its reading of replies only: nothing is sent through it
+
+    def event(body: bytes) -> bytes:
+        e = b"data: " + body + b"\n\n"
+        return b"%x\r\n%s\r\n" % (len(e), e)
+
+    go = [threading.Event() for _ in range(3)]
+
+    def serve():
+        for k, closes in enumerate((True, False, True)):
+            conn, _ = listener.accept()
+            assert b"Connection: close" in conn.recv(65536)
+            if k == 2:  # the whole response at once, ended before the caller paces it
+                conn.sendall(head + event(b'{"output_ids":1}') + b"0\r\n\r\n")
+            else:
+                conn.sendall(head + event(b'{"output_ids":1}'))
+                go[k].wait(10)
+                for tok in (2, 3):
+                    conn.sendall(event(b'{"output_ids":%d}' % tok))
+                    time.sleep(0.03)
+                conn.sendall(event(b'{"output_ids":4}') + b"0\r\n\r\n")
+            if closes:
+                conn.close()
+            else:
+                try:
+                    conn.recv(1)  # until the client closes
+                except OSError:
+                    pass
+                conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    reader = HttpReader(f"127.0.0.1:{port}")
+    try:
+        for k, rid in enumerate(("closes", "stays-open", "ended-first")):
+            inbox = _Inbox()
+            resp = reader.open("m", rid, {"input_ids": [1]}, inbox)
+            call = Call(link, rid, inbox, lambda: reader.close(resp), pull=lambda: reader.pull(resp),
+                        watch=lambda wake: reader.watch(resp, wake))
+            assert call.first().tokens() == ([1], None)
+            woken = []
+            call.paced(lambda: woken.append((threading.current_thread().name, len(inbox.items))))
+            if k == 2:
+                assert woken and call.take()[-1].final
+                continue
+            time.sleep(0.05)  # the reader thread has taken the order: from now on it does not read this request
+            go[k].set()
+            time.sleep(0.25)  # every event has arrived
+            assert not inbox.items  # nobody read them
+            if k == 0:  # the server closed: the taker was woken by the reader thread, before any read
+                assert woken == [("nvlm-llm-http", 0)]
+            else:
+                assert not woken
+            got = call.take()
+            assert [r.tokens() for r in got[:-1]] == [([2, 3, 4], None)] and got[-1].final and got[-1].id == rid
+            assert not call.take()
     finally:
         reader.shutdown()
         listener.close()

@@ -177,3 +177,37 @@ def test_streamed_responses_carry_only_the_requested_outputs():
     both = [T("output_ids"), T("sequence_length")]
     assert _response(pb, {"output_ids"}, both) == ["output_ids"]
     assert _response(pb, set(), both) == ["output_ids", "sequence_length"]  # nothing named: all of them
+
+
+def test_the_single_bytes_shortcut_serializes_as_the_python_backend_does():
+    """pb.shortcut_single_bytes: the bundled Python backend's own serialize_byte_tensor, with the shortcut installed,
+    gives the original's bytes for fresh random inputs — one-element arrays of bytes of any length (the shortcut),
+    of str, several elements, np.bytes_ arrays (the original's path) — and is installed once."""
+    import importlib.util
+    import random
+    from pathlib import Path
+
+    import numpy as np
+    import pytriton
+
+    from triton_repo.pb import shortcut_single_bytes
+
+    path = Path(pytriton.__file__).parent / "tritonserver" / "backends" / "python" / "triton_python_backend_utils.py"
+    spec = importlib.util.spec_from_file_location("pb_utils_under_test", path)
+    pb_utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pb_utils)
+    original = pb_utils.serialize_byte_tensor
+    shortcut_single_bytes(pb_utils)
+    shortcut_single_bytes(pb_utils)  # a second model instance in the same process: installed once
+    assert pb_utils.serialize_byte_tensor is not original
+    assert pb_utils.serialize_byte_tensor.__closure__[0].cell_contents is original  # wraps the original, not itself
+    rng = random.Random(7)
+    cases = []
+    for _ in range(200):
+        blob = bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 5, 300, 70000])))
+        cases += [np.asarray([blob], object), np.asarray([[blob]], object),
+                  np.asarray([blob.decode("latin-1")], object),
+                  np.asarray([blob, blob[::-1]], object), np.asarray([blob or b"x"], np.bytes_)]
+    for tensor in cases:
+        assert pb_utils.serialize_byte_tensor(tensor) == original(tensor)
+    assert pb_utils.serialize_byte_tensor(np.asarray([b"ab"], object)) == b"\x02\x00\x00\x00ab"

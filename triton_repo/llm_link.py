@@ -186,7 +186,7 @@ class _Inbox:
         self.wake = threading.Lock()
         self.wake.acquire()
         self.eager, self.ended = True, False
-        self.on_end = None  # called (on the reader's thread) once the last response is in: Call.on_end
+        self.on_end = None  # called (on the reader's thread) once the last response is in: Call.paced
 
     def put(self, item) -> None:  # the reader's side
         self.items.append(item)
@@ -220,12 +220,16 @@ class _Shared:
 
 class Call:
     """One request to the LLM step in flight, for a caller that does not wait on it (the entry's pacer): its
-    responses as they have arrived (`take`), a call for when the last one has (`on_end`), and `abandon`."""
+    responses as they have arrived (`take`), a call for when the last one has (`paced`), and `abandon`.
 
-    __slots__ = ("link", "request_id", "inbox", "_forget")
+    `pull` / `watch`: a request on the HTTP road (llm_http.HttpReader), read by the caller when it takes its
+    responses once `paced`; None for the gRPC road, whose responses the link's event loop delivers."""
 
-    def __init__(self, link: "LLMLink", request_id: str, inbox: _Inbox, forget):
+    __slots__ = ("link", "request_id", "inbox", "_forget", "_pull", "_watch")
+
+    def __init__(self, link: "LLMLink", request_id: str, inbox: _Inbox, forget, pull=None, watch=None):
         self.link, self.request_id, self.inbox, self._forget = link, request_id, inbox, forget
+        self._pull, self._watch = pull, watch
 
     def first(self) -> Reply:
         """Wait for the first response (raises ValueError for an error, naming the address when unreachable)."""
@@ -235,17 +239,23 @@ class Call:
         """After `first`: every response that has arrived since, in order, up to and including the final one
         (possibly none). An error response raises ValueError with the LLM step's message."""
         self.inbox.eager = False  # nobody waits on the inbox: the reader need not wake anyone
+        if self._pull is not None:
+            self._pull()
         out = []
         while self.inbox.items and not (out and out[-1].final):
             out.append(self.link._checked(self.inbox.items.popleft(), False))
         return out
 
-    def on_end(self, fn) -> None:
-        """Call `fn()` once the final response (or an error) has arrived: at once if it has, else on the thread that
-        reads it (so `fn` must be quick and must not block). It may be called twice; it is never missed."""
-        self.inbox.on_end = fn
-        if self.inbox.ended:  # arrived before `fn` was set (the reader may also have called it: harmless)
-            fn()
+    def paced(self, wake) -> None:
+        """After `first`: the caller takes the responses at its own pace (`take`), and `wake()` is called once the
+        request has ended (the final response or an error is in, or, on the HTTP road, the server closed the
+        connection after it), so that the next `take` finds the end: at once if it has, else on the thread that
+        notices (so `wake` must be quick and must not block). It may be called twice; it is never missed."""
+        self.inbox.on_end = wake
+        if self._watch is not None:
+            self._watch(wake)  # from now on read by `take`, not by the reader thread
+        if self.inbox.ended:  # arrived before `wake` was set (the reader may also have called it: harmless)
+            wake()
 
     def abandon(self) -> None:
         """Stop reading; if the LLM step still works on the request, stop it there (in the background)."""
@@ -359,7 +369,8 @@ class LLMLink:
                 resp = reader.open(self.model, request_id, body, inbox)
             except OSError as e:
                 raise self._unreachable(e, "HTTP", self.http_url, HTTP_URL_ENV) from None
-            return Call(self, request_id, inbox, lambda: reader.close(resp))
+            return Call(self, request_id, inbox, lambda: reader.close(resp), pull=lambda: reader.pull(resp),
+                        watch=lambda wake: reader.watch(resp, wake))
         shared, inbox = self._send(request_id, _request(self.model, inputs, outputs, request_id))
         return Call(self, request_id, inbox, lambda: self._forget(shared, request_id))
 

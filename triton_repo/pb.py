@@ -5,13 +5,38 @@ with an error, find the build the repository serves."""
 from __future__ import annotations
 
 import json
+import struct
 from pathlib import Path
+
+import numpy as np
+
+_LENGTH = struct.Struct("<I")  # a BYTES element's length, as Triton serializes it
 
 
 def stub():
     import triton_python_backend_utils as pb_utils
 
     return pb_utils
+
+
+def shortcut_single_bytes(pb_utils) -> None:
+    """`pb_utils.Tensor` serializes a BYTES array by calling back into `pb_utils.serialize_byte_tensor` (Python: an
+    np.nditer loop over the elements), and the entry model builds one per streamed response (`text_output`). A
+    one-element array holding bytes takes a shortcut with the same result (the element's length as 4 little-endian
+    bytes, then the element); anything else goes to the original. Installed once per stub process."""
+    original = pb_utils.serialize_byte_tensor
+    if getattr(original, "nvlm_shortcut", False):
+        return
+
+    def serialize_byte_tensor(tensor):
+        if tensor.size == 1 and tensor.dtype == np.object_:
+            item = tensor.item()
+            if type(item) is bytes:
+                return _LENGTH.pack(len(item)) + item
+        return original(tensor)
+
+    serialize_byte_tensor.nvlm_shortcut = True
+    pb_utils.serialize_byte_tensor = serialize_byte_tensor
 
 
 def build_dir(args) -> Path:

@@ -11,8 +11,10 @@ import numpy as np
 from ..pb import error, response, scalar
 from ..serving_core import AnswerStream, AtMostEvery
 
-# how soon a client that went away is noticed (and its request stopped in the LLM step)
-CANCEL_CHECK_S = 0.1
+# how soon a client that went away is noticed (and its request stopped in the LLM step). Each check is a round trip
+# from the stub to tritonserver that cost the entry ~70 µs of CPU at 32 streams on 2 vCPUs (its thread's switches
+# included): once per 0.1 s per request, that was 6 µs per streamed token (issue 32, docs/PERFORMANCE.md)
+CANCEL_CHECK_S = 0.25
 
 
 class Answering:
@@ -44,8 +46,8 @@ class Answering:
             self.entry.llm.stop_in_background(self.rid)
         live = self.stream and not self.stopped
         piece = self.answer.push([got for resp in group if (got := resp.tokens()) is not None], live)
-        if piece is not None and live:
-            self.sender.send(response(self.pb, self.wanted, self._piece_tensors(piece, final=False)))
+        if piece is not None and live:  # (_piece_tensors has only what was asked for: no pb.response filter)
+            self.sender.send(self.pb.InferenceResponse(output_tensors=self._piece_tensors(piece, final=False)))
         if group and group[-1].final:
             self.finished = True
             if self.stopped:
@@ -95,10 +97,10 @@ class Answering:
     def _piece_tensors(self, piece, final: bool) -> list:
         """A streamed piece's tensors, only those the request asked for (`wanted`; empty: all): each costs a
         tensor built, copied to shared memory and serialized again for the client, per response."""
-        pb, out = self.pb, []
-        if not self.wanted or "text_output" in self.wanted:
+        pb, wants, out = self.pb, self._wants, []
+        if wants("text_output"):
             out.append(pb.Tensor("text_output", np.asarray([piece.text.encode()], object)))
-        if not self.wanted or "output_ids" in self.wanted:
+        if wants("output_ids"):
             out.append(pb.Tensor("output_ids", np.asarray(piece.ids, np.int32)))
         return out + self._log_prob_tensors(piece, final)
 
@@ -106,7 +108,12 @@ class Answering:
         """output_log_probs [beam=1, tokens] (and cum_log_probs [beam=1] on the final response), if asked."""
         if not self.decoding.log_probs:
             return []
-        out = [self.pb.Tensor("output_log_probs", np.asarray([piece.log_probs], np.float32))]
-        if final:
+        out = []
+        if self._wants("output_log_probs"):
+            out.append(self.pb.Tensor("output_log_probs", np.asarray([piece.log_probs], np.float32)))
+        if final and self._wants("cum_log_probs"):
             out.append(self.pb.Tensor("cum_log_probs", np.asarray([piece.cum], np.float32)))
         return out
+
+    def _wants(self, name: str) -> bool:
+        return not self.wanted or name in self.wanted

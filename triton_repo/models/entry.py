@@ -30,6 +30,7 @@ from ..pb import (
     get_input,
     model_parameters,
     scalar,
+    shortcut_single_bytes,
     stub,
     torch_dtype,
 )
@@ -88,6 +89,7 @@ class EntryModel:
         self.admission = Admission(n, waiting, shared)
         self.workers = ThreadPoolExecutor(max_workers=n, thread_name_prefix="nvlm-request")
         self.pacer = Pacer()  # streamed answers after their first response (pacer.py says why one thread)
+        shortcut_single_bytes(stub())  # text_output, once per streamed response
 
     def finalize(self):
         self.workers.shutdown(wait=False, cancel_futures=True)
@@ -182,7 +184,7 @@ class EntryModel:
             if out.finished:
                 return False
             self.pacer.add(out, time.monotonic() + self.interval)
-            out.call.on_end(lambda: self.pacer.wake(out))  # the final response need not wait for the interval
+            out.call.paced(lambda: self.pacer.wake(out))  # the final response need not wait for the interval
             return True
         # grouped: every LLM-step response that has arrived is answered by one response to the client
         for group in self.llm.generate(llm_inputs, decoding.outputs, rid, grouped=True, interval=self.interval):
