@@ -83,6 +83,11 @@ def test_held_tokens_that_were_not_a_stop_word_come_out_at_the_end():
         whole.push(g, render=False)
     last = stream.finish_stream()
     assert [t for p in pieces for t in p.ids] == [4] and last.ids == [2] and last.text == "c"
+    # the entry sends the last run and the held tail as one final response (Piece.then)
+    both = pieces[-1].then(last) if pieces[-1] is not None else last
+    assert both.ids == [2] and both.text == "c" and both.cum == last.cum
+    one = pieces[0].then(last)
+    assert (one.ids, one.text, one.log_probs, one.cum) == ([4, 2], "ec", pieces[0].log_probs + last.log_probs, last.cum)
     done = whole.finish()
     assert done.ids == [4, 2] and done.log_probs == [-0.4, -0.2] and done.cum == pytest.approx(-0.6)
 

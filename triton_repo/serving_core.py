@@ -302,6 +302,10 @@ class Piece:
     log_probs: list[float] = field(default_factory=list)  # of `ids`, when asked for
     cum: float | None = None  # the cumulative log-prob of everything returned, on the final response
 
+    def then(self, later: "Piece") -> "Piece":
+        """This piece and `later` as one response (`later`'s cumulative log-prob)."""
+        return Piece(self.text + later.text, self.ids + later.ids, self.log_probs + later.log_probs, later.cum)
+
 
 class AnswerStream:
     """One request's answer, from the LLM step's responses to what the client sees. Every token the engine

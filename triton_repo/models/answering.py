@@ -40,19 +40,21 @@ class Answering:
 
     def on_group(self, group: list) -> None:
         """LLM-step responses that arrived together → one response to the client (streamed; even when its text is
-        held back), and the final response after the LLM step's last."""
+        held back); with the LLM step's last, the final response, which carries that last run too (a response fewer
+        per request)."""
         if not self.stopped and self.client_gone():  # the client went away: stop generating for it
             self.stopped = True
             self.entry.llm.stop_in_background(self.rid)
         live = self.stream and not self.stopped
         piece = self.answer.push([got for resp in group if (got := resp.tokens()) is not None], live)
-        if piece is not None and live:  # (_piece_tensors has only what was asked for: no pb.response filter)
+        ends = bool(group) and group[-1].final
+        if piece is not None and live and not ends:  # (_piece_tensors has only what was asked for: no pb.response)
             self.sender.send(self.pb.InferenceResponse(output_tensors=self._piece_tensors(piece, final=False)))
-        if group and group[-1].final:
+        if ends:
             self.finished = True
             if self.stopped:
                 raise ValueError("request cancelled")
-            self._finish()
+            self._finish(piece if live else None)
 
     def pump(self, now: float) -> float | None:
         """The pacer's turn (pacer.Paced), given when the interval is due or when the LLM step's last response has
@@ -69,7 +71,8 @@ class Answering:
             self.sender.send(error(str(e)), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
             return None
 
-    def _finish(self) -> None:
+    def _finish(self, piece=None) -> None:
+        """The final response; `piece`: the last run, streamed, not sent yet."""
         pb, decoding, answer, wanted = self.pb, self.decoding, self.answer, self.wanted
         counts = []  # return_num_input_tokens / return_num_output_tokens, on the final response
         if scalar(self.inputs, "return_num_input_tokens", False, bool):
@@ -79,6 +82,8 @@ class Answering:
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         if self.stream:
             last = answer.finish_stream()
+            if piece is not None:
+                last = piece.then(last)
             if last.text or last.ids or counts or decoding.log_probs:
                 self.sender.send(response(pb, wanted, self._piece_tensors(last, final=True) + counts), flags=final)
             else:
