@@ -317,7 +317,8 @@ def test_a_paced_http_request_is_read_when_taken_and_its_end_wakes_the_taker():
     (those that arrived apart in one run), not by the reader thread; a server that closes the connection after the
     response wakes the taker from the reader's thread before anyone reads the end, and the next `take` has the last
     run and the final reply; a server that keeps the connection open still ends the request at the next `take`;
-    a request that ended before it was paced wakes at once."""
+    a request that ended before it was paced wakes at once; a server that goes away mid-response wakes the taker,
+    whose next `take` raises."""
     import socket
 
     from triton_repo.llm_http import HttpReader
@@ -332,14 +333,18 @@ def test_a_paced_http_request_is_read_when_taken_and_its_end_wakes_the_taker():
         e = b"data: " + body + b"\n\n"
         return b"%x\r\n%s\r\n" % (len(e), e)
 
-    go = [threading.Event() for _ in range(3)]
+    go = [threading.Event() for _ in range(4)]
 
     def serve():
-        for k, closes in enumerate((True, False, True)):
+        for k, closes in enumerate((True, False, True, True)):
             conn, _ = listener.accept()
             assert b"Connection: close" in conn.recv(65536)
             if k == 2:  # the whole response at once, ended before the caller paces it
                 conn.sendall(head + event(b'{"output_ids":1}') + b"0\r\n\r\n")
+            elif k == 3:  # a token, then the server goes away without ending the response
+                conn.sendall(head + event(b'{"output_ids":1}'))
+                go[k].wait(10)
+                conn.sendall(event(b'{"output_ids":2}'))
             else:
                 conn.sendall(head + event(b'{"output_ids":1}'))
                 go[k].wait(10)
@@ -359,7 +364,7 @@ def test_a_paced_http_request_is_read_when_taken_and_its_end_wakes_the_taker():
     threading.Thread(target=serve, daemon=True).start()
     reader = HttpReader(f"127.0.0.1:{port}")
     try:
-        for k, rid in enumerate(("closes", "stays-open", "ended-first")):
+        for k, rid in enumerate(("closes", "stays-open", "ended-first", "dies")):
             inbox = _Inbox()
             resp = reader.open("m", rid, {"input_ids": [1]}, inbox)
             call = Call(link, rid, inbox, lambda: reader.close(resp), pull=lambda: reader.pull(resp),
@@ -372,6 +377,11 @@ def test_a_paced_http_request_is_read_when_taken_and_its_end_wakes_the_taker():
                 continue
             time.sleep(0.05)  # the reader thread has taken the order: from now on it does not read this request
             go[k].set()
+            if k == 3:
+                assert _until(lambda: woken, seconds=5) and woken[0][0] == "nvlm-llm-http"
+                with pytest.raises(ValueError, match="ended before its last response"):
+                    call.take()
+                continue
             time.sleep(0.25)  # every event has arrived
             assert not inbox.items  # nobody read them
             if k == 0:  # the server closed: the taker was woken by the reader thread, before any read

@@ -128,7 +128,7 @@ class _Response:
     body (chunked, or of a given length), whose bytes are server-sent events."""
 
     __slots__ = ("sock", "rid", "inbox", "raw", "head", "chunked", "length", "events", "status", "ended", "lock",
-                 "on_close")
+                 "on_close", "closing")
 
     def __init__(self, sock: socket.socket, rid: str, inbox):
         self.sock, self.rid, self.inbox = sock, rid, inbox
@@ -137,6 +137,7 @@ class _Response:
         # one reader at a time: the reader thread and a puller may both read a request while it changes hands
         self.lock = threading.Lock()
         self.on_close = None  # a pulled request's end, noticed by the reader thread (HttpReader.watch)
+        self.closing = False  # the server has closed its side: a pull reads to the end
 
     def feed(self, data: bytes) -> bool:
         """Take newly received bytes; deliver every complete event. True once the response has ended."""
@@ -299,8 +300,8 @@ class HttpReader:
         with resp.lock:
             while not resp.ended:
                 got = self._read(resp)
-                if got is not True and got < READ_SIZE:
-                    break  # no more for now: saves a receive that would find nothing
+                if got is not True and (got == 0 or got < READ_SIZE and not resp.closing):
+                    break  # no more for now (a short read: saves a receive that would find nothing)
         if resp.ended:
             self._order("drop", resp)
 
@@ -332,6 +333,7 @@ class HttpReader:
                         pass
                 elif (resp := self.watched.pop(fd, None)) is not None:
                     self.ends.unregister(fd)  # level-triggered: once is enough; the taker reads the rest
+                    resp.closing = True
                     resp.on_close()
             while self.orders:
                 what, resp = self.orders.popleft()
