@@ -163,7 +163,8 @@ class _Response:
         """The common case at a read, in one pass over the bytes: every complete event carries tokens only (each
         chunk of Triton's stream is one event `data: {...}`). They become one run; the body's last chunk, if it
         came, ends the response. False: not that case, nothing was taken (the event-by-event reading follows).
-        Read event by event, a token cost the entry ~16 µs at 32 streams (issue 32)."""
+        A pulled request's read brings an interval's events: one regular expression and one `json.loads` for all of
+        them instead of a Python loop over each (issue 32)."""
         raw = self.raw
         end = raw.rfind(_EVENT_END) + len(_EVENT_END)
         if end < len(_EVENT_END) or self.status != 200:
@@ -246,9 +247,10 @@ class HttpReader:
     this thread stops reading it and only waits, in epoll, for the server's half-close at the end of the
     response, then calls the request's `on_close`; the taker reads what has arrived with `pull` when it takes
     it. Read per tick, a request's tokens took a receive each at 10 ms decode steps; pulled at its turn, a
-    receive brings the interval's run (issue 32: this thread was a fifth of the entry's CPU at 32 streams). A
-    server that does not close after the response still ends the request: the taker's next `pull` reads its
-    last chunk.
+    receive brings the interval's run. (Issue 32: this thread was a fifth of the entry's CPU at 32 streams; pulled,
+    most of that moved to the taker, since the cost is per event more than per receive: 0.97× of the entry's CPU
+    per token in all, docs/PERFORMANCE.md.) A server that does not close after the response still ends the
+    request: the taker's next `pull` reads its last chunk.
 
     `close` (any thread) drops a request: its socket is closed by this thread, which makes Triton cancel it."""
 

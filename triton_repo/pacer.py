@@ -11,8 +11,9 @@ token does not wait for a round), and hands it to the pacer with the time its ne
 Rounds. The pacer sleeps until the earliest due time, but never less than `tick` after its last round began, and
 then gives a turn (`pump`) to every request that is due: their sends go back to back. A request whose LLM-step
 request has ended is woken at once (`wake`, from the thread that read the last response): its final response does
-not wait for its interval. The others are not looked at between their turns: a turn given to every request at every
-tick cost the entry 7-10 µs of CPU per streamed token at 32 requests, for nothing.
+not wait for its interval. The others are not looked at between their turns: a turn for every request at every tick
+found nothing due in seven turns out of eight (a lone request paid for all of them: with this session's other cuts,
+the entry's CPU per token at concurrency 1 halved; at 32 requests the turns were a few percent, docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
