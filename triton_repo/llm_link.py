@@ -483,9 +483,21 @@ class LLMLink:
         loop = self._loop
         if loop is None:
             return
-        for shared in streams:
-            if shared is not None:
-                loop.call_soon_threadsafe(shared.outgoing.put_nowait, None)  # ends the request stream
+
+        async def end() -> None:
+            # ends the request streams, then closes their channels: a loop stopped at once left them open, and while
+            # this process lived the server counted the LLM step as busy and waited its 30 s exit timeout to stop
+            for shared in streams:
+                if shared is not None:
+                    shared.outgoing.put_nowait(None)
+            for shared in streams:
+                if shared is not None and shared.channel is not None:
+                    await shared.channel.close(grace=1.0)
+
+        try:
+            asyncio.run_coroutine_threadsafe(end(), loop).result(timeout=5)
+        except Exception:  # noqa: BLE001 — a loop or channel already gone: nothing left to close
+            pass
         loop.call_soon_threadsafe(loop.stop)
         self._loop = None
 
