@@ -158,6 +158,20 @@ def test_the_null_engine_returns_seeded_tokens_of_the_requested_length():
         engine.close()
 
 
+def _chunk(payload: bytes) -> bytes:
+    """One chunk of an HTTP/1.1 chunked body, as Triton's generate_stream sends each server-sent event."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+def _close_after_client(conn) -> None:
+    """Keep a test server's connection open until the client closes it (with a reset: SO_LINGER 0), then close."""
+    try:
+        conn.recv(1)
+    except OSError:
+        pass
+    conn.close()
+
+
 def _until(cond, seconds=30.0):
     import time
 
@@ -226,7 +240,7 @@ def test_the_http_reader_survives_a_garbled_response_and_reads_the_next():
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
-    events = [b"%x\r\n%s\r\n" % (len(e), e) for e in
+    events = [_chunk(e) for e in
               (b'data: {"output_ids":[5,6]}\n\n', b'data: {"id":"r","output_ids":7,"sequence_length":1}\n\n')]
     apart = [head + events[0], events[1] + b"0\r\n\r\n"]
     together = [head + b"".join(events) + b"0\r\n\r\n"]
@@ -238,11 +252,7 @@ def test_the_http_reader_survives_a_garbled_response_and_reads_the_next():
             for part in parts:
                 conn.sendall(part)
                 time.sleep(0.05)  # longer than the reader's tick: the next part is a receive of its own
-            try:
-                conn.recv(1)  # until the client closes (with a reset: SO_LINGER 0)
-            except OSError:
-                pass
-            conn.close()
+            _close_after_client(conn)
 
     threading.Thread(target=serve, daemon=True).start()
     reader = HttpReader(f"127.0.0.1:{port}")
@@ -297,7 +307,7 @@ def test_an_http_stream_read_in_any_pieces_gives_every_token_in_order_once():
             want_ids += ids
             events.append(b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n")
         stream = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
-        stream += b"".join(b"%x\r\n%s\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
+        stream += b"".join(_chunk(e) for e in events) + b"0\r\n\r\n"
         inbox = _Inbox()
         resp = _Response(None, "r", inbox)
         cuts = sorted(rng.sample(range(1, len(stream)), rng.randint(0, min(8, len(stream) - 1))))
@@ -330,8 +340,7 @@ def test_a_paced_http_request_is_read_when_taken_and_its_end_wakes_the_taker():
     link = LLMLink("m", url="127.0.0.1:1", http="")  # for its reading of replies only: nothing is sent through it
 
     def event(body: bytes) -> bytes:
-        e = b"data: " + body + b"\n\n"
-        return b"%x\r\n%s\r\n" % (len(e), e)
+        return _chunk(b"data: " + body + b"\n\n")
 
     go = [threading.Event() for _ in range(4)]
 
@@ -355,11 +364,7 @@ def test_a_paced_http_request_is_read_when_taken_and_its_end_wakes_the_taker():
             if closes:
                 conn.close()
             else:
-                try:
-                    conn.recv(1)  # until the client closes
-                except OSError:
-                    pass
-                conn.close()
+                _close_after_client(conn)
 
     threading.Thread(target=serve, daemon=True).start()
     reader = HttpReader(f"127.0.0.1:{port}")
