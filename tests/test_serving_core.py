@@ -372,8 +372,7 @@ def test_a_paced_http_request_is_read_when_taken_and_its_end_wakes_the_taker():
         for k, rid in enumerate(("closes", "stays-open", "ended-first", "dies")):
             inbox = _Inbox()
             resp = reader.open("m", rid, {"input_ids": [1]}, inbox)
-            call = Call(link, rid, inbox, lambda: reader.close(resp), pull=lambda: reader.pull(resp),
-                        watch=lambda wake: reader.watch(resp, wake))
+            call = Call(link, rid, inbox, lambda: reader.close(resp), http=(reader, resp))
             assert call.first().tokens() == ([1], None)
             woken = []
             call.paced(lambda: woken.append((threading.current_thread().name, len(inbox.items))))

@@ -222,14 +222,13 @@ class Call:
     """One request to the LLM step in flight, for a caller that does not wait on it (the entry's pacer): its
     responses as they have arrived (`take`), a call for when the last one has (`paced`), and `abandon`.
 
-    `pull` / `watch`: a request on the HTTP road (llm_http.HttpReader), read by the caller when it takes its
-    responses once `paced`; None for the gRPC road, whose responses the link's event loop delivers."""
+    `http`: (reader, its response) for a request on the HTTP road (llm_http.HttpReader), read by the caller when
+    it takes its responses once `paced`; None for the gRPC road, whose responses the link's event loop delivers."""
 
-    __slots__ = ("link", "request_id", "inbox", "_forget", "_pull", "_watch")
+    __slots__ = ("link", "request_id", "inbox", "_forget", "_http")
 
-    def __init__(self, link: "LLMLink", request_id: str, inbox: _Inbox, forget, pull=None, watch=None):
-        self.link, self.request_id, self.inbox, self._forget = link, request_id, inbox, forget
-        self._pull, self._watch = pull, watch
+    def __init__(self, link: "LLMLink", request_id: str, inbox: _Inbox, forget, http=None):
+        self.link, self.request_id, self.inbox, self._forget, self._http = link, request_id, inbox, forget, http
 
     def first(self) -> Reply:
         """Wait for the first response (raises ValueError for an error, naming the address when unreachable)."""
@@ -239,8 +238,9 @@ class Call:
         """After `first`: every response that has arrived since, in order, up to and including the final one
         (possibly none). An error response raises ValueError with the LLM step's message."""
         self.inbox.eager = False  # nobody waits on the inbox: the reader need not wake anyone
-        if self._pull is not None:
-            self._pull()
+        if self._http is not None:
+            reader, resp = self._http
+            reader.pull(resp)
         out = []
         while self.inbox.items and not (out and out[-1].final):
             out.append(self.link._checked(self.inbox.items.popleft(), False))
@@ -252,8 +252,9 @@ class Call:
         connection after it), so that the next `take` finds the end: at once if it has, else on the thread that
         notices (so `wake` must be quick and must not block). It may be called twice; it is never missed."""
         self.inbox.on_end = wake
-        if self._watch is not None:
-            self._watch(wake)  # from now on read by `take`, not by the reader thread
+        if self._http is not None:
+            reader, resp = self._http
+            reader.watch(resp, wake)  # from now on read by `take`, not by the reader thread
         if self.inbox.ended:  # arrived before `wake` was set (the reader may also have called it: harmless)
             wake()
 
@@ -369,8 +370,7 @@ class LLMLink:
                 resp = reader.open(self.model, request_id, body, inbox)
             except OSError as e:
                 raise self._unreachable(e, "HTTP", self.http_url, HTTP_URL_ENV) from None
-            return Call(self, request_id, inbox, lambda: reader.close(resp), pull=lambda: reader.pull(resp),
-                        watch=lambda wake: reader.watch(resp, wake))
+            return Call(self, request_id, inbox, lambda: reader.close(resp), http=(reader, resp))
         shared, inbox = self._send(request_id, _request(self.model, inputs, outputs, request_id))
         return Call(self, request_id, inbox, lambda: self._forget(shared, request_id))
 
